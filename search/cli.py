@@ -1,0 +1,199 @@
+"""``python -m search COMMAND``: the only place that chooses exit codes.
+
+0 ok; 2 bad input (one line on stderr naming the key path, the value, the rule and the fix);
+1 runtime failure; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from search.errors import SpecError
+
+EXIT_OK, EXIT_RUNTIME, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class BadInput(Exception):
+    """Input the user must fix (not a spec key): printed as one line, exit 2."""
+
+
+def _add_spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", type=Path, help="the YAML spec file")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec key (dotted; repeatable), e.g. --set train.epochs=2",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="search",
+        description="Hyperparameter search for fine-tuning torchvision detection and segmentation models.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check a spec (and its data and model) without running anything")
+    _add_spec_args(p)
+    p.add_argument("--quick", action="store_true", help="skip the checks that import torch")
+    p.add_argument("--json", action="store_true", help="print the resolved spec and space as JSON")
+    p.set_defaults(func=cmd_validate, verbose_log=False)
+
+    p = sub.add_parser("trial", help="run ONE trial locally, without Ray")
+    _add_spec_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.add_argument(
+        "--out", type=Path, default=None, help="trial folder (default <output_dir>/<name>/local/<time>)"
+    )
+    p.set_defaults(func=cmd_trial)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run a command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    level = logging.INFO if getattr(args, "verbose_log", True) else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except SpecError as err:
+        print(f"error: {err.line()}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except BadInput as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a runtime failure: one line, the traceback only on request
+        if os.environ.get("SEARCH_DEBUG"):
+            raise
+        print(
+            f"error: {type(exc).__name__}: {' '.join(str(exc).split())} (set SEARCH_DEBUG=1 for the "
+            "traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_RUNTIME
+
+
+def load(args: argparse.Namespace, deep: bool = True):
+    """The validated spec of a command's SPEC and --set arguments (deep: also torch checks)."""
+    from search.spec import deep_check, load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    if deep:
+        try:
+            deep_check(spec)
+        except SpecError as err:
+            raise err.with_source(str(args.spec)) from None
+    return spec
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from search.spec import deep_check, load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    facts: dict[str, Any] = {}
+    if not args.quick:
+        try:
+            facts = deep_check(spec)
+        except SpecError as err:
+            raise err.with_source(str(args.spec)) from None
+    space = spec.search_space
+    if args.json:
+        out = {
+            "spec": json.loads(spec.model_dump_json()),
+            "space": space.describe(),
+            "num_classes": spec.num_classes,
+            "class_names": spec.class_names,
+            **facts,
+        }
+        print(json.dumps(out, indent=2))
+        return EXIT_OK
+    print(
+        f"ok: {args.spec} — {spec.task} with {spec.model.arch}, {spec.num_classes} classes "
+        f"({', '.join(spec.class_names)})"
+    )
+    if facts:
+        print(f"  model: {facts['parameters']:,} parameters in {facts['parameter_tensors']} tensors")
+    print(f"  space: {len(space.searched)} searched, {len(space.dims) - len(space.searched)} fixed")
+    for dim in space.dims:
+        when = f"  when {dim.when}" if dim.when else ""
+        print(f"    {dim.name}: {json.dumps(dim.describe(), default=str)}{when}")
+    s = spec.search
+    print(
+        f"  search: {s.algorithm} + {s.scheduler}, {s.num_trials} trials x {spec.train.epochs} epochs, "
+        f"{s.max_concurrent} at a time"
+    )
+    return EXIT_OK
+
+
+def cmd_trial(args: argparse.Namespace) -> int:
+    from trainables import params as trial_params
+    from trainables.trial import run_trial
+
+    spec = load(args)
+    space = spec.search_space
+    chosen = space.defaults()
+    out = args.out or spec.experiment_dir / "local" / time.strftime("%Y%m%d-%H%M%S")
+    cfg = spec.trial_config(out_dir=out.resolve(), threads=_threads(spec.resources.cpu))
+    _progress = _printer(args.json)
+    result = run_trial(cfg, trial_params.resolve(chosen), report=_progress)
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        _print_trial(result)
+    return EXIT_OK if result.get("status") == "ok" else EXIT_RUNTIME
+
+
+def _threads(cpu: float) -> int:
+    return max(1, int(cpu))
+
+
+def _printer(quiet: bool) -> Callable[[dict, Any], None]:
+    def report(metrics: dict, checkpoint: Any = None) -> None:
+        if quiet:
+            return
+        shown = {
+            k: (round(v, 4) if isinstance(v, float) else v)
+            for k, v in metrics.items()
+            if k
+            in (
+                "epoch",
+                "map",
+                "map50",
+                "mask_map",
+                "miou",
+                "dice",
+                "loss",
+                "lr",
+                "epoch_seconds",
+                "diverged",
+            )
+        }
+        print(f"  {shown}", file=sys.stderr, flush=True)
+
+    return report
+
+
+def _print_trial(result: dict) -> None:
+    print(f"status: {result.get('status')}")
+    print(f"base metric (epoch 0): {result.get('base_metric')}")
+    print(f"best metric: {result.get('best_metric')} at epoch {result.get('best_epoch')}")
+    print(f"trainable / frozen parameters: {result.get('trainable_params')} / {result.get('frozen_params')}")
+    print(f"checkpoint: {result.get('checkpoint')}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

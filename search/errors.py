@@ -1,0 +1,54 @@
+"""User-facing errors: one line naming the key path, the bad value, the rule and the fix."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from typing import Any
+
+
+class SpecError(ValueError):
+    """A spec (or ``--set`` override) that breaks a rule. The CLI prints ``str(err)`` and exits 2."""
+
+    def __init__(self, key: str, message: str, fix: str | None = None, source: str | None = None):
+        self.key = key
+        self.message = message
+        self.fix = fix
+        self.source = source
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        where = f"{self.source}: " if self.source else ""
+        text = f"{where}{self.key or '<spec>'}: {self.message}"
+        if self.fix:
+            text += f" Fix: {self.fix}"
+        return " ".join(text.split())  # one line, whatever the parts held
+
+    def with_source(self, source: str) -> SpecError:
+        return SpecError(self.key, self.message, self.fix, source)
+
+    def __str__(self) -> str:
+        return self.line()
+
+
+def did_you_mean(value: str, choices: Iterable[str]) -> str:
+    """'; did you mean X?' for the closest choice, or '' when none is close."""
+    close = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def unknown_name(key: str, value: Any, choices: Iterable[str], what: str = "name") -> SpecError:
+    """An unknown name, listing the valid choices and the closest one."""
+    choices = sorted(set(choices))
+    shown = ", ".join(choices) if len(choices) <= 40 else ", ".join(choices[:40]) + ", ..."
+    return SpecError(
+        key,
+        f"unknown {what} {value!r}.{did_you_mean(str(value), choices)}",
+        f"use one of: {shown}.",
+    )
+
+
+def short(value: Any, limit: int = 80) -> str:
+    """repr() cut to ``limit`` characters, for messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,226 @@
+"""The Optuna side of a study: samplers, the journal storage, and Ray's searcher with correct states.
+
+Ray's ``OptunaSearch`` tells Optuna COMPLETE with the *last* value for a trial the scheduler
+stopped, reports intermediate values at ``training_iteration``, and misses the result that ends a
+trial. :class:`StudySearch` fixes that for this project's trials (which report ``epoch`` 0 = the
+base-model evaluation, then 1..epochs):
+
+- intermediate values are reported at step = ``result["epoch"]`` (results without the metric, and
+  the ``diverged`` report, are skipped);
+- a trial that ran all epochs is COMPLETE with its best-epoch value (epochs >= 1, by mode);
+- a trial that stopped before its last epoch (scheduler or time budget) is PRUNED, keeping its
+  intermediate values;
+- a diverged trial (``diverged: 1``) or one that raised is FAIL.
+
+Each Optuna trial carries the user attribute ``ray_trial_id``. The study lives in a
+``JournalStorage`` file, so ``optuna`` itself can open it, and the searcher's pickled state (Ray's
+experiment checkpoint) points at the same file when a run is resumed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+log = logging.getLogger(__name__)
+
+
+class _Grid(optuna.samplers.GridSampler):
+    """GridSampler that never calls ``study.stop()`` (it raises outside ``optimize``); the
+    launcher caps the number of trials at the grid size instead."""
+
+    def after_trial(self, study, trial, state, values) -> None:  # noqa: D102
+        return None
+
+
+def grid_size(grid: dict[str, list[Any]]) -> int:
+    n = 1
+    for values in grid.values():
+        n *= max(1, len(values))
+    return n
+
+
+def make_sampler(algorithm: str, seed: int, num_trials: int, n_startup: int | None,
+                 grid: dict[str, list[Any]] | None = None) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler for ``search.algorithm``; seeded. TPE is multivariate with grouped
+    conditional parameters and a constant liar for running trials."""
+    import warnings
+
+    startup = n_startup if n_startup is not None else max(2, min(10, num_trials // 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if algorithm == "tpe":
+            return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed,
+                                              n_startup_trials=startup)
+        if algorithm == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if algorithm == "cmaes":
+            fallback = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True)
+            return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=startup, independent_sampler=fallback,
+                                                warn_independent_sampling=False)
+        if algorithm == "gp":
+            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+        if algorithm == "qmc":
+            return optuna.samplers.QMCSampler(seed=seed, scramble=True)
+        if algorithm == "grid":
+            return _Grid(grid or {}, seed=seed)
+    raise ValueError(f"unknown search algorithm {algorithm!r}")
+
+
+def journal_storage(path: Path) -> optuna.storages.BaseStorage:
+    """An Optuna JournalStorage on a file (safe for one writer process; readable by optuna tools)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def load_study(journal: Path, name: str) -> optuna.Study:
+    """Open a study from its journal file (for tests and tools)."""
+    return optuna.load_study(study_name=name, storage=journal_storage(journal))
+
+
+class StudySearch(OptunaSearch):
+    """``OptunaSearch`` with this project's states (see the module docstring).
+
+    ``epochs`` is the number of training epochs of a full trial. ``deadline`` (a ``time.time()``
+    value, or None) makes :meth:`suggest` return FINISHED once passed: no new trial starts after
+    the time budget. It is runtime state: :meth:`restore` keeps the value set by the launcher.
+    """
+
+    _RUNTIME = ("deadline",)
+
+    def __init__(self, *args: Any, epochs: int, deadline: float | None = None, **kwargs: Any):
+        self.epochs = int(epochs)
+        self.deadline = deadline
+        self._steps: dict[str, list[int]] = {}
+        self._best: dict[str, tuple[float, int]] = {}
+        self._last_epoch: dict[str, int] = {}
+        self._diverged: set[str] = set()
+        self._failed: set[str] = set()
+        self._outcome: dict[str, str] = {}
+        super().__init__(*args, **kwargs)
+
+    # -- suggestions
+    def suggest(self, trial_id: str) -> dict | str | None:
+        if self.deadline is not None and time.time() >= self.deadline:
+            return Searcher.FINISHED
+        config = super().suggest(trial_id)
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and isinstance(config, dict):
+            try:
+                ot_trial.set_user_attr("ray_trial_id", trial_id)
+            except Exception as exc:  # pragma: no cover - storage hiccup: not worth failing a trial
+                log.warning("could not tag Optuna trial %s: %s", ot_trial.number, exc)
+        return config
+
+    def optuna_number(self, trial_id: str) -> int | None:
+        t = self._ot_trials.get(trial_id)
+        return None if t is None else t.number
+
+    def outcome(self, trial_id: str) -> str | None:
+        """COMPLETE / PRUNED / FAIL once told, else None."""
+        return self._outcome.get(trial_id)
+
+    # -- results
+    def _note(self, trial_id: str, result: dict | None) -> None:
+        if not result:
+            return
+        if result.get("diverged"):
+            self._diverged.add(trial_id)
+            return
+        value, epoch = result.get(self.metric), result.get("epoch")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, float)):
+            return
+        epoch = int(epoch)
+        self._last_epoch[trial_id] = max(epoch, self._last_epoch.get(trial_id, -1))
+        steps = self._steps.setdefault(trial_id, [])
+        if epoch not in steps:
+            self._ot_trials[trial_id].report(float(value), epoch)
+            steps.append(epoch)
+        best = self._best.get(trial_id)
+        if epoch >= 1 and (best is None or (value > best[0] if self.mode == "max" else value < best[0])):
+            self._best[trial_id] = (float(value), epoch)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._completed_trials:
+            if trial_id not in self._failed:
+                return
+            self._reopen(trial_id)  # an errored trial restarted (resume --restart-errored)
+        if trial_id in self._ot_trials:
+            self._note(trial_id, result)
+
+    def _reopen(self, trial_id: str) -> None:
+        """A new Optuna trial with the same parameters for a restarted errored trial."""
+        old = self._ot_trials[trial_id]
+        params = dict(old.params)
+        self._ot_study.enqueue_trial(params, user_attrs={"restarted_from": old.number}, skip_if_exists=False)
+        new = self._ot_study.ask()
+        if callable(self._space):
+            self._space(new)  # registers the distributions; suggest_* returns the enqueued values
+        new.set_user_attr("ray_trial_id", trial_id)
+        self._ot_trials[trial_id] = new
+        self._completed_trials.discard(trial_id)
+        self._failed.discard(trial_id)
+        self._outcome.pop(trial_id, None)
+        for table in (self._steps, self._best, self._last_epoch):
+            table.pop(trial_id, None)
+        self._diverged.discard(trial_id)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials and trial_id in self._failed and not error and result:
+            self._reopen(trial_id)
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        if not error:
+            self._note(trial_id, result)
+        best = self._best.get(trial_id)
+        last = self._last_epoch.get(trial_id, -1)
+        if error or trial_id in self._diverged or (result or {}).get("diverged"):
+            state, value = TrialState.FAIL, None
+        elif last >= self.epochs and best is not None:
+            state, value = TrialState.COMPLETE, best[0]
+        elif self._steps.get(trial_id):
+            state, value = TrialState.PRUNED, None
+        else:  # never reported anything (stopped before it started)
+            state, value = TrialState.FAIL, None
+        try:
+            if best is not None:
+                ot_trial.set_user_attr("best_epoch", best[1])
+            ot_trial.set_user_attr("outcome", "error" if error else "diverged" if trial_id in self._diverged
+                                   else state.name.lower())
+            self._ot_study.tell(ot_trial, value, state=state)
+        except Exception as exc:  # Optuna refuses e.g. a second tell: log, keep the study going
+            log.warning("Optuna tell failed for trial %s: %s", trial_id, exc)
+        self._outcome[trial_id] = state.name
+        if state == TrialState.FAIL:
+            self._failed.add(trial_id)
+        self._completed_trials.add(trial_id)
+
+    def restore(self, checkpoint_path: str) -> None:
+        keep = {k: getattr(self, k, None) for k in self._RUNTIME}
+        super().restore(checkpoint_path)
+        self.__dict__.update(keep)
+        self._fail_orphans()
+
+    def _fail_orphans(self) -> None:
+        """Optuna trials left RUNNING by a hard stop that the restored searcher does not know
+        (asked after its last checkpoint) are told FAIL, so the study holds no phantom trials."""
+        known = {t.number for t in self._ot_trials.values()}
+        for frozen in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if frozen.number not in known:
+                try:
+                    self._ot_study.tell(frozen.number, state=TrialState.FAIL)
+                except Exception as exc:  # pragma: no cover
+                    log.warning("could not close orphan Optuna trial %d: %s", frozen.number, exc)

@@ -1,0 +1,165 @@
+"""The experiment folder on disk: ``study.json`` (driver-side state) and finding a folder by name.
+
+``study.json`` is written only by the launcher's driver-side callback, atomically (tmp file +
+``os.replace``), so readers (``status``, tracking, selection) never see half a file. Its shape is
+in DESIGN.md; this module adds nothing that needs Ray, Optuna or torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+STUDY_FILE = "study.json"
+SPEC_FILE = "spec.yaml"
+SPACE_FILE = "space.json"
+JOURNAL_FILE = "optuna.journal"
+MODEL_FILE = "model.pt"  # the file inside each Ray checkpoint folder
+
+# Trial states in study.json. PAUSED: unfinished when the run was interrupted (resume continues it).
+PENDING, RUNNING, PAUSED = "PENDING", "RUNNING", "PAUSED"
+TERMINATED, STOPPED, DIVERGED, ERROR = "TERMINATED", "STOPPED", "DIVERGED", "ERROR"
+FINISHED_STATES = (TERMINATED, STOPPED, DIVERGED, ERROR)
+
+
+class ExperimentNotFound(Exception):
+    """No experiment folder for a NAME (a user error: the CLI exits 2)."""
+
+
+def resolve_experiment(name: str | Path, output_dir: Path | None = None) -> Path:
+    """The experiment folder for ``name``: an existing folder path, else ``<output_dir>/<name>``,
+    else ``./runs/<name>``. A folder counts when it holds ``study.json`` or ``spec.yaml``."""
+    candidates = [Path(name)]
+    if output_dir is not None:
+        candidates.append(Path(output_dir) / str(name))
+    candidates.append(Path("runs") / str(name))
+    for cand in candidates:
+        if cand.is_dir() and ((cand / STUDY_FILE).is_file() or (cand / SPEC_FILE).is_file()):
+            return cand.resolve()
+    tried = ", ".join(str(c) for c in dict.fromkeys(candidates))
+    raise ExperimentNotFound(f"no experiment {str(name)!r} (looked in: {tried}). Pass the experiment folder "
+                             "path, or --output-dir with the spec's output_dir.")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def json_safe(obj: Any) -> Any:
+    """A JSON-safe copy: non-finite floats become strings, paths/other objects ``str``."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (str, int)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else str(obj)
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        try:
+            return json_safe(obj.item())
+        except (TypeError, ValueError):
+            pass
+    return str(obj)
+
+
+def read_study(exp_dir: Path) -> dict[str, Any]:
+    """The parsed ``study.json`` of an experiment folder ({} when it does not exist yet)."""
+    path = Path(exp_dir) / STUDY_FILE
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def write_study(exp_dir: Path, state: dict[str, Any]) -> None:
+    """Rewrite ``study.json`` atomically."""
+    atomic_write_text(Path(exp_dir) / STUDY_FILE, json.dumps(json_safe(state), indent=1))
+
+
+def new_study(name: str, metric: str, mode: str) -> dict[str, Any]:
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")
+    return {"name": name, "metric": metric, "mode": mode, "base_metric": None, "status": "running",
+            "started": now, "updated": now, "elapsed_s": 0.0, "trials": {}}
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def better(a: float | None, b: float | None, mode: str) -> bool:
+    """Whether ``a`` beats ``b`` (None never beats anything; anything beats None)."""
+    if a is None:
+        return False
+    if b is None:
+        return True
+    return a > b if mode == "max" else a < b
+
+
+def best_trial(trials: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
+    """The trial with the best ``best_metric`` (diverged/errored trials never win)."""
+    best = None
+    for t in trials:
+        if t.get("state") in (DIVERGED, ERROR) or _num(t.get("best_metric")) is None:
+            continue
+        if best is None or better(_num(t["best_metric"]), _num(best["best_metric"]), mode):
+            best = t
+    return best
+
+
+def ranked(trials: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
+    """Trials with a best metric, best first (diverged/errored excluded)."""
+    scored = [t for t in trials if t.get("state") not in (DIVERGED, ERROR) and _num(t.get("best_metric")) is not None]
+    return sorted(scored, key=lambda t: _num(t["best_metric"]), reverse=mode == "max")
+
+
+def status_object(exp_dir: Path) -> dict[str, Any]:
+    """The ``status --json`` object: study.json's fields, trials as a list in start order, the best."""
+    state = read_study(exp_dir)
+    if not state:
+        raise ExperimentNotFound(f"{exp_dir} has no {STUDY_FILE} yet (the launch has not started a trial).")
+    trials = sorted(state.get("trials", {}).values(), key=lambda t: (t.get("index", 0), t.get("id", "")))
+    out = {k: v for k, v in state.items() if k != "trials"}
+    out["experiment_dir"] = str(Path(exp_dir).resolve())
+    out["trials"] = [
+        {"id": t.get("id"), "state": t.get("state"), "epochs": t.get("epochs", 0),
+         "best_metric": t.get("best_metric"), "params": t.get("params", {}), "checkpoint": t.get("checkpoint"),
+         **{k: v for k, v in t.items() if k not in ("id", "state", "epochs", "best_metric", "params", "checkpoint")}}
+        for t in trials
+    ]
+    out["best"] = best_trial(out["trials"], state.get("mode", "max"))
+    return out
+
+
+def dir_size(path: Path) -> int:
+    """Bytes under ``path`` (0 when it does not exist)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"

@@ -1,0 +1,208 @@
+"""Checkpoints, the training loop and run_trial end to end on a tiny COCO set (CPU, ssdlite320)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.tinydata import make_tiny_coco
+from trainables import checkpoint, engine, losses
+from trainables import params as P
+from trainables.config import DataSplit, TrialConfig
+from trainables.trial import TIMING_KEYS, run_trial, sha256_file
+
+ARCH = "ssdlite320_mobilenet_v3_large"
+RESULT_KEYS = {"status", "base_metric", "best_metric", "best_epoch", "history", "checkpoint", "params",
+               "trainable_params", "frozen_params", "build", "param_groups"}
+
+
+# --- checkpoint -------------------------------------------------------------------------------
+class TwoPart(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        self.head = nn.Sequential(nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2))
+        self.backbone.requires_grad_(False)
+
+
+def _save(path: Path, model: nn.Module, **kw) -> Path:
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return checkpoint.save(path, model=model, optimizer=opt, scheduler=sched, epoch=3,
+                           metrics={"map": 0.5}, params=P.resolve({}), base_sha256="ab" * 32,
+                           extra={"history": [{"epoch": 1}]}, **kw)
+
+
+def test_checkpoint_trainable_only_atomic_weights_only(tmp_path):
+    model = TwoPart()
+    path = _save(tmp_path / "ck" / "latest.pt", model)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["latest.pt"]  # no .tmp left behind
+    ckpt = torch.load(path, weights_only=True)  # RNG states etc. are weights_only-safe
+    assert set(ckpt["model"]) == {"head.0.weight", "head.0.bias", "head.1.weight", "head.1.bias",
+                                  "head.1.running_mean", "head.1.running_var", "head.1.num_batches_tracked"}
+    assert ckpt["epoch"] == 3 and ckpt["base_sha256"] == "ab" * 32
+    assert ckpt["extra"]["history"] == [{"epoch": 1}]
+    full = checkpoint.load(_save(tmp_path / "full.pt", model, trainable_only=False))
+    assert set(full["model"]) == set(model.state_dict())
+
+
+def test_checkpoint_restore_model_and_rng(tmp_path):
+    src = TwoPart()
+    src.head[1].running_mean.fill_(0.25)
+    torch.manual_seed(1)
+    random.seed(1)
+    np.random.seed(1)
+    path = _save(tmp_path / "latest.pt", src)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    dst = TwoPart()
+    dst.backbone.load_state_dict(src.backbone.state_dict())  # "the base"
+    opt = torch.optim.SGD([p for p in dst.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    assert checkpoint.restore(dst, opt, None, checkpoint.load(path)) == 3
+    got = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
+    for (n, a), b in zip(src.state_dict().items(), dst.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+
+
+def test_checkpoint_rng_tensor_roundtrip(tmp_path):
+    torch.manual_seed(5)
+    path = _save(tmp_path / "latest.pt", TwoPart())
+    a = torch.rand(4)
+    checkpoint.set_rng_state(checkpoint.load(path)["rng"])
+    assert torch.equal(torch.rand(4), a)
+
+
+# --- engine -----------------------------------------------------------------------------------
+class Boom(nn.Module):
+    """A detection-like model whose loss is NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2))
+
+    def forward(self, images, targets):
+        return {"loss_a": self.w.sum() * float("nan")}
+
+
+def test_diverged_raised_before_step():
+    model = Boom()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    loader = [([torch.zeros(3, 8, 8)], [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0).long()}])]
+    with pytest.raises(engine.Diverged) as info:
+        engine.train_one_epoch(model, loader, opt, sched, device=torch.device("cpu"), params=P.resolve({}))
+    assert info.value.step == 0 and "loss" in info.value.losses
+    assert torch.equal(model.w.detach(), torch.ones(2)) and model.w.grad is None
+
+
+# --- run_trial --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def coco_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    images, ann = make_tiny_coco(root, n_images=6, size=100)
+    return DataSplit(images=images, annotations=ann)
+
+
+def _cfg(split: DataSplit, out: Path, **kw) -> TrialConfig:
+    base = dict(task="detection", arch=ARCH, train=split, val=split, out_dir=out, image_size=128, epochs=2,
+                batch_size=2, workers=0, seed=0, metric="map", mode="max", device="cpu", threads=1)
+    return TrialConfig(**(base | kw))
+
+
+def _strip(history):
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in history]
+
+
+@pytest.fixture(scope="module")
+def full_run(coco_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    reports = []
+    result = run_trial(_cfg(coco_dir, out), {"lr": 0.01}, report=lambda m, d: reports.append((m, d)))
+    return out, result, reports
+
+
+def test_run_trial_shape(full_run):
+    out, result, reports = full_run
+    assert RESULT_KEYS <= set(result) and result["status"] == "ok"
+    assert [row["epoch"] for row in result["history"]] == [0, 1, 2]
+    base = result["history"][0]
+    assert result["base_metric"] == base["map"] and {"map", "map50", "map75"} <= set(base)
+    for row in result["history"][1:]:
+        assert {"map", "loss", "lr", "epoch_seconds", "images_per_s"} <= set(row)
+    assert result["best_epoch"] in (1, 2)
+    assert result["best_metric"] == result["history"][result["best_epoch"]]["map"]
+    assert result["checkpoint"] == str(out / "checkpoints" / "best.pt")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "latest.pt"]
+    assert result["params"] == P.resolve({"lr": 0.01})
+    assert result["trainable_params"] > 0 and result["frozen_params"] >= 0
+    assert result["param_groups"] and all(g["lr"] == 0.01 for g in result["param_groups"]
+                                         if not g["name"].startswith("backbone"))
+    assert json.loads((out / "trial.json").read_text()) == result
+    # report: epoch 0 (base, no checkpoint) then every epoch with the checkpoint folder
+    assert [m["epoch"] for m, _ in reports] == [0, 1, 2]
+    assert reports[0][0]["base_metric"] == result["base_metric"] and reports[0][1] is None
+    assert all(d == out / "checkpoints" and "map" in m for m, d in reports[1:])
+    ckpt = checkpoint.load(out / "checkpoints" / "latest.pt")
+    assert ckpt["epoch"] == 2 and ckpt["trainable_only"] is False  # random init: full state kept
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted(coco_dir, full_run, tmp_path):
+    _, uninterrupted, _ = full_run
+    cfg = _cfg(coco_dir, tmp_path / "r")
+
+    def stop_after_1(metrics, ckpt_dir):
+        if metrics["epoch"] == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_trial(cfg, {"lr": 0.01}, report=stop_after_1)
+    resumed = run_trial(cfg, {"lr": 0.01}, resume_from=tmp_path / "r" / "checkpoints")
+    assert _strip(resumed["history"]) == _strip(uninterrupted["history"])
+    assert resumed["best_epoch"] == uninterrupted["best_epoch"]
+
+
+def test_diverged_trial(coco_dir, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = losses.weighted_total
+
+    def poisoned(loss_dict, params):
+        calls["n"] += 1
+        total = real(loss_dict, params)
+        return total * float("nan") if calls["n"] == 2 else total
+
+    monkeypatch.setattr(engine.losses, "weighted_total", poisoned)
+    reports = []
+    result = run_trial(_cfg(coco_dir, tmp_path), {}, report=lambda m, d: reports.append(m))
+    assert result["status"] == "diverged"
+    assert result["best_metric"] is None and result["checkpoint"] is None
+    assert reports[-1]["diverged"] == 1 and reports[-1]["epoch"] == 1 and reports[-1]["step"] == 1
+    assert not (tmp_path / "checkpoints" / "latest.pt").exists()
+    assert json.loads((tmp_path / "trial.json").read_text())["status"] == "diverged"
+
+
+def test_base_weights_file_verified_and_untouched(coco_dir, tmp_path):
+    import torchvision
+
+    wdir = tmp_path / "weights"
+    wdir.mkdir()
+    base = torchvision.models.get_model(ARCH, weights=None, weights_backbone=None)
+    wfile = wdir / "base.pth"
+    torch.save(base.state_dict(), wfile)
+    sha = sha256_file(wfile)
+    out = tmp_path / "out"
+    result = run_trial(_cfg(coco_dir, out, weights=str(wfile), epochs=1), {})
+    assert result["status"] == "ok"
+    assert sha256_file(wfile) == sha and [p.name for p in wdir.iterdir()] == ["base.pth"]
+    assert result["build"]["base_sha256"] == {"weights": sha}
+    ckpt = checkpoint.load(out / "checkpoints" / "latest.pt")
+    assert ckpt["base_sha256"] == sha and ckpt["trainable_only"] is True

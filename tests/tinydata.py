@@ -1,0 +1,52 @@
+"""A tiny COCO dataset written with PIL, for fast CPU tests (no conftest: import it explicitly).
+
+Images are ``size`` px squares with coloured rectangles (category 3 "red" = red rectangles,
+category 7 "blue" = blue ones: non-contiguous ids on purpose). The last image has no objects.
+Every annotation has a polygon ``segmentation`` (the rectangle) besides its ``bbox``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+CATEGORIES = [{"id": 3, "name": "red"}, {"id": 7, "name": "blue"}]
+COLOURS = {3: (220, 30, 30), 7: (30, 30, 220)}
+
+
+def make_tiny_coco(
+    tmp_path: Path, n_images: int = 6, size: int = 100, masks: bool = False, seed: int = 0
+) -> tuple[Path, Path]:
+    """Write ``tmp_path/images/*.png`` and ``tmp_path/annotations.json``; return both paths.
+
+    ``masks`` also writes one ``iscrowd=0`` polygon per object (always written; kept for API
+    symmetry: polygons are the rectangles themselves).
+    """
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    images_dir = Path(tmp_path) / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    images, anns = [], []
+    for i in range(n_images):
+        img = Image.new("RGB", (size, size), (rng.randint(90, 160),) * 3)
+        draw = ImageDraw.Draw(img)
+        n_obj = 0 if i == n_images - 1 else 1 + i % 2
+        for _ in range(n_obj):
+            cat = rng.choice(CATEGORIES)["id"]
+            w, h = rng.randint(size // 5, size // 2), rng.randint(size // 5, size // 2)
+            x, y = rng.randint(0, size - w - 1), rng.randint(0, size - h - 1)
+            draw.rectangle([x, y, x + w - 1, y + h - 1], fill=COLOURS[cat])
+            ann = {
+                "id": len(anns) + 1, "image_id": i + 1, "category_id": cat,
+                "bbox": [x, y, w, h], "area": float(w * h), "iscrowd": 0,
+                "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]],
+            }
+            anns.append(ann)
+        name = f"img_{i:03d}.png"
+        img.save(images_dir / name)
+        images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
+    ann_path = Path(tmp_path) / "annotations.json"
+    ann_path.write_text(json.dumps({"images": images, "annotations": anns, "categories": CATEGORIES}))
+    return images_dir, ann_path

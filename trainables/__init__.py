@@ -1,0 +1,1 @@
+"""Trial side: one training run with fixed parameters (no Ray, no search imports)."""

@@ -1,0 +1,172 @@
+"""Trial checkpoints: atomic, loadable with ``torch.load(weights_only=True)``.
+
+A trial keeps two files in ``out_dir/checkpoints/``: ``latest.pt`` (every epoch) and ``best.pt``
+(the epoch with the best objective so far). A checkpoint is a dict::
+
+    {"format": 1, "epoch", "metrics", "params", "base_sha256", "trainable_only",
+     "model": {name: tensor}, "optimizer", "scheduler", "rng", "extra"}
+
+``trainable_only=True`` stores exactly:
+  * every parameter with ``requires_grad=True``;
+  * every buffer (e.g. BatchNorm ``running_mean``, ``running_var``, ``num_batches_tracked``) of a
+    module that directly owns at least one parameter with ``requires_grad=True``.
+Everything else (frozen parameters, buffers of frozen modules such as frozen or
+``FrozenBatchNorm2d`` norms, which never change in training) equals the base weights, identified
+by ``base_sha256`` (None when the base is not a file): rebuilding the model from the same base and
+loading ``model`` with ``strict=False`` gives the trained model. ``trainable_only=False`` stores the
+full ``state_dict``.
+
+RNG states are stored as tensors and lists of ints so that ``weights_only`` loading accepts them.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = 1
+LATEST, BEST = "latest.pt", "best.pt"
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a trainable-only checkpoint keeps (see the module docstring)."""
+    out: dict[str, torch.Tensor] = {}
+    for mname, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        if not any(p.requires_grad for _, p in own):
+            continue
+        prefix = f"{mname}." if mname else ""
+        for name, p in own:
+            if p.requires_grad:
+                out[prefix + name] = p.detach().clone()
+        for name, b in module.named_buffers(recurse=False):
+            if b is not None and name not in module._non_persistent_buffers_set:
+                out[prefix + name] = b.detach().clone()
+    return out
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch (and CUDA when present) RNG states in a weights_only-safe form."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state`."""
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(int(x) for x in mt.tolist()), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Write via ``write(file)`` to ``path.tmp`` in the same folder, fsync, then ``os.replace``."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save(
+    path: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any,
+    epoch: int,
+    metrics: dict[str, Any],
+    params: dict[str, Any],
+    base_sha256: str | None,
+    rng: bool = True,
+    trainable_only: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint atomically (``path.tmp`` in the same folder, fsync, ``os.replace``).
+
+    ``extra`` holds plain data the caller needs to resume (history, best so far, ...).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format": FORMAT,
+        "epoch": int(epoch),
+        "metrics": dict(metrics),
+        "params": dict(params),
+        "base_sha256": base_sha256,
+        "trainable_only": bool(trainable_only),
+        "model": trainable_state(model) if trainable_only else model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": rng_state() if rng else None,
+        "extra": dict(extra or {}),
+    }
+    atomic_write(path, lambda f: torch.save(state, f))
+    return path
+
+
+def copy(src: Path, dst: Path) -> Path:
+    """Atomic copy (e.g. ``latest.pt`` -> ``best.pt``)."""
+    dst = Path(dst)
+    with open(src, "rb") as s:
+        atomic_write(dst, lambda f: shutil.copyfileobj(s, f))
+    return dst
+
+
+def find(path: Path) -> Path:
+    """The checkpoint file to resume from: ``path`` itself, or ``latest.pt`` in ``path`` or in
+    ``path/checkpoints``."""
+    path = Path(path)
+    for cand in (path, path / LATEST, path / "checkpoints" / LATEST):
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(f"no checkpoint at {path} (looked for {LATEST} there and in checkpoints/)")
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Load a checkpoint on the CPU with ``weights_only=True``."""
+    return torch.load(Path(path), map_location="cpu", weights_only=True)
+
+
+def restore(model: torch.nn.Module, optimizer: Any, scheduler: Any, ckpt: dict[str, Any]) -> int:
+    """Load model/optimizer/scheduler/RNG states from ``ckpt``; return its epoch.
+
+    The model must be rebuilt from the same base first (``base_sha256``); a trainable-only
+    checkpoint is loaded with ``strict=False`` but any key it has that the model lacks is an error.
+    """
+    result = model.load_state_dict(ckpt["model"], strict=not ckpt["trainable_only"])
+    if result.unexpected_keys:
+        raise RuntimeError(f"checkpoint keys not in the model: {result.unexpected_keys[:10]}")
+    if optimizer is not None and ckpt.get("optimizer") is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None and ckpt.get("scheduler") is not None:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("rng") is not None:
+        set_rng_state(ckpt["rng"])
+    return int(ckpt["epoch"])

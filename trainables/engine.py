@@ -1,0 +1,131 @@
+"""One training epoch and one evaluation pass (after torchvision's references/detection/engine.py).
+
+Batches are ``(images, targets)`` tuples of lists (``data.make_loader``'s collate): detection
+targets are dicts, semantic targets are ``H x W`` int64 masks (255 = ignore). AMP autocast and
+channels_last are used only on CUDA; a ``GradScaler`` is used only with fp16.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from trainables import coco_eval, freeze, losses
+
+log = logging.getLogger(__name__)
+
+
+class Diverged(RuntimeError):
+    """A non-finite training loss; raised before backward, so the weights are not touched."""
+
+    def __init__(self, step: int, losses: dict[str, float]):
+        self.step, self.losses = step, losses
+        super().__init__(f"non-finite loss at step {step}: {losses}")
+
+
+def _to(device: torch.device, images: list, targets: list) -> tuple[Any, Any]:
+    images = [im.to(device, non_blocking=True) for im in images]
+    if targets and isinstance(targets[0], dict):
+        targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+        return images, targets
+    batch = torch.stack(images)
+    if device.type == "cuda":
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    return batch, torch.stack([t.to(device) for t in targets])
+
+
+def _loss_dict(model: Any, images: Any, targets: Any, params: dict[str, Any]) -> dict[str, torch.Tensor]:
+    if isinstance(targets, list):  # detection / instance: torchvision returns the loss dict
+        return model(images, targets)
+    return losses.semantic_losses(model(images), targets, params)
+
+
+def train_one_epoch(
+    model: Any,
+    loader: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    *,
+    device: torch.device,
+    params: dict[str, Any],
+    amp_dtype: torch.dtype | None = None,
+    scaler: Any = None,
+    log_every: int = 50,
+) -> dict[str, float]:
+    """Train one pass over ``loader``; the scheduler steps once per iteration.
+
+    Returns the mean of every loss term and of the weighted ``loss``, ``lr`` (first group, at the
+    end), ``epoch_seconds`` and ``images_per_s``. Raises :class:`Diverged` on a non-finite loss.
+    """
+    freeze.train_mode(model)
+    sums: dict[str, float] = defaultdict(float)
+    n_steps = n_images = 0
+    t0 = time.perf_counter()
+    for step, (images, targets) in enumerate(loader):
+        images, targets = _to(device, images, targets)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss_dict = _loss_dict(model, images, targets, params)
+            loss = losses.weighted_total(loss_dict, params)
+        values = {k: float(v.detach()) for k, v in loss_dict.items()} | {"loss": float(loss.detach())}
+        if not all(math.isfinite(v) for v in values.values()):
+            raise Diverged(step, values)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if params["grad_clip"] > 0:
+            trainable = [p for g in optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(trainable, params["grad_clip"])
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        for k, v in values.items():
+            sums[k] += v
+        n_steps += 1
+        n_images += len(images)
+        if log_every and step % log_every == 0:
+            log.info("step %d loss %.4f lr %.3g", step, values["loss"], optimizer.param_groups[0]["lr"])
+    seconds = time.perf_counter() - t0
+    out = {k: v / max(1, n_steps) for k, v in sums.items()}
+    out |= {"lr": optimizer.param_groups[0]["lr"], "epoch_seconds": seconds}
+    out["images_per_s"] = n_images / seconds if seconds > 0 else 0.0
+    return out
+
+
+@torch.inference_mode()
+def evaluate(model: Any, loader: Any, index: Any, *, device: torch.device, task: str) -> dict[str, Any]:
+    """Metrics on ``loader``: ``map, map50, map75`` (boxes; plus ``mask_map*`` for instance
+    segmentation) via COCOeval, or ``miou, pixel_acc, dice`` for semantic segmentation."""
+    model.eval()
+    semantic = task == "semantic_segmentation"
+    meter = coco_eval.SegmentationMeter(len(index.class_names) + 1) if semantic else None
+    predictions: list[dict[str, Any]] = []
+    for images, targets in loader:
+        if semantic:
+            batch, masks = _to(device, images, targets)
+            out = model(batch)["out"]
+            meter.update(out.argmax(1).cpu(), masks.cpu())
+            continue
+        outputs = model([im.to(device) for im in images])
+        for image, target, pred in zip(images, targets, outputs, strict=True):
+            row = {k: v.cpu() for k, v in pred.items()}
+            row |= {"image_id": int(target["image_id"]), "input_size": tuple(image.shape[-2:])}
+            predictions.append(row)
+    if semantic:
+        return {k: v for k, v in meter.compute().items() if k in ("miou", "pixel_acc", "dice")}
+    box = coco_eval.evaluate_detections(index, predictions, iou_type="bbox")
+    metrics = {k: box[k] for k in ("map", "map50", "map75")}
+    if task == "instance_segmentation":
+        segm = coco_eval.evaluate_detections(index, predictions, iou_type="segm")
+        metrics |= {f"mask_{k}": segm[k] for k in ("map", "map50", "map75")}
+    return metrics

@@ -1,0 +1,401 @@
+"""Building a model for a trial: torchvision builder, base weights, predictors, losses, activations.
+
+Order (DESIGN.md): the base weights are loaded FIRST at the class count they were trained with,
+THEN only the class-dependent predictor layers are replaced for ``num_classes`` (kept when the
+counts are equal, e.g. a checkpoint of our own), then the loss choices and the activation swap.
+
+Weights (``cfg.weights`` and ``cfg.weights_backbone``):
+- ``None``: random init (the builders' own backbone default is overridden: nothing downloads);
+- an enum member name (``DEFAULT``, ``COCO_V1``, also ``<Enum>.<NAME>``): the file must already
+  be in the torch hub cache (``torch.hub.get_dir()/checkpoints/<file name of the URL>``), else
+  :class:`WeightsError` gives that path and the URL. The file is checked with
+  ``torch.load(weights_only=True)`` and against the hash prefix in its name, then the builder
+  loads it (so torchvision's own conventions apply: FrozenBatchNorm, eps, aux classifiers);
+- a file path: ``torch.load(weights_only=True)``; a plain state_dict or our checkpoint dict
+  (``{"model": state_dict, ...}``). For ``weights`` at least half of the model's state keys must
+  match by name and shape; BatchNorms that the file stores without ``num_batches_tracked`` (saved
+  from FrozenBatchNorm2d) become FrozenBatchNorm2d. A ``weights_backbone`` file must fit the
+  builder's backbone enum architecture exactly (it is handed to the builder via a temporary hub
+  cache). ``weights`` given makes ``weights_backbone`` ignored, as in torchvision.
+Nothing here ever downloads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import math
+import os
+import pickle
+import re
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, get_args
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+from torchvision.models import get_model, get_model_builder, get_model_weights
+from torchvision.models._api import WeightsEnum
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from trainables.activations import swap_activations
+from trainables.config import TrialConfig
+from trainables.families import SEMANTIC, Family, family_of
+from trainables.losses import apply_losses
+
+ENUM_NAME = re.compile(r"^(?:[A-Za-z0-9_]+_Weights\.)?[A-Z][A-Z0-9_]*$")
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,})\.")
+_RESERVED_KWARGS = ("weights", "weights_backbone", "num_classes", "progress")
+MIN_MATCH_FRACTION = 0.5
+
+
+class WeightsError(Exception):
+    """Base weights that cannot be used: not cached, unreadable, unsafe or not fitting the model."""
+
+
+# ---------------------------------------------------------------- weights helpers
+
+
+def is_enum_name(value: str) -> bool:
+    """Whether a weights value names an enum member (else it is a file path)."""
+    return bool(ENUM_NAME.fullmatch(value))
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def backbone_weights_enum(arch: str) -> type[WeightsEnum] | None:
+    """The enum class of a builder's ``weights_backbone`` argument (None: it takes none)."""
+    param = inspect.signature(get_model_builder(arch)).parameters.get("weights_backbone")
+    if param is None:
+        return None
+    ann = param.annotation
+    for t in (ann, *get_args(ann)):
+        if isinstance(t, type) and issubclass(t, WeightsEnum):
+            return t
+    return None
+
+
+def resolve_enum(enum_cls: type[WeightsEnum], name: str) -> WeightsEnum:
+    """The member of ``enum_cls`` called ``name`` (``DEFAULT`` included; ``<Enum>.`` prefix ok)."""
+    key = name.split(".", 1)[1] if "." in name else name
+    if "." in name and name.split(".", 1)[0] != enum_cls.__name__:
+        raise WeightsError(f"{name!r} is not a member of {enum_cls.__name__}")
+    try:
+        return enum_cls[key]
+    except KeyError:
+        known = ["DEFAULT", *(m.name for m in enum_cls)]
+        raise WeightsError(f"{enum_cls.__name__} has no weights {key!r}; known: {known}") from None
+
+
+def hub_cache_path(member: WeightsEnum) -> Path:
+    """Where torch hub keeps (and looks for) this member's file: ``<hub dir>/checkpoints/<name>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(member.url).path)
+
+
+def _safe_load(path: Path, what: str, mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)``; any refusal becomes a WeightsError naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (pickle.UnpicklingError, AttributeError, ModuleNotFoundError) as exc:
+        raise WeightsError(
+            f"{what} {path} was refused by torch.load(weights_only=True) (it holds more than "
+            f"tensors and plain containers; never load it unchecked): {str(exc).splitlines()[0]}"
+        ) from None
+    except RuntimeError as exc:
+        if mmap and "mmap" in str(exc):
+            return _safe_load(path, what, mmap=False)
+        raise WeightsError(f"{what} {path} is not a readable torch file: {str(exc).splitlines()[0]}") from None
+    except (OSError, EOFError, ValueError) as exc:
+        raise WeightsError(f"{what} {path} cannot be read: {exc}") from None
+
+
+def _check_cached(member: WeightsEnum, what: str) -> tuple[Path, str]:
+    """The cache file of an enum member (must exist, load with weights_only, match its hash)."""
+    path = hub_cache_path(member)
+    if not path.is_file():
+        raise WeightsError(
+            f"{what} {member!r} is not in the torch hub cache: expected the file {path} "
+            f"(this machine never downloads; fetch {member.url} elsewhere and copy it to that path, "
+            f"or set TORCH_HOME / torch.hub.set_dir to a cache that has it)"
+        )
+    sha = sha256_file(path)
+    m = _HASH_IN_NAME.search(path.name)
+    if m and not sha.startswith(m.group(1)):
+        raise WeightsError(
+            f"{what} {path} is damaged or a different file: its sha256 {sha[:12]}... does not start with "
+            f"the {m.group(1)!r} in its name; replace it with {member.url}"
+        )
+    _safe_load(path, what, mmap=True)
+    return path, sha
+
+
+def load_state_file(path: str | Path, what: str = "weights file") -> dict[str, torch.Tensor]:
+    """A state_dict from a file: plain, or the ``model`` entry of our checkpoint dict.
+
+    Raises WeightsError when the file is missing, refused by ``weights_only`` or holds no tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{what} {path} does not exist")
+    obj = _safe_load(path, what)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        raise WeightsError(
+            f"{what} {path} is not a state_dict (a dict of tensors) nor a checkpoint with a 'model' state_dict"
+        )
+    return obj
+
+
+# ---------------------------------------------------------------- building
+
+
+def _family(arch: str) -> Family:
+    fam = family_of(arch)
+    if fam is None:
+        raise ValueError(f"{arch!r} is not a supported architecture (no family in trainables.families)")
+    return fam
+
+
+def _kwargs(model_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    kwargs = dict(model_kwargs or {})
+    bad = [k for k in _RESERVED_KWARGS if k in kwargs]
+    if bad:
+        raise ValueError(f"model kwargs must not set {bad}: they come from the spec's weights and the data")
+    return kwargs
+
+
+def skeleton(
+    arch: str, num_classes: int, model_kwargs: dict[str, Any] | None = None, weights: str | None = None
+) -> nn.Module:
+    """The model on the meta device (no memory, no weights): parameter names and shapes.
+
+    ``weights`` (optional) only matters for semantic families, whose pretrained enum builds add
+    the auxiliary classifier (``aux_loss``) as torchvision does. Pretrained R-CNN/RetinaNet/FCOS
+    backbones use FrozenBatchNorm2d (buffers, not parameters); the skeleton has BatchNorm2d.
+    """
+    fam = _family(arch)
+    kwargs = _kwargs(model_kwargs)
+    if fam.task == SEMANTIC and weights is not None and is_enum_name(weights):
+        kwargs.setdefault("aux_loss", True)
+    with torch.device("meta"):
+        return get_model(arch, weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
+
+
+def pretrained_num_classes(
+    arch: str, family: Family, state: dict[str, torch.Tensor], kwargs: dict[str, Any]
+) -> int | None:
+    """The class count a state_dict was trained with, read from ``family.num_classes_key``."""
+    tensor = state.get(family.num_classes_key)
+    if tensor is None:
+        return None
+    per_class = skeleton(arch, 1, kwargs).state_dict()[family.num_classes_key].shape[0]
+    if tensor.shape[0] % per_class:
+        return None
+    return tensor.shape[0] // per_class
+
+
+def _frozen_bn_like_file(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Replace BatchNorm2d by FrozenBatchNorm2d where the file has stats but no
+    ``num_batches_tracked`` (it was saved from a FrozenBatchNorm2d). Returns the module paths."""
+    changed = []
+    for path, module in list(model.named_modules()):
+        if type(module) is not nn.BatchNorm2d:
+            continue
+        if f"{path}.running_mean" in state and f"{path}.num_batches_tracked" not in state:
+            parent_path, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            setattr(parent, child, FrozenBatchNorm2d(module.num_features, eps=module.eps))
+            changed.append(path)
+    return changed
+
+
+def _load_matching(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
+    own = model.state_dict()
+    matched = [k for k in own if k in state and state[k].shape == own[k].shape]
+    mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if len(matched) < MIN_MATCH_FRACTION * len(own):
+        raise WeightsError(
+            f"weights file {path} does not fit this model: only {len(matched)} of its {len(own)} state keys match "
+            f"by name and shape (missing e.g. {missing[:3]}, unexpected e.g. {unexpected[:3]}, "
+            f"shape-mismatched e.g. {mismatched[:3]}); refusing to start from a mostly random model"
+        )
+    subset = {k: state[k] for k in matched}
+    meta = getattr(state, "_metadata", None)
+    if meta is not None:
+        subset = OrderedDict(subset)
+        subset._metadata = meta  # type: ignore[attr-defined]
+    model.load_state_dict(subset, strict=False)
+    return {"matched": len(matched), "missing": missing, "unexpected": unexpected, "mismatched": mismatched}
+
+
+def _from_file(arch: str, family: Family, path: Path, kwargs: dict[str, Any], num_classes: int, info: dict) -> tuple:
+    state = load_state_file(path)
+    info["sha256"] = sha256_file(path)
+    pre_nc = pretrained_num_classes(arch, family, state, kwargs)
+    if family.task == SEMANTIC and any(k.startswith("aux_classifier.") for k in state):
+        kwargs.setdefault("aux_loss", True)
+    model = get_model(arch, weights=None, weights_backbone=None, num_classes=pre_nc or num_classes, **kwargs)
+    info["frozen_batchnorm"] = len(_frozen_bn_like_file(model, state))
+    info.update(_load_matching(model, state, path))
+    return model, pre_nc
+
+
+def _backbone_from_file(arch: str, path: Path, kwargs: dict[str, Any], num_classes: int, info: dict) -> nn.Module:
+    """Hand a backbone state_dict file to the builder as its backbone enum's cached file."""
+    enum_cls = backbone_weights_enum(arch)
+    if enum_cls is None:
+        raise WeightsError(f"{arch} takes no backbone weights, but weights_backbone is {str(path)!r}")
+    state = load_state_file(path, "backbone weights file")
+    info["backbone_sha256"] = sha256_file(path)
+    member = enum_cls["DEFAULT"]
+    old = torch.hub.get_dir()
+    with tempfile.TemporaryDirectory(prefix="wb-") as tmp:
+        target = Path(tmp) / "checkpoints" / os.path.basename(urlparse(member.url).path)
+        target.parent.mkdir(parents=True)
+        torch.save(state, target)
+        torch.hub.set_dir(tmp)
+        try:
+            return get_model(arch, weights=None, weights_backbone=member, num_classes=num_classes, **kwargs)
+        except RuntimeError as exc:
+            raise WeightsError(
+                f"backbone weights file {path} does not fit {enum_cls.__name__}'s architecture: "
+                f"{str(exc).splitlines()[0]} ..."
+            ) from None
+        finally:
+            torch.hub.set_dir(old)
+
+
+def build_model(cfg: TrialConfig, params: dict[str, Any], num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+    """The trial's model on the CPU, and what was done to it (``info``).
+
+    ``num_classes`` includes the background (K + 1). ``params`` is the full resolved dict
+    (``loss.*``, ``activation``, ``activation_scope`` are read). info: ``arch, family, weights``
+    (none | enum:<Enum.NAME> | file:<path>), ``weights_file, sha256, weights_backbone,
+    backbone_sha256, pretrained_num_classes, matched, missing, unexpected, mismatched,
+    predictors_replaced, losses, activations_replaced``.
+    """
+    arch = cfg.arch
+    family = _family(arch)
+    kwargs = _kwargs(cfg.model_kwargs)
+    info: dict[str, Any] = {
+        "arch": arch, "family": family.name, "weights": "none", "weights_file": None, "sha256": None,
+        "weights_backbone": "none", "backbone_sha256": None, "pretrained_num_classes": None,
+        "missing": [], "unexpected": [], "mismatched": [], "predictors_replaced": [],
+    }
+    pre_nc = None
+    if cfg.weights is not None and cfg.weights_backbone is not None:
+        info["weights_backbone"] = f"ignored ({cfg.weights_backbone}): weights are given"
+    if cfg.weights is None:
+        wb = cfg.weights_backbone
+        if wb is None:
+            model = get_model(arch, weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
+        elif is_enum_name(wb):
+            enum_cls = backbone_weights_enum(arch)
+            if enum_cls is None:
+                raise WeightsError(f"{arch} takes no backbone weights, but weights_backbone is {wb!r}")
+            member = resolve_enum(enum_cls, wb)
+            path, info["backbone_sha256"] = _check_cached(member, "backbone weights")
+            info["weights_backbone"] = f"enum:{member!r}"
+            model = get_model(arch, weights=None, weights_backbone=member, num_classes=num_classes, **kwargs)
+        else:
+            info["weights_backbone"] = f"file:{wb}"
+            model = _backbone_from_file(arch, Path(wb), kwargs, num_classes, info)
+    elif is_enum_name(cfg.weights):
+        member = resolve_enum(get_model_weights(arch), cfg.weights)
+        path, info["sha256"] = _check_cached(member, "weights")
+        info.update(weights=f"enum:{member!r}", weights_file=str(path))
+        model = get_model(arch, weights=member, weights_backbone=None, **kwargs)
+        pre_nc = len(member.meta["categories"])
+    else:
+        path = Path(cfg.weights)
+        info.update(weights=f"file:{path}", weights_file=str(path))
+        model, pre_nc = _from_file(arch, family, path, kwargs, num_classes, info)
+    info["pretrained_num_classes"] = pre_nc
+    if pre_nc is not None and pre_nc != num_classes:
+        info["predictors_replaced"] = replace_predictors(model, family, num_classes)
+    info["losses"] = apply_losses(model, family, params)
+    info["activations_replaced"] = swap_activations(
+        model, family, params.get("activation", "keep"), params.get("activation_scope", "heads")
+    )
+    return model, info
+
+
+# ---------------------------------------------------------------- class-dependent predictors
+
+
+def _conv_like(old: nn.Conv2d, out_channels: int) -> nn.Conv2d:
+    return nn.Conv2d(
+        old.in_channels, out_channels, old.kernel_size, stride=old.stride, padding=old.padding,
+        dilation=old.dilation, bias=old.bias is not None,
+    )
+
+
+def _init(layer: nn.Module, kind: str, std: float = 0.01, prior: float | None = None) -> nn.Module:
+    if kind == "normal":
+        nn.init.normal_(layer.weight, std=std)
+    elif kind == "xavier":
+        nn.init.xavier_uniform_(layer.weight)
+    elif kind == "kaiming":
+        nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+    if layer.bias is not None:
+        nn.init.constant_(layer.bias, 0.0 if prior is None else -math.log((1 - prior) / prior))
+    return layer
+
+
+def replace_predictors(model: nn.Module, family: Family, num_classes: int) -> list[str]:
+    """Fresh class-dependent layers for ``num_classes`` (torchvision's own initialisation);
+    everything else keeps its values. Returns the replaced module paths."""
+    name = family.name
+    done: list[str] = []
+    if name in ("fasterrcnn", "maskrcnn"):
+        rh = model.roi_heads
+        rh.box_predictor = FastRCNNPredictor(rh.box_predictor.cls_score.in_features, num_classes)
+        done.append("roi_heads.box_predictor")
+        if name == "maskrcnn":
+            old = rh.mask_predictor.mask_fcn_logits
+            rh.mask_predictor.mask_fcn_logits = _init(_conv_like(old, num_classes), "kaiming")
+            done.append("roi_heads.mask_predictor.mask_fcn_logits")
+    elif name in ("retinanet", "fcos"):
+        head = model.head.classification_head
+        head.cls_logits = _init(_conv_like(head.cls_logits, head.num_anchors * num_classes), "normal", 0.01, 0.01)
+        head.num_classes = num_classes
+        done.append("head.classification_head.cls_logits")
+    elif name in ("ssd", "ssdlite"):
+        head = model.head.classification_head
+        old_nc = head.num_columns
+        for i, block in enumerate(head.module_list):
+            if name == "ssd":
+                head.module_list[i] = _init(_conv_like(block, block.out_channels // old_nc * num_classes), "xavier")
+                done.append(f"head.classification_head.module_list.{i}")
+            else:
+                conv = block[1]
+                block[1] = _init(_conv_like(conv, conv.out_channels // old_nc * num_classes), "normal", 0.03)
+                done.append(f"head.classification_head.module_list.{i}.1")
+        head.num_columns = num_classes
+    elif name in ("deeplabv3", "fcn"):
+        for attr in ("classifier", "aux_classifier"):
+            seq = getattr(model, attr, None)
+            if seq is not None:
+                seq[4] = _conv_like(seq[4], num_classes)
+                done.append(f"{attr}.4")
+    elif name == "lraspp":
+        for attr in ("low_classifier", "high_classifier"):
+            setattr(model.classifier, attr, _conv_like(getattr(model.classifier, attr), num_classes))
+            done.append(f"classifier.{attr}")
+    else:  # pragma: no cover - every family in the table is handled above
+        raise ValueError(f"no predictor replacement for family {name}")
+    return done
+

@@ -1,0 +1,163 @@
+"""Optimizers and learning-rate schedules of a trial, from the flat params.
+
+Assumes ``params`` went through :func:`trainables.params.resolve` (every name present). The tables
+:data:`OPTIMIZER_ARGS` and :data:`SCHEDULES` are the explicit list of what a trial can use; their
+names equal ``params.OPTIMIZERS`` / ``params.SCHEDULES`` (checked by the tests).
+
+Parameter groups: only parameters with ``requires_grad``; "backbone" parameters (names under the
+family's backbone prefixes, see :func:`backbone_prefixes`) get ``lr * backbone_lr_mult``; norm
+weights and biases (``ndim <= 1``) get no weight decay. Empty groups are dropped. Each group
+carries a ``name`` key (``backbone``, ``backbone.no_decay``, ``head``, ``head.no_decay``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# optimizer -> the params it reads besides lr/weight_decay
+OPTIMIZER_ARGS: dict[str, tuple[str, ...]] = {
+    "sgd": ("momentum", "nesterov"),
+    "adamw": ("beta1", "beta2"),
+}
+SCHEDULES: tuple[str, ...] = ("cosine", "step", "constant")
+
+# Used when the family names no backbone prefix: torchvision keeps the feature extractor in
+# ``model.backbone`` for every detection and segmentation builder; with an FPN the pyramid lives
+# in ``backbone.fpn`` (a neck), so only ``backbone.body`` is the backbone then.
+_DEFAULT_PREFIXES: dict[str, tuple[str, ...]] = {
+    "fasterrcnn": ("backbone.body.",),
+    "maskrcnn": ("backbone.body.",),
+    "retinanet": ("backbone.body.",),
+    "fcos": ("backbone.body.",),
+    "ssd": ("backbone.features.",),
+    "ssdlite": ("backbone.features.",),
+}
+
+
+def backbone_prefixes(family: Any) -> tuple[str, ...]:
+    """Parameter-name prefixes of the backbone: the family's own, else a per-family default.
+
+    Reads ``family.backbone_prefixes`` (or ``family.backbone_prefix``) when the family defines it;
+    ``family`` may be None (then ``backbone.``).
+    """
+    for attr in ("backbone_prefixes", "backbone_prefix"):
+        value = getattr(family, attr, None) if family is not None else None
+        if value:
+            return (value,) if isinstance(value, str) else tuple(value)
+    name = getattr(family, "name", None)
+    return _DEFAULT_PREFIXES.get(name, ("backbone.",))
+
+
+def build_optimizer(model: Any, params: dict[str, Any], family: Any) -> tuple[Any, list[dict[str, Any]]]:
+    """The optimizer over the trainable parameters, and one log row per parameter group.
+
+    Rows hold ``name, lr, weight_decay, n_params, n_tensors`` and ``momentum, nesterov`` (sgd) or
+    ``betas`` (adamw): exactly the values the optimizer's ``param_groups`` hold.
+    """
+    import torch
+
+    kind = params["optimizer"]
+    if kind not in OPTIMIZER_ARGS:
+        raise ValueError(f"unknown optimizer {kind!r}; known: {sorted(OPTIMIZER_ARGS)}")
+    lr, wd, mult = float(params["lr"]), float(params["weight_decay"]), float(params["backbone_lr_mult"])
+    prefixes = backbone_prefixes(family)
+    buckets: dict[str, list[Any]] = {"backbone": [], "backbone.no_decay": [], "head": [], "head.no_decay": []}
+    for pname, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = "backbone" if pname.startswith(prefixes) else "head"
+        buckets[part + (".no_decay" if p.ndim <= 1 else "")].append(p)
+    groups = [
+        {
+            "name": name,
+            "params": ps,
+            "lr": lr * (mult if name.startswith("backbone") else 1.0),
+            "weight_decay": 0.0 if name.endswith("no_decay") else wd,
+        }
+        for name, ps in buckets.items()
+        if ps
+    ]
+    if not groups:
+        raise ValueError("no trainable parameters: the freeze preset left nothing to train")
+    if kind == "sgd":
+        opt = torch.optim.SGD(
+            groups, lr=lr, momentum=float(params["momentum"]), nesterov=bool(params["nesterov"])
+        )
+    else:
+        opt = torch.optim.AdamW(groups, lr=lr, betas=(float(params["beta1"]), float(params["beta2"])))
+    keys = ("momentum", "nesterov") if kind == "sgd" else ("betas",)
+    rows = [
+        {
+            "name": g["name"],
+            "lr": g["lr"],
+            "weight_decay": g["weight_decay"],
+            **{k: (list(g[k]) if k == "betas" else g[k]) for k in keys},
+            "n_tensors": len(g["params"]),
+            "n_params": sum(p.numel() for p in g["params"]),
+        }
+        for g in opt.param_groups
+    ]
+    for row in rows:
+        log.info("param group %s", row)
+    return opt, rows
+
+
+def lr_factor(
+    schedule: str,
+    *,
+    total_steps: int,
+    warmup_steps: int,
+    steps_per_epoch: int,
+    step_epochs: int = 1,
+    step_gamma: float = 0.1,
+) -> Callable[[int], float]:
+    """The lr multiplier as a function of the optimizer step (0-based).
+
+    Warmup: ``(s + 1) / warmup_steps`` for ``s < warmup_steps``. After it, with ``t = s -
+    warmup_steps`` over the ``total_steps - warmup_steps`` remaining steps: ``cosine`` =
+    ``0.5 (1 + cos(pi t / remaining))``; ``step`` = ``gamma ** floor(t / (step_epochs *
+    steps_per_epoch))``; ``constant`` = 1.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; known: {list(SCHEDULES)}")
+    remaining = max(1, total_steps - warmup_steps)
+    drop_every = max(1, step_epochs * steps_per_epoch)
+
+    def factor(s: int) -> float:
+        if s < warmup_steps:
+            return (s + 1) / warmup_steps
+        t = min(s - warmup_steps, remaining)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * t / remaining))
+        if schedule == "step":
+            return step_gamma ** (t // drop_every)
+        return 1.0
+
+    return factor
+
+
+def build_scheduler(optimizer: Any, params: dict[str, Any], epochs: int, steps_per_epoch: int) -> Any:
+    """A per-iteration ``LambdaLR`` (call ``step()`` after every optimizer step).
+
+    ``warmup_epochs`` may be fractional; it is rounded to whole steps. Every group gets the same
+    factor on top of its own base lr, so the backbone multiplier is kept throughout.
+    """
+    import torch
+
+    steps_per_epoch = max(1, int(steps_per_epoch))
+    total = max(1, int(epochs) * steps_per_epoch)
+    warmup = min(total, round(float(params["warmup_epochs"]) * steps_per_epoch))
+    fn = lr_factor(
+        params["schedule"],
+        total_steps=total,
+        warmup_steps=warmup,
+        steps_per_epoch=steps_per_epoch,
+        step_epochs=int(params["step_epochs"]),
+        step_gamma=float(params["step_gamma"]),
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

@@ -1,0 +1,258 @@
+"""One trial with fixed params, no Ray: data, model, freeze, loop, checkpoints, metrics.
+
+``run_trial`` only wires the other modules together. It writes only under ``cfg.out_dir``
+(``checkpoints/latest.pt``, ``checkpoints/best.pt``, ``trial.json``); a base weights file is read,
+hashed before and after, and never written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainables import checkpoint, coco, data, engine, families, freeze, models, optim
+from trainables import params as P
+from trainables.config import TrialConfig
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[dict[str, Any], "Path | None"], None]
+TIMING_KEYS = ("epoch_seconds", "images_per_s")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices); deterministic cuDNN."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype: only on CUDA; ``auto`` = bf16 where supported, else fp16."""
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def _weight_files(cfg: TrialConfig) -> dict[str, Path]:
+    out = {}
+    for key in ("weights", "weights_backbone"):
+        value = getattr(cfg, key)
+        if value and Path(value).is_file():
+            out[key] = Path(value)
+    return out
+
+
+def _generators(loader: Any) -> list[torch.Generator]:
+    """The torch generators driving a loader's shuffling/worker seeds (state saved for resume)."""
+    found: dict[int, torch.Generator] = {}
+    for obj in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+        for holder in (obj, getattr(obj, "sampler", None)):
+            g = getattr(holder, "generator", None)
+            if isinstance(g, torch.Generator):
+                found.setdefault(id(g), g)
+    return list(found.values())
+
+
+def _better(value: float, best: float | None, mode: str) -> bool:
+    if best is None:
+        return math.isfinite(value)
+    return value > best if mode == "max" else value < best
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-safe copy: dataclasses/paths/tuples converted, non-finite floats as strings."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if torch.is_tensor(obj) and obj.numel() == 1:
+        return obj.item()
+    return str(obj)
+
+
+def _build_data(cfg: TrialConfig, params: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+    train_index = coco.load_coco(cfg.train.annotations, cfg.train.images, task=cfg.task)
+    val_index = coco.load_coco(cfg.val.annotations, cfg.val.images, task=cfg.task)
+    loaders = []
+    for index, train, limit in ((train_index, True, cfg.limit_train), (val_index, False, cfg.limit_val)):
+        tf = data.build_transforms(cfg.task, train, cfg.image_size, params)
+        if cfg.task == "semantic_segmentation":
+            ds = data.CocoSemantic(index, tf, limit=limit)
+        else:
+            ds = data.CocoDetection(index, tf, with_masks=cfg.task == "instance_segmentation", limit=limit)
+        loaders.append(data.make_loader(ds, cfg.batch_size, shuffle=train, workers=cfg.workers, seed=cfg.seed,
+                                       pin_memory=pick_device(cfg.device).type == "cuda"))
+    return train_index, val_index, loaders[0], loaders[1]
+
+
+def run_trial(
+    cfg: TrialConfig,
+    params: dict[str, Any],
+    report: Report | None = None,
+    resume_from: Path | None = None,
+) -> dict[str, Any]:
+    """Train and evaluate one configuration; return (and write to ``out_dir/trial.json``) the result.
+
+    ``report(metrics, checkpoint_dir)`` is called after the base evaluation (epoch 0, when
+    ``cfg.eval_base``; checkpoint_dir None) and after every epoch. A non-finite loss ends the trial
+    with status ``diverged`` (reported with ``diverged: 1`` and the objective at its worst value).
+    ``resume_from`` (a checkpoint file or folder) continues a trial from its ``latest.pt``.
+    """
+    params = P.resolve(params)
+    report = report or (lambda metrics, ckpt_dir: None)
+    seed_everything(cfg.seed)
+    torch.set_num_threads(max(1, cfg.threads))
+    device = pick_device(cfg.device)
+    amp_dtype = pick_amp(cfg.amp, device)
+    out_dir = Path(cfg.out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+    files = _weight_files(cfg)
+    shas = {k: sha256_file(p) for k, p in files.items()}
+    train_index, val_index, train_loader, val_loader = _build_data(cfg, params)
+    num_classes = len(train_index.class_names) + 1
+    family = families.family_of(cfg.arch)
+    model, build = models.build_model(cfg, params, num_classes)
+    frep = freeze.apply_trainable(
+        model, family, params["trainable"], params["trainable_k"], cfg.trainable_sets
+    )
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    log.info("trainable %d params, frozen %d params (preset %s)", n_train, n_frozen, params["trainable"])
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    optimizer, groups_log = optim.build_optimizer(model, params, family)
+    scheduler = optim.build_scheduler(optimizer, params, cfg.epochs, len(train_loader))
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    base_sha = shas.get("weights")
+    # Trainable-only checkpoints need a base that rebuilds the frozen part; random init does not.
+    trainable_only = not cfg.keep_full_checkpoint and bool(cfg.weights or cfg.weights_backbone)
+    gens = _generators(train_loader)
+
+    history: list[dict[str, Any]] = []
+    base_metric = best_metric = best_epoch = None
+    start = 1
+    if resume_from is not None:
+        src = checkpoint.find(Path(resume_from))
+        ckpt = checkpoint.load(src)
+        if ckpt["base_sha256"] != base_sha:
+            raise ValueError(f"{src} was trained from base sha256 {ckpt['base_sha256']}, not {base_sha}")
+        start = checkpoint.restore(model, optimizer, scheduler, ckpt) + 1
+        extra = ckpt["extra"]
+        history, base_metric = list(extra["history"]), extra["base_metric"]
+        best_metric, best_epoch = extra["best_metric"], extra["best_epoch"]
+        for g, state in zip(gens, extra.get("loader_rng", []), strict=False):
+            g.set_state(state)
+        if scaler is not None and extra.get("scaler"):
+            scaler.load_state_dict(extra["scaler"])
+        if (src.parent / checkpoint.BEST).is_file() and not (ckpt_dir / checkpoint.BEST).is_file():
+            checkpoint.copy(src.parent / checkpoint.BEST, ckpt_dir / checkpoint.BEST)
+        log.info("resumed from %s at epoch %d", src, start - 1)
+    elif cfg.eval_base:
+        metrics = engine.evaluate(model, val_loader, val_index, device=device, task=cfg.task)
+        if cfg.metric not in metrics:
+            raise ValueError(f"metric {cfg.metric!r} is not one of {sorted(metrics)}")
+        base_metric = metrics[cfg.metric]
+        history.append({"epoch": 0, **metrics})
+        report({"epoch": 0, **metrics, "base_metric": base_metric}, None)
+
+    status, diverged = "ok", None
+    for epoch in range(start, cfg.epochs + 1):
+        try:
+            stats = engine.train_one_epoch(
+                model, train_loader, optimizer, scheduler,
+                device=device, params=params, amp_dtype=amp_dtype, scaler=scaler,
+            )
+        except engine.Diverged as exc:
+            log.warning("epoch %d diverged: %s", epoch, exc)
+            status, diverged = "diverged", {"epoch": epoch, "step": exc.step, "losses": exc.losses}
+            worst = -math.inf if cfg.mode == "max" else math.inf
+            report({"epoch": epoch, "diverged": 1, cfg.metric: worst, "step": exc.step, **exc.losses}, None)
+            break
+        metrics = engine.evaluate(model, val_loader, val_index, device=device, task=cfg.task)
+        if cfg.metric not in metrics:
+            raise ValueError(f"metric {cfg.metric!r} is not one of {sorted(metrics)}")
+        row = {"epoch": epoch, **metrics, **stats}
+        history.append(row)
+        is_best = _better(metrics[cfg.metric], best_metric, cfg.mode)
+        if is_best:
+            best_metric, best_epoch = metrics[cfg.metric], epoch
+        extra = {
+            "history": history, "base_metric": base_metric, "best_metric": best_metric,
+            "best_epoch": best_epoch, "loader_rng": [g.get_state() for g in gens],
+            "scaler": scaler.state_dict() if scaler is not None else None,
+        }
+        latest = checkpoint.save(
+            ckpt_dir / checkpoint.LATEST, model=model, optimizer=optimizer, scheduler=scheduler,
+            epoch=epoch, metrics=row, params=params, base_sha256=base_sha,
+            trainable_only=trainable_only, extra=extra,
+        )
+        if is_best:
+            checkpoint.copy(latest, ckpt_dir / checkpoint.BEST)
+        report(dict(row), ckpt_dir)
+
+    for key, path in files.items():
+        if sha256_file(path) != shas[key]:
+            raise RuntimeError(f"base weights file {path} changed during the trial ({key})")
+    best_path = ckpt_dir / checkpoint.BEST
+    result = {
+        "status": status,
+        "base_metric": base_metric,
+        "best_metric": best_metric,
+        "best_epoch": best_epoch,
+        "history": history,
+        "checkpoint": str(best_path) if best_path.is_file() else None,
+        "params": params,
+        "trainable_params": n_train,
+        "frozen_params": n_frozen,
+        "diverged": diverged,
+        "build": {
+            **build, "freeze": frep, "num_classes": num_classes, "device": str(device),
+            "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else "off",
+            "base_sha256": shas, "trainable_only_checkpoints": trainable_only,
+        },
+        "param_groups": groups_log,
+    }
+    result = _plain(result)
+    text = json.dumps(result, indent=2)
+    checkpoint.atomic_write(out_dir / "trial.json", lambda f: f.write(text.encode()))
+    return result
