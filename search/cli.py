@@ -25,6 +25,11 @@ class BadInput(Exception):
     """Input the user must fix (not a spec key): printed as one line, exit 2."""
 
 
+# Exceptions from search.launcher / search.study that are user errors (exit 2), matched by name so
+# that this module imports neither Ray nor the launcher for the other commands.
+_USER_ERRORS = {"ClusterError", "ExperimentExists", "ExperimentNotFound"}
+
+
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", type=Path, help="the YAML spec file")
     p.add_argument(
@@ -56,7 +61,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", type=Path, default=None, help="trial folder (default <output_dir>/<name>/local/<time>)"
     )
+    p.add_argument(
+        "--weights-out", type=Path, default=None, metavar="FILE",
+        help="also write the best epoch's full weights as a plain state_dict (a base for other specs)",
+    )
+    p.add_argument("--half", action="store_true", help="with --weights-out: store floating tensors in fp16")
     p.set_defaults(func=cmd_trial)
+
+    p = sub.add_parser("launch", help="run the study (Ray Tune + Optuna); Ctrl-C once stops gracefully")
+    _add_spec_args(p)
+    p.add_argument("--name", default=None, help="experiment name (default: the spec's name)")
+    p.add_argument("--address", default=None, help="join an existing Ray cluster (HOST:PORT or auto)")
+    p.add_argument("--dry-run", action="store_true", help="build each branch's model, run one batch, print "
+                   "the plan and exit without training")
+    p.add_argument("--keep-top", type=int, default=None, metavar="K",
+                   help="at the end, delete the checkpoints of trials outside the top K")
+    p.add_argument("--json", action="store_true", help="print the summary (or plan) as one JSON object")
+    p.set_defaults(func=cmd_launch, verbose_log=False)
+
+    p = sub.add_parser("status", help="a study's trials from disk (during or after a run)")
+    p.add_argument("name", help="experiment NAME or folder path")
+    p.add_argument("--output-dir", type=Path, default=None, help="where NAME lives (default ./runs)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_status, verbose_log=False)
+
+    p = sub.add_parser("resume", help="continue an interrupted study from its checkpoints")
+    p.add_argument("name", help="experiment NAME or folder path")
+    p.add_argument("--output-dir", type=Path, default=None, help="where NAME lives (default ./runs)")
+    p.add_argument("--restart-errored", action="store_true", help="also restart errored trials from scratch")
+    p.add_argument("--address", default=None, help="join an existing Ray cluster (HOST:PORT or auto)")
+    p.add_argument("--keep-top", type=int, default=None, metavar="K",
+                   help="at the end, delete the checkpoints of trials outside the top K")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.set_defaults(func=cmd_resume, verbose_log=False)
+
+    from search.commands_tracking import add_commands  # best, promote, export, predict, ui
+
+    add_commands(sub)
     return parser
 
 
@@ -77,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:  # a runtime failure: one line, the traceback only on request
+        if type(exc).__name__ in _USER_ERRORS:  # launcher/study errors the user fixes (exit 2)
+            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         if os.environ.get("SEARCH_DEBUG"):
             raise
         print(
@@ -150,6 +194,11 @@ def cmd_trial(args: argparse.Namespace) -> int:
     cfg = spec.trial_config(out_dir=out.resolve(), threads=_threads(spec.resources.cpu))
     _progress = _printer(args.json)
     result = run_trial(cfg, trial_params.resolve(chosen), report=_progress)
+    if args.weights_out and result.get("status") == "ok":
+        from trainables.checkpoint import load_trained, save_weights
+
+        model = load_trained(cfg, trial_params.resolve(chosen), spec.num_classes + 1, Path(result["checkpoint"]))
+        result["weights_out"] = str(save_weights(model, args.weights_out, half=args.half))
     if args.json:
         print(json.dumps(result, default=str))
     else:
@@ -194,6 +243,79 @@ def _print_trial(result: dict) -> None:
     print(f"trainable / frozen parameters: {result.get('trainable_params')} / {result.get('frozen_params')}")
     print(f"checkpoint: {result.get('checkpoint')}")
 
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    if args.keep_top is not None and args.keep_top < 0:
+        raise BadInput(f"--keep-top must be >= 0, but got {args.keep_top}.")
+    spec = load(args)
+    from search import launcher
+
+    if args.dry_run:
+        if args.name:
+            spec.name = args.name
+        plan = launcher.dry_run(spec)
+        if args.json:
+            print(json.dumps(plan, default=str))
+        else:
+            launcher.print_plan(plan)
+        return EXIT_OK if all(b["status"] == "ok" for b in plan["branches"]) else EXIT_RUNTIME
+    summary = launcher.launch(spec, name=args.name, address=args.address, keep_top=args.keep_top)
+    return _finish(summary, args.json)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from search import launcher
+    from search.study import resolve_experiment
+
+    exp_dir = resolve_experiment(args.name, args.output_dir)
+    summary = launcher.resume(exp_dir, restart_errored=args.restart_errored, address=args.address,
+                              keep_top=args.keep_top)
+    return _finish(summary, args.json)
+
+
+def _finish(summary: dict, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(summary, default=str))
+    if summary.get("interrupted"):
+        return EXIT_INTERRUPTED
+    return EXIT_OK if summary.get("best") is not None else EXIT_RUNTIME
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from search.study import human_bytes, resolve_experiment, status_object
+
+    exp_dir = resolve_experiment(args.name, args.output_dir)
+    obj = status_object(exp_dir)
+    if args.json:
+        print(json.dumps(obj, default=str))
+        return EXIT_OK
+    metric = obj["metric"]
+    print(f"study {obj['name']} ({obj.get('status')}): {len(obj['trials'])} trial(s), objective {metric} "
+          f"({obj['mode']}), base model {metric} {_fmt(obj.get('base_metric'))}, "
+          f"updated {obj.get('updated')}")
+    print(f"{'trial':<13} {'state':<10} {'epochs':>6} {'best':>9} {'disk':>9}  params / checkpoint")
+    for t in obj["trials"]:
+        params = " ".join(f"{k}={_fmt(v)}" for k, v in t.get("params", {}).items())
+        print(f"{t['id']:<13} {t['state']:<10} {t.get('epochs', 0):>6} {_fmt(t.get('best_metric')):>9} "
+              f"{human_bytes(t.get('disk_bytes')):>9}  {params}")
+        if t.get("checkpoint"):
+            print(f"{'':<42}{t['checkpoint']}")
+        if t.get("error"):
+            print(f"{'':<42}error: {t['error']}")
+    best = obj.get("best")
+    if best:
+        print(f"best: {best['id']} {metric}={_fmt(best['best_metric'])} at epoch {best.get('best_epoch')}, "
+              f"checkpoint {best.get('checkpoint')}")
+    else:
+        print("best: none yet")
+    return EXIT_OK
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -64,8 +64,8 @@ def make_sampler(algorithm: str, seed: int, num_trials: int, n_startup: int | No
             return optuna.samplers.RandomSampler(seed=seed)
         if algorithm == "cmaes":
             fallback = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True)
-            return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=startup, independent_sampler=fallback,
-                                                warn_independent_sampling=False)
+            return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=startup,
+                                                independent_sampler=fallback, warn_independent_sampling=False)
         if algorithm == "gp":
             return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
         if algorithm == "qmc":
@@ -107,12 +107,22 @@ class StudySearch(OptunaSearch):
         self._diverged: set[str] = set()
         self._failed: set[str] = set()
         self._outcome: dict[str, str] = {}
+        self.max_concurrent = 0
         super().__init__(*args, **kwargs)
+
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        """Limit concurrency here rather than in Ray's ConcurrencyLimiter, which drops the completion
+        of a trial restarted after an error (``resume --restart-errored``)."""
+        self.max_concurrent = int(max_concurrent)
+        return True
 
     # -- suggestions
     def suggest(self, trial_id: str) -> dict | str | None:
         if self.deadline is not None and time.time() >= self.deadline:
             return Searcher.FINISHED
+        live = [t for t in self._ot_trials if t not in self._completed_trials]
+        if self.max_concurrent and len(live) >= self.max_concurrent:
+            return None
         config = super().suggest(trial_id)
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None and isinstance(config, dict):
@@ -153,14 +163,32 @@ class StudySearch(OptunaSearch):
             self._best[trial_id] = (float(value), epoch)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self._completed_trials:
+        if trial_id not in self._ot_trials:
+            self._adopt(trial_id, result)
+        elif trial_id in self._completed_trials:
             if trial_id not in self._failed:
                 return
-            self._reopen(trial_id)  # an errored trial restarted (resume --restart-errored)
+            self._reopen(trial_id)  # an errored trial restarted under its own id
         if trial_id in self._ot_trials:
             self._note(trial_id, result)
 
-    def _reopen(self, trial_id: str) -> None:
+    def _adopt(self, trial_id: str, result: dict | None) -> None:
+        """Ray restarts an errored trial (``resume --restart-errored``) as a new trial id with the
+        same config: attach it to a new Optuna trial with the errored one's parameters."""
+        config = {k[len("config/"):]: v for k, v in (result or {}).items() if k.startswith("config/")}
+        config.update((result or {}).get("config") or {})
+        if not config:
+            return
+        adopted = {t.user_attrs.get("restarted_from") for t in self._ot_trials.values()}
+        for old_id in sorted(self._failed):
+            old = self._ot_trials[old_id]
+            if old_id in self._diverged or old.number in adopted:
+                continue
+            if old.params and all(config.get(k) == v for k, v in old.params.items()):
+                self._reopen(old_id, new_id=trial_id)
+                return
+
+    def _reopen(self, trial_id: str, new_id: str | None = None) -> None:
         """A new Optuna trial with the same parameters for a restarted errored trial."""
         old = self._ot_trials[trial_id]
         params = dict(old.params)
@@ -168,7 +196,10 @@ class StudySearch(OptunaSearch):
         new = self._ot_study.ask()
         if callable(self._space):
             self._space(new)  # registers the distributions; suggest_* returns the enqueued values
+        if new_id is not None:  # the old id stays, told FAIL; the restart lives on under new_id
+            trial_id = new_id
         new.set_user_attr("ray_trial_id", trial_id)
+        new.set_user_attr("restarted_from", old.number)
         self._ot_trials[trial_id] = new
         self._completed_trials.discard(trial_id)
         self._failed.discard(trial_id)
@@ -178,6 +209,8 @@ class StudySearch(OptunaSearch):
         self._diverged.discard(trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id not in self._ot_trials and result:
+            self._adopt(trial_id, result)
         if trial_id in self._completed_trials and trial_id in self._failed and not error and result:
             self._reopen(trial_id)
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:

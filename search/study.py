@@ -121,7 +121,8 @@ def best_trial(trials: list[dict[str, Any]], mode: str) -> dict[str, Any] | None
 
 def ranked(trials: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
     """Trials with a best metric, best first (diverged/errored excluded)."""
-    scored = [t for t in trials if t.get("state") not in (DIVERGED, ERROR) and _num(t.get("best_metric")) is not None]
+    scored = [t for t in trials
+              if t.get("state") not in (DIVERGED, ERROR) and _num(t.get("best_metric")) is not None]
     return sorted(scored, key=lambda t: _num(t["best_metric"]), reverse=mode == "max")
 
 
@@ -133,10 +134,12 @@ def status_object(exp_dir: Path) -> dict[str, Any]:
     trials = sorted(state.get("trials", {}).values(), key=lambda t: (t.get("index", 0), t.get("id", "")))
     out = {k: v for k, v in state.items() if k != "trials"}
     out["experiment_dir"] = str(Path(exp_dir).resolve())
+    first = ("id", "state", "epochs", "best_metric", "params", "checkpoint")
     out["trials"] = [
         {"id": t.get("id"), "state": t.get("state"), "epochs": t.get("epochs", 0),
-         "best_metric": t.get("best_metric"), "params": t.get("params", {}), "checkpoint": t.get("checkpoint"),
-         **{k: v for k, v in t.items() if k not in ("id", "state", "epochs", "best_metric", "params", "checkpoint")}}
+         "best_metric": t.get("best_metric"), "params": t.get("params", {}),
+         "checkpoint": t.get("checkpoint"),
+         **{k: v for k, v in t.items() if k not in first}}
         for t in trials
     ]
     out["best"] = best_trial(out["trials"], state.get("mode", "max"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from tests.tinydata import make_tiny_coco
-from trainables import checkpoint, engine, losses
+from trainables import checkpoint, engine, losses, trial
 from trainables import params as P
 from trainables.config import DataSplit, TrialConfig
 from trainables.trial import TIMING_KEYS, run_trial, sha256_file
@@ -152,23 +153,58 @@ def test_run_trial_shape(full_run):
     assert ckpt["epoch"] == 2 and ckpt["trainable_only"] is False  # random init: full state kept
 
 
+@pytest.fixture(scope="module")
+def base_file(tmp_path_factory):
+    """A base weights FILE (ssdlite at torchvision's 91 classes), alone in its folder."""
+    import torchvision
+
+    torch.manual_seed(123)
+    path = tmp_path_factory.mktemp("weights") / "base.pth"
+    torch.save(torchvision.models.get_model(ARCH, weights=None, weights_backbone=None).state_dict(), path)
+    return path
+
+
 class Interrupt(Exception):
     pass
 
 
-def test_resume_equals_uninterrupted(coco_dir, full_run, tmp_path):
-    _, uninterrupted, _ = full_run
-    cfg = _cfg(coco_dir, tmp_path / "r")
-
+def _interrupted_then_resumed(cfg: TrialConfig, params: dict) -> dict:
     def stop_after_1(metrics, ckpt_dir):
         if metrics["epoch"] == 1:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        run_trial(cfg, {"lr": 0.01}, report=stop_after_1)
-    resumed = run_trial(cfg, {"lr": 0.01}, resume_from=tmp_path / "r" / "checkpoints")
+        run_trial(cfg, params, report=stop_after_1)
+    assert checkpoint.load(cfg.out_dir / "checkpoints" / "latest.pt")["epoch"] == 1
+    return run_trial(cfg, params, resume_from=cfg.out_dir / "checkpoints")
+
+
+def test_resume_equals_uninterrupted(coco_dir, full_run, tmp_path):
+    """Random init, everything trains, full-state checkpoints."""
+    _, uninterrupted, _ = full_run
+    resumed = _interrupted_then_resumed(_cfg(coco_dir, tmp_path / "r"), {"lr": 0.01})
     assert _strip(resumed["history"]) == _strip(uninterrupted["history"])
     assert resumed["best_epoch"] == uninterrupted["best_epoch"]
+    assert resumed["base_metric"] == uninterrupted["base_metric"]
+
+
+def test_resume_trainable_only_with_frozen_backbone(coco_dir, base_file, tmp_path):
+    """Base file + frozen backbone: trainable-only checkpoints (with the heads' BN statistics)
+    rebuild the same model; warmup, step schedule and hflip augmentation all cross the resume."""
+    params = {"lr": 0.02, "trainable": "heads", "warmup_epochs": 0.5, "schedule": "step",
+              "aug.hflip": 0.5, "optimizer": "adamw"}
+    cfg = _cfg(coco_dir, tmp_path / "a", weights=str(base_file), eval_base=False)
+    uninterrupted = run_trial(cfg, params)
+    ckpt = checkpoint.load(tmp_path / "a" / "checkpoints" / "latest.pt")
+    assert ckpt["trainable_only"] is True
+    assert not any(k.startswith("backbone.features.") for k in ckpt["model"])
+    assert any(k.endswith("running_mean") for k in ckpt["model"])  # trainable BN stats kept
+    resumed = _interrupted_then_resumed(dataclasses.replace(cfg, out_dir=tmp_path / "b"), params)
+    assert [r["epoch"] for r in resumed["history"]] == [1, 2]
+    assert _strip(resumed["history"]) == _strip(uninterrupted["history"])
+    a = checkpoint.load(tmp_path / "a" / "checkpoints" / "latest.pt")["model"]
+    b = checkpoint.load(tmp_path / "b" / "checkpoints" / "latest.pt")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_diverged_trial(coco_dir, tmp_path, monkeypatch):
@@ -190,19 +226,29 @@ def test_diverged_trial(coco_dir, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "trial.json").read_text())["status"] == "diverged"
 
 
-def test_base_weights_file_verified_and_untouched(coco_dir, tmp_path):
-    import torchvision
-
-    wdir = tmp_path / "weights"
-    wdir.mkdir()
-    base = torchvision.models.get_model(ARCH, weights=None, weights_backbone=None)
-    wfile = wdir / "base.pth"
-    torch.save(base.state_dict(), wfile)
-    sha = sha256_file(wfile)
+def test_base_weights_file_verified_and_untouched(coco_dir, base_file, tmp_path, monkeypatch):
+    sha = sha256_file(base_file)
     out = tmp_path / "out"
-    result = run_trial(_cfg(coco_dir, out, weights=str(wfile), epochs=1), {})
+    result = run_trial(_cfg(coco_dir, out, weights=str(base_file), epochs=1), {})
     assert result["status"] == "ok"
-    assert sha256_file(wfile) == sha and [p.name for p in wdir.iterdir()] == ["base.pth"]
+    assert sha256_file(base_file) == sha and [p.name for p in base_file.parent.iterdir()] == ["base.pth"]
     assert result["build"]["base_sha256"] == {"weights": sha}
     ckpt = checkpoint.load(out / "checkpoints" / "latest.pt")
     assert ckpt["base_sha256"] == sha and ckpt["trainable_only"] is True
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "trial.json"]
+
+
+def test_base_weights_file_changed_is_an_error(coco_dir, tmp_path, monkeypatch):
+    wfile = tmp_path / "w.pth"
+    wfile.write_bytes(b"original")
+    real = trial.sha256_file
+    calls = []
+
+    def fake_sha(path):  # the second hash (end of trial) sees different content
+        calls.append(path)
+        return real(path) if len(calls) == 1 else "0" * 64
+
+    monkeypatch.setattr(trial, "sha256_file", fake_sha)
+    monkeypatch.setattr(trial, "_weight_files", lambda cfg: {"weights": wfile})
+    with pytest.raises(RuntimeError, match="changed"):
+        run_trial(_cfg(coco_dir, tmp_path / "out", epochs=1, eval_base=False), {})

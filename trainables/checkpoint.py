@@ -8,11 +8,15 @@ A trial keeps two files in ``out_dir/checkpoints/``: ``latest.pt`` (every epoch)
 
 ``trainable_only=True`` stores exactly:
   * every parameter with ``requires_grad=True``;
-  * every buffer (e.g. BatchNorm ``running_mean``, ``running_var``, ``num_batches_tracked``) of a
-    module that directly owns at least one parameter with ``requires_grad=True``.
-Everything else (frozen parameters, buffers of frozen modules such as frozen or
-``FrozenBatchNorm2d`` norms, which never change in training) equals the base weights, identified
-by ``base_sha256`` (None when the base is not a file): rebuilding the model from the same base and
+  * every persistent buffer (e.g. BatchNorm ``running_mean``, ``running_var``,
+    ``num_batches_tracked``) of a non-frozen module: one that directly owns a parameter with
+    ``requires_grad=True``, or that owns no parameter itself (e.g. a BatchNorm without affine
+    parameters, FrozenBatchNorm2d) while its parent module has a trainable parameter. This is a
+    superset of what :func:`trainables.freeze.train_mode` lets change in training.
+Everything else (frozen parameters, buffers of frozen modules such as frozen norms, which
+``train_mode`` keeps in eval so they never change) equals the base weights, identified by
+``base_sha256`` (of the weights file: a given path or an enum's hub-cache file; None for a random
+init, where the trial keeps full checkpoints): rebuilding the model from the same base and
 loading ``model`` with ``strict=False`` gives the trained model. ``trainable_only=False`` stores the
 full ``state_dict``.
 
@@ -37,14 +41,20 @@ LATEST, BEST = "latest.pt", "best.pt"
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The tensors a trainable-only checkpoint keeps (see the module docstring)."""
     out: dict[str, torch.Tensor] = {}
-    for mname, module in model.named_modules():
+    modules = dict(model.named_modules())
+    for mname, module in modules.items():
         own = list(module.named_parameters(recurse=False))
-        if not any(p.requires_grad for _, p in own):
-            continue
         prefix = f"{mname}." if mname else ""
         for name, p in own:
             if p.requires_grad:
                 out[prefix + name] = p.detach().clone()
+        if own:
+            live = any(p.requires_grad for _, p in own)
+        else:
+            parent = modules[mname.rpartition(".")[0]] if mname else module
+            live = any(p.requires_grad for p in parent.parameters())
+        if not live:
+            continue
         for name, b in module.named_buffers(recurse=False):
             if b is not None and name not in module._non_persistent_buffers_set:
                 out[prefix + name] = b.detach().clone()
@@ -170,3 +180,35 @@ def restore(model: torch.nn.Module, optimizer: Any, scheduler: Any, ckpt: dict[s
     if ckpt.get("rng") is not None:
         set_rng_state(ckpt["rng"])
     return int(ckpt["epoch"])
+
+
+def load_trained(cfg: Any, params: dict[str, Any], num_classes: int, path: Path) -> torch.nn.Module:
+    """The trained model of a checkpoint: rebuilt from the trial's base (``cfg.weights``), then
+    the checkpoint's tensors loaded over it. ``params`` must be the trial's resolved params (loss
+    and activation choices shape the model). Refuses a trainable-only checkpoint whose base file
+    changed since (sha256 differs)."""
+    from trainables import models
+
+    ckpt = load(find(path))
+    model, info = models.build_model(cfg, params, num_classes)
+    recorded = ckpt.get("base_sha256")
+    if ckpt.get("trainable_only") and recorded and info.get("sha256") not in (None, recorded):
+        raise RuntimeError(
+            f"the base weights changed since the checkpoint was written: sha256 {info.get('sha256')} "
+            f"!= recorded {recorded}"
+        )
+    result = model.load_state_dict(ckpt["model"], strict=not ckpt.get("trainable_only"))
+    if result.unexpected_keys:
+        raise RuntimeError(f"checkpoint keys not in the model: {result.unexpected_keys[:10]}")
+    return model.eval()
+
+
+def save_weights(model: torch.nn.Module, path: Path, half: bool = False) -> Path:
+    """A plain state_dict file (atomic), floating tensors in fp16 when ``half`` (loading into an
+    fp32 model converts them back)."""
+    state = {
+        k: (v.half() if half and v.is_floating_point() else v).detach().cpu().clone()
+        for k, v in model.state_dict().items()
+    }
+    atomic_write(Path(path), lambda f: torch.save(state, f))
+    return Path(path)

@@ -1,7 +1,8 @@
 """One training epoch and one evaluation pass (after torchvision's references/detection/engine.py).
 
 Batches are ``(images, targets)`` tuples of lists (``data.make_loader``'s collate): detection
-targets are dicts, semantic targets are ``H x W`` int64 masks (255 = ignore). AMP autocast and
+targets are dicts, semantic targets are ``H x W`` int64 masks (255 = ignore); semantic images are
+stacked and ImageNet-normalised here (``data`` yields [0, 1] images). AMP autocast and
 channels_last are used only on CUDA; a ``GradScaler`` is used only with fp16.
 """
 
@@ -18,6 +19,9 @@ import torch
 from trainables import coco_eval, freeze, losses
 
 log = logging.getLogger(__name__)
+# Semantic models take ImageNet-normalised input (detection models normalise inside themselves).
+_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
 class Diverged(RuntimeError):
@@ -33,7 +37,7 @@ def _to(device: torch.device, images: list, targets: list) -> tuple[Any, Any]:
     if targets and isinstance(targets[0], dict):
         targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
         return images, targets
-    batch = torch.stack(images)
+    batch = (torch.stack(images) - _MEAN.to(device)) / _STD.to(device)
     if device.type == "cuda":
         batch = batch.contiguous(memory_format=torch.channels_last)
     return batch, torch.stack([t.to(device) for t in targets])

@@ -7,8 +7,9 @@ every listed loss changes the computed loss.
 
 Names used below:
 - *prefixes* are parameter-name prefixes (a module path with a trailing dot, or a full
-  parameter name); a parameter belongs to the first part (heads, neck, backbone) whose prefix
-  it starts with.
+  parameter name); a parameter belongs to the part (heads, neck, backbone) with the longest
+  prefix it starts with (``Family.part``). ``backbone_prefixes`` never catch another part's
+  parameters, so a plain ``startswith`` (the optimizer's backbone lr multiplier) agrees.
 - *predictors* are fnmatch globs over parameter names: the class-dependent layers that
   :func:`trainables.models.build_model` replaces for a new class count.
 - *stage_roots* are module paths whose children, in order, are the backbone's units;
@@ -225,7 +226,7 @@ FAMILIES: dict[str, Family] = {
             backbone_prefixes=("backbone.features.",),
             neck_prefixes=("backbone.extra.",),
             head_prefixes=("head.",),
-            predictors=("head.classification_head.module_list.*.1.*",),
+            predictors=("head.classification_head.module_list.?.1.*",),  # ? = one digit (6 levels)
             stage_roots=("backbone.features.0", "backbone.features.1"),
             num_classes_key="head.classification_head.module_list.0.1.weight",
             box_term="bbox_regression",

@@ -111,9 +111,10 @@ def preset_names(model: nn.Module, family: Family, preset: str, k: int = 1) -> l
         raise ValueError(f"{family.name} has no freeze preset {preset!r}; presets: {list(family.presets)}")
     if preset == "all":
         return names
-    if preset == "predictors":
-        return match(names, family.predictors)
-    parts = {"heads": ("heads",), "heads+neck": ("heads", "neck"), "backbone_last_k": ("heads", "neck")}[preset]
+    if preset == "predictors":  # a glob may match nothing (deeplabv3/fcn built without aux_classifier)
+        return [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in family.predictors)]
+    parts = {"heads": ("heads",), "heads+neck": ("heads", "neck"), "backbone_last_k": ("heads", "neck")}
+    parts = parts[preset]
     chosen = {n for n in names if family.part(n) in parts}
     if preset == "backbone_last_k":
         if k < 0:
@@ -142,7 +143,7 @@ def apply_trainable(
         chosen = match(list(params), custom_sets[name])
     elif family is None:
         if name != "all":
-            raise ValueError(f"freeze preset {name!r} needs an architecture family; without one only 'all' works")
+            raise ValueError(f"freeze preset {name!r} needs an architecture family; without one use 'all'")
         chosen = list(params)
     else:
         if name not in family.presets:

@@ -13,6 +13,7 @@ How a choice reaches each family (:func:`apply_losses`):
 - FCOS: ``head`` becomes :class:`FCOSHeadWithLosses`; SSD/SSDlite: the model becomes
   :class:`SSDWithLosses` (softmax rows, before hard negative mining).
 Swapping ``__class__`` keeps every parameter, buffer and state-dict key as it was.
+Box offsets are decoded in float32 (bf16/fp16 autocast would round the decoded coordinates).
 
 All box rows sum over boxes; each family divides by its own normaliser (as torchvision does).
 """
@@ -168,7 +169,9 @@ class RoIHeadsWithLosses(RoIHeads):
     _samples: Any
 
     def select_training_samples(self, proposals, targets):  # noqa: ANN001, ANN201 (torchvision's)
-        proposals, matched_idxs, labels, regression_targets = super().select_training_samples(proposals, targets)
+        proposals, matched_idxs, labels, regression_targets = super().select_training_samples(
+            proposals, targets
+        )
         gt = []
         for t, idx in zip(targets, matched_idxs, strict=True):
             boxes = t["boxes"].to(proposals[0].dtype)
@@ -196,7 +199,7 @@ class RoIHeadsWithLosses(RoIHeads):
             losses["loss_classifier"] = row.softmax(class_logits, labels, choice.gamma, choice.alpha).mean()
         if choice.box != "default":
             pos = torch.where(labels > 0)[0]
-            deltas = box_regression.reshape(labels.numel(), -1, 4)[pos, labels[pos]]
+            deltas = box_regression.reshape(labels.numel(), -1, 4)[pos, labels[pos]].float()
             row = BOX_TABLE[choice.box]
             if row.on_boxes:
                 value = row.fn(self.box_coder.decode_single(deltas, props[pos]), gt[pos])
@@ -257,7 +260,7 @@ class FCOSHeadWithLosses(FCOSHead):
             out["classification"] = row.sigmoid(logits, onehot, choice.gamma, choice.alpha).sum() / n_fg
         if choice.box != "default":
             row = BOX_TABLE[choice.box]
-            reg = head_outputs["bbox_regression"]
+            reg = head_outputs["bbox_regression"].float()  # decode in float32 (AMP), as torchvision does
             if row.on_boxes:
                 value = row.fn(self.box_coder.decode(reg, anchors_t)[fg], box_t[fg])
             else:
@@ -282,13 +285,12 @@ class SSDWithLosses(SSD):
             fg = torch.where(idx >= 0)[0]
             fg_idx = idx[fg]
             num_fg += fg_idx.numel()
-            gt_boxes, reg, anc = tgt["boxes"][fg_idx], reg[fg, :], anc[fg, :]
-            if box_row is None:
-                box_losses.append(F.smooth_l1_loss(reg, self.box_coder.encode_single(gt_boxes, anc), reduction="sum"))
-            elif box_row.on_boxes:
+            gt_boxes, reg, anc = tgt["boxes"][fg_idx], reg[fg, :].float(), anc[fg, :]
+            if box_row is not None and box_row.on_boxes:
                 box_losses.append(box_row.fn(self.box_coder.decode_single(reg, anc), gt_boxes))
-            else:
-                box_losses.append(box_row.fn(reg, self.box_coder.encode_single(gt_boxes, anc)))
+            else:  # default is torchvision's smooth L1 (beta 1) on offsets, the same as the row
+                fn = _smooth_l1 if box_row is None else box_row.fn
+                box_losses.append(fn(reg, self.box_coder.encode_single(gt_boxes, anc)))
             c = torch.zeros((logits.size(1),), dtype=tgt["labels"].dtype, device=tgt["labels"].device)
             c[fg] = tgt["labels"][fg_idx]
             cls_targets.append(c)
@@ -320,10 +322,10 @@ def apply_losses(model: nn.Module, family: Family, params: dict[str, Any]) -> di
     choice the family does not list (validation should have rejected it earlier).
     """
     choice = LossChoice.from_params(params)
-    if choice.box != "default" and choice.box not in family.box_losses:
-        raise ValueError(f"{family.name} cannot use loss.box {choice.box!r}; it accepts {list(family.box_losses)}")
-    if choice.cls != "default" and choice.cls not in family.cls_losses:
-        raise ValueError(f"{family.name} cannot use loss.cls {choice.cls!r}; it accepts {list(family.cls_losses)}")
+    checks = (("loss.box", choice.box, family.box_losses), ("loss.cls", choice.cls, family.cls_losses))
+    for key, value, allowed in checks:
+        if value != "default" and value not in allowed:
+            raise ValueError(f"{family.name} cannot use {key} {value!r}; it accepts {['default', *allowed]}")
     applied = {"box": choice.box, "cls": choice.cls}
     if choice.cls == "focal" or (choice.cls == "default" and family.default_cls == "focal"):
         applied |= {"focal_gamma": choice.gamma, "focal_alpha": choice.alpha}
@@ -392,9 +394,8 @@ def _seg_loss(logits: Tensor, target: Tensor, params: dict[str, Any]) -> Tensor:
     if not bool(valid.any()):
         return logits.sum() * 0.0
     if kind in ("ce", "ce+dice"):
-        loss = F.cross_entropy(
-            logits, target, ignore_index=IGNORE_INDEX, label_smoothing=float(params.get("loss.label_smoothing", 0.0))
-        )
+        smoothing = float(params.get("loss.label_smoothing", 0.0))
+        loss = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, label_smoothing=smoothing)
         if kind == "ce+dice":
             loss = loss + float(params.get("loss.dice_weight", 1.0)) * dice_loss(logits, target)
         return loss

@@ -114,12 +114,13 @@ def _safe_load(path: Path, what: str, mmap: bool = False) -> Any:
     except RuntimeError as exc:
         if mmap and "mmap" in str(exc):
             return _safe_load(path, what, mmap=False)
-        raise WeightsError(f"{what} {path} is not a readable torch file: {str(exc).splitlines()[0]}") from None
+        first = str(exc).splitlines()[0]
+        raise WeightsError(f"{what} {path} is not a readable torch file: {first}") from None
     except (OSError, EOFError, ValueError) as exc:
         raise WeightsError(f"{what} {path} cannot be read: {exc}") from None
 
 
-def _check_cached(member: WeightsEnum, what: str) -> tuple[Path, str]:
+def cached_weights(member: WeightsEnum, what: str = "weights") -> tuple[Path, str]:
     """The cache file of an enum member (must exist, load with weights_only, match its hash)."""
     path = hub_cache_path(member)
     if not path.is_file():
@@ -152,7 +153,7 @@ def load_state_file(path: str | Path, what: str = "weights file") -> dict[str, t
         obj = obj["model"]
     if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
         raise WeightsError(
-            f"{what} {path} is not a state_dict (a dict of tensors) nor a checkpoint with a 'model' state_dict"
+            f"{what} {path} is neither a state_dict (a dict of tensors) nor a checkpoint with a 'model' entry"
         )
     return obj
 
@@ -228,8 +229,8 @@ def _load_matching(model: nn.Module, state: dict[str, torch.Tensor], path: Path)
     unexpected = [k for k in state if k not in own]
     if len(matched) < MIN_MATCH_FRACTION * len(own):
         raise WeightsError(
-            f"weights file {path} does not fit this model: only {len(matched)} of its {len(own)} state keys match "
-            f"by name and shape (missing e.g. {missing[:3]}, unexpected e.g. {unexpected[:3]}, "
+            f"weights file {path} does not fit this model: only {len(matched)} of its {len(own)} state keys "
+            f"match by name and shape (missing e.g. {missing[:3]}, unexpected e.g. {unexpected[:3]}, "
             f"shape-mismatched e.g. {mismatched[:3]}); refusing to start from a mostly random model"
         )
     subset = {k: state[k] for k in matched}
@@ -241,7 +242,9 @@ def _load_matching(model: nn.Module, state: dict[str, torch.Tensor], path: Path)
     return {"matched": len(matched), "missing": missing, "unexpected": unexpected, "mismatched": mismatched}
 
 
-def _from_file(arch: str, family: Family, path: Path, kwargs: dict[str, Any], num_classes: int, info: dict) -> tuple:
+def _from_file(
+    arch: str, family: Family, path: Path, kwargs: dict[str, Any], num_classes: int, info: dict
+) -> tuple[nn.Module, int | None]:
     state = load_state_file(path)
     info["sha256"] = sha256_file(path)
     pre_nc = pretrained_num_classes(arch, family, state, kwargs)
@@ -253,7 +256,9 @@ def _from_file(arch: str, family: Family, path: Path, kwargs: dict[str, Any], nu
     return model, pre_nc
 
 
-def _backbone_from_file(arch: str, path: Path, kwargs: dict[str, Any], num_classes: int, info: dict) -> nn.Module:
+def _backbone_from_file(
+    arch: str, path: Path, kwargs: dict[str, Any], num_classes: int, info: dict
+) -> nn.Module:
     """Hand a backbone state_dict file to the builder as its backbone enum's cached file."""
     enum_cls = backbone_weights_enum(arch)
     if enum_cls is None:
@@ -278,7 +283,9 @@ def _backbone_from_file(arch: str, path: Path, kwargs: dict[str, Any], num_class
             torch.hub.set_dir(old)
 
 
-def build_model(cfg: TrialConfig, params: dict[str, Any], num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+def build_model(
+    cfg: TrialConfig, params: dict[str, Any], num_classes: int
+) -> tuple[nn.Module, dict[str, Any]]:
     """The trial's model on the CPU, and what was done to it (``info``).
 
     ``num_classes`` includes the background (K + 1). ``params`` is the full resolved dict
@@ -307,7 +314,7 @@ def build_model(cfg: TrialConfig, params: dict[str, Any], num_classes: int) -> t
             if enum_cls is None:
                 raise WeightsError(f"{arch} takes no backbone weights, but weights_backbone is {wb!r}")
             member = resolve_enum(enum_cls, wb)
-            path, info["backbone_sha256"] = _check_cached(member, "backbone weights")
+            path, info["backbone_sha256"] = cached_weights(member, "backbone weights")
             info["weights_backbone"] = f"enum:{member!r}"
             model = get_model(arch, weights=None, weights_backbone=member, num_classes=num_classes, **kwargs)
         else:
@@ -315,7 +322,7 @@ def build_model(cfg: TrialConfig, params: dict[str, Any], num_classes: int) -> t
             model = _backbone_from_file(arch, Path(wb), kwargs, num_classes, info)
     elif is_enum_name(cfg.weights):
         member = resolve_enum(get_model_weights(arch), cfg.weights)
-        path, info["sha256"] = _check_cached(member, "weights")
+        path, info["sha256"] = cached_weights(member, "weights")
         info.update(weights=f"enum:{member!r}", weights_file=str(path))
         model = get_model(arch, weights=member, weights_backbone=None, **kwargs)
         pre_nc = len(member.meta["categories"])
@@ -370,7 +377,8 @@ def replace_predictors(model: nn.Module, family: Family, num_classes: int) -> li
             done.append("roi_heads.mask_predictor.mask_fcn_logits")
     elif name in ("retinanet", "fcos"):
         head = model.head.classification_head
-        head.cls_logits = _init(_conv_like(head.cls_logits, head.num_anchors * num_classes), "normal", 0.01, 0.01)
+        new = _conv_like(head.cls_logits, head.num_anchors * num_classes)
+        head.cls_logits = _init(new, "normal", std=0.01, prior=0.01)
         head.num_classes = num_classes
         done.append("head.classification_head.cls_logits")
     elif name in ("ssd", "ssdlite"):
@@ -378,7 +386,8 @@ def replace_predictors(model: nn.Module, family: Family, num_classes: int) -> li
         old_nc = head.num_columns
         for i, block in enumerate(head.module_list):
             if name == "ssd":
-                head.module_list[i] = _init(_conv_like(block, block.out_channels // old_nc * num_classes), "xavier")
+                new = _conv_like(block, block.out_channels // old_nc * num_classes)
+                head.module_list[i] = _init(new, "xavier")
                 done.append(f"head.classification_head.module_list.{i}")
             else:
                 conv = block[1]

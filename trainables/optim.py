@@ -5,9 +5,11 @@ Assumes ``params`` went through :func:`trainables.params.resolve` (every name pr
 names equal ``params.OPTIMIZERS`` / ``params.SCHEDULES`` (checked by the tests).
 
 Parameter groups: only parameters with ``requires_grad``; "backbone" parameters (names under the
-family's backbone prefixes, see :func:`backbone_prefixes`) get ``lr * backbone_lr_mult``; norm
+family's backbone part: ``Family.part(name) == "backbone"``, else
+:func:`backbone_prefixes`) get ``lr * backbone_lr_mult``; norm
 weights and biases (``ndim <= 1``) get no weight decay. Empty groups are dropped. Each group
-carries a ``name`` key (``backbone``, ``backbone.no_decay``, ``head``, ``head.no_decay``).
+carries a ``name`` key (``backbone``, ``backbone.no_decay``, ``head``, ``head.no_decay``; ``head``
+is everything outside the backbone: neck and heads).
 """
 
 from __future__ import annotations
@@ -66,12 +68,13 @@ def build_optimizer(model: Any, params: dict[str, Any], family: Any) -> tuple[An
         raise ValueError(f"unknown optimizer {kind!r}; known: {sorted(OPTIMIZER_ARGS)}")
     lr, wd, mult = float(params["lr"]), float(params["weight_decay"]), float(params["backbone_lr_mult"])
     prefixes = backbone_prefixes(family)
+    part = getattr(family, "part", None)  # families.Family: the longest matching prefix wins
     buckets: dict[str, list[Any]] = {"backbone": [], "backbone.no_decay": [], "head": [], "head.no_decay": []}
     for pname, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        part = "backbone" if pname.startswith(prefixes) else "head"
-        buckets[part + (".no_decay" if p.ndim <= 1 else "")].append(p)
+        is_backbone = part(pname) == "backbone" if part is not None else pname.startswith(prefixes)
+        buckets[("backbone" if is_backbone else "head") + (".no_decay" if p.ndim <= 1 else "")].append(p)
     groups = [
         {
             "name": name,

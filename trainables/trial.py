@@ -156,14 +156,18 @@ def run_trial(
     )
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    log.info("trainable %d params, frozen %d params (preset %s)", n_train, n_frozen, params["trainable"])
+    freeze_info = {k: v for k, v in dataclasses.asdict(frep).items() if k != "trainable_names"}
+    log.info("trainable set %r: %d params trainable, %d frozen (%d/%d tensors)", params["trainable"],
+             n_train, n_frozen, frep.trainable_tensors, frep.frozen_tensors)
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     optimizer, groups_log = optim.build_optimizer(model, params, family)
     scheduler = optim.build_scheduler(optimizer, params, cfg.epochs, len(train_loader))
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    base_sha = shas.get("weights")
+    if "weights" in shas and build.get("sha256") not in (None, shas["weights"]):
+        raise RuntimeError(f"{files['weights']} changed while the model was built")
+    base_sha = build.get("sha256") or shas.get("weights")  # an enum's cached file or our file
     # Trainable-only checkpoints need a base that rebuilds the frozen part; random init does not.
     trainable_only = not cfg.keep_full_checkpoint and bool(cfg.weights or cfg.weights_backbone)
     gens = _generators(train_loader)
@@ -246,7 +250,7 @@ def run_trial(
         "frozen_params": n_frozen,
         "diverged": diverged,
         "build": {
-            **build, "freeze": frep, "num_classes": num_classes, "device": str(device),
+            **build, "freeze": freeze_info, "num_classes": num_classes, "device": str(device),
             "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else "off",
             "base_sha256": shas, "trainable_only_checkpoints": trainable_only,
         },

@@ -1,0 +1,227 @@
+"""Load a deployment bundle made by ``python -m search export`` and run it: torch, torchvision,
+PIL and PyYAML only (this file is copied into every bundle as ``load.py``).
+
+    from load import load_bundle, predict
+    model, meta = load_bundle("path/to/bundle")          # eval mode, on the CPU
+    result = predict(model, meta, "image.jpg")            # boxes/labels/scores (+ masks) per image
+
+A bundle folder holds ``model.yaml`` (everything needed to rebuild the model: the torchvision
+builder name and keyword arguments, the class count and names, preprocessing, the module swaps
+made by the search), ``weights.pt`` (the full fine-tuned ``state_dict``, loadable with
+``torch.load(weights_only=True)``), ``metrics.json``, optionally ``model.torchscript.pt``, and
+``SHA256SUMS`` (checked on load). The model is built with ``weights=None`` (nothing downloads)
+and gets the exact module structure it was trained with before the weights are loaded strictly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+FORMAT = "search-bundle/1"
+# Activation modules a search may have swapped in (model.yaml "module_swaps"): torch.nn names.
+ACTIVATIONS = ("ReLU", "ReLU6", "LeakyReLU", "SiLU", "GELU", "Hardswish", "Mish", "ELU")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(folder: str | Path) -> None:
+    """Check every file listed in ``SHA256SUMS``; ValueError names a file that does not match."""
+    folder = Path(folder)
+    sums = folder / "SHA256SUMS"
+    if not sums.is_file():
+        raise ValueError(f"{folder} has no SHA256SUMS: not a bundle made by search export")
+    for line in sums.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        if not name:
+            continue
+        path = folder / name.strip()
+        if not path.is_file():
+            raise ValueError(f"bundle file {path} is missing")
+        if sha256_file(path) != digest.strip():
+            raise ValueError(f"bundle file {path} does not match its sha256 in SHA256SUMS")
+
+
+def read_meta(folder: str | Path) -> dict[str, Any]:
+    import yaml
+
+    meta = yaml.safe_load((Path(folder) / "model.yaml").read_text(encoding="utf-8"))
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{folder}/model.yaml is not a {FORMAT} file")
+    return meta
+
+
+def _set_module(model: Any, path: str, module: Any) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, module)
+
+
+def build(meta: dict[str, Any]) -> Any:
+    """The bundle's model with random weights: torchvision builder + the recorded module swaps."""
+    import torch
+    from torchvision.models import get_model
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    model = get_model(
+        meta["arch"],
+        weights=None,
+        weights_backbone=None,
+        num_classes=int(meta["num_classes"]),
+        **dict(meta.get("builder_kwargs") or {}),
+    )
+    for path, spec in (meta.get("frozen_batchnorm") or {}).items():
+        old = model.get_submodule(path)
+        _set_module(model, path, FrozenBatchNorm2d(old.num_features, eps=float(spec.get("eps", 1e-5))))
+    for path, spec in (meta.get("module_swaps") or {}).items():
+        kind = spec["type"]
+        if kind not in ACTIVATIONS:
+            raise ValueError(
+                f"model.yaml swaps {path} to {kind!r}, which is not an activation this loader knows"
+            )
+        _set_module(model, path, getattr(torch.nn, kind)(**dict(spec.get("kwargs") or {})))
+    return model
+
+
+def load_bundle(folder: str | Path, device: str = "cpu", check: bool = True) -> tuple[Any, dict[str, Any]]:
+    """``(model, meta)``: the fine-tuned model in eval mode on ``device`` and the parsed model.yaml.
+
+    ``check`` verifies the files against ``SHA256SUMS`` first.
+    """
+    import torch
+
+    folder = Path(folder)
+    if check:
+        verify(folder)
+    meta = read_meta(folder)
+    model = build(meta)
+    state = torch.load(folder / meta.get("weights_file", "weights.pt"), map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    model.eval().to(device)
+    return model, meta
+
+
+def load_torchscript(folder: str | Path, device: str = "cpu") -> Any:
+    """The TorchScript model of a bundle (None when export could not script it).
+
+    Detection models scripted by torchvision return ``(losses, detections)``."""
+    import torch
+
+    path = Path(folder) / "model.torchscript.pt"
+    if not path.is_file():
+        return None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of torch.export
+        return torch.jit.load(str(path), map_location=device)
+
+
+def read_image(path: str | Path) -> Any:
+    """RGB float32 (3, H, W) in [0, 1]; EXIF orientation applied; 16-bit grayscale scaled by 1/65535."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        if img.mode.startswith("I"):
+            gray = np.clip(np.asarray(img, dtype=np.float32) / 65535.0, 0.0, 1.0)
+            arr = np.repeat(gray[:, :, None], 3, axis=2)
+        elif img.mode == "F":
+            gray = np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)
+            arr = np.repeat(gray[:, :, None], 3, axis=2)
+        else:
+            if img.mode != "RGB":
+                img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "PA") else img.convert("RGB")
+            arr = np.asarray(img, dtype=np.float32) / 255.0
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+
+
+def preprocess(image: Any, meta: dict[str, Any]) -> Any:
+    """The network input for an image tensor from :func:`read_image` (model.yaml preprocessing):
+    detection resizes the long side to ``image_size`` (aspect kept, antialiased); semantic
+    segmentation resizes to ``image_size`` square (normalisation happens in :func:`run`)."""
+    from torchvision.transforms.v2 import functional as F
+
+    pre = meta["preprocessing"]
+    size = int(pre["image_size"])
+    if pre["resize"] == "square":
+        return F.resize(image, [size, size], antialias=True)
+    return F.resize(image, size=None, max_size=size, antialias=True)
+
+
+def run(model: Any, meta: dict[str, Any], images: list[Any]) -> list[dict[str, Any]]:
+    """Raw model outputs for preprocessed images, in network-input coordinates: detection dicts
+    (``boxes``, ``labels``, ``scores``, ``masks``), or ``{"logits": C x H x W}`` for semantic."""
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        if meta["task"] == "semantic_segmentation":
+            mean = torch.tensor(meta["preprocessing"].get("mean", IMAGENET_MEAN), device=device).view(
+                1, 3, 1, 1
+            )
+            std = torch.tensor(meta["preprocessing"].get("std", IMAGENET_STD), device=device).view(1, 3, 1, 1)
+            batch = (torch.stack([im.to(device) for im in images]) - mean) / std
+            out = model(batch)["out"]
+            return [{"logits": o.cpu()} for o in out]
+        outputs = model([im.to(device) for im in images])
+        return [{k: v.cpu() for k, v in o.items()} for o in outputs]
+
+
+def predict(model: Any, meta: dict[str, Any], path: str | Path, min_score: float = 0.0) -> dict[str, Any]:
+    """One image end to end; coordinates and masks in the ORIGINAL image's pixels.
+
+    Detection: ``{"detections": [{"label", "class", "score", "box": [x1, y1, x2, y2]}], "masks":
+    [H x W bool tensor per detection] (instance segmentation)}``; semantic segmentation:
+    ``{"mask": H x W int64 class map}``. Also ``width``, ``height``, ``input_size``.
+    """
+    import torch
+    import torch.nn.functional as TF
+
+    image = read_image(path)
+    h, w = image.shape[-2:]
+    x = preprocess(image, meta)
+    ih, iw = x.shape[-2:]
+    out = run(model, meta, [x])[0]
+    names = ["__background__", *meta["class_names"]]
+    result: dict[str, Any] = {
+        "image": str(path),
+        "width": int(w),
+        "height": int(h),
+        "input_size": [int(ih), int(iw)],
+    }
+    if meta["task"] == "semantic_segmentation":
+        logits = TF.interpolate(out["logits"][None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        result["mask"] = logits.argmax(0)
+        return result
+    keep = out["scores"] >= min_score
+    scale = torch.tensor([w / iw, h / ih, w / iw, h / ih])
+    boxes = out["boxes"][keep] * scale
+    labels, scores = out["labels"][keep], out["scores"][keep]
+    result["detections"] = [
+        {
+            "label": int(lab),
+            "class": names[int(lab)] if int(lab) < len(names) else str(int(lab)),
+            "score": float(sc),
+            "box": [float(v) for v in box],
+        }
+        for box, lab, sc in zip(boxes, labels, scores, strict=True)
+    ]
+    if "masks" in out:
+        masks = out["masks"][keep]
+        if len(masks):
+            masks = TF.interpolate(masks, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+        result["masks"] = [m > 0.5 for m in masks]
+    return result

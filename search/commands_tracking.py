@@ -1,0 +1,334 @@
+"""CLI commands on a study's results: ``best``, ``promote``, ``export``, ``predict``, ``ui``.
+
+``add_commands(subparsers)`` registers them on ``search/cli.py``'s parser; exit codes follow
+``search.cli``: 0 ok, 2 bad input (``BadInput``/``SpecError``), 1 runtime failure or a refused
+promotion, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+UI_START_TIMEOUT_S = 180.0
+
+
+def _bad_input(exc: Exception) -> Exception:
+    from search.cli import BadInput
+
+    return BadInput(str(exc))
+
+
+def _name_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="experiment NAME or folder path")
+    p.add_argument("--output-dir", type=Path, default=None, help="where NAME lives (default ./runs)")
+
+
+def add_commands(sub: Any) -> None:
+    """Register best/promote/export/predict/ui on ``sub`` (argparse subparsers)."""
+    p = sub.add_parser("best", help="a study's trials ranked by best-epoch objective")
+    _name_args(p)
+    p.add_argument("--top", type=int, default=None, metavar="K", help="only the best K trials")
+    p.add_argument("--json", action="store_true", help="print a JSON list of trial objects")
+    p.set_defaults(func=cmd_best, verbose_log=False)
+
+    p = sub.add_parser("promote", help="register a trial's model in the MLflow Model Registry under an alias")
+    _name_args(p)
+    p.add_argument("--model", required=True, help="registered model name")
+    p.add_argument("--alias", default="champion", help="alias to point at the new version (default champion)")
+    p.add_argument("--trial", default=None, metavar="ID", help="trial id (default: the best trial)")
+    p.add_argument("--force", action="store_true", help="register even if it does not beat the base model")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_promote, verbose_log=False)
+
+    p = sub.add_parser("export", help="write a self-contained deployment bundle of a trial")
+    _name_args(p)
+    p.add_argument("--out", type=Path, required=True, help="bundle folder (must not exist or be empty)")
+    p.add_argument("--trial", default=None, metavar="ID", help="trial id (default: the best trial)")
+    p.add_argument("--no-torchscript", action="store_true", help="skip the TorchScript export")
+    p.add_argument("--json", action="store_true", help="print model.yaml's content as JSON")
+    p.set_defaults(func=cmd_export, verbose_log=False)
+
+    p = sub.add_parser("predict", help="run an exported bundle on images")
+    p.add_argument("bundle", type=Path, help="bundle folder from 'search export'")
+    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument(
+        "--out", type=Path, default=None, help="write predictions.json, annotated images and mask PNGs here"
+    )
+    p.add_argument(
+        "--min-score", type=float, default=0.3, help="drop detections below this score (default 0.3)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.set_defaults(func=cmd_predict, verbose_log=False)
+
+    p = sub.add_parser("ui", help="start the MLflow UI on a study's tracking store (127.0.0.1)")
+    p.add_argument(
+        "name", nargs="?", default=None, help="experiment NAME or folder (default: ./runs's store)"
+    )
+    p.add_argument("--output-dir", type=Path, default=None, help="where NAME lives (default ./runs)")
+    p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000; 0 = any free)")
+    p.set_defaults(func=cmd_ui, verbose_log=False)
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if isinstance(value, float):
+        return f"{value:+.{digits}f}" if digits < 0 else f"{value:.{digits}f}"
+    return "-" if value is None else str(value)
+
+
+# ---------------------------------------------------------------- best
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    from search import select
+
+    if args.top is not None and args.top < 1:
+        raise _bad_input(ValueError(f"--top must be >= 1, but got {args.top}."))
+    try:
+        exp_dir = select.find_experiment(args.name, args.output_dir)
+        trials = select.best(exp_dir, args.top)
+    except select.SelectError as exc:
+        raise _bad_input(exc) from None
+    if args.json:
+        print(json.dumps(trials, default=str))
+        return 0
+    if not trials:
+        print("no trial has a best metric yet")
+        return 0
+    from search.study import read_study
+
+    st = read_study(exp_dir)
+    metric = st.get("metric", "metric")
+    base = trials[0].get("study_base_metric")
+    print(
+        f"study {st.get('name')}: {len(trials)} ranked trial(s) by best {metric} ({st.get('mode')}); "
+        f"base model (epoch 0) {_fmt(base)}"
+    )
+    print(f"{'#':>2} {'trial':<13} {'state':<10} {metric:>8} {'epoch':>5} {'vs base':>8}  run id")
+    for i, t in enumerate(trials, 1):
+        imp = t.get("improvement")
+        print(
+            f"{i:>2} {t['id']:<13} {t.get('state', ''):<10} {_fmt(t.get('best_metric')):>8} "
+            f"{_fmt(t.get('epoch')):>5} {(f'{imp:+.4f}' if isinstance(imp, float) else '-'):>8}  "
+            f"{t.get('run_id') or '-'}"
+        )
+        params = " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.get("params", {}).items()
+        )
+        print(f"{'':>17}{params}")
+        print(f"{'':>17}checkpoint {t.get('checkpoint') or '-'}")
+    return 0
+
+
+# ---------------------------------------------------------------- promote / export
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from search import select
+    from search.bundle import BundleError
+
+    try:
+        exp_dir = select.find_experiment(args.name, args.output_dir)
+        out = select.promote(exp_dir, args.model, alias=args.alias, trial_id=args.trial, force=args.force)
+    except select.Refused as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 1
+    except (select.SelectError, BundleError) as exc:
+        raise _bad_input(exc) from None
+    if args.json:
+        print(json.dumps(out, default=str))
+        return 0
+    forced = " (forced: it does not beat the base model)" if out["forced"] else ""
+    print(f"registered {out['model']} version {out['version']} as {out['uri']}{forced}")
+    print(
+        f"  trial {out['trial']} (run {out['run_id']}): {out['metric']}={_fmt(out['value'])}, base "
+        f"{_fmt(out['base_metric'])}, improvement {_fmt(out['improvement'])}"
+    )
+    print(f"  source {out['source']} on {out['tracking_uri']}")
+    print(f"  fine-tune from it with  model.weights: {out['uri']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from search import select
+    from search.bundle import BundleError
+
+    try:
+        exp_dir = select.find_experiment(args.name, args.output_dir)
+        meta = select.export(exp_dir, args.out, args.trial, torchscript=not args.no_torchscript)
+    except (select.SelectError, BundleError) as exc:
+        raise _bad_input(exc) from None
+    if args.json:
+        print(json.dumps(meta, default=str))
+        return 0
+    ts = meta["torchscript"]
+    study = meta.get("study", {})
+    print(
+        f"bundle {args.out}: {meta['arch']} ({meta['task']}, {meta['num_classes'] - 1} classes) from trial "
+        f"{study.get('trial')} epoch {meta['checkpoint']['epoch']} ({study.get('metric')}="
+        f"{_fmt(study.get('best_metric'))})"
+    )
+    print(f"  files: {', '.join(sorted(meta['files']))}, SHA256SUMS")
+    print(f"  torchscript: {'ok (matches the eager model)' if ts.get('ok') else ts.get('error')}")
+    print(f"  load it: from load import load_bundle; model, meta = load_bundle('{args.out}')")
+    return 0
+
+
+# ---------------------------------------------------------------- predict
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from search.bundle import BundleError, predict_files
+
+    try:
+        out = predict_files(
+            args.bundle, list(args.images), args.out, min_score=args.min_score, device=args.device
+        )
+    except BundleError as exc:
+        raise _bad_input(exc) from None
+    print(json.dumps(out, default=str))
+    return 0
+
+
+# ---------------------------------------------------------------- ui
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(15)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def ui_store(name: str | None, output_dir: Path | None) -> tuple[str, str | None, Path]:
+    """(tracking URI, experiment name or None, folder for the UI's log) of a study or of
+    ``<output_dir>/mlflow.db``."""
+    from search import select, tracking
+
+    if name:
+        try:
+            exp_dir = select.find_experiment(name, output_dir)
+        except select.SelectError as exc:
+            raise _bad_input(exc) from None
+        uri, experiment = select._store(exp_dir)
+        return uri, experiment, exp_dir.parent
+    folder = Path(output_dir or "runs").resolve()
+    if not (folder / tracking.DB_FILE).is_file():
+        raise _bad_input(
+            ValueError(
+                f"no MLflow store at {folder / tracking.DB_FILE}: pass a study NAME or "
+                "--output-dir with the spec's output_dir."
+            )
+        )
+    return tracking.default_uri(folder), None, folder
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from search import tracking
+
+    uri, experiment, folder = ui_store(args.name, args.output_dir)
+    if tracking.is_http(uri):
+        print(
+            f"this study records to the MLflow server {tracking.redact(uri)}: "
+            "open it there (no local UI needed)"
+        )
+        return 0
+    port = args.port or _free_port()
+    if not (0 < port < 65536) or not _port_free(port):
+        raise _bad_input(
+            ValueError(f"port {port} on 127.0.0.1 is in use or invalid; pass another --port (0 = any).")
+        )
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    if uri.startswith("sqlite:///"):
+        art = Path(uri[len("sqlite:///") :]).parent / tracking.ARTIFACTS_DIR
+        cmd += ["--no-serve-artifacts", "--default-artifact-root", art.resolve().as_uri()]
+    log_path = folder / "mlflow-ui.log"
+    url = f"http://127.0.0.1:{port}"
+    print(
+        f"starting the MLflow UI on {tracking.redact(uri)} (log: {log_path}) ...", file=sys.stderr, flush=True
+    )
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    old = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server too
+    try:
+        deadline = time.time() + UI_START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace").splitlines()[-5:]
+                raise RuntimeError(f"mlflow server exited with code {proc.returncode}: {' | '.join(tail)}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(
+                    f"mlflow server did not answer {url}/health within {UI_START_TIMEOUT_S:.0f}s "
+                    f"(see {log_path})"
+                )
+            time.sleep(0.3)
+        page = url
+        if experiment:
+            try:
+                exp = tracking.client(uri).get_experiment_by_name(experiment)
+                if exp is not None:
+                    page = f"{url}/#/experiments/{exp.experiment_id}/runs"  # the runs table
+            except Exception:  # noqa: BLE001 - the plain URL still works
+                pass
+        print(page, flush=True)
+        print("MLflow UI running on 127.0.0.1 only; Ctrl-C stops it", file=sys.stderr, flush=True)
+        proc.wait()
+        return 0 if proc.returncode in (0, -signal.SIGTERM) else 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        _stop(proc)
+        signal.signal(signal.SIGTERM, old)

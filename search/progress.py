@@ -1,0 +1,302 @@
+"""Driver-side Ray Tune callbacks: ``study.json`` (:class:`StudyState`) and the progress lines
+and table (:class:`Progress`). They are the only writers of the experiment's driver-side state.
+
+Both are pickled by Ray (inside ``tuner.pkl``) when the Tuner is created; runtime references
+(the searcher, the clock) are dropped from the pickle and set again by the launcher.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from ray.tune import Callback
+
+from search import study as S
+
+# Result keys Ray adds to every report: not part of a trial's history.
+_RAY_KEYS = {
+    "training_iteration", "time_total_s", "episodes_total", "timesteps_total", "node_ip", "hostname", "pid",
+    "time_this_iter_s", "timestamp", "date", "time_since_restore", "timesteps_since_restore",
+    "iterations_since_restore", "config", "checkpoint_dir_name", "done", "trial_id", "experiment_tag",
+    "should_checkpoint", "experiment_id", "node_id",
+}
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _plain_params(config: dict[str, Any]) -> dict[str, Any]:
+    return {str(k): v for k, v in sorted(config.items())
+            if isinstance(v, (str, int, float, bool)) or v is None}
+
+
+def _error_line(trial: Any) -> str | None:
+    """The exception line of a trial's error file (``Type: message``)."""
+    path = getattr(trial, "error_file", None)
+    text = ""
+    try:
+        if path and Path(path).is_file():
+            text = Path(path).read_text(errors="replace")
+        else:
+            text = trial.get_error() or ""
+    except Exception:  # noqa: BLE001 - an unreadable error file must not break the callback
+        return None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        head = ln.split(":", 1)[0]
+        if head and head.replace(".", "").replace("_", "").isalnum() and (
+                head.endswith(("Error", "Exception", "Interrupt", "Diverged")) or head == "AssertionError"):
+            return ln[:500]
+    return lines[-1][:500] if lines else None
+
+
+class StudyState(Callback):
+    """Keeps ``<exp>/study.json`` (DESIGN.md shape) up to date on every trial event.
+
+    ``epochs`` is a full trial's epoch count; ``deadline`` (``time.time()``) tells a trial stopped
+    by the time budget from one stopped by the scheduler. On resume the launcher passes the
+    previous state (``previous``) so history and elapsed time carry over.
+    """
+
+    def __init__(self, exp_dir: Path, name: str, metric: str, mode: str, epochs: int,
+                 previous: dict[str, Any] | None = None):
+        self.exp_dir = Path(exp_dir)
+        self.metric, self.mode, self.epochs = metric, mode, int(epochs)
+        self.state = previous or S.new_study(name, metric, mode)
+        self.state.setdefault("trials", {})
+        self.searcher: Any = None
+        self.deadline: float | None = None
+        self._t0 = time.time()
+        self._elapsed0 = float(self.state.get("elapsed_s") or 0.0)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["searcher"] = None
+        return state
+
+    # -- helpers
+    def elapsed(self) -> float:
+        return self._elapsed0 + (time.time() - self._t0)
+
+    def save(self) -> None:
+        self.state["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.state["elapsed_s"] = round(self.elapsed(), 1)
+        S.write_study(self.exp_dir, self.state)
+
+    def entry(self, trial: Any) -> dict[str, Any]:
+        trials = self.state["trials"]
+        t = trials.get(trial.trial_id)
+        if t is None:
+            t = trials[trial.trial_id] = {
+                "id": trial.trial_id, "index": len(trials), "state": S.PENDING, "epochs": 0,
+                "best_metric": None, "best_epoch": None, "params": _plain_params(trial.config or {}),
+                "checkpoint": None, "latest_checkpoint": None, "history": [], "error": None,
+                "optuna_number": None, "node_id": None, "retries": 0, "disk_bytes": 0,
+                "trial_dir": getattr(trial, "path", None),
+            }
+        if t.get("optuna_number") is None and self.searcher is not None:
+            t["optuna_number"] = self.searcher.optuna_number(trial.trial_id)
+        return t
+
+    def _checkpoints(self, trial: Any, t: dict[str, Any]) -> None:
+        try:
+            manager = trial.run_metadata.checkpoint_manager
+            best, latest = manager.best_checkpoint_result, manager.latest_checkpoint_result
+        except AttributeError:  # pragma: no cover - Ray internals moved
+            return
+        if best is not None and best.checkpoint is not None and t.get("best_metric") is not None:
+            t["checkpoint"] = str(Path(best.checkpoint.path) / S.MODEL_FILE)
+        if latest is not None and latest.checkpoint is not None:
+            t["latest_checkpoint"] = str(Path(latest.checkpoint.path) / S.MODEL_FILE)
+        if t.get("trial_dir"):
+            t["disk_bytes"] = S.dir_size(Path(t["trial_dir"]))
+
+    # -- Ray hooks
+    def setup(self, **info: Any) -> None:
+        self.state["status"] = "running"
+        self._t0 = time.time()
+        self.save()
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        t = self.entry(trial)
+        t["state"] = S.RUNNING
+        self.save()
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        t = self.entry(trial)
+        t["state"] = S.RUNNING
+        epoch = result.get("epoch")
+        if result.get("node_id"):
+            t["node_id"] = result["node_id"]
+        row = {k: v for k, v in result.items() if k not in _RAY_KEYS and not isinstance(v, (dict, list))}
+        if isinstance(epoch, (int, float)):
+            t["history"] = [r for r in t["history"] if r.get("epoch") != epoch] + [row]
+            t["epochs"] = max(int(epoch), int(t.get("epochs") or 0))
+        value = _number(result.get(self.metric))
+        if result.get("diverged"):
+            t["diverged"] = True
+        elif epoch == 0:
+            base = _number(result.get("base_metric", value))
+            t["base_metric"] = base
+            if self.state.get("base_metric") is None:
+                self.state["base_metric"] = base
+        elif value is not None and S.better(value, t.get("best_metric"), self.mode):
+            t["best_metric"], t["best_epoch"] = value, int(epoch)
+        self.save()
+
+    def on_trial_save(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        t = self.entry(trial)
+        self._checkpoints(trial, t)
+        self.save()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        t = self.entry(trial)
+        self._checkpoints(trial, t)
+        if t.get("diverged"):
+            t["state"] = S.DIVERGED
+        elif t["epochs"] >= self.epochs:
+            t["state"] = S.TERMINATED
+        else:
+            t["state"] = S.STOPPED
+            t["stopped_by"] = ("time_budget" if self.deadline is not None and time.time() >= self.deadline
+                               else "scheduler")
+        if self.searcher is not None:
+            t["optuna_state"] = self.searcher.outcome(trial.trial_id)
+        self.save()
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        t = self.entry(trial)
+        self._checkpoints(trial, t)
+        t["state"] = S.ERROR
+        t["error"] = _error_line(trial)
+        t["retries"] = max(0, int(getattr(trial, "num_failures", 1)) - 1)
+        if self.searcher is not None:
+            t["optuna_state"] = self.searcher.outcome(trial.trial_id)
+        self.save()
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        t = self.entry(trial)
+        t["retries"] = int(t.get("retries") or 0) + 1
+        t["error"] = _error_line(trial)
+        t["state"] = S.PENDING
+        self.save()
+
+    def finish(self, status: str) -> None:
+        """Mark the study finished/interrupted; unfinished trials become PAUSED when interrupted."""
+        self.state["status"] = status
+        for t in self.state["trials"].values():
+            if t["state"] in (S.RUNNING, S.PENDING) and status == "interrupted":
+                t["state"] = S.PAUSED
+        self.save()
+
+
+class Progress(Callback):
+    """One line per trial event, and the table (trial, state, epoch, metric, best so far, key
+    params) when a trial ends and at most every ``table_every`` seconds."""
+
+    def __init__(self, study: StudyState, num_trials: int, key_params: list[str], table_every: float = 60.0,
+                 stream: TextIO | None = None):
+        self.study, self.num_trials, self.key_params = study, num_trials, key_params[:6]
+        self.table_every = table_every
+        self._last_table = time.time()
+        self._stream = stream
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_stream"] = None
+        return state
+
+    @property
+    def out(self) -> TextIO:
+        return self._stream or sys.stdout
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def _best(self) -> dict[str, Any] | None:
+        return S.best_trial(list(self.study.state["trials"].values()), self.study.mode)
+
+    def _params(self, t: dict[str, Any]) -> str:
+        out = []
+        for name in self.key_params:
+            if name in t.get("params", {}):
+                v = t["params"][name]
+                out.append(f"{name}={v:.3g}" if isinstance(v, float) else f"{name}={v}")
+        return " ".join(out)
+
+    def _line(self, t: dict[str, Any], what: str) -> None:
+        metric = self.study.metric
+        last = t["history"][-1] if t.get("history") else {}
+        value = _number(last.get(metric))
+        best = self._best()
+        best_txt = f"{best['best_metric']:.4f} ({best['id']})" if best else "-"
+        val_txt = f"{value:.4f}" if value is not None else ("diverged" if last.get("diverged") else "-")
+        self._print(f"[{_clock(self.study.elapsed())}] trial {t['index'] + 1}/{self.num_trials} {t['id']} "
+                    f"{what:<10} epoch {t.get('epochs', 0)}/{self.study.epochs} {metric}={val_txt} "
+                    f"best={best_txt} | {self._params(t)}")
+
+    def table(self) -> None:
+        """Print the progress table now."""
+        trials = sorted(self.study.state["trials"].values(), key=lambda t: t["index"])
+        metric, width = self.study.metric, 12
+        best = self._best()
+        self._print(f"{'trial':<13} {'state':<10} {'epoch':>5} {metric:>{width}} {'best':>{width}}  params")
+        for t in trials:
+            last = t["history"][-1] if t.get("history") else {}
+            value = _number(last.get(metric))
+            mark = " *" if best is not None and t["id"] == best["id"] else ""
+            self._print(f"{t['id']:<13} {t['state']:<10} {t.get('epochs', 0):>5} "
+                        f"{(f'{value:.4f}' if value is not None else '-'):>{width}} "
+                        f"{(_fmt(t.get('best_metric'))):>{width}}  {self._params(t)}{mark}")
+        self._last_table = time.time()
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        t = self.study.state["trials"].get(trial.trial_id)
+        if t:
+            self._line(t, "started")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        t = self.study.state["trials"].get(trial.trial_id)
+        if t:
+            self._line(t, "diverged" if result.get("diverged") else "result")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        t = self.study.state["trials"].get(trial.trial_id)
+        if t:
+            self._line(t, t["state"].lower())
+            self.table()
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        t = self.study.state["trials"].get(trial.trial_id)
+        if t:
+            self._line(t, "error")
+            self._print(f"    error: {t.get('error')}")
+            self.table()
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        t = self.study.state["trials"].get(trial.trial_id)
+        if t:
+            self._print(f"[{_clock(self.study.elapsed())}] trial {t['id']} failed ({t.get('error')}); "
+                        "retrying from its last checkpoint")
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        due = self.table_every and time.time() - self._last_table >= self.table_every
+        if due and self.study.state["trials"]:
+            self.table()
+
+
+def _fmt(value: Any) -> str:
+    v = _number(value)
+    return f"{v:.4f}" if v is not None else "-"
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"

@@ -1,0 +1,293 @@
+"""Selecting and shipping a study's trials: ``best``, ``promote`` and ``export``.
+
+Reads the experiment folder (``study.json``, ``spec.yaml``, ``mlflow_runs.json``; DESIGN.md) and,
+for ``promote``, the study's MLflow store. The base model's epoch-0 metric that a trial must beat
+is the best epoch-0 metric over the study's trials (every trial evaluates the base before
+training; a trial that swaps activations evaluates a modified base, which only scores lower).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from search import study as S
+from search import tracking
+
+DEFAULT_ALIAS = "champion"
+
+
+class SelectError(ValueError):
+    """A request the user must fix (unknown trial, no checkpoint, no tracked run): exit 2."""
+
+
+class Refused(Exception):
+    """Promotion refused: the trial does not beat the base model (exit 1 unless --force)."""
+
+
+# ---------------------------------------------------------------- reading a study
+
+
+def find_experiment(name: str | Path, output_dir: Path | None = None) -> Path:
+    """The experiment folder of NAME (a folder path, ``<output_dir>/<name>`` or ``runs/<name>``)."""
+    try:
+        return S.resolve_experiment(name, output_dir)
+    except S.ExperimentNotFound as exc:
+        raise SelectError(str(exc)) from None
+
+
+def load_study_spec(exp_dir: Path) -> Any:
+    """The validated spec saved in the experiment folder (its paths are absolute)."""
+    from search.spec import build_spec, read_yaml
+
+    path = Path(exp_dir) / S.SPEC_FILE
+    if not path.is_file():
+        raise SelectError(f"{exp_dir} has no {S.SPEC_FILE}: not an experiment folder made by 'search launch'")
+    return build_spec(read_yaml(path), Path(exp_dir), source=path)
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def base_metric(status: dict[str, Any]) -> float | None:
+    """The base model's epoch-0 metric: the best epoch-0 value over the trials (study.json's
+    ``base_metric`` when no trial kept its epoch-0 row)."""
+    mode, metric = status.get("mode", "max"), status.get("metric")
+    values = []
+    for t in status.get("trials", []):
+        v = _num(t.get("base_metric"))
+        if v is None:
+            row = next((r for r in t.get("history") or [] if r.get("epoch") == 0), None)
+            v = _num((row or {}).get(metric))
+        if v is not None:
+            values.append(v)
+    if not values:
+        return _num(status.get("base_metric"))
+    return max(values) if mode == "max" else min(values)
+
+
+def improvement(value: float | None, base: float | None, mode: str) -> float | None:
+    """How much ``value`` beats ``base`` (positive = better, whatever the mode)."""
+    if value is None or base is None:
+        return None
+    return value - base if mode == "max" else base - value
+
+
+def ranked_trials(exp_dir: Path) -> list[dict[str, Any]]:
+    """Trials ranked by best-epoch objective (best first; diverged/errored and unscored left out),
+    each a ``status --json`` trial object plus ``epoch`` (= best_epoch), ``run_id`` (None when
+    untracked), ``base_metric`` (the study's, see module docstring) and ``improvement``."""
+    status = S.status_object(exp_dir)
+    mode = status.get("mode", "max")
+    base = base_metric(status)
+    runs = tracking.read_runs(exp_dir).get("runs", {})
+    out = []
+    for t in S.ranked(status["trials"], mode):
+        row = dict(t)
+        row["epoch"] = t.get("best_epoch")
+        row["run_id"] = runs.get(t["id"])
+        row["study_base_metric"] = base
+        row["improvement"] = improvement(_num(t.get("best_metric")), base, mode)
+        out.append(row)
+    return out
+
+
+def best(exp_dir: Path, top: int | None = None) -> list[dict[str, Any]]:
+    trials = ranked_trials(exp_dir)
+    return trials if top is None else trials[: max(0, top)]
+
+
+def choose_trial(exp_dir: Path, trial_id: str | None = None) -> dict[str, Any]:
+    """The best trial, or trial ``trial_id`` (a full id or a unique suffix such as ``00003``)."""
+    trials = ranked_trials(exp_dir)
+    if trial_id is None:
+        if not trials:
+            raise SelectError(f"{exp_dir}: no trial has a best metric yet (nothing finished an epoch)")
+        return trials[0]
+    matches = [t for t in trials if t["id"] == trial_id] or [t for t in trials if t["id"].endswith(trial_id)]
+    if len(matches) == 1:
+        return matches[0]
+    known = [t["id"] for t in trials]
+    every = [t.get("id") for t in S.status_object(exp_dir)["trials"]]
+    if trial_id in every or [i for i in every if i.endswith(trial_id)]:
+        raise SelectError(
+            f"trial {trial_id!r} has no best metric (it diverged, errored or never finished an "
+            f"epoch); trials with one: {', '.join(known) or 'none'}"
+        )
+    if len(matches) > 1:
+        raise SelectError(f"trial {trial_id!r} is ambiguous: {', '.join(t['id'] for t in matches)}")
+    raise SelectError(f"no trial {trial_id!r} in {exp_dir}; trials: {', '.join(every) or 'none'}")
+
+
+def _checkpoint(trial: dict[str, Any]) -> Path:
+    ckpt = trial.get("checkpoint")
+    if not ckpt or not Path(ckpt).exists():
+        why = " (removed by --keep-top)" if trial.get("checkpoints_removed") else ""
+        raise SelectError(f"trial {trial['id']} has no checkpoint on disk{why}: {ckpt or 'none recorded'}")
+    path = Path(ckpt)
+    if path.is_dir():
+        for name in (S.MODEL_FILE, "best.pt", "checkpoints/best.pt", "latest.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise SelectError(f"trial {trial['id']}: no checkpoint file in {path}")
+    return path
+
+
+def lineage(exp_dir: Path, trial: dict[str, Any], spec: Any = None) -> dict[str, str]:
+    """Tags that tie a registered model to its study: study, trial, run, base weights sha256,
+    dataset fingerprint, metric. The sha and fingerprint come from the study's parent run (as
+    recorded at launch) or, without one, from the spec."""
+    status = S.read_study(exp_dir)
+    runs = tracking.read_runs(exp_dir)
+    facts: dict[str, str] = {}
+    parent = runs.get("runs", {}).get("parent")
+    if parent:
+        try:
+            uri, _ = _store(exp_dir)
+            tags = tracking.client(uri).get_run(parent).data.tags
+            facts = {
+                k: tags[k] for k in ("base_weights_sha256", "dataset_fingerprint", "git_commit") if k in tags
+            }
+        except Exception:  # noqa: BLE001 - fall back to the spec below
+            facts = {}
+    if "base_weights_sha256" not in facts or "dataset_fingerprint" not in facts:
+        spec = spec or load_study_spec(exp_dir)
+        facts.setdefault("base_weights_sha256", tracking.base_weights_sha256(spec))
+        facts.setdefault("dataset_fingerprint", tracking.dataset_fingerprint(spec))
+    metric = status.get("metric", "")
+    return {
+        "study": str(status.get("name") or Path(exp_dir).name),
+        "experiment_dir": str(Path(exp_dir).resolve()),
+        "trial": trial["id"],
+        "run_id": str(trial.get("run_id") or ""),
+        "metric": metric,
+        "mode": str(status.get("mode", "max")),
+        f"{metric}": repr(trial.get("best_metric")),
+        "best_epoch": str(trial.get("best_epoch")),
+        f"base_{metric}": repr(trial.get("study_base_metric")),
+        "improvement": repr(trial.get("improvement")),
+        **facts,
+    }
+
+
+def _store(exp_dir: Path) -> tuple[str, str]:
+    uri, experiment = tracking.study_tracking(exp_dir)
+    recorded = tracking.read_runs(exp_dir)
+    if recorded.get("tracking_uri") and "***@" not in recorded["tracking_uri"]:
+        uri = recorded["tracking_uri"]
+    return uri, recorded.get("experiment") or experiment
+
+
+# ---------------------------------------------------------------- export
+
+
+def export(
+    exp_dir: Path, out_dir: Path, trial_id: str | None = None, torchscript: bool = True
+) -> dict[str, Any]:
+    """A deployment bundle of a trial's best-epoch checkpoint in ``out_dir`` (see
+    :mod:`search.bundle`); returns model.yaml's content."""
+    from search.bundle import build_bundle
+
+    exp_dir = Path(exp_dir)
+    trial = choose_trial(exp_dir, trial_id)
+    ckpt = _checkpoint(trial)
+    spec = load_study_spec(exp_dir)
+    cfg = spec.trial_config(out_dir=Path(tempfile.gettempdir()))
+    status = S.read_study(exp_dir)
+    info = {
+        **lineage(exp_dir, trial, spec),
+        "best_metric": trial.get("best_metric"),
+        "base_metric": trial.get("study_base_metric"),
+        "improvement": trial.get("improvement"),
+        "best_epoch": trial.get("best_epoch"),
+        "history": trial.get("history", []),
+        "mode": status.get("mode", "max"),
+    }
+    return build_bundle(cfg, ckpt, spec.class_names, Path(out_dir), study=info, torchscript=torchscript)
+
+
+# ---------------------------------------------------------------- promote
+
+
+def promote(
+    exp_dir: Path,
+    model: str,
+    alias: str = DEFAULT_ALIAS,
+    trial_id: str | None = None,
+    force: bool = False,
+    torchscript: bool = True,
+) -> dict[str, Any]:
+    """Register a trial's bundle (full weights, model.yaml, loader) as a new version of ``model``
+    in the study's MLflow Model Registry, point ``alias`` at it and tag it with its lineage.
+
+    Raises :class:`Refused` when the trial does not beat the base model's epoch-0 metric (unless
+    ``force``), :class:`SelectError` for an unknown trial or an untracked study.
+    """
+    exp_dir = Path(exp_dir)
+    trial = choose_trial(exp_dir, trial_id)
+    status = S.read_study(exp_dir)
+    metric, mode = status.get("metric", "?"), status.get("mode", "max")
+    value, base = _num(trial.get("best_metric")), trial.get("study_base_metric")
+    beats = value is not None and base is not None and S.better(value, base, mode)
+    if not beats and not force:
+        if base is None:
+            why = "the study has no epoch-0 base metric to compare with (train.eval_base was false)"
+        else:
+            why = (
+                f"its best {metric} {value:.4f} (epoch {trial.get('best_epoch')}) does not beat the base "
+                f"model's epoch-0 {metric} {base:.4f}"
+            )
+        raise Refused(
+            f"refusing to promote trial {trial['id']} as {model}@{alias}: {why}. Pass --force to "
+            "register it anyway."
+        )
+    run_id = trial.get("run_id")
+    if not run_id:
+        raise SelectError(
+            f"trial {trial['id']} has no MLflow run in {exp_dir / tracking.RUNS_FILE}: the study was "
+            "not recorded in MLflow, so there is no run to register from"
+        )
+    uri, _ = _store(exp_dir)
+    mlc = tracking.client(uri)
+    tags = lineage(exp_dir, trial)
+    if force and not beats:
+        tags["forced"] = "true"
+    with tempfile.TemporaryDirectory(prefix="promote-") as tmp:
+        meta = export(exp_dir, Path(tmp) / "bundle", trial["id"], torchscript=torchscript)
+        mlc.log_artifacts(run_id, str(Path(tmp) / "bundle"), "bundle")
+    try:
+        mlc.get_registered_model(model)
+    except Exception as exc:  # noqa: BLE001 - RESOURCE_DOES_NOT_EXIST: create it
+        if getattr(exc, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        mlc.create_registered_model(model, description=f"fine-tuned {meta['arch']} from search studies")
+    description = (
+        f"study {tags['study']} trial {trial['id']}: {metric}={value} at epoch {trial.get('best_epoch')} "
+        f"(base {base}, improvement {trial.get('improvement')})"
+    )
+    version = mlc.create_model_version(
+        model, source=f"runs:/{run_id}/bundle", run_id=run_id, tags=tags, description=description
+    )
+    mlc.set_registered_model_alias(model, alias, version.version)
+    mlc.set_tag(run_id, "registered_model", f"{model}/{version.version}")
+    return {
+        "model": model,
+        "version": int(version.version),
+        "alias": alias,
+        "uri": f"models:/{model}@{alias}",
+        "source": version.source,
+        "trial": trial["id"],
+        "run_id": run_id,
+        "metric": metric,
+        "value": value,
+        "base_metric": base,
+        "improvement": trial.get("improvement"),
+        "forced": bool(force and not beats),
+        "tags": tags,
+        "tracking_uri": tracking.redact(uri),
+    }

@@ -1,0 +1,400 @@
+"""The launcher with a real local Ray: states in study.json and in the Optuna journal, checkpoints,
+status, a raising and a diverged trial, the time budget, Ctrl-C + resume, cluster checks.
+
+Tiny on purpose: 6 images of 100 px at image_size 96, ssdlite320 with random weights, 2 epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from search import study as S
+from tests.tinydata import make_tiny_coco
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = "ssdlite320_mobilenet_v3_large"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("launcher")
+    make_tiny_coco(root / "data", n_images=6, size=100)
+    return root
+
+
+def write_spec(root: Path, name: str, space: dict, search: dict, epochs: int = 2, **extra) -> Path:
+    raw = {
+        "name": name, "task": "detection",
+        "model": {"arch": ARCH, "weights": "none"},
+        "data": {"train": {"images": "data/images", "annotations": "data/annotations.json"},
+                 "val": {"images": "data/images", "annotations": "data/annotations.json"}, "image_size": 96},
+        "train": {"epochs": epochs, "batch_size": 2, "seed": 0, "device": "cpu"},
+        "objective": {"metric": "map50", "mode": "max"},
+        "space": space,
+        "search": {"max_concurrent": 2, "grace_period": 1, "reduction_factor": 2, **search},
+        "resources": {"cpu": 1},
+        "output_dir": "runs",
+        **extra,
+    }
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def optuna_trials(exp_dir: Path, name: str):
+    from search.searcher import load_study
+
+    return load_study(exp_dir / S.JOURNAL_FILE, name).get_trials(deepcopy=False)
+
+
+def _env(**kw: str) -> dict[str, str]:
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(ROOT), **kw)
+    return env
+
+
+# ---------------------------------------------------------------- the searcher alone (no Ray trials)
+
+
+def test_study_search_states(tmp_path):
+    import optuna
+
+    from search.searcher import StudySearch, journal_storage, load_study
+    from search.space import parse_space
+
+    space = parse_space({"lr": {"low": 1e-3, "high": 1e-1, "log": True}, "optimizer": "sgd"})
+    journal = tmp_path / "optuna.journal"
+
+    def searcher():
+        return StudySearch(space=space.define_by_run, metric="map", mode="max",
+                           sampler=optuna.samplers.RandomSampler(seed=0), study_name="u",
+                           storage=journal_storage(journal), epochs=3)
+
+    s = searcher()
+    configs = {tid: s.suggest(tid) for tid in "abcde"}
+    for config in configs.values():
+        assert config["optimizer"] == "sgd" and 1e-3 <= config["lr"] <= 1e-1
+    values = [0.0, 0.3, 0.5, 0.4]
+    for epoch, v in enumerate(values[:3]):
+        s.on_trial_result("a", {"epoch": epoch, "map": v})
+    s.on_trial_complete("a", {"epoch": 3, "map": values[3]})  # finished: best epoch, not last
+    s.on_trial_result("b", {"epoch": 0, "map": 0.0})
+    s.on_trial_complete("b", {"epoch": 1, "map": 0.1})  # stopped by the scheduler at epoch 1
+    s.on_trial_result("c", {"epoch": 0, "map": 0.0})
+    s.on_trial_complete("c", {"epoch": 1, "map": float("-inf"), "diverged": 1})
+    s.on_trial_result("d", {"epoch": 0, "map": 0.0})
+    s.on_trial_complete("d", error=True)
+    s.on_trial_result("e", {"epoch": 0, "map": 0.0})
+    # a hard stop: the searcher's checkpoint misses an Optuna trial asked after it
+    ckpt = tmp_path / "searcher.pkl"
+    s.save(str(ckpt))
+    s.suggest("f")
+    restored = searcher()
+    restored.deadline = 123.0
+    restored.restore(str(ckpt))
+    assert restored.deadline == 123.0  # runtime state kept
+    assert restored.suggest("g") == "FINISHED"  # past the deadline: no new trial
+    restored.deadline = None
+    assert restored.set_max_concurrency(1) and restored.suggest("g") is None  # "e" still runs
+    # resume --restart-errored: Ray reruns the errored "d" as a new trial id with d's config; it gets
+    # a fresh Optuna trial with the same params
+    flat_config = {f"config/{k}": v for k, v in configs["d"].items()}
+    for epoch, v in enumerate([0.0, 0.2, 0.3]):
+        restored.on_trial_result("d2", {"epoch": epoch, "map": v, **flat_config})
+    restored.on_trial_complete("d2", {"epoch": 3, "map": 0.25, **flat_config})
+
+    study = load_study(journal, "u")
+    by_id = {t.user_attrs["ray_trial_id"]: t for t in study.trials if "restarted_from" not in t.user_attrs}
+    S_ = optuna.trial.TrialState
+    (again,) = [t for t in study.trials if "restarted_from" in t.user_attrs]
+    assert again.user_attrs["restarted_from"] == by_id["d"].number and again.params == by_id["d"].params
+    assert again.state == S_.COMPLETE and again.value == 0.3 and again.user_attrs["ray_trial_id"] == "d2"
+    assert by_id["a"].state == S_.COMPLETE and by_id["a"].value == 0.5
+    assert by_id["a"].user_attrs["best_epoch"] == 2
+    assert by_id["a"].intermediate_values == {0: 0.0, 1: 0.3, 2: 0.5, 3: 0.4}
+    assert by_id["b"].state == S_.PRUNED and by_id["b"].intermediate_values == {0: 0.0, 1: 0.1}
+    assert by_id["c"].state == S_.FAIL and by_id["c"].intermediate_values == {0: 0.0}
+    assert by_id["d"].state == S_.FAIL
+    assert by_id["e"].state == S_.RUNNING  # unfinished: resume continues it
+    assert by_id["f"].state == S_.FAIL  # the orphan was closed on restore
+
+
+def test_shared_storage_rules(monkeypatch, tmp_path):
+    import ray
+
+    from search import launcher
+
+    assert launcher.mount_fstype(Path("/proc/self")) == "proc"
+    assert launcher.is_shared_storage("s3://bucket/runs") and launcher.is_shared_storage("gs://b/x")
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.0.0.1")
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "NodeManagerAddress": "10.0.0.1"},
+                                                {"Alive": True, "NodeManagerAddress": "10.0.0.1"}])
+    assert launcher.check_cluster_storage(tmp_path)["hosts"] == ["10.0.0.1"]  # same host: fine
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "NodeManagerAddress": "10.0.0.1"},
+                                                {"Alive": True, "NodeManagerAddress": "10.0.0.2"}])
+    if not launcher.is_shared_storage(tmp_path):
+        with pytest.raises(launcher.ClusterError, match="other hosts"):
+            launcher.check_cluster_storage(tmp_path)
+    monkeypatch.setenv("SEARCH_SHARED_STORAGE", "1")
+    assert launcher.check_cluster_storage(tmp_path)["nodes"] == 2
+
+
+def test_unreachable_address_is_a_clear_error(data_dir, capsys, monkeypatch):
+    from search.cli import main
+
+    monkeypatch.setenv("SEARCH_NO_MLFLOW", "1")
+    spec = write_spec(data_dir, "unreach", {"lr": 0.01}, {"algorithm": "random", "num_trials": 1})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    t0 = time.time()
+    assert main(["launch", str(spec), "--address", f"127.0.0.1:{port}"]) == 2
+    assert "cannot reach the Ray cluster" in capsys.readouterr().err
+    assert time.time() - t0 < 30
+    assert not (data_dir / "runs" / "unreach" / S.STUDY_FILE).exists()
+
+
+def test_dry_run(data_dir, capsys):
+    from search.cli import main
+
+    spec = write_spec(data_dir, "dry", {"optimizer": {"choices": ["sgd", "adamw"]}, "lr": 0.01},
+                      {"algorithm": "tpe", "num_trials": 4})
+    assert main(["launch", str(spec), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "2 branch configuration(s)" in out and "plan: 4 trials x 2 epochs, 2 at a time" in out
+    assert "estimate:" in out and '"optimizer": "adamw"' in out
+    assert not (data_dir / "runs" / "dry").exists()  # no Ray, nothing written
+
+
+# ---------------------------------------------------------------- one real study: grid over lr
+
+
+LRS = [0.005, 0.01, 0.02, 0.03, 1e20]  # 0.03 raises (test hook), 1e20 diverges
+
+
+@pytest.fixture(scope="module")
+def grid_study(ray_local, data_dir):
+    from search.launcher import launch
+    from search.spec import load_spec
+
+    path = write_spec(data_dir, "grid", {"optimizer": "sgd", "lr": {"choices": LRS}},
+                      {"algorithm": "grid", "scheduler": "asha", "num_trials": 10, "max_failures": 0})
+    old = {k: os.environ.get(k) for k in ("SEARCH_TEST_FAIL_WHEN", "SEARCH_NO_MLFLOW")}
+    os.environ.update(SEARCH_TEST_FAIL_WHEN="lr=0.03", SEARCH_NO_MLFLOW="1")
+    try:
+        t0 = time.time()
+        summary = launch(load_spec(path))
+        took = time.time() - t0
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return summary, data_dir / "runs" / "grid", took
+
+
+def test_grid_study_states(grid_study):
+    import optuna
+
+    summary, exp_dir, took = grid_study
+    assert not summary["interrupted"] and summary["status"] == "finished"
+    trials = {t["params"]["lr"]: t for t in summary["trials"]}
+    assert sorted(trials) == LRS  # the grid was capped at its 5 points, every one ran
+    assert trials[1e20]["state"] == S.DIVERGED and trials[1e20]["best_metric"] is None
+    assert trials[0.03]["state"] == S.ERROR and "test hook" in trials[0.03]["error"]
+    optuna_by_id = {t.user_attrs["ray_trial_id"]: t for t in optuna_trials(exp_dir, "grid")}
+    assert len(optuna_by_id) == len(optuna_trials(exp_dir, "grid")) == 5
+    TS = optuna.trial.TrialState
+    for t in summary["trials"]:
+        ot = optuna_by_id[t["id"]]
+        assert t["optuna_number"] == ot.number
+        curve = {row["epoch"]: row["map50"] for row in t["history"] if not row.get("diverged")}
+        if t["state"] == S.TERMINATED:
+            assert t["epochs"] == 2 and ot.state == TS.COMPLETE
+            assert ot.value == pytest.approx(max(v for e, v in curve.items() if e >= 1))
+            assert ot.intermediate_values == pytest.approx(curve)
+        elif t["state"] == S.STOPPED:
+            assert t["epochs"] < 2 and t["stopped_by"] == "scheduler" and ot.state == TS.PRUNED
+            assert ot.intermediate_values == pytest.approx(curve)
+        else:
+            assert t["state"] in (S.DIVERGED, S.ERROR) and ot.state == TS.FAIL
+    assert summary["base_metric"] is not None and summary["best"]["state"] in (S.TERMINATED, S.STOPPED)
+    assert summary["best"]["params"]["lr"] in (0.005, 0.01, 0.02)
+    print(f"grid study of 5 trials took {took:.0f}s")
+
+
+def test_grid_study_checkpoints_best_by_metric(grid_study):
+    import torch
+
+    summary, exp_dir, _ = grid_study
+    for t in summary["trials"]:
+        kept = sorted(Path(t["trial_dir"]).glob("checkpoint_*"))
+        if t["state"] in (S.DIVERGED, S.ERROR):
+            assert t["checkpoint"] is None
+            continue
+        assert 1 <= len(kept) <= 2  # the best and the latest only
+        best = torch.load(t["checkpoint"], map_location="cpu", weights_only=True)
+        assert best["epoch"] == t["best_epoch"]
+        assert best["metrics"]["map50"] == pytest.approx(t["best_metric"])
+        latest = torch.load(t["latest_checkpoint"], map_location="cpu", weights_only=True)
+        assert latest["epoch"] == t["epochs"]
+        assert t["disk_bytes"] >= sum(f.stat().st_size for f in Path(t["trial_dir"]).rglob("model.pt"))
+
+
+def test_status_json(grid_study, data_dir, capsys):
+    from search.cli import main
+
+    summary, exp_dir, _ = grid_study
+    assert main(["status", str(exp_dir), "--json"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert {"name", "metric", "mode", "base_metric", "trials", "best"} <= set(obj)
+    assert obj["name"] == "grid" and obj["metric"] == "map50" and obj["mode"] == "max"
+    for t in obj["trials"]:
+        assert {"id", "state", "epochs", "best_metric", "params", "checkpoint"} <= set(t)
+    assert obj["best"] in obj["trials"] and obj["best"]["id"] == summary["best"]["id"]
+    assert main(["status", "grid", "--output-dir", str(data_dir / "runs")]) == 0
+    text = capsys.readouterr().out
+    assert "best: " + summary["best"]["id"] in text and "ERROR" in text and "DIVERGED" in text
+    assert main(["status", "no-such-study", "--output-dir", str(data_dir / "runs")]) == 2
+
+
+def test_keep_top(grid_study):
+    from search.launcher import remove_outside_top
+
+    summary, exp_dir, _ = grid_study
+    removed = remove_outside_top(exp_dir, 1)
+    state = S.read_study(exp_dir)
+    best_id = summary["best"]["id"]
+    assert best_id not in removed and state["trials"][best_id]["checkpoint"]
+    for tid, t in state["trials"].items():
+        if tid != best_id:
+            assert t["checkpoint"] is None and not list(Path(t["trial_dir"]).glob("checkpoint_*"))
+
+
+def test_time_budget(ray_local, data_dir):
+    from search.launcher import launch
+    from search.spec import load_spec
+
+    budget = 20
+    path = write_spec(data_dir, "budget", {"lr": {"choices": [0.01]}},
+                      {"algorithm": "random", "scheduler": "none", "num_trials": 8, "time_budget": budget},
+                      epochs=3)
+    os.environ["SEARCH_NO_MLFLOW"] = "1"
+    try:
+        t0 = time.time()
+        summary = launch(load_spec(path))
+        took = time.time() - t0
+    finally:
+        os.environ.pop("SEARCH_NO_MLFLOW", None)
+    assert summary["budget_reached"] and not summary["interrupted"] and summary["status"] == "finished"
+    assert 1 <= len(summary["trials"]) < 8  # no new trial after the budget
+    assert took < budget + 45  # running trials stopped at their next epoch
+    stopped = [t for t in summary["trials"] if t["state"] == S.STOPPED]
+    assert stopped and all(t["stopped_by"] == "time_budget" for t in stopped)
+    ot = optuna_trials(data_dir / "runs" / "budget", "budget")
+    states = {t.user_attrs["ray_trial_id"]: t.state.name for t in ot}
+    assert all(states[t["id"]] == "PRUNED" for t in stopped)
+
+
+# ---------------------------------------------------------------- Ctrl-C, then resume (subprocesses)
+
+
+def test_sigint_then_resume(data_dir):
+    path = write_spec(data_dir, "sigint", {"optimizer": {"choices": ["sgd", "adamw"]},
+                                           "lr": {"low": 1e-3, "high": 3e-2, "log": True}},
+                      {"algorithm": "tpe", "scheduler": "asha", "num_trials": 2, "max_concurrent": 1})
+    exp_dir = data_dir / "runs" / "sigint"
+    proc = subprocess.Popen([sys.executable, "-m", "search", "launch", str(path)], cwd=data_dir, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            state = S.read_study(exp_dir) if (exp_dir / S.STUDY_FILE).exists() else {}
+            if any(t.get("epochs", 0) >= 1 for t in state.get("trials", {}).values()):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "the study ended before the first epoch was reported"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert f"python -m search resume {exp_dir}" in out
+    state = S.read_study(exp_dir)
+    assert state["status"] == "interrupted"
+    assert [t["state"] for t in state["trials"].values()] == [S.PAUSED]  # trial 2 not started yet
+
+    cmd = [sys.executable, "-m", "search", "resume", "sigint", "--output-dir", str(data_dir / "runs")]
+    done = subprocess.run(cmd,
+                          cwd=data_dir, env=_env(), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = S.read_study(exp_dir)
+    assert state["status"] == "finished" and len(state["trials"]) == 2
+    assert all(t["state"] in (S.TERMINATED, S.STOPPED) for t in state["trials"].values())
+    ot = optuna_trials(exp_dir, "sigint")
+    assert len(ot) == 2 and all(t.state.name in ("COMPLETE", "PRUNED") for t in ot)
+    assert sorted(t.user_attrs["ray_trial_id"] for t in ot) == sorted(state["trials"])
+
+
+# ---------------------------------------------------------------- a real 2-node cluster on this machine
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_node_cluster(data_dir, tmp_path):
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    port = _free_port()
+    temp = Path(f"/tmp/rt{os.getpid()}")  # short: Ray's unix socket paths must stay < 108 chars
+    env = _env(SEARCH_NO_MLFLOW="1")
+    common = ["--num-cpus", "1", "--block"]
+    procs = []
+    try:
+        head = [ray_bin, "start", "--head", "--port", str(port), "--include-dashboard=false", "--temp-dir",
+                str(temp), *common]
+        procs.append(subprocess.Popen(head, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))
+        for _ in range(60):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(1)
+        worker = [ray_bin, "start", "--address", f"127.0.0.1:{port}", *common]
+        procs.append(subprocess.Popen(worker, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))
+        time.sleep(10)
+        space = {"optimizer": "sgd", "lr": {"low": 1e-3, "high": 3e-2, "log": True}}
+        path = write_spec(data_dir, "cluster", space,
+                          {"algorithm": "random", "scheduler": "none", "num_trials": 4}, epochs=1)
+        proc = subprocess.run([sys.executable, "-m", "search", "launch", str(path), "--address",
+                               f"127.0.0.1:{port}"], cwd=data_dir, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        state = S.read_study(data_dir / "runs" / "cluster")
+        assert "2 node(s) on 1 host(s)" in proc.stdout
+        assert len(state["trials"]) == 4
+        assert len({t["node_id"] for t in state["trials"].values()}) == 2  # trials ran on both nodes
+    finally:
+        for p in reversed(procs):  # SIGTERM to `ray start --block` stops the processes it started
+            if p.poll() is None:
+                p.terminate()
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)

@@ -1,0 +1,278 @@
+"""A real 4-trial study through ``search.launcher`` on a tiny COCO set, recorded in SQLite MLflow:
+runs (1 parent + 4 nested children, per-epoch metrics), Ctrl-C + resume (same runs, none left
+RUNNING), ``best``, ``promote`` (registry version, alias, lineage; refusing a regression),
+``export`` and ``predict`` (same outputs as the trial's own evaluation), and registry URIs as
+the next study's base weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from ray.tune import Callback
+
+from search import select, tracking
+from search import study as S
+from search.cli import main
+from tests.tinydata import make_tiny_coco
+
+ARCH = "ssdlite320_mobilenet_v3_large"
+EPOCHS = 2
+
+
+class InterruptOnce(Callback):
+    """Ctrl-C (SIGINT to this process) once the first trial reported epoch 1."""
+
+    def __init__(self) -> None:
+        self.sent = False
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("epoch") == 1 and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def write_spec(root: Path, name: str = "tiny", **extra) -> Path:
+    raw = {
+        "name": name,
+        "task": "detection",
+        "model": {"arch": ARCH, "weights": "none"},
+        "data": {
+            "train": {"images": "data/images", "annotations": "data/annotations.json"},
+            "val": {"images": "data/images", "annotations": "data/annotations.json"},
+            "image_size": 96,
+        },
+        "train": {"epochs": EPOCHS, "batch_size": 2, "seed": 0, "device": "cpu"},
+        "objective": {"metric": "map50", "mode": "max"},
+        # a 2x2 grid: exactly 4 trials; lr 1e-7 barely moves the (random) base model
+        "space": {"optimizer": {"choices": ["sgd", "adamw"]}, "lr": {"choices": [1.0e-7, 0.01]}},
+        "search": {"algorithm": "grid", "scheduler": "asha", "num_trials": 4, "max_concurrent": 2},
+        "resources": {"cpu": 1},
+        "output_dir": "runs",
+        **extra,
+    }
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def study(ray_local, tmp_path_factory):
+    """The study, interrupted after the first epoch and resumed; MLflow run ids seen in between."""
+    from search.launcher import launch, resume
+    from search.spec import load_spec
+
+    root = tmp_path_factory.mktemp("select")
+    make_tiny_coco(root / "data", n_images=6, size=100)
+    spec = load_spec(write_spec(root))
+    t0 = time.time()
+    first = launch(spec, extra_callbacks=[InterruptOnce()])
+    exp_dir = root / "runs" / "tiny"
+    runs_before = json.loads((exp_dir / tracking.RUNS_FILE).read_text())["runs"]
+    mlc = tracking.client(tracking.default_uri(root / "runs"))
+    statuses_before = {k: mlc.get_run(v).info.status for k, v in runs_before.items()}
+    t1 = time.time()
+    second = resume(exp_dir)
+    t2 = time.time()
+    print(f"launch (interrupted) {t1 - t0:.0f}s, resume {t2 - t1:.0f}s")
+    return {"root": root, "exp_dir": exp_dir, "first": first, "second": second, "runs_before": runs_before,
+            "statuses_before": statuses_before, "mlc": mlc}
+
+
+def _children(mlc, exp_id: str, parent: str) -> list:
+    return mlc.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent}'", max_results=100)
+
+
+def test_runs_after_interrupt_and_resume(study):
+    mlc, exp_dir = study["mlc"], study["exp_dir"]
+    assert study["first"]["interrupted"] and not study["second"]["interrupted"]
+    assert "RUNNING" not in study["statuses_before"].values()  # the interruption closed every run
+    assert study["statuses_before"]["parent"] == "KILLED"
+    exp = mlc.get_experiment_by_name("tiny")
+    every = mlc.search_runs([exp.experiment_id], "", max_results=100)
+    runs = json.loads((exp_dir / tracking.RUNS_FILE).read_text())["runs"]
+    parent = mlc.get_run(runs["parent"])
+    kids = _children(mlc, exp.experiment_id, parent.info.run_id)
+    assert len(every) == 5 and len(kids) == 4  # 1 parent + 4 nested children, no duplicates
+    assert {k: runs[k] for k in study["runs_before"]} == study["runs_before"]  # the same runs continued
+    assert [r for r in every if r.info.status == "RUNNING"] == []
+    assert parent.info.status == "FINISHED" and parent.data.tags["summary.status"] == "finished"
+    state = S.read_study(exp_dir)
+    assert set(state["trials"]) == {r.data.tags["search.trial_id"] for r in kids}
+    for kid in kids:
+        t = state["trials"][kid.data.tags["search.trial_id"]]
+        assert kid.info.status == "FINISHED"
+        assert {"optimizer", "lr"} <= set(kid.data.params)
+        steps = [m.step for m in mlc.get_metric_history(kid.info.run_id, "map50")]
+        assert sorted(set(steps)) == list(range(t["epochs"] + 1))  # epoch 0 (base) .. last epoch
+        for key in ("loss", "lr", "epoch_seconds", "images_per_s", "map"):
+            assert key in kid.data.metrics, key
+        assert kid.data.metrics["best_map50"] == pytest.approx(t["best_metric"])
+        assert kid.data.metrics["best_epoch"] == t["best_epoch"]
+        if t["state"] == S.STOPPED:
+            assert kid.data.tags["stopped_early"] == "true" and kid.data.tags["stopped_at_epoch"] == str(t["epochs"])
+        else:
+            assert t["state"] == S.TERMINATED and "stopped_early" not in kid.data.tags
+    assert parent.data.metrics["base_map50"] == pytest.approx(state["base_metric"])
+    assert [m.step for m in mlc.get_metric_history(parent.info.run_id, "trials_finished")][-1] == 4
+
+
+def test_best_json(study, capsys):
+    exp_dir = study["exp_dir"]
+    assert main(["best", str(exp_dir), "--json", "--top", "3"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    status_ids = {t["id"] for t in S.status_object(exp_dir)["trials"]}
+    runs = json.loads((exp_dir / tracking.RUNS_FILE).read_text())["runs"]
+    assert 1 <= len(rows) <= 3 and {r["id"] for r in rows} <= status_ids
+    values = [r["best_metric"] for r in rows]
+    assert values == sorted(values, reverse=True)
+    for r in rows:
+        assert {"id", "state", "epochs", "best_metric", "params", "checkpoint", "run_id", "improvement"} <= set(r)
+        assert r["run_id"] == runs[r["id"]] and r["epoch"] == r["best_epoch"]
+        assert r["improvement"] == pytest.approx(r["best_metric"] - r["study_base_metric"])
+    assert main(["best", "tiny", "--output-dir", str(exp_dir.parent)]) == 0
+    assert rows[0]["id"] in capsys.readouterr().out
+    assert main(["best", "nope", "--output-dir", str(exp_dir.parent)]) == 2
+
+
+def test_promote_registers_alias_and_lineage(study, capsys):
+    exp_dir, mlc = study["exp_dir"], study["mlc"]
+    top = select.best(exp_dir, 1)[0]
+    beats = S.better(top["best_metric"], top["study_base_metric"], "max")
+    argv = ["promote", str(exp_dir), "--model", "tiny-det", "--json"] + ([] if beats else ["--force"])
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["forced"] is (not beats) and out["trial"] == top["id"] and out["alias"] == "champion"
+    mv = mlc.get_model_version_by_alias("tiny-det", "champion")
+    assert int(mv.version) == out["version"] == 1 and mv.run_id == top["run_id"]
+    for key in ("study", "trial", "run_id", "base_weights_sha256", "dataset_fingerprint", "metric", "map50"):
+        assert mv.tags.get(key), key
+    assert mv.tags["study"] == "tiny" and mv.tags["trial"] == top["id"] and mv.tags["metric"] == "map50"
+    parent_tags = mlc.get_run(json.loads((exp_dir / tracking.RUNS_FILE).read_text())["runs"]["parent"]).data.tags
+    assert mv.tags["dataset_fingerprint"] == parent_tags["dataset_fingerprint"]
+    assert mv.tags["base_weights_sha256"] == parent_tags["base_weights_sha256"] == "none"
+    arts = {a.path for a in mlc.list_artifacts(top["run_id"], "bundle")}
+    assert {"bundle/weights.pt", "bundle/model.yaml", "bundle/load.py", "bundle/SHA256SUMS"} <= arts
+
+    # the registered model is the next study's base: models:/NAME@ALIAS resolves to its weights
+    uri = tracking.default_uri(exp_dir.parent)
+    weights = tracking.resolve_model_uri("models:/tiny-det@champion", uri, cache_dir=study["root"] / "cache")
+    assert weights.name == "weights.pt"
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    assert all(torch.is_tensor(v) for v in state.values())
+    same = tracking.resolve_model_uri(f"runs:/{top['run_id']}/bundle", uri, cache_dir=study["root"] / "cache")
+    assert tracking.sha256_file(same) == tracking.sha256_file(weights)
+    with pytest.raises(tracking.RegistryError, match="cannot resolve models:/tiny-det@nope"):
+        tracking.resolve_model_uri("models:/tiny-det@nope", uri, cache_dir=study["root"] / "cache")
+    from trainables.config import DataSplit, TrialConfig
+    from trainables.models import build_model
+
+    images = study["root"] / "data" / "images"
+    ann = study["root"] / "data" / "annotations.json"
+    cfg = TrialConfig(task="detection", arch=ARCH, train=DataSplit(images, ann), val=DataSplit(images, ann),
+                      out_dir=study["root"] / "next", weights=str(weights), image_size=96)
+    from trainables import params as P
+
+    model, info = build_model(cfg, P.resolve({}), num_classes=3)
+    assert info["missing"] == [] and info["sha256"] == tracking.sha256_file(weights)
+
+
+def test_promote_refuses_a_regression(study, tmp_path, capsys):
+    exp_dir, mlc = study["exp_dir"], study["mlc"]
+    # the real study: a trial is refused exactly when it does not beat the base model
+    for t in select.best(exp_dir):
+        if not S.better(t["best_metric"], t["study_base_metric"], "max"):
+            assert main(["promote", str(exp_dir), "--model", "tiny-weak", "--trial", t["id"]]) == 1
+            assert "does not beat the base model" in capsys.readouterr().err
+            break
+    # a study whose every trial got worse than its base model (study.json as the launcher writes it)
+    fake = tmp_path / "runs" / "worse"
+    fake.mkdir(parents=True)
+    for name in (S.SPEC_FILE, tracking.RUNS_FILE):
+        shutil.copy(exp_dir / name, fake / name)
+    state = S.read_study(exp_dir)
+    for t in state["trials"].values():
+        t["base_metric"] = 0.9
+        t["history"] = [{"epoch": 0, "map50": 0.9}] + [r for r in t["history"] if r.get("epoch")]
+    S.write_study(fake, state)
+    versions = len(mlc.search_model_versions("name='tiny-det'"))
+    assert main(["promote", str(fake), "--model", "tiny-det"]) == 1
+    err = capsys.readouterr().err
+    assert "refusing to promote trial" in err and "epoch-0 map50 0.9000" in err and "--force" in err
+    assert len(mlc.search_model_versions("name='tiny-det'")) == versions  # nothing registered
+    assert main(["promote", str(exp_dir), "--model", "tiny-det", "--trial", "no-such-trial"]) == 2
+
+
+def test_export_predict_matches_the_trials_evaluation(study, tmp_path, capsys):
+    from search import bundle
+    from trainables import coco, coco_eval, data
+
+    exp_dir = study["exp_dir"]
+    top = select.best(exp_dir, 1)[0]
+    out = tmp_path / "bundle"
+    assert main(["export", str(exp_dir), "--out", str(out), "--json"]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["study"]["trial"] == top["id"] and meta["checkpoint"]["epoch"] == top["best_epoch"]
+    assert {"weights.pt", "model.yaml", "metrics.json", "load.py", "SHA256SUMS"} <= {p.name for p in out.iterdir()}
+    assert meta["torchscript"]["ok"], meta["torchscript"]
+    assert meta["rebuild_check"]["max_abs_diff"] <= 1e-5
+    on_disk = yaml.safe_load((out / "model.yaml").read_text())
+    assert on_disk["class_names"] == ["red", "blue"] and on_disk["num_classes"] == 3
+    assert on_disk["preprocessing"]["image_size"] == 96 and on_disk["params"]["lr"] == top["params"]["lr"]
+    bundle.verify(out)
+    assert main(["export", str(exp_dir), "--out", str(out)]) == 2  # not empty: refused
+
+    # the trial's own evaluation: its model at the checkpoint through the trial's val pipeline
+    spec = select.load_study_spec(exp_dir)
+    cfg = spec.trial_config(out_dir=tmp_path / "x")
+    model, _, _ = bundle.trial_model(cfg, Path(top["checkpoint"]), 3)
+    index = coco.load_coco(cfg.val.annotations, cfg.val.images, task="detection")
+    ds = data.CocoDetection(index, data.build_transforms("detection", False, 96, {}))
+    loader = data.make_loader(ds, 1, shuffle=False, workers=0, seed=0)  # one image a batch, as predict
+    own = []
+    with torch.inference_mode():
+        for images, targets in loader:
+            for image, target, pred in zip(images, targets, model(list(images)), strict=True):
+                own.append({**pred, "image_id": target["image_id"], "input_size": tuple(image.shape[-2:])})
+    paths = [rec.path for rec in index.images]
+    assert main(["predict", str(out), *map(str, paths[:3]), "--out", str(tmp_path / "pred"), "--min-score", "0"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["images"]) == 3
+    for entry, pred, rec in zip(result["images"], own, index.images, strict=False):
+        sx, sy = rec.width / pred["input_size"][1], rec.height / pred["input_size"][0]
+        expect = pred["boxes"] * torch.tensor([sx, sy, sx, sy])
+        got = torch.tensor([d["box"] for d in entry["detections"]]).reshape(-1, 4)
+        assert got.shape == expect.shape
+        assert torch.allclose(got, expect, atol=1e-3)
+        assert [d["label"] for d in entry["detections"]] == pred["labels"].tolist()
+        assert torch.allclose(torch.tensor([d["score"] for d in entry["detections"]]), pred["scores"], atol=1e-5)
+        assert Path(entry["annotated"]).is_file()
+    # the bundle on every val image reproduces the trial's recorded best metric
+    full = bundle.predict_files(out, paths, min_score=0.0)
+    preds = [{"image_id": rec.id, "boxes": torch.tensor([d["box"] for d in e["detections"]]).reshape(-1, 4),
+              "scores": torch.tensor([d["score"] for d in e["detections"]]),
+              "labels": torch.tensor([d["label"] for d in e["detections"]], dtype=torch.int64),
+              "input_size": (rec.height, rec.width)} for e, rec in zip(full["images"], index.images, strict=True)]
+    # (training evaluated batches of 2: low-score boxes may differ in the last bits, not the metric)
+    assert coco_eval.evaluate_detections(index, preds)["map50"] == pytest.approx(top["best_metric"], abs=1e-3)
+    # the standalone load.py (torch/torchvision only) gives the same model
+    import importlib.util
+
+    spec_ = importlib.util.spec_from_file_location("bundle_load_copy", out / "load.py")
+    mod = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(mod)
+    m2, meta2 = mod.load_bundle(out)
+    r2 = mod.predict(m2, meta2, paths[0])
+    assert [d["label"] for d in r2["detections"]] == [d["label"] for d in result["images"][0]["detections"]]
+    ts = mod.load_torchscript(out)
+    x = mod.preprocess(mod.read_image(paths[0]), meta2)
+    _, dets = ts([x])
+    assert torch.allclose(dets[0]["boxes"], own[0]["boxes"], atol=1e-4)
