@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `status ... | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception as exc:  # a runtime failure: one line, the traceback only on request
         if type(exc).__name__ in _USER_ERRORS:  # launcher/study errors the user fixes (exit 2)
             print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)

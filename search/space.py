@@ -341,7 +341,8 @@ def _check_conditions(dims: list[Dim], key: str) -> None:
                 raise unknown_name(where, name, by_name, "parameter in when")
             other = by_name[name]
             possible = [v for v in allowed if other.can_take(v)]
-            if not possible:
+            # A fixed parent (often pinned with --set) simply leaves the parameter inactive.
+            if not possible and other.kind != "fixed":
                 can = (
                     list(other.choices)
                     if other.kind == "categorical"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
@@ -42,6 +42,22 @@ class ModelSection(_Section):
     weights_backbone: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
     trainable_sets: dict[str, list[str]] = Field(default_factory=dict)
+    # Composed archs only (trainables/compose.py): arch fasterrcnn|maskrcnn|retinanet|fcos|deeplabv3|fcn
+    backbone: str | None = None  # a torchvision classification model
+    fpn: bool | None = None  # default: true for detection; segmentation takes none
+    feature_layers: list[str] | None = None  # backbone unit names (default: per backbone, by stride)
+    fpn_channels: int = Field(256, ge=8, le=4096)
+    anchor_sizes: list[list[float]] | None = None  # one list per feature map
+    aspect_ratios: list[float] | list[list[float]] | None = None  # flat: every map; or one per map
+    roi_output_size: int = Field(7, ge=1, le=64)
+    roi_sampling_ratio: int = Field(2, ge=0, le=64)
+    mask_roi_output_size: int = Field(14, ge=1, le=128)
+    frozen_batchnorm: bool | None = None  # default: true when weights_backbone is given
+
+    COMPOSE_FIELDS: ClassVar[tuple[str, ...]] = (
+        "backbone", "fpn", "feature_layers", "fpn_channels", "anchor_sizes", "aspect_ratios",
+        "roi_output_size", "roi_sampling_ratio", "mask_roi_output_size", "frozen_batchnorm",
+    )
 
     @field_validator("weights", "weights_backbone", mode="before")
     @classmethod
@@ -49,6 +65,31 @@ class ModelSection(_Section):
         if v is None or (isinstance(v, str) and v.strip().lower() in ("none", "")):
             return None
         return v
+
+    @field_validator("feature_layers", mode="before")
+    @classmethod
+    def _unit_names(cls, v: Any) -> Any:
+        if isinstance(v, list):  # MobileNet-style units are numbers in YAML
+            return [str(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
+        return v
+
+    def composition(self) -> dict[str, Any] | None:
+        """The settings of a composed arch (``TrialConfig.model_kwargs["compose"]``); None for a
+        builder. ``frozen_batchnorm`` defaults to true when backbone weights are used."""
+        if self.arch not in families.COMPOSED:
+            return None
+        out = {k: getattr(self, k) for k in self.COMPOSE_FIELDS}
+        if self.frozen_batchnorm is None:
+            out["frozen_batchnorm"] = self.weights_backbone is not None and self.weights is None
+        return out
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """``kwargs`` plus, for a composed arch, ``compose``: what ``TrialConfig.model_kwargs`` gets."""
+        out = dict(self.kwargs)
+        composition = self.composition()
+        if composition is not None:
+            out["compose"] = composition
+        return out
 
 
 class SplitSection(_Section):
@@ -183,7 +224,7 @@ class Spec(_Section):
             out_dir=Path(out_dir),
             weights=self.model.weights,
             weights_backbone=self.model.weights_backbone,
-            model_kwargs=dict(self.model.kwargs),
+            model_kwargs=self.model.model_kwargs(),
             trainable_sets={k: tuple(v) for k, v in self.model.trainable_sets.items()},
             image_size=self.data.image_size,
             epochs=self.train.epochs,
@@ -379,11 +420,12 @@ def _resolve_paths(spec: Spec, base: Path) -> None:
 
 def _family(spec: Spec) -> families.Family:
     fam = families.family_of(spec.model.arch)
+    rows = [*families.FAMILIES.values(), *families.COMPOSED.values()]
     if fam is None:
-        known = [a for f in families.FAMILIES.values() for a in f.archs]
+        known = [a for f in rows for a in f.archs]
         raise unknown_name("model.arch", spec.model.arch, known, "architecture")
     if fam.task != spec.task and not (spec.task == "detection" and fam.task == "instance_segmentation"):
-        same = [a for f in families.FAMILIES.values() if f.task == spec.task for a in f.archs]
+        same = [a for f in rows if f.task == spec.task for a in f.archs]
         raise SpecError(
             "model.arch",
             f"{spec.model.arch!r} is a {fam.task} model, but task is {spec.task!r}.",
@@ -393,7 +435,7 @@ def _family(spec: Spec) -> families.Family:
 
 
 def _check_model(spec: Spec) -> None:
-    _family(spec)
+    _check_composition(spec, _family(spec))
     for name, globs in spec.model.trainable_sets.items():
         if not globs:
             raise SpecError(f"model.trainable_sets.{name}", "lists no pattern.", "add glob patterns.")
@@ -405,6 +447,81 @@ def _check_model(spec: Spec) -> None:
                 f"registry and remote URIs are not supported, but got {value!r}.",
                 "use a torchvision enum name (e.g. DEFAULT), a local file, or none.",
             )
+
+
+_RCNN_ONLY = ("roi_output_size", "roi_sampling_ratio")
+_DETECTION_ONLY = ("fpn_channels", "anchor_sizes", "aspect_ratios", *_RCNN_ONLY, "mask_roi_output_size")
+
+
+def _check_composition(spec: Spec, fam: families.Family) -> None:
+    """The model.backbone/... keys: only for composed archs, consistent with the head (no torch;
+    the backbone name and its units are checked by :func:`deep_check`)."""
+    m = spec.model
+    given = [k for k in m.COMPOSE_FIELDS if k in m.model_fields_set]
+    composed = ", ".join(families.composed_archs())
+    if not fam.composed:
+        if given:
+            raise SpecError(
+                f"model.{given[0]}",
+                f"only applies to composed archs ({composed}), but {m.arch!r} is a complete builder.",
+                f"remove it, or compose: arch: {fam.name} with backbone: NAME."
+                if fam.name in families.COMPOSED
+                else f"remove it, or use a composed arch ({composed}) with backbone: NAME.",
+            )
+        return
+    if not m.backbone:
+        raise SpecError(
+            "model.backbone",
+            f"is required when model.arch is the composition {m.arch!r}.",
+            "name a torchvision classification model, e.g. resnet50 or mobilenet_v2.",
+        )
+    if m.weights and ENUM_NAME.fullmatch(m.weights):
+        raise SpecError(
+            "model.weights",
+            f"{m.arch} composed over {m.backbone} has no weight enum, but got {m.weights!r}.",
+            "use weights_backbone (the backbone's enum, e.g. IMAGENET1K_V1, or a file), or a file of "
+            "a composed model.",
+        )
+    if "compose" in m.kwargs:
+        raise SpecError("model.kwargs.compose", "is reserved.", "set model.backbone, model.fpn, ... instead.")
+    if m.feature_layers is not None and not m.feature_layers:
+        raise SpecError("model.feature_layers", "lists no unit.", "name backbone units or remove the key.")
+    if fam.task == families.SEMANTIC:
+        if m.fpn:
+            raise SpecError("model.fpn", f"{m.arch} compositions take no FPN.", "remove it.")
+        for key in _DETECTION_ONLY:
+            if key in given:
+                raise SpecError(
+                    f"model.{key}", f"applies to detection compositions, not {m.arch}.", "remove it."
+                )
+        if m.feature_layers is not None and len(m.feature_layers) > 2:
+            raise SpecError(
+                "model.feature_layers",
+                f"{m.arch} takes [out] or [aux, out], but got {len(m.feature_layers)} units.",
+                "list one or two units.",
+            )
+        return
+    fpn = True if m.fpn is None else m.fpn
+    if "fpn_channels" in given and not fpn:
+        raise SpecError("model.fpn_channels", "only applies with fpn: true.", "remove it or set fpn: true.")
+    rcnn = fam.name in ("fasterrcnn", "maskrcnn")
+    for key in (*_RCNN_ONLY, "mask_roi_output_size"):
+        applies = fam.name == "maskrcnn" if key == "mask_roi_output_size" else rcnn
+        if key in given and not applies:
+            raise SpecError(
+                f"model.{key}",
+                f"applies to {'maskrcnn' if key.startswith('mask') else 'fasterrcnn and maskrcnn'} (RoI "
+                f"heads), not {m.arch}.",
+                "remove it.",
+            )
+    n_layers = len(m.feature_layers) if m.feature_layers is not None else (
+        families.default_feature_layer_count(fam, fpn)
+    )
+    problem = families.anchor_problem(fam, fpn, n_layers, m.anchor_sizes, m.aspect_ratios)
+    if problem:
+        raise SpecError(
+            problem[0], problem[1] + ".", "match the feature maps (README: Composed models), or remove it."
+        )
 
 
 def _check_objective(spec: Spec) -> None:
@@ -561,17 +678,25 @@ def deep_check(spec: Spec) -> dict[str, Any]:
     from trainables import freeze, models
 
     arch = spec.model.arch
+    fam = families.family_of(arch)
+    composed = fam is not None and fam.composed
     builders = torchvision.models.list_models()
-    if arch not in builders:
+    if not composed and arch not in builders:
         raise unknown_name(
             "model.arch", arch, [a for a in builders if families.family_of(a)], "torchvision builder"
         )
-    for attr, fn in (("weights", arch), ("weights_backbone", None)):
+    if composed:
+        _check_backbone(spec.model.backbone or "")
+    for attr, fn in (("weights", arch), ("weights_backbone", spec.model.backbone if composed else None)):
         value = getattr(spec.model, attr)
         if value and ENUM_NAME.fullmatch(value):
             _check_enum(f"model.{attr}", value, fn, arch)
+    from trainables.compose import ComposeError
+
     try:
-        model = models.skeleton(arch, spec.num_classes + 1, spec.model.kwargs)
+        model = models.skeleton(arch, spec.num_classes + 1, spec.model.model_kwargs())
+    except ComposeError as exc:
+        raise SpecError(exc.key, exc.message + ".", "see README: Composed models.") from None
     except (TypeError, ValueError) as exc:
         raise SpecError(
             "model.kwargs",
@@ -589,6 +714,19 @@ def deep_check(spec: Spec) -> dict[str, Any]:
                 "fix the pattern; parameter names are model.named_parameters() names.",
             ) from None
     return {"parameters": sum(p.numel() for p in model.parameters()), "parameter_tensors": len(names)}
+
+
+def _check_backbone(name: str) -> None:
+    from trainables import compose
+
+    valid = compose.backbones()
+    if name in valid:
+        return
+    why = next((w for prefix, w in compose.UNSUPPORTED.items() if name.startswith(prefix)), None)
+    problem = f"{name!r} does not compose: {why}." if why else (
+        f"unknown classification backbone {name!r}.{did_you_mean(name, valid)}"
+    )
+    raise SpecError("model.backbone", problem, f"use one of: {', '.join(valid)}.")
 
 
 def _check_enum(key: str, value: str, arch: str | None, model_arch: str) -> None:

@@ -882,6 +882,12 @@ class MlflowTracker(_Callback):
         self._active.add(tid)
         st = self.runs.trial(tid)
         reopened = self.runs.run_id(tid) is not None
+        if st.get("done"):  # restarted after it ended (resume --restart-errored): count it once
+            study = self.runs.data["study"]
+            study["finished"] = max(0, int(study.get("finished") or 0) - 1)
+        if st.get("status") == "FAILED":  # an errored trial restarts from scratch: a fresh best
+            st.update(best=None, best_epoch=None, last_epoch=None)
+            st.pop("diverged", None)
         st["done"] = False
         self.runs.save()
         tags = {
@@ -912,6 +918,7 @@ class MlflowTracker(_Callback):
         if tags:
             self._log(tid, tags=tags)
         self._put(op="status", key=tid, status=status, ts=_now_ms())
+        st["status"] = status
         if not st.get("done"):
             st["done"] = True
             study = self.runs.data["study"]

@@ -266,6 +266,8 @@ def test_status_json(grid_study, data_dir, capsys):
     text = capsys.readouterr().out
     assert "best: " + summary["best"]["id"] in text and "ERROR" in text and "DIVERGED" in text
     assert main(["status", "no-such-study", "--output-dir", str(data_dir / "runs")]) == 2
+    assert main(["launch", str(data_dir / "grid.yaml")]) == 2  # the folder holds a study: resume it
+    assert f"python -m search resume {exp_dir}" in capsys.readouterr().err
 
 
 def test_keep_top(grid_study):

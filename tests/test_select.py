@@ -83,8 +83,15 @@ def study(ray_local, tmp_path_factory):
     second = resume(exp_dir)
     t2 = time.time()
     print(f"launch (interrupted) {t1 - t0:.0f}s, resume {t2 - t1:.0f}s")
-    return {"root": root, "exp_dir": exp_dir, "first": first, "second": second, "runs_before": runs_before,
-            "statuses_before": statuses_before, "mlc": mlc}
+    return {
+        "root": root,
+        "exp_dir": exp_dir,
+        "first": first,
+        "second": second,
+        "runs_before": runs_before,
+        "statuses_before": statuses_before,
+        "mlc": mlc,
+    }
 
 
 def _children(mlc, exp_id: str, parent: str) -> list:
@@ -118,7 +125,9 @@ def test_runs_after_interrupt_and_resume(study):
         assert kid.data.metrics["best_map50"] == pytest.approx(t["best_metric"])
         assert kid.data.metrics["best_epoch"] == t["best_epoch"]
         if t["state"] == S.STOPPED:
-            assert kid.data.tags["stopped_early"] == "true" and kid.data.tags["stopped_at_epoch"] == str(t["epochs"])
+            assert kid.data.tags["stopped_early"] == "true" and kid.data.tags["stopped_at_epoch"] == str(
+                t["epochs"]
+            )
         else:
             assert t["state"] == S.TERMINATED and "stopped_early" not in kid.data.tags
     assert parent.data.metrics["base_map50"] == pytest.approx(state["base_metric"])
@@ -135,7 +144,16 @@ def test_best_json(study, capsys):
     values = [r["best_metric"] for r in rows]
     assert values == sorted(values, reverse=True)
     for r in rows:
-        assert {"id", "state", "epochs", "best_metric", "params", "checkpoint", "run_id", "improvement"} <= set(r)
+        assert {
+            "id",
+            "state",
+            "epochs",
+            "best_metric",
+            "params",
+            "checkpoint",
+            "run_id",
+            "improvement",
+        } <= set(r)
         assert r["run_id"] == runs[r["id"]] and r["epoch"] == r["best_epoch"]
         assert r["improvement"] == pytest.approx(r["best_metric"] - r["study_base_metric"])
     assert main(["best", "tiny", "--output-dir", str(exp_dir.parent)]) == 0
@@ -156,7 +174,9 @@ def test_promote_registers_alias_and_lineage(study, capsys):
     for key in ("study", "trial", "run_id", "base_weights_sha256", "dataset_fingerprint", "metric", "map50"):
         assert mv.tags.get(key), key
     assert mv.tags["study"] == "tiny" and mv.tags["trial"] == top["id"] and mv.tags["metric"] == "map50"
-    parent_tags = mlc.get_run(json.loads((exp_dir / tracking.RUNS_FILE).read_text())["runs"]["parent"]).data.tags
+    parent_tags = mlc.get_run(
+        json.loads((exp_dir / tracking.RUNS_FILE).read_text())["runs"]["parent"]
+    ).data.tags
     assert mv.tags["dataset_fingerprint"] == parent_tags["dataset_fingerprint"]
     assert mv.tags["base_weights_sha256"] == parent_tags["base_weights_sha256"] == "none"
     arts = {a.path for a in mlc.list_artifacts(top["run_id"], "bundle")}
@@ -177,8 +197,15 @@ def test_promote_registers_alias_and_lineage(study, capsys):
 
     images = study["root"] / "data" / "images"
     ann = study["root"] / "data" / "annotations.json"
-    cfg = TrialConfig(task="detection", arch=ARCH, train=DataSplit(images, ann), val=DataSplit(images, ann),
-                      out_dir=study["root"] / "next", weights=str(weights), image_size=96)
+    cfg = TrialConfig(
+        task="detection",
+        arch=ARCH,
+        train=DataSplit(images, ann),
+        val=DataSplit(images, ann),
+        out_dir=study["root"] / "next",
+        weights=str(weights),
+        image_size=96,
+    )
     from trainables import params as P
 
     model, info = build_model(cfg, P.resolve({}), num_classes=3)
@@ -221,7 +248,9 @@ def test_export_predict_matches_the_trials_evaluation(study, tmp_path, capsys):
     assert main(["export", str(exp_dir), "--out", str(out), "--json"]) == 0
     meta = json.loads(capsys.readouterr().out)
     assert meta["study"]["trial"] == top["id"] and meta["checkpoint"]["epoch"] == top["best_epoch"]
-    assert {"weights.pt", "model.yaml", "metrics.json", "load.py", "SHA256SUMS"} <= {p.name for p in out.iterdir()}
+    assert {"weights.pt", "model.yaml", "metrics.json", "load.py", "SHA256SUMS"} <= {
+        p.name for p in out.iterdir()
+    }
     assert meta["torchscript"]["ok"], meta["torchscript"]
     assert meta["rebuild_check"]["max_abs_diff"] <= 1e-5
     on_disk = yaml.safe_load((out / "model.yaml").read_text())
@@ -243,7 +272,10 @@ def test_export_predict_matches_the_trials_evaluation(study, tmp_path, capsys):
             for image, target, pred in zip(images, targets, model(list(images)), strict=True):
                 own.append({**pred, "image_id": target["image_id"], "input_size": tuple(image.shape[-2:])})
     paths = [rec.path for rec in index.images]
-    assert main(["predict", str(out), *map(str, paths[:3]), "--out", str(tmp_path / "pred"), "--min-score", "0"]) == 0
+    assert (
+        main(["predict", str(out), *map(str, paths[:3]), "--out", str(tmp_path / "pred"), "--min-score", "0"])
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert len(result["images"]) == 3
     for entry, pred, rec in zip(result["images"], own, index.images, strict=False):
@@ -253,14 +285,22 @@ def test_export_predict_matches_the_trials_evaluation(study, tmp_path, capsys):
         assert got.shape == expect.shape
         assert torch.allclose(got, expect, atol=1e-3)
         assert [d["label"] for d in entry["detections"]] == pred["labels"].tolist()
-        assert torch.allclose(torch.tensor([d["score"] for d in entry["detections"]]), pred["scores"], atol=1e-5)
+        assert torch.allclose(
+            torch.tensor([d["score"] for d in entry["detections"]]), pred["scores"], atol=1e-5
+        )
         assert Path(entry["annotated"]).is_file()
     # the bundle on every val image reproduces the trial's recorded best metric
     full = bundle.predict_files(out, paths, min_score=0.0)
-    preds = [{"image_id": rec.id, "boxes": torch.tensor([d["box"] for d in e["detections"]]).reshape(-1, 4),
-              "scores": torch.tensor([d["score"] for d in e["detections"]]),
-              "labels": torch.tensor([d["label"] for d in e["detections"]], dtype=torch.int64),
-              "input_size": (rec.height, rec.width)} for e, rec in zip(full["images"], index.images, strict=True)]
+    preds = [
+        {
+            "image_id": rec.id,
+            "boxes": torch.tensor([d["box"] for d in e["detections"]]).reshape(-1, 4),
+            "scores": torch.tensor([d["score"] for d in e["detections"]]),
+            "labels": torch.tensor([d["label"] for d in e["detections"]], dtype=torch.int64),
+            "input_size": (rec.height, rec.width),
+        }
+        for e, rec in zip(full["images"], index.images, strict=True)
+    ]
     # (training evaluated batches of 2: low-score boxes may differ in the last bits, not the metric)
     assert coco_eval.evaluate_detections(index, preds)["map50"] == pytest.approx(top["best_metric"], abs=1e-3)
     # the standalone load.py (torch/torchvision only) gives the same model

@@ -193,6 +193,12 @@ def test_set_fixes_a_parameter_and_keeps_its_condition():
     assert spec.search_space.by_name["lr"].low == 0.001
 
 
+def test_pinned_parent_deactivates_dependent():
+    spec = build_spec(spec_dict(**{"space.optimizer": "adamw"}), ROOT)
+    assert "momentum" not in spec.search_space.defaults()
+    assert spec.search_space.defaults()["optimizer"] == "adamw"
+
+
 def test_set_dotted_parameter_name():
     raw = spec_dict(**{"space.loss.box": "giou"})
     assert raw["space"]["loss.box"] == "giou"

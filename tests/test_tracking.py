@@ -382,6 +382,7 @@ def test_parent_and_nested_children(toy_study):
     assert not [r for r in kids + [parent] if r.info.status == "RUNNING"]
 
 
+@pytest.mark.slow  # the quick suite proves resume through the launcher (tests/test_select.py)
 def test_resume_continues_the_same_runs(ray_local, tmp_path):
     spec = load_spec(write_spec(tmp_path, name="resumable"))
     exp_dir = Path(spec.output_dir) / spec.name
@@ -520,6 +521,7 @@ class Outage(Callback):
             threading.Thread(target=back, daemon=True).start()
 
 
+@pytest.mark.slow  # a real server starts in 10-40 s on a 2-core box
 def test_real_server_outage(ray_local, tmp_path):
     """A real ``mlflow server`` on loopback (behind a proxy that can cut it off): an unreachable
     server fails the check in seconds; one that drops out mid-study and comes back fails no trial

@@ -29,9 +29,17 @@ from tests.test_tracking import run_toy, write_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--window-size=1400,900"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,900",
+]
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")]
 
@@ -54,7 +62,9 @@ class Cdp:
                 return msg.get("result", {})
 
     async def js(self, expression: str):
-        out = await self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        out = await self.call(
+            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
+        )
         return out.get("result", {}).get("value")
 
     async def wait_text(self, needles: list[str], timeout: float) -> str:
@@ -77,11 +87,15 @@ async def _browse(ws_url: str, url: str, parent: str, children: list[str], shot:
         await cdp.call("Page.navigate", url=url)
         await cdp.wait_text([parent], timeout=120)
         # the parent row's expander (in its run-name cell) reveals the nested runs
-        expander = "document.querySelectorAll('[role=row] button[data-component-id*=\"runnamecellrenderer\"]')"
+        expander = (
+            "document.querySelectorAll('[role=row] button[data-component-id*=\"runnamecellrenderer\"]')"
+        )
         deadline = time.time() + 60
         while not await cdp.js(f"{expander}.length") and time.time() < deadline:
             await asyncio.sleep(0.5)
-        clicked = await cdp.js(f"(() => {{ const b = [...{expander}]; b.forEach(x => x.click()); return b.length; }})()")
+        clicked = await cdp.js(
+            f"(() => {{ const b = [...{expander}]; b.forEach(x => x.click()); return b.length; }})()"
+        )
         assert clicked >= 1, "no expander button in the runs table"
         text = await cdp.wait_text(children, timeout=60)
         png = await cdp.call("Page.captureScreenshot", format="png")
@@ -115,20 +129,31 @@ def test_mlflow_ui_lists_nested_trial_runs(ray_local, tmp_path):
     (exp_dir / "spec.yaml").write_text(Path(tmp_path / "spec.yaml").read_text())
     cb = tracking.make_callback(spec, exp_dir, resume=False)
     run_toy(spec, exp_dir, [{"kind": k} for k in ("ok", "stop", "error", "diverge")], [cb])
-    children = sorted(k for k in json.loads((exp_dir / tracking.RUNS_FILE).read_text())["runs"] if k != "parent")
+    children = sorted(
+        k for k in json.loads((exp_dir / tracking.RUNS_FILE).read_text())["runs"] if k != "parent"
+    )
     assert len(children) == 4
 
-    ui = subprocess.Popen([sys.executable, "-m", "search", "ui", str(exp_dir), "--port", "0"], cwd=tmp_path,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "search", "ui", str(exp_dir), "--port", "0"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        start_new_session=True,
+    )
     browser = None
     try:
         url = ui.stdout.readline().strip()  # printed once /health answers
         assert url.startswith("http://127.0.0.1:") and "/#/experiments/" in url, (url, ui.stderr.read())
         profile = tmp_path / "chromium-profile"
-        browser = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
-                                    "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                   start_new_session=True)
+        browser = subprocess.Popen(
+            [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         shot, dom = tmp_path / "mlflow-ui.png", tmp_path / "mlflow-ui.html"
         text = asyncio.run(_browse(_devtools_ws(profile), url, "browsed", children, shot, dom))
         print(f"screenshot: {shot}")

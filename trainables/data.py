@@ -237,7 +237,9 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int, 
 
     With ``workers > 0`` decoding runs in persistent worker processes (two batches prefetched
     each); with 0 it runs in the caller and transforms draw from the global torch RNG. Nothing
-    is pinned unless ``pin_memory`` (only worth it for a CUDA device).
+    is pinned unless ``pin_memory`` (only worth it for a CUDA device). Shuffled (training)
+    loaders drop a last partial batch when the split holds more than one batch, as torchvision's
+    detection references do: a batch of one image breaks BatchNorm on 1x1 feature maps.
     """
     generator = torch.Generator()
     generator.manual_seed(seed)
@@ -245,6 +247,7 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int, 
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
+        drop_last=shuffle and len(dataset) > batch_size,
         num_workers=workers,
         collate_fn=collate,
         generator=generator,

@@ -15,11 +15,19 @@ Names used below:
 - *stage_roots* are module paths whose children, in order, are the backbone's units;
   :func:`trainables.freeze.backbone_stages` cuts them into stages (a new stage starts at a child
   named ``layerN``, at a MobileNet block marked ``_is_cn`` (strided), or after a ``MaxPool2d``).
+
+Compositions (:data:`COMPOSED`): the exact arch names ``fasterrcnn``, ``maskrcnn``, ``retinanet``,
+``fcos``, ``deeplabv3`` and ``fcn`` put any torchvision classification backbone (``model.backbone``)
+under torchvision's own head class (:mod:`trainables.compose`). Their rows copy the builder family
+of the same name (same ``name``, so losses and predictor replacement apply unchanged) with
+``composed=True``; the composed layout is the builders' one (``backbone.body.<unit>`` and
+``backbone.fpn.`` for detection, ``backbone.<unit>`` for segmentation), and the composed body
+marks each unit that raises the output stride ``_is_cn``, so backbone stages cut at strides.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 DETECTION = "detection"
 INSTANCE = "instance_segmentation"
@@ -77,6 +85,7 @@ class Family:
     default_cls: str | None = None
     default_box_by_arch: tuple[tuple[str, str], ...] = ()
     notes: str = ""
+    composed: bool = False  # an arch composed from model.backbone (trainables.compose), not a builder
 
     def part(self, name: str) -> str:
         """``heads``, ``neck``, ``backbone`` or ``other`` for a parameter, buffer or module name.
@@ -296,12 +305,34 @@ _PREFIXES: tuple[tuple[str, str], ...] = (
 )
 
 
+def _composition(base: Family, notes: str) -> Family:
+    return replace(base, archs=(base.name,), default_box_by_arch=(), notes=notes, composed=True)
+
+
+# Composed archs (exact names) -> their rows. Without an FPN a detection composition has no neck
+# (``heads+neck`` then trains the same parameters as ``heads``).
+COMPOSED: dict[str, Family] = {
+    f.name: f
+    for f in (
+        _composition(FAMILIES["fasterrcnn"], "FasterRCNN over model.backbone (TwoMLPHead box head)"),
+        _composition(FAMILIES["maskrcnn"], "MaskRCNN over model.backbone"),
+        _composition(FAMILIES["retinanet"], "RetinaNet (v1 head, l1 box loss) over model.backbone"),
+        _composition(FAMILIES["fcos"], "FCOS over model.backbone"),
+        _composition(FAMILIES["deeplabv3"], "DeepLabHead (+ FCNHead aux) over model.backbone"),
+        _composition(FAMILIES["fcn"], "FCNHead (+ FCNHead aux) over model.backbone"),
+    )
+}
+
+
 def family_of(arch: str) -> Family | None:
-    """The family of a torchvision builder name (by prefix), or None when none fits.
+    """The family of a composed arch (exact name) or of a torchvision builder name (by prefix),
+    or None when none fits.
 
     A builder of a known family that is not listed in its ``archs`` (e.g. a future
     ``fcos_resnet101_fpn``) still maps to the family; the conformance test covers listed ones.
     """
+    if arch in COMPOSED:
+        return COMPOSED[arch]
     for prefix, name in _PREFIXES:
         if arch.startswith(prefix):
             return FAMILIES[name]
@@ -309,5 +340,103 @@ def family_of(arch: str) -> Family | None:
 
 
 def all_archs() -> list[str]:
-    """Every builder name listed in the table, in table order."""
+    """Every builder name listed in the table, in table order (compositions not included)."""
     return [a for f in FAMILIES.values() for a in f.archs]
+
+
+def composed_archs() -> list[str]:
+    """The composed arch names (``model.arch`` values that need ``model.backbone``)."""
+    return list(COMPOSED)
+
+
+def feature_map_count(family: Family, fpn: bool, n_layers: int) -> int:
+    """Feature maps a composed detector's heads see: one per feature layer, plus the FPN's extra
+    levels (R-CNN: one max-pooled level; RetinaNet/FCOS: P6 and P7); no FPN: the one layer."""
+    if not fpn:
+        return n_layers
+    return n_layers + (1 if family.name in ("fasterrcnn", "maskrcnn") else 2)
+
+
+def default_feature_layer_count(family: Family, fpn: bool) -> int:
+    """How many backbone units feed a composed detector by default: R-CNN with FPN 4 (strides
+    4-32), RetinaNet/FCOS with FPN 3 (strides 8-32, plus P6/P7), without FPN 1 (the last unit)."""
+    if not fpn:
+        return 1
+    return 4 if family.name in ("fasterrcnn", "maskrcnn") else 3
+
+
+def anchor_problem(
+    family: Family,
+    fpn: bool,
+    n_layers: int,
+    sizes: list[list[float]] | None,
+    ratios: list[list[float]] | list[float] | None,
+) -> tuple[str, str] | None:
+    """What is wrong with a composed detector's feature layers and anchors, as ``(key, problem)``,
+    or None. ``sizes``: one list of anchor sizes per feature map; ``ratios``: one list per map or
+    one flat list for every map (None: the defaults, which always fit)."""
+    if not fpn and n_layers != 1:
+        return (
+            "model.feature_layers",
+            f"without an FPN a {family.name} composition takes exactly one feature layer (its heads "
+            f"share one convolution over all maps), but {n_layers} are listed",
+        )
+    n_maps = feature_map_count(family, fpn, n_layers)
+    extra = f" ({n_layers} feature layers + {n_maps - n_layers} FPN extra levels)" if fpn else ""
+    maps = f"{n_maps} feature map{'s' if n_maps != 1 else ''}"
+    if sizes is not None:
+        if len(sizes) != n_maps:
+            return (
+                "model.anchor_sizes",
+                f"lists {len(sizes)} size groups, but the model has {maps}{extra}; give one list of "
+                "sizes per feature map",
+            )
+        if any(not group or any(s <= 0 for s in group) for group in sizes):
+            return "model.anchor_sizes", "every group needs at least one size, and sizes must be > 0"
+    nested = ratios is not None and bool(ratios) and all(isinstance(r, (list, tuple)) for r in ratios)
+    if ratios is not None:
+        groups = list(ratios) if nested else [list(ratios)] * n_maps
+        if nested and len(groups) != n_maps:
+            return (
+                "model.aspect_ratios",
+                f"lists {len(groups)} ratio groups, but the model has {maps}{extra}; give one list "
+                "per feature map or one flat list for all",
+            )
+        if any(not g or any(r <= 0 for r in g) for g in groups):
+            return "model.aspect_ratios", "every group needs at least one ratio, and ratios must be > 0"
+    else:
+        groups = None
+    if sizes is not None or groups is not None:
+        per_map = [
+            (len(sizes[i]) if sizes is not None else None, len(groups[i]) if groups is not None else None)
+            for i in range(n_maps)
+        ]
+        if family.name == "fcos":
+            if any(s not in (None, 1) or r not in (None, 1) for s, r in per_map):
+                bad_sizes = any(s not in (None, 1) for s, _ in per_map)
+                return (
+                    "model.anchor_sizes" if bad_sizes else "model.aspect_ratios",
+                    "FCOS is anchor-free: each feature map takes exactly one size and one aspect ratio",
+                )
+        elif sizes is not None and groups is not None:
+            counts = {s * r for s, r in per_map}
+            if len(counts) > 1:
+                return (
+                    "model.anchor_sizes",
+                    f"the anchors per location (sizes x ratios) differ between feature maps "
+                    f"({sorted(counts)}), but {family.name}'s head shares one convolution over all maps; "
+                    "make them equal",
+                )
+        elif sizes is not None and len({len(g) for g in sizes}) > 1:
+            return (
+                "model.anchor_sizes",
+                f"the groups have different numbers of sizes, but {family.name}'s head shares one "
+                "convolution over all maps; use equal numbers (or set aspect_ratios to balance them)",
+            )
+        elif groups is not None and len({len(g) for g in groups}) > 1:
+            return (
+                "model.aspect_ratios",
+                f"the groups have different numbers of ratios, but {family.name}'s head shares one "
+                "convolution over all maps; use equal numbers (or set anchor_sizes to balance them)",
+            )
+    return None

@@ -18,6 +18,13 @@ Weights (``cfg.weights`` and ``cfg.weights_backbone``):
   builder's backbone enum architecture exactly (it is handed to the builder via a temporary hub
   cache). ``weights`` given makes ``weights_backbone`` ignored, as in torchvision.
 Nothing here ever downloads.
+
+Composed archs (``families.COMPOSED``: ``fasterrcnn``, ``retinanet``, ... with
+``model_kwargs["compose"]``, see :mod:`trainables.compose`): ``weights_backbone`` is an enum member
+of the backbone classifier's own enum (``get_model_weights(backbone)``, same hub-cache rules) or a
+classifier state_dict file (every trunk tensor the composition uses must be there, by name and
+shape; the classifier's head may differ); ``weights`` is a file only (a composed model's state or
+our checkpoint); the other ``model_kwargs`` go to the head class (FasterRCNN, ...).
 """
 
 from __future__ import annotations
@@ -41,9 +48,10 @@ from torchvision.models._api import WeightsEnum
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from trainables import compose
 from trainables.activations import swap_activations
 from trainables.config import TrialConfig
-from trainables.families import SEMANTIC, Family, family_of
+from trainables.families import SEMANTIC, Family, composed_archs, family_of
 from trainables.losses import apply_losses
 
 ENUM_NAME = re.compile(r"^(?:[A-Za-z0-9_]+_Weights\.)?[A-Z][A-Z0-9_]*$")
@@ -168,12 +176,74 @@ def _family(arch: str) -> Family:
     return fam
 
 
-def _kwargs(model_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+def _kwargs(model_kwargs: dict[str, Any] | None, family: Family | None = None) -> dict[str, Any]:
     kwargs = dict(model_kwargs or {})
     bad = [k for k in _RESERVED_KWARGS if k in kwargs]
     if bad:
         raise ValueError(f"model kwargs must not set {bad}: they come from the spec's weights and the data")
+    if family is not None and not family.composed and compose.COMPOSE_KEY in kwargs:
+        raise ValueError(
+            f"model kwargs {compose.COMPOSE_KEY!r} (model.backbone, ...) only apply to composed archs "
+            f"({', '.join(composed_archs())}), not to the builder family {family.name}"
+        )
     return kwargs
+
+
+def _composed(
+    arch: str,
+    family: Family,
+    kwargs: dict[str, Any],
+    num_classes: int,
+    weights_backbone: str | None,
+    info: dict[str, Any],
+    meta: bool = False,
+) -> nn.Module:
+    """A composed model: the backbone classifier (random, enum or file weights), FrozenBatchNorm2d
+    when asked (default: when backbone weights are given), then torchvision's head class over it."""
+    rest = dict(kwargs)
+    settings = compose.Settings.from_dict(rest.pop(compose.COMPOSE_KEY, None))
+    p = compose.plan(arch, family, settings, aux=bool(rest.get("aux_loss")))
+    name, task = settings.backbone, family.task
+    wb = weights_backbone
+    if meta:
+        clf = compose.classifier(name, task, meta=True)
+    elif wb is None:
+        clf = compose.classifier(name, task)
+    elif is_enum_name(wb):
+        member = resolve_enum(compose.backbone_weights_enum(name), wb)
+        _, info["backbone_sha256"] = cached_weights(member, "backbone weights")
+        info["weights_backbone"] = f"enum:{member!r}"
+        clf = compose.classifier(name, task, weights=member)
+    else:
+        path = Path(wb)
+        state = load_state_file(path, "backbone weights file")
+        info["backbone_sha256"] = sha256_file(path)
+        info["weights_backbone"] = f"file:{wb}"
+        clf = compose.classifier(name, task)
+        _load_trunk(p, clf, state, path)
+    frozen = settings.frozen_batchnorm if settings.frozen_batchnorm is not None else wb is not None
+    info["frozen_batchnorm"] = len(compose.freeze_batchnorm(clf)) if frozen else 0
+    info["compose"] = p.describe()
+    if meta:
+        with torch.device("meta"):
+            return compose.assemble(p, clf, num_classes, rest)
+    return compose.assemble(p, clf, num_classes, rest)
+
+
+def _load_trunk(p: compose.Plan, clf: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load a classifier state_dict file into ``clf``: every trunk tensor in use must be there."""
+    own = clf.state_dict()
+    keys = compose.trunk_state_keys(p, clf)
+    missing = [k for k in keys if k not in state]
+    mismatched = [k for k in keys if k in state and state[k].shape != own[k].shape]
+    if missing or mismatched:
+        raise WeightsError(
+            f"backbone weights file {path} does not fit {p.settings.backbone}'s feature trunk: "
+            f"{len(missing)} of its {len(keys)} tensors missing (e.g. {missing[:3]}), {len(mismatched)} "
+            f"shape-mismatched (e.g. {mismatched[:3]}); give a {p.settings.backbone} classifier state_dict"
+        )
+    subset = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    clf.load_state_dict(subset, strict=False)
 
 
 def skeleton(
@@ -186,7 +256,9 @@ def skeleton(
     backbones use FrozenBatchNorm2d (buffers, not parameters); the skeleton has BatchNorm2d.
     """
     fam = _family(arch)
-    kwargs = _kwargs(model_kwargs)
+    kwargs = _kwargs(model_kwargs, fam)
+    if fam.composed:
+        return _composed(arch, fam, kwargs, num_classes, None, {}, meta=True)
     if fam.task == SEMANTIC and weights is not None and is_enum_name(weights):
         kwargs.setdefault("aux_loss", True)
     with torch.device("meta"):
@@ -250,7 +322,11 @@ def _from_file(
     pre_nc = pretrained_num_classes(arch, family, state, kwargs)
     if family.task == SEMANTIC and any(k.startswith("aux_classifier.") for k in state):
         kwargs.setdefault("aux_loss", True)
-    model = get_model(arch, weights=None, weights_backbone=None, num_classes=pre_nc or num_classes, **kwargs)
+    if family.composed:
+        model = _composed(arch, family, kwargs, pre_nc or num_classes, None, info)
+    else:
+        nc = pre_nc or num_classes
+        model = get_model(arch, weights=None, weights_backbone=None, num_classes=nc, **kwargs)
     info["frozen_batchnorm"] = len(_frozen_bn_like_file(model, state))
     info.update(_load_matching(model, state, path))
     return model, pre_nc
@@ -292,11 +368,12 @@ def build_model(
     (``loss.*``, ``activation``, ``activation_scope`` are read). info: ``arch, family, weights``
     (none | enum:<Enum.NAME> | file:<path>), ``weights_file, sha256, weights_backbone,
     backbone_sha256, pretrained_num_classes, matched, missing, unexpected, mismatched,
-    predictors_replaced, losses, activations_replaced``.
+    predictors_replaced, losses, activations_replaced``; composed archs also ``compose`` (the
+    resolved composition: backbone, feature layers, anchors, ...) and ``frozen_batchnorm``.
     """
     arch = cfg.arch
     family = _family(arch)
-    kwargs = _kwargs(cfg.model_kwargs)
+    kwargs = _kwargs(cfg.model_kwargs, family)
     info: dict[str, Any] = {
         "arch": arch, "family": family.name, "weights": "none", "weights_file": None, "sha256": None,
         "weights_backbone": "none", "backbone_sha256": None, "pretrained_num_classes": None,
@@ -305,7 +382,14 @@ def build_model(
     pre_nc = None
     if cfg.weights is not None and cfg.weights_backbone is not None:
         info["weights_backbone"] = f"ignored ({cfg.weights_backbone}): weights are given"
-    if cfg.weights is None:
+    if cfg.weights is None and family.composed:
+        model = _composed(arch, family, kwargs, num_classes, cfg.weights_backbone, info)
+    elif family.composed and is_enum_name(cfg.weights):
+        raise WeightsError(
+            f"{arch} composed over a backbone has no weight enum, but weights is {cfg.weights!r}: use "
+            "weights_backbone (the backbone's enum or file) or a file of a composed model"
+        )
+    elif cfg.weights is None:
         wb = cfg.weights_backbone
         if wb is None:
             model = get_model(arch, weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)

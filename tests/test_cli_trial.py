@@ -1,0 +1,81 @@
+"""`python -m search trial` through the real CLI: the --json contract, --set of space values,
+the base weights left untouched, and --weights-out producing a loadable base."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from tests.tinydata import make_tiny_coco
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {"base_metric", "best_metric", "best_epoch", "history", "checkpoint", "params", "trainable_params",
+        "frozen_params"}
+
+
+def _spec(tmp_path: Path, **extra) -> Path:
+    images, ann = make_tiny_coco(tmp_path / "data", n_images=5, size=100)
+    raw = {
+        "name": "cli-trial",
+        "task": "detection",
+        "model": {"arch": "ssdlite320_mobilenet_v3_large", "weights": "none"},
+        "data": {"train": {"images": str(images), "annotations": str(ann)},
+                 "val": {"images": str(images), "annotations": str(ann)}, "image_size": 96},
+        "train": {"epochs": 1, "batch_size": 2},
+        "objective": {"metric": "map50", "mode": "max"},
+        "space": {"optimizer": {"choices": ["sgd", "adamw"]}, "lr": {"low": 1e-3, "high": 1e-1, "log": True},
+                  "momentum": {"low": 0.8, "high": 0.9, "when": {"optimizer": "sgd"}}},
+        "output_dir": str(tmp_path / "runs"),
+        **extra,
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _trial(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "search", "trial", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+
+
+def test_trial_json_contract_and_set_space(tmp_path):
+    spec = _spec(tmp_path)
+    base = tmp_path / "base.pt"
+    proc = _trial(str(spec), "--json", "--set", "space.optimizer=adamw", "--set", "space.lr=0.004",
+                  "--weights-out", str(base), "--half")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert KEYS <= set(out)
+    assert out["params"]["optimizer"] == "adamw" and out["params"]["lr"] == 0.004
+    assert "momentum" not in json.dumps(out["param_groups"])  # adamw groups carry betas
+    assert all(g["lr"] == 0.004 for g in out["param_groups"])
+    assert [h["epoch"] for h in out["history"]] == [0, 1]
+    assert out["base_metric"] == out["history"][0]["map50"]
+    assert Path(out["checkpoint"]).is_file()
+    state = torch.load(base, weights_only=True)
+    assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
+
+    # the written weights are a valid base for the next trial, and that base stays untouched
+    digest = hashlib.sha256(base.read_bytes()).hexdigest()
+    spec2 = _spec(tmp_path / "second", model={"arch": "ssdlite320_mobilenet_v3_large", "weights": str(base)})
+    proc = _trial(str(spec2), "--json", "--set", "space.trainable=heads")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out2 = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out2["frozen_params"] > 0 and out2["trainable_params"] > 0
+    assert hashlib.sha256(base.read_bytes()).hexdigest() == digest
+    assert sorted(p.name for p in base.parent.iterdir() if p.name.startswith("base")) == ["base.pt"]
+
+
+def test_trial_default_params_are_space_defaults(tmp_path):
+    proc = _trial(str(_spec(tmp_path)), "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["params"]["optimizer"] == "sgd"  # first choice
+    assert abs(out["params"]["lr"] - 0.01) < 1e-9  # geometric midpoint of [1e-3, 1e-1]
+    assert abs(out["params"]["momentum"] - 0.85) < 1e-9
