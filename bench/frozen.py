@@ -197,7 +197,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"machine: {C.machine()}", flush=True)
     print(
-        f"batch {args.batch} at {args.image_size}px (BCCD train), threads {args.threads}, {args.rounds} rounds",
+        f"batch {args.batch} at {args.image_size}px (BCCD train), threads {args.threads}, "
+        f"{args.rounds} rounds",
         flush=True,
     )
     results = []
@@ -209,7 +210,8 @@ def main() -> None:
     for r in results:
         tp, b = r["trainable_params"], r["ckpt_bytes"]
         print(
-            f"{r['arch']}: trainable params heads {tp['heads']:,} / all {tp['all']:,}; backward through frozen "
+            f"{r['arch']}: trainable params heads {tp['heads']:,} / all {tp['all']:,}; "
+            f"backward through frozen "
             f"parts skipped: {r['backward_skipped']}; trainable-only checkpoint reloads exactly: "
             f"{r['reload_equal']}"
         )

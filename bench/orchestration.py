@@ -175,8 +175,9 @@ def run_arm(arm: str, args: argparse.Namespace, work: Path, k: int) -> dict:
     }
     tail = log.read_text(errors="replace").splitlines()[-3:]
     print(
-        f"  {arm} #{k}: rc {rc}, wall {res['wall_s']:.0f}s, loops {busy:.0f}s over {res['train_epochs']} train "
-        f"epochs + {res['evals']} evals in {res['processes']} processes -> efficiency {res['efficiency']:.3f}; "
+        f"  {arm} #{k}: rc {rc}, wall {res['wall_s']:.0f}s, loops {busy:.0f}s over "
+        f"{res['train_epochs']} train epochs + {res['evals']} evals in {res['processes']} processes "
+        f"-> efficiency {res['efficiency']:.3f}; "
         f"first loop {res['first_loop_s'] or float('nan'):.1f}s, first train epoch "
         f"{res['first_train_s'] or float('nan'):.1f}s",
         flush=True,
@@ -238,10 +239,12 @@ def main() -> None:
     )
     print(f"RATIO plain-loop efficiency: {C.fmt(C.spread([r['efficiency'] for r in plain]))}")
     print(
-        f"RATIO launcher/plain efficiency: {C.fmt(C.spread([a['efficiency'] / b['efficiency'] for a, b in pairs]))}"
+        "RATIO launcher/plain efficiency: "
+        f"{C.fmt(C.spread([a['efficiency'] / b['efficiency'] for a, b in pairs]))}"
     )
     print(
-        f"launcher launch -> first loop entry (base eval) s: {C.fmt(C.spread([r['first_loop_s'] for r in ray]), 1)}"
+        "launcher launch -> first loop entry (base eval) s: "
+        f"{C.fmt(C.spread([r['first_loop_s'] for r in ray]), 1)}"
     )
     print(
         f"launcher launch -> first training epoch (first step) s: "

@@ -178,7 +178,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-se-"))
     print(f"machine: {C.machine()}", flush=True)
     print(
-        f"{args.spec} on {args.data}: {args.trials} trials x {args.epochs} epochs, {args.concurrent} at a time, "
+        f"{args.spec} on {args.data}: {args.trials} trials x {args.epochs} epochs, "
+        f"{args.concurrent} at a time, "
         f"limit_train {args.limit_train}, limit_val {args.limit_val}; work folder {work}",
         flush=True,
     )
@@ -219,7 +220,8 @@ def main() -> None:
         },
     )
     print(
-        f"machine at end: loadavg {C.machine()['loadavg']}; total wall {time.time() - t_start:.0f}s; logs in {work}"
+        f"machine at end: loadavg {C.machine()['loadavg']}; total wall {time.time() - t_start:.0f}s; "
+        f"logs in {work}"
     )
     print(
         f"{'seed':>4} {'R* (random best)':>16} {'asha best':>10} {'random reach':>12} {'asha reach':>10} "
@@ -228,7 +230,8 @@ def main() -> None:
     for s in per_seed:
         print(
             f"{s['seed']:>4} {s['target'] or float('nan'):>16.4f} {s['asha']['best'] or float('nan'):>10.4f} "
-            f"{str(s.get('random_reach')):>12} {str(s.get('asha_reach')):>10} {s['random']['trial_epochs']:>12} "
+            f"{str(s.get('random_reach')):>12} {str(s.get('asha_reach')):>10} "
+            f"{s['random']['trial_epochs']:>12} "
             f"{s['asha']['trial_epochs']:>10}"
         )
     ok = [s for s in per_seed if "ratio_reach" in s]

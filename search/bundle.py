@@ -93,11 +93,11 @@ def describe_structure(model: Any, arch: str, num_classes: int, kwargs: dict[str
     """What distinguishes ``model`` from the plain builder's: frozen BatchNorm layers, swapped
     activations, and (warnings) any other module of a different, non-subclass type."""
     import torch
-    from torchvision.models import get_model
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    with torch.device("meta"):
-        plain = get_model(arch, weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
+    from trainables.models import skeleton
+
+    plain = skeleton(arch, num_classes, kwargs)  # what the bundle's loader builds, on the meta device
     plain_modules = dict(plain.named_modules())
     frozen, swaps, odd = {}, {}, []
     for path, module in model.named_modules():
@@ -254,6 +254,7 @@ def build_bundle(
     params = dict(ckpt.get("params") or {})
     meta: dict[str, Any] = {
         "format": FORMAT,
+        "builder": "search" if "compose" in kwargs else "torchvision",
         "task": cfg.task,
         "arch": cfg.arch,
         "builder_kwargs": kwargs,

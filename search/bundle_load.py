@@ -66,19 +66,47 @@ def _set_module(model: Any, path: str, module: Any) -> None:
     setattr(parent, child, module)
 
 
+def _composed(meta: dict[str, Any]) -> Any:
+    """A composed arch (``builder: search``: a classification backbone under a torchvision head),
+    built by the search package's own code, which must be importable (else use the bundle's
+    ``model.torchscript.pt``)."""
+    try:
+        from trainables import params as P
+        from trainables.config import DataSplit, TrialConfig
+        from trainables.models import build_model
+    except ImportError as exc:
+        raise ImportError(
+            f"{meta['arch']} over a composed backbone needs the 'search' package (trainables) to rebuild; "
+            "install it, or load model.torchscript.pt with load_torchscript()"
+        ) from exc
+    here = Path(".")
+    cfg = TrialConfig(
+        task=meta["task"],
+        arch=meta["arch"],
+        train=DataSplit(here, here),
+        val=DataSplit(here, here),
+        out_dir=here,
+        model_kwargs=dict(meta.get("builder_kwargs") or {}),
+    )
+    return build_model(cfg, P.resolve({}), int(meta["num_classes"]))[0]
+
+
 def build(meta: dict[str, Any]) -> Any:
-    """The bundle's model with random weights: torchvision builder + the recorded module swaps."""
+    """The bundle's model with random weights: the builder + the recorded module swaps."""
     import torch
     from torchvision.models import get_model
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    model = get_model(
-        meta["arch"],
-        weights=None,
-        weights_backbone=None,
-        num_classes=int(meta["num_classes"]),
-        **dict(meta.get("builder_kwargs") or {}),
-    )
+    if meta.get("builder", "torchvision") == "search":
+        model = _composed(meta)
+    else:
+        model = get_model(
+            meta["arch"],
+            weights=None,
+            weights_backbone=None,
+            num_classes=int(meta["num_classes"]),
+            **dict(meta.get("builder_kwargs") or {}),
+        )
     for path, spec in (meta.get("frozen_batchnorm") or {}).items():
         old = model.get_submodule(path)
         _set_module(model, path, FrozenBatchNorm2d(old.num_features, eps=float(spec.get("eps", 1e-5))))

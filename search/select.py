@@ -45,7 +45,10 @@ def load_study_spec(exp_dir: Path) -> Any:
     path = Path(exp_dir) / S.SPEC_FILE
     if not path.is_file():
         raise SelectError(f"{exp_dir} has no {S.SPEC_FILE}: not an experiment folder made by 'search launch'")
-    return build_spec(read_yaml(path), Path(exp_dir), source=path)
+    raw = read_yaml(path)
+    if isinstance(raw.get("model"), dict):  # a full dump lists unset optional keys as null: drop them
+        raw["model"] = {k: v for k, v in raw["model"].items() if v is not None}
+    return build_spec(raw, Path(exp_dir), source=path)
 
 
 def _num(value: Any) -> float | None:

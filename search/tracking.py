@@ -532,7 +532,6 @@ class WriteQueue:
         self._busy = False
         self._client: Any = None
         self._experiment_id: str | None = None
-        self._attempted: set[int] = set()
         self.thread = threading.Thread(target=self._loop, name="mlflow-writer", daemon=True)
 
     # -- producer side
@@ -620,7 +619,6 @@ class WriteQueue:
                         redact(self.uri),
                         _short_reason(str(exc)),
                     )
-                self._attempted.add(id(op))
                 with self.cond:
                     self._busy = False
                     self.cond.notify_all()
@@ -753,11 +751,12 @@ class WriteQueue:
         tags["search.run_key"] = run_key
         if op.get("parent"):
             tags["mlflow.parentRunId"] = self._run_id(op["parent"])
-        if id(op) in self._attempted:  # an earlier attempt may have created it before failing
+        if op.get("tried"):  # an earlier attempt may have created it before its answer was lost
             found = mlc.search_runs([exp_id], f"tags.`search.run_key` = '{run_key}'", max_results=1)
             if found:
                 self.runs.set_run(key, found[0].info.run_id)
                 return
+        op["tried"] = True  # kept in the op (and the pending file): a retry looks before creating again
         run = mlc.create_run(exp_id, start_time=op.get("ts"), tags=tags, run_name=op.get("name"))
         self.runs.set_run(key, run.info.run_id)
 

@@ -46,7 +46,7 @@ FAST = {
 }
 BACKBONES = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
              "convnext_tiny", "regnet_y_400mf"]
-SLOW_BACKBONES = {("convnext_tiny", True), ("convnext_tiny", False), ("efficientnet_b0", False),
+SLOW_BACKBONES = {("convnext_tiny", False), ("efficientnet_b0", False),
                   ("mobilenet_v3_large", False)}
 OTHER_HEADS = [  # (arch, backbone, fpn)
     ("retinanet", "regnet_y_400mf", True),

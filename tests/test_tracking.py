@@ -287,6 +287,39 @@ def test_write_queue_keeps_unwritten_records_when_store_is_down(tmp_path):
     assert again.load_pending() == 2
 
 
+def test_lost_answer_to_create_run_makes_no_duplicate(tmp_path):
+    """The store created the run but its answer was lost (connection cut): the retry, in this
+    process or after a restart (pending file), finds that run instead of creating a second one."""
+    uri = tracking.default_uri(tmp_path)
+    real = tracking.client(uri)
+
+    class LosesFirstAnswer:
+        def __init__(self):
+            self.lost = 0
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def create_run(self, *args, **kwargs):
+            run = real.create_run(*args, **kwargs)
+            if self.lost == 0:
+                self.lost += 1
+                raise ConnectionError("connection reset while reading the answer")
+            return run
+
+    runs = tracking.RunMap(tmp_path)
+    queue = tracking.WriteQueue(uri, "lost", runs, tmp_path / tracking.PENDING_FILE, backoff=0.05)
+    queue._client = LosesFirstAnswer()
+    queue.start()
+    queue.put({"op": "open_run", "key": "parent", "name": "p", "tags": {}})
+    queue.put({"op": "status", "key": "parent", "status": "FINISHED"})
+    assert queue.close(timeout=20) == [] and queue.failures == 1
+    exp_id = real.get_experiment_by_name("lost").experiment_id
+    found = real.search_runs([exp_id], "")
+    assert len(found) == 1 and found[0].info.run_id == runs.run_id("parent")
+    assert found[0].info.status == "FINISHED"
+
+
 # ---------------------------------------------------------------- the tracker in real Tune runs
 
 
