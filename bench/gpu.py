@@ -126,6 +126,8 @@ def trials_arm(n: int, conc: int, args: argparse.Namespace, work: Path) -> dict:
                     "epochs": args.epochs,
                     "threads": args.threads,
                     "workers": args.workers,
+                    "limit": args.limit,
+                    "device": args.device,
                     "params": PARAM_LIST[i % len(PARAM_LIST)],
                 }
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--one-trial", json.dumps(spec)]
@@ -141,6 +143,10 @@ def trials_arm(n: int, conc: int, args: argparse.Namespace, work: Path) -> dict:
                 after.append(MemSampler.read())
         wall = time.time() - t0
     used = [m for _, m in mem.samples if m is not None]
+    for r in results:
+        if "error" in r:
+            print(f"  trial error: {r['error'][-300:]}", flush=True)
+            break
     return {
         "trials": n,
         "concurrent": conc,

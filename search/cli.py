@@ -62,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=None, help="trial folder (default <output_dir>/<name>/local/<time>)"
     )
     p.add_argument(
-        "--weights-out", type=Path, default=None, metavar="FILE",
+        "--weights-out",
+        type=Path,
+        default=None,
+        metavar="FILE",
         help="also write the best epoch's full weights as a plain state_dict (a base for other specs)",
     )
     p.add_argument("--half", action="store_true", help="with --weights-out: store floating tensors in fp16")
@@ -72,10 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(p)
     p.add_argument("--name", default=None, help="experiment name (default: the spec's name)")
     p.add_argument("--address", default=None, help="join an existing Ray cluster (HOST:PORT or auto)")
-    p.add_argument("--dry-run", action="store_true", help="build each branch's model, run one batch, print "
-                   "the plan and exit without training")
-    p.add_argument("--keep-top", type=int, default=None, metavar="K",
-                   help="at the end, delete the checkpoints of trials outside the top K")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build each branch's model, run one batch, print the plan and exit without training",
+    )
+    p.add_argument(
+        "--keep-top",
+        type=int,
+        default=None,
+        metavar="K",
+        help="at the end, delete the checkpoints of trials outside the top K",
+    )
     p.add_argument("--json", action="store_true", help="print the summary (or plan) as one JSON object")
     p.set_defaults(func=cmd_launch, verbose_log=False)
 
@@ -90,8 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", type=Path, default=None, help="where NAME lives (default ./runs)")
     p.add_argument("--restart-errored", action="store_true", help="also restart errored trials from scratch")
     p.add_argument("--address", default=None, help="join an existing Ray cluster (HOST:PORT or auto)")
-    p.add_argument("--keep-top", type=int, default=None, metavar="K",
-                   help="at the end, delete the checkpoints of trials outside the top K")
+    p.add_argument(
+        "--keep-top",
+        type=int,
+        default=None,
+        metavar="K",
+        help="at the end, delete the checkpoints of trials outside the top K",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.set_defaults(func=cmd_resume, verbose_log=False)
 
@@ -200,7 +216,9 @@ def cmd_trial(args: argparse.Namespace) -> int:
     if args.weights_out and result.get("status") == "ok":
         from trainables.checkpoint import load_trained, save_weights
 
-        model = load_trained(cfg, trial_params.resolve(chosen), spec.num_classes + 1, Path(result["checkpoint"]))
+        model = load_trained(
+            cfg, trial_params.resolve(chosen), spec.num_classes + 1, Path(result["checkpoint"])
+        )
         result["weights_out"] = str(save_weights(model, args.weights_out, half=args.half))
     if args.json:
         print(json.dumps(result, default=str))
@@ -247,7 +265,6 @@ def _print_trial(result: dict) -> None:
     print(f"checkpoint: {result.get('checkpoint')}")
 
 
-
 def cmd_launch(args: argparse.Namespace) -> int:
     if args.keep_top is not None and args.keep_top < 0:
         raise BadInput(f"--keep-top must be >= 0, but got {args.keep_top}.")
@@ -272,8 +289,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from search.study import resolve_experiment
 
     exp_dir = resolve_experiment(args.name, args.output_dir)
-    summary = launcher.resume(exp_dir, restart_errored=args.restart_errored, address=args.address,
-                              keep_top=args.keep_top)
+    summary = launcher.resume(
+        exp_dir, restart_errored=args.restart_errored, address=args.address, keep_top=args.keep_top
+    )
     return _finish(summary, args.json)
 
 
@@ -294,22 +312,28 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(obj, default=str))
         return EXIT_OK
     metric = obj["metric"]
-    print(f"study {obj['name']} ({obj.get('status')}): {len(obj['trials'])} trial(s), objective {metric} "
-          f"({obj['mode']}), base model {metric} {_fmt(obj.get('base_metric'))}, "
-          f"updated {obj.get('updated')}")
+    print(
+        f"study {obj['name']} ({obj.get('status')}): {len(obj['trials'])} trial(s), objective {metric} "
+        f"({obj['mode']}), base model {metric} {_fmt(obj.get('base_metric'))}, "
+        f"updated {obj.get('updated')}"
+    )
     print(f"{'trial':<13} {'state':<10} {'epochs':>6} {'best':>9} {'disk':>9}  params / checkpoint")
     for t in obj["trials"]:
         params = " ".join(f"{k}={_fmt(v)}" for k, v in t.get("params", {}).items())
-        print(f"{t['id']:<13} {t['state']:<10} {t.get('epochs', 0):>6} {_fmt(t.get('best_metric')):>9} "
-              f"{human_bytes(t.get('disk_bytes')):>9}  {params}")
+        print(
+            f"{t['id']:<13} {t['state']:<10} {t.get('epochs', 0):>6} {_fmt(t.get('best_metric')):>9} "
+            f"{human_bytes(t.get('disk_bytes')):>9}  {params}"
+        )
         if t.get("checkpoint"):
             print(f"{'':<42}{t['checkpoint']}")
         if t.get("error"):
             print(f"{'':<42}error: {t['error']}")
     best = obj.get("best")
     if best:
-        print(f"best: {best['id']} {metric}={_fmt(best['best_metric'])} at epoch {best.get('best_epoch')}, "
-              f"checkpoint {best.get('checkpoint')}")
+        print(
+            f"best: {best['id']} {metric}={_fmt(best['best_metric'])} at epoch {best.get('best_epoch')}, "
+            f"checkpoint {best.get('checkpoint')}"
+        )
     else:
         print("best: none yet")
     return EXIT_OK
@@ -319,6 +343,7 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "-" if value is None else str(value)
+
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -33,6 +33,7 @@ import yaml
 from ray.tune.stopper import Stopper
 
 from search import study as S
+from search import tracking
 from search.spec import NAME, Spec, build_spec
 
 log = logging.getLogger(__name__)
@@ -312,7 +313,9 @@ def resume_command(exp_dir: Path) -> str:
 
 
 def write_spec(spec: Spec, exp_dir: Path) -> None:
-    raw = spec.model_dump(mode="json")
+    # Only what differs from the defaults: the reloaded spec then sees the keys the user set
+    # (model_fields_set), as the original did.
+    raw = spec.model_dump(mode="json", exclude_defaults=True)
     S.atomic_write_text(exp_dir / S.SPEC_FILE, yaml.safe_dump(raw, sort_keys=False))
     space = json.dumps(spec.search_space.describe(), indent=1, default=str)
     S.atomic_write_text(exp_dir / S.SPACE_FILE, space)
@@ -326,15 +329,8 @@ def read_spec(exp_dir: Path) -> Spec:
 
 
 def _tracking_callbacks(spec: Spec, exp_dir: Path, resume: bool) -> list:
-    """The MLflow callback from ``search.tracking.make_callback`` when that module exists."""
-    try:
-        from search import tracking  # type: ignore[attr-defined]
-    except ImportError:
-        return []
-    make = getattr(tracking, "make_callback", None)
-    if make is None:
-        return []
-    cb = make(spec, exp_dir, resume)
+    """The MLflow callback (none when ``SEARCH_NO_MLFLOW=1``)."""
+    cb = tracking.make_callback(spec, exp_dir, resume)
     return [] if cb is None else [cb]
 
 
@@ -377,6 +373,7 @@ def launch(spec: Spec, *, name: str | None = None, address: str | None = None, e
     if (exp_dir / S.STUDY_FILE).exists() or (exp_dir / "tuner.pkl").exists():
         raise ExperimentExists(f"experiment folder {exp_dir} already holds a study. Resume it with "
                                f"'{resume_command(exp_dir)}', or launch with --name NEW_NAME.")
+    tracking.check_tracking(spec)  # an unreachable tracking server fails before Ray starts
     started = connect(address or spec.resources.address)
     try:
         cluster = check_cluster_storage(exp_dir.parent)
@@ -421,6 +418,7 @@ def resume(exp_dir: Path, *, restart_errored: bool = False, address: str | None 
     if previous and restart_errored:  # Ray reruns them as new trials (new ids, same config)
         errored = [k for k, t in previous["trials"].items() if t["state"] == S.ERROR]
         previous.setdefault("restarted_errored", []).extend(previous["trials"].pop(k) for k in errored)
+    tracking.check_tracking(spec)
     started = connect(address or spec.resources.address)
     try:
         cluster = check_cluster_storage(exp_dir.parent)
@@ -515,16 +513,10 @@ def summarize(exp_dir: Path) -> dict[str, Any]:
 
 def mlflow_hint(spec: Spec) -> str:
     """How to open the study's MLflow records."""
-    uri = spec.tracking.uri or f"sqlite:///{Path(spec.output_dir).resolve() / 'mlflow.db'}"
-    try:
-        from search import tracking
-
-        uri = tracking.tracking_uri(spec)
-    except (ImportError, AttributeError):
-        pass
+    uri = tracking.tracking_uri(spec)
     if uri.split(":", 1)[0].lower() in ("http", "https"):
         return f"open {uri} (experiment {spec.tracking.experiment or spec.name})"
-    return f"mlflow ui --backend-store-uri {uri} --workers 1  (then open http://127.0.0.1:5000)"
+    return f"python -m search ui {experiment_dir(spec)}"
 
 
 def print_summary(summary: dict[str, Any], spec: Spec | None = None) -> None:

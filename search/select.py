@@ -8,6 +8,7 @@ training; a trial that swaps activations evaluates a modified base, which only s
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 from pathlib import Path
@@ -46,8 +47,15 @@ def load_study_spec(exp_dir: Path) -> Any:
     if not path.is_file():
         raise SelectError(f"{exp_dir} has no {S.SPEC_FILE}: not an experiment folder made by 'search launch'")
     raw = read_yaml(path)
-    if isinstance(raw.get("model"), dict):  # a full dump lists unset optional keys as null: drop them
-        raw["model"] = {k: v for k, v in raw["model"].items() if v is not None}
+    model = raw.get("model")
+    if isinstance(model, dict):  # a full dump lists keys the user never set, at their defaults: drop them
+        from search.spec import ModelSection
+
+        for key, field in ModelSection.model_fields.items():
+            if key in model and not field.is_required():
+                default = json.dumps(field.get_default(call_default_factory=True), default=str)
+                if model[key] is None or json.dumps(model[key], default=str) == default:
+                    del model[key]
     return build_spec(raw, Path(exp_dir), source=path)
 
 

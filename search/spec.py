@@ -55,8 +55,16 @@ class ModelSection(_Section):
     frozen_batchnorm: bool | None = None  # default: true when weights_backbone is given
 
     COMPOSE_FIELDS: ClassVar[tuple[str, ...]] = (
-        "backbone", "fpn", "feature_layers", "fpn_channels", "anchor_sizes", "aspect_ratios",
-        "roi_output_size", "roi_sampling_ratio", "mask_roi_output_size", "frozen_batchnorm",
+        "backbone",
+        "fpn",
+        "feature_layers",
+        "fpn_channels",
+        "anchor_sizes",
+        "aspect_ratios",
+        "roi_output_size",
+        "roi_sampling_ratio",
+        "mask_roi_output_size",
+        "frozen_batchnorm",
     )
 
     @field_validator("weights", "weights_backbone", mode="before")
@@ -416,6 +424,22 @@ def _resolve_paths(spec: Spec, base: Path) -> None:
         if value is not None and not ENUM_NAME.fullmatch(value) and "://" not in value and ":/" not in value:
             setattr(spec.model, attr, str((base / value).resolve()))
     spec.output_dir = (base / spec.output_dir).resolve()
+    for attr in ("weights", "weights_backbone"):
+        value = getattr(spec.model, attr)
+        if value and value.startswith(("models:/", "runs:/")):
+            setattr(spec.model, attr, _registry_file(spec, attr, value))
+
+
+def _registry_file(spec: Spec, attr: str, uri: str) -> str:
+    """The local weights file of a promoted model (``models:/NAME@ALIAS``) or a run artifact."""
+    from search.tracking import RegistryError, resolve_model_uri, tracking_uri
+
+    try:
+        return str(resolve_model_uri(uri, tracking_uri(spec), cache_dir=spec.output_dir / ".registry"))
+    except RegistryError as exc:
+        raise SpecError(
+            f"model.{attr}", str(exc), "promote a model first, or fix the URI or tracking.uri."
+        ) from None
 
 
 def _family(spec: Spec) -> families.Family:
@@ -441,11 +465,12 @@ def _check_model(spec: Spec) -> None:
             raise SpecError(f"model.trainable_sets.{name}", "lists no pattern.", "add glob patterns.")
     for attr in ("weights", "weights_backbone"):
         value = getattr(spec.model, attr)
-        if value and ("://" in value or value.startswith(("models:/", "runs:/"))):
+        if value and "://" in value:
             raise SpecError(
                 f"model.{attr}",
-                f"registry and remote URIs are not supported, but got {value!r}.",
-                "use a torchvision enum name (e.g. DEFAULT), a local file, or none.",
+                f"remote URIs are not supported, but got {value!r}.",
+                "use a torchvision enum name (e.g. DEFAULT), a local file, models:/NAME@ALIAS, runs:/ID/PATH "
+                "or none.",
             )
 
 
@@ -514,8 +539,10 @@ def _check_composition(spec: Spec, fam: families.Family) -> None:
                 f"heads), not {m.arch}.",
                 "remove it.",
             )
-    n_layers = len(m.feature_layers) if m.feature_layers is not None else (
-        families.default_feature_layer_count(fam, fpn)
+    n_layers = (
+        len(m.feature_layers)
+        if m.feature_layers is not None
+        else (families.default_feature_layer_count(fam, fpn))
     )
     problem = families.anchor_problem(fam, fpn, n_layers, m.anchor_sizes, m.aspect_ratios)
     if problem:
@@ -723,8 +750,10 @@ def _check_backbone(name: str) -> None:
     if name in valid:
         return
     why = next((w for prefix, w in compose.UNSUPPORTED.items() if name.startswith(prefix)), None)
-    problem = f"{name!r} does not compose: {why}." if why else (
-        f"unknown classification backbone {name!r}.{did_you_mean(name, valid)}"
+    problem = (
+        f"{name!r} does not compose: {why}."
+        if why
+        else (f"unknown classification backbone {name!r}.{did_you_mean(name, valid)}")
     )
     raise SpecError("model.backbone", problem, f"use one of: {', '.join(valid)}.")
 

@@ -497,3 +497,10 @@ def test_bundled_composed_spec_runs_a_short_trial(tmp_path, hub):
     want = torch.load(SHARED_MOBILENET_V2, map_location="cpu", weights_only=True)
     got = model.state_dict()["backbone.body.3.conv.0.0.weight"]
     assert torch.equal(got, want["features.3.conv.0.0.weight"])
+    # export: the bundle rebuilds the composition and reproduces the trial model's outputs
+    from search import bundle
+
+    meta = bundle.build_bundle(cfg, Path(result["checkpoint"]), spec.class_names, tmp_path / "bundle")
+    assert meta["arch"] == "fasterrcnn" and meta["builder"] == "search"
+    loaded, _ = bundle.load_bundle(tmp_path / "bundle")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())

@@ -296,7 +296,13 @@ INVALID = [
     ("grid-needs-steps", {"search.algorithm": "grid"}, "space.lr", "grid"),
     ("cpu-zero", {"resources.cpu": 0}, "resources.cpu", "greater than"),
     ("weights-missing-file", {"model.weights": "/nonexistent/w.pt"}, "model.weights", "does not exist"),
-    ("weights-registry", {"model.weights": "models:/det@champion"}, "model.weights", "not supported"),
+    (
+        "weights-registry-unknown",
+        {"model.weights": "models:/no-such-model@champion", "output_dir": "/tmp/search-spec-test"},
+        "model.weights",
+        "promote a model first",
+    ),
+    ("weights-remote", {"model.weights": "https://example.invalid/w.pt"}, "model.weights", "not supported"),
     ("section-not-mapping", {"train": 5}, "train", "mapping"),
 ]
 

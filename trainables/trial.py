@@ -117,8 +117,16 @@ def _build_data(cfg: TrialConfig, params: dict[str, Any]) -> tuple[Any, Any, Any
             ds = data.CocoSemantic(index, tf, limit=limit)
         else:
             ds = data.CocoDetection(index, tf, with_masks=cfg.task == "instance_segmentation", limit=limit)
-        loaders.append(data.make_loader(ds, cfg.batch_size, shuffle=train, workers=cfg.workers, seed=cfg.seed,
-                                       pin_memory=pick_device(cfg.device).type == "cuda"))
+        loaders.append(
+            data.make_loader(
+                ds,
+                cfg.batch_size,
+                shuffle=train,
+                workers=cfg.workers,
+                seed=cfg.seed,
+                pin_memory=pick_device(cfg.device).type == "cuda",
+            )
+        )
     return train_index, val_index, loaders[0], loaders[1]
 
 
@@ -157,8 +165,14 @@ def run_trial(
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     freeze_info = {k: v for k, v in dataclasses.asdict(frep).items() if k != "trainable_names"}
-    log.info("trainable set %r: %d params trainable, %d frozen (%d/%d tensors)", params["trainable"],
-             n_train, n_frozen, frep.trainable_tensors, frep.frozen_tensors)
+    log.info(
+        "trainable set %r: %d params trainable, %d frozen (%d/%d tensors)",
+        params["trainable"],
+        n_train,
+        n_frozen,
+        frep.trainable_tensors,
+        frep.frozen_tensors,
+    )
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -171,6 +185,7 @@ def run_trial(
     # Trainable-only checkpoints need a base that rebuilds the frozen part; random init does not.
     trainable_only = not cfg.keep_full_checkpoint and bool(cfg.weights or cfg.weights_backbone)
     gens = _generators(train_loader)
+    counts = {"trainable_params": n_train, "frozen_params": n_frozen}  # in every report
 
     history: list[dict[str, Any]] = []
     base_metric = best_metric = best_epoch = None
@@ -197,20 +212,29 @@ def run_trial(
             raise ValueError(f"metric {cfg.metric!r} is not one of {sorted(metrics)}")
         base_metric = metrics[cfg.metric]
         history.append({"epoch": 0, **metrics})
-        report({"epoch": 0, **metrics, "base_metric": base_metric}, None)
+        report({"epoch": 0, **metrics, "base_metric": base_metric, **counts}, None)
 
     status, diverged = "ok", None
     for epoch in range(start, cfg.epochs + 1):
         try:
             stats = engine.train_one_epoch(
-                model, train_loader, optimizer, scheduler,
-                device=device, params=params, amp_dtype=amp_dtype, scaler=scaler,
+                model,
+                train_loader,
+                optimizer,
+                scheduler,
+                device=device,
+                params=params,
+                amp_dtype=amp_dtype,
+                scaler=scaler,
             )
         except engine.Diverged as exc:
             log.warning("epoch %d diverged: %s", epoch, exc)
             status, diverged = "diverged", {"epoch": epoch, "step": exc.step, "losses": exc.losses}
             worst = -math.inf if cfg.mode == "max" else math.inf
-            report({"epoch": epoch, "diverged": 1, cfg.metric: worst, "step": exc.step, **exc.losses}, None)
+            report(
+                {"epoch": epoch, "diverged": 1, cfg.metric: worst, "step": exc.step, **exc.losses, **counts},
+                None,
+            )
             break
         metrics = engine.evaluate(model, val_loader, val_index, device=device, task=cfg.task)
         if cfg.metric not in metrics:
@@ -221,18 +245,28 @@ def run_trial(
         if is_best:
             best_metric, best_epoch = metrics[cfg.metric], epoch
         extra = {
-            "history": history, "base_metric": base_metric, "best_metric": best_metric,
-            "best_epoch": best_epoch, "loader_rng": [g.get_state() for g in gens],
+            "history": history,
+            "base_metric": base_metric,
+            "best_metric": best_metric,
+            "best_epoch": best_epoch,
+            "loader_rng": [g.get_state() for g in gens],
             "scaler": scaler.state_dict() if scaler is not None else None,
         }
         latest = checkpoint.save(
-            ckpt_dir / checkpoint.LATEST, model=model, optimizer=optimizer, scheduler=scheduler,
-            epoch=epoch, metrics=row, params=params, base_sha256=base_sha,
-            trainable_only=trainable_only, extra=extra,
+            ckpt_dir / checkpoint.LATEST,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            epoch=epoch,
+            metrics=row,
+            params=params,
+            base_sha256=base_sha,
+            trainable_only=trainable_only,
+            extra=extra,
         )
         if is_best:
             checkpoint.copy(latest, ckpt_dir / checkpoint.BEST)
-        report(dict(row), ckpt_dir)
+        report({**row, **counts}, ckpt_dir)
 
     for key, path in files.items():
         if sha256_file(path) != shas[key]:
@@ -250,9 +284,13 @@ def run_trial(
         "frozen_params": n_frozen,
         "diverged": diverged,
         "build": {
-            **build, "freeze": freeze_info, "num_classes": num_classes, "device": str(device),
+            **build,
+            "freeze": freeze_info,
+            "num_classes": num_classes,
+            "device": str(device),
             "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else "off",
-            "base_sha256": shas, "trainable_only_checkpoints": trainable_only,
+            "base_sha256": shas,
+            "trainable_only_checkpoints": trainable_only,
         },
         "param_groups": groups_log,
     }
