@@ -25,6 +25,7 @@ import socket
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from ray.tune.stopper import Stopper
 
 from search import study as S
 from search import tracking
+from search.errors import SpecError
 from search.spec import NAME, Spec, build_spec
 
 log = logging.getLogger(__name__)
@@ -200,13 +202,13 @@ def num_samples(spec: Spec) -> int:
 # ---------------------------------------------------------------- cluster and storage
 
 
-def _check_reachable(address: str, timeout: float = 3.0) -> None:
+def _check_reachable(address: str, timeout: float = 3.0, key: str = "--address") -> None:
     if address in ("auto", "local"):
         return
     hostport = address.split("://", 1)[-1].rstrip("/")
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
-        raise ClusterError(f"--address {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379, or auto).")
+        raise ClusterError(f"{key} {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379, or auto).")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
             pass
@@ -214,6 +216,38 @@ def _check_reachable(address: str, timeout: float = 3.0) -> None:
         raise ClusterError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}). Start it "
                            f"with 'ray start --head --port {port}' or fix --address/resources.address."
                            ) from None
+
+
+def preflight(spec: Spec, address: str | None, weights: bool = True) -> None:
+    """Checks run before Ray starts or anything is written, cheapest first: the Ray address
+    answers (:class:`ClusterError`); the base weights load with ``weights_only`` and fit the model
+    (:class:`SpecError`); the MLflow store answers (SpecError on ``tracking.uri``). The store check
+    comes last because for SQLite it creates the folder of ``mlflow.db``."""
+    if address or spec.resources.address:
+        key = "--address" if address else "resources.address"
+        _check_reachable(address or spec.resources.address, key=key)
+    if weights and (spec.model.weights or spec.model.weights_backbone):
+        check_weights(spec)
+    tracking.check_tracking(spec)
+
+
+def check_weights(spec: Spec) -> None:
+    """Build the model once on the CPU from the spec's base weights (parameter defaults): a file
+    that ``torch.load(weights_only=True)`` refuses, one that does not fit the architecture (its
+    missing/unexpected keys in the message), or an enum whose file is not in the hub cache is a
+    :class:`SpecError` on ``model.weights`` (or ``model.weights_backbone``), not N failed trials."""
+    from trainables import models
+    from trainables import params as P
+
+    cfg = spec.trial_config(out_dir=Path("."), threads=1)
+    try:
+        with warnings.catch_warnings():  # e.g. torch's pickle-protocol warning before a refusal
+            warnings.simplefilter("ignore")
+            models.build_model(cfg, P.resolve({}), spec.num_classes + 1)
+    except models.WeightsError as exc:
+        key = "model.weights" if spec.model.weights else "model.weights_backbone"
+        raise SpecError(key, " ".join(str(exc).split()), "use a weights file of this architecture, an enum "
+                        "whose file is in the torch hub cache, or none.") from None
 
 
 def connect(address: str | None) -> bool:
@@ -367,13 +401,14 @@ def launch(spec: Spec, *, name: str | None = None, address: str | None = None, e
 
     if name:
         if not NAME.fullmatch(name):
-            raise ValueError(f"--name must be letters, digits, '_', '-' or '.', but got {name!r}")
+            raise SpecError("--name", f"must be letters, digits, '_', '-' or '.', starting with a letter or "
+                            f"digit, but got {name!r}.", "choose another experiment name.")
         spec.name = name
     exp_dir = experiment_dir(spec)
     if (exp_dir / S.STUDY_FILE).exists() or (exp_dir / "tuner.pkl").exists():
         raise ExperimentExists(f"experiment folder {exp_dir} already holds a study. Resume it with "
                                f"'{resume_command(exp_dir)}', or launch with --name NEW_NAME.")
-    tracking.check_tracking(spec)  # an unreachable tracking server fails before Ray starts
+    preflight(spec, address, weights=True)  # bad input fails before Ray starts or anything is written
     started = connect(address or spec.resources.address)
     try:
         cluster = check_cluster_storage(exp_dir.parent)
@@ -418,7 +453,7 @@ def resume(exp_dir: Path, *, restart_errored: bool = False, address: str | None 
     if previous and restart_errored:  # Ray reruns them as new trials (new ids, same config)
         errored = [k for k, t in previous["trials"].items() if t["state"] == S.ERROR]
         previous.setdefault("restarted_errored", []).extend(previous["trials"].pop(k) for k in errored)
-    tracking.check_tracking(spec)
+    preflight(spec, address, weights=False)
     started = connect(address or spec.resources.address)
     try:
         cluster = check_cluster_storage(exp_dir.parent)

@@ -432,8 +432,19 @@ def _resolve_paths(spec: Spec, base: Path) -> None:
 
 def _registry_file(spec: Spec, attr: str, uri: str) -> str:
     """The local weights file of a promoted model (``models:/NAME@ALIAS``) or a run artifact."""
+    import logging
+
     from search.tracking import RegistryError, resolve_model_uri, tracking_uri
 
+    store = tracking_uri(spec)
+    if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
+        raise SpecError(
+            f"model.{attr}",
+            f"cannot resolve {uri}: the tracking store {store} does not exist.",
+            "set tracking.uri to the store the model was promoted in.",
+        )
+    for name in ("mlflow", "alembic"):  # their INFO lines would break one-line errors
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return str(resolve_model_uri(uri, tracking_uri(spec), cache_dir=spec.output_dir / ".registry"))
     except RegistryError as exc:

@@ -290,7 +290,7 @@ def test_time_budget(ray_local, data_dir):
     budget = 20
     path = write_spec(data_dir, "budget", {"lr": {"choices": [0.01]}},
                       {"algorithm": "random", "scheduler": "none", "num_trials": 8, "time_budget": budget},
-                      epochs=3)
+                      epochs=30)  # far longer than the budget: a running trial must be cut by it
     os.environ["SEARCH_NO_MLFLOW"] = "1"
     try:
         t0 = time.time()

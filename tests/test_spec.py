@@ -298,9 +298,9 @@ INVALID = [
     ("weights-missing-file", {"model.weights": "/nonexistent/w.pt"}, "model.weights", "does not exist"),
     (
         "weights-registry-unknown",
-        {"model.weights": "models:/no-such-model@champion", "output_dir": "/tmp/search-spec-test"},
+        {"model.weights": "models:/no-such-model@champion", "output_dir": "no-store"},
         "model.weights",
-        "promote a model first",
+        "does not exist",
     ),
     ("weights-remote", {"model.weights": "https://example.invalid/w.pt"}, "model.weights", "not supported"),
     ("section-not-mapping", {"train": 5}, "train", "mapping"),

@@ -26,6 +26,7 @@ RNG states are stored as tensors and lists of ints so that ``weights_only`` load
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -159,9 +160,27 @@ def find(path: Path) -> Path:
     raise FileNotFoundError(f"no checkpoint at {path} (looked for {LATEST} there and in checkpoints/)")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file."""
+
+
 def load(path: Path) -> dict[str, Any]:
-    """Load a checkpoint on the CPU with ``weights_only=True``."""
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+    """Load a checkpoint on the CPU with ``weights_only=True``: a file holding more than tensors and
+    plain containers (a pickle that could run code) is refused, unread, with :class:`CheckpointError`."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
+        raise CheckpointError(
+            f"checkpoint {path} was refused by torch.load(weights_only=True): it holds more than tensors and "
+            f"plain containers (a pickle that could run code), so it was not loaded ({why[:200]})"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise CheckpointError(f"checkpoint {path} cannot be read: {str(exc).splitlines()[0][:300]}") from None
 
 
 def restore(model: torch.nn.Module, optimizer: Any, scheduler: Any, ckpt: dict[str, Any]) -> int:

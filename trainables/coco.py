@@ -159,7 +159,7 @@ def image_size_from_file(path: Path) -> tuple[int, int]:
         with Image.open(path) as img:
             w, h = img.size
             orientation = img.getexif().get(0x0112, 1)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(f"{path}: cannot read image header: {e}") from e
     return (h, w) if orientation in _EXIF_TRANSPOSED else (w, h)
 

@@ -32,18 +32,28 @@ from trainables.coco import CocoIndex, DatasetError, ImageRecord, segmentation_t
 
 IGNORE_INDEX = 255
 _SEMANTIC = "semantic_segmentation"
+_CONVERTED: dict[str, set[str]] = {}  # decoded mode other than RGB -> image paths (this process)
 
 
 def read_image(path: Path) -> tv_tensors.Image:
-    """Decode ``path`` to a float32 RGB (3, H, W) image in [0, 1]; DatasetError names a bad file."""
+    """Decode ``path`` to a float32 RGB (3, H, W) image in [0, 1]; DatasetError names a bad file.
+    Images of another mode than RGB are counted (:func:`converted_images`)."""
     try:
         with Image.open(path) as img:
             img.load()
             img = ImageOps.exif_transpose(img)
+            if img.mode != "RGB":
+                _CONVERTED.setdefault(img.mode, set()).add(str(path))
             arr = _to_rgb_float(img)
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(f"{path}: cannot decode image: {e}") from e
     return tv_tensors.Image(torch.from_numpy(arr).permute(2, 0, 1).contiguous())
+
+
+def converted_images() -> dict[str, int]:
+    """How many distinct images of each non-RGB mode (L, RGBA, P, I;16, ...) this process decoded to
+    RGB so far (DataLoader worker processes count their own)."""
+    return {mode: len(paths) for mode, paths in sorted(_CONVERTED.items())}
 
 
 def _to_rgb_float(img: Image.Image) -> np.ndarray:

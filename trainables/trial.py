@@ -268,6 +268,10 @@ def run_trial(
             checkpoint.copy(latest, ckpt_dir / checkpoint.BEST)
         report({**row, **counts}, ckpt_dir)
 
+    converted = data.converted_images()
+    if converted:
+        log.info("images decoded as RGB from other modes: %s",
+                 " ".join(f"{mode}={n}" for mode, n in converted.items()))
     for key, path in files.items():
         if sha256_file(path) != shas[key]:
             raise RuntimeError(f"base weights file {path} changed during the trial ({key})")

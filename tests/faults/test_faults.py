@@ -1,0 +1,617 @@
+"""Faults a multi-day study must survive (issue 7), each against real processes (slow):
+
+1. a trial raises: the study completes; the trial is ERROR, FAILED in MLflow with the reason, FAIL
+   in Optuna;
+2. a NaN loss: the trial ends DIVERGED and is not retried;
+3. a trial's worker process is SIGKILLed mid-epoch: retried from its last checkpoint, it finishes;
+   its MLflow run continues (one run, each epoch once);
+4. the launcher is SIGKILLed mid-study (with its whole process group: the local Ray cluster dies
+   too): ``resume`` finishes every trial; one MLflow run per trial, none RUNNING; the Optuna study
+   has no duplicate or lost trial; results completed before the kill are unchanged;
+5. the MLflow server (a real ``mlflow server``) is stopped mid-study and restarted on the same
+   port and store: no trial dies; the records written while it was down arrive afterwards (or are
+   reported missing and replayed).
+
+After each: the base weights file's sha256 is unchanged, and the best trial's checkpoint loads and
+evaluates to its recorded metric. Every study is a real ``python -m search launch`` process with a
+real local Ray (its own TMPDIR, so its processes can be found and cleaned up), a real MLflow store,
+tiny data (tests/tinydata.py), ssdlite320 from a state_dict FILE, image_size 96.
+
+Figures for ``tests/faults/summary`` are recorded with ``record_property`` (runs expected/lost/
+duplicated, RUNNING runs, metric points missing/duplicated, Optuna extra/missing trials).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from search import study as S
+from tests.faults.common import closed_port, env, sha256, short_tmp
+from tests.tinydata import make_tiny_coco
+
+pytestmark = pytest.mark.slow
+
+ARCH = "ssdlite320_mobilenet_v3_large"
+METRIC = "map50"
+
+
+# ---------------------------------------------------------------- processes
+
+
+class Proc:
+    """``python -m search ARGV`` in its own session and private TMPDIR (its Ray cluster's processes
+    carry that TMPDIR in their environment: :meth:`cleanup` finds and kills exactly those)."""
+
+    def __init__(self, argv: list[str], cwd: Path, logs: Path, **env_extra: str):
+        self.tmpdir = short_tmp("ft")
+        logs.mkdir(parents=True, exist_ok=True)
+        self.out_path, self.err_path = logs / "stdout.txt", logs / "stderr.txt"
+        self._out, self._err = open(self.out_path, "w"), open(self.err_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "search", *argv],
+            cwd=cwd,
+            stdout=self._out,
+            stderr=self._err,
+            env=env(self.tmpdir, **env_extra),
+            start_new_session=True,
+        )
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._out.flush()
+            self._err.flush()
+
+    @property
+    def stdout(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.err_path.read_text(errors="replace")
+
+    def session_pids(self) -> list[int]:
+        """Processes (other than this test's) whose environment holds this run's TMPDIR."""
+        mark = f"TMPDIR={self.tmpdir}".encode()
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if mark in (entry / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+        return pids
+
+    def cleanup(self) -> list[int]:
+        """SIGKILL whatever this run left (the launcher, Ray's GCS/raylet/workers); returns the pids."""
+        left = self.session_pids()
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.wait(30)
+        self._out.close()
+        self._err.close()
+        return left
+
+
+def wait_until(pred, timeout: float, proc: Proc | None = None, what: str = "") -> Any:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = pred()
+        if value:
+            return value
+        if proc is not None and proc.proc.poll() is not None:
+            raise AssertionError(
+                f"the process ended ({proc.proc.returncode}) before {what}:\n{proc.stderr[-3000:]}"
+            )
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def study_json(exp_dir: Path) -> dict:
+    try:
+        return S.read_study(exp_dir)
+    except (OSError, ValueError):
+        return {}
+
+
+def results_of(trial: dict) -> list[dict]:
+    """The Ray result lines of a trial (``result.json`` in its folder: epoch, pid, ...)."""
+    path = Path(trial["trial_dir"]) / "result.json"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+
+
+# ---------------------------------------------------------------- a real mlflow server
+
+
+def start_server(port: int, root: Path) -> subprocess.Popen:
+    root.mkdir(parents=True, exist_ok=True)
+    log = open(root / f"server-{time.time():.0f}.log", "w")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'server.db'}",
+            "--artifacts-destination",
+            str(root / "art"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env(),
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.3)
+    stop_server(proc)
+    raise RuntimeError("mlflow server did not answer /health within 120 s")
+
+
+def port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def stop_server(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """SIGTERM the server's process group; SIGKILL it when it has not exited after ``grace`` s."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(grace)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+# ---------------------------------------------------------------- the world: data, base weights, specs
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    import torch
+    import torchvision
+
+    root = tmp_path_factory.mktemp("faults")
+    make_tiny_coco(root / "data", n_images=6, size=100)
+    base = root / "base" / "ssdlite_base.pt"
+    base.parent.mkdir()
+    torch.manual_seed(0)
+    torch.save(torchvision.models.get_model(ARCH, weights=None, weights_backbone=None).state_dict(), base)
+    os.chmod(base, 0o644)
+    return {"root": root, "base": base, "sha": sha256(base)}
+
+
+def write_spec(world: dict, name: str, space: dict, search: dict, epochs: int, **extra) -> Path:
+    raw = {
+        "name": name,
+        "task": "detection",
+        "model": {"arch": ARCH, "weights": str(world["base"])},
+        "data": {
+            "train": {"images": "data/images", "annotations": "data/annotations.json"},
+            "val": {"images": "data/images", "annotations": "data/annotations.json"},
+            "image_size": 96,
+        },
+        "train": {"epochs": epochs, "batch_size": 2, "seed": 0, "device": "cpu"},
+        "objective": {"metric": METRIC, "mode": "max"},
+        "space": space,
+        "search": {"scheduler": "none", "max_concurrent": 2, "max_failures": 1, **search},
+        "resources": {"cpu": 1},
+        "output_dir": "runs",
+        **extra,
+    }
+    path = world["root"] / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+# ---------------------------------------------------------------- checks shared by every fault
+
+
+def optuna_trials(exp_dir: Path, name: str) -> list:
+    from search.searcher import load_study
+
+    return load_study(exp_dir / S.JOURNAL_FILE, name).get_trials(deepcopy=False)
+
+
+def mlflow_figures(uri: str, experiment: str, state: dict, record) -> dict:
+    """One MLflow run per study trial, none RUNNING, each epoch's objective exactly once; records
+    the figures and returns ``{"runs": {trial id: [runs]}, "client": ...}``."""
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    mlc = MlflowClient(tracking_uri=uri)
+    exp = mlc.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r} at {uri}"
+    runs = mlc.search_runs([exp.experiment_id], run_view_type=ViewType.ALL, max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    by_trial: dict[str, list] = defaultdict(list)
+    for r in runs:
+        if "mlflow.parentRunId" in r.data.tags:
+            by_trial[r.data.tags.get("search.trial_id", "?")].append(r)
+    trials = state["trials"]
+    lost = [tid for tid in trials if not by_trial.get(tid)]
+    duplicated = sum(max(0, len(v) - 1) for v in by_trial.values()) + len(
+        [k for k in by_trial if k not in trials]
+    )
+    duplicated += max(0, len(parents) - 1)
+    running = [r.info.run_id for r in runs if r.info.status == "RUNNING"]
+    points_missing = points_dup = 0
+    for tid, t in trials.items():
+        if len(by_trial.get(tid, [])) != 1:
+            continue
+        steps = [m.step for m in mlc.get_metric_history(by_trial[tid][0].info.run_id, METRIC)]
+        want = {row["epoch"] for row in t["history"] if not row.get("diverged")}
+        points_missing += len(want - set(steps))
+        points_dup += len(steps) - len(set(steps))
+    figures = {
+        "runs_expected": len(trials),
+        "runs_lost": len(lost),
+        "runs_duplicated": duplicated,
+        "runs_running": len(running),
+        "metric_points_missing": points_missing,
+        "metric_points_duplicated": points_dup,
+    }
+    record("study", experiment)
+    for k, v in figures.items():
+        record(k, v)
+    return {"runs": by_trial, "parents": parents, "client": mlc, "figures": figures}
+
+
+def optuna_figures(exp_dir: Path, name: str, state: dict, record) -> dict:
+    ot = optuna_trials(exp_dir, name)
+    by_id = defaultdict(list)
+    for t in ot:
+        by_id[t.user_attrs.get("ray_trial_id")].append(t)
+    extra = len(ot) - len([k for k in by_id if k in state["trials"]])
+    missing = len([k for k in state["trials"] if k not in by_id])
+    record("optuna_extra", extra)
+    record("optuna_missing", missing)
+    return {"by_id": by_id, "extra": extra, "missing": missing, "trials": ot}
+
+
+def check_base_and_best(world: dict, exp_dir: Path, tmp: Path) -> None:
+    """The base file is untouched, and the best trial's checkpoint (what ``promote`` ships) rebuilt
+    from it evaluates to the trial's recorded best metric."""
+    import torch
+
+    from search import select
+    from search.launcher import read_spec
+    from trainables import checkpoint, engine
+    from trainables import params as P
+    from trainables import trial as T
+
+    assert sha256(world["base"]) == world["sha"], "the base weights file changed"
+    best = select.choose_trial(exp_dir)
+    spec = read_spec(exp_dir)
+    cfg = spec.trial_config(out_dir=tmp, threads=1)
+    params = P.resolve(best["params"])
+    torch.set_num_threads(1)
+    model = checkpoint.load_trained(cfg, params, spec.num_classes + 1, Path(best["checkpoint"]))
+    _, val_index, _, val_loader = T._build_data(cfg, params)
+    metrics = engine.evaluate(model, val_loader, val_index, device=torch.device("cpu"), task=cfg.task)
+    assert metrics[METRIC] == pytest.approx(best["best_metric"], abs=1e-6), (metrics, best["best_metric"])
+    assert torch.load(best["checkpoint"], weights_only=True)["epoch"] == best["best_epoch"]
+
+
+# ---------------------------------------------------------------- faults 1-3: one study
+
+
+LR_OK, LR_RAISE, LR_NAN = 0.01, 0.03, 1e20
+
+
+@pytest.fixture(scope="module")
+def study_a(world):
+    """Grid over three lr values, 3 epochs, 2 at a time, max_failures 1: lr=0.03 raises at epoch 1
+    (test hook), lr=1e20 diverges, and the lr=0.01 trial's worker is SIGKILLed right after its
+    epoch-1 result (during epoch 2)."""
+    name = "faults-a"
+    spec = write_spec(
+        world,
+        name,
+        {"optimizer": "sgd", "lr": {"choices": [LR_OK, LR_RAISE, LR_NAN]}},
+        {"algorithm": "grid", "num_trials": 3},
+        epochs=3,
+    )
+    exp_dir = world["root"] / "runs" / name
+    t0 = time.time()
+    run = Proc(
+        ["launch", str(spec)], world["root"], world["root"] / "logs-a", SEARCH_TEST_FAIL_WHEN=f"lr={LR_RAISE}"
+    )
+    killed = None
+    try:
+
+        def ok_trial_at_epoch_1():  # its epoch-1 result is in study.json and in Ray's result.json
+            for t in study_json(exp_dir).get("trials", {}).values():
+                if t["params"].get("lr") == LR_OK and t.get("epochs", 0) >= 1 and t["state"] == S.RUNNING:
+                    rows = results_of(t)
+                    if rows and rows[-1]["epoch"] >= 1:
+                        return t, rows
+            return None
+
+        t, rows = wait_until(ok_trial_at_epoch_1, 400, run, "the lr=0.01 trial's epoch 1")
+        pid = rows[-1]["pid"]
+        assert rows[-1]["epoch"] == 1, (
+            f"epoch {rows[-1]['epoch']} already reported: the kill is not in epoch 2"
+        )
+        os.kill(pid, signal.SIGKILL)
+        killed = {"trial": t["id"], "pid": pid, "at": time.time() - t0}
+        rc = run.wait(600)
+    finally:
+        left = run.cleanup()
+    return {
+        "rc": rc,
+        "exp_dir": exp_dir,
+        "run": run,
+        "killed": killed,
+        "left": left,
+        "name": name,
+        "seconds": time.time() - t0,
+        "state": S.read_study(exp_dir),
+        "uri": f"sqlite:///{world['root'] / 'runs' / 'mlflow.db'}",
+    }
+
+
+def _by_lr(state: dict, lr: float) -> dict:
+    (t,) = [t for t in state["trials"].values() if t["params"]["lr"] == lr]
+    return t
+
+
+def test_fault1_trial_raises(world, study_a, tmp_path, record_property):
+    a = study_a
+    print(f"study A (faults 1-3) took {a['seconds']:.0f}s; worker killed at {a['killed']['at']:.0f}s")
+    assert a["rc"] == 0, a["run"].stderr[-3000:]
+    state = a["state"]
+    assert state["status"] == "finished" and len(state["trials"]) == 3
+    t = _by_lr(state, LR_RAISE)
+    assert t["state"] == S.ERROR and "test hook" in (t["error"] or ""), t
+    mlf = mlflow_figures(a["uri"], a["name"], state, record_property)
+    opt = optuna_figures(a["exp_dir"], a["name"], state, record_property)
+    (run,) = mlf["runs"][t["id"]]
+    assert run.info.status == "FAILED" and "test hook" in run.data.tags.get("failure_reason", ""), (
+        run.data.tags
+    )
+    assert "traceback.txt" in [f.path for f in mlf["client"].list_artifacts(run.info.run_id)]
+    (ot,) = opt["by_id"][t["id"]]
+    assert ot.state.name == "FAIL"
+    check_base_and_best(world, a["exp_dir"], tmp_path)
+
+
+def test_fault2_nan_loss_diverges_not_retried(world, study_a, tmp_path, record_property):
+    a = study_a
+    state = a["state"]
+    t = _by_lr(state, LR_NAN)
+    assert t["state"] == S.DIVERGED and t["best_metric"] is None and t.get("retries", 0) == 0, t
+    rows = results_of(t)
+    assert len({r["pid"] for r in rows}) == 1, "the diverged trial ran more than once"
+    assert [r["epoch"] for r in rows] == [0, 1] and rows[-1].get("diverged") == 1
+    mlf = mlflow_figures(a["uri"], a["name"], state, record_property)
+    (run,) = mlf["runs"][t["id"]]
+    assert run.info.status == "FAILED" and "diverged" in run.data.tags.get("failure_reason", "")
+    (ot,) = optuna_figures(a["exp_dir"], a["name"], state, record_property)["by_id"][t["id"]]
+    assert ot.state.name == "FAIL"
+    check_base_and_best(world, a["exp_dir"], tmp_path)
+
+
+def test_fault3_worker_sigkilled_mid_epoch(world, study_a, tmp_path, record_property):
+    a = study_a
+    state = a["state"]
+    t = state["trials"][a["killed"]["trial"]]
+    assert t["state"] == S.TERMINATED and t["epochs"] == 3 and t["retries"] == 1, t
+    assert [r["epoch"] for r in t["history"]] == [0, 1, 2, 3]
+    rows = results_of(t)
+    before = [r["epoch"] for r in rows if r["pid"] == a["killed"]["pid"]]
+    after = [r["epoch"] for r in rows if r["pid"] != a["killed"]["pid"]]
+    assert before == [0, 1] and after == [2, 3], (before, after)  # resumed from the epoch-1 checkpoint
+    mlf = mlflow_figures(a["uri"], a["name"], state, record_property)
+    (run,) = mlf["runs"][t["id"]]  # one run, continued
+    assert run.info.status == "FINISHED" and run.data.tags.get("retries") == "1", run.data.tags
+    history = mlf["client"].get_metric_history(run.info.run_id, METRIC)
+    assert sorted(m.step for m in history) == [0, 1, 2, 3]
+    recorded = {row["epoch"]: row[METRIC] for row in t["history"]}
+    assert {m.step: m.value for m in history} == pytest.approx(recorded)
+    assert (
+        mlf["figures"]["runs_lost"]
+        == mlf["figures"]["runs_duplicated"]
+        == mlf["figures"]["runs_running"]
+        == 0
+    )
+    opt = optuna_figures(a["exp_dir"], a["name"], state, record_property)
+    (ot,) = opt["by_id"][t["id"]]
+    assert ot.state.name == "COMPLETE" and ot.value == pytest.approx(t["best_metric"])
+    assert opt["extra"] == opt["missing"] == 0
+    assert all(p not in a["left"] for p in [a["killed"]["pid"]])
+    check_base_and_best(world, a["exp_dir"], tmp_path)
+
+
+# ---------------------------------------------------------------- fault 4: the launcher SIGKILLed
+
+
+def test_fault4_launcher_sigkilled_then_resumed(world, tmp_path, record_property):
+    name = "faults-b"
+    n = 3
+    spec = write_spec(
+        world,
+        name,
+        {"optimizer": "sgd", "lr": {"low": 0.005, "high": 0.03, "log": True}},
+        {"algorithm": "random", "num_trials": n, "max_concurrent": 1},
+        epochs=2,
+    )
+    exp_dir = world["root"] / "runs" / name
+    t0 = time.time()
+    run = Proc(["launch", str(spec)], world["root"], world["root"] / "logs-b")
+    try:
+
+        def one_done_one_mid():
+            state = study_json(exp_dir)
+            trials = list(state.get("trials", {}).values())
+            done = [t for t in trials if t["state"] == S.TERMINATED]
+            mid = [t for t in trials if t["state"] == S.RUNNING and t.get("epochs", 0) >= 1]
+            return state if done and mid else None
+
+        before = wait_until(one_done_one_mid, 500, run, "one finished trial and one mid-trial")
+        os.kill(run.proc.pid, signal.SIGKILL)  # the launcher only; Ray's processes follow or are cleaned up
+        run.wait(30)
+        time.sleep(3)
+    finally:
+        left = run.cleanup()
+    killed_at = time.time() - t0
+    resumed = Proc(["resume", str(exp_dir)], world["root"], world["root"] / "logs-b-resume")
+    try:
+        rc = resumed.wait(600)
+    finally:
+        resumed.cleanup()
+    print(
+        f"fault 4: launcher killed at {killed_at:.0f}s ({len(left)} processes left behind and cleaned up); "
+        f"resume took {time.time() - t0 - killed_at:.0f}s"
+    )
+    state = S.read_study(exp_dir)
+    mlf = mlflow_figures(f"sqlite:///{world['root'] / 'runs' / 'mlflow.db'}", name, state, record_property)
+    opt = optuna_figures(exp_dir, name, state, record_property)
+    assert rc == 0, resumed.stderr[-3000:]
+    assert state["status"] == "finished" and state.get("resumed") == 1
+    assert len(state["trials"]) == n, f"{len(state['trials'])} trials for {n}: {list(state['trials'])}"
+    assert all(t["state"] == S.TERMINATED for t in state["trials"].values()), state["trials"]
+    for tid, t in before["trials"].items():  # completed before the kill: unchanged
+        if t["state"] == S.TERMINATED:
+            after = state["trials"][tid]
+            for key in ("best_metric", "best_epoch", "history", "checkpoint", "params"):
+                assert after[key] == t[key], (tid, key)
+    assert mlf["figures"] == {
+        "runs_expected": n,
+        "runs_lost": 0,
+        "runs_duplicated": 0,
+        "runs_running": 0,
+        "metric_points_missing": 0,
+        "metric_points_duplicated": 0,
+    }, mlf["figures"]
+    assert all(r.info.status == "FINISHED" for runs in mlf["runs"].values() for r in runs)
+    assert len(opt["trials"]) == n and opt["extra"] == opt["missing"] == 0, [
+        (t.number, t.state.name, t.user_attrs) for t in opt["trials"]
+    ]
+    assert all(len(v) == 1 and v[0].state.name == "COMPLETE" for v in opt["by_id"].values())
+    check_base_and_best(world, exp_dir, tmp_path)
+
+
+# ---------------------------------------------------------------- fault 5: the MLflow server stops
+
+
+EPOCHS_C = 4
+
+
+def test_fault5_mlflow_server_stopped_and_restarted(world, tmp_path, record_property):
+    name = "faults-c"
+    port = closed_port()
+    srv_root = world["root"] / "mlflow-server"
+    uri = f"http://127.0.0.1:{port}"
+    t0 = time.time()
+    server = start_server(port, srv_root)
+    print(f"fault 5: server up in {time.time() - t0:.0f}s")
+    spec = write_spec(
+        world,
+        name,
+        {"optimizer": "sgd", "lr": {"choices": [0.01, 0.02]}},
+        {"algorithm": "grid", "num_trials": 2, "max_concurrent": 2},
+        epochs=EPOCHS_C,
+        tracking={"uri": uri},
+    )
+    exp_dir = world["root"] / "runs" / name
+    run = Proc(["launch", str(spec)], world["root"], world["root"] / "logs-c", SEARCH_MLFLOW_FLUSH_S="240")
+    outage = {}
+    try:
+
+        def results_count():
+            return sum(len(t.get("history", [])) for t in study_json(exp_dir).get("trials", {}).values())
+
+        wait_until(lambda: results_count() >= 2, 400, run, "the first results")
+        stop_server(server)
+        assert not port_open(port)
+        outage["down_at"], n_down = time.time() - t0, results_count()
+        want = min(n_down + 2, 2 * (EPOCHS_C + 1))
+        wait_until(lambda: results_count() >= want or run.proc.poll() is not None, 300, None, "")
+        outage["results_while_down"] = results_count() - n_down
+        assert outage["results_while_down"] >= 1, "no result arrived while the server was down"
+        server = start_server(port, srv_root)
+        outage["up_at"] = time.time() - t0
+        rc = run.wait(600)
+    finally:
+        run.cleanup()
+    try:
+        state = S.read_study(exp_dir)
+        pending = exp_dir / "mlflow_pending.jsonl"
+        replayed = None
+        if pending.exists():  # reported missing at the end: the study says so, and replay writes them
+            assert "could not be written" in run.stderr, run.stderr[-3000:]
+            from search import tracking
+
+            replayed = tracking.replay_pending(exp_dir)
+        print(
+            f"fault 5: server down {outage['down_at']:.0f}s-{outage['up_at']:.0f}s, "
+            f"{outage['results_while_down']}+ results while down; replayed {replayed}; "
+            f"study done at {time.time() - t0:.0f}s"
+        )
+        mlf = mlflow_figures(uri, name, state, record_property)
+        assert rc == 0, run.stderr[-3000:]
+        assert "unavailable" in run.stderr, "the outage was not noticed"
+        assert len(state["trials"]) == 2 and all(t["state"] == S.TERMINATED for t in state["trials"].values())
+        assert all(t.get("retries", 0) == 0 and not t.get("error") for t in state["trials"].values())
+        assert mlf["figures"] == {
+            "runs_expected": 2,
+            "runs_lost": 0,
+            "runs_duplicated": 0,
+            "runs_running": 0,
+            "metric_points_missing": 0,
+            "metric_points_duplicated": 0,
+        }, mlf["figures"]
+        for tid, t in state["trials"].items():
+            (r,) = mlf["runs"][tid]
+            assert r.info.status == "FINISHED"
+            history = mlf["client"].get_metric_history(r.info.run_id, METRIC)
+            assert {m.step: m.value for m in history} == pytest.approx(
+                {row["epoch"]: row[METRIC] for row in t["history"]}
+            )
+        assert [p.info.status for p in mlf["parents"]] == ["FINISHED"]
+        check_base_and_best(world, exp_dir, tmp_path)
+    finally:
+        stop_server(server)
