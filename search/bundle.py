@@ -31,6 +31,7 @@ from typing import Any
 
 from search import bundle_load
 from search.bundle_load import FORMAT, load_bundle, sha256_file, verify  # noqa: F401 - public API
+from trainables.files import plain
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +325,7 @@ def build_bundle(
         }
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=1, default=str))
         meta["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / META_FILE).write_text(yaml.safe_dump(_plain(meta), sort_keys=False))
+        (tmp / META_FILE).write_text(yaml.safe_dump(plain(meta), sort_keys=False))
         sums = [f"{sha256_file(p)}  {p.name}" for p in sorted(tmp.iterdir()) if p.is_file()]
         (tmp / SUMS_FILE).write_text("\n".join(sums) + "\n")
         if out_dir.exists():
@@ -333,26 +334,6 @@ def build_bundle(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta
-
-
-def _plain(obj: Any) -> Any:
-    """YAML-safe copy (tuples -> lists, paths and other objects -> str, non-finite floats -> str)."""
-    import math
-
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    if hasattr(obj, "item") and callable(obj.item):
-        try:
-            return _plain(obj.item())
-        except (TypeError, ValueError):
-            pass
-    return str(obj)
 
 
 # ---------------------------------------------------------------- predict

@@ -52,6 +52,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from search.errors import SpecError
 from search.study import SPACE_FILE, SPEC_FILE, atomic_write_text
+from trainables.files import sha256_file
 
 try:  # the callback base class; everything else here also works without Ray
     from ray.tune import Callback as _Callback
@@ -292,14 +293,6 @@ def _short_reason(text: str) -> str:
 
 
 # ---------------------------------------------------------------- facts for the parent run
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def base_weights_sha256(spec: Any) -> str:

@@ -29,7 +29,6 @@ our checkpoint); the other ``model_kwargs`` go to the head class (FasterRCNN, ..
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import math
 import os
@@ -52,6 +51,7 @@ from trainables import compose
 from trainables.activations import swap_activations
 from trainables.config import TrialConfig
 from trainables.families import SEMANTIC, Family, composed_archs, family_of
+from trainables.files import sha256_file
 from trainables.losses import apply_losses
 
 ENUM_NAME = re.compile(r"^(?:[A-Za-z0-9_]+_Weights\.)?[A-Z][A-Z0-9_]*$")
@@ -70,15 +70,6 @@ class WeightsError(Exception):
 def is_enum_name(value: str) -> bool:
     """Whether a weights value names an enum member (else it is a file path)."""
     return bool(ENUM_NAME.fullmatch(value))
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def backbone_weights_enum(arch: str) -> type[WeightsEnum] | None:

@@ -8,7 +8,6 @@ hashed before and after, and never written.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -23,6 +22,7 @@ import torch
 from trainables import checkpoint, coco, data, engine, families, freeze, models, optim
 from trainables import params as P
 from trainables.config import TrialConfig
+from trainables.files import plain, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +37,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def pick_device(name: str) -> torch.device:
@@ -88,23 +79,6 @@ def _better(value: float, best: float | None, mode: str) -> bool:
     if best is None:
         return math.isfinite(value)
     return value > best if mode == "max" else value < best
-
-
-def _plain(obj: Any) -> Any:
-    """JSON-safe copy: dataclasses/paths/tuples converted, non-finite floats as strings."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        obj = dataclasses.asdict(obj)
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    if torch.is_tensor(obj) and obj.numel() == 1:
-        return obj.item()
-    return str(obj)
 
 
 def _build_data(cfg: TrialConfig, params: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
@@ -298,7 +272,7 @@ def run_trial(
         },
         "param_groups": groups_log,
     }
-    result = _plain(result)
+    result = plain(result)
     text = json.dumps(result, indent=2)
     checkpoint.atomic_write(out_dir / "trial.json", lambda f: f.write(text.encode()))
     return result
