@@ -50,6 +50,13 @@ class ClusterError(Exception):
     a multi-node cluster). A user error: the CLI exits 2."""
 
 
+class TrialError(RuntimeError):
+    """A retry of a trial whose own code raised: not run again (it would fail the same way)."""
+
+
+ERROR_MARK = ".trial_error"  # in <exp>/trial_<id>/: the error a trial's own code raised
+
+
 class ExperimentExists(Exception):
     """``launch`` into a folder that already holds a study (use ``resume`` or ``--name``)."""
 
@@ -97,6 +104,9 @@ def train_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
 
     Works in the trial's local working directory; each epoch's ``latest.pt`` is handed to Ray as
     the checkpoint (Ray copies it to the experiment folder). A diverged trial returns normally.
+    ``search.max_failures`` retries are for a worker that died (killed, out of memory, node lost):
+    an exception raised by the trial itself is written to ``<exp>/trial_<id>/.trial_error``, and
+    Ray's retry of that trial raises :class:`TrialError` at once instead of training again.
     """
     import ray
     import torch
@@ -113,6 +123,11 @@ def train_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     params = P.resolve(dict(config))
     node_id = ray.get_runtime_context().get_node_id()
     fail = _fail_hook(setup.get("fail_when"), params)
+    mark = None
+    if setup.get("exp_dir"):
+        mark = Path(setup["exp_dir"]) / f"trial_{tune.get_context().get_trial_id()}" / ERROR_MARK
+        if mark.is_file():
+            raise TrialError(f"not retried (retries are for workers that died): {mark.read_text().strip()}")
 
     resume_from = None
     checkpoint = tune.get_checkpoint()
@@ -137,7 +152,13 @@ def train_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
         tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(stage)))
         shutil.rmtree(stage, ignore_errors=True)  # Ray has copied it to storage
 
-    result = run_trial(cfg, params, report=report, resume_from=resume_from)  # metrics went through report
+    try:
+        result = run_trial(cfg, params, report=report, resume_from=resume_from)  # metrics went through report
+    except Exception as exc:
+        if mark is not None and not type(exc).__module__.startswith("ray"):
+            mark.parent.mkdir(parents=True, exist_ok=True)
+            S.atomic_write_text(mark, f"{type(exc).__name__}: {' '.join(str(exc).split())[:1000]}")
+        raise
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -368,11 +389,12 @@ def _tracking_callbacks(spec: Spec, exp_dir: Path, resume: bool) -> list:
     return [] if cb is None else [cb]
 
 
-def _trainable(spec: Spec):
+def _trainable(spec: Spec, exp_dir: Path | None = None):
     from ray import tune
 
     setup = {"trial_config": spec.trial_config(out_dir=Path("."), threads=max(1, int(spec.resources.cpu))),
-             "cpu": spec.resources.cpu, "fail_when": os.environ.get(TEST_FAIL_ENV)}
+             "cpu": spec.resources.cpu, "fail_when": os.environ.get(TEST_FAIL_ENV),
+             "exp_dir": str(exp_dir) if exp_dir is not None else None}
     fn = tune.with_parameters(train_trial, setup=setup)
     return tune.with_resources(fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
 
@@ -425,7 +447,7 @@ def launch(spec: Spec, *, name: str | None = None, address: str | None = None, e
         state.save()
         _print_header(spec, exp_dir, cluster)
         tuner = tune.Tuner(
-            _trainable(spec),
+            _trainable(spec, exp_dir),
             tune_config=tune.TuneConfig(
                 search_alg=searcher, scheduler=make_scheduler(spec), metric=spec.objective.metric,
                 mode=spec.objective.mode, num_samples=num_samples(spec),
@@ -453,6 +475,9 @@ def resume(exp_dir: Path, *, restart_errored: bool = False, address: str | None 
     if previous and restart_errored:  # Ray reruns them as new trials (new ids, same config)
         errored = [k for k, t in previous["trials"].items() if t["state"] == S.ERROR]
         previous.setdefault("restarted_errored", []).extend(previous["trials"].pop(k) for k in errored)
+    if restart_errored:  # asked for: the trials' own errors no longer block their retries
+        for mark in exp_dir.glob(f"trial_*/{ERROR_MARK}"):
+            mark.unlink(missing_ok=True)
     preflight(spec, address, weights=False)
     started = connect(address or spec.resources.address)
     try:
@@ -460,7 +485,7 @@ def resume(exp_dir: Path, *, restart_errored: bool = False, address: str | None 
         budget = spec.search.time_budget
         elapsed = float((previous or {}).get("elapsed_s") or 0.0)
         deadline = time.time() + max(0.0, budget - elapsed) if budget else None
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=_trainable(spec), resume_unfinished=True,
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=_trainable(spec, exp_dir), resume_unfinished=True,
                                    resume_errored=False, restart_errored=restart_errored)
         local = tuner._local_tuner  # the restored TunerInternal: swap in this run's callbacks/stopper
         searcher = local._tune_config.search_alg

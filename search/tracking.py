@@ -225,6 +225,17 @@ def _probe_http(uri: str, name: str, timeout: float) -> None:
         )
 
 
+# Schemes MLflow's own tracking stores accept ("" is a plain path: a file store).
+_STORE_SCHEMES = ("", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks",
+                  "databricks-uc")
+
+
+def _plugin_schemes() -> set[str]:
+    """Schemes of tracking-store plugins installed through MLflow's entry points."""
+    eps = importlib.metadata.entry_points()
+    return {ep.name for ep in eps.select(group="mlflow.tracking_store")}
+
+
 def check_tracking(spec: Any, timeout: float = CHECK_TIMEOUT_S) -> None:
     """Fail fast (SpecError on ``tracking.uri``, within about ``timeout`` seconds) when the tracking
     store cannot be used: an http(s) server that does not answer, refuses the credentials or is
@@ -250,6 +261,14 @@ def check_tracking(spec: Any, timeout: float = CHECK_TIMEOUT_S) -> None:
             )
         return
     if not is_http(uri):
+        scheme = urlsplit(uri).scheme.split("+")[0].lower()
+        if scheme not in _STORE_SCHEMES and scheme not in _plugin_schemes():
+            raise SpecError(
+                "tracking.uri",
+                f"MLflow has no tracking store for the scheme {scheme!r} in {redact(uri)!r}.",
+                f"use one of: {', '.join(s or '<a path>' for s in _STORE_SCHEMES)} (or leave it unset for "
+                "the default SQLite store).",
+            )
         return  # other stores (file:, databases) are checked by the first write
     box: dict[str, BaseException | None] = {}
 

@@ -406,6 +406,8 @@ def test_fault1_trial_raises(world, study_a, tmp_path, record_property):
     assert state["status"] == "finished" and len(state["trials"]) == 3
     t = _by_lr(state, LR_RAISE)
     assert t["state"] == S.ERROR and "test hook" in (t["error"] or ""), t
+    rows = results_of(t)  # its own error is not retried: one attempt, epoch 0 reported once
+    assert [r["epoch"] for r in rows] == [0] and len({r["pid"] for r in rows}) == 1, rows
     mlf = mlflow_figures(a["uri"], a["name"], state, record_property)
     opt = optuna_figures(a["exp_dir"], a["name"], state, record_property)
     (run,) = mlf["runs"][t["id"]]
@@ -413,6 +415,7 @@ def test_fault1_trial_raises(world, study_a, tmp_path, record_property):
         run.data.tags
     )
     assert "traceback.txt" in [f.path for f in mlf["client"].list_artifacts(run.info.run_id)]
+    assert [m.step for m in mlf["client"].get_metric_history(run.info.run_id, METRIC)] == [0]
     (ot,) = opt["by_id"][t["id"]]
     assert ot.state.name == "FAIL"
     check_base_and_best(world, a["exp_dir"], tmp_path)
