@@ -79,3 +79,15 @@ def test_trial_default_params_are_space_defaults(tmp_path):
     assert out["params"]["optimizer"] == "sgd"  # first choice
     assert abs(out["params"]["lr"] - 0.01) < 1e-9  # geometric midpoint of [1e-3, 1e-1]
     assert abs(out["params"]["momentum"] - 0.85) < 1e-9
+
+
+def test_bundled_instance_spec_runs_at_tiny_size(tmp_path):
+    """spaces/inst.yaml (Mask R-CNN) runs one epoch on a few small images of the bundled nuclei data."""
+    proc = _trial(str(ROOT / "spaces" / "inst.yaml"), "--json", "--out", str(tmp_path / "t"),
+                  "--set", "train.epochs=1", "--set", "train.limit_train=2", "--set", "train.limit_val=2",
+                  "--set", "data.image_size=128", "--set", "model.kwargs={min_size: 128, max_size: 128}",
+                  "--set", "space.trainable=heads")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert KEYS <= set(out) and out["status"] == "ok"
+    assert {"map", "mask_map"} <= set(out["history"][1]) and "loss_mask" in out["history"][1]
