@@ -325,6 +325,9 @@ def main() -> None:
         res["trials"] = arms
     res["total_s"] = time.time() - t_all
     C.dump(args.json, res)
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
     print(f"total {res['total_s']:.0f}s")
     if "trials" in res:
         whole = [a for a in res["trials"] if a["arm"] == "whole"]

@@ -51,7 +51,7 @@ def main() -> None:
         arch=args.arch,
         train=split,
         val=split,
-        out_dir=Path(tempfile.mkdtemp(prefix="bench-input-")),
+        out_dir=Path(tempfile.gettempdir()) / "bench-input-unused",
         weights=args.weights,
         image_size=args.image_size,
         batch_size=args.batch,
