@@ -42,6 +42,22 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_name_args(p: argparse.ArgumentParser) -> None:
+    """NAME (a study name or its experiment folder) and --output-dir, for commands on a study."""
+    p.add_argument("name", help="experiment NAME or folder path")
+    p.add_argument("--output-dir", type=Path, default=None, help="where NAME lives (default ./runs)")
+
+
+def _add_keep_top(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--keep-top",
+        type=int,
+        default=None,
+        metavar="K",
+        help="at the end, delete the checkpoints of trials outside the top K",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="search",
@@ -80,34 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="build each branch's model, run one batch, print the plan and exit without training",
     )
-    p.add_argument(
-        "--keep-top",
-        type=int,
-        default=None,
-        metavar="K",
-        help="at the end, delete the checkpoints of trials outside the top K",
-    )
+    _add_keep_top(p)
     p.add_argument("--json", action="store_true", help="print the summary (or plan) as one JSON object")
     p.set_defaults(func=cmd_launch, verbose_log=False)
 
     p = sub.add_parser("status", help="a study's trials from disk (during or after a run)")
-    p.add_argument("name", help="experiment NAME or folder path")
-    p.add_argument("--output-dir", type=Path, default=None, help="where NAME lives (default ./runs)")
+    add_name_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_status, verbose_log=False)
 
     p = sub.add_parser("resume", help="continue an interrupted study from its checkpoints")
-    p.add_argument("name", help="experiment NAME or folder path")
-    p.add_argument("--output-dir", type=Path, default=None, help="where NAME lives (default ./runs)")
+    add_name_args(p)
     p.add_argument("--restart-errored", action="store_true", help="also restart errored trials from scratch")
     p.add_argument("--address", default=None, help="join an existing Ray cluster (HOST:PORT or auto)")
-    p.add_argument(
-        "--keep-top",
-        type=int,
-        default=None,
-        metavar="K",
-        help="at the end, delete the checkpoints of trials outside the top K",
-    )
+    _add_keep_top(p)
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.set_defaults(func=cmd_resume, verbose_log=False)
 

@@ -28,21 +28,17 @@ def _bad_input(exc: Exception) -> Exception:
     return BadInput(str(exc))
 
 
-def _name_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", help="experiment NAME or folder path")
-    p.add_argument("--output-dir", type=Path, default=None, help="where NAME lives (default ./runs)")
-
-
 def add_commands(sub: Any) -> None:
     """Register best/promote/export/predict/ui on ``sub`` (argparse subparsers)."""
+    from search.cli import add_name_args  # cli imports this module while building its parser
     p = sub.add_parser("best", help="a study's trials ranked by best-epoch objective")
-    _name_args(p)
+    add_name_args(p)
     p.add_argument("--top", type=int, default=None, metavar="K", help="only the best K trials")
     p.add_argument("--json", action="store_true", help="print a JSON list of trial objects")
     p.set_defaults(func=cmd_best, verbose_log=False)
 
     p = sub.add_parser("promote", help="register a trial's model in the MLflow Model Registry under an alias")
-    _name_args(p)
+    add_name_args(p)
     p.add_argument("--model", required=True, help="registered model name")
     p.add_argument("--alias", default="champion", help="alias to point at the new version (default champion)")
     p.add_argument("--trial", default=None, metavar="ID", help="trial id (default: the best trial)")
@@ -51,7 +47,7 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_promote, verbose_log=False)
 
     p = sub.add_parser("export", help="write a self-contained deployment bundle of a trial")
-    _name_args(p)
+    add_name_args(p)
     p.add_argument("--out", type=Path, required=True, help="bundle folder (must not exist or be empty)")
     p.add_argument("--trial", default=None, metavar="ID", help="trial id (default: the best trial)")
     p.add_argument("--no-torchscript", action="store_true", help="skip the TorchScript export")
