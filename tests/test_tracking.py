@@ -10,11 +10,8 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,6 +21,7 @@ from ray.tune import Callback
 from search import tracking
 from search.errors import SpecError
 from search.spec import load_spec
+from tests.mlflow_server import start_server, stop_server
 from tests.tinydata import make_tiny_coco
 
 EPOCHS = 3
@@ -171,58 +169,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def start_server(port: int, root: Path) -> subprocess.Popen:
-    """A real ``mlflow server`` on 127.0.0.1:port over a SQLite file in ``root``."""
-    root.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'server.db'}",
-            "--artifacts-destination",
-            str(root / "art"),
-        ],
-        stdout=open(root / f"server-{port}-{time.time():.0f}.log", "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-    )
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.3)
-    stop_server(proc)
-    raise RuntimeError("mlflow server did not answer /health within 90 s")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
 
 
 # ---------------------------------------------------------------- unit tests (no Ray)
@@ -561,7 +507,7 @@ def test_real_server_outage(ray_local, tmp_path):
     and every record lands; one that stays away until the end leaves the rest in the pending file,
     reported, and written later by replay."""
     t0 = time.time()
-    server = start_server(free_port(), tmp_path / "srv")
+    server = start_server(free_port(), tmp_path / "srv", timeout=90)
     print(f"server up in {time.time() - t0:.1f}s")
     proxy = _PROXY["proxy"] = TcpProxy(int(server.args[server.args.index("--port") + 1]))
     uri = f"http://127.0.0.1:{proxy.port}"

@@ -30,7 +30,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ import yaml
 
 from search import study as S
 from tests.faults.common import closed_port, env, sha256, short_tmp
+from tests.mlflow_server import start_server, stop_server
 from tests.tinydata import make_tiny_coco
 
 pytestmark = pytest.mark.slow
@@ -144,65 +144,12 @@ def results_of(trial: dict) -> list[dict]:
 # ---------------------------------------------------------------- a real mlflow server
 
 
-def start_server(port: int, root: Path) -> subprocess.Popen:
-    root.mkdir(parents=True, exist_ok=True)
-    log = open(root / f"server-{time.time():.0f}.log", "w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'server.db'}",
-            "--artifacts-destination",
-            str(root / "art"),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env=env(),
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.3)
-    stop_server(proc)
-    raise RuntimeError("mlflow server did not answer /health within 120 s")
-
-
 def port_open(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
         return True
     except OSError:
         return False
-
-
-def stop_server(proc: subprocess.Popen, grace: float = 5.0) -> None:
-    """SIGTERM the server's process group; SIGKILL it when it has not exited after ``grace`` s."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(grace)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
 
 
 # ---------------------------------------------------------------- the world: data, base weights, specs
@@ -549,7 +496,7 @@ def test_fault5_mlflow_server_stopped_and_restarted(world, tmp_path, record_prop
     srv_root = world["root"] / "mlflow-server"
     uri = f"http://127.0.0.1:{port}"
     t0 = time.time()
-    server = start_server(port, srv_root)
+    server = start_server(port, srv_root, env=env())
     print(f"fault 5: server up in {time.time() - t0:.0f}s")
     spec = write_spec(
         world,
@@ -568,14 +515,14 @@ def test_fault5_mlflow_server_stopped_and_restarted(world, tmp_path, record_prop
             return sum(len(t.get("history", [])) for t in study_json(exp_dir).get("trials", {}).values())
 
         wait_until(lambda: results_count() >= 2, 400, run, "the first results")
-        stop_server(server)
+        stop_server(server, grace=5.0)
         assert not port_open(port)
         outage["down_at"], n_down = time.time() - t0, results_count()
         want = min(n_down + 2, 2 * (EPOCHS_C + 1))
         wait_until(lambda: results_count() >= want or run.proc.poll() is not None, 300, None, "")
         outage["results_while_down"] = results_count() - n_down
         assert outage["results_while_down"] >= 1, "no result arrived while the server was down"
-        server = start_server(port, srv_root)
+        server = start_server(port, srv_root, env=env())
         outage["up_at"] = time.time() - t0
         rc = run.wait(600)
     finally:
@@ -617,4 +564,4 @@ def test_fault5_mlflow_server_stopped_and_restarted(world, tmp_path, record_prop
         assert [p.info.status for p in mlf["parents"]] == ["FINISHED"]
         check_base_and_best(world, exp_dir, tmp_path)
     finally:
-        stop_server(server)
+        stop_server(server, grace=5.0)
