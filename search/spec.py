@@ -707,7 +707,8 @@ def _check_data(spec: Spec) -> None:
 
 
 def deep_check(spec: Spec) -> dict[str, Any]:
-    """Checks that import torch/torchvision: builder and weight enum names, freeze patterns.
+    """Checks that import torch/torchvision: builder and weight enum names, model.kwargs names (none
+    that the builder chain would ignore silently), freeze patterns.
 
     Returns facts found on the way (parameter count, matched patterns) for ``validate``.
     """
@@ -729,13 +730,14 @@ def deep_check(spec: Spec) -> dict[str, Any]:
         value = getattr(spec.model, attr)
         if value and ENUM_NAME.fullmatch(value):
             _check_enum(f"model.{attr}", value, fn, arch)
+    _check_kwargs(arch, spec.model.kwargs)
     from trainables.compose import ComposeError
 
     try:
         model = models.skeleton(arch, spec.num_classes + 1, spec.model.model_kwargs())
     except ComposeError as exc:
         raise SpecError(exc.key, exc.message + ".", "see README: Composed models.") from None
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, NotImplementedError) as exc:  # lraspp: aux_loss=True
         raise SpecError(
             "model.kwargs",
             f"{arch} rejects these builder arguments: {exc}.",
@@ -752,6 +754,23 @@ def deep_check(spec: Spec) -> dict[str, Any]:
                 "fix the pattern; parameter names are model.named_parameters() names.",
             ) from None
     return {"parameters": sum(p.numel() for p in model.parameters()), "parameter_tensors": len(names)}
+
+
+def _check_kwargs(arch: str, kwargs: dict[str, Any]) -> None:
+    """model.kwargs that the builder chain would swallow with ``**kwargs`` and ignore silently."""
+    from trainables import models
+
+    ignored = models.ignored_kwargs(arch, kwargs)
+    if not ignored:
+        return
+    key, valid = ignored[0], sorted(models.accepted_kwargs(arch) or ())
+    shown = ", ".join(valid) if len(valid) <= 40 else ", ".join(valid[:40]) + ", ..."
+    raise SpecError(
+        f"model.kwargs.{key}",
+        f"{arch} does not take {key!r} (its builder chain would ignore it silently)."
+        f"{did_you_mean(key, valid)}",
+        f"use one of: {shown}.",
+    )
 
 
 def _check_backbone(name: str) -> None:

@@ -166,6 +166,12 @@ EXTRA = [
     ),
     _case("builder-kwarg-reserved", {"model.kwargs": {"num_classes": 5}}, "model.kwargs", "num_classes"),
     _case("builder-kwarg-bad-value", {"model.kwargs": {"width_mult": "x"}}, "model.kwargs", "rejects"),
+    _case(
+        "builder-kwarg-typo",
+        {"model.kwargs": {"score_tresh": 0.2}},
+        "model.kwargs.score_tresh",
+        "did you mean 'score_thresh'",
+    ),
     # freeze patterns
     _case(
         "freeze-pattern-matches-nothing",
