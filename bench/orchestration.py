@@ -8,8 +8,9 @@ draws the same sequence whatever order trials finish in; TPE's constant liar doe
 
 A = ``python -m search launch SPEC --set ...`` (Ray Tune + Optuna + MLflow), as a user runs it.
 B = a plain loop in one process: the same spec, the same Optuna sampler (``search.searcher.make_sampler``,
-same seed), ``study.ask``/``tell`` in memory, ``run_trial`` in a pool of 2 worker processes; no Ray,
-no MLflow (``python bench/orchestration.py --plain-loop SPEC --set ...``).
+same seed), ``study.ask``/``tell`` in memory, ``run_trial`` in a pool of 2 worker processes sharing
+one base-model evaluation folder as the launcher's trials do; no Ray, no MLflow
+(``python bench/orchestration.py --plain-loop SPEC --set ...``).
 
 Both arms run as child processes with ``bench/_timing`` on ``PYTHONPATH``: its sitecustomize wraps
 ``trainables.engine.train_one_epoch`` and ``evaluate`` in every process that imports them and
@@ -28,6 +29,7 @@ Run: python bench/orchestration.py [--repeats 1] [--set KEY=VALUE ...]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -95,6 +97,8 @@ def plain_loop(spec_path: str, overrides: list[str], out: str) -> None:
                 trial = study.ask()
                 values = spec.search_space.sample(trial)
                 cfg = spec.trial_config(out_dir=Path(out) / f"trial_{trial.number}", threads=threads)
+                # the same shared base evaluation as the launcher's trials (trainables.base_eval)
+                cfg = dataclasses.replace(cfg, base_eval_dir=Path(out) / "base_eval")
                 running[pool.submit(_run_one, cfg, values)] = trial
                 started += 1
             done, _ = wait(running, return_when=FIRST_COMPLETED)

@@ -392,7 +392,10 @@ def _tracking_callbacks(spec: Spec, exp_dir: Path, resume: bool) -> list:
 def _trainable(spec: Spec, exp_dir: Path | None = None):
     from ray import tune
 
-    setup = {"trial_config": spec.trial_config(out_dir=Path("."), threads=max(1, int(spec.resources.cpu))),
+    cfg = spec.trial_config(out_dir=Path("."), threads=max(1, int(spec.resources.cpu)))
+    if exp_dir is not None:
+        cfg = dataclasses.replace(cfg, base_eval_dir=Path(exp_dir) / S.BASE_EVAL_DIR)
+    setup = {"trial_config": cfg,
              "cpu": spec.resources.cpu, "fail_when": os.environ.get(TEST_FAIL_ENV),
              "exp_dir": str(exp_dir) if exp_dir is not None else None}
     fn = tune.with_parameters(train_trial, setup=setup)
@@ -451,7 +454,7 @@ def launch(spec: Spec, *, name: str | None = None, address: str | None = None, e
             tune_config=tune.TuneConfig(
                 search_alg=searcher, scheduler=make_scheduler(spec), metric=spec.objective.metric,
                 mode=spec.objective.mode, num_samples=num_samples(spec),
-                max_concurrent_trials=spec.search.max_concurrent, reuse_actors=False,
+                max_concurrent_trials=spec.search.max_concurrent, reuse_actors=True,
                 trial_dirname_creator=trial_dirname),
             run_config=_run_config(spec, exp_dir, callbacks, deadline),
         )
@@ -693,9 +696,13 @@ def dry_run(spec: Spec) -> dict[str, Any]:
     per_trial = None
     if step_s is not None:
         per_epoch = math.ceil(n_train / bs) * step_s + n_val * eval_img
-        per_trial = epochs * per_epoch + (n_val * eval_img if spec.train.eval_base else 0.0)
+        per_trial = epochs * per_epoch
     waves = math.ceil(trials / conc)
     estimate = per_trial * waves if per_trial is not None else None
+    if estimate is not None and spec.train.eval_base:  # once per starting model, shared (base_eval)
+        swaps = [d for d in spec.search_space.searched if d.name == "activation"]
+        starts = 1 + sum(len(d.choices or ()) - 1 for d in swaps)
+        estimate += starts * n_val * eval_img / conc
     if estimate is not None and spec.search.time_budget:
         estimate = min(estimate, spec.search.time_budget)
     return {"name": spec.name, "trials": trials, "epochs": epochs, "max_concurrent": conc,

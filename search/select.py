@@ -2,8 +2,9 @@
 
 Reads the experiment folder (``study.json``, ``spec.yaml``, ``mlflow_runs.json``; DESIGN.md) and,
 for ``promote``, the study's MLflow store. The base model's epoch-0 metric that a trial must beat
-is the best epoch-0 metric over the study's trials (every trial evaluates the base before
-training; a trial that swaps activations evaluates a modified base, which only scores lower).
+is the best epoch-0 metric over the study's trials (every trial reports its starting model's
+evaluation as epoch 0, shared between trials through ``base_eval/``; a trial that swaps
+activations starts from a modified base, which only scores lower).
 """
 
 from __future__ import annotations

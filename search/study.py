@@ -19,6 +19,7 @@ SPEC_FILE = "spec.yaml"
 SPACE_FILE = "space.json"
 JOURNAL_FILE = "optuna.journal"
 MODEL_FILE = "model.pt"  # the file inside each Ray checkpoint folder
+BASE_EVAL_DIR = "base_eval"  # the shared epoch-0 base evaluations (trainables.base_eval)
 
 # Trial states in study.json. PAUSED: unfinished when the run was interrupted (resume continues it).
 PENDING, RUNNING, PAUSED = "PENDING", "RUNNING", "PAUSED"

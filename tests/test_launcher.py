@@ -230,6 +230,14 @@ def test_grid_study_states(grid_study):
             assert t["state"] in (S.DIVERGED, S.ERROR) and ot.state == TS.FAIL
     assert summary["base_metric"] is not None and summary["best"]["state"] in (S.TERMINATED, S.STOPPED)
     assert summary["best"]["params"]["lr"] in (0.005, 0.01, 0.02)
+    # one base evaluation for the study, shared: every trained trial knows the same base metric
+    shared = sorted((exp_dir / S.BASE_EVAL_DIR).iterdir())
+    assert [p.suffix for p in shared] == [".json"], shared
+    base = json.loads(shared[0].read_text())["metrics"]["map50"]
+    assert summary["base_metric"] == pytest.approx(base)
+    for t in summary["trials"]:
+        if t["state"] in (S.TERMINATED, S.STOPPED):
+            assert t["base_metric"] == pytest.approx(base), t
     print(f"grid study of 5 trials took {took:.0f}s")
 
 
@@ -400,3 +408,55 @@ def test_two_node_cluster(data_dir, tmp_path):
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_process_reused_after_a_scheduler_stop(ray_local, tmp_path):
+    """reuse_actors=True: after the scheduler stops a trial, Tune gives its process to the next
+    trial (reset: a new working directory, trial id and config); the next trial must run normally
+    there, reading the base evaluation the first one stored. A scheduler stops the first trial at
+    epoch 1 for sure; 1 trial at a time, so the process can only be reused."""
+    from ray import tune
+    from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+    from search.launcher import _trainable
+    from search.spec import load_spec
+
+    class StopFirstAtEpoch1(FIFOScheduler):
+        def __init__(self):
+            super().__init__()
+            self.first = None
+
+        def on_trial_result(self, tune_controller, trial, result):
+            self.first = self.first or trial.trial_id
+            if trial.trial_id == self.first and result.get("epoch") == 1:
+                return TrialScheduler.STOP
+            return TrialScheduler.CONTINUE
+
+    make_tiny_coco(tmp_path / "data", n_images=6, size=100)
+    spec = load_spec(write_spec(tmp_path, "reuse", {"optimizer": "sgd", "lr": 0.01}, {"algorithm": "random"},
+                                epochs=3))
+    exp_dir = tmp_path / "runs" / "reuse"
+    exp_dir.mkdir(parents=True)
+    tuner = tune.Tuner(
+        _trainable(spec, exp_dir),
+        param_space={"optimizer": "sgd", "lr": tune.grid_search([0.01, 0.02])},
+        tune_config=tune.TuneConfig(scheduler=StopFirstAtEpoch1(), metric="map50", mode="max",
+                                    max_concurrent_trials=1, reuse_actors=True),
+        run_config=tune.RunConfig(name="reuse", storage_path=str(tmp_path / "runs")),
+    )
+    t0 = time.time()
+    grid = tuner.fit()
+    took = time.time() - t0
+    results = sorted(grid, key=lambda r: r.config["lr"])
+    assert grid.num_errors == 0, [r.error for r in results]
+    first, second = results
+    assert first.metrics["epoch"] == 1 and second.metrics["epoch"] == 3  # stopped, then a full trial
+    assert first.metrics["pid"] == second.metrics["pid"]  # the second trial ran in the first's process
+    assert first.metrics["trial_id"] != second.metrics["trial_id"]
+    assert Path(first.path).name != Path(second.path).name
+    rows = {r.config["lr"]: [json.loads(x) for x in (Path(r.path) / "result.json").read_text().splitlines()]
+            for r in results}
+    assert [r["epoch"] for r in rows[0.01]] == [0, 1] and [r["epoch"] for r in rows[0.02]] == [0, 1, 2, 3]
+    assert rows[0.02][0]["map50"] == rows[0.01][0]["map50"] == rows[0.02][0]["base_metric"]
+    assert len(list((exp_dir / S.BASE_EVAL_DIR).glob("*.json"))) == 1  # evaluated once, by the first
+    print(f"two trials in one reused process: {took:.0f}s")

@@ -46,3 +46,4 @@ class TrialConfig:
     limit_val: int | None = None
     keep_full_checkpoint: bool = False  # also save frozen tensors the base already holds
     eval_base: bool = True  # evaluate the base model before training (epoch 0)
+    base_eval_dir: Path | None = None  # share epoch-0 results between trials (trainables.base_eval)

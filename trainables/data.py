@@ -189,6 +189,8 @@ class RandomLongSide(v2.Transform):
         self.size, self.jitter = size, jitter
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        if self.jitter <= 0:  # draws nothing: evaluation leaves the global RNG alone
+            return {"max_size": max(8, self.size)}
         factor = 1.0 + self.jitter * (2.0 * float(torch.rand(())) - 1.0)
         return {"max_size": max(8, round(self.size * factor))}
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainables import checkpoint, coco, data, engine, families, freeze, models, optim
+from trainables import base_eval, checkpoint, coco, data, engine, families, freeze, models, optim
 from trainables import params as P
 from trainables.config import TrialConfig
 from trainables.files import plain, sha256_file
@@ -104,6 +104,65 @@ def _build_data(cfg: TrialConfig, params: dict[str, Any]) -> tuple[Any, Any, Any
     return train_index, val_index, loaders[0], loaders[1]
 
 
+class _BaseEval:
+    """A trial's epoch-0 evaluation of its starting model.
+
+    Without ``cfg.base_eval_dir`` it evaluates at once (:attr:`metrics`). With one
+    (:mod:`trainables.base_eval`), a stored result is used at once; the trial that claims the model's
+    key keeps a copy of the starting tensors (one model's worth of memory on its device), trains
+    without waiting and evaluates that copy at its first report (:meth:`collect`): the trajectory is
+    the same, as evaluation draws no random numbers. A trial whose key another trial has claimed
+    polls the store at each report instead.
+    """
+
+    def __init__(self, cfg: TrialConfig, model: torch.nn.Module, loader: Any, index: Any,
+                 device: torch.device) -> None:
+        self.cfg, self.loader, self.index, self.device = cfg, loader, index, device
+        self.metrics: dict[str, Any] | None = None
+        self._initial: dict[str, torch.Tensor] | None = None
+        self.cache = self.key = None
+        if cfg.base_eval_dir is None:
+            self.metrics = self._evaluate(model)
+            return
+        self.cache = base_eval.BaseEvalCache(cfg.base_eval_dir)
+        self.key = base_eval.model_key(model, cfg, device)
+        cached = self.cache.get(self.key)
+        if cached is not None and cfg.metric in cached:
+            log.info("base model evaluation shared from %s", self.cache.folder)
+            self.metrics = cached
+        elif self.cache.claim(self.key):
+            self._initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            log.info("another trial is evaluating this base model; training without waiting")
+
+    def _evaluate(self, model: torch.nn.Module) -> dict[str, Any]:
+        metrics = engine.evaluate(model, self.loader, self.index, device=self.device, task=self.cfg.task)
+        if self.cfg.metric not in metrics:
+            raise ValueError(f"metric {self.cfg.metric!r} is not one of {sorted(metrics)}")
+        return metrics
+
+    def collect(self, model: torch.nn.Module) -> dict[str, Any] | None:
+        """At a report after training started: the epoch-0 metrics once known, else None."""
+        if self._initial is None:
+            found = self.cache.get(self.key) if self.cache is not None else None
+            return found if found is not None and self.cfg.metric in found else None
+        trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self._initial)  # copies in place: the optimizer keeps its tensors
+        try:
+            metrics = self._evaluate(model)
+        finally:
+            model.load_state_dict(trained)
+        self._initial = None
+        self.cache.put(self.key, plain(metrics))
+        return metrics
+
+    def release(self) -> None:
+        """Drop a claim this trial still holds (it failed before evaluating)."""
+        if self._initial is not None:
+            self._initial = None
+            self.cache.release(self.key)
+
+
 def run_trial(
     cfg: TrialConfig,
     params: dict[str, Any],
@@ -163,6 +222,7 @@ def run_trial(
 
     history: list[dict[str, Any]] = []
     base_metric = best_metric = best_epoch = None
+    base: _BaseEval | None = None  # set while the epoch-0 metrics are still to come
     start = 1
     if resume_from is not None:
         src = checkpoint.find(Path(resume_from))
@@ -181,67 +241,80 @@ def run_trial(
             checkpoint.copy(src.parent / checkpoint.BEST, ckpt_dir / checkpoint.BEST)
         log.info("resumed from %s at epoch %d", src, start - 1)
     elif cfg.eval_base:
-        metrics = engine.evaluate(model, val_loader, val_index, device=device, task=cfg.task)
-        if cfg.metric not in metrics:
-            raise ValueError(f"metric {cfg.metric!r} is not one of {sorted(metrics)}")
-        base_metric = metrics[cfg.metric]
-        history.append({"epoch": 0, **metrics})
-        report({"epoch": 0, **metrics, "base_metric": base_metric, **counts}, None)
+        base = _BaseEval(cfg, model, val_loader, val_index, device)
 
-    status, diverged = "ok", None
-    for epoch in range(start, cfg.epochs + 1):
-        try:
-            stats = engine.train_one_epoch(
-                model,
-                train_loader,
-                optimizer,
-                scheduler,
-                device=device,
+    def report_base(metrics: dict[str, Any] | None) -> None:  # epoch 0 first, whenever it is known
+        nonlocal base, base_metric
+        if metrics is not None:
+            base, base_metric = None, metrics[cfg.metric]
+            history.insert(0, {"epoch": 0, **metrics})
+            report({"epoch": 0, **metrics, "base_metric": base_metric, **counts}, None)
+
+    if base is not None:
+        report_base(base.metrics)
+    try:
+        status, diverged = "ok", None
+        for epoch in range(start, cfg.epochs + 1):
+            try:
+                stats = engine.train_one_epoch(
+                    model,
+                    train_loader,
+                    optimizer,
+                    scheduler,
+                    device=device,
+                    params=params,
+                    amp_dtype=amp_dtype,
+                    scaler=scaler,
+                )
+            except engine.Diverged as exc:
+                log.warning("epoch %d diverged: %s", epoch, exc)
+                status, diverged = "diverged", {"epoch": epoch, "step": exc.step, "losses": exc.losses}
+                worst = -math.inf if cfg.mode == "max" else math.inf
+                if base is not None:
+                    report_base(base.collect(model))
+                row = {"epoch": epoch, "diverged": 1, cfg.metric: worst, "step": exc.step, **exc.losses}
+                report({**row, **counts}, None)
+                break
+            metrics = engine.evaluate(model, val_loader, val_index, device=device, task=cfg.task)
+            if cfg.metric not in metrics:
+                raise ValueError(f"metric {cfg.metric!r} is not one of {sorted(metrics)}")
+            row = {"epoch": epoch, **metrics, **stats}
+            if base is not None:
+                report_base(base.collect(model))
+            history.append(row)
+            is_best = _better(metrics[cfg.metric], best_metric, cfg.mode)
+            if is_best:
+                best_metric, best_epoch = metrics[cfg.metric], epoch
+            extra = {
+                "history": history,
+                "base_metric": base_metric,
+                "best_metric": best_metric,
+                "best_epoch": best_epoch,
+                "loader_rng": [g.get_state() for g in gens],
+                "scaler": scaler.state_dict() if scaler is not None else None,
+            }
+            latest = checkpoint.save(
+                ckpt_dir / checkpoint.LATEST,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                epoch=epoch,
+                metrics=row,
                 params=params,
-                amp_dtype=amp_dtype,
-                scaler=scaler,
+                base_sha256=base_sha,
+                trainable_only=trainable_only,
+                extra=extra,
             )
-        except engine.Diverged as exc:
-            log.warning("epoch %d diverged: %s", epoch, exc)
-            status, diverged = "diverged", {"epoch": epoch, "step": exc.step, "losses": exc.losses}
-            worst = -math.inf if cfg.mode == "max" else math.inf
-            report(
-                {"epoch": epoch, "diverged": 1, cfg.metric: worst, "step": exc.step, **exc.losses, **counts},
-                None,
-            )
-            break
-        metrics = engine.evaluate(model, val_loader, val_index, device=device, task=cfg.task)
-        if cfg.metric not in metrics:
-            raise ValueError(f"metric {cfg.metric!r} is not one of {sorted(metrics)}")
-        row = {"epoch": epoch, **metrics, **stats}
-        history.append(row)
-        is_best = _better(metrics[cfg.metric], best_metric, cfg.mode)
-        if is_best:
-            best_metric, best_epoch = metrics[cfg.metric], epoch
-        extra = {
-            "history": history,
-            "base_metric": base_metric,
-            "best_metric": best_metric,
-            "best_epoch": best_epoch,
-            "loader_rng": [g.get_state() for g in gens],
-            "scaler": scaler.state_dict() if scaler is not None else None,
-        }
-        latest = checkpoint.save(
-            ckpt_dir / checkpoint.LATEST,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            epoch=epoch,
-            metrics=row,
-            params=params,
-            base_sha256=base_sha,
-            trainable_only=trainable_only,
-            extra=extra,
-        )
-        if is_best:
-            checkpoint.copy(latest, ckpt_dir / checkpoint.BEST)
-        report({**row, **counts}, ckpt_dir)
+            if is_best:
+                checkpoint.copy(latest, ckpt_dir / checkpoint.BEST)
+            report({**row, **counts}, ckpt_dir)
+    finally:
+        if base is not None:
+            base.release()
 
+    if base is not None and (late := base.collect(model)) is not None:  # after the last report: kept only
+        base_metric = late[cfg.metric]
+        history.insert(0, {"epoch": 0, **late})
     converted = data.converted_images()
     if converted:
         log.info("images decoded as RGB from other modes: %s",

@@ -1,0 +1,226 @@
+"""The study-wide epoch-0 base evaluation: cache key, lock, and run_trial sharing it (CPU, tiny)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tests.tinydata import make_tiny_coco
+from trainables import base_eval, engine
+from trainables.base_eval import BaseEvalCache, model_key
+from trainables.config import DataSplit, TrialConfig
+from trainables.trial import TIMING_KEYS, run_trial
+
+ARCH = "ssdlite320_mobilenet_v3_large"
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    images, ann = make_tiny_coco(root, n_images=6, size=100)
+    return DataSplit(images=images, annotations=ann)
+
+
+def _cfg(split: DataSplit, out: Path, **kw) -> TrialConfig:
+    base = dict(task="detection", arch=ARCH, train=split, val=split, out_dir=out, image_size=128, epochs=2,
+                batch_size=2, workers=0, seed=0, metric="map", mode="max", device="cpu", threads=1)
+    return TrialConfig(**(base | kw))
+
+
+def _strip(history):
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in history]
+
+
+class _Counting:
+    """Counts engine.evaluate calls (run_trial calls it through the module)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        real = engine.evaluate
+
+        def evaluate(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "evaluate", evaluate)
+
+
+# --- key ----------------------------------------------------------------------------------------
+def test_key_follows_tensors_structure_and_eval_settings(split, tmp_path):
+    cpu = torch.device("cpu")
+    cfg = _cfg(split, tmp_path)
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    b = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    b.load_state_dict(a.state_dict())
+    key = model_key(a, cfg, cpu)
+    assert len(key) == 64 and model_key(b, cfg, cpu) == key  # same tensors and structure
+    b[2] = nn.SiLU()  # an activation swap: same tensors, another model
+    assert model_key(b, cfg, cpu) != key
+    b[2] = nn.ReLU()
+    with torch.no_grad():
+        b[0].bias[0] += 1e-3
+    assert model_key(b, cfg, cpu) != key
+    b.load_state_dict(a.state_dict())
+    b[1].num_batches_tracked.fill_(7)  # 0-dim integer buffers count too
+    assert model_key(b, cfg, cpu) != key
+    changes = ({"limit_val": 2}, {"image_size": 96}, {"batch_size": 1}, {"task": "instance_segmentation"})
+    for change in changes:
+        assert model_key(a, dataclasses.replace(cfg, **change), cpu) != key, change
+    assert model_key(a, dataclasses.replace(cfg, epochs=9, seed=3, limit_train=2), cpu) == key  # not read
+
+
+# --- cache and lock -----------------------------------------------------------------------------
+def test_cache_claim_put_get_release(tmp_path):
+    cache, other = BaseEvalCache(tmp_path / "be"), BaseEvalCache(tmp_path / "be")
+    assert cache.get("k") is None
+    assert cache.claim("k") is True
+    assert other.claim("k") is False  # held by a live process (this one)
+    cache.put("k", {"map": 0.25, "map50": 0.5})
+    assert other.get("k") == {"map": 0.25, "map50": 0.5}
+    assert not (tmp_path / "be" / "k.lock").exists()
+    assert sorted(p.name for p in (tmp_path / "be").iterdir()) == ["k.json"]  # no temp file left
+    assert other.claim("k2") is True
+    other.release("k2")
+    assert not (tmp_path / "be" / "k2.lock").exists()
+
+
+def test_lock_of_a_dead_process_or_too_old_is_taken_over(tmp_path):
+    folder = tmp_path / "be"
+    folder.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    (folder / "a.lock").write_text(json.dumps({"host": host, "pid": dead.pid, "time": time.time()}))
+    (folder / "b.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "time": time.time()}))
+    (folder / "c.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1,
+                                               "time": time.time() - base_eval.STALE_AFTER_S - 1}))
+    (folder / "d.lock").write_text("not json")  # a torn write: judged by its age (new: kept)
+    cache = BaseEvalCache(folder)
+    assert cache.claim("a") is True  # its process is gone
+    assert cache.claim("b") is False  # another host's: cannot tell, and it is recent
+    assert cache.claim("c") is True  # too old
+    assert cache.claim("d") is False
+    old = time.time() - base_eval.STALE_AFTER_S - 1
+    os.utime(folder / "d.lock", (old, old))
+    assert cache.claim("d") is True
+    holder = json.loads((folder / "a.lock").read_text())
+    assert holder["pid"] == os.getpid() and holder["host"] == host
+
+
+# --- run_trial sharing it -----------------------------------------------------------------------
+def test_second_trial_reads_the_first_trials_base_evaluation(split, tmp_path, monkeypatch):
+    counter = _Counting(monkeypatch)
+    shared = tmp_path / "base_eval"
+    reports_a, reports_b = [], []
+    a = run_trial(_cfg(split, tmp_path / "a", base_eval_dir=shared), {"lr": 0.01},
+                  report=lambda m, d: reports_a.append(m))
+    assert counter.calls == 3  # base + 2 epochs
+    assert len(list(shared.glob("*.json"))) == 1 and not list(shared.glob("*.lock"))
+    b = run_trial(_cfg(split, tmp_path / "b", base_eval_dir=shared), {"lr": 0.01},
+                  report=lambda m, d: reports_b.append(m))
+    assert counter.calls == 5  # b evaluated its 2 epochs only
+    assert b["base_metric"] == a["base_metric"] is not None
+    assert _strip(b["history"]) == _strip(a["history"])  # reading it changes nothing downstream
+    assert [r["epoch"] for r in reports_b] == [0, 1, 2] and reports_b[0] == reports_a[0]
+    # a trial without the cache evaluates for itself and gets the same numbers
+    c = run_trial(_cfg(split, tmp_path / "c"), {"lr": 0.01})
+    assert counter.calls == 8 and _strip(c["history"]) == _strip(a["history"])
+
+
+def test_claiming_trial_trains_first_and_evaluates_its_starting_weights_after(split, tmp_path, monkeypatch):
+    calls = []
+    real_train, real_eval = engine.train_one_epoch, engine.evaluate
+    monkeypatch.setattr(engine, "train_one_epoch",
+                        lambda *a, **k: calls.append("train") or real_train(*a, **k))
+    monkeypatch.setattr(engine, "evaluate", lambda *a, **k: calls.append("eval") or real_eval(*a, **k))
+    reports = []
+    got = run_trial(_cfg(split, tmp_path / "a", base_eval_dir=tmp_path / "be"), {"lr": 0.01},
+                    report=lambda m, d: reports.append((m["epoch"], d is not None)))
+    # the first step comes before any evaluation; epoch 0 is still reported first, without checkpoint
+    assert calls == ["train", "eval", "eval", "train", "eval"]
+    assert reports == [(0, False), (1, True), (2, True)]
+    monkeypatch.setattr(engine, "train_one_epoch", real_train)
+    monkeypatch.setattr(engine, "evaluate", real_eval)
+    alone = run_trial(_cfg(split, tmp_path / "b"), {"lr": 0.01})  # evaluates the base before training
+    assert _strip(got["history"]) == _strip(alone["history"])  # same numbers, base and trained
+    ckpt = torch.load(tmp_path / "a" / "checkpoints" / "latest.pt", weights_only=True)
+    assert ckpt["extra"]["base_metric"] == alone["base_metric"]
+
+
+def test_activation_swap_is_another_base(split, tmp_path, monkeypatch):
+    counter = _Counting(monkeypatch)
+    shared = tmp_path / "base_eval"
+    for name in ("a", "b"):
+        run_trial(_cfg(split, tmp_path / name, base_eval_dir=shared, epochs=1),
+                  {"lr": 0.01, "activation": "keep" if name == "a" else "silu"})
+    assert counter.calls == 4 and len(list(shared.glob("*.json"))) == 2
+
+
+def test_trial_trains_without_waiting_while_another_evaluates(split, tmp_path, monkeypatch):
+    """The lock is held (by this live process, as a concurrent trial would): the trial trains at
+    once, and picks the base metrics up after its first epoch when the holder has stored them."""
+    counter = _Counting(monkeypatch)
+    shared = tmp_path / "base_eval"
+    cfg = _cfg(split, tmp_path / "b", base_eval_dir=shared)
+    ref = run_trial(_cfg(split, tmp_path / "ref"), {"lr": 0.01})  # what the other trial computes
+    assert counter.calls == 3
+    holder = BaseEvalCache(shared)
+    key_box = {}
+    real_key = base_eval.model_key
+
+    def key(model, c, device):
+        key_box["k"] = real_key(model, c, device)
+        assert holder.claim(key_box["k"]) is True  # "the other trial" starts evaluating first
+        return key_box["k"]
+
+    monkeypatch.setattr(base_eval, "model_key", key)
+    real_train = engine.train_one_epoch
+
+    def train(*args, **kwargs):
+        out = real_train(*args, **kwargs)
+        if not holder.get(key_box["k"]):  # the other trial finishes during our first epoch
+            holder.put(key_box["k"], {k: v for k, v in ref["history"][0].items() if k != "epoch"})
+        return out
+
+    monkeypatch.setattr(engine, "train_one_epoch", train)
+    reports = []
+    b = run_trial(cfg, {"lr": 0.01}, report=lambda m, d: reports.append(m))
+    assert counter.calls == 5  # no base evaluation here: 2 epochs
+    assert [r["epoch"] for r in reports] == [0, 1, 2]  # epoch 0 reported as soon as it is known
+    assert reports[0]["base_metric"] == ref["base_metric"] == b["base_metric"]
+    assert _strip(b["history"]) == _strip(ref["history"])  # epoch 0 row in its place, training unchanged
+
+
+def test_holder_that_fails_releases_the_lock(split, tmp_path, monkeypatch):
+    shared = tmp_path / "base_eval"
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(engine, "evaluate", boom)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        run_trial(_cfg(split, tmp_path / "a", base_eval_dir=shared, epochs=1), {"lr": 0.01})
+    assert not list(shared.glob("*.lock")) and not list(shared.glob("*.json"))
+
+
+def test_claiming_trial_that_diverges_still_reports_and_stores_the_base(split, tmp_path):
+    shared = tmp_path / "base_eval"
+    reports = []
+    got = run_trial(_cfg(split, tmp_path / "a", base_eval_dir=shared), {"lr": 1e20},
+                    report=lambda m, d: reports.append(m))
+    assert got["status"] == "diverged"
+    assert [r["epoch"] for r in reports] == [0, 1] and reports[1]["diverged"] == 1
+    stored = BaseEvalCache(shared).get(next(shared.glob("*.json")).stem)
+    assert stored["map"] == reports[0]["map"] == got["base_metric"]  # the starting weights, not the NaNs
+    assert not list(shared.glob("*.lock"))

@@ -1,0 +1,138 @@
+"""Share the epoch-0 base-model evaluation between the trials of a study.
+
+Every trial of a study starts from the same base model unless a searched parameter changes what
+is built (an activation swap, say), so evaluating it once per distinct starting model is enough.
+The cache is a folder of ``<key>.json`` files. The key is a sha256 over everything the evaluation
+reads: the model's module structure and every tensor of its state as built and frozen (random
+head initialisations and swaps included), the validation split (annotation file hash, image root,
+image limit), image size, batch size, task and device type. Two trials with the same key would
+compute the same metrics, so the second reads the first's.
+
+While one trial evaluates a key it holds ``<key>.lock`` (created with ``O_EXCL``). Another trial
+that finds the lock does not wait: it trains and picks the result up later (:meth:`get`). A lock
+whose process is gone (same host) or that is older than :data:`STALE_AFTER_S` is taken over.
+Assumes the folder is shared by the trials that should share results; on a node that cannot see
+it the trials just evaluate for themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainables.config import TrialConfig
+from trainables.files import sha256_file
+
+STALE_AFTER_S = 3600.0
+
+
+def model_key(model: torch.nn.Module, cfg: TrialConfig, device: torch.device) -> str:
+    """sha256 of the model as it will be evaluated plus the evaluation settings (module docstring)."""
+    h = hashlib.sha256()
+    h.update(repr(model).encode())
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    settings = {
+        "task": cfg.task,
+        "val_annotations": sha256_file(cfg.val.annotations),
+        "val_images": str(Path(cfg.val.images).resolve()),
+        "limit_val": cfg.limit_val,
+        "image_size": cfg.image_size,
+        "batch_size": cfg.batch_size,
+        "device": device.type,
+    }
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class BaseEvalCache:
+    """The study's base-evaluation results, one JSON file per model key (module docstring)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{key}.json"
+
+    def _lock(self, key: str) -> Path:
+        return self.folder / f"{key}.lock"
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The stored metrics of ``key``, or None."""
+        try:
+            return dict(json.loads(self._path(key).read_text())["metrics"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def claim(self, key: str) -> bool:
+        """True when this process should evaluate ``key`` (it now holds the lock); False when
+        another live process is evaluating it."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        lock = self._lock(key)
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not self._stale(lock):
+                    return False
+                lock.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(holder, f)
+            return True
+        return False
+
+    def _stale(self, lock: Path) -> bool:
+        try:
+            holder = json.loads(lock.read_text())
+            age = time.time() - float(holder["time"])
+        except FileNotFoundError:
+            return True
+        except (OSError, ValueError, KeyError, TypeError):
+            try:
+                age = time.time() - lock.stat().st_mtime
+            except OSError:
+                return True
+            return age > STALE_AFTER_S
+        if age > STALE_AFTER_S:
+            return True
+        return holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1)))
+
+    def put(self, key: str, metrics: dict[str, Any]) -> None:
+        """Store ``key``'s metrics (atomically) and drop the lock."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".{key}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({"metrics": metrics, "time": time.time()}))
+        os.replace(tmp, self._path(key))
+        self.release(key)
+
+    def release(self, key: str) -> None:
+        """Drop the lock of ``key`` if this process holds it."""
+        lock = self._lock(key)
+        try:
+            holder = json.loads(lock.read_text())
+        except (OSError, ValueError):
+            return
+        if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+            lock.unlink(missing_ok=True)
