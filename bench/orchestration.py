@@ -257,7 +257,7 @@ def main() -> None:
     print(
         f"launcher: launch -> header printed (imports, validation, ray.init) s: {secs('driver_ready_s', ray)}"
     )
-    print(f"launcher: launch -> first loop entry (base-model eval) s: {secs('first_loop_s', ray)}")
+    print(f"launcher: launch -> first loop entry (train or eval) s: {secs('first_loop_s', ray)}")
     print(
         f"launcher: launch -> first training epoch (first step) s: {secs('first_train_s', ray)}  target <= 15"
     )

@@ -21,6 +21,8 @@ Segmentation: ``--spec spaces/seg.yaml --data ../shared/data/dsb2018_nuclei`` (s
 
 Run: python bench/search_efficiency.py [--seeds 0,1,2] [--trials 8] [--epochs 4] [--limit-train 32]
      [--limit-val 24] [--set KEY=VALUE ...]
+A variant of the asha_tpe arm against the same random_full studies: --work <the first run's folder>
+--asha-tag -g2 --asha-set search.grace_period=2 (random_full is read from the folder, not rerun).
 """
 
 from __future__ import annotations
@@ -94,7 +96,8 @@ def best(rows: list[dict], mode: str) -> float | None:
 
 def run_arm(arm: str, seed: int, args: argparse.Namespace, work: Path) -> dict:
     data = Path(args.data).resolve()
-    name = f"bench-se-{arm}-s{seed}"
+    tag = args.asha_tag if arm == "asha_tpe" else ""
+    name = f"bench-se-{arm}{tag}-s{seed}"
     sets = [
         f"data.train.images={data / 'images'}",
         f"data.train.annotations={data / 'annotations/instances_train.json'}",
@@ -113,22 +116,28 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, work: Path) -> dict:
         *([f"data.image_size={args.image_size}"] if args.image_size else []),
         *ARMS[arm],
         *args.set,
+        *(args.asha_set if arm == "asha_tpe" else []),
     ]
     cmd = [sys.executable, "-m", "search", "launch", args.spec, "--name", name]
     for s in sets:
         cmd += ["--set", s]
     log = work / f"{name}.log"
-    t0 = time.time()
-    with open(log, "w") as f:
-        rc = subprocess.call(
-            cmd,
-            cwd=C.ROOT,
-            env=dict(os.environ, RAY_AUTH_MODE="disabled"),
-            stdout=f,
-            stderr=subprocess.STDOUT,
-        )
-    wall = time.time() - t0
     exp = work / name
+    t0 = time.time()
+    done = exp / "study.json"
+    if done.is_file() and json.loads(done.read_text()).get("status") == "finished":
+        rc = 0  # --work: this arm already ran there with these settings (see its log); read, not rerun
+        print(f"  seed {seed} {arm}: reading the finished study in {exp}", flush=True)
+    else:
+        with open(log, "w") as f:
+            rc = subprocess.call(
+                cmd,
+                cwd=C.ROOT,
+                env=dict(os.environ, RAY_AUTH_MODE="disabled"),
+                stdout=f,
+                stderr=subprocess.STDOUT,
+            )
+    wall = time.time() - t0
     study = json.loads((exp / "study.json").read_text()) if (exp / "study.json").is_file() else {}
     metric, mode = study.get("metric", "map50"), study.get("mode", "max")
     rows = events(exp, metric)
@@ -172,10 +181,20 @@ def main() -> None:
     ap.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="extra overrides, both arms"
     )
+    ap.add_argument(
+        "--asha-set", action="append", default=[], metavar="KEY=VALUE",
+        help="overrides for the asha_tpe arm only (e.g. search.grace_period=2)",
+    )
+    ap.add_argument("--asha-tag", default="", help="suffix of the asha_tpe arm's study names (variants)")
+    ap.add_argument(
+        "--work", default=None,
+        help="work folder; an arm whose study already finished there is read, not rerun (same settings!)",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="bench-se-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-se-"))
+    work.mkdir(parents=True, exist_ok=True)
     print(f"machine: {C.machine()}", flush=True)
     print(
         f"{args.spec} on {args.data}: {args.trials} trials x {args.epochs} epochs, "

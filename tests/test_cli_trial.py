@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -91,3 +92,21 @@ def test_bundled_instance_spec_runs_at_tiny_size(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert KEYS <= set(out) and out["status"] == "ok"
     assert {"map", "mask_map"} <= set(out["history"][1]) and "loss_mask" in out["history"][1]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "stream", "text"),
+    [
+        ([], 2, "stderr", "the following arguments are required"),  # argparse's own exit
+        (["--help"], 0, "stdout", "usage:"),
+        (["validate", "no/such/spec.yaml"], 2, "stderr", "does not exist"),
+        (["validate", "spaces/det.yaml", "--quick", "--json"], 0, "stdout", '"name": "det-demo"'),
+    ],
+)
+def test_module_entry_point_exit_codes_and_flushed_output(args, code, stream, text):
+    """``python -m search`` leaves with os._exit after the atexit handlers (search/__main__.py):
+    the exit code and every line written must survive that."""
+    proc = subprocess.run([sys.executable, "-m", "search", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert proc.returncode == code, (proc.stdout[-500:], proc.stderr[-500:])
+    assert text in getattr(proc, stream)
