@@ -434,6 +434,7 @@ def launch(spec: Spec, *, name: str | None = None, address: str | None = None, e
         raise ExperimentExists(f"experiment folder {exp_dir} already holds a study. Resume it with "
                                f"'{resume_command(exp_dir)}', or launch with --name NEW_NAME.")
     preflight(spec, address, weights=True)  # bad input fails before Ray starts or anything is written
+    tracking.warm_up(spec)  # MLflow's import and store creation overlap ray.init
     started = connect(address or spec.resources.address)
     try:
         cluster = check_cluster_storage(exp_dir.parent)
@@ -482,6 +483,7 @@ def resume(exp_dir: Path, *, restart_errored: bool = False, address: str | None 
         for mark in exp_dir.glob(f"trial_*/{ERROR_MARK}"):
             mark.unlink(missing_ok=True)
     preflight(spec, address, weights=False)
+    tracking.warm_up(spec)
     started = connect(address or spec.resources.address)
     try:
         cluster = check_cluster_storage(exp_dir.parent)

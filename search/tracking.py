@@ -174,6 +174,37 @@ def client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+_WARMING: dict[str, threading.Thread] = {}  # uri -> thread creating the local store (warm_up)
+
+
+def warm_up(spec: Any) -> None:
+    """Start importing MLflow and creating the study's experiment in a local store (SQLite or a
+    folder) in a background thread, so that this work overlaps ``ray.init`` instead of the trials'
+    start. Call it only after validation. A failure here is ignored: the writer meets it again
+    and reports it. No-op for an HTTP server (its retries must not outlive the process) or with
+    ``SEARCH_NO_MLFLOW=1``."""
+    uri = tracking_uri(spec)
+    if os.environ.get(DISABLE_ENV) == "1" or is_http(uri) or uri in _WARMING:
+        return
+    name = experiment_name(spec)
+
+    def run() -> None:
+        try:
+            get_or_create_experiment(client(uri), name, uri)
+        except Exception as exc:  # noqa: BLE001 - the writer retries and reports
+            log.debug("MLflow warm-up failed: %s", exc)
+
+    _WARMING[uri] = thread = threading.Thread(target=run, name="mlflow-warm-up", daemon=True)
+    thread.start()
+
+
+def _warmed(uri: str, timeout: float = 120.0) -> None:
+    """Wait for :func:`warm_up`'s thread on ``uri``, if any (no two threads create one store)."""
+    thread = _WARMING.pop(uri, None)
+    if thread is not None:
+        thread.join(timeout)
+
+
 def get_or_create_experiment(mlc: Any, name: str, uri: str) -> str:
     """The experiment id of ``name`` (created, or restored when deleted)."""
     exp = mlc.get_experiment_by_name(name)
@@ -666,6 +697,7 @@ class WriteQueue:
 
     def _mlc(self) -> Any:
         if self._client is None:
+            _warmed(self.uri)
             self._client = client(self.uri)
         return self._client
 

@@ -568,3 +568,20 @@ def test_real_server_outage(ray_local, tmp_path):
     finally:
         proxy.down()
         stop_server(server)
+
+
+def test_warm_up_creates_the_local_store_in_the_background(tmp_path, monkeypatch):
+    monkeypatch.delenv(tracking.DISABLE_ENV, raising=False)
+    spec = load_spec(write_spec(tmp_path))
+    uri = tracking.tracking_uri(spec)
+    assert uri.startswith("sqlite:///") and not (tmp_path / "runs" / "mlflow.db").exists()
+    tracking.warm_up(spec)
+    tracking.warm_up(spec)  # once per store
+    tracking._warmed(uri)  # what the writer does before its first write
+    assert uri not in tracking._WARMING
+    exp = tracking.client(uri).get_experiment_by_name(tracking.experiment_name(spec))
+    assert exp is not None and exp.lifecycle_stage == "active"
+    other = load_spec(write_spec(tmp_path, name="other"))
+    monkeypatch.setenv(tracking.DISABLE_ENV, "1")
+    tracking.warm_up(other)  # tracking off: nothing started
+    assert tracking.tracking_uri(other) not in tracking._WARMING
