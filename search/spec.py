@@ -743,6 +743,7 @@ def deep_check(spec: Spec) -> dict[str, Any]:
             f"{arch} rejects these builder arguments: {exc}.",
             "use the builder's keyword arguments (see torchvision's documentation).",
         ) from None
+    _check_activation_scope(spec, arch, model)
     names = [n for n, _ in model.named_parameters()]
     for set_name, globs in spec.model.trainable_sets.items():
         try:
@@ -754,6 +755,38 @@ def deep_check(spec: Spec) -> dict[str, Any]:
                 "fix the pattern; parameter names are model.named_parameters() names.",
             ) from None
     return {"parameters": sum(p.numel() for p in model.parameters()), "parameter_tensors": len(names)}
+
+
+def _dim_values(spec: Spec, name: str) -> list[Any]:
+    """The values parameter ``name`` can take in the spec's space (its default when absent)."""
+    dim = spec.search_space.by_name.get(name)
+    if dim is None:
+        return [params.PARAMS[name].default]
+    if dim.kind == "fixed":
+        return [dim.value]
+    return list(dim.choices)
+
+
+def _check_activation_scope(spec: Spec, arch: str, model: Any) -> None:
+    """A swap scope that holds no swappable activation module in ``arch`` (``neck`` on FPN
+    families, fcn, lraspp) would make every activation choice a silent no-op there."""
+    from trainables import activations
+
+    fam = families.family_of(arch)
+    if fam is None or all(a == "keep" for a in _dim_values(spec, "activation")):
+        return
+    counts = {scope: sum(activations.count_activations(model, fam, scope).values())
+              for scope in params.ACTIVATION_SCOPES}
+    for scope in _dim_values(spec, "activation_scope"):
+        if scope in counts and counts[scope] == 0:
+            key = "space.activation_scope" if "activation_scope" in spec.search_space else "space.activation"
+            usable = [s for s, n in counts.items() if n]
+            raise SpecError(
+                key,
+                f"activation_scope {scope!r} of {arch} holds no activation module that a swap could "
+                "replace, so every activation choice would change nothing there.",
+                f"use activation_scope {', '.join(repr(s) for s in usable)}, or activation: keep.",
+            )
 
 
 def _check_kwargs(arch: str, kwargs: dict[str, Any]) -> None:

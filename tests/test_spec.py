@@ -565,3 +565,39 @@ def test_accepted_kwargs_conformance_every_arch():
         assert models.ignored_kwargs(arch, dict.fromkeys(accepted)) == [], arch
         assert models.ignored_kwargs(arch, {"no_such_key": 1}) == ["no_such_key"], arch
     assert models.accepted_kwargs("resnet50") is None
+
+
+ACTIVATION_SCOPE_CASES = [
+    # (arch, space entries, refused key or None)
+    ("fasterrcnn_mobilenet_v3_large_320_fpn",
+     {"activation": {"choices": ["keep", "silu"]}, "activation_scope": "neck"}, "space.activation_scope"),
+    ("fasterrcnn_mobilenet_v3_large_320_fpn",
+     {"activation": "silu", "activation_scope": {"choices": ["heads", "neck"]}}, "space.activation_scope"),
+    ("lraspp_mobilenet_v3_large",
+     {"activation": "gelu", "activation_scope": "neck"}, "space.activation_scope"),
+    ("fasterrcnn_mobilenet_v3_large_320_fpn", {"activation": "keep", "activation_scope": "neck"}, None),
+    ("fasterrcnn_mobilenet_v3_large_320_fpn", {"activation": "silu", "activation_scope": "backbone"}, None),
+    ("fasterrcnn_mobilenet_v3_large_320_fpn", {"activation": {"choices": ["keep", "silu"]}}, None),  # heads
+    ("ssdlite320_mobilenet_v3_large", {"activation": "silu", "activation_scope": "neck"}, None),
+    ("deeplabv3_mobilenet_v3_large", {"activation": "silu", "activation_scope": "neck"}, None),  # ASPP
+]
+
+
+@pytest.mark.parametrize("arch,space,key", ACTIVATION_SCOPE_CASES,
+                         ids=[f"{c[0].split('_')[0]}-{i}" for i, c in enumerate(ACTIVATION_SCOPE_CASES)])
+def test_activation_scope_without_activations_is_refused(arch, space, key):
+    """A scope in which the architecture has no activation module makes activation choices
+    silent no-ops (neck on FPN families, fcn, lraspp): refused before launch."""
+    from search.spec import deep_check
+
+    raw = spec_dict(**(SEMANTIC_CHANGES if arch.startswith(("lraspp", "deeplabv3")) else {}))
+    raw["model"] = {"arch": arch, "weights": "none"}
+    raw["space"] = {**raw["space"], **space}
+    spec = build_spec(raw, ROOT)
+    if key is None:
+        deep_check(spec)
+        return
+    with pytest.raises(SpecError) as err:
+        deep_check(spec)
+    assert err.value.key == key and "holds no activation module" in err.value.message, str(err.value)
+    assert "'neck'" in err.value.message and "'backbone'" in err.value.fix and "'neck'" not in err.value.fix

@@ -167,6 +167,13 @@ EXTRA = [
     _case("builder-kwarg-reserved", {"model.kwargs": {"num_classes": 5}}, "model.kwargs", "num_classes"),
     _case("builder-kwarg-bad-value", {"model.kwargs": {"width_mult": "x"}}, "model.kwargs", "rejects"),
     _case(
+        "activation-scope-without-activations",
+        {"model.arch": "fasterrcnn_mobilenet_v3_large_320_fpn", "model.weights": "none",
+         "space.activation": "silu", "space.activation_scope": "neck"},
+        "space.activation_scope",
+        "holds no activation module",
+    ),
+    _case(
         "builder-kwarg-typo",
         {"model.kwargs": {"score_tresh": 0.2}},
         "model.kwargs.score_tresh",
