@@ -104,6 +104,14 @@ def _build_data(cfg: TrialConfig, params: dict[str, Any]) -> tuple[Any, Any, Any
     return train_index, val_index, loaders[0], loaders[1]
 
 
+def _evaluate(cfg: TrialConfig, model: torch.nn.Module, loader: Any, index: Any,
+              device: torch.device) -> dict[str, Any]:
+    metrics = engine.evaluate(model, loader, index, device=device, task=cfg.task)
+    if cfg.metric not in metrics:
+        raise ValueError(f"metric {cfg.metric!r} is not one of {sorted(metrics)}")
+    return metrics
+
+
 class _BaseEval:
     """A trial's epoch-0 evaluation of its starting model.
 
@@ -122,7 +130,7 @@ class _BaseEval:
         self._initial: dict[str, torch.Tensor] | None = None
         self.cache = self.key = None
         if cfg.base_eval_dir is None:
-            self.metrics = self._evaluate(model)
+            self.metrics = _evaluate(cfg, model, loader, index, device)
             return
         self.cache = base_eval.BaseEvalCache(cfg.base_eval_dir)
         self.key = base_eval.model_key(model, cfg, device)
@@ -135,12 +143,6 @@ class _BaseEval:
         else:
             log.info("another trial is evaluating this base model; training without waiting")
 
-    def _evaluate(self, model: torch.nn.Module) -> dict[str, Any]:
-        metrics = engine.evaluate(model, self.loader, self.index, device=self.device, task=self.cfg.task)
-        if self.cfg.metric not in metrics:
-            raise ValueError(f"metric {self.cfg.metric!r} is not one of {sorted(metrics)}")
-        return metrics
-
     def collect(self, model: torch.nn.Module) -> dict[str, Any] | None:
         """At a report after training started: the epoch-0 metrics once known, else None."""
         if self._initial is None:
@@ -149,7 +151,7 @@ class _BaseEval:
         trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
         model.load_state_dict(self._initial)  # copies in place: the optimizer keeps its tensors
         try:
-            metrics = self._evaluate(model)
+            metrics = _evaluate(self.cfg, model, self.loader, self.index, self.device)
         finally:
             model.load_state_dict(trained)
         self._initial = None
@@ -275,9 +277,7 @@ def run_trial(
                 row = {"epoch": epoch, "diverged": 1, cfg.metric: worst, "step": exc.step, **exc.losses}
                 report({**row, **counts}, None)
                 break
-            metrics = engine.evaluate(model, val_loader, val_index, device=device, task=cfg.task)
-            if cfg.metric not in metrics:
-                raise ValueError(f"metric {cfg.metric!r} is not one of {sorted(metrics)}")
+            metrics = _evaluate(cfg, model, val_loader, val_index, device)
             row = {"epoch": epoch, **metrics, **stats}
             if base is not None:
                 report_base(base.collect(model))
