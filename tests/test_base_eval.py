@@ -9,36 +9,25 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from tests.tinydata import make_tiny_coco
+from tests.tinydata import tiny_split, trial_config, without_timing
 from trainables import base_eval, engine
 from trainables.base_eval import BaseEvalCache, model_key
-from trainables.config import DataSplit, TrialConfig
-from trainables.trial import TIMING_KEYS, run_trial
+from trainables.trial import run_trial
 
 ARCH = "ssdlite320_mobilenet_v3_large"
 
 
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    images, ann = make_tiny_coco(root, n_images=6, size=100)
-    return DataSplit(images=images, annotations=ann)
+    return tiny_split(tmp_path_factory.mktemp("tiny"))
 
 
-def _cfg(split: DataSplit, out: Path, **kw) -> TrialConfig:
-    base = dict(task="detection", arch=ARCH, train=split, val=split, out_dir=out, image_size=128, epochs=2,
-                batch_size=2, workers=0, seed=0, metric="map", mode="max", device="cpu", threads=1)
-    return TrialConfig(**(base | kw))
-
-
-def _strip(history):
-    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in history]
+_cfg, _strip = trial_config, without_timing
 
 
 class _Counting:

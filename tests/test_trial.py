@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from tests.tinydata import make_tiny_coco
+from tests.tinydata import tiny_split, trial_config, without_timing
 from trainables import checkpoint, engine, losses, trial
 from trainables import params as P
-from trainables.config import DataSplit, TrialConfig
-from trainables.trial import TIMING_KEYS, run_trial, sha256_file
+from trainables.config import TrialConfig
+from trainables.trial import run_trial, sha256_file
 
 ARCH = "ssdlite320_mobilenet_v3_large"
 RESULT_KEYS = {"status", "base_metric", "best_metric", "best_epoch", "history", "checkpoint", "params",
@@ -105,19 +105,10 @@ def test_diverged_raised_before_step():
 # --- run_trial --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def coco_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    images, ann = make_tiny_coco(root, n_images=6, size=100)
-    return DataSplit(images=images, annotations=ann)
+    return tiny_split(tmp_path_factory.mktemp("tiny"))
 
 
-def _cfg(split: DataSplit, out: Path, **kw) -> TrialConfig:
-    base = dict(task="detection", arch=ARCH, train=split, val=split, out_dir=out, image_size=128, epochs=2,
-                batch_size=2, workers=0, seed=0, metric="map", mode="max", device="cpu", threads=1)
-    return TrialConfig(**(base | kw))
-
-
-def _strip(history):
-    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in history]
+_cfg, _strip = trial_config, without_timing
 
 
 @pytest.fixture(scope="module")

@@ -50,3 +50,28 @@ def make_tiny_coco(
     ann_path = Path(tmp_path) / "annotations.json"
     ann_path.write_text(json.dumps({"images": images, "annotations": anns, "categories": CATEGORIES}))
     return images_dir, ann_path
+
+
+def tiny_split(root: Path, n_images: int = 6, size: int = 100):
+    """``make_tiny_coco`` under ``root`` as a ``DataSplit`` (train and val may share it)."""
+    from trainables.config import DataSplit
+
+    images, ann = make_tiny_coco(root, n_images=n_images, size=size)
+    return DataSplit(images=images, annotations=ann)
+
+
+def trial_config(split, out: Path, **changes):
+    """A CPU ``TrialConfig`` of ssdlite320 on ``split`` at 128 px, 2 epochs of batch 2, metric map."""
+    from trainables.config import TrialConfig
+
+    base = dict(task="detection", arch="ssdlite320_mobilenet_v3_large", train=split, val=split, out_dir=out,
+                image_size=128, epochs=2, batch_size=2, workers=0, seed=0, metric="map", mode="max",
+                device="cpu", threads=1)
+    return TrialConfig(**(base | changes))
+
+
+def without_timing(history: list[dict]) -> list[dict]:
+    """A trial's history without its wall-clock keys (what two equal runs share)."""
+    from trainables.trial import TIMING_KEYS
+
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in history]
