@@ -182,12 +182,16 @@ def main() -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="extra overrides, both arms"
     )
     ap.add_argument(
-        "--asha-set", action="append", default=[], metavar="KEY=VALUE",
+        "--asha-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="overrides for the asha_tpe arm only (e.g. search.grace_period=2)",
     )
     ap.add_argument("--asha-tag", default="", help="suffix of the asha_tpe arm's study names (variants)")
     ap.add_argument(
-        "--work", default=None,
+        "--work",
+        default=None,
         help="work folder; an arm whose study already finished there is read, not rerun (same settings!)",
     )
     ap.add_argument("--json", default=None)

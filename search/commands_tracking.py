@@ -31,6 +31,7 @@ def _bad_input(exc: Exception) -> Exception:
 def add_commands(sub: Any) -> None:
     """Register best/promote/export/predict/ui on ``sub`` (argparse subparsers)."""
     from search.cli import add_name_args  # cli imports this module while building its parser
+
     p = sub.add_parser("best", help="a study's trials ranked by best-epoch objective")
     add_name_args(p)
     p.add_argument("--top", type=int, default=None, metavar="K", help="only the best K trials")

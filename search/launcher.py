@@ -40,8 +40,22 @@ from search.spec import NAME, Spec, build_spec
 
 log = logging.getLogger(__name__)
 
-SHARED_FS = ("nfs", "nfs4", "cifs", "smb", "smb2", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph",
-             "glusterfs", "9p", "virtiofs")
+SHARED_FS = (
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb",
+    "smb2",
+    "smb3",
+    "smbfs",
+    "lustre",
+    "gpfs",
+    "beegfs",
+    "ceph",
+    "glusterfs",
+    "9p",
+    "virtiofs",
+)
 TEST_FAIL_ENV = "SEARCH_TEST_FAIL_WHEN"  # test hook: "param>value" / "param<value" / "param=value"
 
 
@@ -189,13 +203,17 @@ def make_scheduler(spec: Spec):
 
     s, epochs = spec.search, spec.train.epochs
     if s.scheduler == "asha":
-        return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=s.grace_period,
-                             reduction_factor=s.reduction_factor)
+        return ASHAScheduler(
+            time_attr="epoch", max_t=epochs, grace_period=s.grace_period, reduction_factor=s.reduction_factor
+        )
     if s.scheduler == "hyperband":
         return HyperBandScheduler(time_attr="epoch", max_t=epochs, reduction_factor=s.reduction_factor)
     if s.scheduler == "median":
-        return MedianStoppingRule(time_attr="epoch", grace_period=float(s.grace_period),
-                                  min_samples_required=min(3, max(1, s.num_trials - 1)))
+        return MedianStoppingRule(
+            time_attr="epoch",
+            grace_period=float(s.grace_period),
+            min_samples_required=min(3, max(1, s.num_trials - 1)),
+        )
     return FIFOScheduler()
 
 
@@ -206,9 +224,16 @@ def make_searcher(spec: Spec, exp_dir: Path, deadline: float | None):
     grid = space.grid() if s.algorithm == "grid" else None
     sampler = make_sampler(s.algorithm, s.seed, s.num_trials, s.n_startup_trials, grid)
     storage = journal_storage(exp_dir / S.JOURNAL_FILE)
-    return StudySearch(space=space.define_by_run, metric=spec.objective.metric, mode=spec.objective.mode,
-                       sampler=sampler, study_name=spec.name, storage=storage, epochs=spec.train.epochs,
-                       deadline=deadline)
+    return StudySearch(
+        space=space.define_by_run,
+        metric=spec.objective.metric,
+        mode=spec.objective.mode,
+        sampler=sampler,
+        study_name=spec.name,
+        storage=storage,
+        epochs=spec.train.epochs,
+        deadline=deadline,
+    )
 
 
 def num_samples(spec: Spec) -> int:
@@ -234,9 +259,10 @@ def _check_reachable(address: str, timeout: float = 3.0, key: str = "--address")
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
             pass
     except OSError as exc:
-        raise ClusterError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}). Start it "
-                           f"with 'ray start --head --port {port}' or fix --address/resources.address."
-                           ) from None
+        raise ClusterError(
+            f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}). Start it "
+            f"with 'ray start --head --port {port}' or fix --address/resources.address."
+        ) from None
 
 
 def preflight(spec: Spec, address: str | None, weights: bool = True) -> None:
@@ -267,8 +293,11 @@ def check_weights(spec: Spec) -> None:
             models.build_model(cfg, P.resolve({}), spec.num_classes + 1)
     except models.WeightsError as exc:
         key = "model.weights" if spec.model.weights else "model.weights_backbone"
-        raise SpecError(key, " ".join(str(exc).split()), "use a weights file of this architecture, an enum "
-                        "whose file is in the torch hub cache, or none.") from None
+        raise SpecError(
+            key,
+            " ".join(str(exc).split()),
+            "use a weights file of this architecture, an enum whose file is in the torch hub cache, or none.",
+        ) from None
 
 
 def connect(address: str | None) -> bool:
@@ -352,7 +381,8 @@ def check_cluster_storage(exp_dir: Path) -> dict[str, Any]:
             f"{exp_dir} is on a local filesystem ({mount_fstype(exp_dir)}): trials there could not write "
             "checkpoints the driver reads. Set output_dir to a shared mount (NFS, Lustre, GPFS, CIFS, a FUSE "
             "bucket mount) mounted at the same path on every node, or set SEARCH_SHARED_STORAGE=1 if it is "
-            "shared.")
+            "shared."
+        )
     return {"nodes": len(nodes), "hosts": hosts}
 
 
@@ -395,9 +425,12 @@ def _trainable(spec: Spec, exp_dir: Path | None = None):
     cfg = spec.trial_config(out_dir=Path("."), threads=max(1, int(spec.resources.cpu)))
     if exp_dir is not None:
         cfg = dataclasses.replace(cfg, base_eval_dir=Path(exp_dir) / S.BASE_EVAL_DIR)
-    setup = {"trial_config": cfg,
-             "cpu": spec.resources.cpu, "fail_when": os.environ.get(TEST_FAIL_ENV),
-             "exp_dir": str(exp_dir) if exp_dir is not None else None}
+    setup = {
+        "trial_config": cfg,
+        "cpu": spec.resources.cpu,
+        "fail_when": os.environ.get(TEST_FAIL_ENV),
+        "exp_dir": str(exp_dir) if exp_dir is not None else None,
+    }
     fn = tune.with_parameters(train_trial, setup=setup)
     return tune.with_resources(fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
 
@@ -409,8 +442,9 @@ def _key_params(spec: Spec) -> list[str]:
 def _callbacks(spec: Spec, exp_dir: Path, resume: bool, previous: dict | None, extra: Iterable) -> list:
     from search.progress import Progress, StudyState
 
-    state = StudyState(exp_dir, spec.name, spec.objective.metric, spec.objective.mode, spec.train.epochs,
-                       previous)
+    state = StudyState(
+        exp_dir, spec.name, spec.objective.metric, spec.objective.mode, spec.train.epochs, previous
+    )
     progress = Progress(state, num_samples(spec), _key_params(spec))
     return [state, progress, *_tracking_callbacks(spec, exp_dir, resume), *extra]
 
@@ -418,21 +452,33 @@ def _callbacks(spec: Spec, exp_dir: Path, resume: bool, previous: dict | None, e
 # ---------------------------------------------------------------- launch / resume
 
 
-def launch(spec: Spec, *, name: str | None = None, address: str | None = None, extra_callbacks: Iterable = (),
-           keep_top: int | None = None) -> dict[str, Any]:
+def launch(
+    spec: Spec,
+    *,
+    name: str | None = None,
+    address: str | None = None,
+    extra_callbacks: Iterable = (),
+    keep_top: int | None = None,
+) -> dict[str, Any]:
     """Run a study; returns the summary (see :func:`summarize`). ``interrupted`` in the summary
     means Ctrl-C stopped it (state saved; resume with the printed command)."""
     from ray import tune
 
     if name:
         if not NAME.fullmatch(name):
-            raise SpecError("--name", f"must be letters, digits, '_', '-' or '.', starting with a letter or "
-                            f"digit, but got {name!r}.", "choose another experiment name.")
+            raise SpecError(
+                "--name",
+                f"must be letters, digits, '_', '-' or '.', starting with a letter or "
+                f"digit, but got {name!r}.",
+                "choose another experiment name.",
+            )
         spec.name = name
     exp_dir = experiment_dir(spec)
     if (exp_dir / S.STUDY_FILE).exists() or (exp_dir / "tuner.pkl").exists():
-        raise ExperimentExists(f"experiment folder {exp_dir} already holds a study. Resume it with "
-                               f"'{resume_command(exp_dir)}', or launch with --name NEW_NAME.")
+        raise ExperimentExists(
+            f"experiment folder {exp_dir} already holds a study. Resume it with "
+            f"'{resume_command(exp_dir)}', or launch with --name NEW_NAME."
+        )
     preflight(spec, address, weights=True)  # bad input fails before Ray starts or anything is written
     tracking.warm_up(spec)  # MLflow's import and store creation overlap ray.init
     started = connect(address or spec.resources.address)
@@ -453,10 +499,15 @@ def launch(spec: Spec, *, name: str | None = None, address: str | None = None, e
         tuner = tune.Tuner(
             _trainable(spec, exp_dir),
             tune_config=tune.TuneConfig(
-                search_alg=searcher, scheduler=make_scheduler(spec), metric=spec.objective.metric,
-                mode=spec.objective.mode, num_samples=num_samples(spec),
-                max_concurrent_trials=spec.search.max_concurrent, reuse_actors=True,
-                trial_dirname_creator=trial_dirname),
+                search_alg=searcher,
+                scheduler=make_scheduler(spec),
+                metric=spec.objective.metric,
+                mode=spec.objective.mode,
+                num_samples=num_samples(spec),
+                max_concurrent_trials=spec.search.max_concurrent,
+                reuse_actors=True,
+                trial_dirname_creator=trial_dirname,
+            ),
             run_config=_run_config(spec, exp_dir, callbacks, deadline),
         )
         return _fit(tuner, spec, exp_dir, state, searcher, keep_top)
@@ -465,8 +516,14 @@ def launch(spec: Spec, *, name: str | None = None, address: str | None = None, e
             _shutdown()
 
 
-def resume(exp_dir: Path, *, restart_errored: bool = False, address: str | None = None,
-           extra_callbacks: Iterable = (), keep_top: int | None = None) -> dict[str, Any]:
+def resume(
+    exp_dir: Path,
+    *,
+    restart_errored: bool = False,
+    address: str | None = None,
+    extra_callbacks: Iterable = (),
+    keep_top: int | None = None,
+) -> dict[str, Any]:
     """Continue a study: ``Tuner.restore`` (unfinished trials from their checkpoints, pending ones
     run, the searcher keeps its place); errored trials restart only with ``restart_errored``."""
     from ray import tune
@@ -490,8 +547,13 @@ def resume(exp_dir: Path, *, restart_errored: bool = False, address: str | None 
         budget = spec.search.time_budget
         elapsed = float((previous or {}).get("elapsed_s") or 0.0)
         deadline = time.time() + max(0.0, budget - elapsed) if budget else None
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=_trainable(spec, exp_dir), resume_unfinished=True,
-                                   resume_errored=False, restart_errored=restart_errored)
+        tuner = tune.Tuner.restore(
+            str(exp_dir),
+            trainable=_trainable(spec, exp_dir),
+            resume_unfinished=True,
+            resume_errored=False,
+            restart_errored=restart_errored,
+        )
         local = tuner._local_tuner  # the restored TunerInternal: swap in this run's callbacks/stopper
         searcher = local._tune_config.search_alg
         searcher.deadline = deadline
@@ -520,9 +582,11 @@ def _run_config(spec: Spec, exp_dir: Path, callbacks: list, deadline: float | No
         stop=BudgetStopper(deadline),
         verbose=0,
         # num_to_keep=1 with a score: Ray keeps the best checkpoint and, always, the latest one
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1,
-                                                checkpoint_score_attribute=spec.objective.metric,
-                                                checkpoint_score_order=spec.objective.mode),
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=1,
+            checkpoint_score_attribute=spec.objective.metric,
+            checkpoint_score_order=spec.objective.mode,
+        ),
         failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
     )
 
@@ -541,8 +605,9 @@ def _fit(tuner, spec: Spec, exp_dir: Path, state, searcher, keep_top: int | None
         tuner.fit()
     except KeyboardInterrupt:  # a second Ctrl-C: Ray stops at once; the last checkpoints remain
         state.finish("interrupted")
-        print(f"\nstopped immediately. Resume with:\n  {resume_command(exp_dir)}", file=sys.stderr,
-              flush=True)
+        print(
+            f"\nstopped immediately. Resume with:\n  {resume_command(exp_dir)}", file=sys.stderr, flush=True
+        )
         raise
     trials = state.state["trials"]
     unfinished = [t for t in trials.values() if t["state"] not in S.FINISHED_STATES]
@@ -587,23 +652,29 @@ def mlflow_hint(spec: Spec) -> str:
 def print_summary(summary: dict[str, Any], spec: Spec | None = None) -> None:
     exp_dir = summary["experiment_dir"]
     print("", flush=True)
-    print(f"study {summary['name']}: {summary['status']}, trials {summary['counts']}"
-          + (" (time budget reached)" if summary.get("budget_reached") else ""))
+    print(
+        f"study {summary['name']}: {summary['status']}, trials {summary['counts']}"
+        + (" (time budget reached)" if summary.get("budget_reached") else "")
+    )
     print(f"{'trial':<13} {'state':<10} {'epochs':>6} {'best':>9}  {'disk':>9}  checkpoint")
     for t in summary["trials"]:
         best = t.get("best_metric")
-        print(f"{t['id']:<13} {t['state']:<10} {t.get('epochs', 0):>6} "
-              f"{(f'{best:.4f}' if isinstance(best, (int, float)) else '-'):>9}  "
-              f"{S.human_bytes(t.get('disk_bytes')):>9}  {t.get('checkpoint') or '-'}"
-              + (f"  [{t['error']}]" if t.get("error") else ""))
+        print(
+            f"{t['id']:<13} {t['state']:<10} {t.get('epochs', 0):>6} "
+            f"{(f'{best:.4f}' if isinstance(best, (int, float)) else '-'):>9}  "
+            f"{S.human_bytes(t.get('disk_bytes')):>9}  {t.get('checkpoint') or '-'}"
+            + (f"  [{t['error']}]" if t.get("error") else "")
+        )
     best, base = summary.get("best"), summary.get("base_metric")
     metric = summary["metric"]
     if best:
         delta = ""
         if isinstance(base, (int, float)) and isinstance(best["best_metric"], (int, float)):
             delta = f" vs base model (epoch 0) {base:.4f} ({best['best_metric'] - base:+.4f})"
-        print(f"best trial: {best['id']} {metric}={best['best_metric']:.4f} at epoch "
-              f"{best.get('best_epoch')}{delta}")
+        print(
+            f"best trial: {best['id']} {metric}={best['best_metric']:.4f} at epoch "
+            f"{best.get('best_epoch')}{delta}"
+        )
         print(f"  params: {json.dumps(best.get('params', {}), default=str)}")
         print(f"  checkpoint: {best.get('checkpoint')}")
     else:
@@ -643,12 +714,18 @@ def _print_header(spec: Spec, exp_dir: Path, cluster: dict[str, Any], resumed: b
     s = spec.search
     what = "resuming" if resumed else "launching"
     budget = f", time budget {s.time_budget:.0f}s" if s.time_budget else ""
-    print(f"{what} study {spec.name}: {s.algorithm} + {s.scheduler}, {num_samples(spec)} trials x "
-          f"{spec.train.epochs} epochs, {s.max_concurrent} at a time ({spec.resources.cpu:g} CPU"
-          f"{f', {spec.resources.gpu:g} GPU' if spec.resources.gpu else ''} each){budget}; "
-          f"objective {spec.objective.metric} ({spec.objective.mode})", flush=True)
-    print(f"  experiment folder: {exp_dir}  (cluster: {cluster['nodes']} node(s) on {len(cluster['hosts'])} "
-          f"host(s))", flush=True)
+    print(
+        f"{what} study {spec.name}: {s.algorithm} + {s.scheduler}, {num_samples(spec)} trials x "
+        f"{spec.train.epochs} epochs, {s.max_concurrent} at a time ({spec.resources.cpu:g} CPU"
+        f"{f', {spec.resources.gpu:g} GPU' if spec.resources.gpu else ''} each){budget}; "
+        f"objective {spec.objective.metric} ({spec.objective.mode})",
+        flush=True,
+    )
+    print(
+        f"  experiment folder: {exp_dir}  (cluster: {cluster['nodes']} node(s) on {len(cluster['hosts'])} "
+        f"host(s))",
+        flush=True,
+    )
 
 
 # ---------------------------------------------------------------- dry run
@@ -673,8 +750,13 @@ def dry_run(spec: Spec) -> dict[str, Any]:
     branches = []
     with tempfile.TemporaryDirectory(prefix="search-dry-") as tmp:
         for i, values in enumerate(spec.search_space.branch_configs()):
-            cfg = dataclasses.replace(spec.trial_config(out_dir=Path(tmp) / str(i), threads=threads),
-                                      epochs=1, limit_train=2 * bs, limit_val=bs, eval_base=True)
+            cfg = dataclasses.replace(
+                spec.trial_config(out_dir=Path(tmp) / str(i), threads=threads),
+                epochs=1,
+                limit_train=2 * bs,
+                limit_val=bs,
+                eval_base=True,
+            )
             marks: list[tuple[float, dict]] = []
 
             def mark(metrics: dict, _dir: Any, marks: list = marks) -> None:
@@ -687,9 +769,16 @@ def dry_run(spec: Spec) -> dict[str, Any]:
             if len(marks) >= 2 and "epoch_seconds" in marks[1][1]:  # 2 steps, then eval of bs images
                 step_s = float(marks[1][1]["epoch_seconds"]) / 2
                 eval_s = max(0.0, (marks[1][0] - marks[0][0]) - 2 * step_s) / bs
-            branches.append({"params": {k: v for k, v in values.items()}, "status": result.get("status"),
-                             "trainable_params": result.get("trainable_params"),
-                             "step_s": step_s, "eval_s_per_image": eval_s, "seconds": round(total, 2)})
+            branches.append(
+                {
+                    "params": {k: v for k, v in values.items()},
+                    "status": result.get("status"),
+                    "trainable_params": result.get("trainable_params"),
+                    "step_s": step_s,
+                    "eval_s_per_image": eval_s,
+                    "seconds": round(total, 2),
+                }
+            )
     steps = [b["step_s"] for b in branches if b["step_s"] is not None]
     evals = [b["eval_s_per_image"] for b in branches if b["eval_s_per_image"] is not None]
     step_s = sum(steps) / len(steps) if steps else None
@@ -707,22 +796,39 @@ def dry_run(spec: Spec) -> dict[str, Any]:
         estimate += starts * n_val * eval_img / conc
     if estimate is not None and spec.search.time_budget:
         estimate = min(estimate, spec.search.time_budget)
-    return {"name": spec.name, "trials": trials, "epochs": epochs, "max_concurrent": conc,
-            "train_images": n_train, "val_images": n_val, "batch_size": bs, "branches": branches,
-            "step_s": step_s, "eval_s_per_image": eval_img, "trial_s": per_trial,
-            "estimated_s": estimate, "experiment_dir": str(experiment_dir(spec))}
+    return {
+        "name": spec.name,
+        "trials": trials,
+        "epochs": epochs,
+        "max_concurrent": conc,
+        "train_images": n_train,
+        "val_images": n_val,
+        "batch_size": bs,
+        "branches": branches,
+        "step_s": step_s,
+        "eval_s_per_image": eval_img,
+        "trial_s": per_trial,
+        "estimated_s": estimate,
+        "experiment_dir": str(experiment_dir(spec)),
+    }
 
 
 def print_plan(plan: dict[str, Any]) -> None:
     print(f"dry run of {plan['name']}: {len(plan['branches'])} branch configuration(s) built and stepped")
     for b in plan["branches"]:
         step = f"{b['step_s']:.2f}s/step" if b["step_s"] is not None else "no step"
-        print(f"  {b['status']:<8} {step:>12}  {b['trainable_params']} trainable params  "
-              f"{json.dumps(b['params'], default=str)}")
-    print(f"plan: {plan['trials']} trials x {plan['epochs']} epochs, {plan['max_concurrent']} at a time; "
-          f"{plan['train_images']} train / {plan['val_images']} val images, batch {plan['batch_size']}")
+        print(
+            f"  {b['status']:<8} {step:>12}  {b['trainable_params']} trainable params  "
+            f"{json.dumps(b['params'], default=str)}"
+        )
+    print(
+        f"plan: {plan['trials']} trials x {plan['epochs']} epochs, {plan['max_concurrent']} at a time; "
+        f"{plan['train_images']} train / {plan['val_images']} val images, batch {plan['batch_size']}"
+    )
     if plan["estimated_s"] is not None:
-        print(f"estimate: {plan['trial_s'] / 60:.1f} min per full trial, about "
-              f"{plan['estimated_s'] / 60:.1f} min for the study without early stopping (the scheduler stops "
-              "some trials sooner)")
+        print(
+            f"estimate: {plan['trial_s'] / 60:.1f} min per full trial, about "
+            f"{plan['estimated_s'] / 60:.1f} min for the study without early stopping (the scheduler stops "
+            "some trials sooner)"
+        )
     print(f"experiment folder: {plan['experiment_dir']}")

@@ -17,14 +17,6 @@ from ray.tune import Callback
 
 from search import study as S
 
-# Result keys Ray adds to every report: not part of a trial's history.
-_RAY_KEYS = {
-    "training_iteration", "time_total_s", "episodes_total", "timesteps_total", "node_ip", "hostname", "pid",
-    "time_this_iter_s", "timestamp", "date", "time_since_restore", "timesteps_since_restore",
-    "iterations_since_restore", "config", "checkpoint_dir_name", "done", "trial_id", "experiment_tag",
-    "should_checkpoint", "experiment_id", "node_id",
-}
-
 
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -33,8 +25,9 @@ def _number(value: Any) -> float | None:
 
 
 def _plain_params(config: dict[str, Any]) -> dict[str, Any]:
-    return {str(k): v for k, v in sorted(config.items())
-            if isinstance(v, (str, int, float, bool)) or v is None}
+    return {
+        str(k): v for k, v in sorted(config.items()) if isinstance(v, (str, int, float, bool)) or v is None
+    }
 
 
 def _error_line(trial: Any) -> str | None:
@@ -51,8 +44,11 @@ def _error_line(trial: Any) -> str | None:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for ln in reversed(lines):
         head = ln.split(":", 1)[0]
-        if head and head.replace(".", "").replace("_", "").isalnum() and (
-                head.endswith(("Error", "Exception", "Interrupt", "Diverged")) or head == "AssertionError"):
+        if (
+            head
+            and head.replace(".", "").replace("_", "").isalnum()
+            and (head.endswith(("Error", "Exception", "Interrupt", "Diverged")) or head == "AssertionError")
+        ):
             return ln[:500]
     return lines[-1][:500] if lines else None
 
@@ -65,8 +61,15 @@ class StudyState(Callback):
     previous state (``previous``) so history and elapsed time carry over.
     """
 
-    def __init__(self, exp_dir: Path, name: str, metric: str, mode: str, epochs: int,
-                 previous: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        exp_dir: Path,
+        name: str,
+        metric: str,
+        mode: str,
+        epochs: int,
+        previous: dict[str, Any] | None = None,
+    ):
         self.exp_dir = Path(exp_dir)
         self.metric, self.mode, self.epochs = metric, mode, int(epochs)
         self.state = previous or S.new_study(name, metric, mode)
@@ -95,10 +98,21 @@ class StudyState(Callback):
         t = trials.get(trial.trial_id)
         if t is None:
             t = trials[trial.trial_id] = {
-                "id": trial.trial_id, "index": len(trials), "state": S.PENDING, "epochs": 0,
-                "best_metric": None, "best_epoch": None, "params": _plain_params(trial.config or {}),
-                "checkpoint": None, "latest_checkpoint": None, "history": [], "error": None,
-                "optuna_number": None, "node_id": None, "retries": 0, "disk_bytes": 0,
+                "id": trial.trial_id,
+                "index": len(trials),
+                "state": S.PENDING,
+                "epochs": 0,
+                "best_metric": None,
+                "best_epoch": None,
+                "params": _plain_params(trial.config or {}),
+                "checkpoint": None,
+                "latest_checkpoint": None,
+                "history": [],
+                "error": None,
+                "optuna_number": None,
+                "node_id": None,
+                "retries": 0,
+                "disk_bytes": 0,
                 "trial_dir": getattr(trial, "path", None),
             }
         if t.get("optuna_number") is None and self.searcher is not None:
@@ -135,7 +149,7 @@ class StudyState(Callback):
         epoch = result.get("epoch")
         if result.get("node_id"):
             t["node_id"] = result["node_id"]
-        row = {k: v for k, v in result.items() if k not in _RAY_KEYS and not isinstance(v, (dict, list))}
+        row = {k: v for k, v in result.items() if k not in S.RAY_KEYS and not isinstance(v, (dict, list))}
         if isinstance(epoch, (int, float)):
             t["history"] = [r for r in t["history"] if r.get("epoch") != epoch] + [row]
             t["epochs"] = max(int(epoch), int(t.get("epochs") or 0))
@@ -165,8 +179,9 @@ class StudyState(Callback):
             t["state"] = S.TERMINATED
         else:
             t["state"] = S.STOPPED
-            t["stopped_by"] = ("time_budget" if self.deadline is not None and time.time() >= self.deadline
-                               else "scheduler")
+            t["stopped_by"] = (
+                "time_budget" if self.deadline is not None and time.time() >= self.deadline else "scheduler"
+            )
         if self.searcher is not None:
             t["optuna_state"] = self.searcher.outcome(trial.trial_id)
         self.save()
@@ -201,8 +216,14 @@ class Progress(Callback):
     """One line per trial event, and the table (trial, state, epoch, metric, best so far, key
     params) when a trial ends and at most every ``table_every`` seconds."""
 
-    def __init__(self, study: StudyState, num_trials: int, key_params: list[str], table_every: float = 60.0,
-                 stream: TextIO | None = None):
+    def __init__(
+        self,
+        study: StudyState,
+        num_trials: int,
+        key_params: list[str],
+        table_every: float = 60.0,
+        stream: TextIO | None = None,
+    ):
         self.study, self.num_trials, self.key_params = study, num_trials, key_params[:6]
         self.table_every = table_every
         self._last_table = time.time()
@@ -238,9 +259,11 @@ class Progress(Callback):
         best = self._best()
         best_txt = f"{best['best_metric']:.4f} ({best['id']})" if best else "-"
         val_txt = f"{value:.4f}" if value is not None else ("diverged" if last.get("diverged") else "-")
-        self._print(f"[{_clock(self.study.elapsed())}] trial {t['index'] + 1}/{self.num_trials} {t['id']} "
-                    f"{what:<10} epoch {t.get('epochs', 0)}/{self.study.epochs} {metric}={val_txt} "
-                    f"best={best_txt} | {self._params(t)}")
+        self._print(
+            f"[{_clock(self.study.elapsed())}] trial {t['index'] + 1}/{self.num_trials} {t['id']} "
+            f"{what:<10} epoch {t.get('epochs', 0)}/{self.study.epochs} {metric}={val_txt} "
+            f"best={best_txt} | {self._params(t)}"
+        )
 
     def table(self) -> None:
         """Print the progress table now."""
@@ -252,9 +275,11 @@ class Progress(Callback):
             last = t["history"][-1] if t.get("history") else {}
             value = _number(last.get(metric))
             mark = " *" if best is not None and t["id"] == best["id"] else ""
-            self._print(f"{t['id']:<13} {t['state']:<10} {t.get('epochs', 0):>5} "
-                        f"{(f'{value:.4f}' if value is not None else '-'):>{width}} "
-                        f"{(_fmt(t.get('best_metric'))):>{width}}  {self._params(t)}{mark}")
+            self._print(
+                f"{t['id']:<13} {t['state']:<10} {t.get('epochs', 0):>5} "
+                f"{(f'{value:.4f}' if value is not None else '-'):>{width}} "
+                f"{(_fmt(t.get('best_metric'))):>{width}}  {self._params(t)}{mark}"
+            )
         self._last_table = time.time()
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -283,8 +308,10 @@ class Progress(Callback):
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         t = self.study.state["trials"].get(trial.trial_id)
         if t:
-            self._print(f"[{_clock(self.study.elapsed())}] trial {t['id']} failed ({t.get('error')}); "
-                        "retrying from its last checkpoint")
+            self._print(
+                f"[{_clock(self.study.elapsed())}] trial {t['id']} failed ({t.get('error')}); "
+                "retrying from its last checkpoint"
+            )
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         due = self.table_every and time.time() - self._last_table >= self.table_every

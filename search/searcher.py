@@ -48,8 +48,13 @@ def grid_size(grid: dict[str, list[Any]]) -> int:
     return n
 
 
-def make_sampler(algorithm: str, seed: int, num_trials: int, n_startup: int | None,
-                 grid: dict[str, list[Any]] | None = None) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    algorithm: str,
+    seed: int,
+    num_trials: int,
+    n_startup: int | None,
+    grid: dict[str, list[Any]] | None = None,
+) -> optuna.samplers.BaseSampler:
     """The Optuna sampler for ``search.algorithm``; seeded. TPE is multivariate with grouped
     conditional parameters and a constant liar for running trials."""
     import warnings
@@ -58,14 +63,19 @@ def make_sampler(algorithm: str, seed: int, num_trials: int, n_startup: int | No
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if algorithm == "tpe":
-            return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed,
-                                              n_startup_trials=startup)
+            return optuna.samplers.TPESampler(
+                multivariate=True, group=True, constant_liar=True, seed=seed, n_startup_trials=startup
+            )
         if algorithm == "random":
             return optuna.samplers.RandomSampler(seed=seed)
         if algorithm == "cmaes":
             fallback = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True)
-            return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=startup,
-                                                independent_sampler=fallback, warn_independent_sampling=False)
+            return optuna.samplers.CmaEsSampler(
+                seed=seed,
+                n_startup_trials=startup,
+                independent_sampler=fallback,
+                warn_independent_sampling=False,
+            )
         if algorithm == "gp":
             return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
         if algorithm == "qmc":
@@ -175,7 +185,7 @@ class StudySearch(OptunaSearch):
     def _adopt(self, trial_id: str, result: dict | None) -> None:
         """Ray restarts an errored trial (``resume --restart-errored``) as a new trial id with the
         same config: attach it to a new Optuna trial with the errored one's parameters."""
-        config = {k[len("config/"):]: v for k, v in (result or {}).items() if k.startswith("config/")}
+        config = {k[len("config/") :]: v for k, v in (result or {}).items() if k.startswith("config/")}
         config.update((result or {}).get("config") or {})
         if not config:
             return
@@ -231,8 +241,10 @@ class StudySearch(OptunaSearch):
         try:
             if best is not None:
                 ot_trial.set_user_attr("best_epoch", best[1])
-            ot_trial.set_user_attr("outcome", "error" if error else "diverged" if trial_id in self._diverged
-                                   else state.name.lower())
+            ot_trial.set_user_attr(
+                "outcome",
+                "error" if error else "diverged" if trial_id in self._diverged else state.name.lower(),
+            )
             self._ot_study.tell(ot_trial, value, state=state)
         except Exception as exc:  # Optuna refuses e.g. a second tell: log, keep the study going
             log.warning("Optuna tell failed for trial %s: %s", trial_id, exc)

@@ -775,8 +775,10 @@ def _check_activation_scope(spec: Spec, arch: str, model: Any) -> None:
     fam = families.family_of(arch)
     if fam is None or all(a == "keep" for a in _dim_values(spec, "activation")):
         return
-    counts = {scope: sum(activations.count_activations(model, fam, scope).values())
-              for scope in params.ACTIVATION_SCOPES}
+    counts = {
+        scope: sum(activations.count_activations(model, fam, scope).values())
+        for scope in params.ACTIVATION_SCOPES
+    }
     for scope in _dim_values(spec, "activation_scope"):
         if scope in counts and counts[scope] == 0:
             key = "space.activation_scope" if "activation_scope" in spec.search_space else "space.activation"

@@ -14,6 +14,33 @@ import time
 from pathlib import Path
 from typing import Any
 
+# Result keys Ray adds to every report: not part of a trial's history.
+RAY_KEYS = frozenset(
+    {
+        "training_iteration",
+        "time_total_s",
+        "episodes_total",
+        "timesteps_total",
+        "node_ip",
+        "hostname",
+        "pid",
+        "time_this_iter_s",
+        "timestamp",
+        "date",
+        "time_since_restore",
+        "timesteps_since_restore",
+        "iterations_since_restore",
+        "config",
+        "checkpoint_dir_name",
+        "done",
+        "trial_id",
+        "experiment_tag",
+        "should_checkpoint",
+        "experiment_id",
+        "node_id",
+    }
+)
+
 STUDY_FILE = "study.json"
 SPEC_FILE = "spec.yaml"
 SPACE_FILE = "space.json"
@@ -42,8 +69,10 @@ def resolve_experiment(name: str | Path, output_dir: Path | None = None) -> Path
         if cand.is_dir() and ((cand / STUDY_FILE).is_file() or (cand / SPEC_FILE).is_file()):
             return cand.resolve()
     tried = ", ".join(str(c) for c in dict.fromkeys(candidates))
-    raise ExperimentNotFound(f"no experiment {str(name)!r} (looked in: {tried}). Pass the experiment folder "
-                             "path, or --output-dir with the spec's output_dir.")
+    raise ExperimentNotFound(
+        f"no experiment {str(name)!r} (looked in: {tried}). Pass the experiment folder "
+        "path, or --output-dir with the spec's output_dir."
+    )
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -90,8 +119,17 @@ def write_study(exp_dir: Path, state: dict[str, Any]) -> None:
 
 def new_study(name: str, metric: str, mode: str) -> dict[str, Any]:
     now = time.strftime("%Y-%m-%dT%H:%M:%S")
-    return {"name": name, "metric": metric, "mode": mode, "base_metric": None, "status": "running",
-            "started": now, "updated": now, "elapsed_s": 0.0, "trials": {}}
+    return {
+        "name": name,
+        "metric": metric,
+        "mode": mode,
+        "base_metric": None,
+        "status": "running",
+        "started": now,
+        "updated": now,
+        "elapsed_s": 0.0,
+        "trials": {},
+    }
 
 
 def _num(value: Any) -> float | None:
@@ -122,8 +160,11 @@ def best_trial(trials: list[dict[str, Any]], mode: str) -> dict[str, Any] | None
 
 def ranked(trials: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
     """Trials with a best metric, best first (diverged/errored excluded)."""
-    scored = [t for t in trials
-              if t.get("state") not in (DIVERGED, ERROR) and _num(t.get("best_metric")) is not None]
+    scored = [
+        t
+        for t in trials
+        if t.get("state") not in (DIVERGED, ERROR) and _num(t.get("best_metric")) is not None
+    ]
     return sorted(scored, key=lambda t: _num(t["best_metric"]), reverse=mode == "max")
 
 
@@ -137,10 +178,15 @@ def status_object(exp_dir: Path) -> dict[str, Any]:
     out["experiment_dir"] = str(Path(exp_dir).resolve())
     first = ("id", "state", "epochs", "best_metric", "params", "checkpoint")
     out["trials"] = [
-        {"id": t.get("id"), "state": t.get("state"), "epochs": t.get("epochs", 0),
-         "best_metric": t.get("best_metric"), "params": t.get("params", {}),
-         "checkpoint": t.get("checkpoint"),
-         **{k: v for k, v in t.items() if k not in first}}
+        {
+            "id": t.get("id"),
+            "state": t.get("state"),
+            "epochs": t.get("epochs", 0),
+            "best_metric": t.get("best_metric"),
+            "params": t.get("params", {}),
+            "checkpoint": t.get("checkpoint"),
+            **{k: v for k, v in t.items() if k not in first},
+        }
         for t in trials
     ]
     out["best"] = best_trial(out["trials"], state.get("mode", "max"))

@@ -51,7 +51,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from search.errors import SpecError
-from search.study import SPACE_FILE, SPEC_FILE, atomic_write_text
+from search.study import RAY_KEYS, SPACE_FILE, SPEC_FILE, atomic_write_text
 from trainables.files import sha256_file
 
 try:  # the callback base class; everything else here also works without Ray
@@ -70,29 +70,8 @@ DISABLE_ENV = "SEARCH_NO_MLFLOW"  # "1": make_callback returns None (no MLflow r
 FLUSH_ENV = "SEARCH_MLFLOW_FLUSH_S"  # seconds to wait for the queue at the end of a study
 
 # Result keys that are Ray's bookkeeping or our own plumbing: never MLflow metrics.
-NOISE_KEYS = frozenset(
+NOISE_KEYS = RAY_KEYS | frozenset(
     {
-        "training_iteration",
-        "time_total_s",
-        "episodes_total",
-        "timesteps_total",
-        "node_ip",
-        "hostname",
-        "pid",
-        "time_this_iter_s",
-        "timestamp",
-        "date",
-        "time_since_restore",
-        "timesteps_since_restore",
-        "iterations_since_restore",
-        "config",
-        "checkpoint_dir_name",
-        "done",
-        "trial_id",
-        "experiment_tag",
-        "should_checkpoint",
-        "experiment_id",
-        "node_id",
         "epoch",
         "base_metric",
         "diverged",
@@ -257,8 +236,18 @@ def _probe_http(uri: str, name: str, timeout: float) -> None:
 
 
 # Schemes MLflow's own tracking stores accept ("" is a plain path: a file store).
-_STORE_SCHEMES = ("", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks",
-                  "databricks-uc")
+_STORE_SCHEMES = (
+    "",
+    "file",
+    "sqlite",
+    "postgresql",
+    "mysql",
+    "mssql",
+    "http",
+    "https",
+    "databricks",
+    "databricks-uc",
+)
 
 
 def _plugin_schemes() -> set[str]:

@@ -11,17 +11,36 @@ import urllib.request
 from pathlib import Path
 
 
-def start_server(port: int, root: Path, *, env: dict[str, str] | None = None,
-                 timeout: float = 120.0) -> subprocess.Popen:
+def start_server(
+    port: int, root: Path, *, env: dict[str, str] | None = None, timeout: float = 120.0
+) -> subprocess.Popen:
     """Start ``mlflow server`` over a SQLite file in ``root`` (its own process group) and wait
     until ``/health`` answers; raise RuntimeError when it exits or stays silent ``timeout`` s."""
     root.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-           "--artifacts-destination", str(root / "art")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'server.db'}",
+        "--artifacts-destination",
+        str(root / "art"),
+    ]
     log = open(root / f"server-{port}-{time.time():.0f}.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env=env or {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    proc = subprocess.Popen(
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env or {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+    )
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:

@@ -92,8 +92,9 @@ def test_lock_of_a_dead_process_or_too_old_is_taken_over(tmp_path):
     host = socket.gethostname()
     (folder / "a.lock").write_text(json.dumps({"host": host, "pid": dead.pid, "time": time.time()}))
     (folder / "b.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "time": time.time()}))
-    (folder / "c.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1,
-                                               "time": time.time() - base_eval.STALE_AFTER_S - 1}))
+    (folder / "c.lock").write_text(
+        json.dumps({"host": "elsewhere", "pid": 1, "time": time.time() - base_eval.STALE_AFTER_S - 1})
+    )
     (folder / "d.lock").write_text("not json")  # a torn write: judged by its age (new: kept)
     cache = BaseEvalCache(folder)
     assert cache.claim("a") is True  # its process is gone
@@ -112,12 +113,18 @@ def test_second_trial_reads_the_first_trials_base_evaluation(split, tmp_path, mo
     counter = _Counting(monkeypatch)
     shared = tmp_path / "base_eval"
     reports_a, reports_b = [], []
-    a = run_trial(_cfg(split, tmp_path / "a", base_eval_dir=shared), {"lr": 0.01},
-                  report=lambda m, d: reports_a.append(m))
+    a = run_trial(
+        _cfg(split, tmp_path / "a", base_eval_dir=shared),
+        {"lr": 0.01},
+        report=lambda m, d: reports_a.append(m),
+    )
     assert counter.calls == 3  # base + 2 epochs
     assert len(list(shared.glob("*.json"))) == 1 and not list(shared.glob("*.lock"))
-    b = run_trial(_cfg(split, tmp_path / "b", base_eval_dir=shared), {"lr": 0.01},
-                  report=lambda m, d: reports_b.append(m))
+    b = run_trial(
+        _cfg(split, tmp_path / "b", base_eval_dir=shared),
+        {"lr": 0.01},
+        report=lambda m, d: reports_b.append(m),
+    )
     assert counter.calls == 5  # b evaluated its 2 epochs only
     assert b["base_metric"] == a["base_metric"] is not None
     assert _strip(b["history"]) == _strip(a["history"])  # reading it changes nothing downstream
@@ -130,12 +137,16 @@ def test_second_trial_reads_the_first_trials_base_evaluation(split, tmp_path, mo
 def test_claiming_trial_trains_first_and_evaluates_its_starting_weights_after(split, tmp_path, monkeypatch):
     calls = []
     real_train, real_eval = engine.train_one_epoch, engine.evaluate
-    monkeypatch.setattr(engine, "train_one_epoch",
-                        lambda *a, **k: calls.append("train") or real_train(*a, **k))
+    monkeypatch.setattr(
+        engine, "train_one_epoch", lambda *a, **k: calls.append("train") or real_train(*a, **k)
+    )
     monkeypatch.setattr(engine, "evaluate", lambda *a, **k: calls.append("eval") or real_eval(*a, **k))
     reports = []
-    got = run_trial(_cfg(split, tmp_path / "a", base_eval_dir=tmp_path / "be"), {"lr": 0.01},
-                    report=lambda m, d: reports.append((m["epoch"], d is not None)))
+    got = run_trial(
+        _cfg(split, tmp_path / "a", base_eval_dir=tmp_path / "be"),
+        {"lr": 0.01},
+        report=lambda m, d: reports.append((m["epoch"], d is not None)),
+    )
     # the first step comes before any evaluation; epoch 0 is still reported first, without checkpoint
     assert calls == ["train", "eval", "eval", "train", "eval"]
     assert reports == [(0, False), (1, True), (2, True)]
@@ -151,8 +162,10 @@ def test_activation_swap_is_another_base(split, tmp_path, monkeypatch):
     counter = _Counting(monkeypatch)
     shared = tmp_path / "base_eval"
     for name in ("a", "b"):
-        run_trial(_cfg(split, tmp_path / name, base_eval_dir=shared, epochs=1),
-                  {"lr": 0.01, "activation": "keep" if name == "a" else "silu"})
+        run_trial(
+            _cfg(split, tmp_path / name, base_eval_dir=shared, epochs=1),
+            {"lr": 0.01, "activation": "keep" if name == "a" else "silu"},
+        )
     assert counter.calls == 4 and len(list(shared.glob("*.json"))) == 2
 
 
@@ -206,8 +219,9 @@ def test_holder_that_fails_releases_the_lock(split, tmp_path, monkeypatch):
 def test_claiming_trial_that_diverges_still_reports_and_stores_the_base(split, tmp_path):
     shared = tmp_path / "base_eval"
     reports = []
-    got = run_trial(_cfg(split, tmp_path / "a", base_eval_dir=shared), {"lr": 1e20},
-                    report=lambda m, d: reports.append(m))
+    got = run_trial(
+        _cfg(split, tmp_path / "a", base_eval_dir=shared), {"lr": 1e20}, report=lambda m, d: reports.append(m)
+    )
     assert got["status"] == "diverged"
     assert [r["epoch"] for r in reports] == [0, 1] and reports[1]["diverged"] == 1
     stored = BaseEvalCache(shared).get(next(shared.glob("*.json")).stem)

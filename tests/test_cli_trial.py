@@ -16,8 +16,16 @@ import yaml
 from tests.tinydata import make_tiny_coco
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = {"base_metric", "best_metric", "best_epoch", "history", "checkpoint", "params", "trainable_params",
-        "frozen_params"}
+KEYS = {
+    "base_metric",
+    "best_metric",
+    "best_epoch",
+    "history",
+    "checkpoint",
+    "params",
+    "trainable_params",
+    "frozen_params",
+}
 
 
 def _spec(tmp_path: Path, **extra) -> Path:
@@ -26,12 +34,18 @@ def _spec(tmp_path: Path, **extra) -> Path:
         "name": "cli-trial",
         "task": "detection",
         "model": {"arch": "ssdlite320_mobilenet_v3_large", "weights": "none"},
-        "data": {"train": {"images": str(images), "annotations": str(ann)},
-                 "val": {"images": str(images), "annotations": str(ann)}, "image_size": 96},
+        "data": {
+            "train": {"images": str(images), "annotations": str(ann)},
+            "val": {"images": str(images), "annotations": str(ann)},
+            "image_size": 96,
+        },
         "train": {"epochs": 1, "batch_size": 2},
         "objective": {"metric": "map50", "mode": "max"},
-        "space": {"optimizer": {"choices": ["sgd", "adamw"]}, "lr": {"low": 1e-3, "high": 1e-1, "log": True},
-                  "momentum": {"low": 0.8, "high": 0.9, "when": {"optimizer": "sgd"}}},
+        "space": {
+            "optimizer": {"choices": ["sgd", "adamw"]},
+            "lr": {"low": 1e-3, "high": 1e-1, "log": True},
+            "momentum": {"low": 0.8, "high": 0.9, "when": {"optimizer": "sgd"}},
+        },
         "output_dir": str(tmp_path / "runs"),
         **extra,
     }
@@ -41,15 +55,29 @@ def _spec(tmp_path: Path, **extra) -> Path:
 
 
 def _trial(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "search", "trial", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "search", "trial", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
 
 
 def test_trial_json_contract_and_set_space(tmp_path):
     spec = _spec(tmp_path)
     base = tmp_path / "base.pt"
-    proc = _trial(str(spec), "--json", "--set", "space.optimizer=adamw", "--set", "space.lr=0.004",
-                  "--weights-out", str(base), "--half")
+    proc = _trial(
+        str(spec),
+        "--json",
+        "--set",
+        "space.optimizer=adamw",
+        "--set",
+        "space.lr=0.004",
+        "--weights-out",
+        str(base),
+        "--half",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert KEYS <= set(out)
@@ -84,10 +112,24 @@ def test_trial_default_params_are_space_defaults(tmp_path):
 
 def test_bundled_instance_spec_runs_at_tiny_size(tmp_path):
     """spaces/inst.yaml (Mask R-CNN) runs one epoch on a few small images of the bundled nuclei data."""
-    proc = _trial(str(ROOT / "spaces" / "inst.yaml"), "--json", "--out", str(tmp_path / "t"),
-                  "--set", "train.epochs=1", "--set", "train.limit_train=2", "--set", "train.limit_val=2",
-                  "--set", "data.image_size=128", "--set", "model.kwargs={min_size: 128, max_size: 128}",
-                  "--set", "space.trainable=heads")
+    proc = _trial(
+        str(ROOT / "spaces" / "inst.yaml"),
+        "--json",
+        "--out",
+        str(tmp_path / "t"),
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.limit_train=2",
+        "--set",
+        "train.limit_val=2",
+        "--set",
+        "data.image_size=128",
+        "--set",
+        "model.kwargs={min_size: 128, max_size: 128}",
+        "--set",
+        "space.trainable=heads",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert KEYS <= set(out) and out["status"] == "ok"
@@ -106,7 +148,8 @@ def test_bundled_instance_spec_runs_at_tiny_size(tmp_path):
 def test_module_entry_point_exit_codes_and_flushed_output(args, code, stream, text):
     """``python -m search`` leaves with os._exit after the atexit handlers (search/__main__.py):
     the exit code and every line written must survive that."""
-    proc = subprocess.run([sys.executable, "-m", "search", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "search", *args], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert proc.returncode == code, (proc.stdout[-500:], proc.stderr[-500:])
     assert text in getattr(proc, stream)

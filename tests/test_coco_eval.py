@@ -35,22 +35,38 @@ def _poly(b):
 def split(tmp_path: Path):
     root = tmp_path / "images"
     root.mkdir()
-    images = [{"id": 1, "file_name": "one.png", "width": 100, "height": 100},
-              {"id": 2, "file_name": "two.png", "width": 100, "height": 80},
-              {"id": 3, "file_name": "neg.png", "width": 100, "height": 100}]
+    images = [
+        {"id": 1, "file_name": "one.png", "width": 100, "height": 100},
+        {"id": 2, "file_name": "two.png", "width": 100, "height": 80},
+        {"id": 3, "file_name": "neg.png", "width": 100, "height": 100},
+    ]
     for im in images:
         Image.new("RGB", (im["width"], im["height"])).save(root / im["file_name"])
-    anns = [{"id": i, "image_id": im, "category_id": c, "bbox": b, "iscrowd": 0, "area": b[2] * b[3],
-             "segmentation": _poly(b)} for i, im, c, b in GT]
+    anns = [
+        {
+            "id": i,
+            "image_id": im,
+            "category_id": c,
+            "bbox": b,
+            "iscrowd": 0,
+            "area": b[2] * b[3],
+            "segmentation": _poly(b),
+        }
+        for i, im, c, b in GT
+    ]
     path = tmp_path / "val.json"
     path.write_text(json.dumps({"images": images, "annotations": anns, "categories": CATS}))
     return path, root
 
 
 def _pred(image_id, boxes, labels, scores, input_size, masks=None):
-    out = {"image_id": image_id, "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-           "labels": torch.tensor(labels, dtype=torch.int64), "scores": torch.tensor(scores),
-           "input_size": input_size}
+    out = {
+        "image_id": image_id,
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor(labels, dtype=torch.int64),
+        "scores": torch.tensor(scores),
+        "input_size": input_size,
+    }
     if masks is not None:
         out["masks"] = masks
     return out
@@ -59,7 +75,7 @@ def _pred(image_id, boxes, labels, scores, input_size, masks=None):
 def _half_masks(boxes_xyxy, h, w):
     m = torch.zeros((len(boxes_xyxy), 1, h, w))
     for i, (x1, y1, x2, y2) in enumerate(boxes_xyxy):
-        m[i, 0, int(y1):int(y2), int(x1):int(x2)] = 0.9
+        m[i, 0, int(y1) : int(y2), int(x1) : int(x2)] = 0.9
     return m
 
 
@@ -69,8 +85,16 @@ def _perfect(idx):
     for rec in idx.images:
         h, w = rec.height // 2, rec.width // 2
         boxes = [[v / 2 for v in a.box] for a in rec.anns]
-        preds.append(_pred(rec.id, boxes, [a.label for a in rec.anns], [0.9] * len(boxes), (h, w),
-                           _half_masks(boxes, h, w)))
+        preds.append(
+            _pred(
+                rec.id,
+                boxes,
+                [a.label for a in rec.anns],
+                [0.9] * len(boxes),
+                (h, w),
+                _half_masks(boxes, h, w),
+            )
+        )
     return preds
 
 
@@ -88,8 +112,14 @@ def test_matches_cocoeval_run_directly(split):
     ann, root = split
     idx = load_coco(ann, root)
     # original coordinates (x, y, w, h), category ids; one IoU of exactly 0.6 (4 vs [0, 0, 10, 6])
-    orig = [(1, 3, [12, 14, 40, 30], 0.9), (1, 3, [70, 5, 20, 20], 0.8), (1, 7, [60, 50, 30, 40], 0.7),
-            (2, 7, [7, 5, 20, 20], 0.6), (2, 3, [0, 0, 10, 6], 0.95), (3, 3, [10, 10, 30, 30], 0.99)]
+    orig = [
+        (1, 3, [12, 14, 40, 30], 0.9),
+        (1, 3, [70, 5, 20, 20], 0.8),
+        (1, 7, [60, 50, 30, 40], 0.7),
+        (2, 7, [7, 5, 20, 20], 0.6),
+        (2, 3, [0, 0, 10, 6], 0.95),
+        (3, 3, [10, 10, 30, 30], 0.99),
+    ]
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(ann))
         dt = gt.loadRes([{"image_id": i, "category_id": c, "bbox": b, "score": s} for i, c, b, s in orig])
@@ -101,8 +131,15 @@ def test_matches_cocoeval_run_directly(split):
     for rec in idx.images:  # network input at half size
         mine = [o for o in orig if o[0] == rec.id]
         boxes = [[b[0] / 2, b[1] / 2, (b[0] + b[2]) / 2, (b[1] + b[3]) / 2] for _, _, b, _ in mine]
-        preds.append(_pred(rec.id, boxes, [idx.cat_to_label[c] for _, c, _, _ in mine],
-                           [s for *_, s in mine], (rec.height // 2, rec.width // 2)))
+        preds.append(
+            _pred(
+                rec.id,
+                boxes,
+                [idx.cat_to_label[c] for _, c, _, _ in mine],
+                [s for *_, s in mine],
+                (rec.height // 2, rec.width // 2),
+            )
+        )
     m = evaluate_detections(idx, preds)
     for key, i in {"map": 0, "map50": 1, "map75": 2, "map_small": 3, "map_medium": 4, "mar100": 8}.items():
         assert m[key] == pytest.approx(ref.stats[i], abs=1e-12), key
@@ -138,14 +175,8 @@ def test_only_predicted_images_are_evaluated(split):
 
 
 def test_segmentation_meter_hand_computed():
-    target = torch.tensor([[0, 0, 1, 1],
-                           [0, 0, 1, 1],
-                           [2, 2, 255, 255],
-                           [2, 2, 0, 0]])
-    pred = torch.tensor([[0, 1, 1, 1],
-                         [0, 0, 1, 0],
-                         [2, 0, 2, 1],
-                         [2, 2, 0, 0]])
+    target = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 255, 255], [2, 2, 0, 0]])
+    pred = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 0], [2, 0, 2, 1], [2, 2, 0, 0]])
     meter = SegmentationMeter(num_classes=4)  # class 3 absent from both: excluded from the means
     meter.update(pred[:2], target[:2])
     meter.update(pred[2:], target[2:])
@@ -168,8 +199,13 @@ def test_mask_map_matches_cocoeval_run_directly(split):
     ann, root = split
     idx = load_coco(ann, root, task="instance_segmentation")
     # (image_id, category_id, filled rectangle x1, y1, x2, y2 at the original size, score)
-    made = [(1, 3, (12, 10, 50, 36), 0.9), (1, 7, (60, 58, 90, 90), 0.8), (1, 3, (70, 5, 90, 25), 0.4),
-            (2, 7, (6, 6, 22, 26), 0.7), (2, 3, (0, 0, 10, 6), 0.95)]
+    made = [
+        (1, 3, (12, 10, 50, 36), 0.9),
+        (1, 7, (60, 58, 90, 90), 0.8),
+        (1, 3, (70, 5, 90, 25), 0.4),
+        (2, 7, (6, 6, 22, 26), 0.7),
+        (2, 3, (0, 0, 10, 6), 0.95),
+    ]
     sizes = {rec.id: (rec.height, rec.width) for rec in idx.images}
     rles, preds = [], []
     for rec in idx.images:
@@ -181,8 +217,16 @@ def test_mask_map_matches_cocoeval_run_directly(split):
             binary = np.asfortranarray(masks[i, 0].numpy().astype(np.uint8))
             rles.append((rec.id, mine[i][1], mask_utils.encode(binary), mine[i][3]))
         boxes = [list(map(float, r)) for _, _, r, _ in mine]
-        preds.append(_pred(rec.id, boxes, [idx.cat_to_label[c] for _, c, _, _ in mine],
-                           [s for *_, s in mine], (h, w), masks))
+        preds.append(
+            _pred(
+                rec.id,
+                boxes,
+                [idx.cat_to_label[c] for _, c, _, _ in mine],
+                [s for *_, s in mine],
+                (h, w),
+                masks,
+            )
+        )
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(ann))
         results = []

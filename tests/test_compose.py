@@ -40,14 +40,25 @@ from trainables.config import DataSplit, TrialConfig
 SPEC = ROOT / "spaces" / "det-mobilenet_v2.yaml"
 # Keep CPU steps short: 100-px inputs, few RoIs and proposals, few detections when evaluating.
 FAST = {
-    "min_size": SIZE, "max_size": 128, "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 200,
-    "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 100, "box_batch_size_per_image": 64,
+    "min_size": SIZE,
+    "max_size": 128,
+    "rpn_pre_nms_top_n_train": 200,
+    "rpn_post_nms_top_n_train": 200,
+    "rpn_pre_nms_top_n_test": 100,
+    "rpn_post_nms_top_n_test": 100,
+    "box_batch_size_per_image": 64,
     "box_detections_per_img": 10,
 }
-BACKBONES = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
-             "convnext_tiny", "regnet_y_400mf"]
-SLOW_BACKBONES = {("convnext_tiny", False), ("efficientnet_b0", False),
-                  ("mobilenet_v3_large", False)}
+BACKBONES = [
+    "resnet18",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "convnext_tiny",
+    "regnet_y_400mf",
+]
+SLOW_BACKBONES = {("convnext_tiny", False), ("efficientnet_b0", False), ("mobilenet_v3_large", False)}
 OTHER_HEADS = [  # (arch, backbone, fpn)
     ("retinanet", "regnet_y_400mf", True),
     ("retinanet", "mobilenet_v3_small", False),
@@ -72,7 +83,11 @@ def kwargs_for(arch: str, **settings) -> dict:
 def config(arch: str, weights=None, weights_backbone=None, **settings) -> TrialConfig:
     split = DataSplit(images=Path("/nonexistent"), annotations=Path("/nonexistent.json"))
     return TrialConfig(
-        task=families.family_of(arch).task, arch=arch, train=split, val=split, out_dir=Path("/nonexistent"),
+        task=families.family_of(arch).task,
+        arch=arch,
+        train=split,
+        val=split,
+        out_dir=Path("/nonexistent"),
         weights=None if weights is None else str(weights),
         weights_backbone=None if weights_backbone is None else str(weights_backbone),
         model_kwargs=kwargs_for(arch, **settings),
@@ -104,8 +119,11 @@ def _trains_and_evaluates(model, fam):
     expected = set(fam.loss_terms) - ({"loss_aux"} if fam.task == families.SEMANTIC else set())
     assert expected <= set(terms) <= set(fam.loss_terms), sorted(terms)
     assert math.isfinite(float(total.detach()))
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
-               if fam.part(n) == "backbone")
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for n, p in model.named_parameters()
+        if fam.part(n) == "backbone"
+    )
     model.eval()
     with torch.no_grad():
         if fam.task == families.SEMANTIC:
@@ -138,14 +156,20 @@ def _layout_fits_family(model, fam, arch, settings):
 
 @pytest.mark.parametrize(
     ("backbone", "fpn"),
-    [pytest.param(b, f, marks=pytest.mark.slow) if (b, f) in SLOW_BACKBONES else (b, f)
-     for b in BACKBONES for f in (True, False)],
+    [
+        pytest.param(b, f, marks=pytest.mark.slow) if (b, f) in SLOW_BACKBONES else (b, f)
+        for b in BACKBONES
+        for f in (True, False)
+    ],
     ids=lambda v: {True: "fpn", False: "nofpn"}.get(v, v) if isinstance(v, bool) else v,
 )
 def test_fasterrcnn_over_each_backbone_trains_and_evaluates(backbone, fpn):
     # small FPN / RoI sizes keep the step short (the no-FPN box head is a 1280*7*7 x 1024 linear)
-    settings = {"backbone": backbone, "fpn": fpn, "fpn_channels": 64} if fpn else {
-        "backbone": backbone, "fpn": False, "roi_output_size": 3}
+    settings = (
+        {"backbone": backbone, "fpn": fpn, "fpn_channels": 64}
+        if fpn
+        else {"backbone": backbone, "fpn": False, "roi_output_size": 3}
+    )
     torch.manual_seed(0)
     model, info = build("fasterrcnn", **settings)
     fam = families.family_of("fasterrcnn")
@@ -187,8 +211,9 @@ def test_default_feature_layers_and_anchors_follow_torchvision():
     assert p.anchor_sizes == ((8,), (16,), (32,), (64,), (128,)) and p.aspect_ratios[0] == (1.0,)
     p = compose.plan("fasterrcnn", fam, compose.Settings("mobilenet_v2", fpn=False))
     assert p.layers == ("18",) and p.anchor_sizes == ((32, 64, 128, 256, 512),)  # the tutorial
-    p = compose.plan("deeplabv3", families.family_of("deeplabv3"), compose.Settings("mobilenet_v3_large"),
-                     aux=True)
+    p = compose.plan(
+        "deeplabv3", families.family_of("deeplabv3"), compose.Settings("mobilenet_v3_large"), aux=True
+    )
     assert p.layers == ("12", "16")
     # the composed layout equals the builder's: a builder-family glob works on a composition
     sk = models.skeleton("fasterrcnn", 3, {"compose": {"backbone": "resnet50"}})
@@ -202,7 +227,10 @@ def test_family_rows_and_names():
         base = families.FAMILIES[arch]
         assert fam.composed and fam.archs == (arch,) and fam.name == base.name
         assert (fam.backbone_prefixes, fam.neck_prefixes, fam.head_prefixes) == (
-            base.backbone_prefixes, base.neck_prefixes, base.head_prefixes)
+            base.backbone_prefixes,
+            base.neck_prefixes,
+            base.head_prefixes,
+        )
     assert families.family_of("fasterrcnn_resnet50_fpn") is families.FAMILIES["fasterrcnn"]
     assert families.family_of("fcn_resnet50") is families.FAMILIES["fcn"]
     assert families.family_of("fasterrcnn") is families.COMPOSED["fasterrcnn"]
@@ -213,9 +241,23 @@ def test_family_rows_and_names():
 
 
 # One backbone of each torchvision classification family that composes.
-REPRESENTATIVES = ["alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_s",
-                   "mnasnet0_5", "mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf", "resnet18",
-                   "resnext50_32x4d", "shufflenet_v2_x0_5", "squeezenet1_0", "vgg11_bn", "wide_resnet50_2"]
+REPRESENTATIVES = [
+    "alexnet",
+    "convnext_tiny",
+    "densenet121",
+    "efficientnet_b0",
+    "efficientnet_v2_s",
+    "mnasnet0_5",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "regnet_x_400mf",
+    "resnet18",
+    "resnext50_32x4d",
+    "shufflenet_v2_x0_5",
+    "squeezenet1_0",
+    "vgg11_bn",
+    "wide_resnet50_2",
+]
 
 
 def _units_and_skeleton(name):
@@ -230,6 +272,7 @@ def _units_and_skeleton(name):
 
 def test_each_backbone_family_composes_on_the_meta_device():
     """Unit analysis (a meta forward) and a meta skeleton for one backbone of every family."""
+
     def kind(n):
         return re.match("[a-z]+", n).group()
 
@@ -286,7 +329,8 @@ def test_activation_and_loss_choices_apply_to_compositions():
     assert isinstance(model.roi_heads, losses.RoIHeadsWithLosses)
     assert info["losses"]["box"] == "giou" and info["activations_replaced"] > 0
     assert activations.count_activations(model, families.family_of("fasterrcnn"), "backbone") == {
-        "SiLU": info["activations_replaced"]}
+        "SiLU": info["activations_replaced"]
+    }
     model, info = build("retinanet", {"loss.box": "ciou"}, backbone="mobilenet_v3_small")
     assert model.head.regression_head._loss_type == "ciou"
     with pytest.raises(ValueError, match="cannot use loss.box"):
@@ -304,8 +348,9 @@ def test_shared_mobilenet_v2_loads_through_the_enum_from_a_temporary_hub(hub):
     assert path == hub / "checkpoints" / SHARED_MOBILENET_V2.name
     path.parent.mkdir(parents=True)
     os.symlink(SHARED_MOBILENET_V2, path)
-    model, info = build("fasterrcnn", weights_backbone="IMAGENET1K_V1", backbone="mobilenet_v2", fpn=False,
-                        roi_output_size=3)
+    model, info = build(
+        "fasterrcnn", weights_backbone="IMAGENET1K_V1", backbone="mobilenet_v2", fpn=False, roi_output_size=3
+    )
     assert info["weights_backbone"] == f"enum:{member!r}" and info["backbone_sha256"].startswith("b0353104")
     assert info["frozen_batchnorm"] == 52  # every BatchNorm2d of features.0-18, as torchvision's builders
     want = torch.load(SHARED_MOBILENET_V2, map_location="cpu", weights_only=True)
@@ -316,7 +361,7 @@ def test_shared_mobilenet_v2_loads_through_the_enum_from_a_temporary_hub(hub):
     for src, dst in compose.key_prefixes(p):
         for key, tensor in want.items():
             if key.startswith(src) and not key.endswith("num_batches_tracked"):
-                assert torch.equal(got[dst + key[len(src):]], tensor), key
+                assert torch.equal(got[dst + key[len(src) :]], tensor), key
                 compared += 1
     assert compared == len([k for k in want if k.startswith("features.") and "num_batches" not in k])
 
@@ -372,8 +417,13 @@ def test_compose_settings_errors():
         build("fasterrcnn", backbone="resnet18", anchor_sizes=[[32], [64]])
     with pytest.raises(compose.ComposeError, match="model.kwargs"):
         models.build_model(
-            dataclass_replace(config("fcn", backbone="resnet18"), model_kwargs={
-                "min_size": 3, "compose": {"backbone": "resnet18"}}), P.resolve({}), NUM_CLASSES)
+            dataclass_replace(
+                config("fcn", backbone="resnet18"),
+                model_kwargs={"min_size": 3, "compose": {"backbone": "resnet18"}},
+            ),
+            P.resolve({}),
+            NUM_CLASSES,
+        )
     with pytest.raises(ValueError, match="only apply to composed archs"):
         models.skeleton("fasterrcnn_resnet50_fpn", 3, {"compose": {"backbone": "resnet18"}})
 
@@ -395,8 +445,17 @@ def _raw(**model):
 
 
 def test_spec_fields_reach_the_trial_config(tmp_path):
-    spec = build_spec(_raw(fpn=False, feature_layers=[12], anchor_sizes=[[16, 32]], aspect_ratios=[1.0],
-                           weights_backbone="IMAGENET1K_V1", kwargs={"min_size": 100}), ROOT)
+    spec = build_spec(
+        _raw(
+            fpn=False,
+            feature_layers=[12],
+            anchor_sizes=[[16, 32]],
+            aspect_ratios=[1.0],
+            weights_backbone="IMAGENET1K_V1",
+            kwargs={"min_size": 100},
+        ),
+        ROOT,
+    )
     cfg = spec.trial_config(out_dir=tmp_path)
     c = cfg.model_kwargs["compose"]
     assert cfg.model_kwargs["min_size"] == 100 and c["backbone"] == "mobilenet_v3_small"
@@ -409,22 +468,29 @@ def test_spec_fields_reach_the_trial_config(tmp_path):
     assert compose.Settings.from_dict(settings.to_dict()) == settings
 
 
-@pytest.mark.parametrize(("model", "key", "text"), [
-    ({"backbone": None}, "model.backbone", "is required"),
-    ({"anchor_sizes": [[32], [64]]}, "model.anchor_sizes", "but the model has 5 feature maps"),
-    ({"fpn": False, "anchor_sizes": [[32], [64]]}, "model.anchor_sizes", "1 feature map;"),
-    ({"feature_layers": ["3", "6"], "anchor_sizes": [[32]] * 4}, "model.anchor_sizes", "lists 4 size groups"),
-    ({"fpn": False, "feature_layers": ["3", "8"]}, "model.feature_layers", "exactly one feature layer"),
-    ({"aspect_ratios": [[1.0]] * 4}, "model.aspect_ratios", "lists 4 ratio groups"),
-    ({"anchor_sizes": [[32], [64], [128], [256], [512, 600]]}, "model.anchor_sizes", "different numbers"),
-    ({"weights": "DEFAULT"}, "model.weights", "no weight enum"),
-    ({"fpn": False, "fpn_channels": 64}, "model.fpn_channels", "only applies with fpn: true"),
-    ({"arch": "retinanet", "roi_output_size": 5}, "model.roi_output_size", "not retinanet"),
-    ({"mask_roi_output_size": 7}, "model.mask_roi_output_size", "applies to maskrcnn"),
-    ({"arch": "fcos", "anchor_sizes": [[8, 16]] * 5}, "model.anchor_sizes", "anchor-free"),
-    ({"arch": "ssdlite320_mobilenet_v3_large"}, "model.backbone", "only applies to composed archs"),
-    ({"kwargs": {"compose": {}}}, "model.kwargs.compose", "reserved"),
-])
+@pytest.mark.parametrize(
+    ("model", "key", "text"),
+    [
+        ({"backbone": None}, "model.backbone", "is required"),
+        ({"anchor_sizes": [[32], [64]]}, "model.anchor_sizes", "but the model has 5 feature maps"),
+        ({"fpn": False, "anchor_sizes": [[32], [64]]}, "model.anchor_sizes", "1 feature map;"),
+        (
+            {"feature_layers": ["3", "6"], "anchor_sizes": [[32]] * 4},
+            "model.anchor_sizes",
+            "lists 4 size groups",
+        ),
+        ({"fpn": False, "feature_layers": ["3", "8"]}, "model.feature_layers", "exactly one feature layer"),
+        ({"aspect_ratios": [[1.0]] * 4}, "model.aspect_ratios", "lists 4 ratio groups"),
+        ({"anchor_sizes": [[32], [64], [128], [256], [512, 600]]}, "model.anchor_sizes", "different numbers"),
+        ({"weights": "DEFAULT"}, "model.weights", "no weight enum"),
+        ({"fpn": False, "fpn_channels": 64}, "model.fpn_channels", "only applies with fpn: true"),
+        ({"arch": "retinanet", "roi_output_size": 5}, "model.roi_output_size", "not retinanet"),
+        ({"mask_roi_output_size": 7}, "model.mask_roi_output_size", "applies to maskrcnn"),
+        ({"arch": "fcos", "anchor_sizes": [[8, 16]] * 5}, "model.anchor_sizes", "anchor-free"),
+        ({"arch": "ssdlite320_mobilenet_v3_large"}, "model.backbone", "only applies to composed archs"),
+        ({"kwargs": {"compose": {}}}, "model.kwargs.compose", "reserved"),
+    ],
+)
 def test_spec_static_errors(model, key, text):
     with pytest.raises(SpecError) as err:
         build_spec(_raw(**model), ROOT)
@@ -442,14 +508,17 @@ def test_spec_semantic_composition_rules():
         build_spec(raw, ROOT)
 
 
-@pytest.mark.parametrize(("model", "key", "text"), [
-    ({"backbone": "mobilenetv2"}, "model.backbone", "Did you mean 'mobilenet_v2'"),
-    ({"backbone": "swin_t"}, "model.backbone", "does not compose"),
-    ({"feature_layers": ["3", "99"]}, "model.feature_layers", "not a unit of mobilenet_v3_small"),
-    ({"feature_layers": ["8", "3", "12"]}, "model.feature_layers", "forward order"),
-    ({"weights_backbone": "IMAGENET1K_V9"}, "model.weights_backbone", "MobileNet_V3_Small_Weights"),
-    ({"kwargs": {"rpn_anchor_generator": 1}}, "model.kwargs", "must not set"),
-])
+@pytest.mark.parametrize(
+    ("model", "key", "text"),
+    [
+        ({"backbone": "mobilenetv2"}, "model.backbone", "Did you mean 'mobilenet_v2'"),
+        ({"backbone": "swin_t"}, "model.backbone", "does not compose"),
+        ({"feature_layers": ["3", "99"]}, "model.feature_layers", "not a unit of mobilenet_v3_small"),
+        ({"feature_layers": ["8", "3", "12"]}, "model.feature_layers", "forward order"),
+        ({"weights_backbone": "IMAGENET1K_V9"}, "model.weights_backbone", "MobileNet_V3_Small_Weights"),
+        ({"kwargs": {"rpn_anchor_generator": 1}}, "model.kwargs", "must not set"),
+    ],
+)
 def test_spec_deep_errors(model, key, text):
     spec = build_spec(_raw(**model), ROOT)
     with pytest.raises(SpecError) as err:
@@ -483,10 +552,18 @@ def test_bundled_composed_spec_runs_a_short_trial(tmp_path, hub):
 
     (hub / "checkpoints").mkdir()
     os.symlink(SHARED_MOBILENET_V2, hub / "checkpoints" / SHARED_MOBILENET_V2.name)
-    spec = load_spec(SPEC, [
-        "train.epochs=1", "train.limit_train=4", "train.limit_val=2", "train.batch_size=2",
-        "data.image_size=128", "model.kwargs={min_size: 128, max_size: 128}", "model.roi_output_size=3",
-    ])
+    spec = load_spec(
+        SPEC,
+        [
+            "train.epochs=1",
+            "train.limit_train=4",
+            "train.limit_val=2",
+            "train.batch_size=2",
+            "data.image_size=128",
+            "model.kwargs={min_size: 128, max_size: 128}",
+            "model.roi_output_size=3",
+        ],
+    )
     cfg = spec.trial_config(out_dir=tmp_path / "trial")
     params = P.resolve(copy.deepcopy(spec.search_space.defaults()))
     result = run_trial(cfg, params)

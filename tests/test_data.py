@@ -100,9 +100,11 @@ def test_boxes_clipped_and_degenerate_dropped(tmp_path):
 
 def test_crowd_not_trained_and_ignored_in_semantic(tmp_path):
     crowd = {"size": [100, 100], "counts": mask_utils.encode(_square_mask())["counts"].decode()}
-    anns = [_ann(1, 1, 3, [10, 10, 40, 30], segmentation=crowd, iscrowd=1),
-            _ann(2, 1, 7, [60, 60, 20, 20], segmentation=[[60, 60, 80, 60, 80, 80, 60, 80]]),
-            _ann(3, 2, 7, [5, 5, 20, 20])]  # no segmentation: its box is ignore for semantic
+    anns = [
+        _ann(1, 1, 3, [10, 10, 40, 30], segmentation=crowd, iscrowd=1),
+        _ann(2, 1, 7, [60, 60, 20, 20], segmentation=[[60, 60, 80, 60, 80, 80, 60, 80]]),
+        _ann(3, 2, 7, [5, 5, 20, 20]),
+    ]  # no segmentation: its box is ignore for semantic
     ann, root = make_split(tmp_path, anns=anns)
     idx = load_coco(ann, root)
     assert idx.stats["crowd"] == 1 and idx.stats["annotations"] == 2
@@ -228,8 +230,10 @@ def test_polygon_and_rle_give_the_same_mask(tmp_path):
     flat = _square_mask().flatten(order="F")
     changes = np.flatnonzero(np.diff(np.concatenate([[0], flat, [2]])) != 0)
     uncompressed = {"size": [100, 100], "counts": np.diff(np.concatenate([[0], changes])).tolist()}
-    anns = [_ann(i, 1, 3, [10, 10, 40, 30], segmentation=s)
-            for i, s in enumerate([SQUARE, compressed, uncompressed], start=1)]
+    anns = [
+        _ann(i, 1, 3, [10, 10, 40, 30], segmentation=s)
+        for i, s in enumerate([SQUARE, compressed, uncompressed], start=1)
+    ]
     idx = load_coco(*make_split(tmp_path, anns=anns), task="instance_segmentation")
     _, target = CocoDetection(idx, None, with_masks=True)[0]
     masks = target["masks"]
@@ -261,8 +265,10 @@ def test_loader_shapes(tmp_path, with_masks):
 
 
 def test_train_transforms_flip_and_drop_degenerate(tmp_path):
-    anns = [_ann(1, 1, 3, [10, 10, 40, 30], segmentation=SQUARE),
-            _ann(2, 1, 7, [70, 70, 1.5, 20], segmentation=[[70, 70, 71.5, 70, 71.5, 90, 70, 90]])]
+    anns = [
+        _ann(1, 1, 3, [10, 10, 40, 30], segmentation=SQUARE),
+        _ann(2, 1, 7, [70, 70, 1.5, 20], segmentation=[[70, 70, 71.5, 70, 71.5, 90, 70, 90]]),
+    ]
     idx = load_coco(*make_split(tmp_path, anns=anns), task="instance_segmentation")
     tf = build_transforms("instance_segmentation", True, 50, resolve({"aug.hflip": 1.0, "aug.color": 0.2}))
     image, target = CocoDetection(idx, tf, with_masks=True)[0]

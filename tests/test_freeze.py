@@ -47,16 +47,40 @@ def test_every_preset_of_every_family_counts_and_parts(family):
 
 def test_backbone_stages_per_backbone_kind():
     cases = {
-        "fasterrcnn_resnet50_fpn": ["backbone.body.conv1.", "backbone.body.layer1.", "backbone.body.layer2.",
-                                    "backbone.body.layer3.", "backbone.body.layer4."],
-        "deeplabv3_resnet50": ["backbone.conv1.", "backbone.layer1.", "backbone.layer2.", "backbone.layer3.",
-                               "backbone.layer4."],
-        "fasterrcnn_mobilenet_v3_large_fpn": ["backbone.body.0.", "backbone.body.2.", "backbone.body.4.",
-                                              "backbone.body.7.", "backbone.body.13."],
-        "ssdlite320_mobilenet_v3_large": ["backbone.features.0.0.", "backbone.features.0.2.",
-                                          "backbone.features.0.4.", "backbone.features.0.7."],
-        "ssd300_vgg16": ["backbone.features.0.", "backbone.features.5.", "backbone.features.10.",
-                         "backbone.features.17.", "backbone.extra.0.1."],
+        "fasterrcnn_resnet50_fpn": [
+            "backbone.body.conv1.",
+            "backbone.body.layer1.",
+            "backbone.body.layer2.",
+            "backbone.body.layer3.",
+            "backbone.body.layer4.",
+        ],
+        "deeplabv3_resnet50": [
+            "backbone.conv1.",
+            "backbone.layer1.",
+            "backbone.layer2.",
+            "backbone.layer3.",
+            "backbone.layer4.",
+        ],
+        "fasterrcnn_mobilenet_v3_large_fpn": [
+            "backbone.body.0.",
+            "backbone.body.2.",
+            "backbone.body.4.",
+            "backbone.body.7.",
+            "backbone.body.13.",
+        ],
+        "ssdlite320_mobilenet_v3_large": [
+            "backbone.features.0.0.",
+            "backbone.features.0.2.",
+            "backbone.features.0.4.",
+            "backbone.features.0.7.",
+        ],
+        "ssd300_vgg16": [
+            "backbone.features.0.",
+            "backbone.features.5.",
+            "backbone.features.10.",
+            "backbone.features.17.",
+            "backbone.extra.0.1.",
+        ],
     }
     for arch, firsts in cases.items():
         fam = families.family_of(arch)
@@ -153,9 +177,10 @@ FREEZE_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("arch", "preset"), [
-    pytest.param(a, p, marks=pytest.mark.slow) if a in SLOW else (a, p) for a, p in FREEZE_CASES
-])
+@pytest.mark.parametrize(
+    ("arch", "preset"),
+    [pytest.param(a, p, marks=pytest.mark.slow) if a in SLOW else (a, p) for a, p in FREEZE_CASES],
+)
 def test_frozen_tensors_and_norm_stats_bit_identical_after_sgd_step(arch, preset):
     fam = families.family_of(arch)
     model, _ = build(arch)
@@ -179,8 +204,9 @@ def test_frozen_batchnorm_from_a_file_stays_frozen_under_all(tmp_path):
 
 def test_train_mode_puts_only_frozen_norms_in_eval():
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4),                       # trainable
-        nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)),         # frozen
+        nn.Conv2d(3, 4, 1),
+        nn.BatchNorm2d(4),  # trainable
+        nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)),  # frozen
         nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, affine=False)),  # no params: follows parent
         nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, affine=False)),
     )

@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from search import study as S
-from tests.tinydata import make_tiny_coco
+from tests.tinydata import make_tiny_coco, write_tiny_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "ssdlite320_mobilenet_v3_large"
@@ -33,22 +32,8 @@ def data_dir(tmp_path_factory):
 
 
 def write_spec(root: Path, name: str, space: dict, search: dict, epochs: int = 2, **extra) -> Path:
-    raw = {
-        "name": name, "task": "detection",
-        "model": {"arch": ARCH, "weights": "none"},
-        "data": {"train": {"images": "data/images", "annotations": "data/annotations.json"},
-                 "val": {"images": "data/images", "annotations": "data/annotations.json"}, "image_size": 96},
-        "train": {"epochs": epochs, "batch_size": 2, "seed": 0, "device": "cpu"},
-        "objective": {"metric": "map50", "mode": "max"},
-        "space": space,
-        "search": {"max_concurrent": 2, "grace_period": 1, "reduction_factor": 2, **search},
-        "resources": {"cpu": 1},
-        "output_dir": "runs",
-        **extra,
-    }
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    search = {"max_concurrent": 2, "grace_period": 1, "reduction_factor": 2, **search}
+    return write_tiny_spec(root, name, space=space, search=search, epochs=epochs, **extra)
 
 
 def optuna_trials(exp_dir: Path, name: str):
@@ -75,9 +60,15 @@ def test_study_search_states(tmp_path):
     journal = tmp_path / "optuna.journal"
 
     def searcher():
-        return StudySearch(space=space.define_by_run, metric="map", mode="max",
-                           sampler=optuna.samplers.RandomSampler(seed=0), study_name="u",
-                           storage=journal_storage(journal), epochs=3)
+        return StudySearch(
+            space=space.define_by_run,
+            metric="map",
+            mode="max",
+            sampler=optuna.samplers.RandomSampler(seed=0),
+            study_name="u",
+            storage=journal_storage(journal),
+            epochs=3,
+        )
 
     s = searcher()
     configs = {tid: s.suggest(tid) for tid in "abcde"}
@@ -136,11 +127,23 @@ def test_shared_storage_rules(monkeypatch, tmp_path):
     assert launcher.mount_fstype(Path("/proc/self")) == "proc"
     assert launcher.is_shared_storage("s3://bucket/runs") and launcher.is_shared_storage("gs://b/x")
     monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.0.0.1")
-    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "NodeManagerAddress": "10.0.0.1"},
-                                                {"Alive": True, "NodeManagerAddress": "10.0.0.1"}])
+    monkeypatch.setattr(
+        ray,
+        "nodes",
+        lambda: [
+            {"Alive": True, "NodeManagerAddress": "10.0.0.1"},
+            {"Alive": True, "NodeManagerAddress": "10.0.0.1"},
+        ],
+    )
     assert launcher.check_cluster_storage(tmp_path)["hosts"] == ["10.0.0.1"]  # same host: fine
-    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "NodeManagerAddress": "10.0.0.1"},
-                                                {"Alive": True, "NodeManagerAddress": "10.0.0.2"}])
+    monkeypatch.setattr(
+        ray,
+        "nodes",
+        lambda: [
+            {"Alive": True, "NodeManagerAddress": "10.0.0.1"},
+            {"Alive": True, "NodeManagerAddress": "10.0.0.2"},
+        ],
+    )
     if not launcher.is_shared_storage(tmp_path):
         with pytest.raises(launcher.ClusterError, match="other hosts"):
             launcher.check_cluster_storage(tmp_path)
@@ -166,8 +169,12 @@ def test_unreachable_address_is_a_clear_error(data_dir, capsys, monkeypatch):
 def test_dry_run(data_dir, capsys):
     from search.cli import main
 
-    spec = write_spec(data_dir, "dry", {"optimizer": {"choices": ["sgd", "adamw"]}, "lr": 0.01},
-                      {"algorithm": "tpe", "num_trials": 4})
+    spec = write_spec(
+        data_dir,
+        "dry",
+        {"optimizer": {"choices": ["sgd", "adamw"]}, "lr": 0.01},
+        {"algorithm": "tpe", "num_trials": 4},
+    )
     assert main(["launch", str(spec), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "2 branch configuration(s)" in out and "plan: 4 trials x 2 epochs, 2 at a time" in out
@@ -186,8 +193,12 @@ def grid_study(ray_local, data_dir):
     from search.launcher import launch
     from search.spec import load_spec
 
-    path = write_spec(data_dir, "grid", {"optimizer": "sgd", "lr": {"choices": LRS}},
-                      {"algorithm": "grid", "scheduler": "asha", "num_trials": 10, "max_failures": 0})
+    path = write_spec(
+        data_dir,
+        "grid",
+        {"optimizer": "sgd", "lr": {"choices": LRS}},
+        {"algorithm": "grid", "scheduler": "asha", "num_trials": 10, "max_failures": 0},
+    )
     old = {k: os.environ.get(k) for k in ("SEARCH_TEST_FAIL_WHEN", "SEARCH_NO_MLFLOW")}
     os.environ.update(SEARCH_TEST_FAIL_WHEN="lr=0.03", SEARCH_NO_MLFLOW="1")
     try:
@@ -296,9 +307,13 @@ def test_time_budget(ray_local, data_dir):
     from search.spec import load_spec
 
     budget = 20
-    path = write_spec(data_dir, "budget", {"lr": {"choices": [0.01]}},
-                      {"algorithm": "random", "scheduler": "none", "num_trials": 8, "time_budget": budget},
-                      epochs=30)  # far longer than the budget: a running trial must be cut by it
+    path = write_spec(
+        data_dir,
+        "budget",
+        {"lr": {"choices": [0.01]}},
+        {"algorithm": "random", "scheduler": "none", "num_trials": 8, "time_budget": budget},
+        epochs=30,
+    )  # far longer than the budget: a running trial must be cut by it
     os.environ["SEARCH_NO_MLFLOW"] = "1"
     try:
         t0 = time.time()
@@ -320,12 +335,21 @@ def test_time_budget(ray_local, data_dir):
 
 
 def test_sigint_then_resume(data_dir):
-    path = write_spec(data_dir, "sigint", {"optimizer": {"choices": ["sgd", "adamw"]},
-                                           "lr": {"low": 1e-3, "high": 3e-2, "log": True}},
-                      {"algorithm": "tpe", "scheduler": "asha", "num_trials": 2, "max_concurrent": 1})
+    path = write_spec(
+        data_dir,
+        "sigint",
+        {"optimizer": {"choices": ["sgd", "adamw"]}, "lr": {"low": 1e-3, "high": 3e-2, "log": True}},
+        {"algorithm": "tpe", "scheduler": "asha", "num_trials": 2, "max_concurrent": 1},
+    )
     exp_dir = data_dir / "runs" / "sigint"
-    proc = subprocess.Popen([sys.executable, "-m", "search", "launch", str(path)], cwd=data_dir, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "search", "launch", str(path)],
+        cwd=data_dir,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:
@@ -346,8 +370,7 @@ def test_sigint_then_resume(data_dir):
     assert [t["state"] for t in state["trials"].values()] == [S.PAUSED]  # trial 2 not started yet
 
     cmd = [sys.executable, "-m", "search", "resume", "sigint", "--output-dir", str(data_dir / "runs")]
-    done = subprocess.run(cmd,
-                          cwd=data_dir, env=_env(), capture_output=True, text=True, timeout=400)
+    done = subprocess.run(cmd, cwd=data_dir, env=_env(), capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     state = S.read_study(exp_dir)
     assert state["status"] == "finished" and len(state["trials"]) == 2
@@ -375,10 +398,22 @@ def test_two_node_cluster(data_dir, tmp_path):
     common = ["--num-cpus", "1", "--block"]
     procs = []
     try:
-        head = [ray_bin, "start", "--head", "--port", str(port), "--include-dashboard=false", "--temp-dir",
-                str(temp), *common]
-        procs.append(subprocess.Popen(head, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL))
+        head = [
+            ray_bin,
+            "start",
+            "--head",
+            "--port",
+            str(port),
+            "--include-dashboard=false",
+            "--temp-dir",
+            str(temp),
+            *common,
+        ]
+        procs.append(
+            subprocess.Popen(
+                head, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+        )
         for _ in range(60):
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -386,15 +421,28 @@ def test_two_node_cluster(data_dir, tmp_path):
             except OSError:
                 time.sleep(1)
         worker = [ray_bin, "start", "--address", f"127.0.0.1:{port}", *common]
-        procs.append(subprocess.Popen(worker, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL))
+        procs.append(
+            subprocess.Popen(
+                worker, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+        )
         time.sleep(10)
         space = {"optimizer": "sgd", "lr": {"low": 1e-3, "high": 3e-2, "log": True}}
-        path = write_spec(data_dir, "cluster", space,
-                          {"algorithm": "random", "scheduler": "none", "num_trials": 4}, epochs=1)
-        proc = subprocess.run([sys.executable, "-m", "search", "launch", str(path), "--address",
-                               f"127.0.0.1:{port}"], cwd=data_dir, env=env, capture_output=True, text=True,
-                              timeout=600)
+        path = write_spec(
+            data_dir,
+            "cluster",
+            space,
+            {"algorithm": "random", "scheduler": "none", "num_trials": 4},
+            epochs=1,
+        )
+        proc = subprocess.run(
+            [sys.executable, "-m", "search", "launch", str(path), "--address", f"127.0.0.1:{port}"],
+            cwd=data_dir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         state = S.read_study(data_dir / "runs" / "cluster")
         assert "2 node(s) on 1 host(s)" in proc.stdout
@@ -433,15 +481,21 @@ def test_process_reused_after_a_scheduler_stop(ray_local, tmp_path):
             return TrialScheduler.CONTINUE
 
     make_tiny_coco(tmp_path / "data", n_images=6, size=100)
-    spec = load_spec(write_spec(tmp_path, "reuse", {"optimizer": "sgd", "lr": 0.01}, {"algorithm": "random"},
-                                epochs=3))
+    spec = load_spec(
+        write_spec(tmp_path, "reuse", {"optimizer": "sgd", "lr": 0.01}, {"algorithm": "random"}, epochs=3)
+    )
     exp_dir = tmp_path / "runs" / "reuse"
     exp_dir.mkdir(parents=True)
     tuner = tune.Tuner(
         _trainable(spec, exp_dir),
         param_space={"optimizer": "sgd", "lr": tune.grid_search([0.01, 0.02])},
-        tune_config=tune.TuneConfig(scheduler=StopFirstAtEpoch1(), metric="map50", mode="max",
-                                    max_concurrent_trials=1, reuse_actors=True),
+        tune_config=tune.TuneConfig(
+            scheduler=StopFirstAtEpoch1(),
+            metric="map50",
+            mode="max",
+            max_concurrent_trials=1,
+            reuse_actors=True,
+        ),
         run_config=tune.RunConfig(name="reuse", storage_path=str(tmp_path / "runs")),
     )
     t0 = time.time()
@@ -454,8 +508,10 @@ def test_process_reused_after_a_scheduler_stop(ray_local, tmp_path):
     assert first.metrics["pid"] == second.metrics["pid"]  # the second trial ran in the first's process
     assert first.metrics["trial_id"] != second.metrics["trial_id"]
     assert Path(first.path).name != Path(second.path).name
-    rows = {r.config["lr"]: [json.loads(x) for x in (Path(r.path) / "result.json").read_text().splitlines()]
-            for r in results}
+    rows = {
+        r.config["lr"]: [json.loads(x) for x in (Path(r.path) / "result.json").read_text().splitlines()]
+        for r in results
+    }
     assert [r["epoch"] for r in rows[0.01]] == [0, 1] and [r["epoch"] for r in rows[0.02]] == [0, 1, 2, 3]
     assert rows[0.02][0]["map50"] == rows[0.01][0]["map50"] == rows[0.02][0]["base_metric"]
     assert len(list((exp_dir / S.BASE_EVAL_DIR).glob("*.json"))) == 1  # evaluated once, by the first

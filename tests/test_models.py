@@ -29,8 +29,11 @@ SHARED_MOBILENET_V2 = Path("/work/shared/weights/mobilenet_v2-b0353104.pth")
 
 # One step > 5 s on 2 busy CPU cores (measured): kept out of the quick suite.
 SLOW = {
-    "fasterrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn_v2", "ssd300_vgg16",
-    "deeplabv3_resnet101", "fcn_resnet101",
+    "fasterrcnn_resnet50_fpn_v2",
+    "maskrcnn_resnet50_fpn_v2",
+    "ssd300_vgg16",
+    "deeplabv3_resnet101",
+    "fcn_resnet101",
 }
 # The cheapest architecture of each family (used by per-family tests).
 CHEAP = {
@@ -58,8 +61,11 @@ def fast_kwargs(arch: str) -> dict:
         return {}
     kw = {"min_size": SIZE, "max_size": 128}
     if fam.name in ("fasterrcnn", "maskrcnn"):
-        kw |= {"box_batch_size_per_image": 128, "rpn_pre_nms_top_n_train": 300,
-               "rpn_post_nms_top_n_train": 300}
+        kw |= {
+            "box_batch_size_per_image": 128,
+            "rpn_pre_nms_top_n_train": 300,
+            "rpn_post_nms_top_n_train": 300,
+        }
     return kw
 
 
@@ -67,7 +73,11 @@ def config(arch: str, weights=None, weights_backbone=None, **kwargs) -> TrialCon
     fam = families.family_of(arch)
     split = DataSplit(images=Path("/nonexistent"), annotations=Path("/nonexistent.json"))
     return TrialConfig(
-        task=fam.task, arch=arch, train=split, val=split, out_dir=Path("/nonexistent-out"),
+        task=fam.task,
+        arch=arch,
+        train=split,
+        val=split,
+        out_dir=Path("/nonexistent-out"),
         weights=None if weights is None else str(weights),
         weights_backbone=None if weights_backbone is None else str(weights_backbone),
         model_kwargs={**fast_kwargs(arch), **kwargs},
@@ -195,8 +205,9 @@ def test_skeleton_is_meta_fast_and_named_like_the_real_model():
         sk = models.skeleton(arch, NUM_CLASSES, fast_kwargs(arch))
         assert time.perf_counter() - t0 < 2.0
         assert all(p.device.type == "meta" for p in sk.parameters())
-        real = get_model(arch, weights=None, weights_backbone=None, num_classes=NUM_CLASSES,
-                         **fast_kwargs(arch))
+        real = get_model(
+            arch, weights=None, weights_backbone=None, num_classes=NUM_CLASSES, **fast_kwargs(arch)
+        )
         assert [n for n, _ in sk.named_parameters()] == [n for n, _ in real.named_parameters()]
     sk = models.skeleton("deeplabv3_mobilenet_v3_large", NUM_CLASSES, {}, weights="DEFAULT")
     assert any(n.startswith("aux_classifier.") for n, _ in sk.named_parameters())

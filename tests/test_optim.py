@@ -36,10 +36,18 @@ def test_tables_match_params():
 
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
 def test_groups_equal_sampled_values(kind):
-    params = P.resolve({
-        "optimizer": kind, "lr": 0.0123, "weight_decay": 3e-4, "momentum": 0.77, "nesterov": True,
-        "beta1": 0.81, "beta2": 0.95, "backbone_lr_mult": 0.1,
-    })
+    params = P.resolve(
+        {
+            "optimizer": kind,
+            "lr": 0.0123,
+            "weight_decay": 3e-4,
+            "momentum": 0.77,
+            "nesterov": True,
+            "beta1": 0.81,
+            "beta2": 0.95,
+            "backbone_lr_mult": 0.1,
+        }
+    )
     model = Tiny()
     opt, rows = optim.build_optimizer(model, params, FAMILY)
     groups = _groups(opt)

@@ -90,9 +90,9 @@ def test_every_arch_layout_matches_its_family(arch):
     assert all(fam.part(p) == "backbone" for s in stages for p in s)
     one = models.skeleton(arch, 1, kwargs).state_dict()[fam.num_classes_key].shape[0]
     assert sk.state_dict()[fam.num_classes_key].shape[0] == 3 * one
-    assert models.pretrained_num_classes(
-        arch, fam, {fam.num_classes_key: torch.zeros(7 * one, 1)}, kwargs
-    ) == 7
+    assert (
+        models.pretrained_num_classes(arch, fam, {fam.num_classes_key: torch.zeros(7 * one, 1)}, kwargs) == 7
+    )
 
 
 def test_backbone_weights_enum():

@@ -22,7 +22,7 @@ from ray.tune import Callback
 from search import select, tracking
 from search import study as S
 from search.cli import main
-from tests.tinydata import make_tiny_coco
+from tests.tinydata import make_tiny_coco, write_tiny_spec
 
 ARCH = "ssdlite320_mobilenet_v3_large"
 EPOCHS = 2
@@ -41,27 +41,15 @@ class InterruptOnce(Callback):
 
 
 def write_spec(root: Path, name: str = "tiny", **extra) -> Path:
-    raw = {
-        "name": name,
-        "task": "detection",
-        "model": {"arch": ARCH, "weights": "none"},
-        "data": {
-            "train": {"images": "data/images", "annotations": "data/annotations.json"},
-            "val": {"images": "data/images", "annotations": "data/annotations.json"},
-            "image_size": 96,
-        },
-        "train": {"epochs": EPOCHS, "batch_size": 2, "seed": 0, "device": "cpu"},
-        "objective": {"metric": "map50", "mode": "max"},
+    return write_tiny_spec(
+        root,
+        name,
         # a 2x2 grid: exactly 4 trials; lr 1e-7 barely moves the (random) base model
-        "space": {"optimizer": {"choices": ["sgd", "adamw"]}, "lr": {"choices": [1.0e-7, 0.01]}},
-        "search": {"algorithm": "grid", "scheduler": "asha", "num_trials": 4, "max_concurrent": 2},
-        "resources": {"cpu": 1},
-        "output_dir": "runs",
+        space={"optimizer": {"choices": ["sgd", "adamw"]}, "lr": {"choices": [1.0e-7, 0.01]}},
+        search={"algorithm": "grid", "scheduler": "asha", "num_trials": 4, "max_concurrent": 2},
+        epochs=EPOCHS,
         **extra,
-    }
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    )
 
 
 @pytest.fixture(scope="module")

@@ -428,23 +428,51 @@ def _kwargs_spec(arch: str, kwargs: dict):
 KWARGS_REFUSED = [
     # (arch, kwargs, key path, text in the message); silently ignored keys -> model.kwargs.<key>
     ("ssdlite320_mobilenet_v3_large", {"min_sise": 320}, "model.kwargs.min_sise", "ignore it silently"),
-    ("ssdlite320_mobilenet_v3_large", {"score_tresh": 0.2}, "model.kwargs.score_tresh",
-     "Did you mean 'score_thresh'"),
+    (
+        "ssdlite320_mobilenet_v3_large",
+        {"score_tresh": 0.2},
+        "model.kwargs.score_tresh",
+        "Did you mean 'score_thresh'",
+    ),
     ("ssdlite320_mobilenet_v3_large", {"dropout": 0.1}, "model.kwargs.dropout", "ignore it silently"),
-    ("fasterrcnn_mobilenet_v3_large_320_fpn", {"min_sise": 320}, "model.kwargs.min_sise",
-     "Did you mean 'min_size'"),
-    ("fasterrcnn_mobilenet_v3_large_320_fpn", {"min_size": 320, "box_detections_per_im": 50},
-     "model.kwargs.box_detections_per_im", "Did you mean 'box_detections_per_img'"),
-    ("fasterrcnn_mobilenet_v3_large_320_fpn", {"anchor_generator": None}, "model.kwargs.anchor_generator",
-     "does not take 'anchor_generator'"),
+    (
+        "fasterrcnn_mobilenet_v3_large_320_fpn",
+        {"min_sise": 320},
+        "model.kwargs.min_sise",
+        "Did you mean 'min_size'",
+    ),
+    (
+        "fasterrcnn_mobilenet_v3_large_320_fpn",
+        {"min_size": 320, "box_detections_per_im": 50},
+        "model.kwargs.box_detections_per_im",
+        "Did you mean 'box_detections_per_img'",
+    ),
+    (
+        "fasterrcnn_mobilenet_v3_large_320_fpn",
+        {"anchor_generator": None},
+        "model.kwargs.anchor_generator",
+        "does not take 'anchor_generator'",
+    ),
     ("maskrcnn_resnet50_fpn", {"mask_thresh": 0.5}, "model.kwargs.mask_thresh", "ignore it silently"),
-    ("retinanet_resnet50_fpn", {"score_threshold": 0.1}, "model.kwargs.score_threshold",
-     "Did you mean 'score_thresh'"),
+    (
+        "retinanet_resnet50_fpn",
+        {"score_threshold": 0.1},
+        "model.kwargs.score_threshold",
+        "Did you mean 'score_thresh'",
+    ),
     ("lraspp_mobilenet_v3_large", {"aux_los": False}, "model.kwargs.aux_los", "Did you mean 'aux_loss'"),
-    ("deeplabv3_mobilenet_v3_large", {"output_stride": 8}, "model.kwargs.output_stride",
-     "use one of: aux_loss."),
-    ("fasterrcnn", {"box_detections_per_im": 50}, "model.kwargs.box_detections_per_im",
-     "Did you mean 'box_detections_per_img'"),
+    (
+        "deeplabv3_mobilenet_v3_large",
+        {"output_stride": 8},
+        "model.kwargs.output_stride",
+        "use one of: aux_loss.",
+    ),
+    (
+        "fasterrcnn",
+        {"box_detections_per_im": 50},
+        "model.kwargs.box_detections_per_im",
+        "Did you mean 'box_detections_per_img'",
+    ),
     # keys the chain does receive but refuses loudly: the build's own message, as before
     ("ssdlite320_mobilenet_v3_large", {"min_size": 320}, "model.kwargs", "multiple values for argument"),
     ("lraspp_mobilenet_v3_large", {"aux_loss": True}, "model.kwargs", "does not use auxiliary loss"),
@@ -453,8 +481,9 @@ KWARGS_REFUSED = [
 ]
 
 
-@pytest.mark.parametrize("arch,kwargs,key,text", KWARGS_REFUSED, ids=[f"{c[0]}-{next(iter(c[1]))}"
-                                                                    for c in KWARGS_REFUSED])
+@pytest.mark.parametrize(
+    "arch,kwargs,key,text", KWARGS_REFUSED, ids=[f"{c[0]}-{next(iter(c[1]))}" for c in KWARGS_REFUSED]
+)
 def test_model_kwargs_refused(arch, kwargs, key, text):
     from search.spec import deep_check
 
@@ -469,15 +498,26 @@ def test_model_kwargs_refused(arch, kwargs, key, text):
 
 KWARGS_ACCEPTED = [
     # (arch, kwargs, {module attribute path: value the skeleton must show}: the key is really used)
-    ("ssdlite320_mobilenet_v3_large", {"score_thresh": 0.2, "detections_per_img": 50},
-     {"score_thresh": 0.2, "detections_per_img": 50}),
+    (
+        "ssdlite320_mobilenet_v3_large",
+        {"score_thresh": 0.2, "detections_per_img": 50},
+        {"score_thresh": 0.2, "detections_per_img": 50},
+    ),
     ("ssdlite320_mobilenet_v3_large", {"width_mult": 0.5}, {}),
-    ("fasterrcnn_mobilenet_v3_large_320_fpn",
-     {"box_detections_per_img": 50, "rpn_pre_nms_top_n_test": 100, "min_size": 320},
-     {"roi_heads.detections_per_img": 50, "rpn._pre_nms_top_n": {"training": 2000, "testing": 100},
-      "transform.min_size": (320,)}),
-    ("maskrcnn_resnet50_fpn", {"box_score_thresh": 0.1, "size_divisible": 16, "min_size": 256},
-     {"roi_heads.score_thresh": 0.1, "transform.size_divisible": 16}),
+    (
+        "fasterrcnn_mobilenet_v3_large_320_fpn",
+        {"box_detections_per_img": 50, "rpn_pre_nms_top_n_test": 100, "min_size": 320},
+        {
+            "roi_heads.detections_per_img": 50,
+            "rpn._pre_nms_top_n": {"training": 2000, "testing": 100},
+            "transform.min_size": (320,),
+        },
+    ),
+    (
+        "maskrcnn_resnet50_fpn",
+        {"box_score_thresh": 0.1, "size_divisible": 16, "min_size": 256},
+        {"roi_heads.score_thresh": 0.1, "transform.size_divisible": 16},
+    ),
     ("fcos_resnet50_fpn", {"center_sampling_radius": 2.0}, {"center_sampling_radius": 2.0}),
     ("lraspp_mobilenet_v3_large", {"aux_loss": False}, {}),
     ("deeplabv3_mobilenet_v3_large", {"aux_loss": True}, {}),
@@ -485,8 +525,9 @@ KWARGS_ACCEPTED = [
 ]
 
 
-@pytest.mark.parametrize("arch,kwargs,expected", KWARGS_ACCEPTED,
-                         ids=[f"{c[0]}-{'-'.join(c[1])}" for c in KWARGS_ACCEPTED])
+@pytest.mark.parametrize(
+    "arch,kwargs,expected", KWARGS_ACCEPTED, ids=[f"{c[0]}-{'-'.join(c[1])}" for c in KWARGS_ACCEPTED]
+)
 def test_model_kwargs_accepted_and_used(arch, kwargs, expected):
     from search.spec import deep_check
     from trainables import models
@@ -522,9 +563,12 @@ def _chain_parameters(arch: str) -> set[str]:
     from torchvision.models import mobilenetv3
     from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-    heads = {"fasterrcnn": torchvision.models.detection.FasterRCNN,
-             "maskrcnn": torchvision.models.detection.MaskRCNN,
-             "retinanet": torchvision.models.detection.RetinaNet, "fcos": torchvision.models.detection.FCOS}
+    heads = {
+        "fasterrcnn": torchvision.models.detection.FasterRCNN,
+        "maskrcnn": torchvision.models.detection.MaskRCNN,
+        "retinanet": torchvision.models.detection.RetinaNet,
+        "fcos": torchvision.models.detection.FCOS,
+    }
     fns: list = [GeneralizedRCNNTransform.__init__]
     if arch in heads:
         cls = heads[arch]
@@ -552,8 +596,16 @@ def test_accepted_kwargs_conformance_every_arch():
         assert accepted is None or (isinstance(accepted, frozenset) and accepted), arch
         if accepted is None:
             continue
-        assert not accepted & {"weights", "weights_backbone", "num_classes", "progress", "compose",
-                               "self", "args", "kwargs"}, arch
+        assert not accepted & {
+            "weights",
+            "weights_backbone",
+            "num_classes",
+            "progress",
+            "compose",
+            "self",
+            "args",
+            "kwargs",
+        }, arch
         fam = families.family_of(arch)
         if fam.task == families.SEMANTIC:  # builders forward nothing; compositions take only aux_loss
             own = set() if fam.composed else set(inspect.signature(get_model_builder(arch)).parameters)
@@ -569,12 +621,21 @@ def test_accepted_kwargs_conformance_every_arch():
 
 ACTIVATION_SCOPE_CASES = [
     # (arch, space entries, refused key or None)
-    ("fasterrcnn_mobilenet_v3_large_320_fpn",
-     {"activation": {"choices": ["keep", "silu"]}, "activation_scope": "neck"}, "space.activation_scope"),
-    ("fasterrcnn_mobilenet_v3_large_320_fpn",
-     {"activation": "silu", "activation_scope": {"choices": ["heads", "neck"]}}, "space.activation_scope"),
-    ("lraspp_mobilenet_v3_large",
-     {"activation": "gelu", "activation_scope": "neck"}, "space.activation_scope"),
+    (
+        "fasterrcnn_mobilenet_v3_large_320_fpn",
+        {"activation": {"choices": ["keep", "silu"]}, "activation_scope": "neck"},
+        "space.activation_scope",
+    ),
+    (
+        "fasterrcnn_mobilenet_v3_large_320_fpn",
+        {"activation": "silu", "activation_scope": {"choices": ["heads", "neck"]}},
+        "space.activation_scope",
+    ),
+    (
+        "lraspp_mobilenet_v3_large",
+        {"activation": "gelu", "activation_scope": "neck"},
+        "space.activation_scope",
+    ),
     ("fasterrcnn_mobilenet_v3_large_320_fpn", {"activation": "keep", "activation_scope": "neck"}, None),
     ("fasterrcnn_mobilenet_v3_large_320_fpn", {"activation": "silu", "activation_scope": "backbone"}, None),
     ("fasterrcnn_mobilenet_v3_large_320_fpn", {"activation": {"choices": ["keep", "silu"]}}, None),  # heads
@@ -583,8 +644,11 @@ ACTIVATION_SCOPE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("arch,space,key", ACTIVATION_SCOPE_CASES,
-                         ids=[f"{c[0].split('_')[0]}-{i}" for i, c in enumerate(ACTIVATION_SCOPE_CASES)])
+@pytest.mark.parametrize(
+    "arch,space,key",
+    ACTIVATION_SCOPE_CASES,
+    ids=[f"{c[0].split('_')[0]}-{i}" for i, c in enumerate(ACTIVATION_SCOPE_CASES)],
+)
 def test_activation_scope_without_activations_is_refused(arch, space, key):
     """A scope in which the architecture has no activation module makes activation choices
     silent no-ops (neck on FPN families, fcn, lraspp): refused before launch."""

@@ -19,8 +19,19 @@ from trainables.config import TrialConfig
 from trainables.trial import run_trial, sha256_file
 
 ARCH = "ssdlite320_mobilenet_v3_large"
-RESULT_KEYS = {"status", "base_metric", "best_metric", "best_epoch", "history", "checkpoint", "params",
-               "trainable_params", "frozen_params", "build", "param_groups"}
+RESULT_KEYS = {
+    "status",
+    "base_metric",
+    "best_metric",
+    "best_epoch",
+    "history",
+    "checkpoint",
+    "params",
+    "trainable_params",
+    "frozen_params",
+    "build",
+    "param_groups",
+}
 
 
 # --- checkpoint -------------------------------------------------------------------------------
@@ -35,9 +46,18 @@ class TwoPart(nn.Module):
 def _save(path: Path, model: nn.Module, **kw) -> Path:
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    return checkpoint.save(path, model=model, optimizer=opt, scheduler=sched, epoch=3,
-                           metrics={"map": 0.5}, params=P.resolve({}), base_sha256="ab" * 32,
-                           extra={"history": [{"epoch": 1}]}, **kw)
+    return checkpoint.save(
+        path,
+        model=model,
+        optimizer=opt,
+        scheduler=sched,
+        epoch=3,
+        metrics={"map": 0.5},
+        params=P.resolve({}),
+        base_sha256="ab" * 32,
+        extra={"history": [{"epoch": 1}]},
+        **kw,
+    )
 
 
 def test_checkpoint_trainable_only_atomic_weights_only(tmp_path):
@@ -45,8 +65,15 @@ def test_checkpoint_trainable_only_atomic_weights_only(tmp_path):
     path = _save(tmp_path / "ck" / "latest.pt", model)
     assert sorted(p.name for p in path.parent.iterdir()) == ["latest.pt"]  # no .tmp left behind
     ckpt = torch.load(path, weights_only=True)  # RNG states etc. are weights_only-safe
-    assert set(ckpt["model"]) == {"head.0.weight", "head.0.bias", "head.1.weight", "head.1.bias",
-                                  "head.1.running_mean", "head.1.running_var", "head.1.num_batches_tracked"}
+    assert set(ckpt["model"]) == {
+        "head.0.weight",
+        "head.0.bias",
+        "head.1.weight",
+        "head.1.bias",
+        "head.1.running_mean",
+        "head.1.running_var",
+        "head.1.num_batches_tracked",
+    }
     assert ckpt["epoch"] == 3 and ckpt["base_sha256"] == "ab" * 32
     assert ckpt["extra"]["history"] == [{"epoch": 1}]
     full = checkpoint.load(_save(tmp_path / "full.pt", model, trainable_only=False))
@@ -133,8 +160,9 @@ def test_run_trial_shape(full_run):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "latest.pt"]
     assert result["params"] == P.resolve({"lr": 0.01})
     assert result["trainable_params"] > 0 and result["frozen_params"] >= 0
-    assert result["param_groups"] and all(g["lr"] == 0.01 for g in result["param_groups"]
-                                         if not g["name"].startswith("backbone"))
+    assert result["param_groups"] and all(
+        g["lr"] == 0.01 for g in result["param_groups"] if not g["name"].startswith("backbone")
+    )
     assert json.loads((out / "trial.json").read_text()) == result
     # report: epoch 0 (base, no checkpoint) then every epoch with the checkpoint folder
     assert [m["epoch"] for m, _ in reports] == [0, 1, 2]
@@ -182,8 +210,14 @@ def test_resume_equals_uninterrupted(coco_dir, full_run, tmp_path):
 def test_resume_trainable_only_with_frozen_backbone(coco_dir, base_file, tmp_path):
     """Base file + frozen backbone: trainable-only checkpoints (with the heads' BN statistics)
     rebuild the same model; warmup, step schedule and hflip augmentation all cross the resume."""
-    params = {"lr": 0.02, "trainable": "heads", "warmup_epochs": 0.5, "schedule": "step",
-              "aug.hflip": 0.5, "optimizer": "adamw"}
+    params = {
+        "lr": 0.02,
+        "trainable": "heads",
+        "warmup_epochs": 0.5,
+        "schedule": "step",
+        "aug.hflip": 0.5,
+        "optimizer": "adamw",
+    }
     cfg = _cfg(coco_dir, tmp_path / "a", weights=str(base_file), eval_base=False)
     uninterrupted = run_trial(cfg, params)
     ckpt = checkpoint.load(tmp_path / "a" / "checkpoints" / "latest.pt")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 CATEGORIES = [{"id": 3, "name": "red"}, {"id": 7, "name": "blue"}]
 COLOURS = {3: (220, 30, 30), 7: (30, 30, 220)}
@@ -39,8 +40,12 @@ def make_tiny_coco(
             x, y = rng.randint(0, size - w - 1), rng.randint(0, size - h - 1)
             draw.rectangle([x, y, x + w - 1, y + h - 1], fill=COLOURS[cat])
             ann = {
-                "id": len(anns) + 1, "image_id": i + 1, "category_id": cat,
-                "bbox": [x, y, w, h], "area": float(w * h), "iscrowd": 0,
+                "id": len(anns) + 1,
+                "image_id": i + 1,
+                "category_id": cat,
+                "bbox": [x, y, w, h],
+                "area": float(w * h),
+                "iscrowd": 0,
                 "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]],
             }
             anns.append(ann)
@@ -64,9 +69,22 @@ def trial_config(split, out: Path, **changes):
     """A CPU ``TrialConfig`` of ssdlite320 on ``split`` at 128 px, 2 epochs of batch 2, metric map."""
     from trainables.config import TrialConfig
 
-    base = dict(task="detection", arch="ssdlite320_mobilenet_v3_large", train=split, val=split, out_dir=out,
-                image_size=128, epochs=2, batch_size=2, workers=0, seed=0, metric="map", mode="max",
-                device="cpu", threads=1)
+    base = dict(
+        task="detection",
+        arch="ssdlite320_mobilenet_v3_large",
+        train=split,
+        val=split,
+        out_dir=out,
+        image_size=128,
+        epochs=2,
+        batch_size=2,
+        workers=0,
+        seed=0,
+        metric="map",
+        mode="max",
+        device="cpu",
+        threads=1,
+    )
     return TrialConfig(**(base | changes))
 
 
@@ -75,3 +93,41 @@ def without_timing(history: list[dict]) -> list[dict]:
     from trainables.trial import TIMING_KEYS
 
     return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in history]
+
+
+def write_tiny_spec(
+    folder: Path,
+    name: str,
+    *,
+    space: dict,
+    search: dict,
+    epochs: int,
+    weights: str = "none",
+    metric: str = "map50",
+    **extra: Any,
+) -> Path:
+    """Write ``folder/<name>.yaml``: ssdlite320 detection on the tiny set in ``folder/data`` (train =
+    val, 96 px, batch 2, seed 0, CPU, 1 CPU per trial, outputs in ``folder/runs``); ``search`` and
+    ``extra`` (top-level keys) are given as they are."""
+    import yaml
+
+    raw = {
+        "name": name,
+        "task": "detection",
+        "model": {"arch": "ssdlite320_mobilenet_v3_large", "weights": weights},
+        "data": {
+            "train": {"images": "data/images", "annotations": "data/annotations.json"},
+            "val": {"images": "data/images", "annotations": "data/annotations.json"},
+            "image_size": 96,
+        },
+        "train": {"epochs": epochs, "batch_size": 2, "seed": 0, "device": "cpu"},
+        "objective": {"metric": metric, "mode": "max"},
+        "space": space,
+        "search": search,
+        "resources": {"cpu": 1},
+        "output_dir": "runs",
+        **extra,
+    }
+    path = Path(folder) / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path

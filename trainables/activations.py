@@ -52,7 +52,14 @@ ACTIVATIONS: dict[str, Activation] = {
 
 # Module types that count as activations (exact type, so subclasses and gates are not caught).
 SWAPPABLE: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.Mish, nn.ELU,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.Hardswish,
+    nn.SiLU,
+    nn.GELU,
+    nn.LeakyReLU,
+    nn.Mish,
+    nn.ELU,
 )
 
 

@@ -41,8 +41,17 @@ log = logging.getLogger("trainables.data")
 
 TASKS = ("detection", "instance_segmentation", "semantic_segmentation")
 MIN_BOX_SIDE = 1.0  # px, after clipping
-STAT_KEYS = ("images", "annotations", "negatives", "crowd", "clipped", "degenerate", "bad_polygons",
-             "no_segmentation", "size_from_file")
+STAT_KEYS = (
+    "images",
+    "annotations",
+    "negatives",
+    "crowd",
+    "clipped",
+    "degenerate",
+    "bad_polygons",
+    "no_segmentation",
+    "size_from_file",
+)
 _CORE_IMAGE_KEYS = ("id", "file_name", "width", "height")
 _EXIF_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
@@ -212,9 +221,7 @@ def _safe_relpath(file_name: Any, path: Path, image_id: int) -> str:
         raise DatasetError(f"{path}: image id {image_id}: file_name must be a non-empty string")
     posix, win = PurePosixPath(file_name), PureWindowsPath(file_name)
     if posix.is_absolute() or win.is_absolute() or win.drive or ".." in posix.parts or ".." in win.parts:
-        raise DatasetError(
-            f"{path}: image id {image_id}: file_name {file_name!r} escapes the image root"
-        )
+        raise DatasetError(f"{path}: image id {image_id}: file_name {file_name!r} escapes the image root")
     return file_name
 
 
@@ -293,8 +300,12 @@ def _sanitise(raw, rec: ImageRecord, label: int, task: str, stats: Counter, wher
     if not (isinstance(bbox, list) and len(bbox) == 4 and all(_finite(v) for v in bbox)):
         raise DatasetError(f"{where}: bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}")
     x, y, w, h = (float(v) for v in bbox)
-    box = (min(max(x, 0.0), rec.width), min(max(y, 0.0), rec.height),
-           min(max(x + w, 0.0), rec.width), min(max(y + h, 0.0), rec.height))
+    box = (
+        min(max(x, 0.0), rec.width),
+        min(max(y, 0.0), rec.height),
+        min(max(x + w, 0.0), rec.width),
+        min(max(y + h, 0.0), rec.height),
+    )
     if box[2] - box[0] < MIN_BOX_SIDE or box[3] - box[1] < MIN_BOX_SIDE:
         stats["degenerate"] += 1
         return None
@@ -312,8 +323,11 @@ def _check_segmentation(segm: Any, rec: ImageRecord, stats: Counter, where: str)
     if segm is None or segm == [] or segm == {}:
         return None
     if isinstance(segm, list):
-        ok = [p for p in segm if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
-              and all(_finite(v) for v in p)]
+        ok = [
+            p
+            for p in segm
+            if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(_finite(v) for v in p)
+        ]
         stats["bad_polygons"] += len(segm) - len(ok)
         return ok or None
     if isinstance(segm, dict) and "counts" in segm and isinstance(segm.get("size"), list):
@@ -330,8 +344,11 @@ def _check_segmentation(segm: Any, rec: ImageRecord, stats: Counter, where: str)
 def _gt_entry(raw: dict[str, Any], rec: ImageRecord, ann: Ann) -> dict[str, Any]:
     x1, y1, x2, y2 = ann.box
     entry = {
-        "id": raw["id"], "image_id": rec.id, "category_id": raw["category_id"],
-        "bbox": [x1, y1, x2 - x1, y2 - y1], "iscrowd": int(ann.iscrowd),
+        "id": raw["id"],
+        "image_id": rec.id,
+        "category_id": raw["category_id"],
+        "bbox": [x1, y1, x2 - x1, y2 - y1],
+        "iscrowd": int(ann.iscrowd),
     }
     if ann.segmentation is not None:
         entry["segmentation"] = ann.segmentation
@@ -363,8 +380,12 @@ def _build_coco(data, records, gt_anns, categories) -> Any:
     from pycocotools.coco import COCO
 
     images = [{"id": r.id, "file_name": r.file_name, "width": r.width, "height": r.height} for r in records]
-    dataset = {"info": data.get("info", {}), "images": images, "annotations": gt_anns,
-               "categories": categories}
+    dataset = {
+        "info": data.get("info", {}),
+        "images": images,
+        "annotations": gt_anns,
+        "categories": categories,
+    }
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO()
         coco.dataset = dataset

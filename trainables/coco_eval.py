@@ -26,8 +26,9 @@ from trainables.coco import CocoIndex, ImageRecord
 _STAT_KEYS = {"map": 0, "map50": 1, "map75": 2, "map_small": 3, "map_medium": 4, "map_large": 5, "mar100": 8}
 
 
-def evaluate_detections(index: CocoIndex, predictions: Sequence[dict[str, Any]],
-                        iou_type: str = "bbox") -> dict[str, Any]:
+def evaluate_detections(
+    index: CocoIndex, predictions: Sequence[dict[str, Any]], iou_type: str = "bbox"
+) -> dict[str, Any]:
     """COCO metrics: ``map`` (AP@[.5:.95]), ``map50``, ``map75``, ``map_small/medium/large``,
     ``mar100`` and ``ap_per_class`` {class name: AP}. -1 means undefined (no ground truth of that
     kind in the evaluated images), as in COCOeval. No prediction at all gives 0 everywhere (-1 for a
@@ -44,14 +45,17 @@ def evaluate_detections(index: CocoIndex, predictions: Sequence[dict[str, Any]],
     return out
 
 
-def build_cocoeval(index: CocoIndex, predictions: Sequence[dict[str, Any]],
-                   iou_type: str = "bbox") -> COCOeval | None:
+def build_cocoeval(
+    index: CocoIndex, predictions: Sequence[dict[str, Any]], iou_type: str = "bbox"
+) -> COCOeval | None:
     """A ready COCOeval over the predicted images, or None when no image was predicted."""
     if iou_type not in ("bbox", "segm"):
         raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
     if iou_type == "segm" and any("segmentation" not in a for a in index.coco.dataset["annotations"]):
-        raise ValueError(f"{index.annotations_path}: iou_type 'segm' needs a segmentation on every "
-                         "annotation (load the split with task='instance_segmentation')")
+        raise ValueError(
+            f"{index.annotations_path}: iou_type 'segm' needs a segmentation on every "
+            "annotation (load the split with task='instance_segmentation')"
+        )
     records = {r.id: r for r in index.images}
     results: list[dict[str, Any]] = []
     img_ids: set[int] = set()
@@ -74,8 +78,11 @@ def _empty_results(index: CocoIndex) -> Any:
     from pycocotools.coco import COCO
 
     dt = COCO()
-    dt.dataset = {"images": list(index.coco.dataset["images"]), "annotations": [],
-                  "categories": list(index.coco.dataset["categories"])}
+    dt.dataset = {
+        "images": list(index.coco.dataset["images"]),
+        "annotations": [],
+        "categories": list(index.coco.dataset["categories"]),
+    }
     dt.createIndex()
     return dt
 
@@ -113,8 +120,9 @@ def _encode_masks(pred: dict[str, Any], rec: ImageRecord) -> list[dict[str, Any]
         return []
     probs = probs.reshape(probs.shape[0], 1, *probs.shape[-2:])
     if tuple(probs.shape[-2:]) != (rec.height, rec.width):
-        probs = torch.nn.functional.interpolate(probs, size=(rec.height, rec.width), mode="bilinear",
-                                                align_corners=False)
+        probs = torch.nn.functional.interpolate(
+            probs, size=(rec.height, rec.width), mode="bilinear", align_corners=False
+        )
     binary = (probs[:, 0] > 0.5).numpy().astype(np.uint8)
     rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
     return [dict(r, counts=r["counts"].decode("ascii")) for r in rles]

@@ -82,8 +82,15 @@ UNSUPPORTED = {
 }
 # Constructor arguments that the composition sets itself (never from model.kwargs).
 RESERVED = (
-    "backbone", "num_classes", "rpn_anchor_generator", "anchor_generator", "box_roi_pool",
-    "mask_roi_pool", "weights", "weights_backbone", "progress",
+    "backbone",
+    "num_classes",
+    "rpn_anchor_generator",
+    "anchor_generator",
+    "box_roi_pool",
+    "mask_roi_pool",
+    "weights",
+    "weights_backbone",
+    "progress",
 )
 _RCNN = ("fasterrcnn", "maskrcnn")
 _BASIC = ("resnet18", "resnet34")
@@ -273,16 +280,22 @@ class Plan:
     def describe(self) -> dict[str, Any]:
         """What was built, for the build info and logs."""
         s, rcnn = self.settings, self.family.name in _RCNN
-        return _plain({
-            "backbone": s.backbone, "fpn": self.fpn, "feature_layers": self.layers,
-            "channels": self.channels, "strides": [_pow2(st) for st in self.strides],
-            "anchor_sizes": self.anchor_sizes, "aspect_ratios": self.aspect_ratios,
-            "fpn_channels": s.fpn_channels if self.fpn else None,
-            "roi_output_size": s.roi_output_size if rcnn else None,
-            "roi_sampling_ratio": s.roi_sampling_ratio if rcnn else None,
-            "mask_roi_output_size": s.mask_roi_output_size if self.family.name == "maskrcnn" else None,
-            "aux": self.aux,
-        })
+        return _plain(
+            {
+                "backbone": s.backbone,
+                "fpn": self.fpn,
+                "feature_layers": self.layers,
+                "channels": self.channels,
+                "strides": [_pow2(st) for st in self.strides],
+                "anchor_sizes": self.anchor_sizes,
+                "aspect_ratios": self.aspect_ratios,
+                "fpn_channels": s.fpn_channels if self.fpn else None,
+                "roi_output_size": s.roi_output_size if rcnn else None,
+                "roi_sampling_ratio": s.roi_sampling_ratio if rcnn else None,
+                "mask_roi_output_size": s.mask_roi_output_size if self.family.name == "maskrcnn" else None,
+                "aux": self.aux,
+            }
+        )
 
 
 def _num(x: float) -> float | int:
@@ -340,7 +353,10 @@ def plan(arch: str, family: Family, settings: Settings, aux: bool = False) -> Pl
     sizes = ratios = None
     if not semantic:
         problem = anchor_problem(
-            family, fpn, len(layers), None if s.anchor_sizes is None else [list(g) for g in s.anchor_sizes],
+            family,
+            fpn,
+            len(layers),
+            None if s.anchor_sizes is None else [list(g) for g in s.anchor_sizes],
             None if s.aspect_ratios is None else list(s.aspect_ratios),
         )
         if problem:
@@ -351,9 +367,16 @@ def plan(arch: str, family: Family, settings: Settings, aux: bool = False) -> Pl
             if getattr(s, key) < (0 if key == "roi_sampling_ratio" else 1):
                 raise ComposeError(f"model.{key}", f"must be positive, but got {getattr(s, key)}")
     return Plan(
-        arch=arch, family=family, settings=s, fpn=fpn, layers=layers,
-        channels=tuple(u.channels for u in chosen), strides=tuple(u.stride for u in chosen),
-        anchor_sizes=sizes, aspect_ratios=ratios, aux=semantic and aux,
+        arch=arch,
+        family=family,
+        settings=s,
+        fpn=fpn,
+        layers=layers,
+        channels=tuple(u.channels for u in chosen),
+        strides=tuple(u.stride for u in chosen),
+        anchor_sizes=sizes,
+        aspect_ratios=ratios,
+        aux=semantic and aux,
     )
 
 
@@ -472,8 +495,14 @@ def assemble(p: Plan, clf: nn.Module, num_classes: int, kwargs: dict[str, Any]) 
         roi = MultiScaleRoIAlign(names, s.roi_output_size, s.roi_sampling_ratio)
         if name == "maskrcnn":
             mask_roi = MultiScaleRoIAlign(names, s.mask_roi_output_size, s.roi_sampling_ratio)
-            return MaskRCNN(backbone, num_classes, rpn_anchor_generator=anchors, box_roi_pool=roi,
-                            mask_roi_pool=mask_roi, **kwargs)
+            return MaskRCNN(
+                backbone,
+                num_classes,
+                rpn_anchor_generator=anchors,
+                box_roi_pool=roi,
+                mask_roi_pool=mask_roi,
+                **kwargs,
+            )
         return FasterRCNN(backbone, num_classes, rpn_anchor_generator=anchors, box_roi_pool=roi, **kwargs)
     cls = RetinaNet if name == "retinanet" else FCOS
     return cls(backbone, num_classes, anchor_generator=anchors, **kwargs)

@@ -102,8 +102,13 @@ class CocoDetection(_IndexDataset):
     than 1 px are dropped with their labels and masks (SanitizeBoundingBoxes).
     """
 
-    def __init__(self, index: CocoIndex, transforms: Callable | None, with_masks: bool = False,
-                 limit: int | None = None) -> None:
+    def __init__(
+        self,
+        index: CocoIndex,
+        transforms: Callable | None,
+        with_masks: bool = False,
+        limit: int | None = None,
+    ) -> None:
         super().__init__(index, transforms, limit)
         self.with_masks = with_masks
         self.sanitize = v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter="default")
@@ -210,9 +215,14 @@ def build_transforms(task: str, train: bool, image_size: int, params: dict[str, 
     if task == _SEMANTIC:
         ops: list[Any] = [v2.Resize((image_size, image_size), antialias=True)]
         if scale > 0:
-            ops.append(v2.RandomAffine(degrees=0.0, scale=(1.0 - scale, 1.0 + scale),
-                                       interpolation=v2.InterpolationMode.BILINEAR,
-                                       fill={tv_tensors.Image: 0.0, tv_tensors.Mask: IGNORE_INDEX}))
+            ops.append(
+                v2.RandomAffine(
+                    degrees=0.0,
+                    scale=(1.0 - scale, 1.0 + scale),
+                    interpolation=v2.InterpolationMode.BILINEAR,
+                    fill={tv_tensors.Image: 0.0, tv_tensors.Mask: IGNORE_INDEX},
+                )
+            )
     else:
         ops = [RandomLongSide(image_size, scale)]
     if train:
@@ -243,8 +253,9 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int, seed: int, *,
-                pin_memory: bool = False) -> DataLoader:
+def make_loader(
+    dataset: Dataset, batch_size: int, shuffle: bool, workers: int, seed: int, *, pin_memory: bool = False
+) -> DataLoader:
     """A DataLoader with a seeded generator (order and worker seeds repeat for the same ``seed``).
 
     With ``workers > 0`` decoding runs in persistent worker processes (two batches prefetched

@@ -120,7 +120,7 @@ def preset_names(model: nn.Module, family: Family, preset: str, k: int = 1) -> l
         if k < 0:
             raise ValueError(f"trainable_k must be >= 0, got {k}")
         stages = backbone_stages(model, family)
-        last = tuple(p for stage in (stages[len(stages) - k:] if k else []) for p in stage)
+        last = tuple(p for stage in (stages[len(stages) - k :] if k else []) for p in stage)
         chosen |= {n for n in names if last and n.startswith(last)}
     return [n for n in names if n in chosen]
 

@@ -279,7 +279,10 @@ _SET_BY_CHAIN: dict[str, tuple[str, ...]] = {
 _POPPED_KWARGS: dict[str, tuple[str, ...]] = {"lraspp_mobilenet_v3_large": ("aux_loss",)}
 # The head class of each composed detection family (trainables.compose.assemble).
 _COMPOSED_HEADS: dict[str, type[nn.Module]] = {
-    "fasterrcnn": FasterRCNN, "maskrcnn": MaskRCNN, "retinanet": RetinaNet, "fcos": FCOS,
+    "fasterrcnn": FasterRCNN,
+    "maskrcnn": MaskRCNN,
+    "retinanet": RetinaNet,
+    "fcos": FCOS,
 }
 
 
@@ -509,9 +512,18 @@ def build_model(
     family = _family(arch)
     kwargs = _kwargs(cfg.model_kwargs, family)
     info: dict[str, Any] = {
-        "arch": arch, "family": family.name, "weights": "none", "weights_file": None, "sha256": None,
-        "weights_backbone": "none", "backbone_sha256": None, "pretrained_num_classes": None,
-        "missing": [], "unexpected": [], "mismatched": [], "predictors_replaced": [],
+        "arch": arch,
+        "family": family.name,
+        "weights": "none",
+        "weights_file": None,
+        "sha256": None,
+        "weights_backbone": "none",
+        "backbone_sha256": None,
+        "pretrained_num_classes": None,
+        "missing": [],
+        "unexpected": [],
+        "mismatched": [],
+        "predictors_replaced": [],
     }
     pre_nc = None
     if cfg.weights is not None and cfg.weights_backbone is not None:
@@ -563,8 +575,13 @@ def build_model(
 
 def _conv_like(old: nn.Conv2d, out_channels: int) -> nn.Conv2d:
     return nn.Conv2d(
-        old.in_channels, out_channels, old.kernel_size, stride=old.stride, padding=old.padding,
-        dilation=old.dilation, bias=old.bias is not None,
+        old.in_channels,
+        out_channels,
+        old.kernel_size,
+        stride=old.stride,
+        padding=old.padding,
+        dilation=old.dilation,
+        bias=old.bias is not None,
     )
 
 
@@ -625,4 +642,3 @@ def replace_predictors(model: nn.Module, family: Family, num_classes: int) -> li
     else:  # pragma: no cover - every family in the table is handled above
         raise ValueError(f"no predictor replacement for family {name}")
     return done
-

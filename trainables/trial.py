@@ -104,8 +104,9 @@ def _build_data(cfg: TrialConfig, params: dict[str, Any]) -> tuple[Any, Any, Any
     return train_index, val_index, loaders[0], loaders[1]
 
 
-def _evaluate(cfg: TrialConfig, model: torch.nn.Module, loader: Any, index: Any,
-              device: torch.device) -> dict[str, Any]:
+def _evaluate(
+    cfg: TrialConfig, model: torch.nn.Module, loader: Any, index: Any, device: torch.device
+) -> dict[str, Any]:
     metrics = engine.evaluate(model, loader, index, device=device, task=cfg.task)
     if cfg.metric not in metrics:
         raise ValueError(f"metric {cfg.metric!r} is not one of {sorted(metrics)}")
@@ -123,8 +124,9 @@ class _BaseEval:
     polls the store at each report instead.
     """
 
-    def __init__(self, cfg: TrialConfig, model: torch.nn.Module, loader: Any, index: Any,
-                 device: torch.device) -> None:
+    def __init__(
+        self, cfg: TrialConfig, model: torch.nn.Module, loader: Any, index: Any, device: torch.device
+    ) -> None:
         self.cfg, self.loader, self.index, self.device = cfg, loader, index, device
         self.metrics: dict[str, Any] | None = None
         self._initial: dict[str, torch.Tensor] | None = None
@@ -317,8 +319,10 @@ def run_trial(
         history.insert(0, {"epoch": 0, **late})
     converted = data.converted_images()
     if converted:
-        log.info("images decoded as RGB from other modes: %s",
-                 " ".join(f"{mode}={n}" for mode, n in converted.items()))
+        log.info(
+            "images decoded as RGB from other modes: %s",
+            " ".join(f"{mode}={n}" for mode, n in converted.items()),
+        )
     for key, path in files.items():
         if sha256_file(path) != shas[key]:
             raise RuntimeError(f"base weights file {path} changed during the trial ({key})")

@@ -168,8 +168,12 @@ EXTRA = [
     _case("builder-kwarg-bad-value", {"model.kwargs": {"width_mult": "x"}}, "model.kwargs", "rejects"),
     _case(
         "activation-scope-without-activations",
-        {"model.arch": "fasterrcnn_mobilenet_v3_large_320_fpn", "model.weights": "none",
-         "space.activation": "silu", "space.activation_scope": "neck"},
+        {
+            "model.arch": "fasterrcnn_mobilenet_v3_large_320_fpn",
+            "model.weights": "none",
+            "space.activation": "silu",
+            "space.activation_scope": "neck",
+        },
         "space.activation_scope",
         "holds no activation module",
     ),

@@ -35,12 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from search import study as S
 from tests.faults.common import closed_port, env, sha256, short_tmp
 from tests.mlflow_server import start_server, stop_server
-from tests.tinydata import make_tiny_coco
+from tests.tinydata import make_tiny_coco, write_tiny_spec
 
 pytestmark = pytest.mark.slow
 
@@ -171,26 +170,17 @@ def world(tmp_path_factory):
 
 
 def write_spec(world: dict, name: str, space: dict, search: dict, epochs: int, **extra) -> Path:
-    raw = {
-        "name": name,
-        "task": "detection",
-        "model": {"arch": ARCH, "weights": str(world["base"])},
-        "data": {
-            "train": {"images": "data/images", "annotations": "data/annotations.json"},
-            "val": {"images": "data/images", "annotations": "data/annotations.json"},
-            "image_size": 96,
-        },
-        "train": {"epochs": epochs, "batch_size": 2, "seed": 0, "device": "cpu"},
-        "objective": {"metric": METRIC, "mode": "max"},
-        "space": space,
-        "search": {"scheduler": "none", "max_concurrent": 2, "max_failures": 1, **search},
-        "resources": {"cpu": 1},
-        "output_dir": "runs",
+    search = {"scheduler": "none", "max_concurrent": 2, "max_failures": 1, **search}
+    return write_tiny_spec(
+        world["root"],
+        name,
+        space=space,
+        search=search,
+        epochs=epochs,
+        weights=str(world["base"]),
+        metric=METRIC,
         **extra,
-    }
-    path = world["root"] / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    )
 
 
 # ---------------------------------------------------------------- checks shared by every fault
