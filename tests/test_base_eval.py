@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -227,3 +228,109 @@ def test_claiming_trial_that_diverges_still_reports_and_stores_the_base(split, t
     stored = BaseEvalCache(shared).get(next(shared.glob("*.json")).stem)
     assert stored["map"] == reports[0]["map"] == got["base_metric"]  # the starting weights, not the NaNs
     assert not list(shared.glob("*.lock"))
+
+
+# --- a holder that dies -------------------------------------------------------------------------
+def test_heartbeat_keeps_a_live_claim_fresh_and_stops_with_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(base_eval, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(base_eval, "STALE_AFTER_S", 0.6)
+    folder = tmp_path / "be"
+    cache = BaseEvalCache(folder)
+    assert cache.claim("k") is True
+    claimed = json.loads((folder / "k.lock").read_text())["time"]
+    time.sleep(1.0)  # longer than STALE_AFTER_S: only the heartbeat keeps it fresh
+    assert json.loads((folder / "k.lock").read_text())["time"] > claimed + 0.5
+    assert not cache._stale(folder / "k.lock")
+    cache.release("k")
+    time.sleep(0.3)
+    assert not (folder / "k.lock").exists()  # released, and no heartbeat wrote it back
+    assert sorted(p.name for p in folder.iterdir()) == []  # no heartbeat temp file left
+
+    # a claim whose thread ended without put or release (an abandoned trial thread) goes stale
+    other = BaseEvalCache(folder)
+    t = threading.Thread(target=lambda: other.claim("j"))
+    t.start()
+    t.join()
+    written = json.loads((folder / "j.lock").read_text())["time"]
+    assert cache.claim("j") is False  # fresh, and this (live) process holds it
+    time.sleep(0.8)
+    assert json.loads((folder / "j.lock").read_text())["time"] == written  # no beats after the thread
+    assert cache.claim("j") is True  # older than STALE_AFTER_S: taken over though the pid lives
+
+
+def _hold_lock(shared, key: str) -> subprocess.Popen:
+    """A live process on this host holding ``key``'s lock, as a concurrent trial would."""
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    shared.mkdir(parents=True, exist_ok=True)
+    lock = {"host": socket.gethostname(), "pid": holder.pid, "time": time.time()}
+    (shared / f"{key}.lock").write_text(json.dumps(lock))
+    return holder
+
+
+def test_trial_evaluates_the_base_itself_when_the_holder_dies(split, tmp_path, monkeypatch):
+    """The holder dies after this trial's first epoch: at its next report the trial claims the key,
+    rebuilds its starting weights (same key), evaluates them and stores the result; its training
+    trajectory is the same as a trial's that never shared."""
+    shared = tmp_path / "base_eval"
+    ref = run_trial(_cfg(split, tmp_path / "ref", epochs=3), {"lr": 0.01})
+    counter = _Counting(monkeypatch)
+    real_key, box = base_eval.model_key, {}
+
+    def key(model, c, device):
+        k = real_key(model, c, device)
+        if "holder" not in box:  # the first call: the trial's own model, before training
+            box["holder"] = _hold_lock(shared, k)
+        return k
+
+    monkeypatch.setattr(base_eval, "model_key", key)
+    reports = []
+
+    def report(metrics, ckpt_dir):
+        reports.append(metrics)
+        if metrics["epoch"] == 1:  # the holder dies during this trial's epoch 2
+            box["holder"].kill()
+            box["holder"].wait()
+
+    try:
+        got = run_trial(
+            _cfg(split, tmp_path / "b", base_eval_dir=shared, epochs=3), {"lr": 0.01}, report=report
+        )
+    finally:
+        box["holder"].kill()
+    assert [r["epoch"] for r in reports] == [1, 0, 2, 3]  # epoch 0 as soon as it was evaluated
+    assert counter.calls == 4  # 3 epochs and the base, once
+    assert reports[1]["base_metric"] == ref["base_metric"] == got["base_metric"] is not None
+    assert _strip(got["history"]) == _strip(ref["history"])  # the rebuild drew no training randomness
+    (stored,) = shared.glob("*.json")
+    assert BaseEvalCache(shared).get(stored.stem)["map"] == ref["history"][0]["map"]
+    assert not list(shared.glob("*.lock"))
+
+
+def test_rebuilt_model_that_differs_is_not_evaluated(split, tmp_path, monkeypatch):
+    """The holder dies after the last report; the takeover's rebuild has another key (as if the
+    build were not reproducible): the trial ends without epoch-0 metrics rather than wrong ones."""
+    shared = tmp_path / "base_eval"
+    counter = _Counting(monkeypatch)
+    real_key, box = base_eval.model_key, {}
+
+    def key(model, c, device):
+        if "holder" in box:
+            return "not-" + real_key(model, c, device)
+        k = real_key(model, c, device)
+        box["holder"] = _hold_lock(shared, k)
+        return k
+
+    def report(metrics, ckpt_dir):
+        box["holder"].kill()
+        box["holder"].wait()
+
+    monkeypatch.setattr(base_eval, "model_key", key)
+    try:
+        got = run_trial(
+            _cfg(split, tmp_path / "b", base_eval_dir=shared, epochs=1), {"lr": 0.01}, report=report
+        )
+    finally:
+        box["holder"].kill()
+    assert counter.calls == 1 and got["base_metric"] is None  # the epoch only: no wrong base metric
+    assert [r["epoch"] for r in got["history"]] == [1]
+    assert not list(shared.glob("*.lock")) and not list(shared.glob("*.json"))

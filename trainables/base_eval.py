@@ -9,10 +9,13 @@ image limit), image size, batch size, task and device type. Two trials with the 
 compute the same metrics, so the second reads the first's.
 
 While one trial evaluates a key it holds ``<key>.lock`` (created with ``O_EXCL``). Another trial
-that finds the lock does not wait: it trains and picks the result up later (:meth:`get`). A lock
-whose process is gone (same host) or that is older than :data:`STALE_AFTER_S` is taken over.
-Assumes the folder is shared by the trials that should share results; on a node that cannot see
-it the trials just evaluate for themselves.
+that finds the lock does not wait: it trains and picks the result up later (:meth:`get`). The
+holder's thread rewrites the lock's time every :data:`HEARTBEAT_S` while the claiming thread
+lives. A lock whose process is gone (same host) or whose time is older than
+:data:`STALE_AFTER_S` (a holder that died on another host, or a torn lock file by its mtime) is
+taken over; this assumes the hosts' clocks agree to well within that. Assumes the folder is
+shared by the trials that should share results; on a node that cannot see it the trials just
+evaluate for themselves.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import hashlib
 import json
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,8 @@ import torch
 from trainables.config import TrialConfig
 from trainables.files import sha256_file
 
-STALE_AFTER_S = 3600.0
+HEARTBEAT_S = 20.0  # how often a live holder rewrites its lock's time
+STALE_AFTER_S = 120.0  # a lock not rewritten for this long has lost its holder
 
 
 def model_key(model: torch.nn.Module, cfg: TrialConfig, device: torch.device) -> str:
@@ -70,6 +75,8 @@ class BaseEvalCache:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
+        self._beats: dict[str, threading.Event] = {}  # key -> stops that lock's heartbeat
+        self._mutex = threading.Lock()  # a heartbeat's rewrite never follows its release
 
     def _path(self, key: str) -> Path:
         return self.folder / f"{key}.json"
@@ -100,8 +107,29 @@ class BaseEvalCache:
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(holder, f)
+            self._start_heartbeat(key, holder)
             return True
         return False
+
+    def _start_heartbeat(self, key: str, holder: dict[str, Any]) -> None:
+        """Rewrite the lock's time every HEARTBEAT_S until put/release, or until the claiming
+        thread ends (a trial thread that ended without either must not keep its claim alive)."""
+        stop, owner, lock = threading.Event(), threading.current_thread(), self._lock(key)
+        self._beats[key] = stop
+
+        def beat() -> None:
+            while not stop.wait(HEARTBEAT_S) and owner.is_alive():
+                with self._mutex:
+                    if stop.is_set() or not _holds(lock):
+                        return  # released, or taken over by a trial to which this one looked dead
+                    tmp = self.folder / f".{key}.{os.getpid()}.lock.tmp"
+                    try:
+                        tmp.write_text(json.dumps({**holder, "time": time.time()}))
+                        os.replace(tmp, lock)
+                    except OSError:
+                        return
+
+        threading.Thread(target=beat, name=f"base-eval-lock-{key[:8]}", daemon=True).start()
 
     def _stale(self, lock: Path) -> bool:
         try:
@@ -129,10 +157,23 @@ class BaseEvalCache:
 
     def release(self, key: str) -> None:
         """Drop the lock of ``key`` if this process holds it."""
-        lock = self._lock(key)
-        try:
-            holder = json.loads(lock.read_text())
-        except (OSError, ValueError):
-            return
-        if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
-            lock.unlink(missing_ok=True)
+        with self._mutex:
+            beat = self._beats.pop(key, None)
+            if beat is not None:
+                beat.set()
+            lock = self._lock(key)
+            if _holds(lock):
+                lock.unlink(missing_ok=True)
+
+
+def _holds(lock: Path) -> bool:
+    """Whether ``lock`` names this process (this host and pid)."""
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(holder, dict)
+        and holder.get("pid") == os.getpid()
+        and holder.get("host") == socket.gethostname()
+    )

@@ -121,13 +121,21 @@ class _BaseEval:
     key keeps a copy of the starting tensors (one model's worth of memory on its device), trains
     without waiting and evaluates that copy at its first report (:meth:`collect`): the trajectory is
     the same, as evaluation draws no random numbers. A trial whose key another trial has claimed
-    polls the store at each report instead.
+    polls the store at each report instead; when that claim goes stale (its trial died), it claims
+    the key itself and evaluates ``rebuild()``'s starting weights, if their key matches.
     """
 
     def __init__(
-        self, cfg: TrialConfig, model: torch.nn.Module, loader: Any, index: Any, device: torch.device
+        self,
+        cfg: TrialConfig,
+        model: torch.nn.Module,
+        loader: Any,
+        index: Any,
+        device: torch.device,
+        rebuild: Callable[[], torch.nn.Module] | None = None,
     ) -> None:
         self.cfg, self.loader, self.index, self.device = cfg, loader, index, device
+        self._rebuild = rebuild
         self.metrics: dict[str, Any] | None = None
         self._initial: dict[str, torch.Tensor] | None = None
         self.cache = self.key = None
@@ -149,7 +157,10 @@ class _BaseEval:
         """At a report after training started: the epoch-0 metrics once known, else None."""
         if self._initial is None:
             found = self.cache.get(self.key) if self.cache is not None else None
-            return found if found is not None and self.cfg.metric in found else None
+            if found is not None and self.cfg.metric in found:
+                return found
+            if not self._take_over():
+                return None
         trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
         model.load_state_dict(self._initial)  # copies in place: the optimizer keeps its tensors
         try:
@@ -159,6 +170,20 @@ class _BaseEval:
         self._initial = None
         self.cache.put(self.key, plain(metrics))
         return metrics
+
+    def _take_over(self) -> bool:
+        """Claim a key whose holder died, with starting weights rebuilt as this trial built them."""
+        if self.cache is None or self._rebuild is None or not self.cache.claim(self.key):
+            return False
+        start = self._rebuild()
+        if base_eval.model_key(start, self.cfg, self.device) != self.key:
+            log.warning("the rebuilt starting model differs from the trained one: no epoch-0 metrics")
+            self._rebuild = None
+            self.cache.release(self.key)
+            return False
+        log.info("the trial evaluating this base model died; evaluating it here")
+        self._initial = {k: v.detach().to(self.device) for k, v in start.state_dict().items()}
+        return True
 
     def release(self) -> None:
         """Drop a claim this trial still holds (it failed before evaluating)."""
@@ -195,10 +220,22 @@ def run_trial(
     train_index, val_index, train_loader, val_loader = _build_data(cfg, params)
     num_classes = len(train_index.class_names) + 1
     family = families.family_of(cfg.arch)
+    build_rng = torch.random.get_rng_state()  # random head initialisations: rebuild() repeats them
     model, build = models.build_model(cfg, params, num_classes)
     frep = freeze.apply_trainable(
         model, family, params["trainable"], params["trainable_k"], cfg.trainable_sets
     )
+
+    def rebuild() -> torch.nn.Module:  # the starting model again, the trial's random state untouched
+        rng = torch.random.get_rng_state()
+        torch.random.set_rng_state(build_rng)
+        try:
+            again, _ = models.build_model(cfg, params, num_classes)
+        finally:
+            torch.random.set_rng_state(rng)
+        freeze.apply_trainable(again, family, params["trainable"], params["trainable_k"], cfg.trainable_sets)
+        return again
+
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     freeze_info = {k: v for k, v in dataclasses.asdict(frep).items() if k != "trainable_names"}
@@ -245,7 +282,7 @@ def run_trial(
             checkpoint.copy(src.parent / checkpoint.BEST, ckpt_dir / checkpoint.BEST)
         log.info("resumed from %s at epoch %d", src, start - 1)
     elif cfg.eval_base:
-        base = _BaseEval(cfg, model, val_loader, val_index, device)
+        base = _BaseEval(cfg, model, val_loader, val_index, device, rebuild)
 
     def report_base(metrics: dict[str, Any] | None) -> None:  # epoch 0 first, whenever it is known
         nonlocal base, base_metric
