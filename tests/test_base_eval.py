@@ -233,13 +233,13 @@ def test_claiming_trial_that_diverges_still_reports_and_stores_the_base(split, t
 # --- a holder that dies -------------------------------------------------------------------------
 def test_heartbeat_keeps_a_live_claim_fresh_and_stops_with_it(tmp_path, monkeypatch):
     monkeypatch.setattr(base_eval, "HEARTBEAT_S", 0.05)
-    monkeypatch.setattr(base_eval, "STALE_AFTER_S", 0.6)
+    monkeypatch.setattr(base_eval, "STALE_AFTER_S", 1.5)
     folder = tmp_path / "be"
     cache = BaseEvalCache(folder)
     assert cache.claim("k") is True
     claimed = json.loads((folder / "k.lock").read_text())["time"]
-    time.sleep(1.0)  # longer than STALE_AFTER_S: only the heartbeat keeps it fresh
-    assert json.loads((folder / "k.lock").read_text())["time"] > claimed + 0.5
+    time.sleep(2.0)  # longer than STALE_AFTER_S: only the heartbeat keeps it fresh
+    assert json.loads((folder / "k.lock").read_text())["time"] > claimed + 1.5
     assert not cache._stale(folder / "k.lock")
     cache.release("k")
     time.sleep(0.3)
@@ -253,7 +253,7 @@ def test_heartbeat_keeps_a_live_claim_fresh_and_stops_with_it(tmp_path, monkeypa
     t.join()
     written = json.loads((folder / "j.lock").read_text())["time"]
     assert cache.claim("j") is False  # fresh, and this (live) process holds it
-    time.sleep(0.8)
+    time.sleep(1.8)
     assert json.loads((folder / "j.lock").read_text())["time"] == written  # no beats after the thread
     assert cache.claim("j") is True  # older than STALE_AFTER_S: taken over though the pid lives
 
