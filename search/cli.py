@@ -166,13 +166,15 @@ def load(args: argparse.Namespace, deep: bool = True):
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from search.spec import deep_check, load_spec
+    from search.spec import check_weights, deep_check, load_spec
 
     spec = load_spec(args.spec, args.overrides)
     facts: dict[str, Any] = {}
     if not args.quick:
         try:
             facts = deep_check(spec)
+            if spec.model.weights or spec.model.weights_backbone:
+                check_weights(spec)  # what launch checks too: the file loads and the sets match it
         except SpecError as err:
             raise err.with_source(str(args.spec)) from None
     space = spec.search_space

@@ -25,7 +25,6 @@ import socket
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from ray.tune.stopper import Stopper
 from search import study as S
 from search import tracking
 from search.errors import SpecError
-from search.spec import NAME, Spec, build_spec
+from search.spec import NAME, Spec, build_spec, check_weights
 
 log = logging.getLogger(__name__)
 
@@ -276,28 +275,6 @@ def preflight(spec: Spec, address: str | None, weights: bool = True) -> None:
     if weights and (spec.model.weights or spec.model.weights_backbone):
         check_weights(spec)
     tracking.check_tracking(spec)
-
-
-def check_weights(spec: Spec) -> None:
-    """Build the model once on the CPU from the spec's base weights (parameter defaults): a file
-    that ``torch.load(weights_only=True)`` refuses, one that does not fit the architecture (its
-    missing/unexpected keys in the message), or an enum whose file is not in the hub cache is a
-    :class:`SpecError` on ``model.weights`` (or ``model.weights_backbone``), not N failed trials."""
-    from trainables import models
-    from trainables import params as P
-
-    cfg = spec.trial_config(out_dir=Path("."), threads=1)
-    try:
-        with warnings.catch_warnings():  # e.g. torch's pickle-protocol warning before a refusal
-            warnings.simplefilter("ignore")
-            models.build_model(cfg, P.resolve({}), spec.num_classes + 1)
-    except models.WeightsError as exc:
-        key = "model.weights" if spec.model.weights else "model.weights_backbone"
-        raise SpecError(
-            key,
-            " ".join(str(exc).split()),
-            "use a weights file of this architecture, an enum whose file is in the torch hub cache, or none.",
-        ) from None
 
 
 def connect(address: str | None) -> bool:

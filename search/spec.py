@@ -714,7 +714,7 @@ def deep_check(spec: Spec) -> dict[str, Any]:
     """
     import torchvision
 
-    from trainables import freeze, models
+    from trainables import models
 
     arch = spec.model.arch
     fam = families.family_of(arch)
@@ -744,17 +744,74 @@ def deep_check(spec: Spec) -> dict[str, Any]:
             "use the builder's keyword arguments (see torchvision's documentation).",
         ) from None
     _check_activation_scope(spec, arch, model)
+    check_trainable_sets(spec, model)
     names = [n for n, _ in model.named_parameters()]
+    return {"parameters": sum(p.numel() for p in model.parameters()), "parameter_tensors": len(names)}
+
+
+def check_weights(spec: Spec) -> None:
+    """Build the model once on the CPU from the spec's base weights (parameter defaults): a file
+    that ``torch.load(weights_only=True)`` refuses, one that does not fit the architecture (its
+    missing/unexpected keys in the message), or an enum whose file is not in the hub cache is a
+    :class:`SpecError` on ``model.weights`` (or ``model.weights_backbone``), not N failed trials.
+    Then :func:`check_trainable_sets` on that model. Loads the file: ``validate --quick`` skips it."""
+    import warnings
+
+    from trainables import models
+    from trainables import params as P
+
+    key = "model.weights" if spec.model.weights else "model.weights_backbone"
+    cfg = spec.trial_config(out_dir=Path("."), threads=1)
+    try:
+        with warnings.catch_warnings():  # e.g. torch's pickle-protocol warning before a refusal
+            warnings.simplefilter("ignore")
+            model, _ = models.build_model(cfg, P.resolve({}), spec.num_classes + 1)
+    except models.WeightsError as exc:
+        raise SpecError(
+            key,
+            " ".join(str(exc).split()),
+            "use a weights file of this architecture, an enum whose file is in the torch hub cache, or none.",
+        ) from None
+    check_trainable_sets(spec, model, f"the model built from {key}")
+
+
+def check_trainable_sets(spec: Spec, model: Any, built: str = "") -> None:
+    """Every pattern of every ``model.trainable_sets`` entry matches a parameter of ``model``
+    (``built`` says which model that is, for the message). :func:`deep_check` runs it on the
+    weightless skeleton; the launcher runs it again on the model built from the base weights, where
+    BatchNorm layers saved from FrozenBatchNorm2d hold buffers, not parameters."""
+    import fnmatch
+
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from trainables import freeze
+
+    names = [n for n, _ in model.named_parameters()]
+    frozen_bn = [
+        f"{path}.{b}" if path else b
+        for path, module in model.named_modules()
+        if isinstance(module, FrozenBatchNorm2d)
+        for b, _ in module.named_buffers(recurse=False)
+    ]
     for set_name, globs in spec.model.trainable_sets.items():
+        key = f"model.trainable_sets.{set_name}"
+        for glob in globs:
+            if not any(fnmatch.fnmatchcase(n, glob) for n in names) and any(
+                fnmatch.fnmatchcase(b, glob) for b in frozen_bn
+            ):
+                raise SpecError(
+                    key,
+                    f"pattern {glob!r} matches only FrozenBatchNorm2d statistics in {built or 'the model'}; "
+                    "the pretrained model keeps those fixed (buffers, not parameters).",
+                    "drop the BatchNorm pattern (those layers stay frozen) or match conv/linear layers.",
+                )
         try:
             freeze.match(names, list(globs))
         except ValueError as exc:
+            why = f"{exc} (in {built})" if built else str(exc)
             raise SpecError(
-                f"model.trainable_sets.{set_name}",
-                str(exc),
-                "fix the pattern; parameter names are model.named_parameters() names.",
+                key, why, "fix the pattern; parameter names are model.named_parameters() names."
             ) from None
-    return {"parameters": sum(p.numel() for p in model.parameters()), "parameter_tensors": len(names)}
 
 
 def _dim_values(spec: Spec, name: str) -> list[Any]:

@@ -36,6 +36,51 @@ def write_spec(root: Path, name: str, space: dict, search: dict, epochs: int = 2
     return write_tiny_spec(root, name, space=space, search=search, epochs=epochs, **extra)
 
 
+def test_set_matching_only_frozen_batchnorm_is_refused_before_ray(data_dir):
+    """A BatchNorm saved from FrozenBatchNorm2d (no ``num_batches_tracked`` in the file) is rebuilt as
+    FrozenBatchNorm2d: buffers, not parameters. The weightless skeleton that ``validate`` checks has
+    BatchNorm2d parameters there, so the launcher checks the sets again on the model it builds."""
+    import torch
+    import torchvision
+    import yaml
+
+    from search.errors import SpecError
+    from search.spec import check_weights, deep_check, load_spec
+
+    state = torchvision.models.get_model(
+        ARCH, weights=None, weights_backbone=None, num_classes=3
+    ).state_dict()
+    files = {"plain": data_dir / "plain_bn.pt", "frozen": data_dir / "frozen_bn.pt"}
+    torch.save(state, files["plain"])
+    torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, files["frozen"])
+    specs = {}
+    for kind, weights in files.items():
+        path = write_tiny_spec(
+            data_dir, f"sets-{kind}", space={"lr": 0.01}, search={}, epochs=1, weights=str(weights)
+        )
+        raw = yaml.safe_load(path.read_text())
+        raw["model"]["trainable_sets"] = {
+            "first_conv": ["backbone.features.0.0.0.*"],
+            "first_bn": ["backbone.features.0.0.1.*"],  # the first BatchNorm's weight and bias only
+        }
+        path.write_text(yaml.safe_dump(raw))
+        specs[kind] = load_spec(path)
+        deep_check(specs[kind])  # the skeleton: BatchNorm2d, so both sets match parameters
+    check_weights(specs["plain"])
+    with pytest.raises(SpecError) as err:
+        check_weights(specs["frozen"])
+    message = str(err.value)
+    assert "model.trainable_sets.first_bn" in message and "FrozenBatchNorm2d" in message, message
+    assert "backbone.features.0.0.1.*" in message and "model.weights" in message, message
+    cli = subprocess.run(  # validate (not --quick) checks what launch checks
+        [sys.executable, "-m", "search", "validate", str(data_dir / "sets-frozen.yaml")],
+        capture_output=True,
+        text=True,
+        cwd=data_dir,
+    )
+    assert cli.returncode == 2 and "model.trainable_sets.first_bn" in cli.stderr, cli.stderr
+
+
 def optuna_trials(exp_dir: Path, name: str):
     from search.searcher import load_study
 

@@ -6,9 +6,10 @@ hold no Ray session).
 Every invalid spec of ``tests/test_spec.py`` is launched too (they are only validated there), plus
 the cases below: unknown keys in every section (with "did you mean"), types and ranges, missing
 and unusable files (weights that would run code, wrong architecture, truncated, an enum not in
-the hub cache), impossible conditionals, unsupported loss/freeze/architecture pairs, freeze
-patterns matching nothing, objective metrics the task does not produce, an unreachable Ray
-address and tracking server, bad command-line values. All launch cases run in ONE child process
+the hub cache, a freeze set that matches only the weights file's FrozenBatchNorm2d statistics),
+impossible conditionals, unsupported loss/freeze/architecture pairs, freeze patterns matching
+nothing, objective metrics the task does not produce, an unreachable Ray address and tracking
+server, bad command-line values. All launch cases run in ONE child process
 (``tests.faults.cli_batch``: torch is imported once); three run as real ``python -m search``
 processes.
 """
@@ -69,6 +70,11 @@ def _files(root: Path) -> dict[str, Path]:
         pickle.dump({"model": Evil(str(out["marker"]))}, f)
     out["wrong_arch"] = root / "resnet18.pt"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), out["wrong_arch"])
+    ssd = torchvision.models.get_model(
+        "ssdlite320_mobilenet_v3_large", weights=None, weights_backbone=None, num_classes=4
+    ).state_dict()
+    out["frozen_bn"] = root / "ssdlite_frozen_bn.pt"  # as saved from FrozenBatchNorm2d layers
+    torch.save({k: v for k, v in ssd.items() if not k.endswith("num_batches_tracked")}, out["frozen_bn"])
     out["truncated"] = root / "truncated.pt"
     out["truncated"].write_bytes(out["wrong_arch"].read_bytes()[:4096])
     out["not_json"] = root / "annotations.png"
@@ -126,6 +132,12 @@ EXTRA = [
     _case("weights-code-pickle", {"model.weights": "F:evil"}, "model.weights", "weights_only"),
     _case("weights-wrong-arch", {"model.weights": "F:wrong_arch"}, "model.weights", "unexpected e.g."),
     _case("weights-truncated", {"model.weights": "F:truncated"}, "model.weights", "truncated.pt"),
+    _case(
+        "trainable-set-frozen-batchnorm",
+        {"model.weights": "F:frozen_bn", "model.trainable_sets": {"bn": ["backbone.features.0.0.1.*"]}},
+        "model.trainable_sets.bn",
+        "FrozenBatchNorm2d",
+    ),
     # impossible conditionals
     _case(
         "when-value-outside-range",
