@@ -306,15 +306,19 @@ def test_trial_evaluates_the_base_itself_when_the_holder_dies(split, tmp_path, m
     assert not list(shared.glob("*.lock"))
 
 
-def test_rebuilt_model_that_differs_is_not_evaluated(split, tmp_path, monkeypatch):
+@pytest.mark.parametrize("failure", ["differs", "raises"])
+def test_rebuild_that_differs_or_fails_is_not_evaluated(split, tmp_path, monkeypatch, failure):
     """The holder dies after the last report; the takeover's rebuild has another key (as if the
-    build were not reproducible): the trial ends without epoch-0 metrics rather than wrong ones."""
+    build were not reproducible) or raises: the trial ends normally, without epoch-0 metrics rather
+    than wrong ones, and releases the key it claimed."""
     shared = tmp_path / "base_eval"
     counter = _Counting(monkeypatch)
     real_key, box = base_eval.model_key, {}
 
     def key(model, c, device):
         if "holder" in box:
+            if failure == "raises":
+                raise OSError("the weights file went away")
             return "not-" + real_key(model, c, device)
         k = real_key(model, c, device)
         box["holder"] = _hold_lock(shared, k)
@@ -331,6 +335,6 @@ def test_rebuilt_model_that_differs_is_not_evaluated(split, tmp_path, monkeypatc
         )
     finally:
         box["holder"].kill()
-    assert counter.calls == 1 and got["base_metric"] is None  # the epoch only: no wrong base metric
-    assert [r["epoch"] for r in got["history"]] == [1]
+    assert got["status"] == "ok" and got["base_metric"] is None  # no wrong base metric
+    assert counter.calls == 1 and [r["epoch"] for r in got["history"]] == [1]  # the epoch only
     assert not list(shared.glob("*.lock")) and not list(shared.glob("*.json"))

@@ -175,9 +175,13 @@ class _BaseEval:
         """Claim a key whose holder died, with starting weights rebuilt as this trial built them."""
         if self.cache is None or self._rebuild is None or not self.cache.claim(self.key):
             return False
-        start = self._rebuild()
-        if base_eval.model_key(start, self.cfg, self.device) != self.key:
-            log.warning("the rebuilt starting model differs from the trained one: no epoch-0 metrics")
+        try:
+            start = self._rebuild()
+            why = None if base_eval.model_key(start, self.cfg, self.device) == self.key else "it differs"
+        except Exception as exc:  # best effort: the trial's own training must not fail for it
+            why = f"{type(exc).__name__}: {exc}"
+        if why is not None:
+            log.warning("the starting model could not be rebuilt (%s): no epoch-0 metrics", why)
             self._rebuild = None
             self.cache.release(self.key)
             return False
