@@ -745,8 +745,8 @@ def deep_check(spec: Spec) -> dict[str, Any]:
         ) from None
     _check_activation_scope(spec, arch, model)
     check_trainable_sets(spec, model)
-    names = [n for n, _ in model.named_parameters()]
-    return {"parameters": sum(p.numel() for p in model.parameters()), "parameter_tensors": len(names)}
+    tensors = list(model.parameters())
+    return {"parameters": sum(p.numel() for p in tensors), "parameter_tensors": len(tensors)}
 
 
 def check_weights(spec: Spec) -> None:
