@@ -1,28 +1,35 @@
-"""Issue 8 §3 — search efficiency: ASHA + TPE vs random search without early stopping.
+"""Issue 13 §3 — search efficiency: the default study against random search without early stopping.
 
-For each seed, two studies through ``python -m search launch`` on real data (default:
-``../shared/data/bccd`` detection with the demo spec ``spaces/det.yaml``: ssdlite320 from the
-bundled base, its search space, objective map50), the same number of trials, epochs, concurrency
-and seed (``search.seed`` and ``train.seed``):
+For each seed, three studies through ``python -m search launch`` on real data, with the same
+number of trials, epochs, concurrency and seed (``search.seed`` and ``train.seed``):
 
-  asha_tpe     search.algorithm=tpe,    search.scheduler=asha (grace_period 1, reduction_factor 2)
-  random_full  search.algorithm=random, search.scheduler=none (every trial runs every epoch)
+  random_full  search.algorithm=random, search.scheduler=none, no reference trial: every trial runs
+               every epoch (the exhaustive baseline)
+  asha_tpe     the old default: search.algorithm=tpe, search.scheduler=asha (grace_period 1,
+               reduction_factor 2), no reference trial
+  auto         the new default: search.algorithm=tpe, search.scheduler=auto, the reference trial
+               (the family's torchvision recipe) first
 
-Every trained epoch is one trial-epoch. Each trial's reports (``trial_*/result.json`` in the
-experiment folder: epoch, objective, Ray's timestamp) are merged in time order; an arm "reaches"
-a target at the cumulative trial-epoch count of its first report at or above it. Per seed:
-random_full's best objective R*, the trial-epochs each arm needed to reach R*, and each arm's
-best objective and total trial-epochs. Ratio = asha_tpe's trial-epochs to R* / random_full's
-(target <= 1/3); an arm that never reaches R* is a miss (printed as inf with its best).
+Every trained epoch is one trial-epoch. Each trial's reports (``trial_*/result.json``: epoch,
+objective, Ray's timestamp) are merged in time order; an arm "reaches" a target at the cumulative
+trial-epoch count of its first report at or above it. Per seed: random_full's best objective R*,
+the trial-epochs each arm needed to reach R* - tolerance (default 0.005), each arm's best and
+total trial-epochs, and the reference trial's own best (auto arm). The JSON keeps every trial's
+curve (epoch -> objective, its parameters and how it ended) to explain the misses.
 
-Sized for a shared 2-core CPU (one full run of 3 seeds fits in about 25 minutes): a subset of the
-data (``--limit-train``/``--limit-val``: the first N images of each split), no base evaluation.
-Segmentation: ``--spec spaces/seg.yaml --data ../shared/data/dsb2018_nuclei`` (same method).
+Targets (issue 13): in the median over seeds, auto reaches R* - 0.005 within 1/3 of random_full's
+total trial-epochs; in no seed does auto end more than 0.01 below R*; in every seed auto's best is
+at least its reference trial's.
 
-Run: python bench/search_efficiency.py [--seeds 0,1,2] [--trials 8] [--epochs 4] [--limit-train 32]
-     [--limit-val 24] [--set KEY=VALUE ...]
-A variant of the asha_tpe arm against the same random_full studies: --work <the first run's folder>
---asha-tag -g2 --asha-set search.grace_period=2 (random_full is read from the folder, not rerun).
+Tasks: detection (default: ``spaces/det.yaml`` on ``../shared/data/bccd``, 320 px, the first
+``--limit-train``/``--limit-val`` images) and semantic segmentation (``--task seg``:
+``spaces/seg.yaml`` on its bundled nuclei domain shift, histology/brightfield images fine-tuned
+from the fluorescence base). No base evaluation (``train.eval_base=false``).
+
+Run: python bench/search_efficiency.py [--task det|seg] [--seeds 0,1,2] [--trials 8] [--epochs 8]
+     [--limit-train 96] [--limit-val 32] [--arms random_full,asha_tpe,auto] [--set KEY=VALUE ...]
+An arm whose study already finished in ``--work`` is read, not rerun (same settings!); a variant
+of one arm: --tag-arm auto --tag -x --arm-set search.grace_period=2.
 """
 
 from __future__ import annotations
@@ -40,13 +47,19 @@ from pathlib import Path
 import _common as C  # noqa: I001  (puts the repo root on sys.path)
 
 ARMS = {
+    "random_full": ["search.algorithm=random", "search.scheduler=none", "search.reference_trial=false"],
     "asha_tpe": [
         "search.algorithm=tpe",
         "search.scheduler=asha",
         "search.grace_period=1",
         "search.reduction_factor=2",
+        "search.reference_trial=false",
     ],
-    "random_full": ["search.algorithm=random", "search.scheduler=none"],
+    "auto": ["search.algorithm=tpe", "search.scheduler=auto"],
+}
+TASKS = {
+    "det": {"spec": "spaces/det.yaml", "data": "../shared/data/bccd", "ann": "instances_{}.json"},
+    "seg": {"spec": "spaces/seg.yaml", "data": None, "ann": None},
 }
 
 
@@ -94,15 +107,39 @@ def best(rows: list[dict], mode: str) -> float | None:
     return (max(vals) if mode == "max" else min(vals)) if vals else None
 
 
-def run_arm(arm: str, seed: int, args: argparse.Namespace, work: Path) -> dict:
-    data = Path(args.data).resolve()
-    tag = args.asha_tag if arm == "asha_tpe" else ""
-    name = f"bench-se-{arm}{tag}-s{seed}"
-    sets = [
+def curves(exp_dir: Path, metric: str) -> dict[str, dict]:
+    """Each trial's curve (epoch -> objective), parameters, state and stop record (study.json)."""
+    study = json.loads((exp_dir / "study.json").read_text()) if (exp_dir / "study.json").is_file() else {}
+    out = {}
+    for tid, t in (study.get("trials") or {}).items():
+        out[tid] = {
+            "params": t.get("params"),
+            "state": t.get("state"),
+            "reference": bool(t.get("reference")),
+            "stopped": t.get("stopped"),
+            "curve": {int(r["epoch"]): r.get(metric) for r in t.get("history") or [] if "epoch" in r},
+        }
+    return out
+
+
+def data_sets(args: argparse.Namespace) -> list[str]:
+    """The data overrides of a task: BCCD from ../shared for det; the spec's own data for seg."""
+    if args.task == "seg" and not args.data:
+        return []
+    data = Path(args.data or TASKS[args.task]["data"]).resolve()
+    return [
         f"data.train.images={data / 'images'}",
         f"data.train.annotations={data / 'annotations/instances_train.json'}",
         f"data.val.images={data / 'images'}",
         f"data.val.annotations={data / 'annotations/instances_val.json'}",
+    ]
+
+
+def run_arm(arm: str, seed: int, args: argparse.Namespace, work: Path) -> dict:
+    tag = args.tag if arm == args.tag_arm else ""
+    name = f"bench-se-{arm}{tag}-s{seed}"
+    sets = [
+        *data_sets(args),
         f"search.num_trials={args.trials}",
         f"train.epochs={args.epochs}",
         f"search.max_concurrent={args.concurrent}",
@@ -116,9 +153,9 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, work: Path) -> dict:
         *([f"data.image_size={args.image_size}"] if args.image_size else []),
         *ARMS[arm],
         *args.set,
-        *(args.asha_set if arm == "asha_tpe" else []),
+        *(args.arm_set if arm == args.tag_arm else []),
     ]
-    cmd = [sys.executable, "-m", "search", "launch", args.spec, "--name", name]
+    cmd = [sys.executable, "-m", "search", "launch", args.spec or TASKS[args.task]["spec"], "--name", name]
     for s in sets:
         cmd += ["--set", s]
     log = work / f"{name}.log"
@@ -144,9 +181,12 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, work: Path) -> dict:
     states: dict[str, int] = {}
     for t in study.get("trials", {}).values():
         states[t["state"]] = states.get(t["state"], 0) + 1
+    trial_curves = curves(exp, metric)
+    ref = [t for t in trial_curves.values() if t["reference"]]
+    ref_best = best([{"value": v} for v in ref[0]["curve"].values() if v is not None], mode) if ref else None
     print(
         f"  seed {seed} {arm}: rc {rc}, wall {wall:.0f}s, {len(rows)} trial-epochs, best {metric} "
-        f"{best(rows, mode)}, trials {states}",
+        f"{best(rows, mode)}, reference {ref_best}, trials {states}",
         flush=True,
     )
     if rc != 0:
@@ -161,77 +201,93 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, work: Path) -> dict:
         "events": rows,
         "trial_epochs": len(rows),
         "best": best(rows, mode),
+        "reference_best": ref_best,
         "states": states,
+        "curves": trial_curves,
         "log": str(log),
         "command": " ".join(cmd),
     }
 
 
+def seed_row(seed: int, res: dict[str, dict], tol: float) -> dict:
+    """Per seed: R* (random_full's best), and per arm its best, reach of R* - tol, totals."""
+    r = res["random_full"]
+    mode, target = r["mode"], r["best"]
+    row: dict = {"seed": seed, "target": target, "arms": {}}
+    for arm, a in res.items():
+        goal = None if target is None else (target - tol if mode == "max" else target + tol)
+        reach_at = reach(a["events"], goal, mode) if goal is not None else None
+        row["arms"][arm] = {
+            "best": a["best"],
+            "reach": reach_at,
+            "reach_vs_full": (reach_at / r["trial_epochs"]) if reach_at else math.inf,
+            "total": a["trial_epochs"],
+            "gap": None if a["best"] is None or target is None else a["best"] - target,
+            "reference_best": a.get("reference_best"),
+        }
+    return row
+
+
+def verdict(rows: list[dict], arm: str, tol: float) -> dict:
+    """The issue-13 targets for one arm over the seeds."""
+    import statistics
+
+    fr = [s["arms"][arm]["reach_vs_full"] for s in rows]
+    gaps = [s["arms"][arm]["gap"] for s in rows]
+    refs = [
+        (s["arms"][arm]["best"] or 0) >= (s["arms"][arm]["reference_best"] or -math.inf) - 1e-12 for s in rows
+    ]
+    med = statistics.median(fr) if fr else math.inf
+    return {
+        "median_reach_vs_full": med,
+        "reach_target_met": med <= 1 / 3,
+        "worst_gap": min((g for g in gaps if g is not None), default=None),
+        "gap_target_met": all(g is not None and g >= -0.01 for g in gaps),
+        "reference_target_met": all(refs),
+        "met": med <= 1 / 3 and all(g is not None and g >= -0.01 for g in gaps) and all(refs),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--spec", default=str(C.ROOT / "spaces/det.yaml"))
-    ap.add_argument("--data", default=str(C.ROOT.parent / "shared/data/bccd"))
+    ap.add_argument("--task", choices=sorted(TASKS), default="det")
+    ap.add_argument("--spec", default=None, help="default: the task's demo spec")
+    ap.add_argument("--data", default=None, help="det default: ../shared/data/bccd; seg: the spec's data")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--trials", type=int, default=8)
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--concurrent", type=int, default=2)
-    ap.add_argument("--limit-train", type=int, default=32)
-    ap.add_argument("--limit-val", type=int, default=24)
+    ap.add_argument("--limit-train", type=int, default=96)
+    ap.add_argument("--limit-val", type=int, default=32)
     ap.add_argument("--image-size", type=int, default=None, help="default: the spec's")
-    ap.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="extra overrides, both arms"
-    )
-    ap.add_argument(
-        "--asha-set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="overrides for the asha_tpe arm only (e.g. search.grace_period=2)",
-    )
-    ap.add_argument("--asha-tag", default="", help="suffix of the asha_tpe arm's study names (variants)")
-    ap.add_argument(
-        "--work",
-        default=None,
-        help="work folder; an arm whose study already finished there is read, not rerun (same settings!)",
-    )
+    ap.add_argument("--tolerance", type=float, default=0.005, help="reach R* within this")
+    ap.add_argument("--arms", default=",".join(ARMS), help="random_full must be among them")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="overrides, all arms")
+    ap.add_argument("--tag-arm", default="auto", help="the arm that --tag and --arm-set apply to")
+    ap.add_argument("--tag", default="", help="suffix of that arm's study names (variants)")
+    ap.add_argument("--arm-set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--work", default=None, help="work folder; finished arms there are read, not rerun")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-se-"))
     work.mkdir(parents=True, exist_ok=True)
+    arms = [a for a in args.arms.split(",") if a]
     print(f"machine: {C.machine()}", flush=True)
     print(
-        f"{args.spec} on {args.data}: {args.trials} trials x {args.epochs} epochs, "
-        f"{args.concurrent} at a time, "
-        f"limit_train {args.limit_train}, limit_val {args.limit_val}; work folder {work}",
+        f"{args.task}: {args.spec or TASKS[args.task]['spec']}: {args.trials} trials x {args.epochs} epochs, "
+        f"{args.concurrent} at a time, limit_train {args.limit_train}, limit_val {args.limit_val}; "
+        f"arms {arms}; work folder {work}",
         flush=True,
     )
-    per_seed = []
+    rows, raw = [], []
     t_start = time.time()
     for k, seed in enumerate(int(s) for s in args.seeds.split(",")):
-        order = ("asha_tpe", "random_full") if k % 2 == 0 else ("random_full", "asha_tpe")
+        order = arms if k % 2 == 0 else list(reversed(arms))
         res = {arm: run_arm(arm, seed, args, work) for arm in order}
-        a, r = res["asha_tpe"], res["random_full"]
-        mode = r["mode"]
-        target = r["best"]
-        row = {"seed": seed, "target": target, "asha": a, "random": r}
-        if target is not None:
-            row["asha_reach"], row["random_reach"] = (
-                reach(a["events"], target, mode),
-                reach(r["events"], target, mode),
-            )
-            row["ratio_reach"] = (row["asha_reach"] / row["random_reach"]) if row["asha_reach"] else math.inf
-            row["ratio_total"] = a["trial_epochs"] / max(1, r["trial_epochs"])
-            row["asha_reach_vs_full"] = (
-                (row["asha_reach"] / r["trial_epochs"]) if row["asha_reach"] else math.inf
-            )
-        per_seed.append(row)
-        print(
-            f"  seed {seed}: random_full best {target} reached at trial-epoch {row.get('random_reach')} of "
-            f"{r['trial_epochs']}; asha_tpe best {a['best']}, reaches it at {row.get('asha_reach')} of "
-            f"{a['trial_epochs']}",
-            flush=True,
-        )
+        raw.append(res)
+        rows.append(seed_row(seed, res, args.tolerance))
+    verdicts = {arm: verdict(rows, arm, args.tolerance) for arm in arms if arm != "random_full"}
     C.dump(
         args.json,
         {
@@ -239,38 +295,29 @@ def main() -> None:
             "machine": C.machine(),
             "args": vars(args),
             "total_wall_s": time.time() - t_start,
-            "seeds": per_seed,
+            "seeds": rows,
+            "verdicts": verdicts,
+            "raw": raw,
         },
     )
+    print(f"machine at end: loadavg {C.machine()['loadavg']}; total wall {time.time() - t_start:.0f}s")
     print(
-        f"machine at end: loadavg {C.machine()['loadavg']}; total wall {time.time() - t_start:.0f}s; "
-        f"logs in {work}"
+        f"{'seed':>4} {'arm':<12} {'best':>7} {'gap':>8} {'reach':>6} {'total':>6} "
+        f"{'reach/full':>10} {'ref':>7}"
     )
-    print(
-        f"{'seed':>4} {'R* (random best)':>16} {'asha best':>10} {'random reach':>12} {'asha reach':>10} "
-        f"{'random total':>12} {'asha total':>10}"
-    )
-    for s in per_seed:
+    for s in rows:
+        for arm, a in s["arms"].items():
+            print(
+                f"{s['seed']:>4} {arm:<12} {a['best'] or float('nan'):>7.4f} {a['gap'] or 0.0:>+8.4f} "
+                f"{str(a['reach']):>6} {a['total']:>6} {a['reach_vs_full']:>10.3f} "
+                f"{(a['reference_best'] if a['reference_best'] is not None else float('nan')):>7.4f}"
+            )
+    for arm, v in verdicts.items():
         print(
-            f"{s['seed']:>4} {s['target'] or float('nan'):>16.4f} {s['asha']['best'] or float('nan'):>10.4f} "
-            f"{str(s.get('random_reach')):>12} {str(s.get('asha_reach')):>10} "
-            f"{s['random']['trial_epochs']:>12} "
-            f"{s['asha']['trial_epochs']:>10}"
+            f"VERDICT {arm}: median reach/full {v['median_reach_vs_full']:.3f} (<= 0.333: "
+            f"{v['reach_target_met']}), worst gap {v['worst_gap']} (>= -0.01: {v['gap_target_met']}), "
+            f">= reference in every seed: {v['reference_target_met']} -> {'met' if v['met'] else 'miss'}"
         )
-    ok = [s for s in per_seed if "ratio_reach" in s]
-    print(
-        f"RATIO asha_tpe/random_full trial-epochs to reach random_full's best: "
-        f"{C.fmt(C.spread([s['ratio_reach'] for s in ok]))}  target <= 0.333 (inf = never reached)"
-    )
-    print(
-        f"RATIO asha_tpe trial-epochs to reach it / random_full's total trial-epochs: "
-        f"{C.fmt(C.spread([s['asha_reach_vs_full'] for s in ok]))}"
-    )
-    print(f"RATIO total trial-epochs asha_tpe/random_full: {C.fmt(C.spread([s['ratio_total'] for s in ok]))}")
-    print(
-        "best objective asha_tpe - random_full: "
-        f"{C.fmt(C.spread([(s['asha']['best'] or 0) - (s['target'] or 0) for s in ok]), 4)}"
-    )
 
 
 if __name__ == "__main__":

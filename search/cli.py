@@ -308,7 +308,7 @@ def _finish(summary: dict, as_json: bool) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from search.study import human_bytes, resolve_experiment, status_object
+    from search.study import human_bytes, resolve_experiment, status_object, stop_text
 
     exp_dir = resolve_experiment(args.name, args.output_dir)
     obj = status_object(exp_dir)
@@ -332,6 +332,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"{'':<42}{t['checkpoint']}")
         if t.get("error"):
             print(f"{'':<42}error: {t['error']}")
+        if t.get("reference"):
+            print(f"{'':<42}reference trial (the architecture's torchvision recipe)")
+        if t.get("stopped"):
+            print(f"{'':<42}{stop_text(t['stopped'], metric)}")
     best = obj.get("best")
     if best:
         print(
@@ -340,6 +344,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     else:
         print("best: none yet")
+    ref = obj.get("reference")
+    if ref and ref.get("best_metric") is not None:
+        vs = ref.get("best_vs_reference")
+        print(
+            f"reference: {ref['id']} {metric}={_fmt(ref['best_metric'])}"
+            + (f"; best is {vs:+.4g} over it" if vs is not None else "")
+        )
     return EXIT_OK
 
 

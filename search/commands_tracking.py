@@ -109,6 +109,11 @@ def cmd_best(args: argparse.Namespace) -> int:
     print(
         f"study {st.get('name')}: {len(trials)} ranked trial(s) by best {metric} ({st.get('mode')}); "
         f"base model (epoch 0) {_fmt(base)}"
+        + (
+            f", reference trial (torchvision recipe) {_fmt(trials[0].get('reference_metric'))}"
+            if trials[0].get("reference_metric") is not None
+            else ""
+        )
     )
     print(f"{'#':>2} {'trial':<13} {'state':<10} {metric:>8} {'epoch':>5} {'vs base':>8}  run id")
     for i, t in enumerate(trials, 1):

@@ -35,6 +35,7 @@ from ray.tune.stopper import Stopper
 from search import study as S
 from search import tracking
 from search.errors import SpecError
+from search.schedulers import make_scheduler
 from search.spec import NAME, Spec, build_spec, check_weights
 
 log = logging.getLogger(__name__)
@@ -193,27 +194,6 @@ class BudgetStopper(Stopper):
 
     def stop_all(self) -> bool:
         return False
-
-
-def make_scheduler(spec: Spec):
-    """The trial scheduler; ``time_attr="epoch"`` so the epoch-0 (base model) report never stops a
-    trial (every rung is at epoch >= grace_period >= 1)."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule
-
-    s, epochs = spec.search, spec.train.epochs
-    if s.scheduler == "asha":
-        return ASHAScheduler(
-            time_attr="epoch", max_t=epochs, grace_period=s.grace_period, reduction_factor=s.reduction_factor
-        )
-    if s.scheduler == "hyperband":
-        return HyperBandScheduler(time_attr="epoch", max_t=epochs, reduction_factor=s.reduction_factor)
-    if s.scheduler == "median":
-        return MedianStoppingRule(
-            time_attr="epoch",
-            grace_period=float(s.grace_period),
-            min_samples_required=min(3, max(1, s.num_trials - 1)),
-        )
-    return FIFOScheduler()
 
 
 def make_searcher(spec: Spec, exp_dir: Path, deadline: float | None):
@@ -466,9 +446,14 @@ def launch(
         budget = spec.search.time_budget
         deadline = time.time() + budget if budget else None
         searcher = make_searcher(spec, exp_dir, deadline)
+        reference = spec.reference_params()
+        if reference is not None:
+            searcher.enqueue_reference(reference)
+        scheduler = make_scheduler(spec)
         callbacks = _callbacks(spec, exp_dir, False, None, extra_callbacks)
         state = callbacks[0]
-        state.searcher, state.deadline = searcher, deadline
+        state.searcher, state.scheduler, state.deadline = searcher, scheduler, deadline
+        state.state["reference_params"] = reference
         state.state["budget_s"] = budget
         state.state["num_trials"] = num_samples(spec)
         state.save()
@@ -477,7 +462,7 @@ def launch(
             _trainable(spec, exp_dir),
             tune_config=tune.TuneConfig(
                 search_alg=searcher,
-                scheduler=make_scheduler(spec),
+                scheduler=scheduler,
                 metric=spec.objective.metric,
                 mode=spec.objective.mode,
                 num_samples=num_samples(spec),
@@ -537,6 +522,7 @@ def resume(
         callbacks = _callbacks(spec, exp_dir, True, previous, extra_callbacks)
         state = callbacks[0]
         state.searcher, state.deadline = searcher, deadline
+        state.scheduler = local._tune_config.scheduler
         run_config = local.get_run_config()
         run_config.callbacks = callbacks
         run_config.stop = BudgetStopper(deadline)
@@ -652,6 +638,13 @@ def print_summary(summary: dict[str, Any], spec: Spec | None = None) -> None:
             f"best trial: {best['id']} {metric}={best['best_metric']:.4f} at epoch "
             f"{best.get('best_epoch')}{delta}"
         )
+        ref = summary.get("reference")
+        if ref and ref.get("best_metric") is not None:
+            vs = ref.get("best_vs_reference")
+            print(
+                f"  vs reference trial (torchvision recipe) {ref['id']} {metric}={ref['best_metric']:.4f}"
+                + (f" ({vs:+.4f})" if vs is not None else "")
+            )
         print(f"  params: {json.dumps(best.get('params', {}), default=str)}")
         print(f"  checkpoint: {best.get('checkpoint')}")
     else:
@@ -703,6 +696,10 @@ def _print_header(spec: Spec, exp_dir: Path, cluster: dict[str, Any], resumed: b
         f"host(s))",
         flush=True,
     )
+    ref = spec.reference_params()
+    if ref and not resumed:
+        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in ref.items())
+        print(f"  trial 1 is the reference (torchvision's recipe for this architecture): {shown}", flush=True)
 
 
 # ---------------------------------------------------------------- dry run

@@ -16,6 +16,7 @@ from typing import Any, TextIO
 from ray.tune import Callback
 
 from search import study as S
+from search.schedulers import group_of
 
 
 def _number(value: Any) -> float | None:
@@ -75,6 +76,7 @@ class StudyState(Callback):
         self.state = previous or S.new_study(name, metric, mode)
         self.state.setdefault("trials", {})
         self.searcher: Any = None
+        self.scheduler: Any = None
         self.deadline: float | None = None
         self._t0 = time.time()
         self._elapsed0 = float(self.state.get("elapsed_s") or 0.0)
@@ -82,6 +84,7 @@ class StudyState(Callback):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["searcher"] = None
+        state["scheduler"] = None
         return state
 
     # -- helpers
@@ -117,7 +120,25 @@ class StudyState(Callback):
             }
         if t.get("optuna_number") is None and self.searcher is not None:
             t["optuna_number"] = self.searcher.optuna_number(trial.trial_id)
+        if not t.get("reference") and self.searcher is not None:
+            t["reference"] = getattr(self.searcher, "reference_id", None) == trial.trial_id
         return t
+
+    def _stop_record(self, trial: Any, t: dict[str, Any], by: str) -> dict[str, Any]:
+        """Why a trial stopped early: the scheduler's record, or the time budget's."""
+        record = None
+        if by == "scheduler" and self.scheduler is not None and hasattr(self.scheduler, "stop_record"):
+            record = self.scheduler.stop_record(trial.trial_id)
+        if record is None:
+            last = next((r for r in reversed(t.get("history") or []) if self.metric in r), {})
+            record = {
+                "epoch": int(t.get("epochs") or 0),
+                "value": _number(last.get(self.metric)),
+                "cut": None,
+                "group": group_of(t.get("params") or {}),
+                "rule": by,
+            }
+        return dict(record)
 
     def _checkpoints(self, trial: Any, t: dict[str, Any]) -> None:
         try:
@@ -182,6 +203,7 @@ class StudyState(Callback):
             t["stopped_by"] = (
                 "time_budget" if self.deadline is not None and time.time() >= self.deadline else "scheduler"
             )
+            t["stopped"] = self._stop_record(trial, t, t["stopped_by"])
         if self.searcher is not None:
             t["optuna_state"] = self.searcher.outcome(trial.trial_id)
         self.save()
@@ -296,6 +318,8 @@ class Progress(Callback):
         t = self.study.state["trials"].get(trial.trial_id)
         if t:
             self._line(t, t["state"].lower())
+            if t.get("stopped"):
+                self._print(f"    {S.stop_text(t['stopped'], self.study.metric)}")
             self.table()
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

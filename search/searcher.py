@@ -118,7 +118,13 @@ class StudySearch(OptunaSearch):
         self._failed: set[str] = set()
         self._outcome: dict[str, str] = {}
         self.max_concurrent = 0
+        self.reference_id: str | None = None
         super().__init__(*args, **kwargs)
+
+    def enqueue_reference(self, params: dict[str, Any]) -> None:
+        """Make ``params`` (the projected reference recipe) the next trial Optuna proposes; the
+        Ray trial that gets it is :attr:`reference_id` (user attribute ``reference`` in Optuna)."""
+        self._ot_study.enqueue_trial(dict(params), user_attrs={"reference": True}, skip_if_exists=False)
 
     def set_max_concurrency(self, max_concurrent: int) -> bool:
         """Limit concurrency here rather than in Ray's ConcurrencyLimiter, which drops the completion
@@ -136,6 +142,8 @@ class StudySearch(OptunaSearch):
         config = super().suggest(trial_id)
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None and isinstance(config, dict):
+            if self.reference_id is None and ot_trial.user_attrs.get("reference"):
+                self.reference_id = trial_id
             try:
                 ot_trial.set_user_attr("ray_trial_id", trial_id)
             except Exception as exc:  # pragma: no cover - storage hiccup: not worth failing a trial

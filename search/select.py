@@ -97,6 +97,7 @@ def ranked_trials(exp_dir: Path) -> list[dict[str, Any]]:
     status = S.status_object(exp_dir)
     mode = status.get("mode", "max")
     base = base_metric(status)
+    ref = status.get("reference") or {}
     runs = tracking.read_runs(exp_dir).get("runs", {})
     out = []
     for t in S.ranked(status["trials"], mode):
@@ -105,6 +106,8 @@ def ranked_trials(exp_dir: Path) -> list[dict[str, Any]]:
         row["run_id"] = runs.get(t["id"])
         row["study_base_metric"] = base
         row["improvement"] = improvement(_num(t.get("best_metric")), base, mode)
+        row["reference_metric"] = ref.get("best_metric")
+        row["vs_reference"] = improvement(_num(t.get("best_metric")), ref.get("best_metric"), mode)
         out.append(row)
     return out
 

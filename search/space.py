@@ -142,6 +142,24 @@ class SearchSpace:
                 values[dim.name] = (fixed or {}).get(dim.name, dim.default())
         return values
 
+    def project(self, values: dict[str, Any]) -> dict[str, Any]:
+        """``values`` (e.g. a reference recipe) projected into the searched dimensions: numbers
+        clipped into ``[low, high]`` (snapped to ``step``, rounded for ints), a categorical value
+        kept only when it is one of the choices. Fixed (unsearched) dimensions are left out, as
+        are names the values do not give and inactive conditional dimensions: the sampler, or the
+        spec's constant, decides those."""
+        out: dict[str, Any] = {}
+        chosen: dict[str, Any] = {d.name: d.value for d in self.dims if d.kind == "fixed"}
+        for dim in self.dims:
+            if dim.kind == "fixed" or dim.name not in values:
+                continue
+            if dim.when and all(k in chosen for k in dim.when) and not self.is_active(dim, chosen):
+                continue
+            v = _project_value(dim, values[dim.name])
+            if v is not None:
+                out[dim.name] = chosen[dim.name] = v
+        return out
+
     def grid(self) -> dict[str, list[Any]]:
         """The grid for Optuna's GridSampler; each dimension must be finite."""
         out = {}
@@ -186,6 +204,18 @@ class SearchSpace:
         when = self.by_name[name].when if name in self.by_name else {}
         dims = [d for d in self.dims if d.name != name] + [Dim(name, "fixed", value=value, when=when)]
         return SearchSpace(dims)
+
+
+def _project_value(dim: Dim, value: Any) -> Any:
+    """One value projected into ``dim`` (None: it cannot be, the sampler chooses)."""
+    if dim.kind == "categorical":
+        return next((c for c in dim.choices if c == value and type(c) is type(value)), None)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    v = min(max(float(value), dim.low), dim.high)
+    if dim.step:
+        v = min(dim.low + round((v - dim.low) / dim.step) * dim.step, dim.high)
+    return int(round(v)) if dim.kind == "int" else float(v)
 
 
 # ---------------------------------------------------------------- parsing and validation

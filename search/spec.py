@@ -138,7 +138,8 @@ class ObjectiveSection(_Section):
 
 class SearchSection(_Section):
     algorithm: Literal["tpe", "random", "cmaes", "gp", "qmc", "grid"] = "tpe"
-    scheduler: Literal["asha", "hyperband", "median", "none"] = "asha"
+    scheduler: str = "auto"  # a name of search.schedulers.SCHEDULERS (no Ray import here)
+    reference_trial: bool | None = None  # None: on when the family has a reference recipe
     num_trials: int = Field(8, ge=1, le=100000)
     max_concurrent: int = Field(2, ge=1, le=1024)
     time_budget: float | None = None  # seconds; YAML may say "90s", "10m", "2h"
@@ -221,6 +222,21 @@ class Spec(_Section):
     @property
     def experiment_dir(self) -> Path:
         return self.output_dir / self.name
+
+    def reference_params(self) -> dict[str, Any] | None:
+        """The study's reference trial (the family's torchvision recipe projected into the space:
+        only searched parameters, see :meth:`SearchSpace.project`), or None when it is off
+        (``search.reference_trial: false``, no recipe for the family, grid search, nothing to set)."""
+        from trainables import recipes
+
+        if self.search.reference_trial is False or self.search.algorithm == "grid":
+            return None
+        fam = families.family_of(self.model.arch)
+        recipe = recipes.recipe_for(fam.name if fam else None)
+        if recipe is None:
+            return None
+        values = recipes.recipe_params(recipe, self.train.batch_size, self.train.epochs)
+        return self.search_space.project(values) or None
 
     def trial_config(self, out_dir: Path, threads: int = 1) -> TrialConfig:
         """The fixed settings of one trial of this spec, writing into ``out_dir``."""
@@ -631,7 +647,12 @@ def _check_family_values(spec: Spec, fam: families.Family, dim, key: str) -> Non
 
 
 def _check_search(spec: Spec) -> None:
+    from search.schedulers import SCHEDULER_NAMES
+
     s = spec.search
+    if s.scheduler not in SCHEDULER_NAMES:
+        raise unknown_name("search.scheduler", s.scheduler, SCHEDULER_NAMES, "scheduler")
+    _check_reference(spec)
     if s.grace_period > spec.train.epochs:
         raise SpecError(
             "search.grace_period",
@@ -651,6 +672,28 @@ def _check_search(spec: Spec) -> None:
             "search.algorithm",
             "grid search needs at least one searched parameter.",
             "add a parameter with choices or a stepped range to space.",
+        )
+
+
+def _check_reference(spec: Spec) -> None:
+    """An explicit ``search.reference_trial: true`` needs a recipe and a sampler that takes it."""
+    from trainables import recipes
+
+    if spec.search.reference_trial is not True:
+        return
+    fam = families.family_of(spec.model.arch)
+    if recipes.recipe_for(fam.name if fam else None) is None:
+        raise SpecError(
+            "search.reference_trial",
+            f"architecture family {fam.name if fam else spec.model.arch!r} has no reference recipe "
+            f"(recipes: {', '.join(recipes.RECIPES)}).",
+            "set search.reference_trial: false.",
+        )
+    if spec.search.algorithm == "grid":
+        raise SpecError(
+            "search.reference_trial",
+            "grid search runs the grid's points only; it takes no reference trial.",
+            "set search.reference_trial: false, or use another search.algorithm.",
         )
 
 

@@ -168,6 +168,30 @@ def ranked(trials: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
     return sorted(scored, key=lambda t: _num(t["best_metric"]), reverse=mode == "max")
 
 
+def reference_summary(state: dict[str, Any]) -> dict[str, Any] | None:
+    """The reference trial (the family's torchvision recipe, the study's first trial) and how the
+    study's best trial compares with it: ``{id, state, best_metric, best_epoch, best_vs_reference}``
+    (positive = the best trial beats the recipe, whatever the mode); None without a reference."""
+    trials = state.get("trials") or {}
+    trials = trials.values() if isinstance(trials, dict) else trials
+    ref = next((t for t in trials if t.get("reference")), None)
+    if ref is None:
+        return None
+    mode = state.get("mode", "max")
+    best = best_trial(list(trials), mode)
+    value, top = _num(ref.get("best_metric")), _num((best or {}).get("best_metric"))
+    delta = None
+    if value is not None and top is not None:
+        delta = top - value if mode == "max" else value - top
+    return {
+        "id": ref.get("id"),
+        "state": ref.get("state"),
+        "best_metric": value,
+        "best_epoch": ref.get("best_epoch"),
+        "best_vs_reference": delta,
+    }
+
+
 def status_object(exp_dir: Path) -> dict[str, Any]:
     """The ``status --json`` object: study.json's fields, trials as a list in start order, the best."""
     state = read_study(exp_dir)
@@ -190,7 +214,27 @@ def status_object(exp_dir: Path) -> dict[str, Any]:
         for t in trials
     ]
     out["best"] = best_trial(out["trials"], state.get("mode", "max"))
+    out["reference"] = reference_summary(out)
     return out
+
+
+def stop_text(record: dict[str, Any], metric: str) -> str:
+    """Why a trial stopped early, in words (the progress line, ``status``)."""
+    value, cut = _fmt4(record.get("value")), _fmt4(record.get("cut"))
+    where = f"stopped at epoch {record.get('epoch')} with {metric} {value}"
+    rule, group = record.get("rule"), record.get("group")
+    if rule == "time_budget":
+        return f"{where}: the time budget ran out"
+    if rule == "collapse":
+        return f"{where}: collapsed, below {cut} (its own start, or half the reference trial's value then)"
+    if rule == "halving":
+        return f"{where}: below the rung's cut {cut} among trials of its group ({group})"
+    return f"{where}: the {rule} rule" + (f" (cut {cut})" if record.get("cut") is not None else "")
+
+
+def _fmt4(value: Any) -> str:
+    v = _num(value)
+    return f"{v:.4f}" if v is not None else "-"
 
 
 def dir_size(path: Path) -> int:

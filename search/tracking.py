@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from search import study as S
 from search.errors import SpecError
 from search.study import RAY_KEYS, SPACE_FILE, SPEC_FILE, atomic_write_text
 from trainables.files import sha256_file
@@ -1064,7 +1065,20 @@ class MlflowTracker(_Callback):
         tags = {}
         if last is None or last < self.epochs:
             tags = {"stopped_early": "true", "stopped_at_epoch": str(last if last is not None else 0)}
+        tags.update(self._study_tags(trial.trial_id))
         self._close_trial(trial, "FINISHED", tags)
+
+    def _study_tags(self, tid: str) -> dict[str, str]:
+        """``search.reference`` and the ``search.stopped.*`` record of a trial, from study.json
+        (written by the study-state callback, which runs before this one)."""
+        try:
+            t = S.read_study(self.exp_dir).get("trials", {}).get(tid) or {}
+        except (OSError, ValueError):
+            return {}
+        tags = {"search.reference": "true" if t.get("reference") else "false"}
+        for k, v in (t.get("stopped") or {}).items():
+            tags[f"search.stopped.{k}"] = _text(v)
+        return tags
 
     @_locked
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -1117,7 +1131,12 @@ class MlflowTracker(_Callback):
         tags.update({f"summary.trials.{k}": str(v) for k, v in summary["trials"].items()})
         if unfinished:
             tags["interrupted"] = "true"
-        self._log("parent", tags=tags)
+        ref = {
+            k: summary[k]
+            for k in (f"reference_{self.metric}", "best_vs_reference")
+            if summary.get(k) is not None
+        }
+        self._log("parent", tags=tags, **({"metrics": ref, "step": 0} if ref else {}))
         self._put(op="status", key="parent", status="KILLED" if unfinished else "FINISHED", ts=_now_ms())
         self.runs.save()
 
@@ -1159,7 +1178,11 @@ class MlflowTracker(_Callback):
         improvement = None
         if best is not None and base is not None:
             improvement = best - base if self.mode == "max" else base - best
+        ref = S.reference_summary(S.read_study(self.exp_dir))
         return {
+            "reference_trial": ref["id"] if ref else None,
+            f"reference_{self.metric}": ref["best_metric"] if ref else None,
+            "best_vs_reference": ref["best_vs_reference"] if ref else None,
             "status": "interrupted" if unfinished else "finished",
             "metric": self.metric,
             "mode": self.mode,
@@ -1231,6 +1254,7 @@ def make_callback(spec: Any, exp_dir: Path, resume: bool) -> MlflowTracker | Non
         "mode": spec.objective.mode,
         "algorithm": s.algorithm,
         "scheduler": s.scheduler,
+        "reference_trial": json.dumps(spec.reference_params(), sort_keys=True),
         "num_trials": str(s.num_trials),
         "max_concurrent": str(s.max_concurrent),
         "epochs": str(spec.train.epochs),

@@ -371,6 +371,9 @@ def test_time_budget(ray_local, data_dir):
     assert took < budget + 45  # running trials stopped at their next epoch
     stopped = [t for t in summary["trials"] if t["state"] == S.STOPPED]
     assert stopped and all(t["stopped_by"] == "time_budget" for t in stopped)
+    for t in stopped:  # the stop record says when, at what value, and why
+        assert t["stopped"]["rule"] == "time_budget" and t["stopped"]["epoch"] == t["epochs"]
+        assert t["stopped"]["group"] == "all trials" and t["stopped"]["cut"] is None
     ot = optuna_trials(data_dir / "runs" / "budget", "budget")
     states = {t.user_attrs["ray_trial_id"]: t.state.name for t in ot}
     assert all(states[t["id"]] == "PRUNED" for t in stopped)
@@ -420,6 +423,10 @@ def test_sigint_then_resume(data_dir):
     state = S.read_study(exp_dir)
     assert state["status"] == "finished" and len(state["trials"]) == 2
     assert all(t["state"] in (S.TERMINATED, S.STOPPED) for t in state["trials"].values())
+    assert [t.get("reference") for t in sorted(state["trials"].values(), key=lambda t: t["index"])] == [
+        True,
+        False,
+    ]  # the reference trial ran first and is still known as such after the resume
     ot = optuna_trials(exp_dir, "sigint")
     assert len(ot) == 2 and all(t.state.name in ("COMPLETE", "PRUNED") for t in ot)
     assert sorted(t.user_attrs["ray_trial_id"] for t in ot) == sorted(state["trials"])

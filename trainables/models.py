@@ -56,6 +56,7 @@ from trainables.config import TrialConfig
 from trainables.families import SEMANTIC, Family, composed_archs, family_of
 from trainables.files import sha256_file
 from trainables.losses import apply_losses
+from trainables.norms import apply_norm
 
 ENUM_NAME = re.compile(r"^(?:[A-Za-z0-9_]+_Weights\.)?[A-Z][A-Z0-9_]*$")
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,})\.")
@@ -567,6 +568,8 @@ def build_model(
     info["activations_replaced"] = swap_activations(
         model, family, params.get("activation", "keep"), params.get("activation_scope", "heads")
     )
+    info["norm"] = params.get("norm", "keep")
+    info["norms_replaced"] = apply_norm(model, info["norm"])
     return model, info
 
 

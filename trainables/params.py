@@ -68,6 +68,10 @@ SEM = ("semantic_segmentation",)
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 ACTIVATION_SCOPES = ("heads", "neck", "backbone", "all")
+# Normalisation layers (trainables/norms.py): keep = as built (FrozenBatchNorm2d stays frozen,
+# BatchNorm2d trains with its part); frozen = statistics and affine fixed everywhere; affine =
+# statistics fixed, affine trains with its part; train = every BatchNorm trains with its part.
+NORM_MODES = ("keep", "frozen", "affine", "train")
 # Names only; the modules are in trainables/activations.py (a conformance test keeps them equal).
 ACTIVATION_NAMES = ("keep", "relu", "leaky_relu", "silu", "gelu", "hardswish", "mish", "elu")
 # ``default`` keeps the architecture's own loss. Which others an architecture accepts is in
@@ -100,6 +104,7 @@ _ROWS = (
     Param("backbone_lr_mult", "float", 1.0, "lr multiplier for backbone parameters", low=0.0, low_open=True),
     Param("trainable", "str", "all", "freeze preset or a name from model.trainable_sets"),
     Param("trainable_k", "int", 1, "stages trained by preset backbone_last_k", low=0),
+    Param("norm", "str", "keep", "normalisation layers: keep|frozen|affine|train", choices=NORM_MODES),
     Param("activation", "str", "keep", "activation swapped in activation_scope", choices=ACTIVATION_NAMES),
     Param("activation_scope", "str", "heads", "where activation swaps apply", choices=ACTIVATION_SCOPES),
     Param("loss.box", "str", "default", "box regression loss", choices=BOX_LOSSES, tasks=DET),

@@ -1,0 +1,135 @@
+"""Trial schedulers (early stopping): one name -> factory table, :data:`SCHEDULERS`.
+
+The spec's ``search.scheduler`` accepts exactly the names of this table (:data:`SCHEDULER_NAMES`).
+This module imports no Ray (spec validation reads it); the factories import
+:mod:`search.stopping`, where the Ray scheduler classes live. Every scheduler built here counts
+training epochs (``time_attr="epoch"``: the epoch-0 base evaluation never stops a trial) and keeps a
+record of why it stopped each trial (``stop_record(trial_id)``: epoch, value, cut, group, rule).
+
+- ``auto`` (default): the scheduler that measured best for fine-tuning (BENCHMARKS.md §3); now
+  ``stratified``.
+- ``stratified``: successive halving within groups of trials that share their structural choices
+  (:data:`STRUCTURAL`: which weights train, norms, activations, losses, optimizer), rungs placed
+  after warm-up at ``epochs / rf`` and ``epochs / rf**2``, plus a collapse rule from half the
+  epochs on (worse than the trial's own start, or than half the reference trial at that epoch).
+  The reference trial is never stopped.
+- ``asha``, ``hyperband``, ``median``: Ray Tune's schedulers (asynchronous successive halving
+  from ``grace_period`` with ``reduction_factor``; HyperBand brackets; the median stopping rule),
+  comparing every trial with every other.
+- ``none``: every trial runs every epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from search.spec import Spec
+
+# Trial parameters whose value changes the shape of a learning curve: trials are compared at a
+# rung only with trials that agree on all of these (``loss.*`` choices count too).
+STRUCTURAL = ("trainable", "trainable_k", "norm", "activation", "activation_scope", "optimizer")
+
+
+def group_of(config: dict[str, Any]) -> str:
+    """The structural group of a trial's parameters, e.g. ``optimizer=sgd,trainable=all``
+    (``all trials`` when the space searches none of them)."""
+    keys = sorted(
+        k for k, v in config.items() if k in STRUCTURAL or (k.startswith("loss.") and isinstance(v, str))
+    )
+    return ",".join(f"{k}={config[k]}" for k in keys) or "all trials"
+
+
+def rungs_for(epochs: int, grace_period: int, reduction_factor: float, warmup: float) -> tuple[int, ...]:
+    """Rung epochs of the stratified scheduler: ``epochs / rf`` and ``epochs / rf**2`` (rounded),
+    none before ``grace_period``, none inside the warm-up, none at the last epoch."""
+    first = max(int(grace_period), int(math.floor(warmup)) + 1)
+    cands = {int(round(epochs / reduction_factor**k)) for k in (1, 2)}
+    return tuple(sorted(r for r in cands if first <= r < epochs))
+
+
+def _warmup(spec: Spec) -> float:
+    dim = spec.search_space.by_name.get("warmup_epochs")
+    if dim is None:
+        return 0.0
+    return float(dim.value if dim.kind == "fixed" else dim.high)
+
+
+def _stratified(spec: Spec) -> Any:
+    from search.stopping import StratifiedHalving
+
+    s, epochs = spec.search, spec.train.epochs
+    return StratifiedHalving(
+        metric=spec.objective.metric,
+        mode=spec.objective.mode,
+        epochs=epochs,
+        rungs=rungs_for(epochs, s.grace_period, s.reduction_factor, _warmup(spec)),
+        reduction_factor=s.reduction_factor,
+        reference=spec.reference_params(),
+    )
+
+
+def _asha(spec: Spec) -> Any:
+    from search.stopping import RecordingASHA
+
+    s = spec.search
+    return RecordingASHA(
+        time_attr="epoch",
+        max_t=spec.train.epochs,
+        grace_period=s.grace_period,
+        reduction_factor=s.reduction_factor,
+        reference=spec.reference_params(),
+    )
+
+
+def _hyperband(spec: Spec) -> Any:
+    from search.stopping import RecordingHyperBand
+
+    return RecordingHyperBand(
+        time_attr="epoch", max_t=spec.train.epochs, reduction_factor=spec.search.reduction_factor
+    )
+
+
+def _median(spec: Spec) -> Any:
+    from search.stopping import RecordingMedian
+
+    s = spec.search
+    return RecordingMedian(
+        time_attr="epoch",
+        grace_period=float(s.grace_period),
+        min_samples_required=min(3, max(1, s.num_trials - 1)),
+        reference=spec.reference_params(),
+    )
+
+
+def _none(spec: Spec) -> Any:
+    from search.stopping import NoStopping
+
+    return NoStopping()
+
+
+@dataclass(frozen=True)
+class SchedulerEntry:
+    doc: str
+    factory: Callable[[Spec], Any]
+
+
+SCHEDULERS: dict[str, SchedulerEntry] = {
+    "auto": SchedulerEntry(
+        "the default: the scheduler measured best for fine-tuning (stratified)", _stratified
+    ),
+    "stratified": SchedulerEntry("successive halving within structural groups + collapse rule", _stratified),
+    "asha": SchedulerEntry("Ray's asynchronous successive halving over all trials", _asha),
+    "hyperband": SchedulerEntry("Ray's HyperBand brackets", _hyperband),
+    "median": SchedulerEntry("Ray's median stopping rule", _median),
+    "none": SchedulerEntry("no early stopping: every trial runs every epoch", _none),
+}
+SCHEDULER_NAMES = tuple(SCHEDULERS)
+
+
+def make_scheduler(spec: Spec) -> Any:
+    """The Ray trial scheduler for ``spec.search.scheduler``."""
+    return SCHEDULERS[spec.search.scheduler].factory(spec)

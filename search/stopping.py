@@ -1,0 +1,228 @@
+"""Ray Tune trial schedulers that record why they stopped a trial (see :mod:`search.schedulers`
+for the table and the rules). Every class here offers ``stop_record(trial_id)``: ``{"epoch",
+"value", "cut", "group", "rule"}`` for a trial it stopped, else None. With ``reference`` given, the
+first trial added whose parameters are the reference trial's (``reference``: the
+projected recipe, enqueued first) is never stopped. Matching by parameters, not by order, keeps
+this true after ``resume``, when Ray re-adds the trials to a scheduler restored from the tuner file.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from ray.tune.schedulers import (
+    ASHAScheduler,
+    FIFOScheduler,
+    HyperBandScheduler,
+    MedianStoppingRule,
+    TrialScheduler,
+)
+
+from search.schedulers import group_of
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _epoch(result: dict[str, Any]) -> int | None:
+    e = result.get("epoch")
+    return None if isinstance(e, bool) or not isinstance(e, (int, float)) else int(e)
+
+
+class _Records:
+    """The stop records and the reference trial's id, shared by the schedulers below."""
+
+    def _init_records(self, reference: dict[str, Any] | None) -> None:
+        self.reference = dict(reference) if reference else None
+        self.reference_id: str | None = None
+        self._records: dict[str, dict[str, Any]] = {}
+
+    def _note_added(self, trial: Any) -> None:
+        if self.reference and self.reference_id is None:
+            config = trial.config or {}
+            if all(config.get(k) == v for k, v in self.reference.items()):
+                self.reference_id = trial.trial_id
+
+    def stop_record(self, trial_id: str) -> dict[str, Any] | None:
+        """Why this scheduler stopped the trial (None: it did not)."""
+        return self._records.get(trial_id)
+
+    def _record(self, trial: Any, epoch: int, value: float, cut: float | None, rule: str) -> None:
+        self._records[trial.trial_id] = {
+            "epoch": epoch,
+            "value": value,
+            "cut": cut,
+            "group": group_of(trial.config or {}),
+            "rule": rule,
+        }
+
+
+class NoStopping(FIFOScheduler, _Records):
+    """Every trial runs every epoch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._init_records(None)
+
+
+class StratifiedHalving(FIFOScheduler, _Records):
+    """Successive halving within structural groups, plus a collapse rule.
+
+    At each rung epoch a trial's value joins its group's record for that rung; once the group has
+    ``min_group`` values there (this one included), a trial below the group's
+    ``1 - 1/reduction_factor`` percentile stops (ASHA's cut, inside the group). From
+    ``collapse_from`` (default: half the epochs) on, at every epoch before the last, a trial that
+    is worse than its own epoch-0 value, or worse than ``collapse_ratio`` times the reference
+    trial's value at the same epoch, stops whatever its group: it has collapsed.
+    """
+
+    def __init__(
+        self,
+        metric: str,
+        mode: str,
+        epochs: int,
+        rungs: tuple[int, ...],
+        reduction_factor: float = 2.0,
+        min_group: int | None = None,
+        collapse_ratio: float = 0.5,
+        collapse_from: int | None = None,
+        reference: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self._init_records(reference)
+        self._metric, self._mode = metric, mode
+        self.epochs, self.rungs = int(epochs), tuple(sorted(rungs))
+        self.rf = float(reduction_factor)
+        self.min_group = int(min_group or max(3, math.ceil(self.rf) + 1))
+        self.collapse_ratio = float(collapse_ratio)
+        self.collapse_from = int(collapse_from or max(1, math.ceil(self.epochs / 2)))
+        self._rung_values: dict[int, dict[str, dict[str, float]]] = {}  # rung -> group -> trial -> value
+        self._curves: dict[str, dict[int, float]] = {}  # trial -> epoch -> value
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        return True  # set in the constructor from the spec's objective
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self._note_added(trial)
+
+    def _worse(self, a: float, b: float) -> bool:
+        return a < b if self._mode == "max" else a > b
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        epoch, value = _epoch(result), _number(result.get(self._metric))
+        if epoch is None or value is None or result.get("diverged"):
+            return TrialScheduler.CONTINUE
+        curve = self._curves.setdefault(trial.trial_id, {})
+        curve[epoch] = value
+        if epoch < 1 or epoch >= self.epochs:
+            return TrialScheduler.CONTINUE
+        group = group_of(trial.config or {})
+        peers = None
+        if epoch in self.rungs:
+            peers = self._rung_values.setdefault(epoch, {}).setdefault(group, {})
+            peers[trial.trial_id] = value
+        if trial.trial_id == self.reference_id:
+            return TrialScheduler.CONTINUE
+        cut = self._collapse_cut(curve, epoch)
+        if cut is not None and self._worse(value, cut):
+            self._record(trial, epoch, value, cut, "collapse")
+            return TrialScheduler.STOP
+        if peers is not None and len(peers) >= self.min_group:
+            scores = [v if self._mode == "max" else -v for v in peers.values()]
+            cut = float(np.percentile(scores, (1 - 1 / self.rf) * 100))
+            cut = cut if self._mode == "max" else -cut
+            if self._worse(value, cut):
+                self._record(trial, epoch, value, cut, "halving")
+                return TrialScheduler.STOP
+        return TrialScheduler.CONTINUE
+
+    def _collapse_cut(self, curve: dict[int, float], epoch: int) -> float | None:
+        """The value a trial must not be worse than at ``epoch`` (None: no collapse rule yet)."""
+        if epoch < self.collapse_from:
+            return None
+        lines = []
+        if curve.get(0) is not None:
+            lines.append(curve[0])
+        ref = self._curves.get(self.reference_id or "", {}).get(epoch)
+        if ref is not None:
+            lines.append(ref * self.collapse_ratio if self._mode == "max" else ref / self.collapse_ratio)
+        if not lines:
+            return None
+        return max(lines) if self._mode == "max" else min(lines)
+
+    def debug_string(self) -> str:
+        return f"StratifiedHalving: rungs {self.rungs}, {len(self._records)} stopped"
+
+
+class RecordingASHA(ASHAScheduler, _Records):
+    """Ray's ASHA (one bracket), recording the rung cut of each stop."""
+
+    def __init__(self, *args: Any, reference: dict[str, Any] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._init_records(reference)
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_add(tune_controller, trial)
+        self._note_added(trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if decision != TrialScheduler.STOP or self._time_attr not in result:
+            return decision
+        if trial.trial_id == self.reference_id:
+            return TrialScheduler.CONTINUE
+        value, epoch = _number(result.get(self._metric)), _epoch(result)
+        bracket = self._trial_info.get(trial.trial_id)
+        cut = None
+        for milestone, recorded in getattr(bracket, "_rungs", []):
+            if epoch is not None and epoch >= milestone and trial.trial_id in recorded:
+                others = {k: v for k, v in recorded.items() if k != trial.trial_id}
+                c = bracket.cutoff(others) if others else None
+                cut = None if c is None else float(c) * self._metric_op
+                break
+        if value is not None and epoch is not None:
+            self._record(trial, epoch, value, cut, "halving")
+        return decision
+
+
+class RecordingHyperBand(HyperBandScheduler, _Records):
+    """Ray's HyperBand, recording the epoch and value of each stop (the bracket cut is internal)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._init_records(None)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        value, epoch = _number(result.get(self._metric)), _epoch(result)
+        if decision == TrialScheduler.STOP and value is not None and epoch is not None:
+            self._record(trial, epoch, value, None, "hyperband")
+        return decision
+
+
+class RecordingMedian(MedianStoppingRule, _Records):
+    """Ray's median stopping rule, recording the median a stopped trial fell below."""
+
+    def __init__(self, *args: Any, reference: dict[str, Any] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._init_records(reference)
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_add(tune_controller, trial)
+        self._note_added(trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if decision != TrialScheduler.STOP:
+            return decision
+        if trial.trial_id == self.reference_id:
+            return TrialScheduler.CONTINUE
+        value, epoch = _number(result.get(self._metric)), _epoch(result)
+        if value is not None and epoch is not None:
+            self._record(trial, epoch, value, None, "median")
+        return decision

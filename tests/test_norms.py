@@ -1,0 +1,95 @@
+"""The ``norm`` trial parameter (issue 13 item 6): keep | frozen | affine | train."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from search.spec import load_spec
+from trainables import freeze, params
+from trainables.norms import AffineBatchNorm2d, apply_norm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), FrozenBatchNorm2d(4)
+    )
+    with torch.no_grad():
+        for bn in (m[1], m[4]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    return m
+
+
+@pytest.mark.parametrize(
+    ("mode", "types", "changed"),
+    [
+        ("keep", (nn.BatchNorm2d, FrozenBatchNorm2d), 0),
+        ("frozen", (FrozenBatchNorm2d, FrozenBatchNorm2d), 1),
+        ("affine", (AffineBatchNorm2d, AffineBatchNorm2d), 2),
+        ("train", (nn.BatchNorm2d, nn.BatchNorm2d), 1),
+    ],
+)
+def test_conversion_keeps_the_function_and_the_names(mode, types, changed):
+    before = net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    expected = before(x)
+    model = net()
+    assert apply_norm(model, mode) == changed
+    assert (type(model[1]), type(model[4])) == types
+    model.eval()
+    torch.testing.assert_close(model(x), expected)  # eval-mode output unchanged by the conversion
+    names = set(model.state_dict()) - {"1.num_batches_tracked", "4.num_batches_tracked"}
+    assert names == set(before.state_dict()) - {"1.num_batches_tracked"}
+
+
+def test_affine_trains_weights_but_never_statistics():
+    model = net()
+    apply_norm(model, "affine")
+    freeze.train_mode(model)
+    assert not model[1].training and model[1].weight.requires_grad
+    mean = model[1].running_mean.clone()
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert torch.equal(model[1].running_mean, mean) and model[1].weight.grad is not None
+
+
+def test_train_updates_statistics_of_a_converted_frozen_norm():
+    model = net()
+    apply_norm(model, "train")
+    freeze.train_mode(model)
+    mean = model[4].running_mean.clone()
+    model(torch.randn(2, 3, 8, 8))
+    assert model[4].training and not torch.equal(model[4].running_mean, mean)
+
+
+def test_frozen_leaves_no_norm_parameter():
+    model = net()
+    apply_norm(model, "frozen")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert {n for n, _ in model.named_parameters()} == {"0.weight", "0.bias", "3.weight", "3.bias"}
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(ValueError, match="norm must be one of"):
+        apply_norm(net(), "batch")
+
+
+def test_norm_is_a_searchable_parameter_and_build_model_applies_it(tmp_path):
+    assert params.PARAMS["norm"].default == "keep" and params.PARAMS["norm"].choices == params.NORM_MODES
+    spec = load_spec(ROOT / "spaces/det.yaml", ["space.norm={choices: [keep, train, affine]}"])
+    assert spec.search_space.by_name["norm"].choices == ("keep", "train", "affine")
+    from trainables import models
+
+    cfg = spec.trial_config(tmp_path)
+    model, info = models.build_model(cfg, params.resolve({"norm": "frozen"}), 4)
+    assert info["norm"] == "frozen" and info["norms_replaced"] > 0
+    assert not any(type(m) is nn.BatchNorm2d for m in model.modules())

@@ -1,0 +1,323 @@
+"""Fine-tuning-aware search (issue 13): the reference recipe and its projection, the scheduler
+table, group-wise rungs and the collapse rule, the stop record, and a real study that runs the
+reference trial first and reports it (study.json, status --json, MLflow tags)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from ray.tune.schedulers import TrialScheduler
+
+from search import study as S
+from search.errors import SpecError
+from search.schedulers import SCHEDULER_NAMES, SCHEDULERS, group_of, rungs_for
+from search.space import parse_space
+from search.spec import load_spec
+from search.stopping import RecordingASHA, StratifiedHalving
+from tests.tinydata import make_tiny_coco, write_tiny_spec
+from trainables import families, recipes
+
+ROOT = Path(__file__).resolve().parents[1]
+STOP, GO = TrialScheduler.STOP, TrialScheduler.CONTINUE
+
+
+def trial(tid: str, **config) -> SimpleNamespace:
+    return SimpleNamespace(trial_id=tid, config=config)
+
+
+# ---------------------------------------------------------------- recipes and their projection
+
+
+def test_every_family_has_a_reference_recipe_with_a_source():
+    for name in families.FAMILIES:
+        r = recipes.recipe_for(name)
+        assert r is not None, name
+        assert r.params["optimizer"] in ("sgd", "adamw") and r.params["lr"] > 0 and "references" in r.source
+
+
+@pytest.mark.parametrize(
+    ("family", "batch", "epochs", "lr", "extra"),
+    [
+        ("fasterrcnn", 2, 26, 0.02 * 2 / 16, {"schedule": "step", "step_epochs": 16}),
+        ("fasterrcnn", 16, 10, 0.02, {"step_epochs": 6}),
+        ("ssdlite", 4, 8, 0.15 * 4 / 192, {"schedule": "cosine", "weight_decay": 4e-5}),
+        ("lraspp", 4, 3, 0.02 * 4 / 32, {"weight_decay": 1e-6, "loss.seg": "ce"}),
+        ("retinanet", 8, 4, 0.01 * 8 / 16, {"momentum": 0.9}),
+    ],
+)
+def test_recipe_params_scale_lr_with_batch_and_place_the_step(family, batch, epochs, lr, extra):
+    got = recipes.recipe_params(recipes.recipe_for(family), batch, epochs)
+    assert got["lr"] == pytest.approx(lr)
+    assert got["trainable"] == "all" and got["activation"] == "keep" and got["norm"] == "keep"
+    for k, v in extra.items():
+        assert got[k] == v, k
+
+
+SPACE = {
+    "optimizer": {"choices": ["sgd", "adamw"]},
+    "lr": {"low": 1e-4, "high": 1e-3, "log": True},
+    "momentum": {"low": 0.8, "high": 0.85, "when": {"optimizer": "sgd"}},
+    "beta1": {"low": 0.8, "high": 0.95, "when": {"optimizer": "adamw"}},
+    "trainable": {"choices": ["heads", "backbone_last_k"]},
+    "activation": {"choices": ["keep", "silu"]},
+    "step_epochs": {"low": 1, "high": 4, "step": 1},
+    "schedule": "cosine",
+}
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({"lr": 0.02}, {"lr": 1e-3}),  # clipped into the range
+        ({"lr": 1e-5}, {"lr": 1e-4}),
+        ({"lr": 5e-4}, {"lr": 5e-4}),
+        ({"optimizer": "sgd", "momentum": 0.9}, {"optimizer": "sgd", "momentum": 0.85}),
+        ({"optimizer": "adamw", "momentum": 0.9}, {"optimizer": "adamw"}),  # momentum inactive
+        ({"trainable": "all"}, {}),  # not among the choices: the sampler decides
+        ({"activation": "keep"}, {"activation": "keep"}),
+        ({"schedule": "step"}, {}),  # unsearched (fixed by the spec): untouched
+        ({"step_epochs": 16}, {"step_epochs": 4}),
+        ({"step_epochs": 2.4}, {"step_epochs": 2}),
+        ({"weight_decay": 1e-4}, {}),  # not in the space
+    ],
+)
+def test_projection_into_the_space(values, expected):
+    got = parse_space(SPACE).project(values)
+    assert got == pytest.approx(expected) and set(got) == set(expected)
+    assert all(type(got[k]) is type(v) for k, v in expected.items())
+
+
+# ---------------------------------------------------------------- the table and the spec
+
+
+def test_scheduler_table_is_what_the_spec_accepts():
+    assert SCHEDULER_NAMES == tuple(SCHEDULERS)
+    assert {"auto", "stratified", "asha", "hyperband", "median", "none"} <= set(SCHEDULER_NAMES)
+    spec = load_spec(ROOT / "spaces/det.yaml")
+    assert spec.search.scheduler == "auto"
+    for name in SCHEDULER_NAMES:
+        spec.search.scheduler = name
+        sched = SCHEDULERS[name].factory(spec)
+        assert hasattr(sched, "stop_record"), name
+
+
+def test_unknown_scheduler_exits_2_listing_the_names():
+    done = subprocess.run(
+        [sys.executable, "-m", "search", "validate", "--quick", "spaces/det.yaml"]
+        + ["--set", "search.scheduler=ashaa"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    line = done.stderr.strip().splitlines()[-1]
+    assert "search.scheduler" in line and "'ashaa'" in line and "Did you mean 'asha'" in line
+    assert all(name in line for name in SCHEDULER_NAMES)
+
+
+def test_reference_params_of_the_demo_specs():
+    det = load_spec(ROOT / "spaces/det.yaml")
+    ref = det.reference_params()
+    assert ref == pytest.approx(
+        {
+            "optimizer": "sgd",
+            "lr": 0.15 * det.train.batch_size / 192,
+            "momentum": 0.9,
+            "weight_decay": 4e-5,
+            "trainable": "all",
+            "activation": "keep",
+        }
+    )
+    assert load_spec(ROOT / "spaces/det.yaml", ["search.reference_trial=false"]).reference_params() is None
+
+
+def test_reference_trial_refused_without_a_recipe_or_with_grid(monkeypatch):
+    with pytest.raises(SpecError) as err:
+        load_spec(
+            ROOT / "spaces/det.yaml",
+            ["search.reference_trial=true", "search.algorithm=grid"],
+        )
+    assert err.value.key == "search.reference_trial" and "grid" in err.value.message
+    monkeypatch.delitem(recipes.RECIPES, "ssdlite")
+    with pytest.raises(SpecError) as err:
+        load_spec(ROOT / "spaces/det.yaml", ["search.reference_trial=true"])
+    assert err.value.key == "search.reference_trial" and "'ssdlite'" in err.value.message
+    assert load_spec(ROOT / "spaces/det.yaml").reference_params() is None  # default: on when a recipe exists
+
+
+# ---------------------------------------------------------------- rungs, groups, collapse
+
+
+@pytest.mark.parametrize(
+    ("epochs", "grace", "rf", "warmup", "rungs"),
+    [
+        (8, 1, 2, 0.3, (2, 4)),
+        (8, 3, 2, 0.0, (4,)),
+        (3, 1, 2, 0.0, (1, 2)),
+        (6, 1, 2, 1.5, (2, 3)),
+        (2, 1, 2, 0, (1,)),
+    ],
+)
+def test_rungs_after_warmup_from_the_schedule(epochs, grace, rf, warmup, rungs):
+    assert rungs_for(epochs, grace, rf, warmup) == rungs
+
+
+def test_group_of_uses_structural_choices_only():
+    a = group_of(
+        {"lr": 0.1, "trainable": "all", "optimizer": "sgd", "loss.box": "giou", "loss.weight.x": 2.0}
+    )
+    assert a == "loss.box=giou,optimizer=sgd,trainable=all"
+    assert group_of({"lr": 0.1}) == "all trials"
+    assert group_of({"norm": "train", "lr": 1}) != group_of({"norm": "frozen", "lr": 1})
+
+
+def _feed(sched, rows):
+    """(trial, epoch, value) rows -> decisions."""
+    return [sched.on_trial_result(None, t, {"epoch": e, "map50": v}) for t, e, v in rows]
+
+
+def test_rungs_compare_only_within_a_group():
+    sched = StratifiedHalving("map50", "max", epochs=8, rungs=(2, 4), reference=None, collapse_from=8)
+    heads = [trial(f"h{i}", trainable="heads") for i in range(3)]
+    full = trial("f0", trainable="all")
+    # the 'all' trial is far below every 'heads' trial at rung 2, but alone in its group: it goes on
+    decisions = _feed(sched, [(heads[0], 2, 0.30), (heads[1], 2, 0.35), (full, 2, 0.01), (heads[2], 2, 0.10)])
+    assert decisions == [GO, GO, GO, STOP]
+    record = sched.stop_record("h2")
+    assert record["epoch"] == 2 and record["value"] == 0.10 and record["group"] == "trainable=heads"
+    assert record["rule"] == "halving" and 0.10 < record["cut"] <= 0.35
+    assert sched.stop_record("f0") is None
+    assert _feed(sched, [(full, 3, 0.0)]) == [GO]  # not a rung, no collapse rule before epoch 8
+
+
+def test_collapse_stops_the_first_at_a_rung_but_never_the_reference():
+    ref_params = {"lr": 0.01, "trainable": "all"}
+    sched = StratifiedHalving("map50", "max", epochs=8, rungs=(2, 4), reference=ref_params)
+    ref, bad, slow = trial("r", **ref_params), trial("b", lr=0.3, trainable="all"), trial("s", lr=0.001)
+    for t in (ref, bad, slow):
+        sched.on_trial_add(None, t)
+    assert sched.reference_id == "r"
+    assert _feed(sched, [(ref, 0, 0.05), (bad, 0, 0.05), (slow, 0, 0.02)]) == [GO, GO, GO]
+    assert _feed(sched, [(ref, 2, 0.01), (bad, 2, 0.0), (slow, 2, 0.0)]) == [GO, GO, GO]  # before half
+    assert _feed(sched, [(ref, 4, 0.40), (slow, 4, 0.25), (bad, 4, 0.018)]) == [GO, GO, STOP]
+    assert sched.stop_record("b") == {
+        "epoch": 4,
+        "value": 0.018,
+        "cut": 0.20,
+        "group": "trainable=all",
+        "rule": "collapse",
+    }
+    assert _feed(sched, [(ref, 5, 0.0)]) == [GO]  # the reference itself is never stopped
+    assert _feed(sched, [(slow, 5, 0.01)]) == [STOP]  # below its own start (epoch 0) after half the epochs
+    assert sched.stop_record("s")["cut"] == 0.02
+    assert sched.stop_record("s")["rule"] == "collapse"
+
+
+def test_min_mode_cuts_the_other_way():
+    sched = StratifiedHalving("loss", "min", epochs=4, rungs=(2,), reference=None, min_group=3)
+    ts = [trial(f"t{i}", optimizer="sgd") for i in range(3)]
+    out = [
+        sched.on_trial_result(None, t, {"epoch": 2, "loss": v})
+        for t, v in zip(ts, (1.0, 2.0, 5.0), strict=True)
+    ]
+    assert out == [GO, GO, STOP] and sched.stop_record("t2")["cut"] < 5.0
+
+
+def test_recording_asha_records_the_cut_and_spares_the_reference():
+    ref = {"lr": 0.5}
+    sched = RecordingASHA(time_attr="epoch", max_t=4, grace_period=1, reduction_factor=2, reference=ref)
+    sched.set_search_properties("map50", "max")
+    ts = [trial("r", lr=0.5), trial("a", lr=0.1), trial("b", lr=0.2)]
+    for t in ts:
+        sched.on_trial_add(None, t)
+    out = [
+        sched.on_trial_result(None, t, {"epoch": 1, "map50": v})
+        for t, v in zip(ts, (0.0, 0.5, 0.1), strict=True)
+    ]
+    assert out[0] == GO and out[2] == STOP  # the reference came first at 0.0: nothing to compare with
+    rec = sched.stop_record("b")
+    assert rec["rule"] == "halving" and rec["epoch"] == 1 and rec["cut"] > 0.1
+    # at rung 2 the reference falls below the cut ASHA computes from 'a': it is still not stopped
+    assert sched.on_trial_result(None, ts[1], {"epoch": 2, "map50": 0.5}) == GO
+    assert sched.on_trial_result(None, ts[0], {"epoch": 2, "map50": 0.0}) == GO
+    assert sched.stop_record("r") is None
+
+
+# ---------------------------------------------------------------- a real study
+
+
+@pytest.fixture(scope="module")
+def reference_study(ray_local, tmp_path_factory):
+    from search.launcher import launch
+
+    root = tmp_path_factory.mktemp("reference")
+    make_tiny_coco(root / "data", n_images=6, size=100)
+    path = write_tiny_spec(
+        root,
+        "refstudy",
+        space={
+            "optimizer": {"choices": ["sgd", "adamw"]},
+            "lr": {"low": 1e-3, "high": 1e-1, "log": True},
+            "trainable": {"choices": ["all", "heads"]},
+        },
+        search={"algorithm": "tpe", "num_trials": 3, "max_concurrent": 2},
+        epochs=2,
+    )
+    spec = load_spec(path)
+    summary = launch(spec)
+    return spec, summary, root
+
+
+def test_the_reference_trial_runs_and_is_reported(reference_study):
+    from search import tracking
+
+    spec, summary, root = reference_study
+    exp_dir = root / "runs" / "refstudy"
+    refs = [t for t in summary["trials"] if t.get("reference")]
+    assert len(refs) == 1 and len(summary["trials"]) == 3
+    assert refs[0]["params"] == pytest.approx(spec.reference_params())
+    assert refs[0]["state"] == S.TERMINATED
+    assert summary["reference"]["id"] == refs[0]["id"]
+    assert summary["reference"]["best_metric"] == refs[0]["best_metric"]
+    best = summary["best"]["best_metric"]
+    assert summary["reference"]["best_vs_reference"] == pytest.approx(best - refs[0]["best_metric"])
+
+    done = subprocess.run(
+        [sys.executable, "-m", "search", "status", str(exp_dir), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ),
+    )
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    assert [t["id"] for t in status["trials"] if t.get("reference")] == [refs[0]["id"]]
+
+    mlc = tracking.client(tracking.tracking_uri(spec))
+    exp = mlc.get_experiment_by_name(spec.name)
+    runs = mlc.search_runs([exp.experiment_id])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    flags = sorted(r.data.tags.get("search.reference") for r in children)
+    assert flags == ["false", "false", "true"]
+    parent = next(r for r in runs if not r.data.tags.get("mlflow.parentRunId"))
+    assert parent.data.tags.get("summary.reference_trial") == refs[0]["id"]
+    assert parent.data.metrics["reference_map50"] == pytest.approx(refs[0]["best_metric"])
+    ref_run = next(r for r in children if r.data.tags.get("search.reference") == "true")
+    assert ref_run.data.tags["search.run_key"].endswith(":" + refs[0]["id"])
+
+
+def test_optuna_records_the_reference_trial(reference_study):
+    from search.searcher import load_study
+
+    spec, summary, root = reference_study
+    ot = load_study(root / "runs" / "refstudy" / S.JOURNAL_FILE, spec.name).get_trials()
+    marked = [t for t in ot if t.user_attrs.get("reference")]
+    assert len(marked) == 1 and marked[0].number == 0
+    assert marked[0].params == pytest.approx(spec.reference_params())

@@ -1,0 +1,119 @@
+"""Reference-training recipes: the hyperparameters torchvision's own references train each
+architecture family with, as trial parameters (a study's first trial, ``search.reference_trial``).
+
+Sources: torchvision ``references/detection/README.md`` and ``references/segmentation/README.md``
+(the commands that produced the published weights). Their learning rates are for the total batch
+in ``batch`` (GPUs x images per GPU); :func:`recipe_params` scales them linearly to a spec's batch
+(the linear scaling rule the references use: "lr 0.02 for 8 GPUs x 2 images"). Their schedules
+(multi-step at 16/26 and 22/26 of the epochs, cosine, poly) are mapped to this project's
+``schedule`` values: multi-step -> ``step`` at ~60 % of the epochs, poly -> ``cosine``.
+
+Parameters a recipe does not name take the choices a careful user makes when fine-tuning by hand:
+the whole network trains (``trainable: all``), the architecture's own activations, losses and
+norm handling. Pure Python: spec validation imports this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One family's reference recipe: ``params`` at total batch ``batch``; ``lr`` scales with it."""
+
+    family: str
+    batch: int
+    params: dict[str, Any]
+    source: str
+    step_at: float | None = None  # multi-step schedules: first drop at this fraction of the epochs
+    hand: dict[str, Any] = field(
+        default_factory=lambda: {
+            "trainable": "all",
+            "activation": "keep",
+            "norm": "keep",
+            "loss.box": "default",
+            "loss.cls": "default",
+        }
+    )
+
+
+_SGD = {"optimizer": "sgd", "momentum": 0.9, "nesterov": False}
+_RCNN = {
+    **_SGD,
+    "lr": 0.02,
+    "weight_decay": 1e-4,
+    "schedule": "step",
+    "step_gamma": 0.1,
+    "warmup_epochs": 0.1,
+}
+_DET_REF = "torchvision references/detection/README.md"
+_SEG_REF = "torchvision references/segmentation/README.md"
+
+RECIPES: dict[str, Recipe] = {
+    r.family: r
+    for r in (
+        Recipe(
+            "fasterrcnn", 16, _RCNN, f"{_DET_REF}: Faster R-CNN, lr 0.02, 26 epochs, steps 16 22", 16 / 26
+        ),
+        Recipe("maskrcnn", 16, _RCNN, f"{_DET_REF}: Mask R-CNN, lr 0.02, 26 epochs, steps 16 22", 16 / 26),
+        Recipe(
+            "retinanet",
+            16,
+            {**_RCNN, "lr": 0.01},
+            f"{_DET_REF}: RetinaNet, lr 0.01, 26 epochs, steps 16 22",
+            16 / 26,
+        ),
+        Recipe(
+            "fcos", 16, {**_RCNN, "lr": 0.01}, f"{_DET_REF}: FCOS, lr 0.01, 26 epochs, steps 16 22", 16 / 26
+        ),
+        Recipe(
+            "ssd",
+            32,
+            {**_SGD, "lr": 0.002, "weight_decay": 5e-4, "schedule": "step", "step_gamma": 0.1},
+            f"{_DET_REF}: SSD300 VGG16, lr 0.002, batch 4x8, wd 5e-4, steps 80 110 of 120",
+            80 / 120,
+        ),
+        Recipe(
+            "ssdlite",
+            192,
+            {**_SGD, "lr": 0.15, "weight_decay": 4e-5, "schedule": "cosine", "warmup_epochs": 0.1},
+            f"{_DET_REF}: SSDlite320 MobileNetV3, lr 0.15, batch 24x8, wd 4e-5, cosine",
+        ),
+        Recipe(
+            "deeplabv3",
+            32,
+            {**_SGD, "lr": 0.02, "weight_decay": 1e-4, "schedule": "cosine", "loss.seg": "ce"},
+            f"{_SEG_REF}: DeepLabV3, lr 0.02, batch 4x8, wd 1e-4, poly (here: cosine), aux loss",
+        ),
+        Recipe(
+            "fcn",
+            32,
+            {**_SGD, "lr": 0.02, "weight_decay": 1e-4, "schedule": "cosine", "loss.seg": "ce"},
+            f"{_SEG_REF}: FCN, lr 0.02, batch 4x8, wd 1e-4, poly (here: cosine), aux loss",
+        ),
+        Recipe(
+            "lraspp",
+            32,
+            {**_SGD, "lr": 0.02, "weight_decay": 1e-6, "schedule": "cosine", "loss.seg": "ce"},
+            f"{_SEG_REF}: LR-ASPP MobileNetV3, lr 0.02, batch 4x8, wd 1e-6, poly (here: cosine)",
+        ),
+    )
+}
+
+
+def recipe_for(family: str | None) -> Recipe | None:
+    """The reference recipe of an architecture family (None when it has none)."""
+    return RECIPES.get(family or "")
+
+
+def recipe_params(recipe: Recipe, batch_size: int, epochs: int) -> dict[str, Any]:
+    """The recipe as trial parameters for a spec's ``batch_size`` and ``epochs`` (before it is
+    projected into a search space): lr scaled linearly with the batch, the step schedule's first
+    drop placed at the recipe's fraction of the epochs, hand-made choices for everything else."""
+    out = {**recipe.hand, **recipe.params}
+    out["lr"] = float(recipe.params["lr"]) * batch_size / recipe.batch
+    if out.get("schedule") == "step" and recipe.step_at is not None:
+        out["step_epochs"] = max(1, round(recipe.step_at * epochs))
+    return out
