@@ -286,8 +286,9 @@ def main() -> None:
         order = arms if k % 2 == 0 else list(reversed(arms))
         res = {arm: run_arm(arm, seed, args, work) for arm in order}
         raw.append(res)
-        rows.append(seed_row(seed, res, args.tolerance))
-    verdicts = {arm: verdict(rows, arm, args.tolerance) for arm in arms if arm != "random_full"}
+        if "random_full" in res:
+            rows.append(seed_row(seed, res, args.tolerance))
+    verdicts = {arm: verdict(rows, arm, args.tolerance) for arm in arms if arm != "random_full" and rows}
     C.dump(
         args.json,
         {

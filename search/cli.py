@@ -207,10 +207,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_trial(args: argparse.Namespace) -> int:
+    from search import guards
     from trainables import params as trial_params
     from trainables.trial import run_trial
 
     spec = load(args)
+    inputs = guards.spec_inputs(spec)
+    guards.check_output(args.weights_out, inputs, "--weights-out", folder=False)
+    guards.check_output(args.out, inputs, "--out", folder=True)
     space = spec.search_space
     chosen = space.defaults()
     out = args.out or spec.experiment_dir / "local" / time.strftime("%Y%m%d-%H%M%S")

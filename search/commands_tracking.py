@@ -161,11 +161,14 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from search import select
+    from search import guards, select
     from search.bundle import BundleError
 
     try:
         exp_dir = select.find_experiment(args.name, args.output_dir)
+        guards.check_output(
+            args.out, guards.spec_inputs(select.load_study_spec(exp_dir)), "--out", folder=True
+        )
         meta = select.export(exp_dir, args.out, args.trial, torchscript=not args.no_torchscript)
     except (select.SelectError, BundleError) as exc:
         raise _bad_input(exc) from None
@@ -189,9 +192,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from search import guards
     from search.bundle import BundleError, predict_files
+    from search.errors import SpecError
 
+    if not 0.0 <= args.min_score <= 1.0:
+        raise _bad_input(
+            SpecError(
+                "--min-score", f"must be in [0, 1], but got {args.min_score}.", "pass a score in [0, 1]."
+            )
+        )
     try:
+        guards.check_output(args.out, guards.protected(args.images, [args.bundle]), "--out", folder=True)
         out = predict_files(
             args.bundle, list(args.images), args.out, min_score=args.min_score, device=args.device
         )

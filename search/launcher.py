@@ -34,9 +34,10 @@ from ray.tune.stopper import Stopper
 
 from search import study as S
 from search import tracking
-from search.errors import SpecError
+from search.errors import SpecError, short
+from search.guards import StudyLock
 from search.schedulers import make_scheduler
-from search.spec import NAME, Spec, build_spec, check_weights
+from search.spec import MAX_NAME, NAME, Spec, build_spec, check_weights
 
 log = logging.getLogger(__name__)
 
@@ -422,11 +423,11 @@ def launch(
     from ray import tune
 
     if name:
-        if not NAME.fullmatch(name):
+        if not NAME.fullmatch(name) or len(name) > MAX_NAME:
             raise SpecError(
                 "--name",
-                f"must be letters, digits, '_', '-' or '.', starting with a letter or "
-                f"digit, but got {name!r}.",
+                f"must be at most {MAX_NAME} letters, digits, '_', '-' or '.', starting with a letter or "
+                f"digit, but got {short(name)}.",
                 "choose another experiment name.",
             )
         spec.name = name
@@ -437,11 +438,17 @@ def launch(
             f"'{resume_command(exp_dir)}', or launch with --name NEW_NAME."
         )
     preflight(spec, address, weights=True)  # bad input fails before Ray starts or anything is written
-    tracking.warm_up(spec)  # MLflow's import and store creation overlap ray.init
-    started = connect(address or spec.resources.address)
+    lock = StudyLock(exp_dir).acquire()  # one writer per study folder (exit 2 names the holder)
+    started = False
     try:
+        if (exp_dir / S.STUDY_FILE).exists() or (exp_dir / "tuner.pkl").exists():  # won the race, but late
+            raise ExperimentExists(
+                f"experiment folder {exp_dir} already holds a study. Resume it with "
+                f"'{resume_command(exp_dir)}', or launch with --name NEW_NAME."
+            )
+        tracking.warm_up(spec)  # MLflow's import and store creation overlap ray.init
+        started = connect(address or spec.resources.address)
         cluster = check_cluster_storage(exp_dir.parent)
-        exp_dir.mkdir(parents=True, exist_ok=True)
         write_spec(spec, exp_dir)
         budget = spec.search.time_budget
         deadline = time.time() + budget if budget else None
@@ -476,6 +483,7 @@ def launch(
     finally:
         if started:
             _shutdown()
+        lock.release()
 
 
 def resume(
@@ -502,9 +510,11 @@ def resume(
         for mark in exp_dir.glob(f"trial_*/{ERROR_MARK}"):
             mark.unlink(missing_ok=True)
     preflight(spec, address, weights=False)
-    tracking.warm_up(spec)
-    started = connect(address or spec.resources.address)
+    lock = StudyLock(exp_dir).acquire()
+    started = False
     try:
+        tracking.warm_up(spec)
+        started = connect(address or spec.resources.address)
         cluster = check_cluster_storage(exp_dir.parent)
         budget = spec.search.time_budget
         elapsed = float((previous or {}).get("elapsed_s") or 0.0)
@@ -533,6 +543,7 @@ def resume(
     finally:
         if started:
             _shutdown()
+        lock.release()
 
 
 def _run_config(spec: Spec, exp_dir: Path, callbacks: list, deadline: float | None):

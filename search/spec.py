@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
+from search import guards
 from search.errors import SpecError, did_you_mean, short, unknown_name
 from search.space import SearchSpace, parse_space
 from trainables import families, params
@@ -30,6 +31,9 @@ TASK_METRICS = {
 }
 ENUM_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+MAX_NAME = 100
+MAX_GRID = 10_000
+SEED_LIMIT = 2**32  # numpy's and Optuna's seeds are 32-bit
 
 
 class _Section(BaseModel):
@@ -115,7 +119,7 @@ class TrainSection(_Section):
     epochs: int = Field(3, ge=1, le=100000)
     batch_size: int = Field(2, ge=1, le=4096)
     workers: int = Field(0, ge=0, le=64)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT)
     device: str = "auto"
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     limit_train: int | None = Field(None, ge=1)
@@ -143,7 +147,7 @@ class SearchSection(_Section):
     num_trials: int = Field(8, ge=1, le=100000)
     max_concurrent: int = Field(2, ge=1, le=1024)
     time_budget: float | None = None  # seconds; YAML may say "90s", "10m", "2h"
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT)
     n_startup_trials: int | None = Field(None, ge=0)
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2, gt=1)
@@ -196,6 +200,8 @@ class Spec(_Section):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
+        if len(v) > MAX_NAME:
+            raise ValueError(f"must be at most {MAX_NAME} characters, but got {len(v)}")
         if not NAME.fullmatch(v):
             raise ValueError(
                 f"must be letters, digits, '_', '-' or '.', starting with a letter or digit, but got {v!r}"
@@ -276,7 +282,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise SpecError("<file>", f"spec file {str(path)!r} does not exist.", "pass the path of a YAML spec.")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = guards.load_yaml(path.read_text(encoding="utf-8"))
+    except guards.YamlRefused as exc:
+        raise SpecError("<file>", f"is refused: {exc}.", "fix the YAML.", str(path)) from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -305,7 +313,9 @@ def parse_override(text: str) -> tuple[str, Any]:
             "write e.g. --set train.epochs=2.",
         )
     try:
-        return key, yaml.safe_load(value) if value.strip() else None
+        return key, guards.load_yaml(value) if value.strip() else None
+    except guards.YamlRefused as exc:
+        raise SpecError(f"--set {key}", f"value is refused: {exc}.", "give a plain value.") from None
     except yaml.YAMLError:
         raise SpecError(f"--set {key}", f"value {value!r} is not valid YAML.", "quote it.") from None
 
@@ -364,6 +374,10 @@ def build_spec(raw: dict[str, Any], base: Path, source: Path | None = None) -> S
         spec = Spec.model_validate(raw)
     except ValidationError as exc:
         raise _from_pydantic(exc) from None
+    except (OverflowError, RecursionError) as exc:
+        raise SpecError(
+            "<spec>", f"holds a value that cannot be used ({type(exc).__name__}).", "fix it."
+        ) from None
     _resolve_paths(spec, base)
     spec._source = source
     spec._space = parse_space(spec.space)
@@ -372,6 +386,10 @@ def build_spec(raw: dict[str, Any], base: Path, source: Path | None = None) -> S
     _check_space(spec)
     _check_search(spec)
     _check_files(spec)
+    guards.check_uri_secrets(spec.tracking.uri)
+    inputs = guards.spec_inputs(spec)
+    guards.check_output(spec.output_dir, inputs, "output_dir", folder=True)
+    guards.check_output(spec.output_dir / spec.name, inputs, "name", folder=True)
     _check_data(spec)
     return spec
 
@@ -661,11 +679,21 @@ def _check_search(spec: Spec) -> None:
         )
     if s.algorithm == "grid":
         for dim in spec.search_space.searched:
-            if dim.kind in ("float", "int") and dim.step is None and dim.kind == "float":
+            if dim.kind in ("float", "int") and dim.step is None:
                 raise SpecError(
                     f"space.{dim.name}",
-                    "grid search needs a finite grid, but this float has no step.",
+                    f"grid search needs a finite grid with a stated spacing, but this {dim.kind} has "
+                    "no step.",
                     "add step: or use choices:.",
+                )
+        points = 1
+        for values in spec.search_space.grid().values():
+            points *= max(1, len(values))
+            if points > MAX_GRID:
+                raise SpecError(
+                    "space",
+                    f"the grid has more than {MAX_GRID:,} points (a grid must be small enough to run whole).",
+                    "use fewer choices or a larger step, or another search.algorithm.",
                 )
     if s.algorithm == "grid" and not spec.search_space.searched:
         raise SpecError(

@@ -1,0 +1,241 @@
+"""Trust guards (issue 14): no secret in a tracking URI, no output over the inputs, one writer
+per study folder. Every check raises :class:`~search.errors.SpecError` (the CLI exits 2) before
+any work is done; nothing here imports Ray, MLflow or torch.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from search.errors import SpecError
+
+_SECRET_QUERY = ("password", "passwd", "pwd", "token", "secret", "key", "access_token", "api_key")
+_ENV_FIX = {
+    "http": "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the "
+    "environment instead; they are read at run time and never written",
+    "db": "give the database password through its driver's environment (e.g. PGPASSWORD, MYSQL_PWD) or "
+    "its password file (e.g. ~/.pgpass) instead; it is never written there",
+}
+
+
+def check_uri_secrets(uri: str | None, key: str = "tracking.uri") -> None:
+    """Refuse a URI that carries a password or a token: it would be written to the experiment's
+    spec.yaml, Ray's state and MLflow. A user name alone is allowed."""
+    if not uri:
+        return
+    try:
+        parts = urlsplit(uri)
+        password = parts.password
+    except ValueError:
+        return  # not a URL: the tracking checks report it
+    secret_query = [k for k, _ in parse_qsl(parts.query) if k.lower() in _SECRET_QUERY]
+    if password is None and not secret_query:
+        return
+    what = (
+        "a password (user:PASSWORD@)"
+        if password is not None
+        else f"a secret query parameter {secret_query[0]!r}"
+    )
+    fix = _ENV_FIX["http" if parts.scheme.lower() in ("http", "https") else "db"]
+    safe = parts._replace(netloc=parts.hostname or "", query="").geturl()
+    raise SpecError(key, f"{safe!r} carries {what}: it would be written to disk and to MLflow.", f"{fix}.")
+
+
+def _resolved(path: str | os.PathLike) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def protected(files: Iterable[str | os.PathLike | None], folders: Iterable[str | os.PathLike | None] = ()):
+    """The files an output must not replace and the folders it must not write into: the given
+    files, the folders holding them, and the given folders (all with symlinks resolved)."""
+    fs = {_resolved(f) for f in files if f}
+    ds = {_resolved(d) for d in folders if d} | {f.parent for f in fs}
+    return fs, ds
+
+
+def spec_inputs(spec: Any) -> tuple[set[Path], set[Path]]:
+    """A spec's inputs: its weights files and annotation files, and its image folders."""
+    files = [spec.data.train.annotations, spec.data.val.annotations]
+    for w in (spec.model.weights, spec.model.weights_backbone):
+        if w and Path(str(w)).is_file():
+            files.append(w)
+    return protected(files, [spec.data.train.images, spec.data.val.images])
+
+
+def check_output(
+    path: str | os.PathLike | None, inputs: tuple[set[Path], set[Path]], key: str, folder: bool
+) -> None:
+    """Refuse an output (a file, or with ``folder`` a folder written into) that is one of the
+    protected files, or a protected folder, or (for a file) inside one."""
+    if path is None:
+        return
+    out = _resolved(path)
+    files, folders = inputs
+    hit = None
+    if out in files:
+        hit = f"is the input file {str(out)!r}"
+    elif out in folders:
+        hit = f"is the input folder {str(out)!r}"
+    elif not folder and out.parent in folders:
+        hit = f"would be written into the input folder {str(out.parent)!r}"
+    elif folder and any(f.parent == out for f in files):
+        hit = f"is the folder holding the input {str(next(f for f in files if f.parent == out))!r}"
+    if hit:
+        raise SpecError(
+            key,
+            f"{str(path)!r} {hit}; base weights and data are read-only to this tool.",
+            "choose an output path outside the inputs' folders.",
+        )
+
+
+# ---------------------------------------------------------------- one writer per study folder
+
+LOCK_FILE = ".search.lock"
+
+
+class StudyLocked(SpecError):
+    """Another launch/resume holds the experiment folder."""
+
+
+class StudyLock:
+    """An exclusive ``fcntl`` lock on ``<exp>/.search.lock`` for the life of a launch or resume.
+
+    The file names the holder (host and pid). The lock goes with the holder's process (the kernel
+    releases it when the process ends, however it ends), so a stale file never blocks.
+    """
+
+    def __init__(self, exp_dir: Path):
+        self.path = Path(exp_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> StudyLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = ""
+            try:
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            except OSError:
+                pass
+            os.close(fd)
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            raise StudyLocked(
+                "experiment folder",
+                f"{str(self.path.parent)!r} is in use by another launch or resume "
+                f"({holder or 'unknown holder'}).",
+                "wait for it to end, or launch with --name NEW_NAME.",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> StudyLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+# ---------------------------------------------------------------- YAML that cannot hurt
+
+MAX_YAML_NODES = 100_000  # after alias expansion
+MAX_YAML_DEPTH = 64
+
+
+class YamlRefused(ValueError):
+    """A YAML document refused before it is used: duplicate keys, alias bombs, deep nesting."""
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate mapping keys, documents whose aliases expand to more
+    than :data:`MAX_YAML_NODES` nodes (a "billion laughs"), nesting deeper than
+    :data:`MAX_YAML_DEPTH`, and integers too long to convert. Raises :class:`YamlRefused` (with the
+    line) or ``yaml.YAMLError``; never builds or prints the expanded value."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: Any, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            try:
+                if key in seen:
+                    raise YamlRefused(
+                        f"duplicate key {str(key)[:80]!r} at line {key_node.start_mark.line + 1} "
+                        f"(first at line {seen[key]})"
+                    )
+                seen[key] = key_node.start_mark.line + 1
+            except TypeError:
+                pass  # an unhashable key: the constructor reports it
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    loader = Loader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise YamlRefused(f"nested deeper than {MAX_YAML_DEPTH} levels") from None
+        if node is None:
+            return None
+        _check_size(node)
+        try:
+            return loader.construct_document(node)
+        except ValueError as exc:  # e.g. an integer of more than 4300 digits
+            if isinstance(exc, YamlRefused):
+                raise
+            raise YamlRefused(f"a value cannot be read: {str(exc)[:120]}") from None
+    finally:
+        loader.dispose()
+
+
+def _check_size(root: Any) -> None:
+    """Expanded node count and depth of a composed YAML graph, shared (aliased) nodes counted
+    every time they are used; linear in the number of distinct nodes."""
+    sizes: dict[int, int] = {}
+    depths: dict[int, int] = {}
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = _children(node)
+        if not done:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in sizes)
+            continue
+        sizes[id(node)] = min(MAX_YAML_NODES + 1, 1 + sum(sizes.get(id(c), 1) for c in children))
+        depths[id(node)] = 1 + max((depths.get(id(c), 1) for c in children), default=0)
+    if sizes[id(root)] > MAX_YAML_NODES:
+        raise YamlRefused(f"its aliases expand to more than {MAX_YAML_NODES:,} values (an alias bomb?)")
+    if depths[id(root)] > MAX_YAML_DEPTH:
+        raise YamlRefused(f"nested deeper than {MAX_YAML_DEPTH} levels")
+
+
+def _children(node: Any) -> list[Any]:
+    value = getattr(node, "value", None)
+    if not isinstance(value, list):
+        return []
+    out = []
+    for item in value:
+        out.extend(item if isinstance(item, tuple) else (item,))
+    return out

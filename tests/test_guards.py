@@ -1,0 +1,214 @@
+"""Trust guards (issue 14, items 2, 3, 5, 7 in part, 8 in part): secrets in tracking URIs, outputs
+over the inputs, one writer per study folder, YAML and values that would hurt."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from search import guards
+from search.errors import SpecError
+from search.spec import load_spec
+from tests.tinydata import make_tiny_coco, write_tiny_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+DET = ROOT / "spaces/det.yaml"
+
+
+def run(*args: str, cwd: Path = ROOT, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    return subprocess.run(
+        [sys.executable, "-m", "search", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+# ---------------------------------------------------------------- secrets
+
+
+@pytest.mark.parametrize(
+    ("uri", "refused"),
+    [
+        ("http://bob:hunter2@mlflow.example.com/", True),
+        ("https://bob:hunter2@mlflow.example.com:8443/x", True),
+        ("postgresql://app:hunter2@db/mlflow", True),
+        ("http://mlflow.example.com/?token=hunter2", True),
+        ("http://bob@mlflow.example.com/", False),  # a user name alone is not a secret
+        ("http://mlflow.example.com:5000", False),
+        ("sqlite:////tmp/x/mlflow.db", False),
+    ],
+)
+def test_credentials_in_tracking_uri(uri, refused):
+    if not refused:
+        guards.check_uri_secrets(uri)
+        return
+    with pytest.raises(SpecError) as err:
+        guards.check_uri_secrets(uri)
+    line = str(err.value)
+    assert err.value.key == "tracking.uri" and "hunter2" not in line
+    assert ("MLFLOW_TRACKING_PASSWORD" in line) == uri.startswith("http")
+
+
+def test_launch_with_a_password_in_the_uri_exits_2_and_writes_nothing(tmp_path):
+    make_tiny_coco(tmp_path / "data", n_images=4, size=64)
+    spec = write_tiny_spec(tmp_path, "sec", space={"lr": 0.01}, search={"num_trials": 1}, epochs=1)
+    done = run("launch", str(spec), "--set", "tracking.uri=http://u:s3cr3tPW@127.0.0.1:9/", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "s3cr3tPW" not in done.stdout + done.stderr and "MLFLOW_TRACKING_PASSWORD" in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------- the inputs are read-only
+
+
+def test_outputs_over_the_inputs_are_refused(tmp_path):
+    spec = load_spec(DET)
+    inputs = guards.spec_inputs(spec)
+    weights = Path(spec.model.weights)
+    images = spec.data.train.images
+    link = tmp_path / "w.pt"
+    link.symlink_to(weights)
+    for path, folder in (
+        (weights, False),
+        (link, False),  # a symlink to the weights
+        (images / "new.png", False),  # a new file inside the image folder
+        (weights.parent / "other.pt", False),  # next to the base weights
+        (images, True),
+        (weights.parent, True),
+        (spec.data.train.annotations, False),
+    ):
+        with pytest.raises(SpecError):
+            guards.check_output(path, inputs, "--out", folder=folder)
+    guards.check_output(tmp_path / "out.pt", inputs, "--out", folder=False)
+    guards.check_output(tmp_path / "bundle", inputs, "--out", folder=True)
+
+
+def test_trial_weights_out_onto_the_base_exits_2_and_keeps_it(tmp_path):
+    weights = ROOT / "spaces/base/det-base.pt"
+    before = weights.stat().st_mtime_ns, weights.read_bytes()[:64]
+    done = run("trial", str(DET), "--weights-out", str(weights), "--set", "train.epochs=1")
+    assert done.returncode == 2 and "--weights-out" in done.stderr and "read-only" in done.stderr
+    assert (weights.stat().st_mtime_ns, weights.read_bytes()[:64]) == before
+
+
+def test_output_dir_onto_the_images_is_refused():
+    with pytest.raises(SpecError) as err:
+        load_spec(DET, [f"output_dir={ROOT / 'spaces/data/bccd/images'}"])
+    assert err.value.key == "output_dir"
+
+
+def test_predict_min_score_outside_0_1_exits_2(tmp_path):
+    done = run("predict", str(tmp_path), str(tmp_path / "x.png"), "--min-score", "1.5")
+    assert done.returncode == 2 and "--min-score" in done.stderr
+
+
+# ---------------------------------------------------------------- one writer per study
+
+
+def test_study_lock_names_the_holder_and_goes_with_the_process(tmp_path):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from search.guards import StudyLock; StudyLock(sys.argv[1]).acquire(); "
+            "print('held', flush=True); time.sleep(60)",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(guards.StudyLocked) as err:
+            guards.StudyLock(tmp_path).acquire()
+        assert f"pid {holder.pid}" in str(err.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = guards.StudyLock(tmp_path).acquire()  # the holder died: the lock went with it
+    assert f"pid {os.getpid()}" in (tmp_path / guards.LOCK_FILE).read_text()
+    lock.release()
+
+
+def test_second_launch_of_a_study_exits_2_naming_the_holder(tmp_path):
+    make_tiny_coco(tmp_path / "data", n_images=4, size=64)
+    spec = write_tiny_spec(tmp_path, "twice", space={"lr": 0.01}, search={"num_trials": 1}, epochs=1)
+    exp = tmp_path / "runs" / "twice"
+    lock = guards.StudyLock(exp).acquire()  # a first launch holding the folder
+    try:
+        done = run("launch", str(spec), cwd=tmp_path)
+    finally:
+        lock.release()
+    assert done.returncode == 2, done.stderr
+    assert "in use by another launch or resume" in done.stderr and f"pid {os.getpid()}" in done.stderr
+    assert not (exp / "study.json").exists()
+
+
+# ---------------------------------------------------------------- input that would hurt
+
+
+def _spec_text(extra: str) -> str:
+    return DET.read_text() + textwrap.dedent(extra)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("name: again\n", "duplicate key 'name'"),
+        (
+            "x0: &a [1,1,1,1,1,1,1,1,1,1]\n"
+            + "".join(
+                f"x{i + 1}: &a{i + 1} [" + ",".join([f"*{'a' if i == 0 else f'a{i}'}"] * 10) + "]\n"
+                for i in range(7)
+            ),
+            "alias bomb",
+        ),
+        ("deep: " + "[" * 3000 + "]" * 3000 + "\n", "nested deeper"),
+        ("huge: " + "9" * 5000 + "\n", "cannot be read"),
+    ],
+)
+def test_yaml_that_would_hurt_is_refused_fast(tmp_path, text, words):
+    path = tmp_path / "s.yaml"
+    path.write_text(_spec_text("") + text)
+    t0 = time.perf_counter()
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    took = time.perf_counter() - t0
+    assert words in str(err.value) and len(str(err.value)) < 300
+    assert took < 30  # generous: the point is "not minutes", not a timing claim
+
+
+@pytest.mark.parametrize(
+    ("sets", "key"),
+    [
+        (["search.seed=4294967296"], "search.seed"),
+        (["train.seed=18446744073709551616"], "train.seed"),
+        (["name=" + "a" * 101], "name"),
+        (
+            ["search.algorithm=grid", "space={lr: {choices: [0.1]}, step_epochs: {low: 1, high: 4}}"],
+            "space.step_epochs",
+        ),
+        (
+            [
+                "search.algorithm=grid",
+                "space={lr: {low: 0.0001, high: 1.0, step: 0.0001}, warmup_epochs: {choices: [0, 1]}}",
+            ],
+            "space",
+        ),
+    ],
+)
+def test_values_a_launch_cannot_use_are_refused(sets, key):
+    with pytest.raises(SpecError) as err:
+        load_spec(DET, sets)
+    assert err.value.key == key
