@@ -27,7 +27,7 @@ class BadInput(Exception):
 
 # Exceptions from search.launcher / search.study that are user errors (exit 2), matched by name so
 # that this module imports neither Ray nor the launcher for the other commands.
-_USER_ERRORS = {"ClusterError", "ExperimentExists", "ExperimentNotFound"}
+_USER_ERRORS = {"ClusterError", "ExperimentExists", "ExperimentNotFound", "StudyFileError"}
 
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:

@@ -58,6 +58,10 @@ class ExperimentNotFound(Exception):
     """No experiment folder for a NAME (a user error: the CLI exits 2)."""
 
 
+class StudyFileError(ExperimentNotFound):
+    """A ``study.json`` that cannot be read (the CLI exits 2 naming the file)."""
+
+
 def resolve_experiment(name: str | Path, output_dir: Path | None = None) -> Path:
     """The experiment folder for ``name``: an existing folder path, else ``<output_dir>/<name>``,
     else ``./runs/<name>``. A folder counts when it holds ``study.json`` or ``spec.yaml``."""
@@ -109,7 +113,15 @@ def read_study(exp_dir: Path) -> dict[str, Any]:
     path = Path(exp_dir) / STUDY_FILE
     if not path.is_file():
         return {}
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StudyFileError(
+            f"{path} is not a valid study file ({' '.join(str(exc).split())[:120]})."
+        ) from None
+    if not isinstance(state, dict) or not isinstance(state.get("trials", {}), dict):
+        raise StudyFileError(f"{path} is not a valid study file (not a study.json mapping with 'trials').")
+    return state
 
 
 def write_study(exp_dir: Path, state: dict[str, Any]) -> None:

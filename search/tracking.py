@@ -1334,12 +1334,15 @@ def resolve_model_uri(uri: str, tracking: str, cache_dir: Path | None = None) ->
     """A local weights file for ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or
     ``runs:/RUN_ID/PATH`` on the store ``tracking``.
 
-    The artifact is downloaded once into ``cache_dir`` (default ``~/.cache/search/registry``);
+    The artifact is downloaded once into ``cache_dir`` (default ``~/.cache/search/registry``), under
+    a folder per tracking store (a hash of its URI without credentials);
     a folder (a bundle from ``promote``) yields its ``weights.pt`` (a full state_dict), checked
     against the bundle's ``SHA256SUMS``. Raises :class:`RegistryError` with a one-line reason.
     """
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     cache = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "search" / "registry"
+    # one cache per tracking store: the same name and version on two stores are different models
+    cache = cache / hashlib.sha256(redact(tracking).encode()).hexdigest()[:16]
     mlc = client(tracking)
     try:
         if uri.startswith("models:/"):

@@ -3,6 +3,7 @@ over the inputs, one writer per study folder, YAML and values that would hurt.""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -212,3 +213,69 @@ def test_values_a_launch_cannot_use_are_refused(sets, key):
     with pytest.raises(SpecError) as err:
         load_spec(DET, sets)
     assert err.value.key == key
+
+
+# ---------------------------------------------------------------- data that lies
+
+
+def _tiny(tmp_path: Path, change) -> tuple[Path, Path]:
+    images, ann = make_tiny_coco(tmp_path / "d", n_images=3, size=64)
+    data = json.loads(ann.read_text())
+    change(data, images)
+    ann.write_text(json.dumps(data))
+    return images, ann
+
+
+def _rle_counts(data, images):
+    a = data["annotations"][0]
+    a["segmentation"] = {"size": [64, 64], "counts": [10, 20, 30]}  # sums to 60, not 4096
+
+
+def _crowd_string(data, images):
+    data["annotations"][0]["iscrowd"] = "0"
+
+
+def _link_to_root(data, images):
+    (images / "root").symlink_to("/")
+    data["images"][0]["file_name"] = "root/etc/hostname"
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (_rle_counts, "summing to height x width = 4096"),
+        (_crowd_string, "iscrowd must be 0 or 1"),
+        (_link_to_root, "outside the image root"),
+    ],
+)
+def test_data_that_lies_is_refused(tmp_path, change, words):
+    from trainables.coco import DatasetError, load_coco
+
+    images, ann = _tiny(tmp_path, change)
+    with pytest.raises(DatasetError, match=words):
+        load_coco(ann, images)
+
+
+def test_pixel_cap_below_pil_is_settable(tmp_path, monkeypatch):
+    from trainables import coco, data
+
+    images, ann = make_tiny_coco(tmp_path / "d", n_images=2, size=64)
+    assert coco.max_pixels() == 40_000_000 < __import__("PIL.Image").Image.MAX_IMAGE_PIXELS
+    monkeypatch.setenv(coco.MAX_PIXELS_ENV, "1000")  # 64 x 64 = 4096 pixels: too many now
+    with pytest.raises(coco.DatasetError, match="exceeds the limit of 1,000"):
+        coco.load_coco(ann, images)
+    with pytest.raises(coco.DatasetError, match="exceeds the limit"):
+        data.read_image(next(images.glob("*.png")))  # the header is checked before decoding
+    monkeypatch.setenv(coco.MAX_PIXELS_ENV, "5000")
+    assert coco.load_coco(ann, images).num_classes >= 1
+
+
+@pytest.mark.parametrize("text", ["{not json", '["a list"]', '{"trials": [1, 2]}'])
+def test_status_and_best_on_a_malformed_study_file_exit_2(tmp_path, text):
+    exp = tmp_path / "broken"
+    exp.mkdir()
+    (exp / "study.json").write_text(text)
+    for command in ("status", "best"):
+        done = run(command, str(exp))
+        assert done.returncode == 2, (command, done.stderr)
+        assert str(exp / "study.json") in done.stderr and "not a valid study file" in done.stderr

@@ -178,6 +178,18 @@ def test_promote_registers_alias_and_lineage(study, capsys):
     assert all(torch.is_tensor(v) for v in state.values())
     same = tracking.resolve_model_uri(f"runs:/{top['run_id']}/bundle", uri, cache_dir=study["root"] / "cache")
     assert tracking.sha256_file(same) == tracking.sha256_file(weights)
+    # the cache is keyed by tracking store: a second store with the same model name and version
+    # (here a copy of the first) gets its own download, never the first store's file
+    import shutil
+
+    other_db = study["root"] / "other-store" / "mlflow.db"
+    other_db.parent.mkdir(exist_ok=True)
+    shutil.copy2(exp_dir.parent / tracking.DB_FILE, other_db)
+    other = tracking.resolve_model_uri(
+        "models:/tiny-det@champion", f"sqlite:///{other_db}", cache_dir=study["root"] / "cache"
+    )
+    assert other != weights and other.is_file() and weights.is_file()
+    assert tracking.sha256_file(other) == tracking.sha256_file(weights)
     with pytest.raises(tracking.RegistryError, match="cannot resolve models:/tiny-det@nope"):
         tracking.resolve_model_uri("models:/tiny-det@nope", uri, cache_dir=study["root"] / "cache")
     from trainables.config import DataSplit, TrialConfig

@@ -32,6 +32,7 @@ import io
 import json
 import logging
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -41,6 +42,8 @@ log = logging.getLogger("trainables.data")
 
 TASKS = ("detection", "instance_segmentation", "semantic_segmentation")
 MIN_BOX_SIDE = 1.0  # px, after clipping
+MAX_PIXELS_ENV = "SEARCH_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 40_000_000
 STAT_KEYS = (
     "images",
     "annotations",
@@ -160,6 +163,23 @@ def segmentation_to_rle(segm: Any, height: int, width: int) -> dict[str, Any]:
     return {"size": list(segm["size"]), "counts": counts.encode() if isinstance(counts, str) else counts}
 
 
+def max_pixels() -> int:
+    """The largest image this project decodes (width x height): ``SEARCH_MAX_PIXELS`` or 40 MP,
+    below PIL's own limit, so a huge image is refused instead of taking gigabytes of memory."""
+    try:
+        return int(os.environ.get(MAX_PIXELS_ENV, DEFAULT_MAX_PIXELS))
+    except ValueError:
+        return DEFAULT_MAX_PIXELS
+
+
+def check_pixels(w: int, h: int, where: str) -> None:
+    if w * h > max_pixels():
+        raise DatasetError(
+            f"{where}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels():,} "
+            f"(set {MAX_PIXELS_ENV} to allow larger images)"
+        )
+
+
 def image_size_from_file(path: Path) -> tuple[int, int]:
     """(width, height) of an image after EXIF orientation, from its header only."""
     from PIL import Image, UnidentifiedImageError
@@ -167,6 +187,7 @@ def image_size_from_file(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             w, h = img.size
+            check_pixels(w, h, str(path))
             orientation = img.getexif().get(0x0112, 1)
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(f"{path}: cannot read image header: {e}") from e
@@ -238,6 +259,11 @@ def _images(data: dict[str, Any], path: Path, root: Path, stats: Counter) -> lis
         seen.add(iid)
         file_name = _safe_relpath(im.get("file_name"), path, iid)
         img_path = root / file_name
+        if not img_path.resolve().is_relative_to(root):  # a symlink out of the image folder
+            raise DatasetError(
+                f"{path}: image id {iid}: {file_name!r} resolves to {str(img_path.resolve())!r}, outside the "
+                f"image root {str(root)!r} (symlinks are followed)"
+            )
         if not img_path.is_file():
             missing.append(f"{img_path} (image id {iid})")
             continue
@@ -257,6 +283,7 @@ def _image_size(im: dict[str, Any], img_path: Path, path: Path, stats: Counter) 
         return image_size_from_file(img_path)
     if not (_is_int(w) and _is_int(h) and w > 0 and h > 0):
         raise DatasetError(f"{path}: image id {im['id']}: width/height must be positive integers")
+    check_pixels(w, h, f"{path}: image id {im['id']}")
     return w, h
 
 
@@ -287,7 +314,10 @@ def _annotations(data, path, by_id, cat_to_label, task, stats) -> list[dict[str,
 
 
 def _sanitise(raw, rec: ImageRecord, label: int, task: str, stats: Counter, where: str) -> Ann | None:
-    iscrowd = bool(raw.get("iscrowd", 0))
+    crowd = raw.get("iscrowd", 0)
+    if crowd not in (0, 1) or isinstance(crowd, float) or (isinstance(crowd, str)):
+        raise DatasetError(f"{where}: iscrowd must be 0 or 1, got {str(crowd)[:40]!r}")
+    iscrowd = bool(crowd)
     segm = _check_segmentation(raw.get("segmentation"), rec, stats, where)
     if segm is None and task == "instance_segmentation":
         stats["no_segmentation"] += 1
@@ -336,7 +366,16 @@ def _check_segmentation(segm: Any, rec: ImageRecord, stats: Counter, where: str)
                 f"{where}: RLE size {segm['size']} differs from image {rec.file_name} "
                 f"[height, width] = {[rec.height, rec.width]}"
             )
-        if isinstance(segm["counts"], (list, str, bytes)):
+        counts = segm["counts"]
+        if isinstance(counts, list):
+            if not all(_is_int(c) and c >= 0 for c in counts) or sum(counts) != rec.height * rec.width:
+                raise DatasetError(
+                    f"{where}: uncompressed RLE counts must be non-negative integers summing to height x "
+                    f"width = {rec.height * rec.width}, got {len(counts)} counts"
+                    + (f" summing to {sum(counts)}" if all(_is_int(c) for c in counts) else "")
+                )
+            return segm
+        if isinstance(counts, (str, bytes)):
             return segm
     raise DatasetError(f"{where}: unsupported segmentation {str(segm)[:120]}")
 

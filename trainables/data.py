@@ -28,7 +28,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from trainables.coco import CocoIndex, DatasetError, ImageRecord, segmentation_to_rle
+from trainables.coco import CocoIndex, DatasetError, ImageRecord, check_pixels, segmentation_to_rle
 
 IGNORE_INDEX = 255
 _SEMANTIC = "semantic_segmentation"
@@ -40,6 +40,7 @@ def read_image(path: Path) -> tv_tensors.Image:
     Images of another mode than RGB are counted (:func:`converted_images`)."""
     try:
         with Image.open(path) as img:
+            check_pixels(*img.size, str(path))  # from the header, before decoding
             img.load()
             img = ImageOps.exif_transpose(img)
             if img.mode != "RGB":
