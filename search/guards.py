@@ -113,12 +113,16 @@ class StudyLock:
     def __init__(self, exp_dir: Path):
         self.path = Path(exp_dir) / LOCK_FILE
         self._fd: int | None = None
+        self.created: list[Path] = []  # what acquire() created: the lock file, then new folders
 
     def acquire(self) -> StudyLock:
         import fcntl
 
+        missing = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        existed = self.path.exists()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.created = ([] if existed else [self.path]) + missing
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -141,10 +145,19 @@ class StudyLock:
         self._fd = fd
         return self
 
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
+    def release(self, cleanup: bool = False) -> None:
+        """Drop the lock; with ``cleanup`` (nothing was written), also remove what acquire()
+        created: the lock file and the folders that did not exist, when they are empty."""
+        if self._fd is None:
+            return
+        if cleanup:
+            for path in self.created:
+                try:
+                    path.unlink() if path == self.path else path.rmdir()
+                except OSError:
+                    break  # not empty (or gone): keep it and its parents
+        os.close(self._fd)  # closing the descriptor drops the flock
+        self._fd = None
 
     def __enter__(self) -> StudyLock:
         return self.acquire()

@@ -483,7 +483,9 @@ def launch(
     finally:
         if started:
             _shutdown()
-        lock.release()
+        lock.release(
+            cleanup=not (exp_dir / S.SPEC_FILE).exists()
+        )  # a launch that wrote nothing leaves nothing
 
 
 def resume(

@@ -241,6 +241,22 @@ EXTRA = [
         "cannot create",
     ),
     _case("tracking-uri-unknown-scheme", {"tracking.uri": f"htp://127.0.0.1:{PORT}"}, "tracking.uri", "htp"),
+    _case(
+        "tracking-uri-password",
+        {"tracking.uri": f"http://bob:pw123@127.0.0.1:{PORT}"},
+        "tracking.uri",
+        "MLFLOW_TRACKING_PASSWORD",
+    ),
+    # issue 13/14: scheduler names, the reference trial, values a launch cannot use
+    _case("scheduler-unknown", {"search.scheduler": "ashaa"}, "search.scheduler", "did you mean 'asha'"),
+    _case(
+        "reference-trial-grid",
+        {"search.reference_trial": True, "search.algorithm": "grid"},
+        "search.reference_trial",
+        "grid",
+    ),
+    _case("seed-2-32", {"search.seed": 2**32}, "search.seed", "less than 4294967296"),
+    _case("name-too-long", {"name": "n" * 101}, "name", "at most 100"),
     # the command line
     _case("name-flag-bad", {}, "--name", "letters", argv=["--name", "../escape"]),
     _case("keep-top-negative", {}, "--keep-top", ">= 0", argv=["--keep-top", "-1"]),
