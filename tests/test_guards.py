@@ -279,3 +279,52 @@ def test_status_and_best_on_a_malformed_study_file_exit_2(tmp_path, text):
         done = run(command, str(exp))
         assert done.returncode == 2, (command, done.stderr)
         assert str(exp / "study.json") in done.stderr and "not a valid study file" in done.stderr
+
+
+@pytest.mark.slow
+def test_no_secret_is_written_anywhere(tmp_path):
+    """A real MLflow server; the credentials go where they are accepted (the environment: the URI
+    refuses them); afterwards no byte written by the study (experiment folder, the server's store
+    and artifacts, stdout, stderr) holds them."""
+    import socket
+
+    from tests.mlflow_server import start_server, stop_server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    secret_pw, secret_token = "pw-Zq81xY7c", "tok-Hh3kP0aa"
+    server = start_server(port, tmp_path / "srv", timeout=120)
+    try:
+        make_tiny_coco(tmp_path / "data", n_images=4, size=64)
+        spec = write_tiny_spec(
+            tmp_path,
+            "secret",
+            space={"lr": {"low": 0.001, "high": 0.01, "log": True}},
+            search={"num_trials": 2, "max_concurrent": 2},
+            epochs=1,
+            tracking={"uri": f"http://127.0.0.1:{port}"},
+        )
+        env = dict(
+            os.environ,
+            RAY_AUTH_MODE="disabled",
+            MLFLOW_TRACKING_USERNAME="alice",
+            MLFLOW_TRACKING_PASSWORD=secret_pw,
+            MLFLOW_TRACKING_TOKEN=secret_token,
+        )
+        done = subprocess.run(
+            [sys.executable, "-m", "search", "launch", str(spec)],
+            cwd=tmp_path,
+            capture_output=True,
+            timeout=600,
+            env=env,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    finally:
+        stop_server(server)
+    written = [done.stdout, done.stderr]
+    for root in (tmp_path / "runs", tmp_path / "srv"):
+        written += [p.read_bytes() for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert len(written) > 20  # the study, its checkpoints, the server's store and artifacts
+    for blob in written:
+        assert secret_pw.encode() not in blob and secret_token.encode() not in blob
