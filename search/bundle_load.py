@@ -34,21 +34,36 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def verify(folder: str | Path) -> None:
-    """Check every file listed in ``SHA256SUMS``; ValueError names a file that does not match."""
+def _plain_name(name: str, what: str) -> str:
+    """A file name inside the bundle folder: no folder part, no '..', not absolute."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("~"):
+        raise ValueError(f"{what} {name!r} must be a plain file name inside the bundle")
+    return name
+
+
+def verify(folder: str | Path, required: tuple[str, ...] = ("model.yaml",)) -> dict[str, str]:
+    """Check every file listed in ``SHA256SUMS`` (plain names only), and that every file in
+    ``required`` is listed; ValueError names the file. Returns name -> sha256."""
     folder = Path(folder)
     sums = folder / "SHA256SUMS"
     if not sums.is_file():
         raise ValueError(f"{folder} has no SHA256SUMS: not a bundle made by search export")
+    listed: dict[str, str] = {}
     for line in sums.read_text().splitlines():
         digest, _, name = line.partition("  ")
         if not name:
             continue
-        path = folder / name.strip()
-        if not path.is_file():
-            raise ValueError(f"bundle file {path} is missing")
+        name = _plain_name(name.strip(), "SHA256SUMS entry")
+        path = folder / name
+        if not path.is_file() or path.is_symlink():
+            raise ValueError(f"bundle file {path} is missing (or a link)")
         if sha256_file(path) != digest.strip():
             raise ValueError(f"bundle file {path} does not match its sha256 in SHA256SUMS")
+        listed[name] = digest.strip()
+    for name in required:
+        if name not in listed:
+            raise ValueError(f"bundle file {folder / name} has no sha256 in SHA256SUMS: refusing to load it")
+    return listed
 
 
 def read_meta(folder: str | Path) -> dict[str, Any]:
@@ -128,11 +143,13 @@ def load_bundle(folder: str | Path, device: str = "cpu", check: bool = True) -> 
     import torch
 
     folder = Path(folder)
-    if check:
-        verify(folder)
     meta = read_meta(folder)
+    weights_file = _plain_name(str(meta.get("weights_file", "weights.pt")), "model.yaml weights_file")
+    if check:
+        verify(folder, ("model.yaml", weights_file))
+        meta = read_meta(folder)  # as verified
     model = build(meta)
-    state = torch.load(folder / meta.get("weights_file", "weights.pt"), map_location="cpu", weights_only=True)
+    state = torch.load(folder / weights_file, map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
     model.eval().to(device)
     return model, meta
@@ -147,6 +164,7 @@ def load_torchscript(folder: str | Path, device: str = "cpu") -> Any:
     path = Path(folder) / "model.torchscript.pt"
     if not path.is_file():
         return None
+    verify(folder, ("model.yaml", path.name))  # a TorchScript file runs code: only a listed, matching one
     import warnings
 
     with warnings.catch_warnings():

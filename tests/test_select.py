@@ -316,3 +316,44 @@ def test_export_predict_matches_the_trials_evaluation(study, tmp_path, capsys):
     x = mod.preprocess(mod.read_image(paths[0]), meta2)
     _, dets = ts([x])
     assert torch.allclose(dets[0]["boxes"], own[0]["boxes"], atol=1e-4)
+    _tampered_bundles_are_refused(out, paths[0], tmp_path, capsys)
+
+
+def _tampered_bundles_are_refused(out: Path, image: Path, tmp_path: Path, capsys) -> None:
+    """A bundle is verified whole: every file model.yaml names has a matching sha256 entry, and
+    weights_file is a plain name inside the bundle; otherwise predict exits 2 naming the file."""
+    import hashlib
+    import shutil
+
+    def copy(name: str) -> Path:
+        dst = tmp_path / name
+        shutil.copytree(out, dst)
+        return dst
+
+    def resum(folder: Path, drop: str | None = None) -> None:
+        lines = []
+        for line in (folder / "SHA256SUMS").read_text().splitlines():
+            name = line.partition("  ")[2]
+            if name != drop:
+                lines.append(f"{hashlib.sha256((folder / name).read_bytes()).hexdigest()}  {name}")
+        (folder / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+
+    unlisted = copy("unlisted")  # the weights' line removed, then the weights changed
+    resum(unlisted, drop="weights.pt")
+    state = torch.load(unlisted / "weights.pt", weights_only=True)
+    torch.save(
+        {k: (v + 1 if v.is_floating_point() else v) for k, v in state.items()}, unlisted / "weights.pt"
+    )
+    empty = copy("empty")
+    (empty / "SHA256SUMS").write_text("")
+    outside = copy("outside")  # weights_file points out of the bundle (model.yaml re-summed)
+    shutil.copy2(out / "weights.pt", tmp_path / "elsewhere.pt")
+    meta = yaml.safe_load((outside / "model.yaml").read_text())
+    meta["weights_file"] = "../elsewhere.pt"
+    (outside / "model.yaml").write_text(yaml.safe_dump(meta))
+    resum(outside)
+    for folder, words in ((unlisted, "weights.pt"), (empty, "model.yaml"), (outside, "plain file name")):
+        capsys.readouterr()
+        assert main(["predict", str(folder), str(image)]) == 2, folder
+        err = capsys.readouterr().err
+        assert words in err, (folder, err)
