@@ -236,13 +236,39 @@ def _check_reachable(address: str, timeout: float = 3.0, key: str = "--address")
     if not host or not port.isdigit():
         raise ClusterError(f"{key} {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379, or auto).")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-            pass
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
+            speaks_grpc = _speaks_http2(sock, timeout)
     except OSError as exc:
         raise ClusterError(
             f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}). Start it "
             f"with 'ray start --head --port {port}' or fix --address/resources.address."
         ) from None
+    if not speaks_grpc:
+        raise ClusterError(
+            f"{key} {address!r} accepts connections but is not a Ray head node (its GCS speaks gRPC, this "
+            f"port does not). Point it at the head's GCS port ('ray start --head' prints it; default 6379)."
+        )
+
+
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def _speaks_http2(sock: socket.socket, timeout: float) -> bool:
+    """Whether the peer answers an HTTP/2 client preface with a SETTINGS frame, as every gRPC
+    server (Ray's GCS) does; a server of another protocol answers otherwise, closes, or stays
+    silent until ``timeout``."""
+    sock.settimeout(timeout)
+    try:
+        sock.sendall(_HTTP2_PREFACE)
+        head = b""
+        while len(head) < 9:
+            chunk = sock.recv(9 - len(head))
+            if not chunk:
+                return False
+            head += chunk
+    except OSError:
+        return False
+    return head[3] == 0x04  # frame type SETTINGS
 
 
 def preflight(spec: Spec, address: str | None, weights: bool = True) -> None:

@@ -328,3 +328,40 @@ def test_no_secret_is_written_anywhere(tmp_path):
     assert len(written) > 20  # the study, its checkpoints, the server's store and artifacts
     for blob in written:
         assert secret_pw.encode() not in blob and secret_token.encode() not in blob
+
+
+@pytest.mark.parametrize("answer", [b"HTTP/1.1 400 Bad Request\r\n\r\n", None])
+def test_an_address_that_is_not_ray_fails_fast(tmp_path, answer):
+    """A TCP server of another protocol (or a silent one) at --address: exit 2 within 30 s, naming
+    the address, nothing created (before: ray.init waited on it for minutes)."""
+    import socket
+    import threading
+
+    make_tiny_coco(tmp_path / "data", n_images=4, size=64)
+    spec = write_tiny_spec(tmp_path, "notray", space={"lr": 0.01}, search={"num_trials": 1}, epochs=1)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    port = srv.getsockname()[1]
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            if answer is not None:
+                conn.recv(100)
+                conn.sendall(answer)
+                conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        t0 = time.monotonic()
+        done = run("launch", str(spec), "--address", f"127.0.0.1:{port}", cwd=tmp_path, timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        srv.close()
+    assert done.returncode == 2, done.stderr
+    assert f"127.0.0.1:{port}" in done.stderr and "not a Ray head node" in done.stderr
+    assert took < 30 and not (tmp_path / "runs").exists()
