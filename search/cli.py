@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("resume", help="continue an interrupted study from its checkpoints")
     add_name_args(p)
     p.add_argument("--restart-errored", action="store_true", help="also restart errored trials from scratch")
+    p.add_argument(
+        "--trust-folder",
+        action="store_true",
+        help="resume even when the study folder or Ray's state files in it are writable by others",
+    )
     p.add_argument("--address", default=None, help="join an existing Ray cluster (HOST:PORT or auto)")
     _add_keep_top(p)
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -297,6 +302,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from search.study import resolve_experiment
 
     exp_dir = resolve_experiment(args.name, args.output_dir)
+    if not args.trust_folder:
+        from search.guards import check_folder_trust
+
+        check_folder_trust(exp_dir)
     summary = launcher.resume(
         exp_dir, restart_errored=args.restart_errored, address=args.address, keep_top=args.keep_top
     )

@@ -94,6 +94,44 @@ def check_output(
         )
 
 
+# ---------------------------------------------------------------- who could have written a study
+
+RAY_STATE_GLOBS = (
+    "tuner.pkl",
+    "*.pkl",
+    "experiment_state-*.json",
+    "search_gen_state-*.json",
+    "trial_*/*.pkl",
+)
+
+
+def check_folder_trust(exp_dir: Path) -> None:
+    """``resume`` unpickles Ray's state files: refuse when the study folder, or one of those files,
+    is writable by the group or by others, or owned by another user (a crafted pickle would run as
+    you). ``resume --trust-folder`` skips this check."""
+    exp_dir = Path(exp_dir)
+    me = os.getuid()
+    paths = [exp_dir] + sorted({p for g in RAY_STATE_GLOBS for p in exp_dir.glob(g)})
+    for path in paths:
+        st = path.lstat()
+        who = "others" if st.st_mode & 0o002 else "its group"
+        why = None
+        if path.is_symlink():
+            why = "is a symbolic link"
+        elif st.st_uid != me:
+            why = f"is owned by uid {st.st_uid}, not you (uid {me})"
+        elif st.st_mode & 0o022:
+            why = f"is writable by {who} (mode {st.st_mode & 0o777:o})"
+        if why:
+            raise SpecError(
+                "resume",
+                f"{str(path)!r} {why}: resume unpickles Ray's state files from this folder, and a file "
+                "someone else wrote could run code as you.",
+                f"make it yours and not group/world-writable (chmod -R go-w {str(exp_dir)!r}), or pass "
+                "--trust-folder if you trust everyone who can write there.",
+            )
+
+
 # ---------------------------------------------------------------- one writer per study folder
 
 LOCK_FILE = ".search.lock"

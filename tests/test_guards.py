@@ -365,3 +365,25 @@ def test_an_address_that_is_not_ray_fails_fast(tmp_path, answer):
     assert done.returncode == 2, done.stderr
     assert f"127.0.0.1:{port}" in done.stderr and "not a Ray head node" in done.stderr
     assert took < 30 and not (tmp_path / "runs").exists()
+
+
+def test_resume_refuses_a_folder_others_can_write(tmp_path):
+    """resume unpickles Ray's state: a study folder (or a pickle in it) writable by the group or
+    others is refused before anything is read, unless --trust-folder."""
+    exp = tmp_path / "shared"
+    exp.mkdir(mode=0o755)
+    (exp / "spec.yaml").write_text("name: x\n")
+    (exp / "tuner.pkl").write_bytes(b"not read")
+    os.chmod(exp / "tuner.pkl", 0o644)
+    guards.check_folder_trust(exp)  # yours, not writable by others: fine
+    os.chmod(exp / "tuner.pkl", 0o666)
+    with pytest.raises(SpecError, match="tuner.pkl.*writable by others"):
+        guards.check_folder_trust(exp)
+    os.chmod(exp / "tuner.pkl", 0o644)
+    os.chmod(exp, 0o775)
+    with pytest.raises(SpecError, match="writable by its group"):
+        guards.check_folder_trust(exp)
+    done = run("resume", str(exp))
+    assert done.returncode == 2 and "--trust-folder" in done.stderr
+    done = run("resume", str(exp), "--trust-folder")  # the check is skipped; Ray's own reading fails later
+    assert "--trust-folder" not in done.stderr
