@@ -157,11 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_RUNTIME
 
 
-def load(args: argparse.Namespace, deep: bool = True):
-    """The validated spec of a command's SPEC and --set arguments (deep: also torch checks)."""
+def load(args: argparse.Namespace, deep: bool = True, study: bool = True):
+    """The validated spec of a command's SPEC and --set arguments (deep: also torch checks;
+    study=False: a single trial, the study's scheduling settings are not checked)."""
     from search.spec import deep_check, load_spec
 
-    spec = load_spec(args.spec, args.overrides)
+    spec = load_spec(args.spec, args.overrides, study=study)
     if deep:
         try:
             deep_check(spec)
@@ -200,9 +201,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if facts:
         print(f"  model: {facts['parameters']:,} parameters in {facts['parameter_tensors']} tensors")
     print(f"  space: {len(space.searched)} searched, {len(space.dims) - len(space.searched)} fixed")
-    for dim in space.dims:
-        when = f"  when {dim.when}" if dim.when else ""
-        print(f"    {dim.name}: {json.dumps(dim.describe(), default=str)}{when}")
+    for dim in space.dims:  # describe() holds the when condition
+        print(f"    {dim.name}: {json.dumps(dim.describe(), default=str)}")
     s = spec.search
     print(
         f"  search: {s.algorithm} + {s.scheduler}, {s.num_trials} trials x {spec.train.epochs} epochs, "
@@ -236,7 +236,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, default=str))
     else:
-        _print_trial(result)
+        _print_trial(result, spec.objective.metric)
     return EXIT_OK if result.get("status") == "ok" else EXIT_RUNTIME
 
 
@@ -270,10 +270,10 @@ def _printer(quiet: bool) -> Callable[[dict, Any], None]:
     return report
 
 
-def _print_trial(result: dict) -> None:
+def _print_trial(result: dict, metric: str) -> None:
     print(f"status: {result.get('status')}")
-    print(f"base metric (epoch 0): {result.get('base_metric')}")
-    print(f"best metric: {result.get('best_metric')} at epoch {result.get('best_epoch')}")
+    print(f"base model {metric} (epoch 0): {_fmt(result.get('base_metric'))}")
+    print(f"best {metric}: {_fmt(result.get('best_metric'))} at epoch {result.get('best_epoch')}")
     print(f"trainable / frozen parameters: {result.get('trainable_params')} / {result.get('frozen_params')}")
     print(f"checkpoint: {result.get('checkpoint')}")
 

@@ -6,6 +6,8 @@ import difflib
 from collections.abc import Iterable
 from typing import Any
 
+FILE_KEY = "<file>"  # the key of an error about the spec file as a whole (not printed)
+
 
 class SpecError(ValueError):
     """A spec (or ``--set`` override) that breaks a rule. The CLI prints ``str(err)`` and exits 2."""
@@ -19,7 +21,10 @@ class SpecError(ValueError):
 
     def line(self) -> str:
         where = f"{self.source}: " if self.source else ""
-        text = f"{where}{self.key or '<spec>'}: {self.message}"
+        key = (
+            "" if self.key == FILE_KEY else f"{self.key or 'spec'}: "
+        )  # a whole-file error: the file names it
+        text = f"{where}{key}{self.message}"
         if self.fix:
             text += f" Fix: {self.fix}"
         return " ".join(text.split())  # one line, whatever the parts held

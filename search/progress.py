@@ -274,16 +274,21 @@ class Progress(Callback):
                 out.append(f"{name}={v:.3g}" if isinstance(v, float) else f"{name}={v}")
         return " ".join(out)
 
-    def _line(self, t: dict[str, Any], what: str) -> None:
+    def _line(self, t: dict[str, Any], what: str, result: dict[str, Any] | None = None) -> None:
+        """One line; for a result, its own epoch and value (a shared base evaluation may arrive
+        after epoch 1: it is still epoch 0)."""
         metric = self.study.metric
         last = t["history"][-1] if t.get("history") else {}
+        epoch = t.get("epochs", 0)
+        if result is not None and isinstance(result.get("epoch"), (int, float)):
+            last, epoch = result, int(result["epoch"])
         value = _number(last.get(metric))
         best = self._best()
         best_txt = f"{best['best_metric']:.4f} ({best['id']})" if best else "-"
         val_txt = f"{value:.4f}" if value is not None else ("diverged" if last.get("diverged") else "-")
         self._print(
             f"[{_clock(self.study.elapsed())}] trial {t['index'] + 1}/{self.num_trials} {t['id']} "
-            f"{what:<10} epoch {t.get('epochs', 0)}/{self.study.epochs} {metric}={val_txt} "
+            f"{what:<10} epoch {epoch}/{self.study.epochs} {metric}={val_txt} "
             f"best={best_txt} | {self._params(t)}"
         )
 
@@ -312,7 +317,7 @@ class Progress(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         t = self.study.state["trials"].get(trial.trial_id)
         if t:
-            self._line(t, "diverged" if result.get("diverged") else "result")
+            self._line(t, "diverged" if result.get("diverged") else "result", result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         t = self.study.state["trials"].get(trial.trial_id)

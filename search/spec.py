@@ -356,19 +356,21 @@ def _set_path(node: dict[str, Any], parts: list[str], value: Any, prefix: str) -
     node[parts[-1]] = value
 
 
-def load_spec(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
-    """Load, override and validate a spec file (no torch). Raises SpecError naming the key path."""
+def load_spec(path: Path | str, overrides: list[str] | tuple[str, ...] = (), study: bool = True) -> Spec:
+    """Load, override and validate a spec file (no torch). Raises SpecError naming the key path.
+    ``study=False`` (the ``trial`` command) skips the checks that only matter to a study's
+    scheduling (``search.grace_period`` against ``train.epochs``)."""
     path = Path(path)
     raw = read_yaml(path)
     for text in overrides:
         apply_override(raw, *parse_override(text))
     try:
-        return build_spec(raw, path.resolve().parent, source=path)
+        return build_spec(raw, path.resolve().parent, source=path, study=study)
     except SpecError as err:
         raise err.with_source(str(path)) from None
 
 
-def build_spec(raw: dict[str, Any], base: Path, source: Path | None = None) -> Spec:
+def build_spec(raw: dict[str, Any], base: Path, source: Path | None = None, study: bool = True) -> Spec:
     """Validate a raw mapping; relative paths resolve against ``base``."""
     try:
         spec = Spec.model_validate(raw)
@@ -384,7 +386,7 @@ def build_spec(raw: dict[str, Any], base: Path, source: Path | None = None) -> S
     _check_model(spec)
     _check_objective(spec)
     _check_space(spec)
-    _check_search(spec)
+    _check_search(spec, study)
     _check_files(spec)
     guards.check_uri_secrets(spec.tracking.uri)
     inputs = guards.spec_inputs(spec)
@@ -422,10 +424,11 @@ def _from_pydantic(exc: ValidationError) -> SpecError:
     kind = err["type"]
     if kind == "extra_forbidden":
         fields = _fields_at(loc[:-1])
+        close = did_you_mean(loc[-1], fields)
         return SpecError(
             key,
-            f"unknown key {loc[-1]!r}.{did_you_mean(loc[-1], fields)}",
-            f"remove it; valid keys here: {', '.join(fields)}.",
+            f"unknown key {loc[-1]!r}.{close}",
+            ("rename it; " if close else "remove it; ") + f"valid keys here: {', '.join(fields)}.",
         )
     if kind == "missing":
         return SpecError(key, "is required but missing.", _FIX["missing"])
@@ -664,14 +667,14 @@ def _check_family_values(spec: Spec, fam: families.Family, dim, key: str) -> Non
             )
 
 
-def _check_search(spec: Spec) -> None:
+def _check_search(spec: Spec, study: bool = True) -> None:
     from search.schedulers import SCHEDULER_NAMES
 
     s = spec.search
     if s.scheduler not in SCHEDULER_NAMES:
         raise unknown_name("search.scheduler", s.scheduler, SCHEDULER_NAMES, "scheduler")
     _check_reference(spec)
-    if s.grace_period > spec.train.epochs:
+    if study and s.grace_period > spec.train.epochs:
         raise SpecError(
             "search.grace_period",
             f"grace_period <= train.epochs must hold, but got {s.grace_period} > {spec.train.epochs}.",

@@ -263,9 +263,9 @@ EXTRA = [
     _case("set-unknown-key", {}, "train.epoch", "did you mean 'epochs'", argv=["--set", "train.epoch=3"]),
     _case("set-not-key-value", {}, "--set", "KEY=VALUE", argv=["--set", "train.epochs"]),
     _case("experiment-exists", {}, "runs/t", "already holds a study", setup="existing"),
-    _case("spec-empty-file", {}, "<file>", "mapping", setup="empty"),
-    _case("spec-bad-yaml", {}, "<file>", "at line", setup="bad_yaml"),
-    _case("spec-is-a-folder", {}, "<file>", "does not exist", setup="folder"),
+    _case("spec-empty-file", {}, ".yaml: the top level", "mapping", setup="empty"),
+    _case("spec-bad-yaml", {}, ".yaml: is not valid YAML", "at line", setup="bad_yaml"),
+    _case("spec-is-a-folder", {}, "spec file", "does not exist", setup="folder"),
 ]
 
 FROM_TEST_SPEC = [
