@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="search",
         description="Hyperparameter search for fine-tuning torchvision detection and segmentation models.",
     )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="also print MLflow's, Ray's and this tool's INFO logs"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("validate", help="check a spec (and its data and model) without running anything")
@@ -127,7 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run a command; returns the exit code."""
     args = build_parser().parse_args(argv)
-    level = logging.INFO if getattr(args, "verbose_log", True) else logging.WARNING
+    if not args.verbose:  # MLflow configures its own loggers at import, from this variable
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    level = logging.INFO if getattr(args, "verbose_log", True) or args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return args.func(args)

@@ -65,6 +65,7 @@ def add_commands(sub: Any) -> None:
         "--min-score", type=float, default=0.3, help="drop detections below this score (default 0.3)"
     )
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.add_argument("--json", action="store_true", help="print the predictions as one JSON object")
     p.set_defaults(func=cmd_predict, verbose_log=False)
 
     p = sub.add_parser("ui", help="start the MLflow UI on a study's tracking store (127.0.0.1)")
@@ -184,7 +185,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
     print(f"  files: {', '.join(sorted(meta['files']))}, SHA256SUMS")
     print(f"  torchscript: {'ok (matches the eager model)' if ts.get('ok') else ts.get('error')}")
-    print(f"  load it: from load import load_bundle; model, meta = load_bundle('{args.out}')")
+    print(
+        f"  load it: cd {args.out} && python -c \"from load import load_bundle; model, meta = load_bundle('.')\""
+        " (load.py needs only torch and torchvision)"
+    )
     return 0
 
 
@@ -209,8 +213,33 @@ def cmd_predict(args: argparse.Namespace) -> int:
         )
     except BundleError as exc:
         raise _bad_input(exc) from None
-    print(json.dumps(out, default=str))
+    if args.json:
+        print(json.dumps(out, default=str))
+        return 0
+    _print_predictions(out, args.out)
     return 0
+
+
+def _print_predictions(out: dict[str, Any], out_dir: Path | None) -> None:
+    """A table per image: class, score, box (detection); pixels per class (semantic)."""
+    print(f"{out['arch']} ({out['task']}), {len(out['images'])} image(s), min score {out['min_score']:g}")
+    for entry in out["images"]:
+        print(f"\n{entry['image']} ({entry['width']}x{entry['height']})")
+        if "pixels" in entry:
+            total = sum(entry["pixels"].values()) or 1
+            for name, n in entry["pixels"].items():
+                print(f"  {name:<20} {n:>9} px  {100 * n / total:5.1f} %")
+            continue
+        dets = entry.get("detections") or []
+        if not dets:
+            print("  no detection above the min score")
+            continue
+        print(f"  {'class':<20} {'score':>6}  box (x1, y1, x2, y2)")
+        for d in dets:
+            box = ", ".join(f"{v:.1f}" for v in d["box"])
+            print(f"  {str(d.get('class', d['label'])):<20} {d['score']:>6.3f}  ({box})")
+    if out_dir is not None:
+        print(f"\nwritten to {out_dir}: predictions.json, annotated images and masks")
 
 
 # ---------------------------------------------------------------- ui

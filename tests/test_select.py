@@ -273,7 +273,18 @@ def test_export_predict_matches_the_trials_evaluation(study, tmp_path, capsys):
                 own.append({**pred, "image_id": target["image_id"], "input_size": tuple(image.shape[-2:])})
     paths = [rec.path for rec in index.images]
     assert (
-        main(["predict", str(out), *map(str, paths[:3]), "--out", str(tmp_path / "pred"), "--min-score", "0"])
+        main(
+            [
+                "predict",
+                str(out),
+                *map(str, paths[:3]),
+                "--out",
+                str(tmp_path / "pred"),
+                "--min-score",
+                "0",
+                "--json",
+            ]
+        )
         == 0
     )
     result = json.loads(capsys.readouterr().out)
@@ -289,6 +300,11 @@ def test_export_predict_matches_the_trials_evaluation(study, tmp_path, capsys):
             torch.tensor([d["score"] for d in entry["detections"]]), pred["scores"], atol=1e-5
         )
         assert Path(entry["annotated"]).is_file()
+    # without --json: a table per image, one row per detection
+    assert main(["predict", str(out), str(paths[0]), "--min-score", "0"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    rows = [ln for ln in table if ln.startswith("  ") and "(" in ln and "box" not in ln]
+    assert len(rows) == len(result["images"][0]["detections"]) and str(paths[0]) in "\n".join(table)
     # the bundle on every val image reproduces the trial's recorded best metric
     full = bundle.predict_files(out, paths, min_score=0.0)
     preds = [
