@@ -186,8 +186,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"  files: {', '.join(sorted(meta['files']))}, SHA256SUMS")
     print(f"  torchscript: {'ok (matches the eager model)' if ts.get('ok') else ts.get('error')}")
     print(
-        f"  load it: cd {args.out} && python -c \"from load import load_bundle; model, meta = load_bundle('.')\""
-        " (load.py needs only torch and torchvision)"
+        f"  load it: cd {args.out} && python -c "
+        "\"from load import load_bundle; model, meta = load_bundle('.')\" (needs only torch and torchvision)"
     )
     return 0
 
