@@ -178,10 +178,8 @@ class StudyState(Callback):
         if result.get("diverged"):
             t["diverged"] = True
         elif epoch == 0:
-            base = _number(result.get("base_metric", value))
-            t["base_metric"] = base
-            if self.state.get("base_metric") is None:
-                self.state["base_metric"] = base
+            t["base_metric"] = _number(result.get("base_metric", value))
+            self.state["base_metric"] = S.study_base_metric(self.state)
         elif value is not None and S.better(value, t.get("best_metric"), self.mode):
             t["best_metric"], t["best_epoch"] = value, int(epoch)
         self.save()

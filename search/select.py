@@ -2,9 +2,8 @@
 
 Reads the experiment folder (``study.json``, ``spec.yaml``, ``mlflow_runs.json``; DESIGN.md) and,
 for ``promote``, the study's MLflow store. The base model's epoch-0 metric that a trial must beat
-is the best epoch-0 metric over the study's trials (every trial reports its starting model's
-evaluation as epoch 0, shared between trials through ``base_eval/``; a trial that swaps
-activations starts from a modified base, which only scores lower).
+is the study's base metric: the unmodified base model's epoch-0 score
+(:func:`search.study.study_base_metric`), the same number ``status`` and MLflow show.
 """
 
 from __future__ import annotations
@@ -67,20 +66,9 @@ def _num(value: Any) -> float | None:
 
 
 def base_metric(status: dict[str, Any]) -> float | None:
-    """The base model's epoch-0 metric: the best epoch-0 value over the trials (study.json's
-    ``base_metric`` when no trial kept its epoch-0 row)."""
-    mode, metric = status.get("mode", "max"), status.get("metric")
-    values = []
-    for t in status.get("trials", []):
-        v = _num(t.get("base_metric"))
-        if v is None:
-            row = next((r for r in t.get("history") or [] if r.get("epoch") == 0), None)
-            v = _num((row or {}).get(metric))
-        if v is not None:
-            values.append(v)
-    if not values:
-        return _num(status.get("base_metric"))
-    return max(values) if mode == "max" else min(values)
+    """The study's base metric (:func:`search.study.study_base_metric`: the unmodified base
+    model's epoch-0 score)."""
+    return S.study_base_metric(status)
 
 
 def improvement(value: float | None, base: float | None, mode: str) -> float | None:

@@ -159,6 +159,41 @@ def better(a: float | None, b: float | None, mode: str) -> bool:
     return a > b if mode == "max" else a < b
 
 
+def keeps_base(params: dict[str, Any]) -> bool:
+    """Whether a trial starts from the base model as built: its epoch 0 is the base model's score.
+    Activation swaps change the starting model's function; norm conversions, losses and freezing
+    do not change its evaluation."""
+    return (params or {}).get("activation", "keep") == "keep"
+
+
+def _epoch0(t: dict[str, Any], metric: str | None) -> float | None:
+    v = _num(t.get("base_metric"))
+    if v is None:
+        row = next((r for r in t.get("history") or [] if r.get("epoch") == 0), None)
+        v = _num((row or {}).get(metric)) if metric else None
+    return v
+
+
+def study_base_metric(state: dict[str, Any]) -> float | None:
+    """The study's base metric: the epoch-0 score of the unmodified base model, from a trial that
+    keeps the architecture's activations (the reference trial does); when every trial swapped
+    activations, the best epoch-0 score over the trials. One number for every surface: the summary,
+    ``status``, ``best``, ``promote``, bundles and MLflow."""
+    trials = state.get("trials") or {}
+    trials = sorted(
+        trials.values() if isinstance(trials, dict) else trials,
+        key=lambda t: (t.get("index", 0), t.get("id", "")),
+    )
+    metric, mode = state.get("metric"), state.get("mode", "max")
+    plain = [v for t in trials if keeps_base(t.get("params")) and (v := _epoch0(t, metric)) is not None]
+    if plain:
+        return plain[0]
+    values = [v for t in trials if (v := _epoch0(t, metric)) is not None]
+    if not values:
+        return _num(state.get("base_metric"))
+    return max(values) if mode == "max" else min(values)
+
+
 def best_trial(trials: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
     """The trial with the best ``best_metric`` (diverged/errored trials never win)."""
     best = None
@@ -225,6 +260,7 @@ def status_object(exp_dir: Path) -> dict[str, Any]:
         }
         for t in trials
     ]
+    out["base_metric"] = study_base_metric(state)
     out["best"] = best_trial(out["trials"], state.get("mode", "max"))
     out["reference"] = reference_summary(out)
     return out

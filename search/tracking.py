@@ -1042,7 +1042,13 @@ class MlflowTracker(_Callback):
                 values["best_epoch"] = float(st["best_epoch"])
         self._log(tid, metrics=values, step=epoch)
         study = self.runs.data["study"]
-        if epoch == 0 and study.get("base") is None and _number(result.get(self.metric)) is not None:
+        plain = S.keeps_base(getattr(trial, "config", None) or {})  # the unmodified base model's score
+        if (
+            epoch == 0
+            and plain
+            and study.get("base") is None
+            and _number(result.get(self.metric)) is not None
+        ):
             study["base"] = _number(result.get(self.metric))
             base = {f"base_{k}": v for k, v in values.items()}
             self._log(
@@ -1123,6 +1129,14 @@ class MlflowTracker(_Callback):
                 self._log(tid, tags={"interrupted": "true"})
                 self._put(op="status", key=tid, status="KILLED", ts=_now_ms())
             self._active.discard(tid)
+        study = self.runs.data["study"]
+        if study.get("base") is None:  # no trial kept the base as built: the best epoch 0 (as status)
+            base = S.study_base_metric(S.read_study(self.exp_dir))
+            if base is not None:
+                study["base"] = base
+                self._log(
+                    "parent", metrics={f"base_{self.metric}": base}, step=0, tags={"base_metric": repr(base)}
+                )
         summary = self._summary(trials, unfinished)
         self._put(
             op="text", key="parent", text=json.dumps(summary, indent=1, default=str), file="summary.json"

@@ -1,0 +1,43 @@
+"""The study's base metric is one number (issue 15 item 1): the unmodified base model's epoch-0
+score, whichever trial reports first; status, best and promote read the same function."""
+
+from __future__ import annotations
+
+import pytest
+
+from search import select
+from search import study as S
+
+
+def _trial(i, base, **params):
+    return {
+        "id": f"t{i}",
+        "index": i,
+        "params": params,
+        "base_metric": base,
+        "history": [{"epoch": 0, "map50": base}],
+    }
+
+
+@pytest.mark.parametrize(
+    ("trials", "expected"),
+    [
+        # a trial that swapped activations reported first: its epoch 0 is not the base model's
+        ([_trial(0, 0.0003, activation="silu"), _trial(1, 0.0009, activation="keep")], 0.0009),
+        ([_trial(0, 0.0003, activation="silu"), _trial(1, 0.0009)], 0.0009),  # keep is the default
+        ([_trial(0, 0.0009, lr=0.1), _trial(1, 0.0011, activation="gelu")], 0.0009),  # not the max
+        ([_trial(0, 0.0003, activation="silu"), _trial(1, 0.0005, activation="mish")], 0.0005),  # none kept
+        ([], None),
+    ],
+)
+def test_study_base_metric_is_the_unmodified_models(trials, expected, tmp_path):
+    state = {"metric": "map50", "mode": "max", "base_metric": None, "trials": {t["id"]: t for t in trials}}
+    assert S.study_base_metric(state) == expected
+    S.write_study(tmp_path, state)
+    status = S.status_object(tmp_path)
+    assert status["base_metric"] == expected == select.base_metric(status)
+
+
+def test_keeps_base():
+    assert S.keeps_base({}) and S.keeps_base({"activation": "keep", "norm": "train", "trainable": "heads"})
+    assert not S.keeps_base({"activation": "silu"})
