@@ -328,7 +328,7 @@ def _finish(summary: dict, as_json: bool) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from search.study import human_bytes, resolve_experiment, status_object, stop_text
+    from search.study import count_text, human_bytes, resolve_experiment, status_object, stop_text
 
     exp_dir = resolve_experiment(args.name, args.output_dir)
     obj = status_object(exp_dir)
@@ -336,8 +336,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(obj, default=str))
         return EXIT_OK
     metric = obj["metric"]
+    counts: dict[str, int] = {}
+    for t in obj["trials"]:
+        counts[t["state"]] = counts.get(t["state"], 0) + 1
     print(
-        f"study {obj['name']} ({obj.get('status')}): {len(obj['trials'])} trial(s), objective {metric} "
+        f"study {obj['name']} ({obj.get('status')}): {count_text(counts)}, objective {metric} "
         f"({obj['mode']}), base model {metric} {_fmt(obj.get('base_metric'))}, "
         f"updated {obj.get('updated')}"
     )
@@ -350,8 +353,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         if t.get("checkpoint"):
             print(f"{'':<42}{t['checkpoint']}")
-        if t.get("error"):
-            print(f"{'':<42}error: {t['error']}")
+        if t.get("failure") == "diverged":
+            print(f"{'':<42}failed: diverged (a non-finite loss)")
+        elif t.get("error"):
+            print(f"{'':<42}failed: {t['error']}")
         if t.get("reference"):
             print(f"{'':<42}reference trial (the architecture's torchvision recipe)")
         if t.get("stopped"):

@@ -532,7 +532,7 @@ def resume(
     spec = read_spec(exp_dir)
     previous = S.read_study(exp_dir) or None
     if previous and restart_errored:  # Ray reruns them as new trials (new ids, same config)
-        errored = [k for k, t in previous["trials"].items() if t["state"] == S.ERROR]
+        errored = [k for k, t in previous["trials"].items() if t.get("failure") == S.ERROR]
         previous.setdefault("restarted_errored", []).extend(previous["trials"].pop(k) for k in errored)
     if restart_errored:  # asked for: the trials' own errors no longer block their retries
         for mark in exp_dir.glob(f"trial_*/{ERROR_MARK}"):
@@ -655,7 +655,7 @@ def print_summary(summary: dict[str, Any], spec: Spec | None = None) -> None:
     exp_dir = summary["experiment_dir"]
     print("", flush=True)
     print(
-        f"study {summary['name']}: {summary['status']}, trials {summary['counts']}"
+        f"study {summary['name']}: {summary['status']}, {S.count_text(summary['counts'])}"
         + (" (time budget reached)" if summary.get("budget_reached") else "")
     )
     print(f"{'trial':<13} {'state':<10} {'epochs':>6} {'best':>9}  {'disk':>9}  checkpoint")

@@ -162,6 +162,7 @@ class StudyState(Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         t = self.entry(trial)
         t["state"] = S.RUNNING
+        t.pop("failure", None)  # a restarted trial
         self.save()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
@@ -193,11 +194,11 @@ class StudyState(Callback):
         t = self.entry(trial)
         self._checkpoints(trial, t)
         if t.get("diverged"):
-            t["state"] = S.DIVERGED
+            t["state"], t["failure"] = S.FAILED, S.DIVERGED
         elif t["epochs"] >= self.epochs:
-            t["state"] = S.TERMINATED
+            t["state"] = S.COMPLETE
         else:
-            t["state"] = S.STOPPED
+            t["state"] = S.PRUNED
             t["stopped_by"] = (
                 "time_budget" if self.deadline is not None and time.time() >= self.deadline else "scheduler"
             )
@@ -209,7 +210,7 @@ class StudyState(Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         t = self.entry(trial)
         self._checkpoints(trial, t)
-        t["state"] = S.ERROR
+        t["state"], t["failure"] = S.FAILED, S.ERROR
         t["error"] = _error_line(trial)
         t["retries"] = max(0, int(getattr(trial, "num_failures", 1)) - 1)
         if self.searcher is not None:

@@ -48,10 +48,30 @@ JOURNAL_FILE = "optuna.journal"
 MODEL_FILE = "model.pt"  # the file inside each Ray checkpoint folder
 BASE_EVAL_DIR = "base_eval"  # the shared epoch-0 base evaluations (trainables.base_eval)
 
-# Trial states in study.json. PAUSED: unfinished when the run was interrupted (resume continues it).
-PENDING, RUNNING, PAUSED = "PENDING", "RUNNING", "PAUSED"
-TERMINATED, STOPPED, DIVERGED, ERROR = "TERMINATED", "STOPPED", "DIVERGED", "ERROR"
-FINISHED_STATES = (TERMINATED, STOPPED, DIVERGED, ERROR)
+# Trial states: one vocabulary in study.json, status, the summary and MLflow (Optuna's words).
+# COMPLETE: ran every epoch; PRUNED: stopped early by the scheduler or the time budget; FAILED:
+# diverged (non-finite loss) or raised, told apart by the trial's "failure" ("diverged" | "error");
+# PENDING: not started, or unfinished when the study was interrupted (resume continues it).
+PENDING, RUNNING, COMPLETE, PRUNED, FAILED = "PENDING", "RUNNING", "COMPLETE", "PRUNED", "FAILED"
+STATES = (COMPLETE, PRUNED, FAILED, RUNNING, PENDING)
+PAUSED = PENDING
+DIVERGED, ERROR = "diverged", "error"  # the "failure" of a FAILED trial
+FINISHED_STATES = (COMPLETE, PRUNED, FAILED)
+# study.json files written before this vocabulary: state -> (state, failure)
+_LEGACY = {
+    "TERMINATED": (COMPLETE, None),
+    "STOPPED": (PRUNED, None),
+    "DIVERGED": (FAILED, DIVERGED),
+    "ERROR": (FAILED, ERROR),
+    "PAUSED": (PENDING, None),
+}
+
+
+def count_text(counts: dict[str, int]) -> str:
+    """``6 trials: 2 complete, 4 pruned`` (states in :data:`STATES` order)."""
+    n = sum(counts.values())
+    parts = [f"{counts[k]} {k.lower()}" for k in STATES if counts.get(k)]
+    return f"{n} trial{'s' if n != 1 else ''}" + (f": {', '.join(parts)}" if parts else "")
 
 
 class ExperimentNotFound(Exception):
@@ -121,6 +141,11 @@ def read_study(exp_dir: Path) -> dict[str, Any]:
         ) from None
     if not isinstance(state, dict) or not isinstance(state.get("trials", {}), dict):
         raise StudyFileError(f"{path} is not a valid study file (not a study.json mapping with 'trials').")
+    for t in state.get("trials", {}).values():
+        if isinstance(t, dict) and t.get("state") in _LEGACY:
+            t["state"], failure = _LEGACY[t["state"]]
+            if failure:
+                t.setdefault("failure", failure)
     return state
 
 
@@ -198,7 +223,7 @@ def best_trial(trials: list[dict[str, Any]], mode: str) -> dict[str, Any] | None
     """The trial with the best ``best_metric`` (diverged/errored trials never win)."""
     best = None
     for t in trials:
-        if t.get("state") in (DIVERGED, ERROR) or _num(t.get("best_metric")) is None:
+        if t.get("state") == FAILED or _num(t.get("best_metric")) is None:
             continue
         if best is None or better(_num(t["best_metric"]), _num(best["best_metric"]), mode):
             best = t
@@ -207,11 +232,7 @@ def best_trial(trials: list[dict[str, Any]], mode: str) -> dict[str, Any] | None
 
 def ranked(trials: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
     """Trials with a best metric, best first (diverged/errored excluded)."""
-    scored = [
-        t
-        for t in trials
-        if t.get("state") not in (DIVERGED, ERROR) and _num(t.get("best_metric")) is not None
-    ]
+    scored = [t for t in trials if t.get("state") != FAILED and _num(t.get("best_metric")) is not None]
     return sorted(scored, key=lambda t: _num(t["best_metric"]), reverse=mode == "max")
 
 

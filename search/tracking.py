@@ -927,6 +927,7 @@ class MlflowTracker(_Callback):
             "search.study": self.name,
             "search.trial_id": tid,
             "search.trial_dir": str(getattr(trial, "path", "")),
+            "search.state": S.RUNNING,
         }
         self._put(
             op="open_run",
@@ -1064,7 +1065,11 @@ class MlflowTracker(_Callback):
             self._close_trial(
                 trial,
                 "FAILED",
-                {"failure_reason": f"diverged: non-finite loss in epoch {epoch}", "diverged": "true"},
+                {
+                    "failure_reason": f"diverged: non-finite loss in epoch {epoch}",
+                    "diverged": "true",
+                    **self._study_tags(trial.trial_id),
+                },
             )
             return
         last = st.get("last_epoch")
@@ -1082,6 +1087,8 @@ class MlflowTracker(_Callback):
         except (OSError, ValueError):
             return {}
         tags = {"search.reference": "true" if t.get("reference") else "false"}
+        if t.get("state") in S.STATES:
+            tags["search.state"] = t["state"]
         for k, v in (t.get("stopped") or {}).items():
             tags[f"search.stopped.{k}"] = _text(v)
         return tags
@@ -1090,7 +1097,9 @@ class MlflowTracker(_Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         text = _error_text(trial)
         line = _error_line(text) or "the trial raised (no error text)"
-        self._close_trial(trial, "FAILED", {"failure_reason": line[:MAX_TAG_VALUE]})
+        self._close_trial(
+            trial, "FAILED", {"failure_reason": line[:MAX_TAG_VALUE], **self._study_tags(trial.trial_id)}
+        )
         if text:
             self._put(op="text", key=trial.trial_id, text=text, file="traceback.txt")
 
@@ -1126,7 +1135,7 @@ class MlflowTracker(_Callback):
                 continue
             unfinished.append(tid)
             if self.runs.run_id(tid) is not None or tid in self._active:
-                self._log(tid, tags={"interrupted": "true"})
+                self._log(tid, tags={"interrupted": "true", "search.state": S.PENDING})
                 self._put(op="status", key=tid, status="KILLED", ts=_now_ms())
             self._active.discard(tid)
         study = self.runs.data["study"]
@@ -1143,6 +1152,7 @@ class MlflowTracker(_Callback):
         )
         tags = {f"summary.{k}": _text(v) for k, v in summary.items() if not isinstance(v, dict)}
         tags.update({f"summary.trials.{k}": str(v) for k, v in summary["trials"].items()})
+        tags.update({f"search.trials.{k}": str(v) for k, v in summary["trials"].items()})
         if unfinished:
             tags["interrupted"] = "true"
         ref = {
@@ -1185,9 +1195,16 @@ class MlflowTracker(_Callback):
 
     def _summary(self, trials: list, unfinished: list[str]) -> dict[str, Any]:
         study = self.runs.data["study"]
+        try:  # the study-state callback's states (it runs first): COMPLETE, PRUNED, FAILED, ...
+            known = S.read_study(self.exp_dir).get("trials", {})
+        except (OSError, ValueError):
+            known = {}
         states: dict[str, int] = {}
         for trial in trials:
-            states[str(trial.status)] = states.get(str(trial.status), 0) + 1
+            state = (known.get(trial.trial_id) or {}).get("state") or S.PENDING
+            if trial.trial_id in unfinished:  # resume continues it
+                state = S.PENDING
+            states[state] = states.get(state, 0) + 1
         best, base = study.get("best"), study.get("base")
         improvement = None
         if best is not None and base is not None:

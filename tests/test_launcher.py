@@ -266,8 +266,16 @@ def test_grid_study_states(grid_study):
     assert not summary["interrupted"] and summary["status"] == "finished"
     trials = {t["params"]["lr"]: t for t in summary["trials"]}
     assert sorted(trials) == LRS  # the grid was capped at its 5 points, every one ran
-    assert trials[1e20]["state"] == S.DIVERGED and trials[1e20]["best_metric"] is None
-    assert trials[0.03]["state"] == S.ERROR and "test hook" in trials[0.03]["error"]
+    assert (
+        trials[1e20]["state"] == S.FAILED
+        and trials[1e20]["failure"] == S.DIVERGED
+        and trials[1e20]["best_metric"] is None
+    )
+    assert (
+        trials[0.03]["state"] == S.FAILED
+        and trials[0.03]["failure"] == S.ERROR
+        and "test hook" in trials[0.03]["error"]
+    )
     optuna_by_id = {t.user_attrs["ray_trial_id"]: t for t in optuna_trials(exp_dir, "grid")}
     assert len(optuna_by_id) == len(optuna_trials(exp_dir, "grid")) == 5
     TS = optuna.trial.TrialState
@@ -275,16 +283,16 @@ def test_grid_study_states(grid_study):
         ot = optuna_by_id[t["id"]]
         assert t["optuna_number"] == ot.number
         curve = {row["epoch"]: row["map50"] for row in t["history"] if not row.get("diverged")}
-        if t["state"] == S.TERMINATED:
+        if t["state"] == S.COMPLETE:
             assert t["epochs"] == 2 and ot.state == TS.COMPLETE
             assert ot.value == pytest.approx(max(v for e, v in curve.items() if e >= 1))
             assert ot.intermediate_values == pytest.approx(curve)
-        elif t["state"] == S.STOPPED:
+        elif t["state"] == S.PRUNED:
             assert t["epochs"] < 2 and t["stopped_by"] == "scheduler" and ot.state == TS.PRUNED
             assert ot.intermediate_values == pytest.approx(curve)
         else:
-            assert t["state"] in (S.DIVERGED, S.ERROR) and ot.state == TS.FAIL
-    assert summary["base_metric"] is not None and summary["best"]["state"] in (S.TERMINATED, S.STOPPED)
+            assert t["state"] == S.FAILED and ot.state == TS.FAIL
+    assert summary["base_metric"] is not None and summary["best"]["state"] in (S.COMPLETE, S.PRUNED)
     assert summary["best"]["params"]["lr"] in (0.005, 0.01, 0.02)
     # one base evaluation for the study, shared: every trained trial knows the same base metric
     shared = sorted((exp_dir / S.BASE_EVAL_DIR).iterdir())
@@ -292,7 +300,7 @@ def test_grid_study_states(grid_study):
     base = json.loads(shared[0].read_text())["metrics"]["map50"]
     assert summary["base_metric"] == pytest.approx(base)
     for t in summary["trials"]:
-        if t["state"] in (S.TERMINATED, S.STOPPED):
+        if t["state"] in (S.COMPLETE, S.PRUNED):
             assert t["base_metric"] == pytest.approx(base), t
     print(f"grid study of 5 trials took {took:.0f}s")
 
@@ -303,7 +311,7 @@ def test_grid_study_checkpoints_best_by_metric(grid_study):
     summary, exp_dir, _ = grid_study
     for t in summary["trials"]:
         kept = sorted(Path(t["trial_dir"]).glob("checkpoint_*"))
-        if t["state"] in (S.DIVERGED, S.ERROR):
+        if t["state"] == S.FAILED:
             assert t["checkpoint"] is None
             continue
         assert 1 <= len(kept) <= 2  # the best and the latest only
@@ -328,7 +336,8 @@ def test_status_json(grid_study, data_dir, capsys):
     assert obj["best"] in obj["trials"] and obj["best"]["id"] == summary["best"]["id"]
     assert main(["status", "grid", "--output-dir", str(data_dir / "runs")]) == 0
     text = capsys.readouterr().out
-    assert "best: " + summary["best"]["id"] in text and "ERROR" in text and "DIVERGED" in text
+    assert "best: " + summary["best"]["id"] in text and "FAILED" in text and "failed: diverged" in text
+    assert "5 trials: " in text and "2 failed" in text  # counts in words, one vocabulary
     assert main(["status", "no-such-study", "--output-dir", str(data_dir / "runs")]) == 2
     assert main(["launch", str(data_dir / "grid.yaml")]) == 2  # the folder holds a study: resume it
     assert f"python -m search resume {exp_dir}" in capsys.readouterr().err
@@ -369,7 +378,7 @@ def test_time_budget(ray_local, data_dir):
     assert summary["budget_reached"] and not summary["interrupted"] and summary["status"] == "finished"
     assert 1 <= len(summary["trials"]) < 8  # no new trial after the budget
     assert took < budget + 45  # running trials stopped at their next epoch
-    stopped = [t for t in summary["trials"] if t["state"] == S.STOPPED]
+    stopped = [t for t in summary["trials"] if t["state"] == S.PRUNED]
     assert stopped and all(t["stopped_by"] == "time_budget" for t in stopped)
     for t in stopped:  # the stop record says when, at what value, and why
         assert t["stopped"]["rule"] == "time_budget" and t["stopped"]["epoch"] == t["epochs"]
@@ -422,7 +431,7 @@ def test_sigint_then_resume(data_dir):
     assert done.returncode == 0, done.stderr[-3000:]
     state = S.read_study(exp_dir)
     assert state["status"] == "finished" and len(state["trials"]) == 2
-    assert all(t["state"] in (S.TERMINATED, S.STOPPED) for t in state["trials"].values())
+    assert all(t["state"] in (S.COMPLETE, S.PRUNED) for t in state["trials"].values())
     assert [t.get("reference") for t in sorted(state["trials"].values(), key=lambda t: t["index"])] == [
         True,
         False,

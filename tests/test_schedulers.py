@@ -283,7 +283,7 @@ def test_the_reference_trial_runs_and_is_reported(reference_study):
     refs = [t for t in summary["trials"] if t.get("reference")]
     assert len(refs) == 1 and len(summary["trials"]) == 3
     assert refs[0]["params"] == pytest.approx(spec.reference_params())
-    assert refs[0]["state"] == S.TERMINATED
+    assert refs[0]["state"] == S.COMPLETE
     assert summary["reference"]["id"] == refs[0]["id"]
     assert summary["reference"]["best_metric"] == refs[0]["best_metric"]
     best = summary["best"]["best_metric"]

@@ -112,12 +112,21 @@ def test_runs_after_interrupt_and_resume(study):
             assert key in kid.data.metrics, key
         assert kid.data.metrics["best_map50"] == pytest.approx(t["best_metric"])
         assert kid.data.metrics["best_epoch"] == t["best_epoch"]
-        if t["state"] == S.STOPPED:
+        if t["state"] == S.PRUNED:
             assert kid.data.tags["stopped_early"] == "true" and kid.data.tags["stopped_at_epoch"] == str(
                 t["epochs"]
             )
+            assert kid.data.tags["search.stopped.rule"] and kid.data.tags["search.stopped.epoch"] == str(
+                t["epochs"]
+            )
         else:
-            assert t["state"] == S.TERMINATED and "stopped_early" not in kid.data.tags
+            assert t["state"] == S.COMPLETE and "stopped_early" not in kid.data.tags
+        assert kid.data.tags["search.state"] == t["state"]  # one vocabulary: study.json and MLflow
+    counts = {}
+    for t in state["trials"].values():
+        counts[t["state"]] = counts.get(t["state"], 0) + 1
+    assert {k: int(parent.data.tags[f"search.trials.{k}"]) for k in counts} == counts
+    assert not [k for k in parent.data.tags if k.startswith("search.trials.") and k[14:] not in counts]
     assert parent.data.metrics["base_map50"] == pytest.approx(state["base_metric"])
     assert [m.step for m in mlc.get_metric_history(parent.info.run_id, "trials_finished")][-1] == 4
 

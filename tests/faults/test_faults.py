@@ -354,7 +354,7 @@ def test_fault1_trial_raises(world, study_a, tmp_path, record_property):
     state = a["state"]
     assert state["status"] == "finished" and len(state["trials"]) == 3
     t = _by_lr(state, LR_RAISE)
-    assert t["state"] == S.ERROR and "test hook" in (t["error"] or ""), t
+    assert t["state"] == S.FAILED and t["failure"] == S.ERROR and "test hook" in (t["error"] or ""), t
     rows = results_of(t)  # its own error is not retried: one attempt, epoch 0 reported once
     assert [r["epoch"] for r in rows] == [0] and len({r["pid"] for r in rows}) == 1, rows
     mlf = mlflow_figures(a["uri"], a["name"], state, record_property)
@@ -374,7 +374,12 @@ def test_fault2_nan_loss_diverges_not_retried(world, study_a, tmp_path, record_p
     a = study_a
     state = a["state"]
     t = _by_lr(state, LR_NAN)
-    assert t["state"] == S.DIVERGED and t["best_metric"] is None and t.get("retries", 0) == 0, t
+    assert (
+        t["state"] == S.FAILED
+        and t["failure"] == S.DIVERGED
+        and t["best_metric"] is None
+        and t.get("retries", 0) == 0
+    ), t
     rows = results_of(t)
     assert len({r["pid"] for r in rows}) == 1, "the diverged trial ran more than once"
     assert [r["epoch"] for r in rows] == [0, 1] and rows[-1].get("diverged") == 1
@@ -390,7 +395,7 @@ def test_fault3_worker_sigkilled_mid_epoch(world, study_a, tmp_path, record_prop
     a = study_a
     state = a["state"]
     t = state["trials"][a["killed"]["trial"]]
-    assert t["state"] == S.TERMINATED and t["epochs"] == 3 and t["retries"] == 1, t
+    assert t["state"] == S.COMPLETE and t["epochs"] == 3 and t["retries"] == 1, t
     assert [r["epoch"] for r in t["history"]] == [0, 1, 2, 3]
     rows = results_of(t)
     before = [r["epoch"] for r in rows if r["pid"] == a["killed"]["pid"]]
@@ -438,7 +443,7 @@ def test_fault4_launcher_sigkilled_then_resumed(world, tmp_path, record_property
         def one_done_one_mid():
             state = study_json(exp_dir)
             trials = list(state.get("trials", {}).values())
-            done = [t for t in trials if t["state"] == S.TERMINATED]
+            done = [t for t in trials if t["state"] == S.COMPLETE]
             mid = [t for t in trials if t["state"] == S.RUNNING and t.get("epochs", 0) >= 1]
             return state if done and mid else None
 
@@ -464,9 +469,9 @@ def test_fault4_launcher_sigkilled_then_resumed(world, tmp_path, record_property
     assert rc == 0, resumed.stderr[-3000:]
     assert state["status"] == "finished" and state.get("resumed") == 1
     assert len(state["trials"]) == n, f"{len(state['trials'])} trials for {n}: {list(state['trials'])}"
-    assert all(t["state"] == S.TERMINATED for t in state["trials"].values()), state["trials"]
+    assert all(t["state"] == S.COMPLETE for t in state["trials"].values()), state["trials"]
     for tid, t in before["trials"].items():  # completed before the kill: unchanged
-        if t["state"] == S.TERMINATED:
+        if t["state"] == S.COMPLETE:
             after = state["trials"][tid]
             for key in ("best_metric", "best_epoch", "history", "checkpoint", "params"):
                 assert after[key] == t[key], (tid, key)
@@ -543,7 +548,7 @@ def test_fault5_mlflow_server_stopped_and_restarted(world, tmp_path, record_prop
         mlf = mlflow_figures(uri, name, state, record_property)
         assert rc == 0, run.stderr[-3000:]
         assert "unavailable" in run.stderr, "the outage was not noticed"
-        assert len(state["trials"]) == 2 and all(t["state"] == S.TERMINATED for t in state["trials"].values())
+        assert len(state["trials"]) == 2 and all(t["state"] == S.COMPLETE for t in state["trials"].values())
         assert all(t.get("retries", 0) == 0 and not t.get("error") for t in state["trials"].values())
         assert mlf["figures"] == clean_figures(2), mlf["figures"]
         for tid, t in state["trials"].items():
