@@ -54,6 +54,29 @@ def _error_line(trial: Any) -> str | None:
     return lines[-1][:500] if lines else None
 
 
+# Driver-side files this project writes at the experiment root. Ray's restore copies every *.json
+# and *.pkl of that root into its driver staging folder and later syncs that folder back: stale
+# copies of these would overwrite the live files during a resumed run.
+OWN_FILES = (S.STUDY_FILE, "mlflow_runs.json")
+
+
+def forget_restored_copies(exp_dir: Path) -> list[str]:
+    """Delete Ray's staged copies of :data:`OWN_FILES` for this experiment (after a restore they
+    are the state saved at the interrupt). Returns the deleted paths. A no-op without Ray."""
+    try:
+        from ray.train.constants import _get_ray_train_session_dir
+
+        root = Path(_get_ray_train_session_dir())
+    except Exception:  # noqa: BLE001 - Ray not initialised (tests of the callback alone)
+        return []
+    gone = []
+    for name in OWN_FILES:
+        for path in root.glob(f"*/{Path(exp_dir).name}/driver_artifacts/{name}"):
+            path.unlink(missing_ok=True)
+            gone.append(str(path))
+    return gone
+
+
 class StudyState(Callback):
     """Keeps ``<exp>/study.json`` (DESIGN.md shape) up to date on every trial event.
 
@@ -155,6 +178,7 @@ class StudyState(Callback):
 
     # -- Ray hooks
     def setup(self, **info: Any) -> None:
+        forget_restored_copies(self.exp_dir)
         self.state["status"] = "running"
         self._t0 = time.time()
         self.save()

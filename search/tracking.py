@@ -1151,8 +1151,9 @@ class MlflowTracker(_Callback):
             op="text", key="parent", text=json.dumps(summary, indent=1, default=str), file="summary.json"
         )
         tags = {f"summary.{k}": _text(v) for k, v in summary.items() if not isinstance(v, dict)}
-        tags.update({f"summary.trials.{k}": str(v) for k, v in summary["trials"].items()})
-        tags.update({f"search.trials.{k}": str(v) for k, v in summary["trials"].items()})
+        every = {k: summary["trials"].get(k, 0) for k in S.STATES}  # 0s replace a resumed run's old counts
+        tags.update({f"summary.trials.{k}": str(v) for k, v in every.items()})
+        tags.update({f"search.trials.{k}": str(v) for k, v in every.items()})
         if unfinished:
             tags["interrupted"] = "true"
         ref = {

@@ -201,7 +201,7 @@ def test_flatten_params_and_metric_filter():
 
 def test_check_tracking_unreachable_server_fails_fast(tmp_path):
     port = free_port()  # nothing listens there
-    spec = load_spec(write_spec(tmp_path, tracking={"uri": f"http://user:hunter2@127.0.0.1:{port}"}))
+    spec = load_spec(write_spec(tmp_path, tracking={"uri": f"http://hunter2@127.0.0.1:{port}"}))
     t0 = time.time()
     with pytest.raises(SpecError) as err:
         tracking.check_tracking(spec)
