@@ -328,7 +328,14 @@ def _finish(summary: dict, as_json: bool) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from search.study import count_text, human_bytes, resolve_experiment, status_object, stop_text
+    from search.study import (
+        count_text,
+        human_bytes,
+        reference_text,
+        resolve_experiment,
+        status_object,
+        stop_text,
+    )
 
     exp_dir = resolve_experiment(args.name, args.output_dir)
     obj = status_object(exp_dir)
@@ -369,13 +376,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     else:
         print("best: none yet")
-    ref = obj.get("reference")
-    if ref and ref.get("best_metric") is not None:
-        vs = ref.get("best_vs_reference")
-        print(
-            f"reference: {ref['id']} {metric}={_fmt(ref['best_metric'])}"
-            + (f"; best is {vs:+.4g} over it" if vs is not None else "")
-        )
+    ref = reference_text(obj.get("reference"), metric)
+    if ref:
+        print(ref)
     return EXIT_OK
 
 

@@ -677,13 +677,9 @@ def print_summary(summary: dict[str, Any], spec: Spec | None = None) -> None:
             f"best trial: {best['id']} {metric}={best['best_metric']:.4f} at epoch "
             f"{best.get('best_epoch')}{delta}"
         )
-        ref = summary.get("reference")
-        if ref and ref.get("best_metric") is not None:
-            vs = ref.get("best_vs_reference")
-            print(
-                f"  vs reference trial (torchvision recipe) {ref['id']} {metric}={ref['best_metric']:.4f}"
-                + (f" ({vs:+.4f})" if vs is not None else "")
-            )
+        ref = S.reference_text(summary.get("reference"), metric)
+        if ref:
+            print(f"  {ref}")
         print(f"  params: {json.dumps(best.get('params', {}), default=str)}")
         print(f"  checkpoint: {best.get('checkpoint')}")
     else:

@@ -159,8 +159,8 @@ class StratifiedHalving(FIFOScheduler, _Records):
         return f"StratifiedHalving: rungs {self.rungs}, {len(self._records)} stopped"
 
 
-class RecordingASHA(ASHAScheduler, _Records):
-    """Ray's ASHA (one bracket), recording the rung cut of each stop."""
+class _Spared(_Records):
+    """Mixin (before a Ray scheduler in the bases): records stops, never stops the reference."""
 
     def __init__(self, *args: Any, reference: dict[str, Any] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -170,23 +170,30 @@ class RecordingASHA(ASHAScheduler, _Records):
         super().on_trial_add(tune_controller, trial)
         self._note_added(trial)
 
-    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-        decision = super().on_trial_result(tune_controller, trial, result)
-        if decision != TrialScheduler.STOP or self._time_attr not in result:
-            return decision
-        if trial.trial_id == self.reference_id:
+    def _spare(self, trial: Any, decision: str) -> str:
+        """The decision, with the reference trial's STOP turned into CONTINUE."""
+        if decision == TrialScheduler.STOP and trial.trial_id == self.reference_id:
             return TrialScheduler.CONTINUE
+        return decision
+
+
+class RecordingASHA(_Spared, ASHAScheduler):
+    """Ray's ASHA (one bracket), recording the rung cut of each stop."""
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        decision = self._spare(trial, super().on_trial_result(tune_controller, trial, result))
         value, epoch = _number(result.get(self._metric)), _epoch(result)
+        if decision != TrialScheduler.STOP or value is None or epoch is None:
+            return decision
         bracket = self._trial_info.get(trial.trial_id)
         cut = None
         for milestone, recorded in getattr(bracket, "_rungs", []):
-            if epoch is not None and epoch >= milestone and trial.trial_id in recorded:
+            if epoch >= milestone and trial.trial_id in recorded:
                 others = {k: v for k, v in recorded.items() if k != trial.trial_id}
                 c = bracket.cutoff(others) if others else None
                 cut = None if c is None else float(c) * self._metric_op
                 break
-        if value is not None and epoch is not None:
-            self._record(trial, epoch, value, cut, "halving")
+        self._record(trial, epoch, value, cut, "halving")
         return decision
 
 
@@ -205,24 +212,12 @@ class RecordingHyperBand(HyperBandScheduler, _Records):
         return decision
 
 
-class RecordingMedian(MedianStoppingRule, _Records):
-    """Ray's median stopping rule, recording the median a stopped trial fell below."""
-
-    def __init__(self, *args: Any, reference: dict[str, Any] | None = None, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._init_records(reference)
-
-    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
-        super().on_trial_add(tune_controller, trial)
-        self._note_added(trial)
+class RecordingMedian(_Spared, MedianStoppingRule):
+    """Ray's median stopping rule, recording each stop (the median is internal)."""
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-        decision = super().on_trial_result(tune_controller, trial, result)
-        if decision != TrialScheduler.STOP:
-            return decision
-        if trial.trial_id == self.reference_id:
-            return TrialScheduler.CONTINUE
+        decision = self._spare(trial, super().on_trial_result(tune_controller, trial, result))
         value, epoch = _number(result.get(self._metric)), _epoch(result)
-        if value is not None and epoch is not None:
+        if decision == TrialScheduler.STOP and value is not None and epoch is not None:
             self._record(trial, epoch, value, None, "median")
         return decision

@@ -260,6 +260,16 @@ def reference_summary(state: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
+def reference_text(ref: dict[str, Any] | None, metric: str) -> str | None:
+    """``reference trial (torchvision recipe) ID map50=0.5917; the best is +0.0114 over it``."""
+    if not ref or _num(ref.get("best_metric")) is None:
+        return None
+    vs = ref.get("best_vs_reference")
+    return f"reference trial (torchvision recipe) {ref['id']} {metric}={ref['best_metric']:.4g}" + (
+        f"; the best is {vs:+.4g} over it" if vs is not None else ""
+    )
+
+
 def status_object(exp_dir: Path) -> dict[str, Any]:
     """The ``status --json`` object: study.json's fields, trials as a list in start order, the best."""
     state = read_study(exp_dir)
