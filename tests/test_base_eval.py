@@ -338,3 +338,29 @@ def test_rebuild_that_differs_or_fails_is_not_evaluated(split, tmp_path, monkeyp
     assert got["status"] == "ok" and got["base_metric"] is None  # no wrong base metric
     assert counter.calls == 1 and [r["epoch"] for r in got["history"]] == [1]  # the epoch only
     assert not list(shared.glob("*.lock")) and not list(shared.glob("*.json"))
+
+
+def test_trial_that_diverges_while_another_evaluates_waits_for_epoch_0(split, tmp_path, monkeypatch):
+    """The lock is held by "another trial" that stores the base metrics only after a while; a trial
+    that diverges at once still reports epoch 0 (waiting for it) before its diverged row."""
+    import threading
+
+    shared = tmp_path / "base_eval"
+    holder = BaseEvalCache(shared)
+    key_box = {}
+    real_key = base_eval.model_key
+
+    def key(model, c, device):
+        key_box["k"] = real_key(model, c, device)
+        assert holder.claim(key_box["k"]) is True
+        threading.Timer(3.0, lambda: holder.put(key_box["k"], {"map": 0.25, "map50": 0.5})).start()
+        return key_box["k"]
+
+    monkeypatch.setattr(base_eval, "model_key", key)
+    reports = []
+    got = run_trial(
+        _cfg(split, tmp_path / "d", base_eval_dir=shared), {"lr": 1e20}, report=lambda m, d: reports.append(m)
+    )
+    assert got["status"] == "diverged"
+    assert [r["epoch"] for r in reports] == [0, 1] and reports[1]["diverged"] == 1
+    assert reports[0]["map"] == 0.25 and reports[0]["base_metric"] == got["base_metric"]

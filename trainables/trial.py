@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,17 @@ class _BaseEval:
         self.cache.put(self.key, plain(metrics))
         return metrics
 
+    def wait_collect(self, model: torch.nn.Module, timeout: float = 900.0, poll: float = 0.5) -> dict | None:
+        """:meth:`collect`, waiting (up to ``timeout`` s) while another trial evaluates the base
+        model: for a trial that ends before that result is stored (it diverged), so that its epoch 0
+        is still reported before its last row."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.collect(model)
+            if got is not None or self.cache is None or time.monotonic() >= deadline:
+                return got
+            time.sleep(poll)
+
     def _take_over(self) -> bool:
         """Claim a key whose holder died, with starting weights rebuilt as this trial built them."""
         if self.cache is None or self._rebuild is None or not self.cache.claim(self.key):
@@ -315,8 +327,8 @@ def run_trial(
                 log.warning("epoch %d diverged: %s", epoch, exc)
                 status, diverged = "diverged", {"epoch": epoch, "step": exc.step, "losses": exc.losses}
                 worst = -math.inf if cfg.mode == "max" else math.inf
-                if base is not None:
-                    report_base(base.collect(model))
+                if base is not None:  # its last report: wait for epoch 0 if another trial is on it
+                    report_base(base.wait_collect(model))
                 row = {"epoch": epoch, "diverged": 1, cfg.metric: worst, "step": exc.step, **exc.losses}
                 report({**row, **counts}, None)
                 break
