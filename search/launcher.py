@@ -458,20 +458,12 @@ def launch(
             )
         spec.name = name
     exp_dir = experiment_dir(spec)
-    if (exp_dir / S.STUDY_FILE).exists() or (exp_dir / "tuner.pkl").exists():
-        raise ExperimentExists(
-            f"experiment folder {exp_dir} already holds a study. Resume it with "
-            f"'{resume_command(exp_dir)}', or launch with --name NEW_NAME."
-        )
+    _refuse_existing(exp_dir)
     preflight(spec, address, weights=True)  # bad input fails before Ray starts or anything is written
     lock = StudyLock(exp_dir).acquire()  # one writer per study folder (exit 2 names the holder)
     started = False
     try:
-        if (exp_dir / S.STUDY_FILE).exists() or (exp_dir / "tuner.pkl").exists():  # won the race, but late
-            raise ExperimentExists(
-                f"experiment folder {exp_dir} already holds a study. Resume it with "
-                f"'{resume_command(exp_dir)}', or launch with --name NEW_NAME."
-            )
+        _refuse_existing(exp_dir)  # again under the lock: another launch may have won the race
         tracking.warm_up(spec)  # MLflow's import and store creation overlap ray.init
         started = connect(address or spec.resources.address)
         cluster = check_cluster_storage(exp_dir.parent)
@@ -512,6 +504,14 @@ def launch(
         lock.release(
             cleanup=not (exp_dir / S.SPEC_FILE).exists()
         )  # a launch that wrote nothing leaves nothing
+
+
+def _refuse_existing(exp_dir: Path) -> None:
+    if (exp_dir / S.STUDY_FILE).exists() or (exp_dir / "tuner.pkl").exists():
+        raise ExperimentExists(
+            f"experiment folder {exp_dir} already holds a study. Resume it with "
+            f"'{resume_command(exp_dir)}', or launch with --name NEW_NAME."
+        )
 
 
 def resume(

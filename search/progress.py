@@ -17,6 +17,7 @@ from ray.tune import Callback
 
 from search import study as S
 from search.schedulers import group_of
+from search.tracking import RUNS_FILE
 
 
 def _number(value: Any) -> float | None:
@@ -57,7 +58,7 @@ def _error_line(trial: Any) -> str | None:
 # Driver-side files this project writes at the experiment root. Ray's restore copies every *.json
 # and *.pkl of that root into its driver staging folder and later syncs that folder back: stale
 # copies of these would overwrite the live files during a resumed run.
-OWN_FILES = (S.STUDY_FILE, "mlflow_runs.json")
+OWN_FILES = (S.STUDY_FILE, RUNS_FILE)
 
 
 def forget_restored_copies(exp_dir: Path) -> list[str]:

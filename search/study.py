@@ -78,8 +78,9 @@ class ExperimentNotFound(Exception):
     """No experiment folder for a NAME (a user error: the CLI exits 2)."""
 
 
-class StudyFileError(ExperimentNotFound):
-    """A ``study.json`` that cannot be read (the CLI exits 2 naming the file)."""
+class StudyFileError(ExperimentNotFound, ValueError):
+    """A ``study.json`` that cannot be read (the CLI exits 2 naming the file). A ValueError, as the
+    JSON error it replaces: readers that tolerate a bad file keep catching it."""
 
 
 def resolve_experiment(name: str | Path, output_dir: Path | None = None) -> Path:

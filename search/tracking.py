@@ -1139,14 +1139,18 @@ class MlflowTracker(_Callback):
                 self._put(op="status", key=tid, status="KILLED", ts=_now_ms())
             self._active.discard(tid)
         study = self.runs.data["study"]
+        try:  # the study-state callback's record (it runs first): states, reference, epoch 0s
+            written = S.read_study(self.exp_dir)
+        except (OSError, ValueError):
+            written = {}
         if study.get("base") is None:  # no trial kept the base as built: the best epoch 0 (as status)
-            base = S.study_base_metric(S.read_study(self.exp_dir))
+            base = S.study_base_metric(written)
             if base is not None:
                 study["base"] = base
                 self._log(
                     "parent", metrics={f"base_{self.metric}": base}, step=0, tags={"base_metric": repr(base)}
                 )
-        summary = self._summary(trials, unfinished)
+        summary = self._summary(trials, unfinished, written)
         self._put(
             op="text", key="parent", text=json.dumps(summary, indent=1, default=str), file="summary.json"
         )
@@ -1194,12 +1198,10 @@ class MlflowTracker(_Callback):
                 self.runs.run_id("parent"),
             )
 
-    def _summary(self, trials: list, unfinished: list[str]) -> dict[str, Any]:
+    def _summary(self, trials: list, unfinished: list[str], written: dict[str, Any]) -> dict[str, Any]:
+        """The parent's summary; ``written`` is study.json as the study-state callback left it."""
         study = self.runs.data["study"]
-        try:  # the study-state callback's states (it runs first): COMPLETE, PRUNED, FAILED, ...
-            known = S.read_study(self.exp_dir).get("trials", {})
-        except (OSError, ValueError):
-            known = {}
+        known = written.get("trials", {})
         states: dict[str, int] = {}
         for trial in trials:
             state = (known.get(trial.trial_id) or {}).get("state") or S.PENDING
@@ -1210,7 +1212,7 @@ class MlflowTracker(_Callback):
         improvement = None
         if best is not None and base is not None:
             improvement = best - base if self.mode == "max" else base - best
-        ref = S.reference_summary(S.read_study(self.exp_dir))
+        ref = S.reference_summary(written)
         return {
             "reference_trial": ref["id"] if ref else None,
             f"reference_{self.metric}": ref["best_metric"] if ref else None,
