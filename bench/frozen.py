@@ -38,7 +38,7 @@ def bench_arch(arch: str, args: argparse.Namespace, tmp: Path) -> dict:
     import torch
     from torchvision.models import get_model
 
-    from trainables import checkpoint, coco, data, families, freeze, losses, models, optim
+    from trainables import checkpoint, coco, data, families, files, freeze, losses, models, optim
     from trainables import params as P
     from trainables.config import DataSplit, TrialConfig
 
@@ -116,7 +116,7 @@ def bench_arch(arch: str, args: argparse.Namespace, tmp: Path) -> dict:
             flush=True,
         )
 
-    base_sha = models.sha256_file(base)
+    base_sha = files.sha256_file(base)
     sizes = {}
     for label, preset, trainable_only in (
         ("heads_trainable_only", "heads", True),

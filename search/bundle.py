@@ -56,7 +56,7 @@ class BundleError(ValueError):
 
 def trial_model(cfg: Any, ckpt_path: Path, num_classes: int) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """(model in eval mode, checkpoint dict, build info): the trial's model at the checkpoint."""
-    from trainables import checkpoint, models
+    from trainables import checkpoint, models, weights
     from trainables import params as P
     from trainables.families import SEMANTIC, family_of
 
@@ -84,7 +84,7 @@ def trial_model(cfg: Any, ckpt_path: Path, num_classes: int) -> tuple[Any, dict[
             kwargs.setdefault("aux_loss", True)
         plain = dataclasses.replace(cfg, weights=None, weights_backbone=None, model_kwargs=kwargs)
         model, info = models.build_model(plain, params, num_classes)
-        models._frozen_bn_like_file(model, state)  # full states saved from FrozenBatchNorm2d layers
+        weights.frozen_bn_like_file(model, state)  # full states saved from FrozenBatchNorm2d layers
         model.load_state_dict(state, strict=True)
     model.eval()
     return model, ckpt, info
@@ -230,24 +230,11 @@ def _torchscript(model: Any, inputs: list[Any], task: str, eager_out: Any, path:
 # ---------------------------------------------------------------- building
 
 
-def build_bundle(
-    cfg: Any,
-    ckpt_path: Path,
-    class_names: list[str],
-    out_dir: Path,
-    study: dict[str, Any] | None = None,
-    torchscript: bool = True,
+def _model_yaml(
+    cfg: Any, ckpt_path: Path, ckpt: dict, info: dict, model: Any, class_names: list[str], study: dict | None
 ) -> dict[str, Any]:
-    """Write the bundle of ``ckpt_path`` (a trial checkpoint of ``cfg``) into ``out_dir`` (must
-    not exist or be empty); returns the model.yaml content."""
-    import torch
-    import yaml
-
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise BundleError(f"--out {out_dir} exists and is not empty: choose a new folder")
+    """The content of ``model.yaml`` (before the rebuild check and the files)."""
     num_classes = len(class_names) + 1
-    model, ckpt, info = trial_model(cfg, Path(ckpt_path), num_classes)
     kwargs = dict(cfg.model_kwargs)
     if getattr(model, "aux_classifier", None) is not None:
         kwargs["aux_loss"] = True
@@ -287,7 +274,12 @@ def build_bundle(
     }
     if structure["unrecorded_changes"]:
         meta["warnings"] = structure["unrecorded_changes"]
+    return meta
 
+
+def _rebuild_checked(cfg: Any, model: Any, meta: dict[str, Any]) -> tuple[Any, list, Any]:
+    """The model rebuilt by the bundle's own loader from ``meta``, checked to reproduce the trial
+    model's outputs on sample images; returns (rebuilt, inputs, eager outputs)."""
     rebuilt = bundle_load.build(meta)
     rebuilt.load_state_dict(model.state_dict(), strict=True)
     rebuilt.eval()
@@ -297,37 +289,60 @@ def build_bundle(
     if diff > MATCH_ATOL:
         raise BundleError(
             f"the bundle's loader does not reproduce the trial model (outputs differ by {diff:.3g}); "
-            f"unrecorded changes: {structure['unrecorded_changes'] or 'none'}"
+            f"unrecorded changes: {meta.get('warnings') or 'none'}"
         )
     meta["rebuild_check"] = {"max_abs_diff": diff, "checked_images": len(inputs)}
+    return rebuilt, inputs, eager
+
+
+def _write_files(tmp: Path, rebuilt: Any, meta: dict[str, Any], study: dict | None, ts: Any) -> None:
+    """The bundle's files in ``tmp``: weights, TorchScript (``ts``: a callable or None), loader,
+    metrics, ``model.yaml`` (with every file's sha256) and ``SHA256SUMS``."""
+    import torch
+    import yaml
+
+    torch.save(rebuilt.state_dict(), tmp / WEIGHTS_FILE)
+    meta["torchscript"] = ts(tmp / TS_FILE) if ts else {"ok": False, "error": "skipped (--no-torchscript)"}
+    meta["onnx"] = (
+        "not exported: torchvision detection models need a traced, fixed-size variant; use TorchScript"
+    )
+    shutil.copyfile(Path(bundle_load.__file__), tmp / LOADER_FILE)
+    kept = ("metric", "mode", "best_metric", "best_epoch", "base_metric", "improvement", "history")
+    metrics = {
+        "metrics_at_checkpoint": meta["metrics"],
+        **{k: v for k, v in (study or {}).items() if k in kept},
+    }
+    (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=1, default=str))
+    meta["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    (tmp / META_FILE).write_text(yaml.safe_dump(plain(meta), sort_keys=False))
+    sums = [f"{sha256_file(p)}  {p.name}" for p in sorted(tmp.iterdir()) if p.is_file()]
+    (tmp / SUMS_FILE).write_text("\n".join(sums) + "\n")
+
+
+def build_bundle(
+    cfg: Any,
+    ckpt_path: Path,
+    class_names: list[str],
+    out_dir: Path,
+    study: dict[str, Any] | None = None,
+    torchscript: bool = True,
+) -> dict[str, Any]:
+    """Write the bundle of ``ckpt_path`` (a trial checkpoint of ``cfg``) into ``out_dir`` (must
+    not exist or be empty; written whole or not at all); returns the model.yaml content."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise BundleError(f"--out {out_dir} exists and is not empty: choose a new folder")
+    model, ckpt, info = trial_model(cfg, Path(ckpt_path), len(class_names) + 1)
+    meta = _model_yaml(cfg, Path(ckpt_path), ckpt, info, model, class_names, study)
+    rebuilt, inputs, eager = _rebuild_checked(cfg, model, meta)
+
+    def ts(path: Path) -> dict[str, Any]:
+        return _torchscript(rebuilt, inputs, cfg.task, eager, path)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        torch.save(rebuilt.state_dict(), tmp / WEIGHTS_FILE)
-        meta["torchscript"] = (
-            _torchscript(rebuilt, inputs, cfg.task, eager, tmp / TS_FILE)
-            if torchscript
-            else {"ok": False, "error": "skipped (--no-torchscript)"}
-        )
-        meta["onnx"] = (
-            "not exported: torchvision detection models need a traced, fixed-size variant; use TorchScript"
-        )
-        shutil.copyfile(Path(bundle_load.__file__), tmp / LOADER_FILE)
-        metrics = {
-            "metrics_at_checkpoint": meta["metrics"],
-            **{
-                k: v
-                for k, v in (study or {}).items()
-                if k
-                in ("metric", "mode", "best_metric", "best_epoch", "base_metric", "improvement", "history")
-            },
-        }
-        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=1, default=str))
-        meta["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / META_FILE).write_text(yaml.safe_dump(plain(meta), sort_keys=False))
-        sums = [f"{sha256_file(p)}  {p.name}" for p in sorted(tmp.iterdir()) if p.is_file()]
-        (tmp / SUMS_FILE).write_text("\n".join(sums) + "\n")
+        _write_files(tmp, rebuilt, meta, study, ts if torchscript else None)
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)

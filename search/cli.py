@@ -16,13 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from search.errors import SpecError
+from search import study as S
+from search.commands import Command, add_name_args, register
+from search.errors import BadInput, SpecError
 
 EXIT_OK, EXIT_RUNTIME, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-class BadInput(Exception):
-    """Input the user must fix (not a spec key): printed as one line, exit 2."""
 
 
 # Exceptions from search.launcher / search.study that are user errors (exit 2), matched by name so
@@ -42,12 +40,6 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_name_args(p: argparse.ArgumentParser) -> None:
-    """NAME (a study name or its experiment folder) and --output-dir, for commands on a study."""
-    p.add_argument("name", help="experiment NAME or folder path")
-    p.add_argument("--output-dir", type=Path, default=None, help="where NAME lives (default ./runs)")
-
-
 def _add_keep_top(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--keep-top",
@@ -58,23 +50,13 @@ def _add_keep_top(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="search",
-        description="Hyperparameter search for fine-tuning torchvision detection and segmentation models.",
-    )
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", help="also print MLflow's, Ray's and this tool's INFO logs"
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("validate", help="check a spec (and its data and model) without running anything")
+def _validate_args(p: argparse.ArgumentParser) -> None:
     _add_spec_args(p)
     p.add_argument("--quick", action="store_true", help="skip the checks that import torch")
     p.add_argument("--json", action="store_true", help="print the resolved spec and space as JSON")
-    p.set_defaults(func=cmd_validate, verbose_log=False)
 
-    p = sub.add_parser("trial", help="run ONE trial locally, without Ray")
+
+def _trial_args(p: argparse.ArgumentParser) -> None:
     _add_spec_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.add_argument(
@@ -88,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the best epoch's full weights as a plain state_dict (a base for other specs)",
     )
     p.add_argument("--half", action="store_true", help="with --weights-out: store floating tensors in fp16")
-    p.set_defaults(func=cmd_trial)
 
-    p = sub.add_parser("launch", help="run the study (Ray Tune + Optuna); Ctrl-C once stops gracefully")
+
+def _launch_args(p: argparse.ArgumentParser) -> None:
     _add_spec_args(p)
     p.add_argument("--name", default=None, help="experiment name (default: the spec's name)")
     p.add_argument("--address", default=None, help="join an existing Ray cluster (HOST:PORT or auto)")
@@ -101,14 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_keep_top(p)
     p.add_argument("--json", action="store_true", help="print the summary (or plan) as one JSON object")
-    p.set_defaults(func=cmd_launch, verbose_log=False)
 
-    p = sub.add_parser("status", help="a study's trials from disk (during or after a run)")
+
+def _status_args(p: argparse.ArgumentParser) -> None:
     add_name_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_status, verbose_log=False)
 
-    p = sub.add_parser("resume", help="continue an interrupted study from its checkpoints")
+
+def _resume_args(p: argparse.ArgumentParser) -> None:
     add_name_args(p)
     p.add_argument("--restart-errored", action="store_true", help="also restart errored trials from scratch")
     p.add_argument(
@@ -119,11 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="join an existing Ray cluster (HOST:PORT or auto)")
     _add_keep_top(p)
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    p.set_defaults(func=cmd_resume, verbose_log=False)
 
-    from search.commands_tracking import add_commands  # best, promote, export, predict, ui
 
-    add_commands(sub)
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command in :data:`COMMANDS` and ``commands_tracking.COMMANDS``."""
+    from search.commands_tracking import COMMANDS as RESULT_COMMANDS  # best, promote, export, predict, ui
+
+    parser = argparse.ArgumentParser(
+        prog="search",
+        description="Hyperparameter search for fine-tuning torchvision detection and segmentation models.",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="also print MLflow's, Ray's and this tool's INFO logs"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    register(sub, {**COMMANDS, **RESULT_COMMANDS})
     return parser
 
 
@@ -167,9 +159,14 @@ def main(argv: list[str] | None = None) -> int:
 def load(args: argparse.Namespace, deep: bool = True, study: bool = True):
     """The validated spec of a command's SPEC and --set arguments (deep: also torch checks;
     study=False: a single trial, the study's scheduling settings are not checked)."""
+    from search.registry import resolve_spec_weights
     from search.spec import deep_check, load_spec
 
     spec = load_spec(args.spec, args.overrides, study=study)
+    try:
+        resolve_spec_weights(spec)  # models:/ and runs:/ weights: the local file, before any check of it
+    except SpecError as err:
+        raise err.with_source(str(args.spec)) from None
     if deep:
         try:
             deep_check(spec)
@@ -279,8 +276,8 @@ def _printer(quiet: bool) -> Callable[[dict, Any], None]:
 
 def _print_trial(result: dict, metric: str) -> None:
     print(f"status: {result.get('status')}")
-    print(f"base model {metric} (epoch 0): {_fmt(result.get('base_metric'))}")
-    print(f"best {metric}: {_fmt(result.get('best_metric'))} at epoch {result.get('best_epoch')}")
+    print(f"base model {metric} (epoch 0): {S.fmt(result.get('base_metric'))}")
+    print(f"best {metric}: {S.fmt(result.get('best_metric'))} at epoch {result.get('best_epoch')}")
     print(f"trainable / frozen parameters: {result.get('trainable_params')} / {result.get('frozen_params')}")
     print(f"checkpoint: {result.get('checkpoint')}")
 
@@ -289,16 +286,16 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if args.keep_top is not None and args.keep_top < 0:
         raise BadInput(f"--keep-top must be >= 0, but got {args.keep_top}.")
     spec = load(args)
-    from search import launcher
+    from search import dry_run, launcher
 
     if args.dry_run:
         if args.name:
             spec.name = args.name
-        plan = launcher.dry_run(spec)
+        plan = dry_run.dry_run(spec)
         if args.json:
             print(json.dumps(plan, default=str))
         else:
-            launcher.print_plan(plan)
+            dry_run.print_plan(plan)
         return EXIT_OK if all(b["status"] == "ok" for b in plan["branches"]) else EXIT_RUNTIME
     summary = launcher.launch(spec, name=args.name, address=args.address, keep_top=args.keep_top)
     return _finish(summary, args.json)
@@ -348,14 +345,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         counts[t["state"]] = counts.get(t["state"], 0) + 1
     print(
         f"study {obj['name']} ({obj.get('status')}): {count_text(counts)}, objective {metric} "
-        f"({obj['mode']}), base model {metric} {_fmt(obj.get('base_metric'))}, "
+        f"({obj['mode']}), base model {metric} {S.fmt(obj.get('base_metric'))}, "
         f"updated {obj.get('updated')}"
     )
     print(f"{'trial':<13} {'state':<10} {'epochs':>6} {'best':>9} {'disk':>9}  params / checkpoint")
     for t in obj["trials"]:
-        params = " ".join(f"{k}={_fmt(v)}" for k, v in t.get("params", {}).items())
+        params = " ".join(f"{k}={S.fmt(v)}" for k, v in t.get("params", {}).items())
         print(
-            f"{t['id']:<13} {t['state']:<10} {t.get('epochs', 0):>6} {_fmt(t.get('best_metric')):>9} "
+            f"{t['id']:<13} {t['state']:<10} {t.get('epochs', 0):>6} {S.fmt(t.get('best_metric')):>9} "
             f"{human_bytes(t.get('disk_bytes')):>9}  {params}"
         )
         if t.get("checkpoint"):
@@ -371,7 +368,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     best = obj.get("best")
     if best:
         print(
-            f"best: {best['id']} {metric}={_fmt(best['best_metric'])} at epoch {best.get('best_epoch')}, "
+            f"best: {best['id']} {metric}={S.fmt(best['best_metric'])} at epoch {best.get('best_epoch')}, "
             f"checkpoint {best.get('checkpoint')}"
         )
     else:
@@ -382,10 +379,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "-" if value is None else str(value)
+COMMANDS: dict[str, Command] = {
+    "validate": Command(
+        "check a spec (and its data and model) without running anything", _validate_args, cmd_validate
+    ),
+    "trial": Command("run ONE trial locally, without Ray", _trial_args, cmd_trial, verbose_log=True),
+    "launch": Command(
+        "run the study (Ray Tune + Optuna); Ctrl-C once stops gracefully", _launch_args, cmd_launch
+    ),
+    "status": Command("a study's trials from disk (during or after a run)", _status_args, cmd_status),
+    "resume": Command("continue an interrupted study from its checkpoints", _resume_args, cmd_resume),
+}
 
 
 if __name__ == "__main__":  # pragma: no cover

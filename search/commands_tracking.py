@@ -1,6 +1,6 @@
 """CLI commands on a study's results: ``best``, ``promote``, ``export``, ``predict``, ``ui``.
 
-``add_commands(subparsers)`` registers them on ``search/cli.py``'s parser; exit codes follow
+:data:`COMMANDS` is their table, which ``search/cli.py`` registers on its parser; exit codes follow
 ``search.cli``: 0 ok, 2 bad input (``BadInput``/``SpecError``), 1 runtime failure or a refused
 promotion, 130 interrupted.
 """
@@ -19,43 +19,41 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from search import study as S
+from search.commands import Command, add_name_args
+from search.errors import BadInput
+
 UI_START_TIMEOUT_S = 180.0
 
 
 def _bad_input(exc: Exception) -> Exception:
-    from search.cli import BadInput
-
     return BadInput(str(exc))
 
 
-def add_commands(sub: Any) -> None:
-    """Register best/promote/export/predict/ui on ``sub`` (argparse subparsers)."""
-    from search.cli import add_name_args  # cli imports this module while building its parser
-
-    p = sub.add_parser("best", help="a study's trials ranked by best-epoch objective")
+def _best_args(p: argparse.ArgumentParser) -> None:
     add_name_args(p)
     p.add_argument("--top", type=int, default=None, metavar="K", help="only the best K trials")
     p.add_argument("--json", action="store_true", help="print a JSON list of trial objects")
-    p.set_defaults(func=cmd_best, verbose_log=False)
 
-    p = sub.add_parser("promote", help="register a trial's model in the MLflow Model Registry under an alias")
+
+def _promote_args(p: argparse.ArgumentParser) -> None:
     add_name_args(p)
     p.add_argument("--model", required=True, help="registered model name")
     p.add_argument("--alias", default="champion", help="alias to point at the new version (default champion)")
     p.add_argument("--trial", default=None, metavar="ID", help="trial id (default: the best trial)")
     p.add_argument("--force", action="store_true", help="register even if it does not beat the base model")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_promote, verbose_log=False)
 
-    p = sub.add_parser("export", help="write a self-contained deployment bundle of a trial")
+
+def _export_args(p: argparse.ArgumentParser) -> None:
     add_name_args(p)
     p.add_argument("--out", type=Path, required=True, help="bundle folder (must not exist or be empty)")
     p.add_argument("--trial", default=None, metavar="ID", help="trial id (default: the best trial)")
     p.add_argument("--no-torchscript", action="store_true", help="skip the TorchScript export")
     p.add_argument("--json", action="store_true", help="print model.yaml's content as JSON")
-    p.set_defaults(func=cmd_export, verbose_log=False)
 
-    p = sub.add_parser("predict", help="run an exported bundle on images")
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", type=Path, help="bundle folder from 'search export'")
     p.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="image files")
     p.add_argument(
@@ -66,21 +64,14 @@ def add_commands(sub: Any) -> None:
     )
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
     p.add_argument("--json", action="store_true", help="print the predictions as one JSON object")
-    p.set_defaults(func=cmd_predict, verbose_log=False)
 
-    p = sub.add_parser("ui", help="start the MLflow UI on a study's tracking store (127.0.0.1)")
+
+def _ui_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "name", nargs="?", default=None, help="experiment NAME or folder (default: ./runs's store)"
     )
     p.add_argument("--output-dir", type=Path, default=None, help="where NAME lives (default ./runs)")
     p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000; 0 = any free)")
-    p.set_defaults(func=cmd_ui, verbose_log=False)
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    if isinstance(value, float):
-        return f"{value:+.{digits}f}" if digits < 0 else f"{value:.{digits}f}"
-    return "-" if value is None else str(value)
 
 
 # ---------------------------------------------------------------- best
@@ -109,9 +100,9 @@ def cmd_best(args: argparse.Namespace) -> int:
     base = trials[0].get("study_base_metric")
     print(
         f"study {st.get('name')}: {len(trials)} ranked trial(s) by best {metric} ({st.get('mode')}); "
-        f"base model (epoch 0) {_fmt(base)}"
+        f"base model (epoch 0) {S.fmt(base)}"
         + (
-            f", reference trial (torchvision recipe) {_fmt(trials[0].get('reference_metric'))}"
+            f", reference trial (torchvision recipe) {S.fmt(trials[0].get('reference_metric'))}"
             if trials[0].get("reference_metric") is not None
             else ""
         )
@@ -120,13 +111,11 @@ def cmd_best(args: argparse.Namespace) -> int:
     for i, t in enumerate(trials, 1):
         imp = t.get("improvement")
         print(
-            f"{i:>2} {t['id']:<13} {t.get('state', ''):<10} {_fmt(t.get('best_metric')):>8} "
-            f"{_fmt(t.get('epoch')):>5} {(f'{imp:+.4f}' if isinstance(imp, float) else '-'):>8}  "
+            f"{i:>2} {t['id']:<13} {t.get('state', ''):<10} {S.fmt(t.get('best_metric')):>8} "
+            f"{S.fmt(t.get('epoch')):>5} {S.fmt(imp, sign=True):>8}  "
             f"{t.get('run_id') or '-'}"
         )
-        params = " ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.get("params", {}).items()
-        )
+        params = " ".join(f"{k}={S.fmt(v)}" for k, v in t.get("params", {}).items())
         print(f"{'':>17}{params}")
         print(f"{'':>17}checkpoint {t.get('checkpoint') or '-'}")
     return 0
@@ -153,8 +142,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
     forced = " (forced: it does not beat the base model)" if out["forced"] else ""
     print(f"registered {out['model']} version {out['version']} as {out['uri']}{forced}")
     print(
-        f"  trial {out['trial']} (run {out['run_id']}): {out['metric']}={_fmt(out['value'])}, base "
-        f"{_fmt(out['base_metric'])}, improvement {_fmt(out['improvement'])}"
+        f"  trial {out['trial']} (run {out['run_id']}): {out['metric']}={S.fmt(out['value'])}, base "
+        f"{S.fmt(out['base_metric'])}, improvement {S.fmt(out['improvement'])}"
     )
     print(f"  source {out['source']} on {out['tracking_uri']}")
     print(f"  fine-tune from it with  model.weights: {out['uri']}")
@@ -181,7 +170,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(
         f"bundle {args.out}: {meta['arch']} ({meta['task']}, {meta['num_classes'] - 1} classes) from trial "
         f"{study.get('trial')} epoch {meta['checkpoint']['epoch']} ({study.get('metric')}="
-        f"{_fmt(study.get('best_metric'))})"
+        f"{S.fmt(study.get('best_metric'))})"
     )
     print(f"  files: {', '.join(sorted(meta['files']))}, SHA256SUMS")
     print(f"  torchscript: {'ok (matches the eager model)' if ts.get('ok') else ts.get('error')}")
@@ -280,33 +269,33 @@ def _interrupt(signum: int, frame: Any) -> None:
 def ui_store(name: str | None, output_dir: Path | None) -> tuple[str, str | None, Path]:
     """(tracking URI, experiment name or None, folder for the UI's log) of a study or of
     ``<output_dir>/mlflow.db``."""
-    from search import select, tracking
+    from search import mlflow_store, select, write_queue
 
     if name:
         try:
             exp_dir = select.find_experiment(name, output_dir)
         except select.SelectError as exc:
             raise _bad_input(exc) from None
-        uri, experiment = select._store(exp_dir)
+        uri, experiment = write_queue.recorded_store(exp_dir)
         return uri, experiment, exp_dir.parent
     folder = Path(output_dir or "runs").resolve()
-    if not (folder / tracking.DB_FILE).is_file():
+    if not (folder / mlflow_store.DB_FILE).is_file():
         raise _bad_input(
             ValueError(
-                f"no MLflow store at {folder / tracking.DB_FILE}: pass a study NAME or "
+                f"no MLflow store at {folder / mlflow_store.DB_FILE}: pass a study NAME or "
                 "--output-dir with the spec's output_dir."
             )
         )
-    return tracking.default_uri(folder), None, folder
+    return mlflow_store.default_uri(folder), None, folder
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from search import tracking
+    from search import mlflow_store
 
     uri, experiment, folder = ui_store(args.name, args.output_dir)
-    if tracking.is_http(uri):
+    if mlflow_store.is_http(uri):
         print(
-            f"this study records to the MLflow server {tracking.redact(uri)}: "
+            f"this study records to the MLflow server {mlflow_store.redact(uri)}: "
             "open it there (no local UI needed)"
         )
         return 0
@@ -330,12 +319,14 @@ def cmd_ui(args: argparse.Namespace) -> int:
         "1",
     ]
     if uri.startswith("sqlite:///"):
-        art = Path(uri[len("sqlite:///") :]).parent / tracking.ARTIFACTS_DIR
+        art = Path(uri[len("sqlite:///") :]).parent / mlflow_store.ARTIFACTS_DIR
         cmd += ["--no-serve-artifacts", "--default-artifact-root", art.resolve().as_uri()]
     log_path = folder / "mlflow-ui.log"
     url = f"http://127.0.0.1:{port}"
     print(
-        f"starting the MLflow UI on {tracking.redact(uri)} (log: {log_path}) ...", file=sys.stderr, flush=True
+        f"starting the MLflow UI on {mlflow_store.redact(uri)} (log: {log_path}) ...",
+        file=sys.stderr,
+        flush=True,
     )
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
@@ -361,7 +352,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         page = url
         if experiment:
             try:
-                exp = tracking.client(uri).get_experiment_by_name(experiment)
+                exp = mlflow_store.client(uri).get_experiment_by_name(experiment)
                 if exp is not None:
                     page = f"{url}/#/experiments/{exp.experiment_id}/runs"  # the runs table
             except Exception:  # noqa: BLE001 - the plain URL still works
@@ -375,3 +366,14 @@ def cmd_ui(args: argparse.Namespace) -> int:
     finally:
         _stop(proc)
         signal.signal(signal.SIGTERM, old)
+
+
+COMMANDS: dict[str, Command] = {
+    "best": Command("a study's trials ranked by best-epoch objective", _best_args, cmd_best),
+    "promote": Command(
+        "register a trial's model in the MLflow Model Registry under an alias", _promote_args, cmd_promote
+    ),
+    "export": Command("write a self-contained deployment bundle of a trial", _export_args, cmd_export),
+    "predict": Command("run an exported bundle on images", _predict_args, cmd_predict),
+    "ui": Command("start the MLflow UI on a study's tracking store (127.0.0.1)", _ui_args, cmd_ui),
+}

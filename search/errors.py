@@ -9,6 +9,10 @@ from typing import Any
 FILE_KEY = "<file>"  # the key of an error about the spec file as a whole (not printed)
 
 
+class BadInput(Exception):
+    """Input the user must fix (not a spec key): the CLI prints it as one line and exits 2."""
+
+
 class SpecError(ValueError):
     """A spec (or ``--set`` override) that breaks a rule. The CLI prints ``str(err)`` and exits 2."""
 

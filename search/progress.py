@@ -7,7 +7,6 @@ Both are pickled by Ray (inside ``tuner.pkl``) when the Tuner is created; runtim
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from pathlib import Path
@@ -16,43 +15,15 @@ from typing import Any, TextIO
 from ray.tune import Callback
 
 from search import study as S
-from search.schedulers import group_of
-from search.tracking import RUNS_FILE
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
+from search.failures import failure_reason
+from search.study import group_of
+from search.write_queue import RUNS_FILE
 
 
 def _plain_params(config: dict[str, Any]) -> dict[str, Any]:
     return {
         str(k): v for k, v in sorted(config.items()) if isinstance(v, (str, int, float, bool)) or v is None
     }
-
-
-def _error_line(trial: Any) -> str | None:
-    """The exception line of a trial's error file (``Type: message``)."""
-    path = getattr(trial, "error_file", None)
-    text = ""
-    try:
-        if path and Path(path).is_file():
-            text = Path(path).read_text(errors="replace")
-        else:
-            text = trial.get_error() or ""
-    except Exception:  # noqa: BLE001 - an unreadable error file must not break the callback
-        return None
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        head = ln.split(":", 1)[0]
-        if (
-            head
-            and head.replace(".", "").replace("_", "").isalnum()
-            and (head.endswith(("Error", "Exception", "Interrupt", "Diverged")) or head == "AssertionError")
-        ):
-            return ln[:500]
-    return lines[-1][:500] if lines else None
 
 
 # Driver-side files this project writes at the experiment root. Ray's restore copies every *.json
@@ -157,7 +128,7 @@ class StudyState(Callback):
             last = next((r for r in reversed(t.get("history") or []) if self.metric in r), {})
             record = {
                 "epoch": int(t.get("epochs") or 0),
-                "value": _number(last.get(self.metric)),
+                "value": S.number(last.get(self.metric)),
                 "cut": None,
                 "group": group_of(t.get("params") or {}),
                 "rule": by,
@@ -200,11 +171,11 @@ class StudyState(Callback):
         if isinstance(epoch, (int, float)):
             t["history"] = [r for r in t["history"] if r.get("epoch") != epoch] + [row]
             t["epochs"] = max(int(epoch), int(t.get("epochs") or 0))
-        value = _number(result.get(self.metric))
+        value = S.number(result.get(self.metric))
         if result.get("diverged"):
             t["diverged"] = True
         elif epoch == 0:
-            t["base_metric"] = _number(result.get("base_metric", value))
+            t["base_metric"] = S.number(result.get("base_metric", value))
             self.state["base_metric"] = S.study_base_metric(self.state)
         elif value is not None and S.better(value, t.get("best_metric"), self.mode):
             t["best_metric"], t["best_epoch"] = value, int(epoch)
@@ -236,7 +207,7 @@ class StudyState(Callback):
         t = self.entry(trial)
         self._checkpoints(trial, t)
         t["state"], t["failure"] = S.FAILED, S.ERROR
-        t["error"] = _error_line(trial)
+        t["error"] = failure_reason(trial)
         t["retries"] = max(0, int(getattr(trial, "num_failures", 1)) - 1)
         if self.searcher is not None:
             t["optuna_state"] = self.searcher.outcome(trial.trial_id)
@@ -245,7 +216,7 @@ class StudyState(Callback):
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         t = self.entry(trial)
         t["retries"] = int(t.get("retries") or 0) + 1
-        t["error"] = _error_line(trial)
+        t["error"] = failure_reason(trial)
         t["state"] = S.PENDING
         self.save()
 
@@ -295,7 +266,7 @@ class Progress(Callback):
         for name in self.key_params:
             if name in t.get("params", {}):
                 v = t["params"][name]
-                out.append(f"{name}={v:.3g}" if isinstance(v, float) else f"{name}={v}")
+                out.append(f"{name}={S.fmt(v, 3)}")
         return " ".join(out)
 
     def _line(self, t: dict[str, Any], what: str, result: dict[str, Any] | None = None) -> None:
@@ -306,10 +277,10 @@ class Progress(Callback):
         epoch = t.get("epochs", 0)
         if result is not None and isinstance(result.get("epoch"), (int, float)):
             last, epoch = result, int(result["epoch"])
-        value = _number(last.get(metric))
+        value = S.number(last.get(metric))
         best = self._best()
-        best_txt = f"{best['best_metric']:.4f} ({best['id']})" if best else "-"
-        val_txt = f"{value:.4f}" if value is not None else ("diverged" if last.get("diverged") else "-")
+        best_txt = f"{S.fmt(best['best_metric'])} ({best['id']})" if best else "-"
+        val_txt = S.fmt(value) if value is not None else ("diverged" if last.get("diverged") else "-")
         self._print(
             f"[{_clock(self.study.elapsed())}] trial {t['index'] + 1}/{self.num_trials} {t['id']} "
             f"{what:<10} epoch {epoch}/{self.study.epochs} {metric}={val_txt} "
@@ -324,12 +295,12 @@ class Progress(Callback):
         self._print(f"{'trial':<13} {'state':<10} {'epoch':>5} {metric:>{width}} {'best':>{width}}  params")
         for t in trials:
             last = t["history"][-1] if t.get("history") else {}
-            value = _number(last.get(metric))
+            value = S.number(last.get(metric))
             mark = " *" if best is not None and t["id"] == best["id"] else ""
             self._print(
                 f"{t['id']:<13} {t['state']:<10} {t.get('epochs', 0):>5} "
-                f"{(f'{value:.4f}' if value is not None else '-'):>{width}} "
-                f"{(_fmt(t.get('best_metric'))):>{width}}  {self._params(t)}{mark}"
+                f"{S.fmt(value):>{width}} "
+                f"{(S.fmt(t.get('best_metric'))):>{width}}  {self._params(t)}{mark}"
             )
         self._last_table = time.time()
 
@@ -370,11 +341,6 @@ class Progress(Callback):
         due = self.table_every and time.time() - self._last_table >= self.table_every
         if due and self.study.state["trials"]:
             self.table()
-
-
-def _fmt(value: Any) -> str:
-    v = _number(value)
-    return f"{v:.4f}" if v is not None else "-"
 
 
 def _clock(seconds: float) -> str:

@@ -24,23 +24,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # pragma: no cover
-    from search.spec import Spec
-
-# Trial parameters whose value changes the shape of a learning curve: trials are compared at a
-# rung only with trials that agree on all of these (``loss.*`` choices count too).
-STRUCTURAL = ("trainable", "trainable_k", "norm", "activation", "activation_scope", "optimizer")
-
-
-def group_of(config: dict[str, Any]) -> str:
-    """The structural group of a trial's parameters, e.g. ``optimizer=sgd,trainable=all``
-    (``all trials`` when the space searches none of them)."""
-    keys = sorted(
-        k for k, v in config.items() if k in STRUCTURAL or (k.startswith("loss.") and isinstance(v, str))
-    )
-    return ",".join(f"{k}={config[k]}" for k in keys) or "all trials"
+from search.study import STRUCTURAL, group_of  # noqa: F401 - part of this module's interface
 
 
 def rungs_for(epochs: int, grace_period: int, reduction_factor: float, warmup: float) -> tuple[int, ...]:
@@ -51,14 +37,14 @@ def rungs_for(epochs: int, grace_period: int, reduction_factor: float, warmup: f
     return tuple(sorted(r for r in cands if first <= r < epochs))
 
 
-def _warmup(spec: Spec) -> float:
+def _warmup(spec: Any) -> float:
     dim = spec.search_space.by_name.get("warmup_epochs")
     if dim is None:
         return 0.0
     return float(dim.value if dim.kind == "fixed" else dim.high)
 
 
-def _stratified(spec: Spec) -> Any:
+def _stratified(spec: Any) -> Any:
     from search.stopping import StratifiedHalving
 
     s, epochs = spec.search, spec.train.epochs
@@ -72,7 +58,7 @@ def _stratified(spec: Spec) -> Any:
     )
 
 
-def _asha(spec: Spec) -> Any:
+def _asha(spec: Any) -> Any:
     from search.stopping import RecordingASHA
 
     s = spec.search
@@ -85,7 +71,7 @@ def _asha(spec: Spec) -> Any:
     )
 
 
-def _hyperband(spec: Spec) -> Any:
+def _hyperband(spec: Any) -> Any:
     from search.stopping import RecordingHyperBand
 
     return RecordingHyperBand(
@@ -93,7 +79,7 @@ def _hyperband(spec: Spec) -> Any:
     )
 
 
-def _median(spec: Spec) -> Any:
+def _median(spec: Any) -> Any:
     from search.stopping import RecordingMedian
 
     s = spec.search
@@ -105,7 +91,7 @@ def _median(spec: Spec) -> Any:
     )
 
 
-def _none(spec: Spec) -> Any:
+def _none(spec: Any) -> Any:
     from search.stopping import NoStopping
 
     return NoStopping()
@@ -114,7 +100,7 @@ def _none(spec: Spec) -> Any:
 @dataclass(frozen=True)
 class SchedulerEntry:
     doc: str
-    factory: Callable[[Spec], Any]
+    factory: Callable[[Any], Any]  # spec -> Ray scheduler
 
 
 SCHEDULERS: dict[str, SchedulerEntry] = {
@@ -130,6 +116,6 @@ SCHEDULERS: dict[str, SchedulerEntry] = {
 SCHEDULER_NAMES = tuple(SCHEDULERS)
 
 
-def make_scheduler(spec: Spec) -> Any:
+def make_scheduler(spec: Any) -> Any:
     """The Ray trial scheduler for ``spec.search.scheduler``."""
     return SCHEDULERS[spec.search.scheduler].factory(spec)

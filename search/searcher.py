@@ -30,59 +30,10 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from search import study as S
+from search.samplers import grid_size, make_sampler
+
 log = logging.getLogger(__name__)
-
-
-class _Grid(optuna.samplers.GridSampler):
-    """GridSampler that never calls ``study.stop()`` (it raises outside ``optimize``); the
-    launcher caps the number of trials at the grid size instead."""
-
-    def after_trial(self, study, trial, state, values) -> None:  # noqa: D102
-        return None
-
-
-def grid_size(grid: dict[str, list[Any]]) -> int:
-    n = 1
-    for values in grid.values():
-        n *= max(1, len(values))
-    return n
-
-
-def make_sampler(
-    algorithm: str,
-    seed: int,
-    num_trials: int,
-    n_startup: int | None,
-    grid: dict[str, list[Any]] | None = None,
-) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler for ``search.algorithm``; seeded. TPE is multivariate with grouped
-    conditional parameters and a constant liar for running trials."""
-    import warnings
-
-    startup = n_startup if n_startup is not None else max(2, min(10, num_trials // 3))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if algorithm == "tpe":
-            return optuna.samplers.TPESampler(
-                multivariate=True, group=True, constant_liar=True, seed=seed, n_startup_trials=startup
-            )
-        if algorithm == "random":
-            return optuna.samplers.RandomSampler(seed=seed)
-        if algorithm == "cmaes":
-            fallback = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True)
-            return optuna.samplers.CmaEsSampler(
-                seed=seed,
-                n_startup_trials=startup,
-                independent_sampler=fallback,
-                warn_independent_sampling=False,
-            )
-        if algorithm == "gp":
-            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
-        if algorithm == "qmc":
-            return optuna.samplers.QMCSampler(seed=seed, scramble=True)
-        if algorithm == "grid":
-            return _Grid(grid or {}, seed=seed)
-    raise ValueError(f"unknown search algorithm {algorithm!r}")
 
 
 def journal_storage(path: Path) -> optuna.storages.BaseStorage:
@@ -277,3 +228,28 @@ class StudySearch(OptunaSearch):
                     self._ot_study.tell(frozen.number, state=TrialState.FAIL)
                 except Exception as exc:  # pragma: no cover
                     log.warning("could not close orphan Optuna trial %d: %s", frozen.number, exc)
+
+
+def make_searcher(spec: Any, exp_dir: Path, deadline: float | None) -> StudySearch:
+    """The study's searcher: the spec's sampler over its space, on the journal in ``exp_dir``."""
+    s, space = spec.search, spec.search_space
+    grid = space.grid() if s.algorithm == "grid" else None
+    sampler = make_sampler(s.algorithm, s.seed, s.num_trials, s.n_startup_trials, grid)
+    storage = journal_storage(exp_dir / S.JOURNAL_FILE)
+    return StudySearch(
+        space=space.define_by_run,
+        metric=spec.objective.metric,
+        mode=spec.objective.mode,
+        sampler=sampler,
+        study_name=spec.name,
+        storage=storage,
+        epochs=spec.train.epochs,
+        deadline=deadline,
+    )
+
+
+def num_samples(spec: Any) -> int:
+    """num_trials, capped at the grid size for grid search."""
+    if spec.search.algorithm == "grid":
+        return min(spec.search.num_trials, grid_size(spec.search_space.grid()))
+    return spec.search.num_trials

@@ -9,13 +9,12 @@ is the study's base metric: the unmodified base model's epoch-0 score
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from search import mlflow_store, write_queue
 from search import study as S
-from search import tracking
 
 DEFAULT_ALIAS = "champion"
 
@@ -59,12 +58,6 @@ def load_study_spec(exp_dir: Path) -> Any:
     return build_spec(raw, Path(exp_dir), source=path)
 
 
-def _num(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
 def base_metric(status: dict[str, Any]) -> float | None:
     """The study's base metric (:func:`search.study.study_base_metric`: the unmodified base
     model's epoch-0 score)."""
@@ -86,16 +79,16 @@ def ranked_trials(exp_dir: Path) -> list[dict[str, Any]]:
     mode = status.get("mode", "max")
     base = base_metric(status)
     ref = status.get("reference") or {}
-    runs = tracking.read_runs(exp_dir).get("runs", {})
+    runs = write_queue.read_runs(exp_dir).get("runs", {})
     out = []
     for t in S.ranked(status["trials"], mode):
         row = dict(t)
         row["epoch"] = t.get("best_epoch")
         row["run_id"] = runs.get(t["id"])
         row["study_base_metric"] = base
-        row["improvement"] = improvement(_num(t.get("best_metric")), base, mode)
+        row["improvement"] = improvement(S.number(t.get("best_metric")), base, mode)
         row["reference_metric"] = ref.get("best_metric")
-        row["vs_reference"] = improvement(_num(t.get("best_metric")), ref.get("best_metric"), mode)
+        row["vs_reference"] = improvement(S.number(t.get("best_metric")), ref.get("best_metric"), mode)
         out.append(row)
     return out
 
@@ -146,13 +139,13 @@ def lineage(exp_dir: Path, trial: dict[str, Any], spec: Any = None) -> dict[str,
     dataset fingerprint, metric. The sha and fingerprint come from the study's parent run (as
     recorded at launch) or, without one, from the spec."""
     status = S.read_study(exp_dir)
-    runs = tracking.read_runs(exp_dir)
+    runs = write_queue.read_runs(exp_dir)
     facts: dict[str, str] = {}
     parent = runs.get("runs", {}).get("parent")
     if parent:
         try:
-            uri, _ = _store(exp_dir)
-            tags = tracking.client(uri).get_run(parent).data.tags
+            uri, _ = write_queue.recorded_store(exp_dir)
+            tags = mlflow_store.client(uri).get_run(parent).data.tags
             facts = {
                 k: tags[k] for k in ("base_weights_sha256", "dataset_fingerprint", "git_commit") if k in tags
             }
@@ -160,8 +153,8 @@ def lineage(exp_dir: Path, trial: dict[str, Any], spec: Any = None) -> dict[str,
             facts = {}
     if "base_weights_sha256" not in facts or "dataset_fingerprint" not in facts:
         spec = spec or load_study_spec(exp_dir)
-        facts.setdefault("base_weights_sha256", tracking.base_weights_sha256(spec))
-        facts.setdefault("dataset_fingerprint", tracking.dataset_fingerprint(spec))
+        facts.setdefault("base_weights_sha256", facts.base_weights_sha256(spec))
+        facts.setdefault("dataset_fingerprint", facts.dataset_fingerprint(spec))
     metric = status.get("metric", "")
     return {
         "study": str(status.get("name") or Path(exp_dir).name),
@@ -176,14 +169,6 @@ def lineage(exp_dir: Path, trial: dict[str, Any], spec: Any = None) -> dict[str,
         "improvement": repr(trial.get("improvement")),
         **facts,
     }
-
-
-def _store(exp_dir: Path) -> tuple[str, str]:
-    uri, experiment = tracking.study_tracking(exp_dir)
-    recorded = tracking.read_runs(exp_dir)
-    if recorded.get("tracking_uri") and "***@" not in recorded["tracking_uri"]:
-        uri = recorded["tracking_uri"]
-    return uri, recorded.get("experiment") or experiment
 
 
 # ---------------------------------------------------------------- export
@@ -235,15 +220,15 @@ def promote(
     trial = choose_trial(exp_dir, trial_id)
     status = S.read_study(exp_dir)
     metric, mode = status.get("metric", "?"), status.get("mode", "max")
-    value, base = _num(trial.get("best_metric")), trial.get("study_base_metric")
+    value, base = S.number(trial.get("best_metric")), trial.get("study_base_metric")
     beats = value is not None and base is not None and S.better(value, base, mode)
     if not beats and not force:
         if base is None:
             why = "the study has no epoch-0 base metric to compare with (train.eval_base was false)"
         else:
             why = (
-                f"its best {metric} {value:.4f} (epoch {trial.get('best_epoch')}) does not beat the base "
-                f"model's epoch-0 {metric} {base:.4f}"
+                f"its best {metric} {S.fmt(value)} (epoch {trial.get('best_epoch')}) does not beat the base "
+                f"model's epoch-0 {metric} {S.fmt(base)}"
             )
         raise Refused(
             f"refusing to promote trial {trial['id']} as {model}@{alias}: {why}. Pass --force to "
@@ -252,11 +237,11 @@ def promote(
     run_id = trial.get("run_id")
     if not run_id:
         raise SelectError(
-            f"trial {trial['id']} has no MLflow run in {exp_dir / tracking.RUNS_FILE}: the study was "
+            f"trial {trial['id']} has no MLflow run in {exp_dir / write_queue.RUNS_FILE}: the study was "
             "not recorded in MLflow, so there is no run to register from"
         )
-    uri, _ = _store(exp_dir)
-    mlc = tracking.client(uri)
+    uri, _ = write_queue.recorded_store(exp_dir)
+    mlc = mlflow_store.client(uri)
     tags = lineage(exp_dir, trial)
     if force and not beats:
         tags["forced"] = "true"
@@ -292,5 +277,5 @@ def promote(
         "improvement": trial.get("improvement"),
         "forced": bool(force and not beats),
         "tags": tags,
-        "tracking_uri": tracking.redact(uri),
+        "tracking_uri": mlflow_store.redact(uri),
     }

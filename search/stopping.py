@@ -9,6 +9,7 @@ this true after ``resume``, when Ray re-adds the trials to a scheduler restored 
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -19,14 +20,9 @@ from ray.tune.schedulers import (
     MedianStoppingRule,
     TrialScheduler,
 )
+from ray.tune.stopper import Stopper
 
-from search.schedulers import group_of
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
+from search.study import group_of, number
 
 
 def _epoch(result: dict[str, Any]) -> int | None:
@@ -114,7 +110,7 @@ class StratifiedHalving(FIFOScheduler, _Records):
         return a < b if self._mode == "max" else a > b
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-        epoch, value = _epoch(result), _number(result.get(self._metric))
+        epoch, value = _epoch(result), number(result.get(self._metric))
         if epoch is None or value is None or result.get("diverged"):
             return TrialScheduler.CONTINUE
         curve = self._curves.setdefault(trial.trial_id, {})
@@ -182,7 +178,7 @@ class RecordingASHA(_Spared, ASHAScheduler):
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         decision = self._spare(trial, super().on_trial_result(tune_controller, trial, result))
-        value, epoch = _number(result.get(self._metric)), _epoch(result)
+        value, epoch = number(result.get(self._metric)), _epoch(result)
         if decision != TrialScheduler.STOP or value is None or epoch is None:
             return decision
         bracket = self._trial_info.get(trial.trial_id)
@@ -206,7 +202,7 @@ class RecordingHyperBand(HyperBandScheduler, _Records):
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)
-        value, epoch = _number(result.get(self._metric)), _epoch(result)
+        value, epoch = number(result.get(self._metric)), _epoch(result)
         if decision == TrialScheduler.STOP and value is not None and epoch is not None:
             self._record(trial, epoch, value, None, "hyperband")
         return decision
@@ -217,7 +213,21 @@ class RecordingMedian(_Spared, MedianStoppingRule):
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         decision = self._spare(trial, super().on_trial_result(tune_controller, trial, result))
-        value, epoch = _number(result.get(self._metric)), _epoch(result)
+        value, epoch = number(result.get(self._metric)), _epoch(result)
         if decision == TrialScheduler.STOP and value is not None and epoch is not None:
             self._record(trial, epoch, value, None, "median")
         return decision
+
+
+class BudgetStopper(Stopper):
+    """Ray stopper for the time budget: after ``deadline`` each running trial stops at its next
+    report (right after its epoch checkpoint); the searcher starts no new trial."""
+
+    def __init__(self, deadline: float | None):
+        self.deadline = deadline
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        return self.deadline is not None and time.time() >= self.deadline
+
+    def stop_all(self) -> bool:
+        return False

@@ -170,10 +170,18 @@ def new_study(name: str, metric: str, mode: str) -> dict[str, Any]:
     }
 
 
-def _num(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+def number(value: Any) -> float | None:
+    """``value`` as a finite float (ints, floats, 0-d tensors and numpy scalars), else None
+    (booleans, text, NaN and infinities included). The one number reader of ``search``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if hasattr(value, "item") and callable(value.item):
+            try:
+                return number(value.item())
+            except (TypeError, ValueError):
+                return None
         return None
-    return float(value)
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def better(a: float | None, b: float | None, mode: str) -> bool:
@@ -185,6 +193,20 @@ def better(a: float | None, b: float | None, mode: str) -> bool:
     return a > b if mode == "max" else a < b
 
 
+# Trial parameters whose value changes the shape of a learning curve: trials are compared at a
+# rung only with trials that agree on all of these (``loss.*`` choices count too).
+STRUCTURAL = ("trainable", "trainable_k", "norm", "activation", "activation_scope", "optimizer")
+
+
+def group_of(config: dict[str, Any]) -> str:
+    """The structural group of a trial's parameters, e.g. ``optimizer=sgd,trainable=all``
+    (``all trials`` when the space searches none of them)."""
+    keys = sorted(
+        k for k, v in config.items() if k in STRUCTURAL or (k.startswith("loss.") and isinstance(v, str))
+    )
+    return ",".join(f"{k}={config[k]}" for k in keys) or "all trials"
+
+
 def keeps_base(params: dict[str, Any]) -> bool:
     """Whether a trial starts from the base model as built: its epoch 0 is the base model's score.
     Activation swaps change the starting model's function; norm conversions, losses and freezing
@@ -193,10 +215,10 @@ def keeps_base(params: dict[str, Any]) -> bool:
 
 
 def _epoch0(t: dict[str, Any], metric: str | None) -> float | None:
-    v = _num(t.get("base_metric"))
+    v = number(t.get("base_metric"))
     if v is None:
         row = next((r for r in t.get("history") or [] if r.get("epoch") == 0), None)
-        v = _num((row or {}).get(metric)) if metric else None
+        v = number((row or {}).get(metric)) if metric else None
     return v
 
 
@@ -216,7 +238,7 @@ def study_base_metric(state: dict[str, Any]) -> float | None:
         return plain[0]
     values = [v for t in trials if (v := _epoch0(t, metric)) is not None]
     if not values:
-        return _num(state.get("base_metric"))
+        return number(state.get("base_metric"))
     return max(values) if mode == "max" else min(values)
 
 
@@ -224,17 +246,17 @@ def best_trial(trials: list[dict[str, Any]], mode: str) -> dict[str, Any] | None
     """The trial with the best ``best_metric`` (diverged/errored trials never win)."""
     best = None
     for t in trials:
-        if t.get("state") == FAILED or _num(t.get("best_metric")) is None:
+        if t.get("state") == FAILED or number(t.get("best_metric")) is None:
             continue
-        if best is None or better(_num(t["best_metric"]), _num(best["best_metric"]), mode):
+        if best is None or better(number(t["best_metric"]), number(best["best_metric"]), mode):
             best = t
     return best
 
 
 def ranked(trials: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
     """Trials with a best metric, best first (diverged/errored excluded)."""
-    scored = [t for t in trials if t.get("state") != FAILED and _num(t.get("best_metric")) is not None]
-    return sorted(scored, key=lambda t: _num(t["best_metric"]), reverse=mode == "max")
+    scored = [t for t in trials if t.get("state") != FAILED and number(t.get("best_metric")) is not None]
+    return sorted(scored, key=lambda t: number(t["best_metric"]), reverse=mode == "max")
 
 
 def reference_summary(state: dict[str, Any]) -> dict[str, Any] | None:
@@ -248,7 +270,7 @@ def reference_summary(state: dict[str, Any]) -> dict[str, Any] | None:
         return None
     mode = state.get("mode", "max")
     best = best_trial(list(trials), mode)
-    value, top = _num(ref.get("best_metric")), _num((best or {}).get("best_metric"))
+    value, top = number(ref.get("best_metric")), number((best or {}).get("best_metric"))
     delta = None
     if value is not None and top is not None:
         delta = top - value if mode == "max" else value - top
@@ -263,11 +285,11 @@ def reference_summary(state: dict[str, Any]) -> dict[str, Any] | None:
 
 def reference_text(ref: dict[str, Any] | None, metric: str) -> str | None:
     """``reference trial (torchvision recipe) ID map50=0.5917; the best is +0.0114 over it``."""
-    if not ref or _num(ref.get("best_metric")) is None:
+    if not ref or number(ref.get("best_metric")) is None:
         return None
     vs = ref.get("best_vs_reference")
-    return f"reference trial (torchvision recipe) {ref['id']} {metric}={ref['best_metric']:.4g}" + (
-        f"; the best is {vs:+.4g} over it" if vs is not None else ""
+    return f"reference trial (torchvision recipe) {ref['id']} {metric}={fmt(ref['best_metric'])}" + (
+        f"; the best is {fmt(vs, sign=True)} over it" if vs is not None else ""
     )
 
 
@@ -300,7 +322,7 @@ def status_object(exp_dir: Path) -> dict[str, Any]:
 
 def stop_text(record: dict[str, Any], metric: str) -> str:
     """Why a trial stopped early, in words (the progress line, ``status``)."""
-    value, cut = _fmt4(record.get("value")), _fmt4(record.get("cut"))
+    value, cut = fmt(record.get("value")), fmt(record.get("cut"))
     where = f"stopped at epoch {record.get('epoch')} with {metric} {value}"
     rule, group = record.get("rule"), record.get("group")
     if rule == "time_budget":
@@ -312,9 +334,18 @@ def stop_text(record: dict[str, Any], metric: str) -> str:
     return f"{where}: the {rule} rule" + (f" (cut {cut})" if record.get("cut") is not None else "")
 
 
-def _fmt4(value: Any) -> str:
-    v = _num(value)
-    return f"{v:.4f}" if v is not None else "-"
+def fmt(value: Any, digits: int = 4, sign: bool = False) -> str:
+    """A value for people: numbers to ``digits`` significant digits (``sign``: with + or -), ``-``
+    for none (or NaN), anything else as text. The one number formatter of ``search``'s human
+    output."""
+    if value is None:
+        return "-"
+    v = number(value)
+    if v is None or isinstance(value, bool):
+        return "-" if isinstance(value, float) else str(value)
+    if isinstance(value, int):
+        return f"{value:+d}" if sign else str(value)
+    return f"{v:+#.{digits}g}" if sign else f"{v:#.{digits}g}"
 
 
 def dir_size(path: Path) -> int:

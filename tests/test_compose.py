@@ -25,7 +25,6 @@ from search.spec import build_spec, deep_check, load_spec
 from tests.test_freeze import _check_step
 from tests.test_models import (  # noqa: F401 (one_thread: module fixture)
     NUM_CLASSES,
-    SHARED_MOBILENET_V2,
     SIZE,
     det_batch,
     one_thread,
@@ -33,7 +32,7 @@ from tests.test_models import (  # noqa: F401 (one_thread: module fixture)
     train_step,
 )
 from tests.test_spec import ROOT, spec_dict
-from trainables import activations, compose, families, freeze, losses, models
+from trainables import activations, compose, compose_build, families, freeze, losses, models, weights
 from trainables import params as P
 from trainables.config import DataSplit, TrialConfig
 
@@ -340,25 +339,23 @@ def test_activation_and_loss_choices_apply_to_compositions():
 # ---------------------------------------------------------------- weights
 
 
-def test_shared_mobilenet_v2_loads_through_the_enum_from_a_temporary_hub(hub):
-    if not SHARED_MOBILENET_V2.is_file():
-        pytest.skip(f"{SHARED_MOBILENET_V2} is absent (the shared ImageNet MobileNetV2 weights)")
+def test_shared_mobilenet_v2_loads_through_the_enum_from_a_temporary_hub(hub, mobilenet_v2_file):
     member = get_model_weights("mobilenet_v2").IMAGENET1K_V1
-    path = models.hub_cache_path(member)
-    assert path == hub / "checkpoints" / SHARED_MOBILENET_V2.name
+    path = weights.hub_cache_path(member)
+    assert path == hub / "checkpoints" / mobilenet_v2_file.name
     path.parent.mkdir(parents=True)
-    os.symlink(SHARED_MOBILENET_V2, path)
+    os.symlink(mobilenet_v2_file, path)
     model, info = build(
         "fasterrcnn", weights_backbone="IMAGENET1K_V1", backbone="mobilenet_v2", fpn=False, roi_output_size=3
     )
     assert info["weights_backbone"] == f"enum:{member!r}" and info["backbone_sha256"].startswith("b0353104")
     assert info["frozen_batchnorm"] == 52  # every BatchNorm2d of features.0-18, as torchvision's builders
-    want = torch.load(SHARED_MOBILENET_V2, map_location="cpu", weights_only=True)
+    want = torch.load(mobilenet_v2_file, map_location="cpu", weights_only=True)
     got = model.state_dict()
     fam = families.family_of("fasterrcnn")
     p = compose.plan("fasterrcnn", fam, compose.Settings("mobilenet_v2", fpn=False))
     compared = 0
-    for src, dst in compose.key_prefixes(p):
+    for src, dst in compose_build.key_prefixes(p):
         for key, tensor in want.items():
             if key.startswith(src) and not key.endswith("num_batches_tracked"):
                 assert torch.equal(got[dst + key[len(src) :]], tensor), key
@@ -368,7 +365,7 @@ def test_shared_mobilenet_v2_loads_through_the_enum_from_a_temporary_hub(hub):
 
 def test_backbone_enum_missing_from_cache_names_path_and_url(hub):
     member = get_model_weights("resnet18").IMAGENET1K_V1
-    with pytest.raises(models.WeightsError) as err:
+    with pytest.raises(weights.WeightsError) as err:
         build("fasterrcnn", weights_backbone="IMAGENET1K_V1", backbone="resnet18")
     msg = str(err.value)
     assert str(hub / "checkpoints" / os.path.basename(member.url)) in msg and member.url in msg
@@ -386,9 +383,9 @@ def test_backbone_file_must_fit_the_trunk(tmp_path):
     assert torch.equal(got, state["features.4.block.0.0.weight"])
     bad = tmp_path / "bad.pth"
     torch.save({"features.0.0.weight": torch.zeros(3)}, bad)
-    with pytest.raises(models.WeightsError, match="does not fit mobilenet_v3_small's feature trunk"):
+    with pytest.raises(weights.WeightsError, match="does not fit mobilenet_v3_small's feature trunk"):
         build("fcos", weights_backbone=bad, backbone="mobilenet_v3_small")
-    with pytest.raises(models.WeightsError, match="no weight enum"):
+    with pytest.raises(weights.WeightsError, match="no weight enum"):
         build("fcos", weights="DEFAULT", backbone="mobilenet_v3_small")
 
 
@@ -544,14 +541,13 @@ def test_bundled_composed_spec_validates():
     assert c["fpn"] is False and c["frozen_batchnorm"] is True
 
 
-def test_bundled_composed_spec_runs_a_short_trial(tmp_path, hub):
-    if not SHARED_MOBILENET_V2.is_file():
-        pytest.skip(f"{SHARED_MOBILENET_V2} is absent: the spec's ImageNet backbone cannot load offline")
+def test_bundled_composed_spec_runs_a_short_trial(tmp_path, hub, mobilenet_v2_file):
+    """The spec's ImageNet backbone loads offline only from the shared weights (through the hub)."""
     from trainables import checkpoint
     from trainables.trial import run_trial
 
     (hub / "checkpoints").mkdir()
-    os.symlink(SHARED_MOBILENET_V2, hub / "checkpoints" / SHARED_MOBILENET_V2.name)
+    os.symlink(mobilenet_v2_file, hub / "checkpoints" / mobilenet_v2_file.name)
     spec = load_spec(
         SPEC,
         [
@@ -571,7 +567,7 @@ def test_bundled_composed_spec_runs_a_short_trial(tmp_path, hub):
     assert result["build"]["weights_backbone"].startswith("enum:MobileNet_V2_Weights")
     assert [h["epoch"] for h in result["history"]] == [0, 1]
     model = checkpoint.load_trained(cfg, params, spec.num_classes + 1, Path(result["checkpoint"]))
-    want = torch.load(SHARED_MOBILENET_V2, map_location="cpu", weights_only=True)
+    want = torch.load(mobilenet_v2_file, map_location="cpu", weights_only=True)
     got = model.state_dict()["backbone.body.3.conv.0.0.weight"]
     assert torch.equal(got, want["features.3.conv.0.0.weight"])
     # export: the bundle rebuilds the composition and reproduces the trial model's outputs

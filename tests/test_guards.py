@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -180,14 +179,27 @@ def _spec_text(extra: str) -> str:
     ],
 )
 def test_yaml_that_would_hurt_is_refused_fast(tmp_path, text, words):
+    """Refused with a short message naming the danger. The thread join is only a did-not-hang
+    guard (an expanded alias bomb or a recursing parser would run for minutes), not a speed claim."""
+    import threading
+
     path = tmp_path / "s.yaml"
     path.write_text(_spec_text("") + text)
-    t0 = time.perf_counter()
-    with pytest.raises(SpecError) as err:
-        load_spec(path)
-    took = time.perf_counter() - t0
-    assert words in str(err.value) and len(str(err.value)) < 300
-    assert took < 30  # generous: the point is "not minutes", not a timing claim
+    box: dict = {}
+
+    def load() -> None:
+        try:
+            box["spec"] = load_spec(path)
+        except SpecError as exc:
+            box["error"] = exc
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(timeout=300)
+    assert not worker.is_alive(), "load_spec did not return within 300 s"
+    assert "spec" not in box, "the spec was accepted"
+    err = box["error"]
+    assert words in str(err) and len(str(err)) < 300 and "\n" not in str(err)
 
 
 @pytest.mark.parametrize(
@@ -332,8 +344,9 @@ def test_no_secret_is_written_anywhere(tmp_path):
 
 @pytest.mark.parametrize("answer", [b"HTTP/1.1 400 Bad Request\r\n\r\n", None])
 def test_an_address_that_is_not_ray_fails_fast(tmp_path, answer):
-    """A TCP server of another protocol (or a silent one) at --address: exit 2 within 30 s, naming
-    the address, nothing created (before: ray.init waited on it for minutes)."""
+    """A TCP server of another protocol (or a silent one) at --address: exit 2 naming the address,
+    after one probe connection (the probe's own timeout ends the silent case; before: ray.init
+    waited on it for minutes), nothing created."""
     import socket
     import threading
 
@@ -343,6 +356,7 @@ def test_an_address_that_is_not_ray_fails_fast(tmp_path, answer):
     srv.bind(("127.0.0.1", 0))
     srv.listen(8)
     port = srv.getsockname()[1]
+    accepted = []
 
     def serve() -> None:
         while True:
@@ -350,6 +364,7 @@ def test_an_address_that_is_not_ray_fails_fast(tmp_path, answer):
                 conn, _ = srv.accept()
             except OSError:
                 return
+            accepted.append(conn)
             if answer is not None:
                 conn.recv(100)
                 conn.sendall(answer)
@@ -357,14 +372,13 @@ def test_an_address_that_is_not_ray_fails_fast(tmp_path, answer):
 
     threading.Thread(target=serve, daemon=True).start()
     try:
-        t0 = time.monotonic()
-        done = run("launch", str(spec), "--address", f"127.0.0.1:{port}", cwd=tmp_path, timeout=60)
-        took = time.monotonic() - t0
+        done = run("launch", str(spec), "--address", f"127.0.0.1:{port}", cwd=tmp_path, timeout=120)
     finally:
         srv.close()
     assert done.returncode == 2, done.stderr
     assert f"127.0.0.1:{port}" in done.stderr and "not a Ray head node" in done.stderr
-    assert took < 30 and not (tmp_path / "runs").exists()
+    assert len(accepted) == 1  # one probe, no ray.init retrying against it
+    assert not (tmp_path / "runs").exists()
 
 
 def test_resume_refuses_a_folder_others_can_write(tmp_path):

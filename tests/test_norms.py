@@ -11,7 +11,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from search.spec import load_spec
 from trainables import freeze, params
-from trainables.norms import AffineBatchNorm2d, apply_norm
+from trainables.freeze import AffineBatchNorm2d
+from trainables.norms import apply_norm
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -30,8 +30,8 @@ def _groups(opt):
 
 
 def test_tables_match_params():
-    assert tuple(optim.OPTIMIZER_ARGS) == P.OPTIMIZERS
-    assert optim.SCHEDULES == P.SCHEDULES
+    assert tuple(optim.OPTIMIZERS) == P.OPTIMIZERS
+    assert tuple(optim.SCHEDULES) == P.SCHEDULES
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])

@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 
 from tests.test_models import CHEAP, SLOW, build, loss_dict, one_thread  # noqa: F401
-from trainables import activations, families, freeze, losses, models
+from trainables import activations, families, freeze, loss_table, losses, models, weights
 from trainables import params as P
 
 DET_FAMILIES = [f for f in families.FAMILIES.values() if f.box_losses or f.cls_losses]
@@ -28,11 +28,11 @@ DET_FAMILIES = [f for f in families.FAMILIES.values() if f.box_losses or f.cls_l
 
 def test_name_tables_agree():
     assert set(activations.ACTIVATIONS) == set(P.ACTIVATION_NAMES) - {"keep"}
-    assert set(losses.BOX_TABLE) == set(P.BOX_LOSSES) - {"default"}
-    assert set(losses.CLS_TABLE) == set(P.CLS_LOSSES) - {"default"}
+    assert set(loss_table.BOX_TABLE) == set(P.BOX_LOSSES) - {"default"}
+    assert set(loss_table.CLS_TABLE) == set(P.CLS_LOSSES) - {"default"}
     used_box = {b for f in families.FAMILIES.values() for b in f.box_losses}
     used_cls = {c for f in families.FAMILIES.values() for c in f.cls_losses}
-    assert used_box == set(losses.BOX_TABLE) and used_cls == set(losses.CLS_TABLE)
+    assert used_box == set(loss_table.BOX_TABLE) and used_cls == set(loss_table.CLS_TABLE)
     assert set(families.SCOPES) == set(P.ACTIVATION_SCOPES)
 
 
@@ -45,7 +45,7 @@ def test_table_modules_import_no_torch():
 @pytest.mark.parametrize("fam", families.FAMILIES.values(), ids=lambda f: f.name)
 def test_family_rows_are_consistent(fam):
     assert fam.task in (families.DETECTION, families.INSTANCE, families.SEMANTIC)
-    assert set(fam.presets) <= set(families.PRESET_DOCS)
+    assert set(fam.presets) <= set(freeze.PRESETS)
     assert {"all", "heads", "backbone_last_k"} <= set(fam.presets)
     assert ("heads+neck" in fam.presets) == bool(fam.neck_prefixes)
     assert len(set(fam.loss_terms)) == len(fam.loss_terms)
@@ -98,10 +98,10 @@ def test_every_arch_layout_matches_its_family(arch):
 def test_backbone_weights_enum():
     from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights, VGG16_Weights
 
-    assert models.backbone_weights_enum("fasterrcnn_resnet50_fpn") is ResNet50_Weights
-    assert models.backbone_weights_enum("ssdlite320_mobilenet_v3_large") is MobileNet_V3_Large_Weights
-    assert models.backbone_weights_enum("ssd300_vgg16") is VGG16_Weights
-    assert models.backbone_weights_enum("mobilenet_v2") is None
+    assert weights.backbone_weights_enum("fasterrcnn_resnet50_fpn") is ResNet50_Weights
+    assert weights.backbone_weights_enum("ssdlite320_mobilenet_v3_large") is MobileNet_V3_Large_Weights
+    assert weights.backbone_weights_enum("ssd300_vgg16") is VGG16_Weights
+    assert weights.backbone_weights_enum("mobilenet_v2") is None
 
 
 # ---------------------------------------------------------------- loss rows change the loss
@@ -216,8 +216,8 @@ def test_weighted_total():
 def test_softmax_focal_reduces_to_ce():
     logits, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 2])
     ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
-    assert torch.allclose(losses.softmax_focal(logits, labels, 0.0, -1.0), ce, atol=1e-6)
-    assert (losses.softmax_focal(logits, labels, 2.0, -1.0) <= ce + 1e-6).all()
+    assert torch.allclose(loss_table.softmax_focal(logits, labels, 0.0, -1.0), ce, atol=1e-6)
+    assert (loss_table.softmax_focal(logits, labels, 2.0, -1.0) <= ce + 1e-6).all()
 
 
 # ---------------------------------------------------------------- activation rows

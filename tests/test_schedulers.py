@@ -276,7 +276,7 @@ def reference_study(ray_local, tmp_path_factory):
 
 
 def test_the_reference_trial_runs_and_is_reported(reference_study):
-    from search import tracking
+    from search import mlflow_store
 
     spec, summary, root = reference_study
     exp_dir = root / "runs" / "refstudy"
@@ -300,7 +300,7 @@ def test_the_reference_trial_runs_and_is_reported(reference_study):
     status = json.loads(done.stdout)
     assert [t["id"] for t in status["trials"] if t.get("reference")] == [refs[0]["id"]]
 
-    mlc = tracking.client(tracking.tracking_uri(spec))
+    mlc = mlflow_store.client(mlflow_store.tracking_uri(spec))
     exp = mlc.get_experiment_by_name(spec.name)
     runs = mlc.search_runs([exp.experiment_id])
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]

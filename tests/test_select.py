@@ -19,10 +19,11 @@ import torch
 import yaml
 from ray.tune import Callback
 
-from search import select, tracking
+from search import mlflow_store, registry, select, write_queue
 from search import study as S
 from search.cli import main
 from tests.tinydata import make_tiny_coco, write_tiny_spec
+from trainables.files import sha256_file
 
 ARCH = "ssdlite320_mobilenet_v3_large"
 EPOCHS = 2
@@ -75,8 +76,8 @@ def study(ray_local, tmp_path_factory):
     t0 = time.time()
     first = launch(spec, extra_callbacks=[InterruptOnce()])
     exp_dir = root / "runs" / "tiny"
-    runs_before = json.loads((exp_dir / tracking.RUNS_FILE).read_text())["runs"]
-    mlc = tracking.client(tracking.default_uri(root / "runs"))
+    runs_before = json.loads((exp_dir / write_queue.RUNS_FILE).read_text())["runs"]
+    mlc = mlflow_store.client(mlflow_store.default_uri(root / "runs"))
     statuses_before = {k: mlc.get_run(v).info.status for k, v in runs_before.items()}
     t1 = time.time()
     watch = WatchStudy(exp_dir)
@@ -108,7 +109,7 @@ def test_runs_after_interrupt_and_resume(study):
     assert study["statuses_before"]["parent"] == "KILLED"
     exp = mlc.get_experiment_by_name("tiny")
     every = mlc.search_runs([exp.experiment_id], "", max_results=100)
-    runs = json.loads((exp_dir / tracking.RUNS_FILE).read_text())["runs"]
+    runs = json.loads((exp_dir / write_queue.RUNS_FILE).read_text())["runs"]
     parent = mlc.get_run(runs["parent"])
     kids = _children(mlc, exp.experiment_id, parent.info.run_id)
     assert len(every) == 5 and len(kids) == 4  # 1 parent + 4 nested children, no duplicates
@@ -155,7 +156,7 @@ def test_best_json(study, capsys):
     assert main(["best", str(exp_dir), "--json", "--top", "3"]) == 0
     rows = json.loads(capsys.readouterr().out)
     status_ids = {t["id"] for t in S.status_object(exp_dir)["trials"]}
-    runs = json.loads((exp_dir / tracking.RUNS_FILE).read_text())["runs"]
+    runs = json.loads((exp_dir / write_queue.RUNS_FILE).read_text())["runs"]
     assert 1 <= len(rows) <= 3 and {r["id"] for r in rows} <= status_ids
     values = [r["best_metric"] for r in rows]
     assert values == sorted(values, reverse=True)
@@ -191,7 +192,7 @@ def test_promote_registers_alias_and_lineage(study, capsys):
         assert mv.tags.get(key), key
     assert mv.tags["study"] == "tiny" and mv.tags["trial"] == top["id"] and mv.tags["metric"] == "map50"
     parent_tags = mlc.get_run(
-        json.loads((exp_dir / tracking.RUNS_FILE).read_text())["runs"]["parent"]
+        json.loads((exp_dir / write_queue.RUNS_FILE).read_text())["runs"]["parent"]
     ).data.tags
     assert mv.tags["dataset_fingerprint"] == parent_tags["dataset_fingerprint"]
     assert mv.tags["base_weights_sha256"] == parent_tags["base_weights_sha256"] == "none"
@@ -199,27 +200,27 @@ def test_promote_registers_alias_and_lineage(study, capsys):
     assert {"bundle/weights.pt", "bundle/model.yaml", "bundle/load.py", "bundle/SHA256SUMS"} <= arts
 
     # the registered model is the next study's base: models:/NAME@ALIAS resolves to its weights
-    uri = tracking.default_uri(exp_dir.parent)
-    weights = tracking.resolve_model_uri("models:/tiny-det@champion", uri, cache_dir=study["root"] / "cache")
+    uri = mlflow_store.default_uri(exp_dir.parent)
+    weights = registry.resolve_model_uri("models:/tiny-det@champion", uri, cache_dir=study["root"] / "cache")
     assert weights.name == "weights.pt"
     state = torch.load(weights, map_location="cpu", weights_only=True)
     assert all(torch.is_tensor(v) for v in state.values())
-    same = tracking.resolve_model_uri(f"runs:/{top['run_id']}/bundle", uri, cache_dir=study["root"] / "cache")
-    assert tracking.sha256_file(same) == tracking.sha256_file(weights)
+    same = registry.resolve_model_uri(f"runs:/{top['run_id']}/bundle", uri, cache_dir=study["root"] / "cache")
+    assert sha256_file(same) == sha256_file(weights)
     # the cache is keyed by tracking store: a second store with the same model name and version
     # (here a copy of the first) gets its own download, never the first store's file
     import shutil
 
     other_db = study["root"] / "other-store" / "mlflow.db"
     other_db.parent.mkdir(exist_ok=True)
-    shutil.copy2(exp_dir.parent / tracking.DB_FILE, other_db)
-    other = tracking.resolve_model_uri(
+    shutil.copy2(exp_dir.parent / mlflow_store.DB_FILE, other_db)
+    other = registry.resolve_model_uri(
         "models:/tiny-det@champion", f"sqlite:///{other_db}", cache_dir=study["root"] / "cache"
     )
     assert other != weights and other.is_file() and weights.is_file()
-    assert tracking.sha256_file(other) == tracking.sha256_file(weights)
-    with pytest.raises(tracking.RegistryError, match="cannot resolve models:/tiny-det@nope"):
-        tracking.resolve_model_uri("models:/tiny-det@nope", uri, cache_dir=study["root"] / "cache")
+    assert sha256_file(other) == sha256_file(weights)
+    with pytest.raises(registry.RegistryError, match="cannot resolve models:/tiny-det@nope"):
+        registry.resolve_model_uri("models:/tiny-det@nope", uri, cache_dir=study["root"] / "cache")
     from trainables.config import DataSplit, TrialConfig
     from trainables.models import build_model
 
@@ -237,7 +238,7 @@ def test_promote_registers_alias_and_lineage(study, capsys):
     from trainables import params as P
 
     model, info = build_model(cfg, P.resolve({}), num_classes=3)
-    assert info["missing"] == [] and info["sha256"] == tracking.sha256_file(weights)
+    assert info["missing"] == [] and info["sha256"] == sha256_file(weights)
 
 
 def test_promote_refuses_a_regression(study, tmp_path, capsys):
@@ -251,7 +252,7 @@ def test_promote_refuses_a_regression(study, tmp_path, capsys):
     # a study whose every trial got worse than its base model (study.json as the launcher writes it)
     fake = tmp_path / "runs" / "worse"
     fake.mkdir(parents=True)
-    for name in (S.SPEC_FILE, tracking.RUNS_FILE):
+    for name in (S.SPEC_FILE, write_queue.RUNS_FILE):
         shutil.copy(exp_dir / name, fake / name)
     state = S.read_study(exp_dir)
     for t in state["trials"].values():

@@ -330,8 +330,20 @@ def test_invalid_spec_exits_2_with_one_line(tmp_path, case):
     assert key in lines[0] and text.lower() in lines[0].lower(), lines[0]
 
 
-def test_at_least_30_invalid_cases():
-    assert len(INVALID) >= 30
+def test_invalid_cases_are_distinct_breakages_of_a_valid_spec():
+    """A sample, not a count: the base every case edits is valid (so each refusal comes from the
+    case's own change), every case's spec differs from the base and from every other case's, and
+    the expected refusals name at least 30 different (key, text) pairs over 8 or more sections."""
+    build_spec(spec_dict(), ROOT)  # the base loads: no case is refused for the base's sake
+    base = json.dumps(spec_dict(), sort_keys=True, default=str)
+    specs = {c[0]: json.dumps(spec_dict(**c[1]), sort_keys=True, default=str) for c in INVALID}
+    assert len(specs) == len(INVALID), "duplicate case ids"
+    assert [cid for cid, text in specs.items() if text == base] == [], "cases that change nothing"
+    same = {text for text in specs.values() if list(specs.values()).count(text) > 1}
+    assert not same, [cid for cid, text in specs.items() if text in same]
+    assert len({(key, text.lower()) for _, _, key, text in INVALID}) >= 30
+    sections = {key.split(".")[0] for _, _, key, _ in INVALID}
+    assert len(sections) >= 8, sorted(sections)
 
 
 def test_invalid_yaml_and_missing_file(tmp_path):
@@ -530,11 +542,11 @@ KWARGS_ACCEPTED = [
 )
 def test_model_kwargs_accepted_and_used(arch, kwargs, expected):
     from search.spec import deep_check
-    from trainables import models
+    from trainables import builder_kwargs, models
 
     spec = _kwargs_spec(arch, kwargs)
     assert deep_check(spec)["parameters"] > 0
-    assert set(kwargs) <= models.accepted_kwargs(arch)
+    assert set(kwargs) <= builder_kwargs.accepted_kwargs(arch)
     sk = models.skeleton(arch, 3, spec.model.model_kwargs())
     for path, value in expected.items():
         obj = sk
@@ -587,12 +599,12 @@ def test_accepted_kwargs_conformance_every_arch():
 
     from torchvision.models import get_model_builder
 
-    from trainables import families, models
+    from trainables import builder_kwargs, families
 
     archs = _supported_archs()
     assert len(archs) >= 20
     for arch in archs:
-        accepted = models.accepted_kwargs(arch)
+        accepted = builder_kwargs.accepted_kwargs(arch)
         assert accepted is None or (isinstance(accepted, frozenset) and accepted), arch
         if accepted is None:
             continue
@@ -614,9 +626,9 @@ def test_accepted_kwargs_conformance_every_arch():
             invented = accepted - _chain_parameters(arch)
             assert not invented, f"{arch}: {sorted(invented)} are no parameter of its chain"
             assert {"min_size", "max_size", "image_mean"} & accepted, arch
-        assert models.ignored_kwargs(arch, dict.fromkeys(accepted)) == [], arch
-        assert models.ignored_kwargs(arch, {"no_such_key": 1}) == ["no_such_key"], arch
-    assert models.accepted_kwargs("resnet50") is None
+        assert builder_kwargs.ignored_kwargs(arch, dict.fromkeys(accepted)) == [], arch
+        assert builder_kwargs.ignored_kwargs(arch, {"no_such_key": 1}) == ["no_such_key"], arch
+    assert builder_kwargs.accepted_kwargs("resnet50") is None
 
 
 ACTIVATION_SCOPE_CASES = [

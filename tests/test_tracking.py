@@ -18,7 +18,7 @@ import pytest
 import yaml
 from ray.tune import Callback
 
-from search import tracking
+from search import mlflow_store, tracking, write_queue
 from search.errors import SpecError
 from search.spec import load_spec
 from tests.mlflow_server import start_server, stop_server
@@ -175,12 +175,12 @@ def free_port() -> int:
 
 
 def test_flatten_params_and_metric_filter():
-    params = tracking.flatten_params(
+    params = write_queue.flatten_params(
         {"lr": 0.01, "loss.box": "giou", "nested": {"a": True}, "long": "x" * 7000}
     )
     assert params["lr"] == "0.01" and params["loss.box"] == "giou" and params["nested.a"] == "true"
     assert len(params["long"]) == 6000
-    metrics = tracking.metric_values(
+    metrics = write_queue.metric_values(
         {
             "epoch": 1,
             "map": 0.5,
@@ -194,50 +194,90 @@ def test_flatten_params_and_metric_filter():
     )
     assert metrics == {"map": 0.5, "ap_per_class/red": 0.4}
     assert (
-        tracking.redact("https://bob:secret@mlflow.example.com:8443/x")
+        mlflow_store.redact("https://bob:secret@mlflow.example.com:8443/x")
         == "https://***@mlflow.example.com:8443/x"
     )
+
+
+class SilentServer:
+    """A loopback port that accepts connections and never answers; counts the connections."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)  # held open, never answered
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        except OSError:
+            pass
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
 
 
 def test_check_tracking_unreachable_server_fails_fast(tmp_path):
     port = free_port()  # nothing listens there
     spec = load_spec(write_spec(tmp_path, tracking={"uri": f"http://hunter2@127.0.0.1:{port}"}))
-    t0 = time.time()
     with pytest.raises(SpecError) as err:
-        tracking.check_tracking(spec)
-    assert time.time() - t0 < 8
+        mlflow_store.check_tracking(spec)
     line = err.value.line()
-    assert err.value.key == "tracking.uri" and "unreachable" in line and "hunter2" not in line
-    assert "\n" not in line
+    # refused at once: "unreachable", not the "no answer" of a probe that waited for its timeout
+    assert err.value.key == "tracking.uri" and "unreachable" in line and "no answer" not in line
+    assert "hunter2" not in line and "\n" not in line
+    # a server that accepts and stays silent: the probe's timeout ends it, after one attempt
+    silent = SilentServer()
+    try:
+        spec_s = load_spec(write_spec(tmp_path / "s", tracking={"uri": f"http://127.0.0.1:{silent.port}"}))
+        with pytest.raises(SpecError) as err:
+            mlflow_store.check_tracking(spec_s, timeout=1.0)
+    finally:
+        silent.close()
+    assert err.value.key == "tracking.uri" and "is no answer" in err.value.line(), err.value.line()
+    assert len(silent.accepted) == 1  # no retries: max_retries=0 on the probe
     # the default store: a SQLite file beside the experiments
     spec = load_spec(write_spec(tmp_path / "b"))
-    assert tracking.tracking_uri(spec) == f"sqlite:///{(tmp_path / 'b' / 'runs' / 'mlflow.db').resolve()}"
-    tracking.check_tracking(spec)
+    assert mlflow_store.tracking_uri(spec) == f"sqlite:///{(tmp_path / 'b' / 'runs' / 'mlflow.db').resolve()}"
+    mlflow_store.check_tracking(spec)
 
 
 def test_write_queue_keeps_unwritten_records_when_store_is_down(tmp_path):
-    runs = tracking.RunMap(tmp_path)
+    runs = write_queue.RunMap(tmp_path)
     uri = f"http://127.0.0.1:{free_port()}"
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    queue = tracking.WriteQueue(
-        uri, "e", runs, tmp_path / tracking.PENDING_FILE, backoff=0.1, max_backoff=0.2
+    queue = write_queue.WriteQueue(
+        uri, "e", runs, tmp_path / write_queue.PENDING_FILE, backoff=0.1, max_backoff=0.2
     )
     queue.start()
     queue.put({"op": "open_run", "key": "parent", "name": "p", "tags": {}})
     queue.put({"op": "log", "key": "parent", "metrics": [["m", 1.0, 1, 0]], "params": {}, "tags": {}})
     left = queue.close(timeout=1.5)
     assert len(left) == 2 and queue.failures >= 1 and queue.written == 0
-    lines = (tmp_path / tracking.PENDING_FILE).read_text().splitlines()
+    lines = (tmp_path / write_queue.PENDING_FILE).read_text().splitlines()
     assert [json.loads(x)["op"] for x in lines] == ["open_run", "log"]
-    again = tracking.WriteQueue(uri, "e", runs, tmp_path / tracking.PENDING_FILE)
+    again = write_queue.WriteQueue(uri, "e", runs, tmp_path / write_queue.PENDING_FILE)
     assert again.load_pending() == 2
 
 
 def test_lost_answer_to_create_run_makes_no_duplicate(tmp_path):
     """The store created the run but its answer was lost (connection cut): the retry, in this
     process or after a restart (pending file), finds that run instead of creating a second one."""
-    uri = tracking.default_uri(tmp_path)
-    real = tracking.client(uri)
+    uri = mlflow_store.default_uri(tmp_path)
+    real = mlflow_store.client(uri)
 
     class LosesFirstAnswer:
         def __init__(self):
@@ -253,8 +293,8 @@ def test_lost_answer_to_create_run_makes_no_duplicate(tmp_path):
                 raise ConnectionError("connection reset while reading the answer")
             return run
 
-    runs = tracking.RunMap(tmp_path)
-    queue = tracking.WriteQueue(uri, "lost", runs, tmp_path / tracking.PENDING_FILE, backoff=0.05)
+    runs = write_queue.RunMap(tmp_path)
+    queue = write_queue.WriteQueue(uri, "lost", runs, tmp_path / write_queue.PENDING_FILE, backoff=0.05)
     queue._client = LosesFirstAnswer()
     queue.start()
     queue.put({"op": "open_run", "key": "parent", "name": "p", "tags": {}})
@@ -287,10 +327,10 @@ def toy_study(ray_local, tmp_path_factory):
 def test_parent_and_nested_children(toy_study):
     spec, exp_dir, cb = toy_study["spec"], toy_study["exp_dir"], toy_study["cb"]
     assert cb.report["unwritten"] == 0, cb.report
-    mlc = tracking.client(tracking.tracking_uri(spec))
+    mlc = mlflow_store.client(mlflow_store.tracking_uri(spec))
     exp = mlc.get_experiment_by_name("toy")
     assert exp.artifact_location == (Path(spec.output_dir) / "mlartifacts" / "toy").resolve().as_uri()
-    runs_file = json.loads((exp_dir / tracking.RUNS_FILE).read_text())
+    runs_file = json.loads((exp_dir / write_queue.RUNS_FILE).read_text())
     parent = mlc.get_run(runs_file["runs"]["parent"])
     assert parent.info.status == "FINISHED" and parent.info.run_name == "toy"
     for tag in (
@@ -369,9 +409,9 @@ def test_resume_continues_the_same_runs(ray_local, tmp_path):
     configs = [{"kind": "ok", "sleep": 0.4}] * 4
     cb = tracking.make_callback(spec, exp_dir, resume=False)
     run_toy(spec, exp_dir, configs, [cb, Interrupt(2)], stop=None)
-    mlc = tracking.client(tracking.tracking_uri(spec))
+    mlc = mlflow_store.client(mlflow_store.tracking_uri(spec))
     exp_id = mlc.get_experiment_by_name("resumable").experiment_id
-    first = json.loads((exp_dir / tracking.RUNS_FILE).read_text())["runs"]
+    first = json.loads((exp_dir / write_queue.RUNS_FILE).read_text())["runs"]
     parent = mlc.get_run(first["parent"])
     assert parent.info.status == "KILLED" and parent.data.tags.get("interrupted") == "true"
     before = children(mlc, exp_id, first["parent"])
@@ -380,7 +420,7 @@ def test_resume_continues_the_same_runs(ray_local, tmp_path):
 
     cb2 = tracking.make_callback(spec, exp_dir, resume=True)
     run_toy(spec, exp_dir, configs, [cb2], restore=True)
-    after_map = json.loads((exp_dir / tracking.RUNS_FILE).read_text())["runs"]
+    after_map = json.loads((exp_dir / write_queue.RUNS_FILE).read_text())["runs"]
     assert after_map["parent"] == first["parent"]
     assert {k: v for k, v in after_map.items() if k in first} == first  # the same runs continued
     all_runs = mlc.search_runs([exp_id], "", max_results=100)
@@ -513,12 +553,11 @@ def test_real_server_outage(ray_local, tmp_path):
     uri = f"http://127.0.0.1:{proxy.port}"
     try:
         spec = load_spec(write_spec(tmp_path, name="remote", tracking={"uri": uri}))
-        tracking.check_tracking(spec)  # reachable: no error
+        mlflow_store.check_tracking(spec)  # reachable: no error
         proxy.down()
-        t0 = time.time()
-        with pytest.raises(SpecError, match="tracking.uri: the MLflow server .* is unreachable"):
-            tracking.check_tracking(spec)
-        assert time.time() - t0 < 8
+        with pytest.raises(SpecError, match="tracking.uri: the MLflow server .* is unreachable") as err:
+            mlflow_store.check_tracking(spec)
+        assert "no answer" not in str(err.value)  # refused at once, not waited out until the timeout
         proxy.up()
 
         exp_dir = Path(spec.output_dir) / spec.name
@@ -534,9 +573,9 @@ def test_real_server_outage(ray_local, tmp_path):
         assert grid.num_errors == 0
         assert cb.queue.failures >= 1, "the outage was not noticed"
         assert cb.report["unwritten"] == 0, cb.report
-        mlc = tracking.client(uri)
+        mlc = mlflow_store.client(uri)
         exp_id = mlc.get_experiment_by_name("remote").experiment_id
-        parent_id = json.loads((exp_dir / tracking.RUNS_FILE).read_text())["runs"]["parent"]
+        parent_id = json.loads((exp_dir / write_queue.RUNS_FILE).read_text())["runs"]["parent"]
         kids = children(mlc, exp_id, parent_id)
         assert len(kids) == 2 and all(k.info.status == "FINISHED" for k in kids)
         assert mlc.get_run(parent_id).info.status == "FINISHED"
@@ -558,9 +597,9 @@ def test_real_server_outage(ray_local, tmp_path):
         print(f"study with the server gone: {time.time() - t1:.1f}s")
         assert cb2.report["unwritten"] > 0 and Path(cb2.report["pending_file"]).is_file()
         proxy.up()
-        assert tracking.replay_pending(exp2) == {"written": cb2.report["unwritten"], "left": 0}
-        assert not (exp2 / tracking.PENDING_FILE).exists()
-        parent2 = json.loads((exp2 / tracking.RUNS_FILE).read_text())["runs"]["parent"]
+        assert write_queue.replay_pending(exp2) == {"written": cb2.report["unwritten"], "left": 0}
+        assert not (exp2 / write_queue.PENDING_FILE).exists()
+        parent2 = json.loads((exp2 / write_queue.RUNS_FILE).read_text())["runs"]["parent"]
         exp2_id = mlc.get_experiment_by_name("remote2").experiment_id
         kid = children(mlc, exp2_id, parent2)[0]
         assert kid.info.status == "FINISHED" and mlc.get_run(parent2).info.status == "FINISHED"
@@ -571,17 +610,17 @@ def test_real_server_outage(ray_local, tmp_path):
 
 
 def test_warm_up_creates_the_local_store_in_the_background(tmp_path, monkeypatch):
-    monkeypatch.delenv(tracking.DISABLE_ENV, raising=False)
+    monkeypatch.delenv(mlflow_store.DISABLE_ENV, raising=False)
     spec = load_spec(write_spec(tmp_path))
-    uri = tracking.tracking_uri(spec)
+    uri = mlflow_store.tracking_uri(spec)
     assert uri.startswith("sqlite:///") and not (tmp_path / "runs" / "mlflow.db").exists()
-    tracking.warm_up(spec)
-    tracking.warm_up(spec)  # once per store
-    tracking._warmed(uri)  # what the writer does before its first write
-    assert uri not in tracking._WARMING
-    exp = tracking.client(uri).get_experiment_by_name(tracking.experiment_name(spec))
+    mlflow_store.warm_up(spec)
+    mlflow_store.warm_up(spec)  # once per store
+    mlflow_store.warmed(uri)  # what the writer does before its first write
+    assert uri not in mlflow_store._WARMING
+    exp = mlflow_store.client(uri).get_experiment_by_name(mlflow_store.experiment_name(spec))
     assert exp is not None and exp.lifecycle_stage == "active"
     other = load_spec(write_spec(tmp_path, name="other"))
-    monkeypatch.setenv(tracking.DISABLE_ENV, "1")
-    tracking.warm_up(other)  # tracking off: nothing started
-    assert tracking.tracking_uri(other) not in tracking._WARMING
+    monkeypatch.setenv(mlflow_store.DISABLE_ENV, "1")
+    mlflow_store.warm_up(other)  # tracking off: nothing started
+    assert mlflow_store.tracking_uri(other) not in mlflow_store._WARMING

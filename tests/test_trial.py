@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tests.tinydata import tiny_split, trial_config, without_timing
-from trainables import checkpoint, engine, losses, trial
+from trainables import checkpoint, engine, losses
 from trainables import params as P
 from trainables.config import TrialConfig
 from trainables.trial import run_trial, sha256_file
@@ -263,17 +263,27 @@ def test_base_weights_file_verified_and_untouched(coco_dir, base_file, tmp_path,
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "trial.json"]
 
 
-def test_base_weights_file_changed_is_an_error(coco_dir, tmp_path, monkeypatch):
+def test_base_weights_file_changed_is_an_error(coco_dir, base_file, tmp_path):
+    """A copy of the base weights is overwritten for real while the trial runs (when epoch 1 is
+    reported): the end-of-trial hash check refuses the result."""
+    import shutil
+
     wfile = tmp_path / "w.pth"
-    wfile.write_bytes(b"original")
-    real = trial.sha256_file
-    calls = []
+    shutil.copyfile(base_file, wfile)
+    sha = sha256_file(wfile)
+    seen = []
 
-    def fake_sha(path):  # the second hash (end of trial) sees different content
-        calls.append(path)
-        return real(path) if len(calls) == 1 else "0" * 64
+    def overwrite_at_epoch_1(metrics, ckpt_dir):
+        seen.append(metrics["epoch"])
+        if metrics["epoch"] == 1:
+            state = torch.load(wfile, weights_only=True)
+            first = next(k for k, v in state.items() if v.is_floating_point())
+            state[first] = state[first] + 1.0
+            torch.save(state, wfile)
 
-    monkeypatch.setattr(trial, "sha256_file", fake_sha)
-    monkeypatch.setattr(trial, "_weight_files", lambda cfg: {"weights": wfile})
-    with pytest.raises(RuntimeError, match="changed"):
-        run_trial(_cfg(coco_dir, tmp_path / "out", epochs=1, eval_base=False), {})
+    cfg = _cfg(coco_dir, tmp_path / "out", weights=str(wfile), epochs=1, eval_base=False)
+    with pytest.raises(RuntimeError, match="changed during the trial") as err:
+        run_trial(cfg, {}, report=overwrite_at_epoch_1)
+    assert str(wfile) in str(err.value) and seen == [1]
+    assert sha256_file(wfile) != sha  # the file really changed (no hash was faked)
+    assert not (tmp_path / "out" / "trial.json").exists()  # no result recorded

@@ -1,7 +1,9 @@
 """Activation swaps: one table of activation factories and a module-replacing walker.
 
-The names validation accepts are ``params.ACTIVATION_NAMES`` (``keep`` = no change); a
-conformance test keeps them equal to :data:`ACTIVATIONS`.
+:data:`ACTIVATIONS` is the one table of choices; ``params.ACTIVATION_NAMES`` (the names
+validation accepts) is read from it, plus ``keep`` (no change). No torch import at module level
+(validation imports the table through :mod:`trainables.params`): the factories and
+:data:`SWAPPABLE` import ``torch.nn`` when first used.
 
 Only activation MODULES are replaced (those of :data:`SWAPPABLE`, matched by exact type);
 gates such as ``nn.Hardsigmoid``/``nn.Sigmoid`` (squeeze-excitation scales) are left alone.
@@ -16,12 +18,15 @@ Replacements are not in-place (``inplace=False``) so that any activation is safe
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from trainables.families import Family
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -33,34 +38,47 @@ class Activation:
     doc: str
 
 
-def _leaky_relu() -> nn.Module:
-    return nn.LeakyReLU(negative_slope=0.01)
+def _nn(cls_name: str, **kwargs: Any) -> Callable[[], nn.Module]:
+    """A factory of ``torch.nn.<cls_name>(**kwargs)`` (torch imported on the first call)."""
+
+    def factory() -> nn.Module:
+        from torch import nn
+
+        return getattr(nn, cls_name)(**kwargs)
+
+    factory.__name__ = factory.__qualname__ = cls_name
+    return factory
 
 
 ACTIVATIONS: dict[str, Activation] = {
     a.name: a
     for a in (
-        Activation("relu", nn.ReLU, "max(0, x)"),
-        Activation("leaky_relu", _leaky_relu, "leaky ReLU, slope 0.01"),
-        Activation("silu", nn.SiLU, "x * sigmoid(x) (swish)"),
-        Activation("gelu", nn.GELU, "Gaussian error linear unit (exact)"),
-        Activation("hardswish", nn.Hardswish, "MobileNetV3's hard swish"),
-        Activation("mish", nn.Mish, "x * tanh(softplus(x))"),
-        Activation("elu", nn.ELU, "exponential linear unit, alpha 1"),
+        Activation("relu", _nn("ReLU"), "max(0, x)"),
+        Activation("leaky_relu", _nn("LeakyReLU", negative_slope=0.01), "leaky ReLU, slope 0.01"),
+        Activation("silu", _nn("SiLU"), "x * sigmoid(x) (swish)"),
+        Activation("gelu", _nn("GELU"), "Gaussian error linear unit (exact)"),
+        Activation("hardswish", _nn("Hardswish"), "MobileNetV3's hard swish"),
+        Activation("mish", _nn("Mish"), "x * tanh(softplus(x))"),
+        Activation("elu", _nn("ELU"), "exponential linear unit, alpha 1"),
     )
 }
 
-# Module types that count as activations (exact type, so subclasses and gates are not caught).
-SWAPPABLE: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.Hardswish,
-    nn.SiLU,
-    nn.GELU,
-    nn.LeakyReLU,
-    nn.Mish,
-    nn.ELU,
-)
+# Module types that count as activations (exact type, so subclasses and gates are not caught), by
+# their torch.nn names; :data:`SWAPPABLE` is the tuple of the types themselves.
+_SWAPPABLE_NAMES = ("ReLU", "ReLU6", "Hardswish", "SiLU", "GELU", "LeakyReLU", "Mish", "ELU")
+
+
+@functools.cache
+def _swappable() -> tuple[type[nn.Module], ...]:
+    from torch import nn
+
+    return tuple(getattr(nn, n) for n in _SWAPPABLE_NAMES)
+
+
+def __getattr__(name: str) -> Any:  # SWAPPABLE without importing torch at module level
+    if name == "SWAPPABLE":
+        return _swappable()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def swap_activations(model: nn.Module, family: Family | None, name: str, scope: str) -> int:
@@ -79,7 +97,7 @@ def swap_activations(model: nn.Module, family: Family | None, name: str, scope: 
     replaced = 0
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
-            if type(child) not in SWAPPABLE:
+            if type(child) not in _swappable():
                 continue
             path = f"{parent_name}.{child_name}" if parent_name else child_name
             if family is not None and not family.in_scope(path + ".", scope):
@@ -96,6 +114,6 @@ def count_activations(model: nn.Module, family: Family, scope: str) -> dict[str,
     """Activation modules per type name inside ``scope`` (what a swap there could replace)."""
     counts: dict[str, int] = {}
     for path, module in model.named_modules():
-        if type(module) in SWAPPABLE and family.in_scope(path + ".", scope):
+        if type(module) in _swappable() and family.in_scope(path + ".", scope):
             counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
     return counts

@@ -29,23 +29,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from trainables.loss_table import BOX_TABLE
+
 DETECTION = "detection"
 INSTANCE = "instance_segmentation"
 SEMANTIC = "semantic_segmentation"
 
-# Freeze presets (the parameter ``trainable``). Which a family offers is ``Family.presets``.
-PRESET_DOCS: dict[str, str] = {
-    "all": "every parameter trains",
-    "heads": "only the heads train (backbone and neck frozen)",
-    "heads+neck": "heads and neck train, the backbone is frozen",
-    "backbone_last_k": "heads, neck and the last trainable_k backbone stages train",
-    "predictors": "only the class-dependent predictor layers train (linear probe)",
-}
+# The freeze presets a family offers (``Family.presets``); the presets are ``freeze.PRESETS``.
 PRESETS_WITH_NECK = ("all", "heads", "heads+neck", "backbone_last_k", "predictors")
 PRESETS_NO_NECK = ("all", "heads", "backbone_last_k", "predictors")
 
 SCOPES = ("heads", "neck", "backbone", "all")
-ALL_BOX = ("smooth_l1", "l1", "giou", "diou", "ciou")
+ALL_BOX = tuple(BOX_TABLE)
 
 _RCNN_TERMS = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
 _FPN_BACKBONE = ("backbone.body.",)

@@ -1,6 +1,6 @@
 """What trains: freeze presets, custom glob sets, and train mode that keeps frozen norms frozen.
 
-Presets (their names and docs are ``families.PRESET_DOCS``; a family offers ``Family.presets``):
+Presets (the table :data:`PRESETS`, name → selection and doc; a family offers ``Family.presets``):
 ``all``, ``heads``, ``heads+neck``, ``backbone_last_k`` (heads + neck + the last ``k`` backbone
 stages, see :func:`backbone_stages`) and ``predictors`` (only the class-dependent layers).
 Custom sets (``model.trainable_sets``) are lists of fnmatch globs over parameter names
@@ -9,7 +9,8 @@ Custom sets (``model.trainable_sets``) are lists of fnmatch globs over parameter
 ``requires_grad=False`` alone does not freeze BatchNorm running statistics: train with
 :func:`train_mode` (model.train(), then every BatchNorm without trainable parameters back to
 eval). torchvision's ``FrozenBatchNorm2d`` (pretrained R-CNN/RetinaNet/FCOS backbones) has no
-parameters and no train-mode behaviour, so it stays frozen whatever the preset.
+parameters and no train-mode behaviour, so it stays frozen whatever the preset;
+:class:`AffineBatchNorm2d` keeps its statistics frozen while its affine parameters train.
 """
 
 from __future__ import annotations
@@ -17,12 +18,21 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
 from trainables.families import Family
+
+
+class AffineBatchNorm2d(nn.BatchNorm2d):
+    """A ``BatchNorm2d`` that always normalises with its running statistics (eval mode, even
+    under ``model.train()``) while its affine parameters can train (``norm: affine``, see
+    :mod:`trainables.norms`)."""
+
+    def train(self, mode: bool = True) -> AffineBatchNorm2d:  # noqa: D102
+        return super().train(False)
 
 
 @dataclass(frozen=True)
@@ -104,25 +114,57 @@ def backbone_stages(model: nn.Module, family: Family) -> list[tuple[str, ...]]:
     return [tuple(s) for s in stages if any(n.startswith(tuple(s)) for n in names)]
 
 
+def _parts(*parts: str) -> Callable[[nn.Module, Family, list[str], int], list[str]]:
+    """A preset selecting the parameters of the family's ``parts`` (heads, neck)."""
+
+    def select(model: nn.Module, family: Family, names: list[str], k: int) -> list[str]:
+        return [n for n in names if family.part(n) in parts]
+
+    return select
+
+
+def _all(model: nn.Module, family: Family, names: list[str], k: int) -> list[str]:
+    return names
+
+
+def _predictors(model: nn.Module, family: Family, names: list[str], k: int) -> list[str]:
+    # a glob may match nothing (deeplabv3/fcn built without aux_classifier)
+    return [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in family.predictors)]
+
+
+def _backbone_last_k(model: nn.Module, family: Family, names: list[str], k: int) -> list[str]:
+    if k < 0:
+        raise ValueError(f"trainable_k must be >= 0, got {k}")
+    stages = backbone_stages(model, family)
+    last = tuple(p for stage in (stages[len(stages) - k :] if k else []) for p in stage)
+    return [n for n in names if family.part(n) in ("heads", "neck") or (last and n.startswith(last))]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One freeze preset: ``select(model, family, names, k)`` → the parameter names that train
+    (in ``names`` order); ``doc`` says what trains."""
+
+    select: Callable[[nn.Module, Family, list[str], int], list[str]]
+    doc: str
+
+
+# The freeze presets (parameter ``trainable``); which a family offers is ``Family.presets``.
+PRESETS: dict[str, Preset] = {
+    "all": Preset(_all, "every parameter trains"),
+    "heads": Preset(_parts("heads"), "only the heads train (backbone and neck frozen)"),
+    "heads+neck": Preset(_parts("heads", "neck"), "heads and neck train, the backbone is frozen"),
+    "backbone_last_k": Preset(_backbone_last_k, "heads, neck and the last trainable_k backbone stages train"),
+    "predictors": Preset(_predictors, "only the class-dependent predictor layers train (linear probe)"),
+}
+
+
 def preset_names(model: nn.Module, family: Family, preset: str, k: int = 1) -> list[str]:
     """Parameter names a preset trains (model order). Raises ValueError for an unknown preset."""
     names = [n for n, _ in model.named_parameters()]
     if preset not in family.presets:
         raise ValueError(f"{family.name} has no freeze preset {preset!r}; presets: {list(family.presets)}")
-    if preset == "all":
-        return names
-    if preset == "predictors":  # a glob may match nothing (deeplabv3/fcn built without aux_classifier)
-        return [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in family.predictors)]
-    parts = {"heads": ("heads",), "heads+neck": ("heads", "neck"), "backbone_last_k": ("heads", "neck")}
-    parts = parts[preset]
-    chosen = {n for n in names if family.part(n) in parts}
-    if preset == "backbone_last_k":
-        if k < 0:
-            raise ValueError(f"trainable_k must be >= 0, got {k}")
-        stages = backbone_stages(model, family)
-        last = tuple(p for stage in (stages[len(stages) - k :] if k else []) for p in stage)
-        chosen |= {n for n in names if last and n.startswith(last)}
-    return [n for n in names if n in chosen]
+    return PRESETS[preset].select(model, family, names, k)
 
 
 def apply_trainable(

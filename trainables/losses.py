@@ -1,8 +1,7 @@
-"""Loss choices: one table of box and classification losses, applied to torchvision models.
+"""Loss choices applied to torchvision models, and the semantic-segmentation loss terms.
 
-The NAMES that validation accepts live in :mod:`trainables.params` (``BOX_LOSSES``,
-``CLS_LOSSES``) and per family in :mod:`trainables.families`; a conformance test keeps them equal
-to the rows here. ``default`` always means "the model's own loss, untouched".
+The rows (name → loss function) are the tables of :mod:`trainables.loss_table`; which a family
+accepts is in :mod:`trainables.families`. ``default`` always means "the model's own loss, untouched".
 
 How a choice reaches each family (:func:`apply_losses`):
 - Faster/Mask R-CNN: ``roi_heads`` becomes :class:`RoIHeadsWithLosses` (same state, class
@@ -14,125 +13,23 @@ How a choice reaches each family (:func:`apply_losses`):
   :class:`SSDWithLosses` (softmax rows, before hard negative mining).
 Swapping ``__class__`` keeps every parameter, buffer and state-dict key as it was.
 Box offsets are decoded in float32 (bf16/fp16 autocast would round the decoded coordinates).
-
-All box rows sum over boxes; each family divides by its own normaliser (as torchvision does).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.retinanet import RetinaNetClassificationHead
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.ssd import SSD
-from torchvision.ops import (
-    complete_box_iou_loss,
-    distance_box_iou_loss,
-    generalized_box_iou_loss,
-    sigmoid_focal_loss,
-)
 
 from trainables.families import Family
+from trainables.loss_table import BOX_TABLE, CLS_TABLE, IGNORE_INDEX, SEG_TABLE
 from trainables.params import LOSS_WEIGHT_PREFIX
-
-IGNORE_INDEX = 255  # semantic masks: pixels that count for nothing
-
-
-# ---------------------------------------------------------------- the table
-
-
-def _smooth_l1(pred: Tensor, target: Tensor) -> Tensor:
-    return F.smooth_l1_loss(pred, target, beta=1.0, reduction="sum")
-
-
-def _l1(pred: Tensor, target: Tensor) -> Tensor:
-    return F.l1_loss(pred, target, reduction="sum")
-
-
-def _giou(pred: Tensor, target: Tensor) -> Tensor:
-    return generalized_box_iou_loss(pred, target, reduction="sum", eps=1e-7)
-
-
-def _diou(pred: Tensor, target: Tensor) -> Tensor:
-    return distance_box_iou_loss(pred, target, reduction="sum", eps=1e-7)
-
-
-def _ciou(pred: Tensor, target: Tensor) -> Tensor:
-    return complete_box_iou_loss(pred, target, reduction="sum", eps=1e-7)
-
-
-@dataclass(frozen=True)
-class BoxLoss:
-    """A box regression loss. ``on_boxes``: compare decoded XYXY boxes (IoU losses); otherwise
-    compare the box coder's encoded offsets. ``fn(pred, target)`` returns the sum over boxes."""
-
-    name: str
-    on_boxes: bool
-    fn: Callable[[Tensor, Tensor], Tensor]
-    doc: str
-
-
-def _ce_softmax(logits: Tensor, labels: Tensor, gamma: float, alpha: float) -> Tensor:
-    return F.cross_entropy(logits, labels, reduction="none")
-
-
-def _ce_sigmoid(logits: Tensor, targets: Tensor, gamma: float, alpha: float) -> Tensor:
-    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-
-
-def softmax_focal(logits: Tensor, labels: Tensor, gamma: float, alpha: float) -> Tensor:
-    """Per-sample softmax focal loss ``-a_t (1 - p_t)^gamma log p_t``.
-
-    ``alpha`` weighs foreground samples (label > 0) and ``1 - alpha`` background (label 0), as
-    the sigmoid focal loss weighs positives; a negative ``alpha`` turns weighting off.
-    """
-    logp = F.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    loss = -((1.0 - logp.exp()).clamp(min=0.0) ** gamma) * logp
-    if alpha >= 0:
-        loss = loss * torch.where(labels > 0, alpha, 1.0 - alpha)
-    return loss
-
-
-def _focal_sigmoid(logits: Tensor, targets: Tensor, gamma: float, alpha: float) -> Tensor:
-    return sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="none")
-
-
-@dataclass(frozen=True)
-class ClsLoss:
-    """A classification loss in two forms: ``softmax(logits[N,C], labels[N])`` → per-sample
-    losses (R-CNN, SSD heads) and ``sigmoid(logits, one_hot)`` → element-wise losses (RetinaNet,
-    FCOS heads). Both take ``(gamma, alpha)`` (ignored by ``ce``)."""
-
-    name: str
-    softmax: Callable[[Tensor, Tensor, float, float], Tensor]
-    sigmoid: Callable[[Tensor, Tensor, float, float], Tensor]
-    doc: str
-
-
-BOX_TABLE: dict[str, BoxLoss] = {
-    row.name: row
-    for row in (
-        BoxLoss("smooth_l1", False, _smooth_l1, "smooth L1 (beta 1) on encoded offsets"),
-        BoxLoss("l1", False, _l1, "L1 on encoded offsets"),
-        BoxLoss("giou", True, _giou, "generalized IoU loss on decoded boxes"),
-        BoxLoss("diou", True, _diou, "distance IoU loss on decoded boxes"),
-        BoxLoss("ciou", True, _ciou, "complete IoU loss on decoded boxes"),
-    )
-}
-
-CLS_TABLE: dict[str, ClsLoss] = {
-    row.name: row
-    for row in (
-        ClsLoss("ce", _ce_softmax, _ce_sigmoid, "cross-entropy (sigmoid heads: binary CE per class)"),
-        ClsLoss("focal", softmax_focal, _focal_sigmoid, "focal loss with loss.focal_gamma/alpha"),
-    )
-}
 
 
 @dataclass(frozen=True)
@@ -289,7 +186,7 @@ class SSDWithLosses(SSD):
             if box_row is not None and box_row.on_boxes:
                 box_losses.append(box_row.fn(self.box_coder.decode_single(reg, anc), gt_boxes))
             else:  # default is torchvision's smooth L1 (beta 1) on offsets, the same as the row
-                fn = _smooth_l1 if box_row is None else box_row.fn
+                fn = BOX_TABLE["smooth_l1"].fn if box_row is None else box_row.fn
                 box_losses.append(fn(reg, self.box_coder.encode_single(gt_boxes, anc)))
             c = torch.zeros((logits.size(1),), dtype=tgt["labels"].dtype, device=tgt["labels"].device)
             c[fg] = tgt["labels"][fg_idx]
@@ -376,36 +273,14 @@ def weighted_total(loss_dict: dict[str, Tensor], params: dict[str, Any]) -> Tens
 # ---------------------------------------------------------------- semantic segmentation
 
 
-def dice_loss(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
-    """``1 - mean_c soft-Dice(softmax(logits)_c, target == c)`` over non-ignored pixels."""
-    valid = (target != IGNORE_INDEX).unsqueeze(1)
-    probs = logits.float().softmax(1) * valid
-    onehot = F.one_hot(target.clamp(max=logits.size(1) - 1) * valid.squeeze(1), logits.size(1))
-    onehot = onehot.permute(0, 3, 1, 2).to(probs.dtype) * valid
-    dims = (0, 2, 3)
-    inter = (probs * onehot).sum(dims)
-    denom = probs.sum(dims) + onehot.sum(dims)
-    return 1.0 - ((2 * inter + smooth) / (denom + smooth)).mean()
-
-
 def _seg_loss(logits: Tensor, target: Tensor, params: dict[str, Any]) -> Tensor:
     kind = params.get("loss.seg", "ce")
     valid = target != IGNORE_INDEX
     if not bool(valid.any()):
         return logits.sum() * 0.0
-    if kind in ("ce", "ce+dice"):
-        smoothing = float(params.get("loss.label_smoothing", 0.0))
-        loss = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, label_smoothing=smoothing)
-        if kind == "ce+dice":
-            loss = loss + float(params.get("loss.dice_weight", 1.0)) * dice_loss(logits, target)
-        return loss
-    if kind == "dice":
-        return dice_loss(logits, target)
-    if kind == "focal":
-        flat = logits.permute(0, 2, 3, 1).reshape(-1, logits.size(1))[valid.reshape(-1)]
-        gamma, alpha = float(params.get("loss.focal_gamma", 2.0)), float(params.get("loss.focal_alpha", 0.25))
-        return softmax_focal(flat, target.reshape(-1)[valid.reshape(-1)], gamma, alpha).mean()
-    raise ValueError(f"unknown loss.seg {kind!r}")
+    if kind not in SEG_TABLE:
+        raise ValueError(f"unknown loss.seg {kind!r}")
+    return SEG_TABLE[kind](logits, target, params)
 
 
 def semantic_losses(outputs: dict[str, Tensor], target: Tensor, params: dict[str, Any]) -> dict[str, Tensor]:

@@ -1,45 +1,73 @@
 """Normalisation layers as a trial parameter (``norm``): which BatchNorm statistics and affine
-parameters may move during fine-tuning.
+parameters may move during fine-tuning. :data:`NORMS` is the one table of modes (``params.NORM_MODES``,
+the names validation accepts, is read from it):
 
 - ``keep``: as built. torchvision's pretrained R-CNN/RetinaNet/FCOS backbones (and a weights file
   saved from them) use ``FrozenBatchNorm2d``, which never moves; ``BatchNorm2d`` trains with the
   part it belongs to (:func:`trainables.freeze.train_mode` keeps frozen parts in eval mode).
 - ``frozen``: every BatchNorm becomes ``FrozenBatchNorm2d``: statistics and affine fixed.
 - ``affine``: statistics fixed (always normalised with the running statistics), the affine
-  weight and bias train with their part (:class:`AffineBatchNorm2d`).
+  weight and bias train with their part (:class:`trainables.freeze.AffineBatchNorm2d`).
 - ``train``: every BatchNorm is a ``BatchNorm2d``, statistics and affine train with their part
   (``FrozenBatchNorm2d`` converted back, its statistics kept): the torchvision tutorial's setting.
 
 Module paths and state-dict names stay the same, so freeze patterns and checkpoints keep working.
+No torch import at module level (validation imports the table through :mod:`trainables.params`).
 """
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-from torchvision.ops.misc import FrozenBatchNorm2d
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from trainables.params import NORM_MODES
-
-
-class AffineBatchNorm2d(nn.BatchNorm2d):
-    """A ``BatchNorm2d`` that always normalises with its running statistics (eval mode, even
-    under ``model.train()``) while its affine parameters can train."""
-
-    def train(self, mode: bool = True) -> AffineBatchNorm2d:  # noqa: D102
-        return super().train(False)
+if TYPE_CHECKING:
+    from torch import nn
 
 
-def _stats(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return module.weight.detach(), module.bias.detach(), module.running_mean, module.running_var
+@dataclass(frozen=True)
+class Norm:
+    """One ``norm`` mode: ``layer()`` gives the class every 2-d BatchNorm becomes (None: keep)."""
+
+    layer: Callable[[], type] | None
+    doc: str
 
 
-def _convert(module: nn.Module, mode: str) -> nn.Module | None:
-    """The replacement of one norm layer for ``mode`` (None: it is already of that kind)."""
-    target = {"frozen": FrozenBatchNorm2d, "affine": AffineBatchNorm2d, "train": nn.BatchNorm2d}[mode]
+def _frozen() -> type:
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    return FrozenBatchNorm2d
+
+
+def _affine() -> type:
+    from trainables.freeze import AffineBatchNorm2d
+
+    return AffineBatchNorm2d
+
+
+def _train() -> type:
+    from torch import nn
+
+    return nn.BatchNorm2d
+
+
+NORMS: dict[str, Norm] = {
+    "keep": Norm(None, "as built: FrozenBatchNorm2d stays frozen, BatchNorm2d trains with its part"),
+    "frozen": Norm(_frozen, "statistics and affine fixed everywhere"),
+    "affine": Norm(_affine, "statistics fixed, affine trains with its part"),
+    "train": Norm(_train, "every BatchNorm trains with its part"),
+}
+
+
+def _convert(module: nn.Module, target: type) -> nn.Module | None:
+    """The replacement of one norm layer by a ``target`` layer (None: it already is one)."""
+    import torch
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
     if type(module) is target:
         return None
-    weight, bias, mean, var = _stats(module)
+    weight, bias = module.weight.detach(), module.bias.detach()
+    mean, var = module.running_mean, module.running_var
     eps, features = float(module.eps), int(weight.shape[0])
     if target is FrozenBatchNorm2d:
         new = FrozenBatchNorm2d(features, eps=eps)
@@ -59,17 +87,21 @@ def _convert(module: nn.Module, mode: str) -> nn.Module | None:
 def apply_norm(model: nn.Module, mode: str) -> int:
     """Convert the model's 2-d BatchNorm layers for ``mode``; returns how many were replaced.
     Layers without affine parameters or running statistics are left as they are."""
-    if mode not in NORM_MODES:
-        raise ValueError(f"norm must be one of {list(NORM_MODES)}, but got {mode!r}")
-    if mode == "keep":
+    from torch import nn
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    if mode not in NORMS:
+        raise ValueError(f"norm must be one of {list(NORMS)}, but got {mode!r}")
+    if NORMS[mode].layer is None:
         return 0
+    target = NORMS[mode].layer()
     changed = 0
     for path, module in list(model.named_modules()):
         if not isinstance(module, (nn.BatchNorm2d, FrozenBatchNorm2d)):
             continue
         if getattr(module, "weight", None) is None or getattr(module, "running_mean", None) is None:
             continue
-        new = _convert(module, mode)
+        new = _convert(module, target)
         if new is None:
             continue
         parent_path, _, child = path.rpartition(".")

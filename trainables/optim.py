@@ -1,8 +1,9 @@
 """Optimizers and learning-rate schedules of a trial, from the flat params.
 
 Assumes ``params`` went through :func:`trainables.params.resolve` (every name present). The tables
-:data:`OPTIMIZER_ARGS` and :data:`SCHEDULES` are the explicit list of what a trial can use; their
-names equal ``params.OPTIMIZERS`` / ``params.SCHEDULES`` (checked by the tests).
+:data:`OPTIMIZERS` and :data:`SCHEDULES` (name → factory) are the one list of what a trial can use;
+``params.OPTIMIZERS`` / ``params.SCHEDULES`` (the names validation accepts) are read from them.
+No torch import at module level: validation imports this module through :mod:`trainables.params`.
 
 Parameter groups: only parameters with ``requires_grad``; "backbone" parameters (names under the
 family's backbone part: ``Family.part(name) == "backbone"``, else
@@ -17,42 +18,74 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+from trainables.families import FAMILIES
 
 log = logging.getLogger(__name__)
 
-# optimizer -> the params it reads besides lr/weight_decay
-OPTIMIZER_ARGS: dict[str, tuple[str, ...]] = {
-    "sgd": ("momentum", "nesterov"),
-    "adamw": ("beta1", "beta2"),
-}
-SCHEDULES: tuple[str, ...] = ("cosine", "step", "constant")
 
-# Used when the family names no backbone prefix: torchvision keeps the feature extractor in
-# ``model.backbone`` for every detection and segmentation builder; with an FPN the pyramid lives
-# in ``backbone.fpn`` (a neck), so only ``backbone.body`` is the backbone then.
-_DEFAULT_PREFIXES: dict[str, tuple[str, ...]] = {
-    "fasterrcnn": ("backbone.body.",),
-    "maskrcnn": ("backbone.body.",),
-    "retinanet": ("backbone.body.",),
-    "fcos": ("backbone.body.",),
-    "ssd": ("backbone.features.",),
-    "ssdlite": ("backbone.features.",),
+@dataclass(frozen=True)
+class Optimizer:
+    """One optimizer choice: ``make(groups, lr, params)`` builds it over the parameter groups
+    (reading its own params besides lr/weight_decay); ``logged``: its group keys in the log rows."""
+
+    make: Callable[[list[dict[str, Any]], float, dict[str, Any]], Any]
+    logged: tuple[str, ...]
+
+
+def _sgd(groups: list[dict[str, Any]], lr: float, params: dict[str, Any]) -> Any:
+    import torch
+
+    return torch.optim.SGD(
+        groups, lr=lr, momentum=float(params["momentum"]), nesterov=bool(params["nesterov"])
+    )
+
+
+def _adamw(groups: list[dict[str, Any]], lr: float, params: dict[str, Any]) -> Any:
+    import torch
+
+    return torch.optim.AdamW(groups, lr=lr, betas=(float(params["beta1"]), float(params["beta2"])))
+
+
+# The optimizers a trial can use (``params.OPTIMIZERS`` is read from here).
+OPTIMIZERS: dict[str, Optimizer] = {
+    "sgd": Optimizer(_sgd, logged=("momentum", "nesterov")),
+    "adamw": Optimizer(_adamw, logged=("betas",)),
+}
+
+
+def _cosine(t: int, remaining: int, drop_every: int, gamma: float) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * t / remaining))
+
+
+def _step(t: int, remaining: int, drop_every: int, gamma: float) -> float:
+    return gamma ** (t // drop_every)
+
+
+def _constant(t: int, remaining: int, drop_every: int, gamma: float) -> float:
+    return 1.0
+
+
+# The lr schedules after warmup (``params.SCHEDULES`` is read from here): ``factor(t, remaining,
+# drop_every, gamma)`` at step ``t`` after warmup of the ``remaining`` steps.
+SCHEDULES: dict[str, Callable[[int, int, int, float], float]] = {
+    "cosine": _cosine,
+    "step": _step,
+    "constant": _constant,
 }
 
 
 def backbone_prefixes(family: Any) -> tuple[str, ...]:
-    """Parameter-name prefixes of the backbone: the family's own, else a per-family default.
-
-    Reads ``family.backbone_prefixes`` (or ``family.backbone_prefix``) when the family defines it;
-    ``family`` may be None (then ``backbone.``).
-    """
-    for attr in ("backbone_prefixes", "backbone_prefix"):
-        value = getattr(family, attr, None) if family is not None else None
-        if value:
-            return (value,) if isinstance(value, str) else tuple(value)
-    name = getattr(family, "name", None)
-    return _DEFAULT_PREFIXES.get(name, ("backbone.",))
+    """Parameter-name prefixes of the backbone: the family's own ``backbone_prefixes``, else those
+    of the family row of that name in :data:`trainables.families.FAMILIES`, else ``backbone.``
+    (also when ``family`` is None)."""
+    value = getattr(family, "backbone_prefixes", None) if family is not None else None
+    if not value:
+        row = FAMILIES.get(getattr(family, "name", None))
+        value = row.backbone_prefixes if row is not None else ("backbone.",)
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 def build_optimizer(model: Any, params: dict[str, Any], family: Any) -> tuple[Any, list[dict[str, Any]]]:
@@ -61,11 +94,9 @@ def build_optimizer(model: Any, params: dict[str, Any], family: Any) -> tuple[An
     Rows hold ``name, lr, weight_decay, n_params, n_tensors`` and ``momentum, nesterov`` (sgd) or
     ``betas`` (adamw): exactly the values the optimizer's ``param_groups`` hold.
     """
-    import torch
-
     kind = params["optimizer"]
-    if kind not in OPTIMIZER_ARGS:
-        raise ValueError(f"unknown optimizer {kind!r}; known: {sorted(OPTIMIZER_ARGS)}")
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {kind!r}; known: {sorted(OPTIMIZERS)}")
     lr, wd, mult = float(params["lr"]), float(params["weight_decay"]), float(params["backbone_lr_mult"])
     prefixes = backbone_prefixes(family)
     part = getattr(family, "part", None)  # families.Family: the longest matching prefix wins
@@ -87,13 +118,8 @@ def build_optimizer(model: Any, params: dict[str, Any], family: Any) -> tuple[An
     ]
     if not groups:
         raise ValueError("no trainable parameters: the freeze preset left nothing to train")
-    if kind == "sgd":
-        opt = torch.optim.SGD(
-            groups, lr=lr, momentum=float(params["momentum"]), nesterov=bool(params["nesterov"])
-        )
-    else:
-        opt = torch.optim.AdamW(groups, lr=lr, betas=(float(params["beta1"]), float(params["beta2"])))
-    keys = ("momentum", "nesterov") if kind == "sgd" else ("betas",)
+    opt = OPTIMIZERS[kind].make(groups, lr, params)
+    keys = OPTIMIZERS[kind].logged
     rows = [
         {
             "name": g["name"],
@@ -128,18 +154,14 @@ def lr_factor(
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; known: {list(SCHEDULES)}")
+    after = SCHEDULES[schedule]
     remaining = max(1, total_steps - warmup_steps)
     drop_every = max(1, step_epochs * steps_per_epoch)
 
     def factor(s: int) -> float:
         if s < warmup_steps:
             return (s + 1) / warmup_steps
-        t = min(s - warmup_steps, remaining)
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * t / remaining))
-        if schedule == "step":
-            return step_gamma ** (t // drop_every)
-        return 1.0
+        return after(min(s - warmup_steps, remaining), remaining, drop_every, step_gamma)
 
     return factor
 

@@ -5,7 +5,7 @@ Every name a spec's ``space`` may search or fix is a row of :data:`PARAMS`; a na
 given takes the row's default. Per-term loss weights are the open family ``loss.weight.<term>``
 (terms depend on the architecture family, see :mod:`trainables.families`).
 
-This module is pure Python (no torch import) so that spec validation stays fast.
+This module and the tables it reads import no torch, so that spec validation stays fast.
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from trainables import activations, loss_table, norms, optim
+from trainables.families import SCOPES
 
 LOSS_WEIGHT_PREFIX = "loss.weight."
 
@@ -65,20 +68,18 @@ class Param:
 DET = ("detection", "instance_segmentation")
 SEM = ("semantic_segmentation",)
 
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "step", "constant")
-ACTIVATION_SCOPES = ("heads", "neck", "backbone", "all")
-# Normalisation layers (trainables/norms.py): keep = as built (FrozenBatchNorm2d stays frozen,
-# BatchNorm2d trains with its part); frozen = statistics and affine fixed everywhere; affine =
-# statistics fixed, affine trains with its part; train = every BatchNorm trains with its part.
-NORM_MODES = ("keep", "frozen", "affine", "train")
-# Names only; the modules are in trainables/activations.py (a conformance test keeps them equal).
-ACTIVATION_NAMES = ("keep", "relu", "leaky_relu", "silu", "gelu", "hardswish", "mish", "elu")
+# The choices of the plug-in families, read from their tables (one home per name; the table
+# modules import no torch at module level).
+OPTIMIZERS = tuple(optim.OPTIMIZERS)
+SCHEDULES = tuple(optim.SCHEDULES)
+ACTIVATION_SCOPES = SCOPES
+NORM_MODES = tuple(norms.NORMS)
+ACTIVATION_NAMES = ("keep", *activations.ACTIVATIONS)  # keep = no swap
 # ``default`` keeps the architecture's own loss. Which others an architecture accepts is in
 # trainables/families.py.
-BOX_LOSSES = ("default", "smooth_l1", "l1", "giou", "diou", "ciou")
-CLS_LOSSES = ("default", "ce", "focal")
-SEG_LOSSES = ("ce", "dice", "focal", "ce+dice")
+BOX_LOSSES = ("default", *loss_table.BOX_TABLE)
+CLS_LOSSES = ("default", *loss_table.CLS_TABLE)
+SEG_LOSSES = tuple(loss_table.SEG_TABLE)
 
 _ROWS = (
     Param("optimizer", "str", "sgd", "optimizer", choices=OPTIMIZERS),

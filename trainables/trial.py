@@ -208,6 +208,266 @@ class _BaseEval:
             self.cache.release(self.key)
 
 
+@dataclasses.dataclass
+class _Run:
+    """What the steps of :func:`run_trial` share: the set-up (fixed once built) and the progress."""
+
+    cfg: TrialConfig
+    params: dict[str, Any]
+    report: Report
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    ckpt_dir: Path
+    files: dict[str, Path]
+    shas: dict[str, str]
+    train_index: Any
+    val_index: Any
+    train_loader: Any
+    val_loader: Any
+    num_classes: int
+    family: Any
+    model: Any = None
+    build: dict[str, Any] = dataclasses.field(default_factory=dict)
+    rebuild: Callable[[], torch.nn.Module] | None = None
+    freeze_info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)  # in every report
+    optimizer: Any = None
+    scheduler: Any = None
+    scaler: Any = None
+    groups_log: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    base_sha: str | None = None
+    trainable_only: bool = False
+    gens: list[torch.Generator] = dataclasses.field(default_factory=list)
+    # progress
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    base_metric: float | None = None
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    base: _BaseEval | None = None  # set while the epoch-0 metrics are still to come
+    start: int = 1
+    status: str = "ok"
+    diverged: dict[str, Any] | None = None
+
+
+def _prepare(cfg: TrialConfig, params: dict[str, Any], report: Report) -> _Run:
+    """Seeds, device, output folder, the base files' hashes (before), the data."""
+    seed_everything(cfg.seed)
+    torch.set_num_threads(max(1, cfg.threads))
+    device = pick_device(cfg.device)
+    ckpt_dir = Path(cfg.out_dir) / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    files = _weight_files(cfg)
+    shas = {k: sha256_file(p) for k, p in files.items()}
+    train_index, val_index, train_loader, val_loader = _build_data(cfg, params)
+    return _Run(
+        cfg=cfg,
+        params=params,
+        report=report,
+        device=device,
+        amp_dtype=pick_amp(cfg.amp, device),
+        ckpt_dir=ckpt_dir,
+        files=files,
+        shas=shas,
+        train_index=train_index,
+        val_index=val_index,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        num_classes=len(train_index.class_names) + 1,
+        family=families.family_of(cfg.arch),
+    )
+
+
+def _build_model(run: _Run) -> None:
+    """The model (frozen as the trainable set says) and how to rebuild its starting state."""
+    cfg, params, family = run.cfg, run.params, run.family
+    build_rng = torch.random.get_rng_state()  # random head initialisations: rebuild() repeats them
+    model, run.build = models.build_model(cfg, params, run.num_classes)
+    frep = freeze.apply_trainable(
+        model, family, params["trainable"], params["trainable_k"], cfg.trainable_sets
+    )
+
+    def rebuild() -> torch.nn.Module:  # the starting model again, the trial's random state untouched
+        rng = torch.random.get_rng_state()
+        torch.random.set_rng_state(build_rng)
+        try:
+            again, _ = models.build_model(cfg, params, run.num_classes)
+        finally:
+            torch.random.set_rng_state(rng)
+        freeze.apply_trainable(again, family, params["trainable"], params["trainable_k"], cfg.trainable_sets)
+        return again
+
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    run.freeze_info = {k: v for k, v in dataclasses.asdict(frep).items() if k != "trainable_names"}
+    log.info(
+        "trainable set %r: %d params trainable, %d frozen (%d/%d tensors)",
+        params["trainable"],
+        n_train,
+        n_frozen,
+        frep.trainable_tensors,
+        frep.frozen_tensors,
+    )
+    run.model, run.rebuild = model, rebuild
+    run.counts = {"trainable_params": n_train, "frozen_params": n_frozen}
+
+
+def _build_optimizer(run: _Run) -> None:
+    """The model on its device, optimizer, schedule, grad scaler; the base sha256 of checkpoints."""
+    cfg, model = run.cfg, run.model
+    model.to(run.device)
+    if run.device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    run.optimizer, run.groups_log = optim.build_optimizer(model, run.params, run.family)
+    run.scheduler = optim.build_scheduler(run.optimizer, run.params, cfg.epochs, len(run.train_loader))
+    run.scaler = torch.amp.GradScaler("cuda") if run.amp_dtype == torch.float16 else None
+    if "weights" in run.shas and run.build.get("sha256") not in (None, run.shas["weights"]):
+        raise RuntimeError(f"{run.files['weights']} changed while the model was built")
+    run.base_sha = run.build.get("sha256") or run.shas.get("weights")  # an enum's cached file or ours
+    # Trainable-only checkpoints need a base that rebuilds the frozen part; random init does not.
+    run.trainable_only = not cfg.keep_full_checkpoint and bool(cfg.weights or cfg.weights_backbone)
+    run.gens = _generators(run.train_loader)
+
+
+def _resume(run: _Run, resume_from: Path) -> None:
+    """Continue from a checkpoint's ``latest.pt``: state, history, best so far, loader RNG."""
+    src = checkpoint.find(Path(resume_from))
+    ckpt = checkpoint.load(src)
+    if ckpt["base_sha256"] != run.base_sha:
+        raise ValueError(f"{src} was trained from base sha256 {ckpt['base_sha256']}, not {run.base_sha}")
+    run.start = checkpoint.restore(run.model, run.optimizer, run.scheduler, ckpt) + 1
+    extra = ckpt["extra"]
+    run.history, run.base_metric = list(extra["history"]), extra["base_metric"]
+    run.best_metric, run.best_epoch = extra["best_metric"], extra["best_epoch"]
+    for g, state in zip(run.gens, extra.get("loader_rng", []), strict=False):
+        g.set_state(state)
+    if run.scaler is not None and extra.get("scaler"):
+        run.scaler.load_state_dict(extra["scaler"])
+    best = run.ckpt_dir / checkpoint.BEST
+    if (src.parent / checkpoint.BEST).is_file() and not best.is_file():
+        checkpoint.copy(src.parent / checkpoint.BEST, best)
+    log.info("resumed from %s at epoch %d", src, run.start - 1)
+
+
+def _report_base(run: _Run, metrics: dict[str, Any] | None) -> None:
+    """Report epoch 0 first, whenever its metrics are known."""
+    if metrics is not None:
+        run.base, run.base_metric = None, metrics[run.cfg.metric]
+        run.history.insert(0, {"epoch": 0, **metrics})
+        run.report({"epoch": 0, **metrics, "base_metric": run.base_metric, **run.counts}, None)
+
+
+def _epochs(run: _Run) -> None:
+    """Train, evaluate, checkpoint and report each epoch; a non-finite loss ends the loop."""
+    cfg = run.cfg
+    for epoch in range(run.start, cfg.epochs + 1):
+        try:
+            stats = engine.train_one_epoch(
+                run.model,
+                run.train_loader,
+                run.optimizer,
+                run.scheduler,
+                device=run.device,
+                params=run.params,
+                amp_dtype=run.amp_dtype,
+                scaler=run.scaler,
+            )
+        except engine.Diverged as exc:
+            _report_diverged(run, epoch, exc)
+            break
+        metrics = _evaluate(cfg, run.model, run.val_loader, run.val_index, run.device)
+        row = {"epoch": epoch, **metrics, **stats}
+        if run.base is not None:
+            _report_base(run, run.base.collect(run.model))
+        run.history.append(row)
+        is_best = _better(metrics[cfg.metric], run.best_metric, cfg.mode)
+        if is_best:
+            run.best_metric, run.best_epoch = metrics[cfg.metric], epoch
+        latest = _save_latest(run, epoch, row)
+        if is_best:
+            checkpoint.copy(latest, run.ckpt_dir / checkpoint.BEST)
+        run.report({**row, **run.counts}, run.ckpt_dir)
+
+
+def _report_diverged(run: _Run, epoch: int, exc: engine.Diverged) -> None:
+    """The trial's last report: the epoch diverged, with the objective at its worst value."""
+    log.warning("epoch %d diverged: %s", epoch, exc)
+    run.status, run.diverged = "diverged", {"epoch": epoch, "step": exc.step, "losses": exc.losses}
+    worst = -math.inf if run.cfg.mode == "max" else math.inf
+    if run.base is not None:  # its last report: wait for epoch 0 if another trial is on it
+        _report_base(run, run.base.wait_collect(run.model))
+    row = {"epoch": epoch, "diverged": 1, run.cfg.metric: worst, "step": exc.step, **exc.losses}
+    run.report({**row, **run.counts}, None)
+
+
+def _save_latest(run: _Run, epoch: int, row: dict[str, Any]) -> Path:
+    extra = {
+        "history": run.history,
+        "base_metric": run.base_metric,
+        "best_metric": run.best_metric,
+        "best_epoch": run.best_epoch,
+        "loader_rng": [g.get_state() for g in run.gens],
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+    }
+    return checkpoint.save(
+        run.ckpt_dir / checkpoint.LATEST,
+        model=run.model,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        epoch=epoch,
+        metrics=row,
+        params=run.params,
+        base_sha256=run.base_sha,
+        trainable_only=run.trainable_only,
+        extra=extra,
+    )
+
+
+def _finish(run: _Run) -> dict[str, Any]:
+    """A late epoch 0 kept, the base files verified unchanged, ``trial.json`` written."""
+    if run.base is not None and (late := run.base.collect(run.model)) is not None:  # after the last report
+        run.base_metric = late[run.cfg.metric]
+        run.history.insert(0, {"epoch": 0, **late})
+    converted = data.converted_images()
+    if converted:
+        log.info(
+            "images decoded as RGB from other modes: %s",
+            " ".join(f"{mode}={n}" for mode, n in converted.items()),
+        )
+    for key, path in run.files.items():
+        if sha256_file(path) != run.shas[key]:
+            raise RuntimeError(f"base weights file {path} changed during the trial ({key})")
+    result = plain(_result(run))
+    text = json.dumps(result, indent=2)
+    checkpoint.atomic_write(Path(run.cfg.out_dir) / "trial.json", lambda f: f.write(text.encode()))
+    return result
+
+
+def _result(run: _Run) -> dict[str, Any]:
+    best_path = run.ckpt_dir / checkpoint.BEST
+    amp = str(run.amp_dtype).removeprefix("torch.") if run.amp_dtype else "off"
+    return {
+        "status": run.status,
+        "base_metric": run.base_metric,
+        "best_metric": run.best_metric,
+        "best_epoch": run.best_epoch,
+        "history": run.history,
+        "checkpoint": str(best_path) if best_path.is_file() else None,
+        "params": run.params,
+        **run.counts,
+        "diverged": run.diverged,
+        "build": {
+            **run.build,
+            "freeze": run.freeze_info,
+            "num_classes": run.num_classes,
+            "device": str(run.device),
+            "amp": amp,
+            "base_sha256": run.shas,
+            "trainable_only_checkpoints": run.trainable_only,
+        },
+        "param_groups": run.groups_log,
+    }
+
+
 def run_trial(
     cfg: TrialConfig,
     params: dict[str, Any],
@@ -222,187 +482,18 @@ def run_trial(
     ``resume_from`` (a checkpoint file or folder) continues a trial from its ``latest.pt``.
     """
     params = P.resolve(params)
-    report = report or (lambda metrics, ckpt_dir: None)
-    seed_everything(cfg.seed)
-    torch.set_num_threads(max(1, cfg.threads))
-    device = pick_device(cfg.device)
-    amp_dtype = pick_amp(cfg.amp, device)
-    out_dir = Path(cfg.out_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-
-    files = _weight_files(cfg)
-    shas = {k: sha256_file(p) for k, p in files.items()}
-    train_index, val_index, train_loader, val_loader = _build_data(cfg, params)
-    num_classes = len(train_index.class_names) + 1
-    family = families.family_of(cfg.arch)
-    build_rng = torch.random.get_rng_state()  # random head initialisations: rebuild() repeats them
-    model, build = models.build_model(cfg, params, num_classes)
-    frep = freeze.apply_trainable(
-        model, family, params["trainable"], params["trainable_k"], cfg.trainable_sets
-    )
-
-    def rebuild() -> torch.nn.Module:  # the starting model again, the trial's random state untouched
-        rng = torch.random.get_rng_state()
-        torch.random.set_rng_state(build_rng)
-        try:
-            again, _ = models.build_model(cfg, params, num_classes)
-        finally:
-            torch.random.set_rng_state(rng)
-        freeze.apply_trainable(again, family, params["trainable"], params["trainable_k"], cfg.trainable_sets)
-        return again
-
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    freeze_info = {k: v for k, v in dataclasses.asdict(frep).items() if k != "trainable_names"}
-    log.info(
-        "trainable set %r: %d params trainable, %d frozen (%d/%d tensors)",
-        params["trainable"],
-        n_train,
-        n_frozen,
-        frep.trainable_tensors,
-        frep.frozen_tensors,
-    )
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    optimizer, groups_log = optim.build_optimizer(model, params, family)
-    scheduler = optim.build_scheduler(optimizer, params, cfg.epochs, len(train_loader))
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    if "weights" in shas and build.get("sha256") not in (None, shas["weights"]):
-        raise RuntimeError(f"{files['weights']} changed while the model was built")
-    base_sha = build.get("sha256") or shas.get("weights")  # an enum's cached file or our file
-    # Trainable-only checkpoints need a base that rebuilds the frozen part; random init does not.
-    trainable_only = not cfg.keep_full_checkpoint and bool(cfg.weights or cfg.weights_backbone)
-    gens = _generators(train_loader)
-    counts = {"trainable_params": n_train, "frozen_params": n_frozen}  # in every report
-
-    history: list[dict[str, Any]] = []
-    base_metric = best_metric = best_epoch = None
-    base: _BaseEval | None = None  # set while the epoch-0 metrics are still to come
-    start = 1
+    run = _prepare(cfg, params, report or (lambda metrics, ckpt_dir: None))
+    _build_model(run)
+    _build_optimizer(run)
     if resume_from is not None:
-        src = checkpoint.find(Path(resume_from))
-        ckpt = checkpoint.load(src)
-        if ckpt["base_sha256"] != base_sha:
-            raise ValueError(f"{src} was trained from base sha256 {ckpt['base_sha256']}, not {base_sha}")
-        start = checkpoint.restore(model, optimizer, scheduler, ckpt) + 1
-        extra = ckpt["extra"]
-        history, base_metric = list(extra["history"]), extra["base_metric"]
-        best_metric, best_epoch = extra["best_metric"], extra["best_epoch"]
-        for g, state in zip(gens, extra.get("loader_rng", []), strict=False):
-            g.set_state(state)
-        if scaler is not None and extra.get("scaler"):
-            scaler.load_state_dict(extra["scaler"])
-        if (src.parent / checkpoint.BEST).is_file() and not (ckpt_dir / checkpoint.BEST).is_file():
-            checkpoint.copy(src.parent / checkpoint.BEST, ckpt_dir / checkpoint.BEST)
-        log.info("resumed from %s at epoch %d", src, start - 1)
+        _resume(run, resume_from)
     elif cfg.eval_base:
-        base = _BaseEval(cfg, model, val_loader, val_index, device, rebuild)
-
-    def report_base(metrics: dict[str, Any] | None) -> None:  # epoch 0 first, whenever it is known
-        nonlocal base, base_metric
-        if metrics is not None:
-            base, base_metric = None, metrics[cfg.metric]
-            history.insert(0, {"epoch": 0, **metrics})
-            report({"epoch": 0, **metrics, "base_metric": base_metric, **counts}, None)
-
-    if base is not None:
-        report_base(base.metrics)
+        run.base = _BaseEval(cfg, run.model, run.val_loader, run.val_index, run.device, run.rebuild)
+    if run.base is not None:
+        _report_base(run, run.base.metrics)
     try:
-        status, diverged = "ok", None
-        for epoch in range(start, cfg.epochs + 1):
-            try:
-                stats = engine.train_one_epoch(
-                    model,
-                    train_loader,
-                    optimizer,
-                    scheduler,
-                    device=device,
-                    params=params,
-                    amp_dtype=amp_dtype,
-                    scaler=scaler,
-                )
-            except engine.Diverged as exc:
-                log.warning("epoch %d diverged: %s", epoch, exc)
-                status, diverged = "diverged", {"epoch": epoch, "step": exc.step, "losses": exc.losses}
-                worst = -math.inf if cfg.mode == "max" else math.inf
-                if base is not None:  # its last report: wait for epoch 0 if another trial is on it
-                    report_base(base.wait_collect(model))
-                row = {"epoch": epoch, "diverged": 1, cfg.metric: worst, "step": exc.step, **exc.losses}
-                report({**row, **counts}, None)
-                break
-            metrics = _evaluate(cfg, model, val_loader, val_index, device)
-            row = {"epoch": epoch, **metrics, **stats}
-            if base is not None:
-                report_base(base.collect(model))
-            history.append(row)
-            is_best = _better(metrics[cfg.metric], best_metric, cfg.mode)
-            if is_best:
-                best_metric, best_epoch = metrics[cfg.metric], epoch
-            extra = {
-                "history": history,
-                "base_metric": base_metric,
-                "best_metric": best_metric,
-                "best_epoch": best_epoch,
-                "loader_rng": [g.get_state() for g in gens],
-                "scaler": scaler.state_dict() if scaler is not None else None,
-            }
-            latest = checkpoint.save(
-                ckpt_dir / checkpoint.LATEST,
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                epoch=epoch,
-                metrics=row,
-                params=params,
-                base_sha256=base_sha,
-                trainable_only=trainable_only,
-                extra=extra,
-            )
-            if is_best:
-                checkpoint.copy(latest, ckpt_dir / checkpoint.BEST)
-            report({**row, **counts}, ckpt_dir)
+        _epochs(run)
     finally:
-        if base is not None:
-            base.release()
-
-    if base is not None and (late := base.collect(model)) is not None:  # after the last report: kept only
-        base_metric = late[cfg.metric]
-        history.insert(0, {"epoch": 0, **late})
-    converted = data.converted_images()
-    if converted:
-        log.info(
-            "images decoded as RGB from other modes: %s",
-            " ".join(f"{mode}={n}" for mode, n in converted.items()),
-        )
-    for key, path in files.items():
-        if sha256_file(path) != shas[key]:
-            raise RuntimeError(f"base weights file {path} changed during the trial ({key})")
-    best_path = ckpt_dir / checkpoint.BEST
-    result = {
-        "status": status,
-        "base_metric": base_metric,
-        "best_metric": best_metric,
-        "best_epoch": best_epoch,
-        "history": history,
-        "checkpoint": str(best_path) if best_path.is_file() else None,
-        "params": params,
-        "trainable_params": n_train,
-        "frozen_params": n_frozen,
-        "diverged": diverged,
-        "build": {
-            **build,
-            "freeze": freeze_info,
-            "num_classes": num_classes,
-            "device": str(device),
-            "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else "off",
-            "base_sha256": shas,
-            "trainable_only_checkpoints": trainable_only,
-        },
-        "param_groups": groups_log,
-    }
-    result = plain(result)
-    text = json.dumps(result, indent=2)
-    checkpoint.atomic_write(out_dir / "trial.json", lambda f: f.write(text.encode()))
-    return result
+        if run.base is not None:
+            run.base.release()
+    return _finish(run)

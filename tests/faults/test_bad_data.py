@@ -391,8 +391,18 @@ def test_dataset_handled(batch, kind):
     assert re.search(kind[1], r["stderr"]), f"{kind[1]!r} not in the log:\n{r['stderr'][-3000:]}"
 
 
-def test_at_least_12_dataset_kinds():
+def test_at_least_12_dataset_kinds(batch):
+    """A sample, not a count: the refused kinds end in at least 12 different refusals (each one's
+    last stderr line, its own files masked), so the ids are not one check renamed."""
+    results, where, _ = batch
     assert len(REFUSED_BY_VALIDATE) + len(REFUSED_BY_TRIAL) + len(HANDLED) >= 12
+    refusals: dict[str, list[str]] = {}
+    for cid, *_ in REFUSED_BY_VALIDATE + REFUSED_BY_TRIAL:
+        lines = [ln for ln in results[cid]["stderr"].splitlines() if ln.strip()]
+        ann, root = where[cid]
+        text = (lines[-1] if lines else "<no stderr>").replace(str(ann), "<ann>").replace(str(root), "<root>")
+        refusals.setdefault(text, []).append(cid)
+    assert len(refusals) >= 12, {t: ids for t, ids in refusals.items() if len(ids) > 1}
 
 
 # ---------------------------------------------------------------- weights and checkpoint files

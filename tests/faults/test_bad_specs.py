@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -327,8 +328,16 @@ def launched(tmp_path_factory):
     return results
 
 
-def test_enough_distinct_bad_specs():
+def test_enough_distinct_bad_specs(launched):
+    """A sample, not a count: at least 40 cases, and at least 40 different refusals among them
+    (each case's last stderr line, its own folder masked), so the ids are not one check renamed."""
     assert len({c["id"] for c in CASES}) == len(CASES) >= 40
+    refusals: dict[str, list[str]] = {}
+    for case in CASES:
+        lines = [ln for ln in launched[case["id"]]["stderr"].splitlines() if ln.strip()]
+        text = re.sub(r"/cases/\d+/", "/cases/N/", lines[-1] if lines else "<no stderr>")
+        refusals.setdefault(text, []).append(case["id"])
+    assert len(refusals) >= 40, {t: ids for t, ids in refusals.items() if len(ids) > 1}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])

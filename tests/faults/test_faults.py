@@ -553,9 +553,9 @@ def test_fault5_mlflow_server_stopped_and_restarted(world, tmp_path, record_prop
         replayed = None
         if pending.exists():  # reported missing at the end: the study says so, and replay writes them
             assert "could not be written" in run.stderr, run.stderr[-3000:]
-            from search import tracking
+            from search import write_queue
 
-            replayed = tracking.replay_pending(exp_dir)
+            replayed = write_queue.replay_pending(exp_dir)
         print(
             f"fault 5: server down {outage['down_at']:.0f}s-{outage['up_at']:.0f}s after "
             f"{outage['before_down']} of {2 * (EPOCHS_C + 1)} results, "

@@ -1,0 +1,163 @@
+"""The Ray cluster a study runs on: the address check (a Ray head answers gRPC), ``ray.init``,
+and the storage check (nodes on other hosts need a shared experiment folder)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SHARED_FS = (
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb",
+    "smb2",
+    "smb3",
+    "smbfs",
+    "lustre",
+    "gpfs",
+    "beegfs",
+    "ceph",
+    "glusterfs",
+    "9p",
+    "virtiofs",
+)
+
+
+class ClusterError(Exception):
+    """The cluster cannot run this study as configured (unreachable address, local-only storage on
+    a multi-node cluster). A user error: the CLI exits 2."""
+
+
+def check_reachable(address: str, timeout: float = 3.0, key: str = "--address") -> None:
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"{key} {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379, or auto).")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
+            speaks_grpc = _speaks_http2(sock, timeout)
+    except OSError as exc:
+        raise ClusterError(
+            f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}). Start it "
+            f"with 'ray start --head --port {port}' or fix --address/resources.address."
+        ) from None
+    if not speaks_grpc:
+        raise ClusterError(
+            f"{key} {address!r} accepts connections but is not a Ray head node (its GCS speaks gRPC, this "
+            f"port does not). Point it at the head's GCS port ('ray start --head' prints it; default 6379)."
+        )
+
+
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def _speaks_http2(sock: socket.socket, timeout: float) -> bool:
+    """Whether the peer answers an HTTP/2 client preface with a SETTINGS frame, as every gRPC
+    server (Ray's GCS) does; a server of another protocol answers otherwise, closes, or stays
+    silent until ``timeout``."""
+    sock.settimeout(timeout)
+    try:
+        sock.sendall(_HTTP2_PREFACE)
+        head = b""
+        while len(head) < 9:
+            chunk = sock.recv(9 - len(head))
+            if not chunk:
+                return False
+            head += chunk
+    except OSError:
+        return False
+    return head[3] == 0x04  # frame type SETTINGS
+
+
+def connect(address: str | None) -> bool:
+    """``ray.init``: join ``address`` (an existing cluster) or start a local one. Returns whether
+    this call started Ray (the caller then shuts it down)."""
+    import ray
+
+    quiet()
+    if address:
+        check_reachable(address)
+    if ray.is_initialized():  # e.g. a test's or a notebook's Ray: use it as it is
+        return False
+    if address:
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        except (ConnectionError, RuntimeError, TimeoutError) as exc:
+            why = " ".join(str(exc).split())[:300]
+            raise ClusterError(f"cannot join the Ray cluster at {address}: {why}") from None
+        return True
+    ray.init(logging_level=logging.WARNING, include_dashboard=False)
+    return True
+
+
+def quiet() -> None:
+    """Ray's own progress table and repeated warnings off (the launcher prints its own)."""
+    import optuna
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def mount_fstype(path: Path) -> str | None:
+    """The filesystem type of the mount holding ``path`` (from /proc/mounts), or None."""
+    path = Path(os.path.realpath(path))
+    best, fstype = "", None
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mnt = parts[1].replace("\\040", " ")
+        if (str(path) == mnt or str(path).startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+            best, fstype = mnt, parts[2]
+    return fstype
+
+
+def is_shared_storage(path: str | Path) -> bool:
+    """s3://, gs://, or a network/cluster filesystem mount; ``SEARCH_SHARED_STORAGE=1`` asserts it."""
+    text = str(path)
+    if "://" in text and not text.startswith("file://"):
+        return True
+    if os.environ.get("SEARCH_SHARED_STORAGE") == "1":
+        return True
+    fstype = mount_fstype(Path(text))
+    return bool(fstype) and (fstype in SHARED_FS or fstype.startswith("fuse."))
+
+
+def check_cluster_storage(
+    exp_dir: Path, nodes: list[dict[str, Any]] | None = None, here: str | None = None
+) -> dict[str, Any]:
+    """Raise :class:`ClusterError` when the cluster has nodes on other hosts and ``exp_dir`` is
+    local-only. ``nodes`` (``ray.nodes()``'s shape) and ``here`` (this host's IP) default to the
+    connected Ray cluster's. Returns {"nodes", "hosts"} for the summary."""
+    if nodes is None or here is None:
+        import ray
+
+        nodes = ray.nodes() if nodes is None else nodes
+        here = ray.util.get_node_ip_address() if here is None else here
+    nodes = [n for n in nodes if n.get("Alive")]
+    hosts = sorted({n.get("NodeManagerAddress") for n in nodes})
+    others = [h for h in hosts if h != here]
+    if others and not is_shared_storage(exp_dir):
+        raise ClusterError(
+            f"the Ray cluster has nodes on other hosts ({', '.join(others)}) but the experiment folder "
+            f"{exp_dir} is on a local filesystem ({mount_fstype(exp_dir)}): trials there could not write "
+            "checkpoints the driver reads. Set output_dir to a shared mount (NFS, Lustre, GPFS, CIFS, a FUSE "
+            "bucket mount) mounted at the same path on every node, or set SEARCH_SHARED_STORAGE=1 if it is "
+            "shared."
+        )
+    return {"nodes": len(nodes), "hosts": hosts}

@@ -1,0 +1,121 @@
+"""Facts recorded on a study's MLflow parent run: the git commit, package versions, the base
+weights' sha256 and the dataset's fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from trainables.files import sha256_file
+
+
+def base_weights_sha256(spec: Any) -> str:
+    """sha256 of the base weights file; ``enum:<NAME>`` (with the hub cache file's sha256 when
+    cached) for a torchvision weight name; ``none`` for random init."""
+    weights = spec.model.weights
+    if not weights:
+        return "none"
+    path = Path(weights)
+    if path.is_file():
+        return sha256_file(path)
+    try:
+        from torchvision.models import get_model_weights
+
+        from trainables.weights import hub_cache_path, resolve_enum
+
+        cached = hub_cache_path(resolve_enum(get_model_weights(spec.model.arch), weights))
+        if cached.is_file():
+            return sha256_file(cached)
+    except Exception:  # noqa: BLE001 - a fact for a tag, never a reason to fail
+        pass
+    return f"enum:{weights}"
+
+
+def dataset_fingerprint(spec: Any) -> str:
+    """sha256 over both splits: the annotation files' bytes and (file name, byte size) of every
+    image they list. Changes when annotations or images are added, removed or replaced."""
+    h = hashlib.sha256()
+    for split_name in ("train", "val"):
+        split = getattr(spec.data, split_name)
+        ann = Path(split.annotations)
+        h.update(f"{split_name}:{sha256_file(ann)}\n".encode())
+        try:
+            images = json.loads(ann.read_text(encoding="utf-8")).get("images", [])
+        except (OSError, ValueError):
+            images = []
+        for rec in sorted(images, key=lambda r: str(r.get("file_name"))):
+            p = Path(split.images) / str(rec.get("file_name"))
+            size = p.stat().st_size if p.is_file() else -1
+            h.update(f"{rec.get('file_name')}:{size}\n".encode())
+    return h.hexdigest()
+
+
+def git_commit() -> str:
+    """The commit of the checkout holding this package (``+dirty`` with local changes), or
+    ``unknown``."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("search", "torch", "torchvision", "ray", "optuna", "mlflow", "pycocotools"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def parent_record(spec: Any, exp_dir: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    """The tags (facts: commit, versions, seeds, base sha256, data fingerprint) and the params
+    (the study's settings) of a study's MLflow parent run."""
+    versions = package_versions()
+    commit = git_commit()
+    tags = {
+        "git_commit": commit,
+        "mlflow.source.git.commit": commit.removesuffix("+dirty"),
+        "seed": str(spec.train.seed),
+        "search_seed": str(spec.search.seed),
+        "base_weights_sha256": base_weights_sha256(spec),
+        "dataset_fingerprint": dataset_fingerprint(spec),
+        "search.experiment_dir": str(Path(exp_dir).resolve()),
+        **{f"version.{k}": v for k, v in versions.items()},
+    }
+    s = spec.search
+    params = {
+        "task": spec.task,
+        "arch": spec.model.arch,
+        "weights": str(spec.model.weights or "none"),
+        "metric": spec.objective.metric,
+        "mode": spec.objective.mode,
+        "algorithm": s.algorithm,
+        "scheduler": s.scheduler,
+        "reference_trial": json.dumps(spec.reference_params(), sort_keys=True),
+        "num_trials": str(s.num_trials),
+        "max_concurrent": str(s.max_concurrent),
+        "epochs": str(spec.train.epochs),
+        "batch_size": str(spec.train.batch_size),
+        "image_size": str(spec.data.image_size),
+        "seed": str(spec.train.seed),
+    }
+    return tags, params

@@ -1,0 +1,44 @@
+"""The one reading of why a trial failed: its error text (Ray's traceback file) and the exception
+line shown to users. ``study.json`` (the progress callback) and MLflow (the tracker) both record
+the line from :func:`failure_reason`, so they never disagree."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def error_text(trial: Any) -> str:
+    """The trial's error file (Ray's traceback text), without terminal colour codes; "" when
+    there is none or it cannot be read."""
+    path = getattr(trial, "error_file", None)
+    try:
+        if path and Path(path).is_file():
+            text = Path(path).read_text(errors="replace")
+        else:
+            text = str(trial.get_error() or "")
+    except Exception:  # noqa: BLE001 - the error file is a nicety
+        return ""
+    return _ANSI.sub("", text)
+
+
+def error_line(text: str) -> str | None:
+    """The exception line of a traceback (``Type: message``), one line of at most 500 characters."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        head = ln.split(":", 1)[0]
+        if (
+            head
+            and head.replace(".", "").replace("_", "").isalnum()
+            and head.endswith(("Error", "Exception", "Interrupt", "Diverged"))
+        ):
+            return " ".join(ln.split())[:500]
+    return " ".join(lines[-1].split())[:500] if lines else None
+
+
+def failure_reason(trial: Any) -> str | None:
+    """The exception line of a failed Ray trial (None when it left no error text)."""
+    return error_line(error_text(trial))

@@ -1,0 +1,271 @@
+"""The MLflow store of a study: its URI, the client, the experiment, and the fail-fast check.
+
+``tracking.uri`` (default ``sqlite:///<output_dir>/mlflow.db``; artifacts then go to
+``<output_dir>/mlartifacts/<experiment>``). Credentials come from MLflow's own environment
+variables; user:password parts of URIs are redacted (:func:`redact`) in every message and file.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from search.errors import SpecError
+from search.study import SPEC_FILE
+
+log = logging.getLogger(__name__)
+
+DB_FILE = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+CHECK_TIMEOUT_S = 5.0
+DISABLE_ENV = "SEARCH_NO_MLFLOW"  # "1": make_callback returns None (no MLflow records)
+
+
+def tracking_uri(spec: Any) -> str:
+    """The study's tracking URI: ``tracking.uri`` or ``sqlite:///<output_dir>/mlflow.db``."""
+    uri = getattr(getattr(spec, "tracking", None), "uri", None)
+    return uri or default_uri(Path(spec.output_dir))
+
+
+def default_uri(output_dir: Path) -> str:
+    return f"sqlite:///{Path(output_dir).resolve() / DB_FILE}"
+
+
+def experiment_name(spec: Any) -> str:
+    return getattr(getattr(spec, "tracking", None), "experiment", None) or spec.name
+
+
+def is_http(uri: str) -> bool:
+    return uri.split(":", 1)[0].lower() in ("http", "https")
+
+
+def redact(uri: str) -> str:
+    """``uri`` without a user:password part (safe for messages, tags and files)."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "<unparseable uri>"
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+
+
+def artifact_location(uri: str, name: str) -> str | None:
+    """Where a new experiment keeps its artifacts: ``<db folder>/mlartifacts/<name>`` for a SQLite
+    store; None (the server's default) otherwise."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        return (db.parent / ARTIFACTS_DIR / name).resolve().as_uri()
+    return None
+
+
+def client(uri: str) -> Any:
+    """An ``MlflowClient`` on ``uri`` for tracking and the model registry."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+_WARMING: dict[str, threading.Thread] = {}  # uri -> thread creating the local store (warm_up)
+
+
+def warm_up(spec: Any) -> None:
+    """Start importing MLflow and creating the study's experiment in a local store (SQLite or a
+    folder) in a background thread, so that this work overlaps ``ray.init`` instead of the trials'
+    start. Call it only after validation. A failure here is ignored: the writer meets it again
+    and reports it. No-op for an HTTP server (its retries must not outlive the process) or with
+    ``SEARCH_NO_MLFLOW=1``."""
+    uri = tracking_uri(spec)
+    if os.environ.get(DISABLE_ENV) == "1" or is_http(uri) or uri in _WARMING:
+        return
+    name = experiment_name(spec)
+
+    def run() -> None:
+        try:
+            get_or_create_experiment(client(uri), name, uri)
+        except Exception as exc:  # noqa: BLE001 - the writer retries and reports
+            log.debug("MLflow warm-up failed: %s", exc)
+
+    _WARMING[uri] = thread = threading.Thread(target=run, name="mlflow-warm-up", daemon=True)
+    thread.start()
+
+
+def warmed(uri: str, timeout: float = 120.0) -> None:
+    """Wait for :func:`warm_up`'s thread on ``uri``, if any (no two threads create one store)."""
+    thread = _WARMING.pop(uri, None)
+    if thread is not None:
+        thread.join(timeout)
+
+
+def get_or_create_experiment(mlc: Any, name: str, uri: str) -> str:
+    """The experiment id of ``name`` (created, or restored when deleted)."""
+    exp = mlc.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return mlc.create_experiment(name, artifact_location=artifact_location(uri, name))
+        except Exception:  # created concurrently: look it up again
+            exp = mlc.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        mlc.restore_experiment(exp.experiment_id)
+    return exp.experiment_id
+
+
+def limit_http_retries() -> None:
+    """MLflow's own HTTP retries (7, up to minutes) would stall the writer thread: the queue
+    retries instead. Only defaults: values the user set are kept."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
+def _probe_http(uri: str, name: str, timeout: float) -> None:
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    resp = http_request(
+        get_default_host_creds(uri),
+        "/api/2.0/mlflow/experiments/get-by-name",
+        "GET",
+        max_retries=0,
+        timeout=max(1, int(timeout)),
+        params={"experiment_name": name},
+        raise_on_status=False,
+    )
+    if resp.status_code in (401, 403):
+        raise SpecError(
+            "tracking.uri",
+            f"the MLflow server {redact(uri)} refused the credentials (HTTP {resp.status_code}).",
+            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, "
+            "or MLFLOW_TRACKING_TOKEN, in the environment.",
+        )
+    if resp.status_code not in (200, 404):
+        raise SpecError(
+            "tracking.uri",
+            f"{redact(uri)} did not answer like an MLflow server (HTTP "
+            f"{resp.status_code} for experiments/get-by-name).",
+            "check the URL and that the server is an MLflow tracking server.",
+        )
+
+
+# Schemes MLflow's own tracking stores accept ("" is a plain path: a file store).
+_STORE_SCHEMES = (
+    "",
+    "file",
+    "sqlite",
+    "postgresql",
+    "mysql",
+    "mssql",
+    "http",
+    "https",
+    "databricks",
+    "databricks-uc",
+)
+
+
+def _plugin_schemes() -> set[str]:
+    """Schemes of tracking-store plugins installed through MLflow's entry points."""
+    eps = importlib.metadata.entry_points()
+    return {ep.name for ep in eps.select(group="mlflow.tracking_store")}
+
+
+def check_tracking(spec: Any, timeout: float = CHECK_TIMEOUT_S) -> None:
+    """Fail fast (SpecError on ``tracking.uri``, within about ``timeout`` seconds) when the tracking
+    store cannot be used: an http(s) server that does not answer, refuses the credentials or is
+    not MLflow; a SQLite file whose folder cannot be created."""
+    uri = tracking_uri(spec)
+    if os.environ.get(DISABLE_ENV) == "1":
+        return
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///") :]).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SpecError(
+                "tracking.uri",
+                f"cannot create the folder of the SQLite store {folder}: {exc.strerror or exc}.",
+                "fix output_dir or tracking.uri.",
+            ) from None
+        if not os.access(folder, os.W_OK):
+            raise SpecError(
+                "tracking.uri",
+                f"the folder of the SQLite store {folder} is not writable.",
+                "fix output_dir or tracking.uri.",
+            )
+        return
+    if not is_http(uri):
+        scheme = urlsplit(uri).scheme.split("+")[0].lower()
+        if scheme not in _STORE_SCHEMES and scheme not in _plugin_schemes():
+            raise SpecError(
+                "tracking.uri",
+                f"MLflow has no tracking store for the scheme {scheme!r} in {redact(uri)!r}.",
+                f"use one of: {', '.join(s or '<a path>' for s in _STORE_SCHEMES)} (or leave it unset for "
+                "the default SQLite store).",
+            )
+        return  # other stores (file:, databases) are checked by the first write
+    box: dict[str, BaseException | None] = {}
+
+    def probe() -> None:
+        try:
+            _probe_http(uri, experiment_name(spec), timeout)
+            box["error"] = None
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=probe, daemon=True, name="mlflow-probe")
+    worker.start()
+    worker.join(timeout + 1.0)
+    err = box.get("error", TimeoutError(f"no answer within {timeout:.0f}s"))
+    if err is None:
+        return
+    if isinstance(err, SpecError):
+        raise err
+    reason = " ".join(str(err).split())
+    reason = re.sub(r"https?://\S+@", "***@", reason)
+    cause = "no answer" if "timed out" in reason.lower() or isinstance(err, TimeoutError) else "unreachable"
+    raise SpecError(
+        "tracking.uri",
+        f"the MLflow server {redact(uri)} is {cause} ({short_reason(reason)}).",
+        "start the server, fix tracking.uri, or remove tracking.uri to record into the local SQLite store.",
+    )
+
+
+def short_reason(text: str) -> str:
+    for key in (
+        "Connection refused",
+        "Name or service not known",
+        "timed out",
+        "No route to host",
+        "Temporary failure in name resolution",
+        "Connection reset",
+    ):
+        if key.lower() in text.lower():
+            return key
+    return text[:160]
+
+
+def study_tracking(exp_dir: Path) -> tuple[str, str]:
+    """(tracking URI, experiment name) of an experiment folder, from its ``spec.yaml`` (the
+    default store is ``<exp_dir>/../mlflow.db``)."""
+    import yaml
+
+    exp_dir = Path(exp_dir).resolve()
+    raw: dict[str, Any] = {}
+    path = exp_dir / SPEC_FILE
+    if path.is_file():
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError:
+            raw = {}
+    tracking = raw.get("tracking") or {}
+    uri = tracking.get("uri") or default_uri(exp_dir.parent)
+    return uri, tracking.get("experiment") or raw.get("name") or exp_dir.name

@@ -1,0 +1,96 @@
+"""Samplers: ``search.algorithm`` is one name of :data:`SAMPLERS` (name → factory of a seeded
+Optuna sampler). Importing this module imports no Optuna: the spec reads the names from here.
+
+To add a sampler: one factory and one row below.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+
+class SamplerArgs(NamedTuple):
+    seed: int
+    startup: int  # random start-up trials (TPE, CMA-ES, GP)
+    grid: dict[str, list[Any]]  # grid search only: parameter -> values
+
+
+def _tpe(a: SamplerArgs) -> Any:
+    import optuna
+
+    return optuna.samplers.TPESampler(
+        multivariate=True, group=True, constant_liar=True, seed=a.seed, n_startup_trials=a.startup
+    )
+
+
+def _random(a: SamplerArgs) -> Any:
+    import optuna
+
+    return optuna.samplers.RandomSampler(seed=a.seed)
+
+
+def _cmaes(a: SamplerArgs) -> Any:
+    import optuna
+
+    fallback = optuna.samplers.TPESampler(seed=a.seed, n_startup_trials=a.startup, constant_liar=True)
+    return optuna.samplers.CmaEsSampler(
+        seed=a.seed, n_startup_trials=a.startup, independent_sampler=fallback, warn_independent_sampling=False
+    )
+
+
+def _gp(a: SamplerArgs) -> Any:
+    import optuna
+
+    return optuna.samplers.GPSampler(seed=a.seed, n_startup_trials=a.startup)
+
+
+def _qmc(a: SamplerArgs) -> Any:
+    import optuna
+
+    return optuna.samplers.QMCSampler(seed=a.seed, scramble=True)
+
+
+def _grid(a: SamplerArgs) -> Any:
+    from search.grid_sampler import GridNoStop
+
+    return GridNoStop(a.grid, seed=a.seed)
+
+
+# name -> factory. TPE (the default) is multivariate with grouped conditional parameters and a
+# constant liar for running trials.
+SAMPLERS: dict[str, Callable[[SamplerArgs], Any]] = {
+    "tpe": _tpe,
+    "random": _random,
+    "cmaes": _cmaes,
+    "gp": _gp,
+    "qmc": _qmc,
+    "grid": _grid,
+}
+
+
+def make_sampler(
+    algorithm: str,
+    seed: int,
+    num_trials: int,
+    n_startup: int | None,
+    grid: dict[str, list[Any]] | None = None,
+) -> Any:
+    """The seeded Optuna sampler of ``search.algorithm``; start-up trials sized to the budget
+    unless ``n_startup`` is given."""
+    if algorithm not in SAMPLERS:
+        raise ValueError(f"search.algorithm must be one of {', '.join(SAMPLERS)}, but got {algorithm!r}")
+    startup = n_startup if n_startup is not None else max(2, min(10, num_trials // 3))
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return SAMPLERS[algorithm](SamplerArgs(seed, startup, grid or {}))
+
+
+def grid_size(grid: dict[str, list[Any]]) -> int:
+    n = 1
+    for values in grid.values():
+        n *= max(1, len(values))
+    return n

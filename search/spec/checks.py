@@ -1,0 +1,314 @@
+"""Cross-section checks of a spec that need no torch: the architecture family and its
+composition keys, the objective, the space against the task and family, the search settings,
+the reference trial, files and data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from search.errors import SpecError, did_you_mean, unknown_name
+from search.spec.schema import ENUM_NAME, MAX_GRID, TASK_METRICS, Spec
+from trainables import families, params
+
+
+def _family(spec: Spec) -> families.Family:
+    fam = families.family_of(spec.model.arch)
+    rows = [*families.FAMILIES.values(), *families.COMPOSED.values()]
+    if fam is None:
+        known = [a for f in rows for a in f.archs]
+        raise unknown_name("model.arch", spec.model.arch, known, "architecture")
+    if fam.task != spec.task and not (spec.task == "detection" and fam.task == "instance_segmentation"):
+        same = [a for f in rows if f.task == spec.task for a in f.archs]
+        raise SpecError(
+            "model.arch",
+            f"{spec.model.arch!r} is a {fam.task} model, but task is {spec.task!r}.",
+            f"use one of: {', '.join(same)}, or change task.",
+        )
+    return fam
+
+
+def _check_model(spec: Spec) -> None:
+    _check_composition(spec, _family(spec))
+    for name, globs in spec.model.trainable_sets.items():
+        if not globs:
+            raise SpecError(f"model.trainable_sets.{name}", "lists no pattern.", "add glob patterns.")
+    for attr in ("weights", "weights_backbone"):
+        value = getattr(spec.model, attr)
+        if value and "://" in value:
+            raise SpecError(
+                f"model.{attr}",
+                f"remote URIs are not supported, but got {value!r}.",
+                "use a torchvision enum name (e.g. DEFAULT), a local file, models:/NAME@ALIAS, runs:/ID/PATH "
+                "or none.",
+            )
+
+
+_RCNN_ONLY = ("roi_output_size", "roi_sampling_ratio")
+_DETECTION_ONLY = ("fpn_channels", "anchor_sizes", "aspect_ratios", *_RCNN_ONLY, "mask_roi_output_size")
+
+
+def _check_composition(spec: Spec, fam: families.Family) -> None:
+    """The model.backbone/... keys: only for composed archs, consistent with the head (no torch;
+    the backbone name and its units are checked by :func:`deep_check`)."""
+    m = spec.model
+    given = [k for k in m.COMPOSE_FIELDS if k in m.model_fields_set]
+    composed = ", ".join(families.composed_archs())
+    if not fam.composed:
+        if given:
+            raise SpecError(
+                f"model.{given[0]}",
+                f"only applies to composed archs ({composed}), but {m.arch!r} is a complete builder.",
+                f"remove it, or compose: arch: {fam.name} with backbone: NAME."
+                if fam.name in families.COMPOSED
+                else f"remove it, or use a composed arch ({composed}) with backbone: NAME.",
+            )
+        return
+    if not m.backbone:
+        raise SpecError(
+            "model.backbone",
+            f"is required when model.arch is the composition {m.arch!r}.",
+            "name a torchvision classification model, e.g. resnet50 or mobilenet_v2.",
+        )
+    if m.weights and ENUM_NAME.fullmatch(m.weights):
+        raise SpecError(
+            "model.weights",
+            f"{m.arch} composed over {m.backbone} has no weight enum, but got {m.weights!r}.",
+            "use weights_backbone (the backbone's enum, e.g. IMAGENET1K_V1, or a file), or a file of "
+            "a composed model.",
+        )
+    if "compose" in m.kwargs:
+        raise SpecError("model.kwargs.compose", "is reserved.", "set model.backbone, model.fpn, ... instead.")
+    if m.feature_layers is not None and not m.feature_layers:
+        raise SpecError("model.feature_layers", "lists no unit.", "name backbone units or remove the key.")
+    if fam.task == families.SEMANTIC:
+        if m.fpn:
+            raise SpecError("model.fpn", f"{m.arch} compositions take no FPN.", "remove it.")
+        for key in _DETECTION_ONLY:
+            if key in given:
+                raise SpecError(
+                    f"model.{key}", f"applies to detection compositions, not {m.arch}.", "remove it."
+                )
+        if m.feature_layers is not None and len(m.feature_layers) > 2:
+            raise SpecError(
+                "model.feature_layers",
+                f"{m.arch} takes [out] or [aux, out], but got {len(m.feature_layers)} units.",
+                "list one or two units.",
+            )
+        return
+    fpn = True if m.fpn is None else m.fpn
+    if "fpn_channels" in given and not fpn:
+        raise SpecError("model.fpn_channels", "only applies with fpn: true.", "remove it or set fpn: true.")
+    rcnn = fam.name in ("fasterrcnn", "maskrcnn")
+    for key in (*_RCNN_ONLY, "mask_roi_output_size"):
+        applies = fam.name == "maskrcnn" if key == "mask_roi_output_size" else rcnn
+        if key in given and not applies:
+            raise SpecError(
+                f"model.{key}",
+                f"applies to {'maskrcnn' if key.startswith('mask') else 'fasterrcnn and maskrcnn'} (RoI "
+                f"heads), not {m.arch}.",
+                "remove it.",
+            )
+    n_layers = (
+        len(m.feature_layers)
+        if m.feature_layers is not None
+        else (families.default_feature_layer_count(fam, fpn))
+    )
+    problem = families.anchor_problem(fam, fpn, n_layers, m.anchor_sizes, m.aspect_ratios)
+    if problem:
+        raise SpecError(
+            problem[0], problem[1] + ".", "match the feature maps (README: Composed models), or remove it."
+        )
+
+
+def _check_objective(spec: Spec) -> None:
+    metrics = TASK_METRICS[spec.task]
+    if spec.objective.metric not in metrics:
+        raise unknown_name("objective.metric", spec.objective.metric, metrics, f"metric for task {spec.task}")
+
+
+def _check_space(spec: Spec) -> None:
+    fam = _family(spec)
+    for dim in spec.search_space.dims:
+        key = f"space.{dim.name}"
+        row = params.lookup(dim.name)
+        if row is None:
+            raise unknown_name(key, dim.name, list(params.PARAMS) + ["loss.weight.<term>"], "trial parameter")
+        if spec.task not in row.tasks:
+            raise SpecError(
+                key,
+                f"does not apply to task {spec.task!r} (it applies to {', '.join(row.tasks)}).",
+                "remove it.",
+            )
+        for value in _values(dim):
+            problem = row.check(value)
+            if problem:
+                raise SpecError(key, f"{dim.name} {problem}.", f"{row.doc}: keep values in its legal range.")
+        _check_family_values(spec, fam, dim, key)
+        if dim.kind in ("float", "int") and row.kind in ("str", "bool"):
+            raise SpecError(
+                key,
+                f"{dim.name} is a {row.kind} parameter, but got a numeric range.",
+                "use choices: [...] or a fixed value.",
+            )
+        if dim.kind == "float" and row.kind == "int":
+            raise SpecError(
+                key, f"{dim.name} is an integer parameter, but got float bounds.", "use integer low/high."
+            )
+
+
+def _values(dim) -> list[Any]:
+    if dim.kind == "fixed":
+        return [dim.value]
+    if dim.kind == "categorical":
+        return list(dim.choices)
+    return [dim.low, dim.high]
+
+
+def _check_family_values(spec: Spec, fam: families.Family, dim, key: str) -> None:
+    if dim.name.startswith(params.LOSS_WEIGHT_PREFIX):
+        term = dim.name[len(params.LOSS_WEIGHT_PREFIX) :]
+        if term not in fam.loss_terms:
+            raise unknown_name(key, term, fam.loss_terms, f"loss term for {spec.model.arch}")
+        return
+    allowed = {
+        "loss.box": ("default", *fam.box_losses),
+        "loss.cls": ("default", *fam.cls_losses),
+        "trainable": (*fam.presets, *spec.model.trainable_sets),
+    }.get(dim.name)
+    if allowed is None:
+        return
+    for value in _values(dim):
+        if value not in allowed:
+            what = {"loss.box": "box loss", "loss.cls": "classification loss"}.get(dim.name, "trainable set")
+            raise SpecError(
+                key,
+                f"{spec.model.arch} ({fam.name}) cannot use {what} {value!r}."
+                f"{did_you_mean(str(value), allowed)}",
+                f"use one of: {', '.join(allowed)}.",
+            )
+
+
+def _check_search(spec: Spec, study: bool = True) -> None:
+    from search.samplers import SAMPLERS
+    from search.schedulers import SCHEDULER_NAMES
+
+    s = spec.search
+    if s.algorithm not in SAMPLERS:
+        raise unknown_name("search.algorithm", s.algorithm, list(SAMPLERS), "search algorithm")
+    if s.scheduler not in SCHEDULER_NAMES:
+        raise unknown_name("search.scheduler", s.scheduler, SCHEDULER_NAMES, "scheduler")
+    _check_reference(spec)
+    if study and s.grace_period > spec.train.epochs:
+        raise SpecError(
+            "search.grace_period",
+            f"grace_period <= train.epochs must hold, but got {s.grace_period} > {spec.train.epochs}.",
+            "lower grace_period or raise train.epochs.",
+        )
+    if s.algorithm == "grid":
+        for dim in spec.search_space.searched:
+            if dim.kind in ("float", "int") and dim.step is None:
+                raise SpecError(
+                    f"space.{dim.name}",
+                    f"grid search needs a finite grid with a stated spacing, but this {dim.kind} has "
+                    "no step.",
+                    "add step: or use choices:.",
+                )
+        points = 1
+        for values in spec.search_space.grid().values():
+            points *= max(1, len(values))
+            if points > MAX_GRID:
+                raise SpecError(
+                    "space",
+                    f"the grid has more than {MAX_GRID:,} points (a grid must be small enough to run whole).",
+                    "use fewer choices or a larger step, or another search.algorithm.",
+                )
+    if s.algorithm == "grid" and not spec.search_space.searched:
+        raise SpecError(
+            "search.algorithm",
+            "grid search needs at least one searched parameter.",
+            "add a parameter with choices or a stepped range to space.",
+        )
+
+
+def _check_reference(spec: Spec) -> None:
+    """An explicit ``search.reference_trial: true`` needs a recipe and a sampler that takes it."""
+    from trainables import recipes
+
+    if spec.search.reference_trial is not True:
+        return
+    fam = families.family_of(spec.model.arch)
+    if recipes.recipe_for(fam.name if fam else None) is None:
+        raise SpecError(
+            "search.reference_trial",
+            f"architecture family {fam.name if fam else spec.model.arch!r} has no reference recipe "
+            f"(recipes: {', '.join(recipes.RECIPES)}).",
+            "set search.reference_trial: false.",
+        )
+    if spec.search.algorithm == "grid":
+        raise SpecError(
+            "search.reference_trial",
+            "grid search runs the grid's points only; it takes no reference trial.",
+            "set search.reference_trial: false, or use another search.algorithm.",
+        )
+
+
+def _check_files(spec: Spec) -> None:
+    for split_name in ("train", "val"):
+        split = getattr(spec.data, split_name)
+        if not split.images.is_dir():
+            raise SpecError(
+                f"data.{split_name}.images",
+                f"image folder {str(split.images)!r} does not exist.",
+                "point it at the folder that file_name entries are relative to.",
+            )
+        if not split.annotations.is_file():
+            raise SpecError(
+                f"data.{split_name}.annotations",
+                f"annotation file {str(split.annotations)!r} does not exist.",
+                "point it at a COCO JSON file.",
+            )
+    for attr in ("weights", "weights_backbone"):
+        value = getattr(spec.model, attr)
+        registry = value and value.startswith(("models:/", "runs:/"))  # resolved by the preflight
+        if value and not registry and not ENUM_NAME.fullmatch(value) and not Path(value).is_file():
+            raise SpecError(
+                f"model.{attr}",
+                f"weights file {value!r} does not exist.",
+                "use a torchvision enum name (e.g. DEFAULT), an existing file, or none.",
+            )
+
+
+def check_data(spec: Spec) -> None:
+    """The annotation files load as COCO for the task, and both splits name the same classes."""
+    from trainables import coco
+
+    names = None
+    for split_name in ("train", "val"):
+        split = getattr(spec.data, split_name)
+        try:
+            index = coco.load_coco(split.annotations, split.images, task=spec.task)
+        except coco.DatasetError as exc:
+            raise SpecError(
+                f"data.{split_name}", str(exc), "fix the dataset or point at another file."
+            ) from None
+        if names is None:
+            names = index.class_names
+        elif index.class_names != names:
+            raise SpecError(
+                "data.val.annotations",
+                f"categories {index.class_names} differ from the training split's {names}.",
+                "use the same categories in both splits.",
+            )
+    spec._class_names = list(names or [])
+    spec._num_classes = len(spec._class_names)
+
+
+def check_spec(spec: Spec, study: bool = True) -> None:
+    """Every check across sections that needs neither torch nor the data's contents (``study``:
+    also the study's scheduling settings)."""
+    _check_model(spec)
+    _check_objective(spec)
+    _check_space(spec)
+    _check_search(spec, study)
+    _check_files(spec)

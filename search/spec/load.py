@@ -1,0 +1,201 @@
+"""Loading a spec: YAML (with :mod:`search.guards`' limits), ``--set`` overrides, pydantic errors
+mapped to one line naming the key path, then the cross-section checks of
+:mod:`search.spec.checks`. Registry URIs (``models:/``, ``runs:/``) stay URIs here: the commands'
+preflight resolves them (:func:`search.registry.resolve_spec_weights`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from search import guards
+from search.errors import SpecError, did_you_mean, short
+from search.space import parse_space
+from search.spec.checks import check_data, check_spec
+from search.spec.schema import ENUM_NAME, Spec
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The raw mapping of a spec file; SpecError for a missing file or bad YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError("<file>", f"spec file {str(path)!r} does not exist.", "pass the path of a YAML spec.")
+    try:
+        raw = guards.load_yaml(path.read_text(encoding="utf-8"))
+    except guards.YamlRefused as exc:
+        raise SpecError("<file>", f"is refused: {exc}.", "fix the YAML.", str(path)) from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise SpecError(
+            "<file>", f"is not valid YAML{where}: {problem}.", "fix the YAML syntax.", str(path)
+        ) from None
+    if not isinstance(raw, dict):
+        raise SpecError(
+            "<file>",
+            f"the top level must be a mapping, but got {short(raw)}.",
+            "start with name:, task:, model:, data:, ...",
+            str(path),
+        )
+    return raw
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with a dotted key; the value is parsed as a YAML scalar (or flow list/map)."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise SpecError(
+            "--set",
+            f"must be KEY=VALUE with a dotted key, but got {text!r}.",
+            "write e.g. --set train.epochs=2.",
+        )
+    try:
+        return key, guards.load_yaml(value) if value.strip() else None
+    except guards.YamlRefused as exc:
+        raise SpecError(f"--set {key}", f"value is refused: {exc}.", "give a plain value.") from None
+    except yaml.YAMLError:
+        raise SpecError(f"--set {key}", f"value {value!r} is not valid YAML.", "quote it.") from None
+
+
+def apply_override(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted ``key`` in the raw mapping. Under ``space.`` the longest existing (or the
+    whole) parameter name wins: ``space.loss.box=giou`` fixes ``loss.box``, while
+    ``space.lr.low=0.001`` edits ``lr``'s bound."""
+    parts = key.split(".")
+    if parts[0] == "space" and len(parts) > 1:
+        space = raw.get("space") if isinstance(raw.get("space"), dict) else {}
+        raw["space"] = space
+        rest = parts[1:]
+        for cut in range(len(rest), 0, -1):
+            name = ".".join(rest[:cut])
+            if name in space and cut < len(rest) and isinstance(space[name], dict):
+                _set_path(space[name], rest[cut:], value, f"space.{name}")
+                return
+        name = ".".join(rest)
+        old = space.get(name)
+        keeps_when = isinstance(old, dict) and "when" in old and not isinstance(value, dict)
+        space[name] = {"value": value, "when": old["when"]} if keeps_when else value
+        return
+    _set_path(raw, parts, value, "")
+
+
+def _set_path(node: dict[str, Any], parts: list[str], value: Any, prefix: str) -> None:
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            path = ".".join(filter(None, [prefix, *parts[: i + 1]]))
+            raise SpecError(
+                f"--set {path}", f"is a value ({short(child)}), not a section.", "set the key itself."
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def load_spec(path: Path | str, overrides: list[str] | tuple[str, ...] = (), study: bool = True) -> Spec:
+    """Load, override and validate a spec file (no torch). Raises SpecError naming the key path.
+    ``study=False`` (the ``trial`` command) skips the checks that only matter to a study's
+    scheduling (``search.grace_period`` against ``train.epochs``)."""
+    path = Path(path)
+    raw = read_yaml(path)
+    for text in overrides:
+        apply_override(raw, *parse_override(text))
+    try:
+        return build_spec(raw, path.resolve().parent, source=path, study=study)
+    except SpecError as err:
+        raise err.with_source(str(path)) from None
+
+
+def build_spec(raw: dict[str, Any], base: Path, source: Path | None = None, study: bool = True) -> Spec:
+    """Validate a raw mapping; relative paths resolve against ``base``."""
+    try:
+        spec = Spec.model_validate(raw)
+    except ValidationError as exc:
+        raise _from_pydantic(exc) from None
+    except (OverflowError, RecursionError) as exc:
+        raise SpecError(
+            "<spec>", f"holds a value that cannot be used ({type(exc).__name__}).", "fix it."
+        ) from None
+    _resolve_paths(spec, base)
+    spec._source = source
+    spec._space = parse_space(spec.space)
+    check_spec(spec, study)
+    guards.check_uri_secrets(spec.tracking.uri)
+    inputs = guards.spec_inputs(spec)
+    guards.check_output(spec.output_dir, inputs, "output_dir", folder=True)
+    guards.check_output(spec.output_dir / spec.name, inputs, "name", folder=True)
+    check_data(spec)
+    return spec
+
+
+# ---------------------------------------------------------------- pydantic errors → one line
+
+_FIX = {
+    "missing": "add it.",
+    "int_parsing": "use a whole number.",
+    "int_from_float": "use a whole number.",
+    "float_parsing": "use a number.",
+    "bool_parsing": "use true or false.",
+    "greater_than_equal": "raise the value.",
+    "greater_than": "raise the value.",
+    "less_than_equal": "lower the value.",
+    "less_than": "lower the value.",
+    "literal_error": None,
+    "dict_type": "write a mapping (key: value lines).",
+    "model_type": "write a mapping (key: value lines).",
+    "string_type": "write a string.",
+    "list_type": "write a list.",
+}
+
+
+def _from_pydantic(exc: ValidationError) -> SpecError:
+    err = exc.errors(include_url=False)[0]
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc)
+    value = err.get("input")
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        fields = _fields_at(loc[:-1])
+        close = did_you_mean(loc[-1], fields)
+        return SpecError(
+            key,
+            f"unknown key {loc[-1]!r}.{close}",
+            ("rename it; " if close else "remove it; ") + f"valid keys here: {', '.join(fields)}.",
+        )
+    if kind == "missing":
+        return SpecError(key, "is required but missing.", _FIX["missing"])
+    msg = err["msg"].removeprefix("Value error, ")
+    msg = msg[0].lower() + msg[1:] if msg else msg
+    return SpecError(
+        key, f"{msg}, but got {short(value)}." if "but got" not in msg else msg + ".", _FIX.get(kind)
+    )
+
+
+def _fields_at(loc: list[str]) -> list[str]:
+    model: Any = Spec
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+# ---------------------------------------------------------------- cross-section checks
+
+
+def _resolve_paths(spec: Spec, base: Path) -> None:
+    for split in (spec.data.train, spec.data.val):
+        split.images = (base / split.images).resolve()
+        split.annotations = (base / split.annotations).resolve()
+    for attr in ("weights", "weights_backbone"):
+        value = getattr(spec.model, attr)
+        if value is not None and not ENUM_NAME.fullmatch(value) and "://" not in value and ":/" not in value:
+            setattr(spec.model, attr, str((base / value).resolve()))
+    spec.output_dir = (base / spec.output_dir).resolve()

@@ -1,0 +1,267 @@
+"""The spec's sections as pydantic models, and :class:`Spec` (a validated spec).
+
+Names of plug-in families are not listed here: they are checked against their tables
+(:mod:`search.samplers`, :mod:`search.schedulers`, ``trainables``' tables) by
+:mod:`search.spec.checks`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+
+from search.space import SearchSpace
+from trainables import families
+from trainables.config import DataSplit, TrialConfig
+
+TASKS = ("detection", "instance_segmentation", "semantic_segmentation")
+TASK_METRICS = {
+    "detection": ("map", "map50", "map75", "map_small", "map_medium", "map_large", "mar100"),
+    "instance_segmentation": ("map", "map50", "map75", "mask_map", "mask_map50", "mask_map75"),
+    "semantic_segmentation": ("miou", "pixel_acc", "dice"),
+}
+ENUM_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+MAX_NAME = 100
+MAX_GRID = 10_000
+SEED_LIMIT = 2**32  # numpy's and Optuna's seeds are 32-bit
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSection(_Section):
+    arch: str
+    weights: str | None = None
+    weights_backbone: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    trainable_sets: dict[str, list[str]] = Field(default_factory=dict)
+    # Composed archs only (trainables/compose.py): arch fasterrcnn|maskrcnn|retinanet|fcos|deeplabv3|fcn
+    backbone: str | None = None  # a torchvision classification model
+    fpn: bool | None = None  # default: true for detection; segmentation takes none
+    feature_layers: list[str] | None = None  # backbone unit names (default: per backbone, by stride)
+    fpn_channels: int = Field(256, ge=8, le=4096)
+    anchor_sizes: list[list[float]] | None = None  # one list per feature map
+    aspect_ratios: list[float] | list[list[float]] | None = None  # flat: every map; or one per map
+    roi_output_size: int = Field(7, ge=1, le=64)
+    roi_sampling_ratio: int = Field(2, ge=0, le=64)
+    mask_roi_output_size: int = Field(14, ge=1, le=128)
+    frozen_batchnorm: bool | None = None  # default: true when weights_backbone is given
+
+    COMPOSE_FIELDS: ClassVar[tuple[str, ...]] = (
+        "backbone",
+        "fpn",
+        "feature_layers",
+        "fpn_channels",
+        "anchor_sizes",
+        "aspect_ratios",
+        "roi_output_size",
+        "roi_sampling_ratio",
+        "mask_roi_output_size",
+        "frozen_batchnorm",
+    )
+
+    @field_validator("weights", "weights_backbone", mode="before")
+    @classmethod
+    def _none(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, str) and v.strip().lower() in ("none", "")):
+            return None
+        return v
+
+    @field_validator("feature_layers", mode="before")
+    @classmethod
+    def _unit_names(cls, v: Any) -> Any:
+        if isinstance(v, list):  # MobileNet-style units are numbers in YAML
+            return [str(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
+        return v
+
+    def composition(self) -> dict[str, Any] | None:
+        """The settings of a composed arch (``TrialConfig.model_kwargs["compose"]``); None for a
+        builder. ``frozen_batchnorm`` defaults to true when backbone weights are used."""
+        if self.arch not in families.COMPOSED:
+            return None
+        out = {k: getattr(self, k) for k in self.COMPOSE_FIELDS}
+        if self.frozen_batchnorm is None:
+            out["frozen_batchnorm"] = self.weights_backbone is not None and self.weights is None
+        return out
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """``kwargs`` plus, for a composed arch, ``compose``: what ``TrialConfig.model_kwargs`` gets."""
+        out = dict(self.kwargs)
+        composition = self.composition()
+        if composition is not None:
+            out["compose"] = composition
+        return out
+
+
+class SplitSection(_Section):
+    images: Path
+    annotations: Path
+
+
+class DataSection(_Section):
+    train: SplitSection
+    val: SplitSection
+    image_size: int = Field(320, ge=32, le=4096)
+
+
+class TrainSection(_Section):
+    epochs: int = Field(3, ge=1, le=100000)
+    batch_size: int = Field(2, ge=1, le=4096)
+    workers: int = Field(0, ge=0, le=64)
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT)
+    device: str = "auto"
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    limit_train: int | None = Field(None, ge=1)
+    limit_val: int | None = Field(None, ge=1)
+    keep_full_checkpoint: bool = False
+    eval_base: bool = True
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", v):
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N, but got {v!r}")
+        return v
+
+
+class ObjectiveSection(_Section):
+    metric: str = "map"
+    mode: Literal["max", "min"] = "max"
+
+
+class SearchSection(_Section):
+    algorithm: str = "tpe"  # a name of search.samplers.SAMPLERS (checked by search.spec.checks)
+    scheduler: str = "auto"  # a name of search.schedulers.SCHEDULERS (no Ray import here)
+    reference_trial: bool | None = None  # None: on when the family has a reference recipe
+    num_trials: int = Field(8, ge=1, le=100000)
+    max_concurrent: int = Field(2, ge=1, le=1024)
+    time_budget: float | None = None  # seconds; YAML may say "90s", "10m", "2h"
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT)
+    n_startup_trials: int | None = Field(None, ge=0)
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2, gt=1)
+    max_failures: int = Field(1, ge=0, le=100)
+
+    @field_validator("time_budget", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", v)
+            if not m:
+                raise ValueError(f"must be seconds or a duration like 90s, 10m, 2h, but got {v!r}")
+            return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+            raise ValueError(f"must be a positive number of seconds, but got {v!r}")
+        return v
+
+
+class ResourcesSection(_Section):
+    cpu: float = Field(1, gt=0, le=1024)
+    gpu: float = Field(0, ge=0, le=64)
+    address: str | None = None
+
+
+class TrackingSection(_Section):
+    uri: str | None = None
+    experiment: str | None = None
+
+
+class Spec(_Section):
+    """A validated spec. ``search_space`` is the parsed ``space``; ``source`` the YAML file."""
+
+    name: str
+    task: Literal["detection", "instance_segmentation", "semantic_segmentation"]
+    model: ModelSection
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    objective: ObjectiveSection = Field(default_factory=ObjectiveSection)
+    space: dict[str, Any] = Field(default_factory=dict)
+    search: SearchSection = Field(default_factory=SearchSection)
+    resources: ResourcesSection = Field(default_factory=ResourcesSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    output_dir: Path = Path("runs")
+
+    _space: SearchSpace = PrivateAttr(default_factory=lambda: SearchSpace([]))
+    _source: Path | None = PrivateAttr(default=None)
+    _num_classes: int = PrivateAttr(default=0)
+    _class_names: list[str] = PrivateAttr(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if len(v) > MAX_NAME:
+            raise ValueError(f"must be at most {MAX_NAME} characters, but got {len(v)}")
+        if not NAME.fullmatch(v):
+            raise ValueError(
+                f"must be letters, digits, '_', '-' or '.', starting with a letter or digit, but got {v!r}"
+            )
+        return v
+
+    @property
+    def search_space(self) -> SearchSpace:
+        return self._space
+
+    @property
+    def source(self) -> Path | None:
+        return self._source
+
+    @property
+    def num_classes(self) -> int:
+        """Dataset classes K (the model gets K + 1 outputs: background is 0)."""
+        return self._num_classes
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self._class_names)
+
+    @property
+    def experiment_dir(self) -> Path:
+        return self.output_dir / self.name
+
+    def reference_params(self) -> dict[str, Any] | None:
+        """The study's reference trial (the family's torchvision recipe projected into the space:
+        only searched parameters, see :meth:`SearchSpace.project`), or None when it is off
+        (``search.reference_trial: false``, no recipe for the family, grid search, nothing to set)."""
+        from trainables import recipes
+
+        if self.search.reference_trial is False or self.search.algorithm == "grid":
+            return None
+        fam = families.family_of(self.model.arch)
+        recipe = recipes.recipe_for(fam.name if fam else None)
+        if recipe is None:
+            return None
+        values = recipes.recipe_params(recipe, self.train.batch_size, self.train.epochs)
+        return self.search_space.project(values) or None
+
+    def trial_config(self, out_dir: Path, threads: int = 1) -> TrialConfig:
+        """The fixed settings of one trial of this spec, writing into ``out_dir``."""
+        return TrialConfig(
+            task=self.task,
+            arch=self.model.arch,
+            train=DataSplit(self.data.train.images, self.data.train.annotations),
+            val=DataSplit(self.data.val.images, self.data.val.annotations),
+            out_dir=Path(out_dir),
+            weights=self.model.weights,
+            weights_backbone=self.model.weights_backbone,
+            model_kwargs=self.model.model_kwargs(),
+            trainable_sets={k: tuple(v) for k, v in self.model.trainable_sets.items()},
+            image_size=self.data.image_size,
+            epochs=self.train.epochs,
+            batch_size=self.train.batch_size,
+            workers=self.train.workers,
+            seed=self.train.seed,
+            metric=self.objective.metric,
+            mode=self.objective.mode,
+            device=self.train.device,
+            amp=self.train.amp,
+            threads=threads,
+            limit_train=self.train.limit_train,
+            limit_val=self.train.limit_val,
+            keep_full_checkpoint=self.train.keep_full_checkpoint,
+            eval_base=self.train.eval_base,
+        )

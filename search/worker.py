@@ -1,0 +1,129 @@
+"""What runs inside a Ray worker: :func:`train_trial`, the function trainable of one trial, which
+calls ``trainables.trial.run_trial`` and hands each epoch's ``latest.pt`` to Ray as a checkpoint
+(one file, ``model.pt``); and the marking of an error raised by a trial's own code
+(:data:`ERROR_MARK`), so that Ray's retry does not run it again."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from search import study as S
+
+log = logging.getLogger(__name__)
+
+TEST_FAIL_ENV = "SEARCH_TEST_FAIL_WHEN"  # test hook: "param>value" / "param<value" / "param=value"
+
+
+class TrialError(RuntimeError):
+    """A retry of a trial whose own code raised: not run again (it would fail the same way)."""
+
+
+ERROR_MARK = ".trial_error"  # in <exp>/trial_<id>/: the error a trial's own code raised
+
+
+def _fail_hook(rule: str | None, params: dict[str, Any]) -> bool:
+    """Whether the test hook rule (``lr>0.05``) matches these params."""
+    if not rule:
+        return False
+    for op in (">", "<", "="):
+        if op in rule:
+            name, _, raw = rule.partition(op)
+            if name.strip() not in params:
+                return False
+            have, want = params[name.strip()], yaml.safe_load(raw.strip())
+            try:
+                return {">": have > want, "<": have < want, "=": have == want}[op]
+            except TypeError:
+                return False
+    return False
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Report-safe metrics: numbers, strings, and dicts of numbers (Ray flattens dicts)."""
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, (bool, int, float, str)):
+            out[k] = v
+        elif isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values()):
+            out[k] = dict(v)
+    return out
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def train_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
+    """Ray function trainable: one trial of ``setup["trial_config"]`` with ``config`` as params.
+
+    Works in the trial's local working directory; each epoch's ``latest.pt`` is handed to Ray as
+    the checkpoint (Ray copies it to the experiment folder). A diverged trial returns normally.
+    ``search.max_failures`` retries are for a worker that died (killed, out of memory, node lost):
+    an exception raised by the trial itself is written to ``<exp>/trial_<id>/.trial_error``, and
+    Ray's retry of that trial raises :class:`TrialError` at once instead of training again.
+    """
+    import ray
+    import torch
+    from ray import tune
+
+    from trainables import params as P
+    from trainables.trial import run_trial
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # "Checkpoint successfully created" per epoch
+    threads = max(1, int(setup["cpu"]))
+    torch.set_num_threads(threads)
+    work = Path(os.getcwd()) / "trial"
+    cfg = dataclasses.replace(setup["trial_config"], out_dir=work, threads=threads)
+    params = P.resolve(dict(config))
+    node_id = ray.get_runtime_context().get_node_id()
+    fail = _fail_hook(setup.get("fail_when"), params)
+    mark = None
+    if setup.get("exp_dir"):
+        mark = Path(setup["exp_dir"]) / f"trial_{tune.get_context().get_trial_id()}" / ERROR_MARK
+        if mark.is_file():
+            raise TrialError(f"not retried (retries are for workers that died): {mark.read_text().strip()}")
+
+    resume_from = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        local = work.parent / "resume"
+        shutil.rmtree(local, ignore_errors=True)
+        checkpoint.to_directory(str(local))
+        resume_from = local / S.MODEL_FILE
+
+    def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        out = _scalars(metrics)
+        out["node_id"] = node_id
+        if fail and out.get("epoch", 0) >= 1:
+            raise RuntimeError(f"{TEST_FAIL_ENV} matched {setup['fail_when']!r} (test hook)")
+        if checkpoint_dir is None:
+            tune.report(out)
+            return
+        stage = work.parent / "persist" / f"epoch_{int(out.get('epoch', 0)):04d}"
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
+        _link_or_copy(Path(checkpoint_dir) / "latest.pt", stage / S.MODEL_FILE)
+        tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(stage)))
+        shutil.rmtree(stage, ignore_errors=True)  # Ray has copied it to storage
+
+    try:
+        result = run_trial(cfg, params, report=report, resume_from=resume_from)  # metrics went through report
+    except Exception as exc:
+        if mark is not None and not type(exc).__module__.startswith("ray"):
+            mark.parent.mkdir(parents=True, exist_ok=True)
+            S.atomic_write_text(mark, f"{type(exc).__name__}: {' '.join(str(exc).split())[:1000]}")
+        raise
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    log.info("trial finished: %s", result.get("status"))

@@ -1,0 +1,291 @@
+"""`python -m search` status / best / promote / export / predict / ui as real processes.
+
+One tiny study (ssdlite320, random init, 4 images of 64 px, 2 trials of 1 epoch, recorded in the
+default SQLite MLflow store) is launched once per module through the CLI; every command then
+runs against it in its own process: exit codes, the human output, the ``--json`` shape, and one
+bad input each (exit 2, one line on stderr naming the problem).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.tinydata import make_tiny_coco, write_tiny_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "cmds"
+MODEL = "tiny-det"
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(ROOT))
+
+
+def search(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m search ARGS`` in ``cwd`` (timeout: a did-not-hang guard, not a speed claim)."""
+    return subprocess.run(
+        [sys.executable, "-m", "search", *args],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def ok_json(proc: subprocess.CompletedProcess):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def one_error_line(proc: subprocess.CompletedProcess, *words: str) -> str:
+    """Exit 2 and exactly one non-empty stderr line, naming every one of ``words``."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-1000:], proc.stderr[-3000:])
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("error: ") and "Traceback" not in proc.stderr, lines[0]
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """The tiny study, launched by ``python -m search launch --json`` (MLflow on: SQLite)."""
+    root = tmp_path_factory.mktemp("cmds")
+    images, _ = make_tiny_coco(root / "data", n_images=4, size=64)
+    spec = write_tiny_spec(
+        root,
+        NAME,
+        space={"optimizer": "sgd", "lr": {"low": 0.005, "high": 0.02, "log": True}},
+        search={"algorithm": "random", "scheduler": "none", "num_trials": 2, "max_concurrent": 2},
+        epochs=1,
+    )
+    summary = ok_json(search("launch", str(spec), "--json", cwd=root, timeout=600))
+    runs = root / "runs"
+    return {
+        "root": root,
+        "runs": runs,
+        "exp_dir": runs / NAME,
+        "summary": summary,
+        "images": sorted(images.glob("*.png")),
+        "where": ["--output-dir", str(runs)],
+    }
+
+
+@pytest.fixture(scope="module")
+def bundle(study):
+    """``export --json`` of the best trial, with its TorchScript check (the documented default)."""
+    out = study["root"] / "bundle"
+    meta = ok_json(search("export", NAME, *study["where"], "--out", str(out), "--json", cwd=study["root"]))
+    return out, meta
+
+
+# ---------------------------------------------------------------- status
+
+
+def test_status_human_and_json(study):
+    proc = search("status", NAME, *study["where"], cwd=study["root"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith(f"study {NAME} (finished): ") and "objective map50 (max)" in lines[0]
+    assert lines[1].split()[:5] == ["trial", "state", "epochs", "best", "disk"]
+    obj = ok_json(search("status", NAME, *study["where"], "--json", cwd=study["root"]))
+    assert {"name", "status", "metric", "mode", "trials", "best", "base_metric", "updated"} <= set(obj)
+    assert obj["name"] == NAME and obj["status"] == "finished" and len(obj["trials"]) == 2
+    for t in obj["trials"]:
+        assert t["id"] in proc.stdout and t["state"] in ("COMPLETE", "PRUNED"), t
+    assert f"best: {obj['best']['id']} map50=" in proc.stdout
+    # the experiment folder's path works as NAME too
+    assert ok_json(search("status", str(study["exp_dir"]), "--json", cwd=study["root"]))["name"] == NAME
+
+
+def test_status_of_an_unknown_study_is_bad_input(study):
+    one_error_line(search("status", "no-such-study", *study["where"], cwd=study["root"]), "no-such-study")
+
+
+# ---------------------------------------------------------------- best
+
+
+def test_best_human_and_json(study):
+    ranked = ok_json(search("best", NAME, *study["where"], "--json", cwd=study["root"]))
+    assert [t["id"] for t in ranked] == sorted(
+        (t["id"] for t in ranked), key=lambda i: -next(r["best_metric"] for r in ranked if r["id"] == i)
+    )
+    assert len(ranked) == 2
+    for t in ranked:  # the documented fields: params, epoch, checkpoint, run id, improvement
+        assert {"id", "params", "epoch", "checkpoint", "run_id", "improvement", "best_metric"} <= set(t)
+        assert t["epoch"] == 1 and t["params"]["optimizer"] == "sgd" and len(t["run_id"]) == 32
+        assert t["improvement"] == pytest.approx(t["best_metric"] - t["study_base_metric"])
+    top = ok_json(search("best", NAME, *study["where"], "--top", "1", "--json", cwd=study["root"]))
+    assert [t["id"] for t in top] == [ranked[0]["id"]]
+    proc = search("best", NAME, *study["where"], cwd=study["root"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith(f"study {NAME}: 2 ranked trial(s) by best map50 (max); base model")
+    assert lines[2].split()[:2] == ["1", ranked[0]["id"]] and ranked[0]["run_id"] in lines[2]
+    assert f"checkpoint {ranked[0]['checkpoint']}" in proc.stdout
+
+
+def test_best_top_zero_is_bad_input(study):
+    one_error_line(search("best", NAME, *study["where"], "--top", "0", cwd=study["root"]), "--top", "0")
+
+
+# ---------------------------------------------------------------- promote
+
+
+@pytest.mark.slow  # a registration in a fresh process: about 25 s here
+def test_promote_registers_the_best_trial_in_the_registry(study):
+    from mlflow import MlflowClient
+
+    out = ok_json(
+        search("promote", NAME, *study["where"], "--model", MODEL, "--force", "--json", cwd=study["root"])
+    )
+    keys = {"model", "version", "alias", "uri", "source", "trial", "run_id", "metric", "value", "forced"}
+    assert keys <= set(out) and out["uri"] == f"models:/{MODEL}@champion"
+    ranked = ok_json(search("best", NAME, *study["where"], "--json", cwd=study["root"]))
+    assert out["trial"] == ranked[0]["id"] and out["run_id"] == ranked[0]["run_id"]
+    uri = f"sqlite:///{(study['runs'] / 'mlflow.db').resolve()}"
+    version = MlflowClient(uri, registry_uri=uri).get_model_version_by_alias(MODEL, "champion")
+    assert int(version.version) == out["version"] and version.run_id == out["run_id"]
+
+
+@pytest.mark.slow  # a second registration (25-35 s here): the human form
+def test_promote_human_output_names_the_new_version(study):
+    proc = search(
+        "promote",
+        NAME,
+        *study["where"],
+        "--model",
+        f"{MODEL}-h",
+        "--alias",
+        "next",
+        "--force",
+        cwd=study["root"],
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = proc.stdout.splitlines()[0]
+    assert first.startswith(f"registered {MODEL}-h version 1 as models:/{MODEL}-h@next"), first
+    assert f"fine-tune from it with  model.weights: models:/{MODEL}-h@next" in proc.stdout
+
+
+def test_promote_of_an_unknown_trial_is_bad_input(study):
+    proc = search("promote", NAME, *study["where"], "--model", MODEL, "--trial", "nosuch", cwd=study["root"])
+    one_error_line(proc, "nosuch")
+
+
+# ---------------------------------------------------------------- export
+
+
+def test_export_json_bundle(study, bundle):
+    out, meta = bundle
+    assert {"arch", "task", "num_classes", "files", "torchscript", "checkpoint", "study"} <= set(meta)
+    assert meta["arch"] == "ssdlite320_mobilenet_v3_large" and meta["task"] == "detection"
+    assert meta["num_classes"] == 3 and meta["torchscript"].get("ok") is True, meta["torchscript"]
+    assert (
+        meta["study"]["trial"] == ok_json(search("best", NAME, *study["where"], "--json", cwd=out))[0]["id"]
+    )
+    names = {p.name for p in out.iterdir()}
+    assert {"model.yaml", "load.py", "SHA256SUMS"} <= names and set(meta["files"]) <= names
+
+
+def test_export_human_without_torchscript(study):
+    out = study["root"] / "bundle-eager"
+    proc = search("export", NAME, *study["where"], "--out", str(out), "--no-torchscript", cwd=study["root"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = proc.stdout.splitlines()[0]
+    assert first.startswith(f"bundle {out}: ssdlite320_mobilenet_v3_large (detection, 2 classes) from trial ")
+    assert "torchscript: " in proc.stdout and "ok (matches the eager model)" not in proc.stdout
+    assert (out / "model.yaml").is_file() and (out / "SHA256SUMS").is_file()
+
+
+def test_export_over_the_inputs_is_bad_input(study):
+    data = study["root"] / "data"
+    before = sorted(p.name for p in data.iterdir())
+    proc = search("export", NAME, *study["where"], "--out", str(data), "--no-torchscript", cwd=study["root"])
+    one_error_line(proc, "--out")
+    assert sorted(p.name for p in data.iterdir()) == before  # nothing written into the data
+
+
+# ---------------------------------------------------------------- predict
+
+
+def test_predict_json_and_written_files(study, bundle):
+    out, _ = bundle
+    images = [str(p) for p in study["images"][:2]]
+    pred = ok_json(search("predict", str(out), *images, "--min-score", "0", "--json", cwd=study["root"]))
+    assert {"arch", "task", "images", "min_score"} <= set(pred) and pred["min_score"] == 0
+    assert [Path(e["image"]).name for e in pred["images"]] == [Path(p).name for p in images]
+    for entry in pred["images"]:
+        assert entry["width"] == entry["height"] == 64 and isinstance(entry["detections"], list)
+        for d in entry["detections"]:
+            assert len(d["box"]) == 4 and 0.0 <= d["score"] <= 1.0
+    dest = study["root"] / "pred"
+    proc = search("predict", str(out), *images, "--out", str(dest), cwd=study["root"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (
+        proc.stdout.splitlines()[0] == "ssdlite320_mobilenet_v3_large (detection), 2 image(s), min score 0.3"
+    )
+    assert f"written to {dest}: predictions.json" in proc.stdout
+    written = json.loads((dest / "predictions.json").read_text())
+    assert len(written["images"]) == 2
+
+
+def test_predict_min_score_out_of_range_is_bad_input(study, bundle):
+    out, _ = bundle
+    proc = search("predict", str(out), str(study["images"][0]), "--min-score", "2", cwd=study["root"])
+    one_error_line(proc, "--min-score", "2")
+
+
+# ---------------------------------------------------------------- ui
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_port_in_use_is_bad_input(study):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        proc = search("ui", NAME, *study["where"], "--port", str(port), cwd=study["root"])
+    one_error_line(proc, f"port {port}", "in use")
+
+
+@pytest.mark.slow  # an MLflow server starts in 10-40 s on a busy 2-core box
+def test_ui_serves_the_study_and_stops_on_sigterm(study):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "search", "ui", NAME, *study["where"], "--port", str(port)],
+        cwd=study["root"],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        url = proc.stdout.readline().strip()  # printed once /health answered 200
+        assert url.startswith(f"http://127.0.0.1:{port}/#/experiments/"), (url, proc.stderr.read()[-2000:])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as resp:
+            assert resp.status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    with socket.socket() as s:  # the server went with it: the port is free again
+        s.bind(("127.0.0.1", port))
