@@ -68,6 +68,14 @@ def spec_inputs(spec: Any) -> tuple[set[Path], set[Path]]:
     return protected(files, [spec.data.train.images, spec.data.val.images])
 
 
+def check_spec_outputs(spec: Any) -> None:
+    """The spec's own outputs (``output_dir`` and the experiment folder ``<output_dir>/<name>``)
+    are none of its inputs (:func:`spec_inputs`)."""
+    inputs = spec_inputs(spec)
+    check_output(spec.output_dir, inputs, "output_dir", folder=True)
+    check_output(spec.output_dir / spec.name, inputs, "name", folder=True)
+
+
 def check_output(
     path: str | os.PathLike | None, inputs: tuple[set[Path], set[Path]], key: str, folder: bool
 ) -> None:

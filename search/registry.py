@@ -12,6 +12,7 @@ from typing import Any
 
 from search.errors import SpecError
 from search.mlflow_store import client, redact, tracking_uri
+from search.spec.schema import is_registry_uri
 from search.write_queue import clean_key
 from trainables.files import sha256_file
 
@@ -106,10 +107,6 @@ def _check_sums(folder: Path, fname: str) -> None:
             raise RegistryError(f"{folder / fname} does not match its SHA256SUMS entry (damaged download)")
 
 
-def is_registry_uri(value: str | None) -> bool:
-    return bool(value) and str(value).startswith(("models:/", "runs:/"))
-
-
 def resolve_spec_weights(spec: Any) -> None:
     """Replace the spec's ``models:/``/``runs:/`` weights by their local files (downloaded once
     into ``<output_dir>/.registry``), then check again that no output of the spec is one of its
@@ -121,6 +118,8 @@ def resolve_spec_weights(spec: Any) -> None:
     if not uris:
         return
     store = tracking_uri(spec)
+    for name in ("mlflow", "alembic"):  # their INFO lines would break one-line errors
+        logging.getLogger(name).setLevel(logging.WARNING)
     for attr in uris:
         uri = getattr(spec.model, attr)
         if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
@@ -129,8 +128,6 @@ def resolve_spec_weights(spec: Any) -> None:
                 f"cannot resolve {uri}: the tracking store {store} does not exist.",
                 "set tracking.uri to the store the model was promoted in.",
             )
-        for name in ("mlflow", "alembic"):  # their INFO lines would break one-line errors
-            logging.getLogger(name).setLevel(logging.WARNING)
         try:
             path = resolve_model_uri(uri, store, cache_dir=spec.output_dir / ".registry")
         except RegistryError as exc:
@@ -138,6 +135,4 @@ def resolve_spec_weights(spec: Any) -> None:
                 f"model.{attr}", str(exc), "promote a model first, or fix the URI or tracking.uri."
             ) from None
         setattr(spec.model, attr, str(path))
-    inputs = guards.spec_inputs(spec)
-    guards.check_output(spec.output_dir, inputs, "output_dir", folder=True)
-    guards.check_output(spec.output_dir / spec.name, inputs, "name", folder=True)
+    guards.check_spec_outputs(spec)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from search.errors import SpecError, did_you_mean, unknown_name
-from search.spec.schema import ENUM_NAME, MAX_GRID, TASK_METRICS, Spec
+from search.spec.schema import ENUM_NAME, MAX_GRID, TASK_METRICS, Spec, is_registry_uri
 from trainables import families, params
 
 
@@ -270,8 +270,8 @@ def _check_files(spec: Spec) -> None:
             )
     for attr in ("weights", "weights_backbone"):
         value = getattr(spec.model, attr)
-        registry = value and value.startswith(("models:/", "runs:/"))  # resolved by the preflight
-        if value and not registry and not ENUM_NAME.fullmatch(value) and not Path(value).is_file():
+        resolved_later = is_registry_uri(value)  # by the preflight (search.registry)
+        if value and not resolved_later and not ENUM_NAME.fullmatch(value) and not Path(value).is_file():
             raise SpecError(
                 f"model.{attr}",
                 f"weights file {value!r} does not exist.",

@@ -127,9 +127,7 @@ def build_spec(raw: dict[str, Any], base: Path, source: Path | None = None, stud
     spec._space = parse_space(spec.space)
     check_spec(spec, study)
     guards.check_uri_secrets(spec.tracking.uri)
-    inputs = guards.spec_inputs(spec)
-    guards.check_output(spec.output_dir, inputs, "output_dir", folder=True)
-    guards.check_output(spec.output_dir / spec.name, inputs, "name", folder=True)
+    guards.check_spec_outputs(spec)
     check_data(spec)
     return spec
 

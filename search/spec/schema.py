@@ -25,6 +25,13 @@ TASK_METRICS = {
 }
 ENUM_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+REGISTRY_SCHEMES = ("models:/", "runs:/")  # weights resolved by search.registry in the preflight
+
+
+def is_registry_uri(value: str | None) -> bool:
+    return bool(value) and str(value).startswith(REGISTRY_SCHEMES)
+
+
 MAX_NAME = 100
 MAX_GRID = 10_000
 SEED_LIMIT = 2**32  # numpy's and Optuna's seeds are 32-bit
