@@ -11,11 +11,20 @@ made by the search), ``weights.pt`` (the full fine-tuned ``state_dict``, loadabl
 ``torch.load(weights_only=True)``), ``metrics.json``, optionally ``model.torchscript.pt``, and
 ``SHA256SUMS`` (checked on load). The model is built with ``weights=None`` (nothing downloads)
 and gets the exact module structure it was trained with before the weights are loaded strictly.
+
+An encrypted bundle (``export --encrypt --key-env NAME``) holds ``weights.pt.enc`` instead:
+AES-256-GCM under a key derived with scrypt from the secret in the environment variable NAME
+(model.yaml ``encryption`` names it); ``load_bundle`` decrypts it with the same variable (or the
+one given as ``key_env``), which needs the ``cryptography`` package. No TorchScript file then, as
+it would hold the weights in the clear.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +33,58 @@ FORMAT = "search-bundle/1"
 ACTIVATIONS = ("ReLU", "ReLU6", "LeakyReLU", "SiLU", "GELU", "Hardswish", "Mish", "ELU")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+ENCRYPTION = {"cipher": "AES-256-GCM", "kdf": "scrypt", "n": 2**15, "r": 8, "p": 1}
+AAD = b"search-bundle/1 weights"  # binds the ciphertext to its role in a bundle
+MIN_SECRET = 16  # characters of the secret, at least
+
+
+def _aes_key(secret: str, enc: dict[str, Any]) -> bytes:
+    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+    salt = bytes.fromhex(enc["salt"])
+    kdf = Scrypt(salt=salt, length=32, n=int(enc["n"]), r=int(enc["r"]), p=int(enc["p"]))
+    return kdf.derive(secret.encode())
+
+
+def encrypt_weights(data: bytes, key_env: str) -> tuple[bytes, dict[str, Any]]:
+    """``(nonce + ciphertext, model.yaml "encryption")`` of ``data`` under the secret in ``key_env``."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    secret = os.environ.get(key_env, "")
+    if len(secret) < MIN_SECRET:
+        raise ValueError(f"environment variable {key_env} must hold a secret of {MIN_SECRET}+ characters")
+    enc = {**ENCRYPTION, "salt": secrets.token_hex(16), "key_env": key_env}
+    nonce = secrets.token_bytes(12)
+    return nonce + AESGCM(_aes_key(secret, enc)).encrypt(nonce, data, AAD), enc
+
+
+def weights_bytes(folder: Path, meta: dict[str, Any], weights_file: str, key_env: str | None = None) -> bytes:
+    """The weights file's bytes, decrypted when model.yaml says it is encrypted (ValueError naming
+    the variable when it is unset or holds the wrong secret)."""
+    data = (Path(folder) / weights_file).read_bytes()
+    enc = meta.get("encryption")
+    if not enc:
+        return data
+    name = key_env or str(enc.get("key_env") or "")
+    secret = os.environ.get(name, "") if name else ""
+    if not secret:
+        raise ValueError(
+            f"the weights in {Path(folder) / weights_file} are encrypted: set the environment variable "
+            f"{name or '(see --key-env)'} to the secret they were exported with"
+        )
+    try:
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    except ImportError:
+        raise ValueError("the weights are encrypted: decrypting needs the 'cryptography' package") from None
+    try:
+        return AESGCM(_aes_key(secret, enc)).decrypt(data[:12], data[12:], AAD)
+    except InvalidTag:
+        raise ValueError(
+            f"the secret in {name} does not decrypt {Path(folder) / weights_file}: wrong key or changed file"
+        ) from None
 
 
 def sha256_file(path: str | Path) -> str:
@@ -135,10 +196,13 @@ def build(meta: dict[str, Any]) -> Any:
     return model
 
 
-def load_bundle(folder: str | Path, device: str = "cpu", check: bool = True) -> tuple[Any, dict[str, Any]]:
+def load_bundle(
+    folder: str | Path, device: str = "cpu", check: bool = True, key_env: str | None = None
+) -> tuple[Any, dict[str, Any]]:
     """``(model, meta)``: the fine-tuned model in eval mode on ``device`` and the parsed model.yaml.
 
-    ``check`` verifies the files against ``SHA256SUMS`` first.
+    ``check`` verifies the files against ``SHA256SUMS`` first. ``key_env``: the environment variable
+    holding an encrypted bundle's secret (default: the one model.yaml names).
     """
     import torch
 
@@ -149,7 +213,8 @@ def load_bundle(folder: str | Path, device: str = "cpu", check: bool = True) -> 
         verify(folder, ("model.yaml", weights_file))
         meta = read_meta(folder)  # as verified
     model = build(meta)
-    state = torch.load(folder / weights_file, map_location="cpu", weights_only=True)
+    data = weights_bytes(folder, meta, weights_file, key_env)
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
     model.eval().to(device)
     return model, meta

@@ -311,7 +311,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
         check_folder_trust(exp_dir)
     summary = launcher.resume(
-        exp_dir, restart_errored=args.restart_errored, address=args.address, keep_top=args.keep_top
+        exp_dir,
+        restart_errored=args.restart_errored,
+        address=args.address,
+        keep_top=args.keep_top,
+        trust_folder=args.trust_folder,
     )
     return _finish(summary, args.json)
 

@@ -50,6 +50,12 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="bundle folder (must not exist or be empty)")
     p.add_argument("--trial", default=None, metavar="ID", help="trial id (default: the best trial)")
     p.add_argument("--no-torchscript", action="store_true", help="skip the TorchScript export")
+    p.add_argument(
+        "--encrypt",
+        action="store_true",
+        help="encrypt the weights (AES-256-GCM) under the secret in the variable named by --key-env",
+    )
+    p.add_argument("--key-env", default=None, metavar="NAME", help="environment variable holding the secret")
     p.add_argument("--json", action="store_true", help="print model.yaml's content as JSON")
 
 
@@ -63,6 +69,12 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
         "--min-score", type=float, default=0.3, help="drop detections below this score (default 0.3)"
     )
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.add_argument(
+        "--key-env",
+        default=None,
+        metavar="NAME",
+        help="environment variable holding an encrypted bundle's secret (default: the one model.yaml names)",
+    )
     p.add_argument("--json", action="store_true", help="print the predictions as one JSON object")
 
 
@@ -154,12 +166,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     from search import guards, select
     from search.bundle import BundleError
 
+    key_env = _encryption_key_env(args)
     try:
         exp_dir = select.find_experiment(args.name, args.output_dir)
         guards.check_output(
             args.out, guards.spec_inputs(select.load_study_spec(exp_dir)), "--out", folder=True
         )
-        meta = select.export(exp_dir, args.out, args.trial, torchscript=not args.no_torchscript)
+        meta = select.export(
+            exp_dir, args.out, args.trial, torchscript=not args.no_torchscript, key_env=key_env
+        )
     except (select.SelectError, BundleError) as exc:
         raise _bad_input(exc) from None
     if args.json:
@@ -174,11 +189,36 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
     print(f"  files: {', '.join(sorted(meta['files']))}, SHA256SUMS")
     print(f"  torchscript: {'ok (matches the eager model)' if ts.get('ok') else ts.get('error')}")
+    needs = "torch and torchvision" if key_env is None else f"torch, torchvision, cryptography and ${key_env}"
     print(
         f"  load it: cd {args.out} && python -c "
-        "\"from load import load_bundle; model, meta = load_bundle('.')\" (needs only torch and torchvision)"
+        f"\"from load import load_bundle; model, meta = load_bundle('.')\" (needs {needs})"
     )
     return 0
+
+
+def _encryption_key_env(args: argparse.Namespace) -> str | None:
+    """``--encrypt``'s variable, checked before any work (exit 2 naming what is missing)."""
+    from search.bundle_load import MIN_SECRET
+    from search.errors import SpecError
+
+    if args.key_env and not args.encrypt:
+        raise _bad_input(SpecError("--key-env", "is only used with --encrypt.", "add --encrypt, or drop it."))
+    if not args.encrypt:
+        return None
+    if not args.key_env:
+        raise _bad_input(
+            SpecError("--encrypt", "needs --key-env NAME.", "name the environment variable with the secret.")
+        )
+    if len(os.environ.get(args.key_env, "")) < MIN_SECRET:
+        raise _bad_input(
+            SpecError(
+                "--key-env",
+                f"environment variable {args.key_env} is unset or shorter than {MIN_SECRET} characters.",
+                f"export {args.key_env}=<a secret of {MIN_SECRET}+ characters>, kept as safe as the weights.",
+            )
+        )
+    return args.key_env
 
 
 # ---------------------------------------------------------------- predict
@@ -186,7 +226,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from search import guards
-    from search.bundle import BundleError, predict_files
+    from search.bundle import BundleError
+    from search.bundle_predict import predict_files
     from search.errors import SpecError
 
     if not 0.0 <= args.min_score <= 1.0:
@@ -198,7 +239,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     try:
         guards.check_output(args.out, guards.protected(args.images, [args.bundle]), "--out", folder=True)
         out = predict_files(
-            args.bundle, list(args.images), args.out, min_score=args.min_score, device=args.device
+            args.bundle,
+            list(args.images),
+            args.out,
+            min_score=args.min_score,
+            device=args.device,
+            key_env=args.key_env,
         )
     except BundleError as exc:
         raise _bad_input(exc) from None

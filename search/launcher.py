@@ -16,6 +16,7 @@ codes (:class:`ClusterError` is a user error).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -28,9 +29,10 @@ from typing import Any
 
 import yaml
 
-from search import mlflow_store, tracking
+from search import durable, mlflow_store, tracking
 from search import study as S
 from search.cluster import check_cluster_storage, check_reachable, connect
+from search.durable import Durability
 from search.errors import SpecError, short
 from search.guards import StudyLock
 from search.registry import resolve_spec_weights
@@ -126,7 +128,10 @@ def _callbacks(spec: Spec, exp_dir: Path, resume: bool, previous: dict | None, e
         exp_dir, spec.name, spec.objective.metric, spec.objective.mode, spec.train.epochs, previous
     )
     progress = Progress(state, num_samples(spec), _key_params(spec))
-    return [state, progress, *_tracking_callbacks(spec, exp_dir, resume), *extra]
+    trackers = _tracking_callbacks(spec, exp_dir, resume)
+    for tracker in trackers:
+        tracker.study_state = state
+    return [state, progress, *trackers, *extra]
 
 
 # ---------------------------------------------------------------- launch / resume
@@ -174,6 +179,7 @@ def launch(
         callbacks = _callbacks(spec, exp_dir, False, None, extra_callbacks)
         state = callbacks[0]
         state.searcher, state.scheduler, state.deadline = searcher, scheduler, deadline
+        state.durable = Durability(exp_dir)
         state.state["reference_params"] = reference
         state.state["budget_s"] = budget
         state.state["num_trials"] = num_samples(spec)
@@ -217,26 +223,25 @@ def resume(
     address: str | None = None,
     extra_callbacks: Iterable = (),
     keep_top: int | None = None,
+    trust_folder: bool = False,
 ) -> dict[str, Any]:
     """Continue a study: ``Tuner.restore`` (unfinished trials from their checkpoints, pending ones
-    run, the searcher keeps its place); errored trials restart only with ``restart_errored``."""
+    run, the searcher keeps its place); errored trials restart only with ``restart_errored``.
+
+    Ray's state is first replaced by the newest signed snapshot (``search.durable``); a missing or
+    wrong signature is a :class:`SpecError` unless ``trust_folder``."""
     from ray import tune
 
     exp_dir = Path(exp_dir).resolve()
     if not (exp_dir / "tuner.pkl").is_file():
         raise FileNotFoundError(f"{exp_dir} holds no Ray experiment state (tuner.pkl): nothing to resume.")
     spec = read_spec(exp_dir)
-    previous = S.read_study(exp_dir) or None
-    if previous and restart_errored:  # Ray reruns them as new trials (new ids, same config)
-        errored = [k for k, t in previous["trials"].items() if t.get("failure") == S.ERROR]
-        previous.setdefault("restarted_errored", []).extend(previous["trials"].pop(k) for k in errored)
-    if restart_errored:  # asked for: the trials' own errors no longer block their retries
-        for mark in exp_dir.glob(f"trial_*/{ERROR_MARK}"):
-            mark.unlink(missing_ok=True)
     preflight(spec, address, weights=False)
     lock = StudyLock(exp_dir).acquire()
     started = False
     try:
+        _install_state(exp_dir, trust_folder)  # before anything starts: a refusal leaves it all as it was
+        previous = _previous_state(exp_dir, restart_errored)
         mlflow_store.warm_up(spec)
         started = connect(address or spec.resources.address)
         cluster = check_cluster_storage(exp_dir.parent)
@@ -257,6 +262,7 @@ def resume(
         state = callbacks[0]
         state.searcher, state.deadline = searcher, deadline
         state.scheduler = local._tune_config.scheduler
+        state.durable = Durability(exp_dir)
         run_config = local.get_run_config()
         run_config.callbacks = callbacks
         run_config.stop = BudgetStopper(deadline)
@@ -268,6 +274,49 @@ def resume(
         if started:
             _shutdown()
         lock.release()
+
+
+def _previous_state(exp_dir: Path, restart_errored: bool) -> dict[str, Any] | None:
+    """study.json as the installed snapshot left it; with ``restart_errored``, errored trials move
+    to ``restarted_errored`` (Ray reruns them as new trials: new ids, same config) and their error
+    marks go, so their retries are no longer blocked."""
+    previous = S.read_study(exp_dir) or None
+    if previous and restart_errored:
+        errored = [k for k, t in previous["trials"].items() if t.get("failure") == S.ERROR]
+        previous.setdefault("restarted_errored", []).extend(previous["trials"].pop(k) for k in errored)
+    if restart_errored:
+        for mark in exp_dir.glob(f"trial_*/{ERROR_MARK}"):
+            mark.unlink(missing_ok=True)
+    return previous
+
+
+class DiskFull(RuntimeError):
+    """The disk (or quota) filled up under the study's driver: stopped, resumable (exit 1)."""
+
+
+def _disk_full(exc: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT error behind ``exc`` (Ray wraps what a callback raised), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _install_state(exp_dir: Path, trust_folder: bool) -> None:
+    """The newest signed snapshot of Ray's state in place (see ``search.durable``)."""
+    try:
+        durable.install_snapshot(exp_dir)
+    except durable.UntrustedState as exc:
+        if not trust_folder:
+            raise SpecError(
+                "resume",
+                f"{exc}; resume would unpickle these files.",
+                "resume only studies you launched, or pass --trust-folder if you trust whoever wrote it.",
+            ) from None
+        log.warning("resuming unsigned Ray state (--trust-folder): %s", exc)
 
 
 def _run_config(spec: Spec, exp_dir: Path, callbacks: list, deadline: float | None):
@@ -300,13 +349,26 @@ def _shutdown() -> None:
 
 def _fit(tuner, spec: Spec, exp_dir: Path, state, searcher, keep_top: int | None) -> dict[str, Any]:
     try:
-        tuner.fit()
+        with durable.durable_controller(state.durable):
+            tuner.fit()
     except KeyboardInterrupt:  # a second Ctrl-C: Ray stops at once; the last checkpoints remain
         state.finish("interrupted")
         print(
             f"\nstopped immediately. Resume with:\n  {resume_command(exp_dir)}", file=sys.stderr, flush=True
         )
         raise
+    except Exception as exc:
+        full = _disk_full(exc)
+        if full is None:
+            raise
+        try:
+            state.finish("interrupted")
+        except OSError:
+            pass  # still full: study.json keeps the last state it could write
+        raise DiskFull(
+            f"{full.strerror or full} ({full.filename or exp_dir}): the study stopped; its saved state and "
+            f"checkpoints are kept. Free some space, then resume with: {resume_command(exp_dir)}"
+        ) from None
     trials = state.state["trials"]
     unfinished = [t for t in trials.values() if t["state"] not in S.FINISHED_STATES]
     budget_hit = searcher.deadline is not None and time.time() >= searcher.deadline

@@ -18,6 +18,7 @@ from search import study as S
 from search.failures import failure_reason
 from search.study import group_of
 from search.write_queue import RUNS_FILE
+from trainables.testhooks import pause_point
 
 
 def _plain_params(config: dict[str, Any]) -> dict[str, Any]:
@@ -73,6 +74,8 @@ class StudyState(Callback):
         self.searcher: Any = None
         self.scheduler: Any = None
         self.deadline: float | None = None
+        self.durable: Any = None  # a search.durable.Durability while Ray runs (not pickled)
+        self._dirty = False
         self._t0 = time.time()
         self._elapsed0 = float(self.state.get("elapsed_s") or 0.0)
 
@@ -80,15 +83,22 @@ class StudyState(Callback):
         state = self.__dict__.copy()
         state["searcher"] = None
         state["scheduler"] = None
+        state["durable"] = None
+        state["_dirty"] = False
         return state
 
     # -- helpers
     def elapsed(self) -> float:
         return self._elapsed0 + (time.time() - self._t0)
 
-    def save(self) -> None:
+    def save(self, snapshot: bool = False) -> None:
+        """Rewrite study.json; with ``snapshot``, first sign Ray's state saved in this loop step
+        together with this content (search.durable), so study.json is never ahead of it."""
         self.state["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.state["elapsed_s"] = round(self.elapsed(), 1)
+        if snapshot and self.durable is not None:
+            self.durable.snapshot(self.state)
+            pause_point("study_write")  # test hook: signed, study.json not yet rewritten
         S.write_study(self.exp_dir, self.state)
 
     def entry(self, trial: Any) -> dict[str, Any]:
@@ -159,7 +169,8 @@ class StudyState(Callback):
         t = self.entry(trial)
         t["state"] = S.RUNNING
         t.pop("failure", None)  # a restarted trial
-        self.save()
+        self._changed()
+        pause_point("trial_start")  # test hook: a trial started, Ray has not saved that yet
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         t = self.entry(trial)
@@ -179,12 +190,12 @@ class StudyState(Callback):
             self.state["base_metric"] = S.study_base_metric(self.state)
         elif value is not None and S.better(value, t.get("best_metric"), self.mode):
             t["best_metric"], t["best_epoch"] = value, int(epoch)
-        self.save()
+        self._changed()
 
     def on_trial_save(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         t = self.entry(trial)
         self._checkpoints(trial, t)
-        self.save()
+        self._changed()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         t = self.entry(trial)
@@ -201,7 +212,8 @@ class StudyState(Callback):
             t["stopped"] = self._stop_record(trial, t, t["stopped_by"])
         if self.searcher is not None:
             t["optuna_state"] = self.searcher.outcome(trial.trial_id)
-        self.save()
+        self._changed()
+        pause_point("trial_complete")  # test hook: Optuna was told, Ray has not saved the end yet
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         t = self.entry(trial)
@@ -211,14 +223,28 @@ class StudyState(Callback):
         t["retries"] = max(0, int(getattr(trial, "num_failures", 1)) - 1)
         if self.searcher is not None:
             t["optuna_state"] = self.searcher.outcome(trial.trial_id)
-        self.save()
+        self._changed()
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         t = self.entry(trial)
         t["retries"] = int(t.get("retries") or 0) + 1
         t["error"] = failure_reason(trial)
         t["state"] = S.PENDING
-        self.save()
+        self._changed()
+
+    def _changed(self) -> None:
+        """Save now, or (under a :class:`~search.durable.Durability`) once Ray's state holds the
+        change: Ray saves it synchronously in this loop step, and :meth:`on_step_end` follows."""
+        if self.durable is None:
+            self.save()
+            return
+        self._dirty = True
+        self.durable.request()
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if self._dirty:
+            self._dirty = False
+            self.save(snapshot=True)
 
     def finish(self, status: str) -> None:
         """Mark the study finished/interrupted; unfinished trials become PAUSED when interrupted."""
@@ -226,7 +252,8 @@ class StudyState(Callback):
         for t in self.state["trials"].values():
             if t["state"] in (S.RUNNING, S.PENDING) and status == "interrupted":
                 t["state"] = S.PAUSED
-        self.save()
+        self._dirty = False
+        self.save(snapshot=True)  # with Ray's last save, at the end of fit
 
 
 class Progress(Callback):

@@ -70,6 +70,7 @@ class StudySearch(OptunaSearch):
         self._outcome: dict[str, str] = {}
         self.max_concurrent = 0
         self.reference_id: str | None = None
+        self._orphans: list[int] = []  # Optuna trial ids asked but never saved in Ray's state
         super().__init__(*args, **kwargs)
 
     def enqueue_reference(self, params: dict[str, Any]) -> None:
@@ -90,6 +91,9 @@ class StudySearch(OptunaSearch):
         live = [t for t in self._ot_trials if t not in self._completed_trials]
         if self.max_concurrent and len(live) >= self.max_concurrent:
             return None
+        orphans = getattr(self, "_orphans", [])
+        if trial_id not in self._ot_trials and orphans:  # its parameters, under the same Optuna number
+            self._ot_trials[trial_id] = optuna.Trial(self._ot_study, orphans.pop(0))
         config = super().suggest(trial_id)
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None and isinstance(config, dict):
@@ -216,18 +220,20 @@ class StudySearch(OptunaSearch):
         keep = {k: getattr(self, k, None) for k in self._RUNTIME}
         super().restore(checkpoint_path)
         self.__dict__.update(keep)
-        self._fail_orphans()
+        self._adopt_orphans()
 
-    def _fail_orphans(self) -> None:
-        """Optuna trials left RUNNING by a hard stop that the restored searcher does not know
-        (asked after its last checkpoint) are told FAIL, so the study holds no phantom trials."""
+    def _adopt_orphans(self) -> None:
+        """Optuna trials left RUNNING by a hard stop that the restored searcher does not know (asked
+        after Ray's last save, so no trial ran them as far as the study records) go to the next
+        suggestions with their own parameters and Optuna numbers: none is lost, none is asked
+        twice, and the journal holds no phantom trial."""
         known = {t.number for t in self._ot_trials.values()}
-        for frozen in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if frozen.number not in known:
-                try:
-                    self._ot_study.tell(frozen.number, state=TrialState.FAIL)
-                except Exception as exc:  # pragma: no cover
-                    log.warning("could not close orphan Optuna trial %d: %s", frozen.number, exc)
+        running = self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        self._orphans = [t._trial_id for t in running if t.number not in known]
+        if self._orphans:
+            # the sampler's random state is from before those asks: it would draw them again
+            self._ot_study.sampler.reseed_rng()
+            log.info("re-running %d Optuna trial(s) asked before the last save", len(self._orphans))
 
 
 def make_searcher(spec: Any, exp_dir: Path, deadline: float | None) -> StudySearch:

@@ -175,10 +175,15 @@ def lineage(exp_dir: Path, trial: dict[str, Any], spec: Any = None) -> dict[str,
 
 
 def export(
-    exp_dir: Path, out_dir: Path, trial_id: str | None = None, torchscript: bool = True
+    exp_dir: Path,
+    out_dir: Path,
+    trial_id: str | None = None,
+    torchscript: bool = True,
+    key_env: str | None = None,
 ) -> dict[str, Any]:
     """A deployment bundle of a trial's best-epoch checkpoint in ``out_dir`` (see
-    :mod:`search.bundle`); returns model.yaml's content."""
+    :mod:`search.bundle`; weights encrypted under ``key_env``'s secret when given); returns
+    model.yaml's content."""
     from search.bundle import build_bundle
 
     exp_dir = Path(exp_dir)
@@ -196,7 +201,9 @@ def export(
         "history": trial.get("history", []),
         "mode": status.get("mode", "max"),
     }
-    return build_bundle(cfg, ckpt, spec.class_names, Path(out_dir), study=info, torchscript=torchscript)
+    return build_bundle(
+        cfg, ckpt, spec.class_names, Path(out_dir), study=info, torchscript=torchscript, key_env=key_env
+    )
 
 
 # ---------------------------------------------------------------- promote

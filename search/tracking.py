@@ -16,8 +16,8 @@ of :mod:`search.mlflow_store`:
   ``stopped_at_epoch`` when stopped early), FAILED for diverged/errored trials
   (``failure_reason`` tag, ``traceback.txt`` artifact), KILLED when the study was interrupted.
 
-Resume: the run map (``mlflow_runs.json``) names the runs, so a restored study continues the SAME
-runs (set RUNNING again, then closed): no duplicates, none left RUNNING.
+Resume: the run map (``mlflow_runs.json``) and the ``search.run_key`` tag name the runs, so a restored
+study continues the SAME runs (RUNNING again, then closed), and replayed epochs are logged once.
 """
 
 from __future__ import annotations
@@ -118,10 +118,11 @@ class MlflowTracker(_Callback):
         self.queue: WriteQueue | None = None
         self.report: dict[str, Any] | None = None
         self._active: set[str] = set()
+        self.study_state: Any = None  # the launcher's progress.StudyState: study.json as it is now
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for k in ("runs", "queue", "report", "_active"):
+        for k in ("runs", "queue", "report", "_active", "study_state"):
             state.pop(k, None)
         return state
 
@@ -149,6 +150,7 @@ class MlflowTracker(_Callback):
             metrics=[[k, v, ts, step] for k, v in (metrics or {}).items()],
             params=params or {},
             tags=tags or {},
+            once=key != "parent" and (self.resume or bool(self.runs.trial(key).get("replay"))),
         )
 
     def _open_trial(self, trial: Any) -> None:
@@ -322,13 +324,19 @@ class MlflowTracker(_Callback):
         tags.update(self._study_tags(trial.trial_id))
         self._close_trial(trial, "FINISHED", tags)
 
-    def _study_tags(self, tid: str) -> dict[str, str]:
-        """``search.reference`` and the ``search.stopped.*`` record of a trial, from study.json
-        (written by the study-state callback, which runs before this one)."""
+    def _study(self) -> dict[str, Any]:
+        """study.json as the study-state callback (it runs first) has it: in memory while the
+        launcher runs (the file follows a loop step later), else the file ({} if unreadable)."""
+        if self.study_state is not None:
+            return self.study_state.state
         try:
-            t = S.read_study(self.exp_dir).get("trials", {}).get(tid) or {}
+            return S.read_study(self.exp_dir)
         except (OSError, ValueError):
             return {}
+
+    def _study_tags(self, tid: str) -> dict[str, str]:
+        """``search.reference``, ``search.state`` and ``search.stopped.*`` of a trial (:meth:`_study`)."""
+        t = self._study().get("trials", {}).get(tid) or {}
         tags = {"search.reference": "true" if t.get("reference") else "false"}
         if t.get("state") in S.STATES:
             tags["search.state"] = t["state"]
@@ -349,6 +357,7 @@ class MlflowTracker(_Callback):
     @_locked
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         tries = int(getattr(trial, "num_failures", 0) or 0)
+        self.runs.trial(trial.trial_id)["replay"] = True  # its retry repeats epochs since its checkpoint
         self._log(
             trial.trial_id,
             tags={
@@ -382,10 +391,7 @@ class MlflowTracker(_Callback):
                 self._put(op="status", key=tid, status="KILLED", ts=_now_ms())
             self._active.discard(tid)
         study = self.runs.data["study"]
-        try:  # the study-state callback's record (it runs first): states, reference, epoch 0s
-            written = S.read_study(self.exp_dir)
-        except (OSError, ValueError):
-            written = {}
+        written = self._study()  # the study-state callback's record: states, reference, epoch 0s
         if study.get("base") is None:  # no trial kept the base as built: the best epoch 0 (as status)
             base = S.study_base_metric(written)
             if base is not None:

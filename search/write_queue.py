@@ -24,6 +24,7 @@ from typing import Any
 
 from search.mlflow_store import client, get_or_create_experiment, redact, short_reason, study_tracking, warmed
 from search.study import RAY_KEYS, atomic_write_text, number
+from trainables.testhooks import pause_point
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,9 @@ class RunMap:
         self.data.setdefault("runs", {})  # key ("parent" or a trial id) -> run id
         self.data.setdefault("trials", {})  # trial id -> {best, best_epoch, last_epoch, done}
         self.data.setdefault("study", {"finished": 0, "best": None, "best_trial": None, "base": None})
-        self.data.setdefault("uid", uuid.uuid4().hex[:12])
+        if "uid" not in self.data:  # names this study's runs (tag search.run_key): on disk before any run
+            self.data["uid"] = uuid.uuid4().hex[:12]
+            self.save()
 
     def save(self) -> None:
         with self.lock:
@@ -189,6 +192,7 @@ class WriteQueue:
         self._busy = False
         self._client: Any = None
         self._experiment_id: str | None = None
+        self._logged: dict[tuple[str, str], set[int]] = {}  # (run id, metric) -> steps in the store
         self.thread = threading.Thread(target=self._loop, name="mlflow-writer", daemon=True)
 
     # -- producer side
@@ -346,6 +350,8 @@ class WriteQueue:
         elif kind == "log":
             run_id = self._run_id(key)
             metrics = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in op.get("metrics", [])]
+            if op.get("once"):
+                metrics = self._not_logged(run_id, metrics)
             params = [Param(k, v) for k, v in op.get("params", {}).items()]
             tags = [RunTag(k, v[:MAX_TAG_VALUE]) for k, v in op.get("tags", {}).items()]
             if (
@@ -355,6 +361,7 @@ class WriteQueue:
             ):
                 if metrics or params or tags:  # one request
                     mlc.log_batch(run_id, metrics=metrics, params=params, tags=tags)
+                    pause_point("mlflow_write")  # test hook: written, not yet taken off the queue
                 return
             for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
                 mlc.log_batch(run_id, metrics=metrics[i : i + MAX_METRICS_PER_BATCH])
@@ -383,6 +390,20 @@ class WriteQueue:
         else:  # pragma: no cover - ops are made in this module
             raise ValueError(f"unknown op {kind!r}")
 
+    def _not_logged(self, run_id: str, metrics: list) -> list:
+        """The metrics whose step the run does not hold yet (a resumed trial replays the epochs
+        after its last saved checkpoint, some of which the killed run had already logged)."""
+        out = []
+        for m in metrics:
+            steps = self._logged.get((run_id, m.key))
+            if steps is None:
+                history = self._mlc().get_metric_history(run_id, m.key)
+                steps = self._logged[(run_id, m.key)] = {h.step for h in history}
+            if m.step not in steps:
+                steps.add(m.step)
+                out.append(m)
+        return out
+
     def _open_run(self, op: dict[str, Any]) -> None:
         """Create the run of ``key`` (nested under ``parent`` when given), or reopen the one the
         run map already names (resume): set RUNNING, clear the tags of its last ending."""
@@ -409,13 +430,13 @@ class WriteQueue:
         tags["search.run_key"] = run_key
         if op.get("parent"):
             tags["mlflow.parentRunId"] = self._run_id(op["parent"])
-        if op.get("tried"):  # an earlier attempt may have created it before its answer was lost
-            found = mlc.search_runs([exp_id], f"tags.`search.run_key` = '{run_key}'", max_results=1)
-            if found:
-                self.runs.set_run(key, found[0].info.run_id)
-                return
-        op["tried"] = True  # kept in the op (and the pending file): a retry looks before creating again
+        # an earlier attempt (or a process killed before it saved the run map) may have created it
+        found = mlc.search_runs([exp_id], f"tags.`search.run_key` = '{run_key}'", max_results=1)
+        if found:
+            self.runs.set_run(key, found[0].info.run_id)
+            return
         run = mlc.create_run(exp_id, start_time=op.get("ts"), tags=tags, run_name=op.get("name"))
+        pause_point("mlflow_create")  # test hook: the run exists, the run map does not name it yet
         self.runs.set_run(key, run.info.run_id)
 
 

@@ -308,7 +308,7 @@ def test_trial_evaluates_the_base_itself_when_the_holder_dies(split, tmp_path, m
 
 @pytest.mark.parametrize("failure", ["differs", "raises"])
 def test_rebuild_that_differs_or_fails_is_not_evaluated(split, tmp_path, monkeypatch, failure):
-    """The holder dies after the last report; the takeover's rebuild has another key (as if the
+    """The holder dies during the last epoch; the takeover's rebuild has another key (as if the
     build were not reproducible) or raises: the trial ends normally, without epoch-0 metrics rather
     than wrong ones, and releases the key it claimed."""
     shared = tmp_path / "base_eval"
@@ -324,15 +324,18 @@ def test_rebuild_that_differs_or_fails_is_not_evaluated(split, tmp_path, monkeyp
         box["holder"] = _hold_lock(shared, k)
         return k
 
-    def report(metrics, ckpt_dir):
+    real_train = engine.train_one_epoch
+
+    def train(*args, **kwargs):  # the holder dies while the trial trains its (last) epoch
+        out = real_train(*args, **kwargs)
         box["holder"].kill()
         box["holder"].wait()
+        return out
 
     monkeypatch.setattr(base_eval, "model_key", key)
+    monkeypatch.setattr(engine, "train_one_epoch", train)
     try:
-        got = run_trial(
-            _cfg(split, tmp_path / "b", base_eval_dir=shared, epochs=1), {"lr": 0.01}, report=report
-        )
+        got = run_trial(_cfg(split, tmp_path / "b", base_eval_dir=shared, epochs=1), {"lr": 0.01})
     finally:
         box["holder"].kill()
     assert got["status"] == "ok" and got["base_metric"] is None  # no wrong base metric

@@ -30,12 +30,12 @@ def _env() -> dict[str, str]:
     return dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(ROOT))
 
 
-def search(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+def search(*args: str, cwd: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     """``python -m search ARGS`` in ``cwd`` (timeout: a did-not-hang guard, not a speed claim)."""
     return subprocess.run(
         [sys.executable, "-m", "search", *args],
         cwd=cwd,
-        env=_env(),
+        env={**_env(), **env},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -214,6 +214,37 @@ def test_export_over_the_inputs_is_bad_input(study):
     proc = search("export", NAME, *study["where"], "--out", str(data), "--no-torchscript", cwd=study["root"])
     one_error_line(proc, "--out")
     assert sorted(p.name for p in data.iterdir()) == before  # nothing written into the data
+
+
+def test_export_encrypted_bundle_needs_its_key(study, bundle):
+    """export --encrypt: AES-GCM weights, no TorchScript, the secret in no file; predict and the
+    bundle's load.py work with the key's variable only; a missing or wrong key is exit 2."""
+    plain_out, _ = bundle
+    out, root, where = study["root"] / "bundle-enc", study["root"], study["where"]
+    secret = "correct horse battery staple"
+    export = ("export", NAME, *where, "--out", str(out), "--encrypt")
+    one_error_line(search(*export, cwd=root), "--encrypt", "--key-env")
+    one_error_line(search(*export, "--key-env", "BUNDLE_KEY", cwd=root, BUNDLE_KEY="short"), "BUNDLE_KEY")
+    assert not out.exists()
+    meta = ok_json(search(*export, "--key-env", "BUNDLE_KEY", "--json", cwd=root, BUNDLE_KEY=secret))
+    assert meta["weights_file"] == "weights.pt.enc" and meta["encryption"]["cipher"] == "AES-256-GCM"
+    assert meta["encryption"]["key_env"] == "BUNDLE_KEY" and meta["torchscript"]["ok"] is False
+    names = {p.name for p in out.iterdir()}
+    assert "weights.pt.enc" in names and not names & {"weights.pt", "model.torchscript.pt"}
+    assert all(secret.encode() not in p.read_bytes() for p in out.iterdir())
+    image = str(study["images"][0])
+    predict = ("predict", str(out), image, "--min-score", "0", "--json")
+    plain = ok_json(search("predict", str(plain_out), image, "--min-score", "0", "--json", cwd=root))
+    decrypted = ok_json(search(*predict, cwd=root, BUNDLE_KEY=secret))
+    assert decrypted["images"][0]["detections"] == plain["images"][0]["detections"]
+    assert ok_json(search(*predict, "--key-env", "OTHER", cwd=root, OTHER=secret))["images"]
+    one_error_line(search(*predict, cwd=root), "encrypted", "BUNDLE_KEY")
+    wrong = search(*predict, cwd=root, BUNDLE_KEY="a wrong secret, long enough")
+    one_error_line(wrong, "BUNDLE_KEY", "wrong key")
+    code = "from load import load_bundle; model, meta = load_bundle('.'); print(meta['encryption']['cipher'])"
+    env = {**_env(), "BUNDLE_KEY": secret}
+    done = subprocess.run([sys.executable, "-c", code], cwd=out, env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "AES-256-GCM", done.stderr[-2000:]
 
 
 # ---------------------------------------------------------------- predict

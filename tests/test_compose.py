@@ -36,7 +36,7 @@ from trainables import activations, compose, compose_build, families, freeze, lo
 from trainables import params as P
 from trainables.config import DataSplit, TrialConfig
 
-SPEC = ROOT / "spaces" / "det-mobilenet_v2.yaml"
+SPEC = ROOT / "spaces" / "examples" / "det-mobilenet_v2.yaml"
 # Keep CPU steps short: 100-px inputs, few RoIs and proposals, few detections when evaluating.
 FAST = {
     "min_size": SIZE,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 from ray.tune import Callback
 
+from search import durable
 from search import study as S
 from tests.tinydata import make_tiny_coco, write_tiny_spec
 
@@ -134,7 +136,8 @@ def test_study_search_states(tmp_path):
     # a hard stop: the searcher's checkpoint misses an Optuna trial asked after it
     ckpt = tmp_path / "searcher.pkl"
     s.save(str(ckpt))
-    s.suggest("f")
+    f_config = s.suggest("f")
+    f_number = s.optuna_number("f")
     restored = searcher()
     restored.deadline = 123.0
     restored.restore(str(ckpt))
@@ -142,6 +145,10 @@ def test_study_search_states(tmp_path):
     assert restored.suggest("g") == "FINISHED"  # past the deadline: no new trial
     restored.deadline = None
     assert restored.set_max_concurrency(1) and restored.suggest("g") is None  # "e" still runs
+    restored.set_max_concurrency(0)
+    # the orphan "f" (asked after the checkpoint) is the next suggestion: same params, same number
+    assert restored.suggest("f2") == f_config and restored.optuna_number("f2") == f_number
+    assert restored.suggest("h") != f_config and restored.optuna_number("h") == f_number + 1
     # resume --restart-errored: Ray reruns the errored "d" as a new trial id with d's config; it gets
     # a fresh Optuna trial with the same params
     flat_config = {f"config/{k}": v for k, v in configs["d"].items()}
@@ -162,7 +169,8 @@ def test_study_search_states(tmp_path):
     assert by_id["c"].state == S_.FAIL and by_id["c"].intermediate_values == {0: 0.0}
     assert by_id["d"].state == S_.FAIL
     assert by_id["e"].state == S_.RUNNING  # unfinished: resume continues it
-    assert by_id["f"].state == S_.FAIL  # the orphan was closed on restore
+    assert "f" not in by_id and by_id["f2"].number == f_number and by_id["f2"].state == S_.RUNNING
+    assert len(study.trials) == f_number + 3  # f2 (the orphan, adopted), h, and d's restart
 
 
 def test_shared_storage_rules(monkeypatch, tmp_path):
@@ -412,6 +420,35 @@ class ResultOrder(Callback):
 # ---------------------------------------------------------------- Ctrl-C, then resume (subprocesses)
 
 
+class _Payload:
+    """A pickle that, when loaded, creates ``marker`` (what a crafted state file would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _signed_state_checks(exp_dir: Path, cmd: list[str], cwd: Path) -> None:
+    """resume checks the signed snapshot of Ray's state before anything starts: a changed file in
+    it, or another user's key, is exit 2 with the folder left as it was."""
+    snap = durable.current_snapshot(exp_dir)
+    assert snap is not None and (snap / "tuner.pkl").is_file() and (snap / durable.SIGNATURE).is_file()
+    good = (snap / "tuner.pkl").read_bytes()
+    (snap / "tuner.pkl").write_bytes(good + b"x")
+    done = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "differs from its signed sha256" in done.stderr, done.stderr[-2000:]
+    (snap / "tuner.pkl").write_bytes(good)
+    other = cwd / "other-user.key"
+    other.write_bytes(os.urandom(32))
+    other.chmod(0o600)
+    env = {**_env(), durable.KEY_ENV: str(other)}
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "does not match" in done.stderr, done.stderr[-2000:]
+    assert S.read_study(exp_dir)["status"] == "interrupted"  # nothing ran
+
+
 def test_sigint_then_resume(data_dir):
     path = write_spec(
         data_dir,
@@ -448,8 +485,12 @@ def test_sigint_then_resume(data_dir):
     assert [t["state"] for t in state["trials"].values()] == [S.PAUSED]  # trial 2 not started yet
 
     cmd = [sys.executable, "-m", "search", "resume", "sigint", "--output-dir", str(data_dir / "runs")]
+    _signed_state_checks(exp_dir, cmd, data_dir)
+    marker = data_dir / "payload-ran"
+    (exp_dir / "tuner.pkl").write_bytes(pickle.dumps(_Payload(marker)))  # a crafted pickle in the folder
     done = subprocess.run(cmd, cwd=data_dir, env=_env(), capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert not marker.exists(), "resume unpickled a file it had not signed"
     state = S.read_study(exp_dir)
     assert state["status"] == "finished" and len(state["trials"]) == 2
     assert all(t["state"] in (S.COMPLETE, S.PRUNED) for t in state["trials"].values())

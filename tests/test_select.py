@@ -268,7 +268,7 @@ def test_promote_refuses_a_regression(study, tmp_path, capsys):
 
 
 def test_export_predict_matches_the_trials_evaluation(study, tmp_path, capsys):
-    from search import bundle
+    from search import bundle, bundle_predict
     from trainables import coco, coco_eval, data
 
     exp_dir = study["exp_dir"]
@@ -335,7 +335,7 @@ def test_export_predict_matches_the_trials_evaluation(study, tmp_path, capsys):
     rows = [ln for ln in table if ln.startswith("  ") and "(" in ln and "box" not in ln]
     assert len(rows) == len(result["images"][0]["detections"]) and str(paths[0]) in "\n".join(table)
     # the bundle on every val image reproduces the trial's recorded best metric
-    full = bundle.predict_files(out, paths, min_score=0.0)
+    full = bundle_predict.predict_files(out, paths, min_score=0.0)
     preds = [
         {
             "image_id": rec.id,

@@ -207,6 +207,32 @@ def test_resume_equals_uninterrupted(coco_dir, full_run, tmp_path):
     assert resumed["base_metric"] == uninterrupted["base_metric"]
 
 
+def test_resume_reports_an_owed_epoch_0(coco_dir, full_run, tmp_path):
+    """A checkpoint written while another trial still held the shared base evaluation has no epoch
+    0; the resumed trial evaluates its starting model (rebuilt) and reports epoch 0 after all."""
+    _, uninterrupted, _ = full_run
+    cfg = _cfg(coco_dir, tmp_path / "r")
+
+    def stop_at_1(metrics, ckpt_dir):
+        if metrics["epoch"] == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_trial(cfg, {"lr": 0.01}, report=stop_at_1)
+    latest = cfg.out_dir / "checkpoints" / "latest.pt"
+    ckpt = checkpoint.load(latest)
+    ckpt["extra"]["history"] = [r for r in ckpt["extra"]["history"] if r["epoch"] != 0]
+    ckpt["extra"]["base_metric"] = None
+    torch.save(ckpt, latest)
+    reports = []
+    resumed = run_trial(
+        cfg, {"lr": 0.01}, report=lambda m, d: reports.append(m["epoch"]), resume_from=latest.parent
+    )
+    assert sorted(reports) == [0, 2] and reports[-1] == 2
+    assert resumed["base_metric"] == uninterrupted["base_metric"]
+    assert sorted(r["epoch"] for r in resumed["history"]) == [0, 1, 2]
+
+
 def test_resume_trainable_only_with_frozen_backbone(coco_dir, base_file, tmp_path):
     """Base file + frozen backbone: trainable-only checkpoints (with the heads' BN statistics)
     rebuild the same model; warmup, step schedule and hflip augmentation all cross the resume."""

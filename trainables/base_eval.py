@@ -22,17 +22,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from trainables import engine
 from trainables.config import TrialConfig
-from trainables.files import sha256_file
+from trainables.files import plain, sha256_file
+
+log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 20.0  # how often a live holder rewrites its lock's time
 STALE_AFTER_S = 120.0  # a lock not rewritten for this long has lost its holder
@@ -147,6 +152,11 @@ class BaseEvalCache:
             return True
         return holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1)))
 
+    def pending(self, key: str) -> bool:
+        """Whether a live process holds ``key``'s claim (its result may still come)."""
+        lock = self._lock(key)
+        return lock.exists() and not self._stale(lock)
+
     def put(self, key: str, metrics: dict[str, Any]) -> None:
         """Store ``key``'s metrics (atomically) and drop the lock."""
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -177,3 +187,111 @@ def _holds(lock: Path) -> bool:
         and holder.get("pid") == os.getpid()
         and holder.get("host") == socket.gethostname()
     )
+
+
+# ---------------------------------------------------------------- a trial's epoch 0
+
+
+def evaluate_metrics(
+    cfg: TrialConfig, model: torch.nn.Module, loader: Any, index: Any, device: torch.device
+) -> dict[str, Any]:
+    metrics = engine.evaluate(model, loader, index, device=device, task=cfg.task)
+    if cfg.metric not in metrics:
+        raise ValueError(f"metric {cfg.metric!r} is not one of {sorted(metrics)}")
+    return metrics
+
+
+class BaseEval:
+    """A trial's epoch-0 evaluation of its starting model.
+
+    Without ``cfg.base_eval_dir`` it evaluates at once (:attr:`metrics`). With one
+    (:mod:`trainables.base_eval`), a stored result is used at once; the trial that claims the model's
+    key keeps a copy of the starting tensors (one model's worth of memory on its device), trains
+    without waiting and evaluates that copy at its first report (:meth:`collect`): the trajectory is
+    the same, as evaluation draws no random numbers. A trial whose key another trial has claimed
+    polls the store at each report instead; when that claim goes stale (its trial died), it claims
+    the key itself and evaluates ``rebuild()``'s starting weights, if their key matches.
+    """
+
+    def __init__(
+        self,
+        cfg: TrialConfig,
+        model: torch.nn.Module,
+        loader: Any,
+        index: Any,
+        device: torch.device,
+        rebuild: Callable[[], torch.nn.Module] | None = None,
+    ) -> None:
+        self.cfg, self.loader, self.index, self.device = cfg, loader, index, device
+        self._rebuild = rebuild
+        self.metrics: dict[str, Any] | None = None
+        self._initial: dict[str, torch.Tensor] | None = None
+        self.cache = self.key = None
+        if cfg.base_eval_dir is None:
+            self.metrics = evaluate_metrics(cfg, model, loader, index, device)
+            return
+        self.cache = BaseEvalCache(cfg.base_eval_dir)
+        self.key = model_key(model, cfg, device)
+        cached = self.cache.get(self.key)
+        if cached is not None and cfg.metric in cached:
+            log.info("base model evaluation shared from %s", self.cache.folder)
+            self.metrics = cached
+        elif self.cache.claim(self.key):
+            self._initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            log.info("another trial is evaluating this base model; training without waiting")
+
+    def collect(self, model: torch.nn.Module) -> dict[str, Any] | None:
+        """At a report after training started: the epoch-0 metrics once known, else None."""
+        if self._initial is None:
+            found = self.cache.get(self.key) if self.cache is not None else None
+            if found is not None and self.cfg.metric in found:
+                return found
+            if not self._take_over():
+                return None
+        trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self._initial)  # copies in place: the optimizer keeps its tensors
+        try:
+            metrics = evaluate_metrics(self.cfg, model, self.loader, self.index, self.device)
+        finally:
+            model.load_state_dict(trained)
+        self._initial = None
+        self.cache.put(self.key, plain(metrics))
+        return metrics
+
+    def wait_collect(self, model: torch.nn.Module, timeout: float = 900.0, poll: float = 0.5) -> dict | None:
+        """:meth:`collect`, waiting (up to ``timeout`` s) while another live trial evaluates the
+        base model: for a trial at its last report (it diverged, or ran its last epoch), so that
+        its epoch 0 is still reported before its last row. None when nobody can deliver it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.collect(model)
+            if got is not None or self.cache is None or time.monotonic() >= deadline:
+                return got
+            if not self.cache.pending(self.key):  # nobody evaluates it, and it could not be taken over
+                return self.collect(model)  # (or it was stored just now)
+            time.sleep(poll)
+
+    def _take_over(self) -> bool:
+        """Claim a key whose holder died, with starting weights rebuilt as this trial built them."""
+        if self.cache is None or self._rebuild is None or not self.cache.claim(self.key):
+            return False
+        try:
+            start = self._rebuild()
+            why = None if model_key(start, self.cfg, self.device) == self.key else "it differs"
+        except Exception as exc:  # best effort: the trial's own training must not fail for it
+            why = f"{type(exc).__name__}: {exc}"
+        if why is not None:
+            log.warning("the starting model could not be rebuilt (%s): no epoch-0 metrics", why)
+            self._rebuild = None
+            self.cache.release(self.key)
+            return False
+        log.info("the trial evaluating this base model died; evaluating it here")
+        self._initial = {k: v.detach().to(self.device) for k, v in start.state_dict().items()}
+        return True
+
+    def release(self) -> None:
+        """Drop a claim this trial still holds (it failed before evaluating)."""
+        if self._initial is not None:
+            self._initial = None
+            self.cache.release(self.key)

@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainables.testhooks import pause_point
+
 FORMAT = 1
 LATEST, BEST = "latest.pt", "best.pt"
 
@@ -95,6 +97,7 @@ def atomic_write(path: Path, write: Any) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        pause_point("checkpoint_write")  # test hook: the file is written, not yet in place
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

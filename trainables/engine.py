@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from trainables import coco_eval, freeze, losses
+from trainables.testhooks import pause_point
 
 log = logging.getLogger(__name__)
 # Semantic models take ImageNet-normalised input (detection models normalise inside themselves).
@@ -97,6 +98,8 @@ def train_one_epoch(
             sums[k] += v
         n_steps += 1
         n_images += len(images)
+        if n_steps == 1:
+            pause_point("mid_epoch")  # test hook (trainables/testhooks.py)
         if log_every and step % log_every == 0:
             log.info("step %d loss %.4f lr %.3g", step, values["loss"], optimizer.param_groups[0]["lr"])
     seconds = time.perf_counter() - t0
@@ -115,6 +118,7 @@ def evaluate(model: Any, loader: Any, index: Any, *, device: torch.device, task:
     meter = coco_eval.SegmentationMeter(len(index.class_names) + 1) if semantic else None
     predictions: list[dict[str, Any]] = []
     for images, targets in loader:
+        pause_point("evaluate")  # test hook: the first evaluation of a trial is its epoch 0
         if semantic:
             batch, masks = _to(device, images, targets)
             out = model(batch)["out"]

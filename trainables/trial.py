@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import random
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -105,109 +104,6 @@ def _build_data(cfg: TrialConfig, params: dict[str, Any]) -> tuple[Any, Any, Any
     return train_index, val_index, loaders[0], loaders[1]
 
 
-def _evaluate(
-    cfg: TrialConfig, model: torch.nn.Module, loader: Any, index: Any, device: torch.device
-) -> dict[str, Any]:
-    metrics = engine.evaluate(model, loader, index, device=device, task=cfg.task)
-    if cfg.metric not in metrics:
-        raise ValueError(f"metric {cfg.metric!r} is not one of {sorted(metrics)}")
-    return metrics
-
-
-class _BaseEval:
-    """A trial's epoch-0 evaluation of its starting model.
-
-    Without ``cfg.base_eval_dir`` it evaluates at once (:attr:`metrics`). With one
-    (:mod:`trainables.base_eval`), a stored result is used at once; the trial that claims the model's
-    key keeps a copy of the starting tensors (one model's worth of memory on its device), trains
-    without waiting and evaluates that copy at its first report (:meth:`collect`): the trajectory is
-    the same, as evaluation draws no random numbers. A trial whose key another trial has claimed
-    polls the store at each report instead; when that claim goes stale (its trial died), it claims
-    the key itself and evaluates ``rebuild()``'s starting weights, if their key matches.
-    """
-
-    def __init__(
-        self,
-        cfg: TrialConfig,
-        model: torch.nn.Module,
-        loader: Any,
-        index: Any,
-        device: torch.device,
-        rebuild: Callable[[], torch.nn.Module] | None = None,
-    ) -> None:
-        self.cfg, self.loader, self.index, self.device = cfg, loader, index, device
-        self._rebuild = rebuild
-        self.metrics: dict[str, Any] | None = None
-        self._initial: dict[str, torch.Tensor] | None = None
-        self.cache = self.key = None
-        if cfg.base_eval_dir is None:
-            self.metrics = _evaluate(cfg, model, loader, index, device)
-            return
-        self.cache = base_eval.BaseEvalCache(cfg.base_eval_dir)
-        self.key = base_eval.model_key(model, cfg, device)
-        cached = self.cache.get(self.key)
-        if cached is not None and cfg.metric in cached:
-            log.info("base model evaluation shared from %s", self.cache.folder)
-            self.metrics = cached
-        elif self.cache.claim(self.key):
-            self._initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            log.info("another trial is evaluating this base model; training without waiting")
-
-    def collect(self, model: torch.nn.Module) -> dict[str, Any] | None:
-        """At a report after training started: the epoch-0 metrics once known, else None."""
-        if self._initial is None:
-            found = self.cache.get(self.key) if self.cache is not None else None
-            if found is not None and self.cfg.metric in found:
-                return found
-            if not self._take_over():
-                return None
-        trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        model.load_state_dict(self._initial)  # copies in place: the optimizer keeps its tensors
-        try:
-            metrics = _evaluate(self.cfg, model, self.loader, self.index, self.device)
-        finally:
-            model.load_state_dict(trained)
-        self._initial = None
-        self.cache.put(self.key, plain(metrics))
-        return metrics
-
-    def wait_collect(self, model: torch.nn.Module, timeout: float = 900.0, poll: float = 0.5) -> dict | None:
-        """:meth:`collect`, waiting (up to ``timeout`` s) while another trial evaluates the base
-        model: for a trial that ends before that result is stored (it diverged), so that its epoch 0
-        is still reported before its last row."""
-        deadline = time.monotonic() + timeout
-        while True:
-            got = self.collect(model)
-            if got is not None or self.cache is None or time.monotonic() >= deadline:
-                return got
-            time.sleep(poll)
-
-    def _take_over(self) -> bool:
-        """Claim a key whose holder died, with starting weights rebuilt as this trial built them."""
-        if self.cache is None or self._rebuild is None or not self.cache.claim(self.key):
-            return False
-        try:
-            start = self._rebuild()
-            why = None if base_eval.model_key(start, self.cfg, self.device) == self.key else "it differs"
-        except Exception as exc:  # best effort: the trial's own training must not fail for it
-            why = f"{type(exc).__name__}: {exc}"
-        if why is not None:
-            log.warning("the starting model could not be rebuilt (%s): no epoch-0 metrics", why)
-            self._rebuild = None
-            self.cache.release(self.key)
-            return False
-        log.info("the trial evaluating this base model died; evaluating it here")
-        self._initial = {k: v.detach().to(self.device) for k, v in start.state_dict().items()}
-        return True
-
-    def release(self) -> None:
-        """Drop a claim this trial still holds (it failed before evaluating)."""
-        if self._initial is not None:
-            self._initial = None
-            self.cache.release(self.key)
-
-
 @dataclasses.dataclass
 class _Run:
     """What the steps of :func:`run_trial` share: the set-up (fixed once built) and the progress."""
@@ -243,7 +139,7 @@ class _Run:
     base_metric: float | None = None
     best_metric: float | None = None
     best_epoch: int | None = None
-    base: _BaseEval | None = None  # set while the epoch-0 metrics are still to come
+    base: base_eval.BaseEval | None = None  # set while the epoch-0 metrics are still to come
     start: int = 1
     status: str = "ok"
     diverged: dict[str, Any] | None = None
@@ -374,10 +270,11 @@ def _epochs(run: _Run) -> None:
         except engine.Diverged as exc:
             _report_diverged(run, epoch, exc)
             break
-        metrics = _evaluate(cfg, run.model, run.val_loader, run.val_index, run.device)
+        metrics = base_eval.evaluate_metrics(cfg, run.model, run.val_loader, run.val_index, run.device)
         row = {"epoch": epoch, **metrics, **stats}
-        if run.base is not None:
-            _report_base(run, run.base.collect(run.model))
+        if run.base is not None:  # by the last epoch, wait for it: every trial reports its epoch 0
+            base = run.base.wait_collect if epoch == cfg.epochs else run.base.collect
+            _report_base(run, base(run.model))
         run.history.append(row)
         is_best = _better(metrics[cfg.metric], run.best_metric, cfg.mode)
         if is_best:
@@ -487,8 +384,9 @@ def run_trial(
     _build_optimizer(run)
     if resume_from is not None:
         _resume(run, resume_from)
-    elif cfg.eval_base:
-        run.base = _BaseEval(cfg, run.model, run.val_loader, run.val_index, run.device, run.rebuild)
+    if cfg.eval_base and not any(r.get("epoch") == 0 for r in run.history):  # resumed: still owed
+        start = run.model if resume_from is None else run.rebuild().to(run.device)
+        run.base = base_eval.BaseEval(cfg, start, run.val_loader, run.val_index, run.device, run.rebuild)
     if run.base is not None:
         _report_base(run, run.base.metrics)
     try:

@@ -1,0 +1,126 @@
+"""Signed snapshots of Ray's state (search/durable.py): what resume installs, and what it refuses."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from search import durable
+
+
+@pytest.fixture
+def key(tmp_path, monkeypatch):
+    path = tmp_path / "config" / "search" / "state.key"
+    monkeypatch.setenv(durable.KEY_ENV, str(path))
+    return path
+
+
+def _study(tmp_path):
+    exp = tmp_path / "study"
+    exp.mkdir()
+    (exp / "tuner.pkl").write_bytes(b"tuner v1")
+    (exp / "experiment_state-2026-12-02_01.json").write_text('{"v": 1}')
+    (exp / "searcher-state-2026-12-02_01.pkl").write_bytes(b"searcher v1")
+    (exp / "study.json").write_text("{}")  # not Ray's: never copied or replaced
+    return exp
+
+
+def _snapshot(exp):
+    d = durable.Durability(exp)
+    assert d.snapshot() is None  # nothing saved by Ray since the last one
+    d.saved = True
+    return d, d.snapshot()
+
+
+def test_key_is_created_private_and_refused_when_others_can_read(key, tmp_path):
+    k = durable.signing_key()
+    assert len(k) == 32 and stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(key.parent.stat().st_mode) == 0o700
+    assert durable.signing_key() == k  # made once
+    key.chmod(0o644)
+    with pytest.raises(durable.UntrustedState, match="readable by others"):
+        durable.signing_key()
+
+
+def test_install_puts_back_what_was_signed(key, tmp_path):
+    exp = _study(tmp_path)
+    _, snap = _snapshot(exp)
+    assert sorted(p.name for p in snap.iterdir()) == sorted(
+        ["tuner.pkl", "experiment_state-2026-12-02_01.json", "searcher-state-2026-12-02_01.pkl"]
+        + [durable.MANIFEST, durable.SIGNATURE]
+    )
+    # after the snapshot: Ray's background copy changed a file and wrote a newer session's state,
+    # and someone replaced tuner.pkl
+    (exp / "searcher-state-2026-12-02_01.pkl").write_bytes(b"searcher v2 (half written")
+    (exp / "experiment_state-2026-12-02_02.json").write_text('{"v": 2}')
+    (exp / "tuner.pkl").write_bytes(b"crafted")
+    assert durable.install_snapshot(exp) == sorted(
+        ["experiment_state-2026-12-02_01.json", "searcher-state-2026-12-02_01.pkl", "tuner.pkl"]
+    )
+    assert (exp / "tuner.pkl").read_bytes() == b"tuner v1"
+    assert (exp / "searcher-state-2026-12-02_01.pkl").read_bytes() == b"searcher v1"
+    assert not (exp / "experiment_state-2026-12-02_02.json").exists()
+    assert (exp / "study.json").read_text() == "{}"
+
+
+def test_a_new_generation_replaces_the_old(key, tmp_path):
+    exp = _study(tmp_path)
+    d, first = _snapshot(exp)
+    (exp / "tuner.pkl").write_bytes(b"tuner v2")
+    d.saved = True
+    second = d.snapshot()
+    assert second != first and not first.exists()
+    assert durable.current_snapshot(exp) == second
+    names = sorted(p.name for p in (exp / durable.STATE_DIR).iterdir())
+    assert names == sorted([second.name, durable.CURRENT])
+    (exp / "tuner.pkl").write_bytes(b"later")
+    durable.install_snapshot(exp)
+    assert (exp / "tuner.pkl").read_bytes() == b"tuner v2"
+
+
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        (lambda snap: (snap / "tuner.pkl").write_bytes(b"crafted"), "differs from its signed sha256"),
+        (lambda snap: (snap / "tuner.pkl").unlink(), "missing or differs"),
+        (lambda snap: (snap / durable.MANIFEST).write_text('{"files": {}}'), "does not match"),
+        (lambda snap: (snap / durable.SIGNATURE).write_text("0" * 64), "does not match"),
+        (lambda snap: (snap / durable.SIGNATURE).unlink(), "does not match"),
+        (lambda snap: (snap.parent / durable.CURRENT).write_text("../../etc"), "not a snapshot"),
+        (lambda snap: (snap.parent / durable.CURRENT).unlink(), "holds no signed Ray state"),
+    ],
+)
+def test_tampered_snapshots_are_refused(key, tmp_path, tamper, message):
+    exp = _study(tmp_path)
+    _, snap = _snapshot(exp)
+    (exp / "tuner.pkl").write_bytes(b"current")
+    tamper(snap)
+    with pytest.raises(durable.UntrustedState, match=message):
+        durable.install_snapshot(exp)
+    assert (exp / "tuner.pkl").read_bytes() == b"current"  # nothing installed
+
+
+def test_another_users_key_is_refused(key, tmp_path, monkeypatch):
+    exp = _study(tmp_path)
+    _snapshot(exp)
+    other = tmp_path / "other.key"
+    other.write_bytes(os.urandom(32))
+    other.chmod(0o600)
+    monkeypatch.setenv(durable.KEY_ENV, str(other))
+    with pytest.raises(durable.UntrustedState, match="does not match"):
+        durable.verify_snapshot(exp)
+
+
+def test_study_json_goes_with_the_state_it_describes(key, tmp_path):
+    """A kill after a snapshot and before study.json's rewrite: resume gets the snapshot's copy."""
+    exp = _study(tmp_path)
+    d = durable.Durability(exp)
+    d.saved = True
+    d.snapshot({"name": "study", "trials": {"t1": {"state": "COMPLETE"}}})
+    behind = {"name": "study", "trials": {"t1": {"state": "RUNNING"}}}  # a loop step behind
+    (exp / "study.json").write_text(json.dumps(behind))
+    durable.install_snapshot(exp)
+    assert json.loads((exp / "study.json").read_text())["trials"]["t1"]["state"] == "COMPLETE"
