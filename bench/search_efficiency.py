@@ -9,6 +9,11 @@ number of trials, epochs, concurrency and seed (``search.seed`` and ``train.seed
                reduction_factor 2), no reference trial
   auto         the new default: search.algorithm=tpe, search.scheduler=auto, the reference trial
                (the family's torchvision recipe) first
+  curve        as auto with search.scheduler=curve (stratified + learning-curve extrapolation)
+  hyperband_tpe  as auto with search.scheduler=hyperband (Ray's synchronous HyperBand). Recorded
+               2026-12-02 with max_concurrent 2, where it stopped nothing (TPE + reference, no
+               stopping); the spec now refuses hyperband with max_concurrent < num_trials, so
+               this arm sets max_concurrent = trials (the CPUs still run 2 at a time)
 
 Every trained epoch is one trial-epoch. Each trial's reports (``trial_*/result.json``: epoch,
 objective, Ray's timestamp) are merged in time order; an arm "reaches" a target at the cumulative
@@ -56,6 +61,8 @@ ARMS = {
         "search.reference_trial=false",
     ],
     "auto": ["search.algorithm=tpe", "search.scheduler=auto"],
+    "hyperband_tpe": ["search.algorithm=tpe", "search.scheduler=hyperband", "search.max_concurrent={trials}"],
+    "curve": ["search.algorithm=tpe", "search.scheduler=curve"],
 }
 TASKS = {
     "det": {"spec": "spaces/det.yaml", "data": "../shared/data/bccd", "ann": "instances_{}.json"},
@@ -151,7 +158,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, work: Path) -> dict:
         f"output_dir={work}",
         "resources.cpu=1",
         *([f"data.image_size={args.image_size}"] if args.image_size else []),
-        *ARMS[arm],
+        *(s.format(trials=args.trials) for s in ARMS[arm]),
         *args.set,
         *(args.arm_set if arm == args.tag_arm else []),
     ]

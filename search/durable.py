@@ -168,9 +168,9 @@ def current_snapshot(exp_dir: Path) -> Path | None:
     return pointer.parent / gen
 
 
-def verify_snapshot(exp_dir: Path) -> Path:
-    """The current snapshot's folder, once its manifest's signature and every file's sha256 match;
-    :class:`UntrustedState` naming what does not."""
+def verify_snapshot(exp_dir: Path) -> tuple[Path, list[str]]:
+    """The current snapshot's folder and the names of its files, once its manifest's signature and
+    every file's sha256 match; :class:`UntrustedState` naming what does not."""
     snap = current_snapshot(exp_dir)
     if snap is None or not (snap / MANIFEST).is_file():
         raise UntrustedState(
@@ -192,15 +192,14 @@ def verify_snapshot(exp_dir: Path) -> Path:
             raise UntrustedState(f"{snap / MANIFEST} names {name[:80]!r}, not a state file")
         if not path.is_file() or sha256_file(path) != digest:
             raise UntrustedState(f"{path} is missing or differs from its signed sha256")
-    return snap
+    return snap, sorted(files)
 
 
 def install_snapshot(exp_dir: Path) -> list[str]:
     """Put the verified snapshot's files in place of Ray's state files (those newer than it, or
     not in it, go) and of study.json (which may be a step behind it); returns the names installed."""
     exp_dir = Path(exp_dir)
-    snap = verify_snapshot(exp_dir)
-    names = json.loads((snap / MANIFEST).read_bytes())["files"]
+    snap, names = verify_snapshot(exp_dir)
     for path in ray_state_files(exp_dir):
         if path.name not in names:
             path.unlink()
@@ -208,7 +207,7 @@ def install_snapshot(exp_dir: Path) -> list[str]:
         tmp = exp_dir / f".{name}.install"
         shutil.copyfile(snap / name, tmp)
         os.replace(tmp, exp_dir / name)
-    return sorted(names)
+    return names
 
 
 # ---------------------------------------------------------------- Ray's controller, saving in step

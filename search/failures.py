@@ -4,6 +4,7 @@ the line from :func:`failure_reason`, so they never disagree."""
 
 from __future__ import annotations
 
+import errno
 import re
 from pathlib import Path
 from typing import Any
@@ -42,3 +43,16 @@ def error_line(text: str) -> str | None:
 def failure_reason(trial: Any) -> str | None:
     """The exception line of a failed Ray trial (None when it left no error text)."""
     return error_line(error_text(trial))
+
+
+def disk_full(exc: BaseException | None) -> OSError | None:
+    """The ENOSPC/EDQUOT error behind ``exc`` (itself, or along its cause/context chain: Ray wraps
+    what a callback raised), if any. A full disk or quota is the machine's fault, never a trial's
+    or the study's: the driver stops resumably, a trial is retried from its last checkpoint."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -16,7 +16,6 @@ codes (:class:`ClusterError` is a user error).
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import logging
 import os
@@ -32,8 +31,8 @@ import yaml
 from search import durable, mlflow_store, tracking
 from search import study as S
 from search.cluster import check_cluster_storage, check_reachable, connect
-from search.durable import Durability
 from search.errors import SpecError, short
+from search.failures import disk_full
 from search.guards import StudyLock
 from search.registry import resolve_spec_weights
 from search.schedulers import make_scheduler
@@ -131,6 +130,7 @@ def _callbacks(spec: Spec, exp_dir: Path, resume: bool, previous: dict | None, e
     trackers = _tracking_callbacks(spec, exp_dir, resume)
     for tracker in trackers:
         tracker.study_state = state
+    state.durable = durable.Durability(exp_dir)
     return [state, progress, *trackers, *extra]
 
 
@@ -179,7 +179,6 @@ def launch(
         callbacks = _callbacks(spec, exp_dir, False, None, extra_callbacks)
         state = callbacks[0]
         state.searcher, state.scheduler, state.deadline = searcher, scheduler, deadline
-        state.durable = Durability(exp_dir)
         state.state["reference_params"] = reference
         state.state["budget_s"] = budget
         state.state["num_trials"] = num_samples(spec)
@@ -262,7 +261,6 @@ def resume(
         state = callbacks[0]
         state.searcher, state.deadline = searcher, deadline
         state.scheduler = local._tune_config.scheduler
-        state.durable = Durability(exp_dir)
         run_config = local.get_run_config()
         run_config.callbacks = callbacks
         run_config.stop = BudgetStopper(deadline)
@@ -292,17 +290,6 @@ def _previous_state(exp_dir: Path, restart_errored: bool) -> dict[str, Any] | No
 
 class DiskFull(RuntimeError):
     """The disk (or quota) filled up under the study's driver: stopped, resumable (exit 1)."""
-
-
-def _disk_full(exc: BaseException) -> OSError | None:
-    """The ENOSPC/EDQUOT error behind ``exc`` (Ray wraps what a callback raised), if any."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 def _install_state(exp_dir: Path, trust_folder: bool) -> None:
@@ -358,7 +345,7 @@ def _fit(tuner, spec: Spec, exp_dir: Path, state, searcher, keep_top: int | None
         )
         raise
     except Exception as exc:
-        full = _disk_full(exc)
+        full = disk_full(exc)
         if full is None:
             raise
         try:

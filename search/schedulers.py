@@ -7,15 +7,21 @@ training epochs (``time_attr="epoch"``: the epoch-0 base evaluation never stops 
 record of why it stopped each trial (``stop_record(trial_id)``: epoch, value, cut, group, rule).
 
 - ``auto`` (default): the scheduler that measured best for fine-tuning (BENCHMARKS.md §3); now
-  ``stratified``.
+  ``curve``.
 - ``stratified``: successive halving within groups of trials that share their structural choices
   (:data:`STRUCTURAL`: which weights train, norms, activations, losses, optimizer), rungs placed
   after warm-up at ``epochs / rf`` and ``epochs / rf**2``, plus a collapse rule from half the
   epochs on (worse than the trial's own start, or than half the reference trial at that epoch).
   The reference trial is never stopped.
+- ``curve``: ``stratified``, plus learning-curve extrapolation from half the epochs on: a trial
+  whose best gain per epoch of its last two epochs, continued to the last epoch, leaves it below
+  the best value another trial has reported cannot win and stops. Only curves that have started
+  learning are judged (risen by a quarter of that best value), never a ``step`` schedule.
 - ``asha``, ``hyperband``, ``median``: Ray Tune's schedulers (asynchronous successive halving
   from ``grace_period`` with ``reduction_factor``; HyperBand brackets; the median stopping rule),
-  comparing every trial with every other.
+  comparing every trial with every other. Ray's HyperBand is synchronous: it halves a bracket only
+  once all the bracket's trials exist, so the spec demands ``max_concurrent >= num_trials`` for it
+  (with fewer it stops nothing).
 - ``none``: every trial runs every epoch.
 """
 
@@ -44,7 +50,7 @@ def _warmup(spec: Any) -> float:
     return float(dim.value if dim.kind == "fixed" else dim.high)
 
 
-def _stratified(spec: Any) -> Any:
+def _stratified(spec: Any, extrapolate: bool = False) -> Any:
     from search.stopping import StratifiedHalving
 
     s, epochs = spec.search, spec.train.epochs
@@ -55,7 +61,12 @@ def _stratified(spec: Any) -> Any:
         rungs=rungs_for(epochs, s.grace_period, s.reduction_factor, _warmup(spec)),
         reduction_factor=s.reduction_factor,
         reference=spec.reference_params(),
+        extrapolate=extrapolate,
     )
+
+
+def _curve(spec: Any) -> Any:
+    return _stratified(spec, extrapolate=True)
 
 
 def _asha(spec: Any) -> Any:
@@ -104,10 +115,12 @@ class SchedulerEntry:
 
 
 SCHEDULERS: dict[str, SchedulerEntry] = {
-    "auto": SchedulerEntry(
-        "the default: the scheduler measured best for fine-tuning (stratified)", _stratified
-    ),
+    "auto": SchedulerEntry("the default: the scheduler measured best for fine-tuning (curve)", _curve),
     "stratified": SchedulerEntry("successive halving within structural groups + collapse rule", _stratified),
+    "curve": SchedulerEntry(
+        "stratified + stop a trial whose optimistic learning-curve extrapolation stays below the best",
+        _curve,
+    ),
     "asha": SchedulerEntry("Ray's asynchronous successive halving over all trials", _asha),
     "hyperband": SchedulerEntry("Ray's HyperBand brackets", _hyperband),
     "median": SchedulerEntry("Ray's median stopping rule", _median),

@@ -75,6 +75,14 @@ class StratifiedHalving(FIFOScheduler, _Records):
     ``collapse_from`` (default: half the epochs) on, at every epoch before the last, a trial that
     is worse than its own epoch-0 value, or worse than ``collapse_ratio`` times the reference
     trial's value at the same epoch, stops whatever its group: it has collapsed.
+
+    With ``extrapolate``, from ``collapse_from`` on a trial also stops when it cannot catch up:
+    its best gain per epoch of the last two epochs, continued to the last epoch, leaves it worse
+    than the best value any other trial has reported (an optimistic linear extrapolation of its
+    learning curve). Only curves that have already improved on their first value by ``rise`` times
+    that best value are judged, so a trial that has not started learning yet (a flat start that
+    may still take off) is left to the other rules, and never one on a ``step`` schedule (its drop
+    is still ahead).
     """
 
     def __init__(
@@ -88,6 +96,8 @@ class StratifiedHalving(FIFOScheduler, _Records):
         collapse_ratio: float = 0.5,
         collapse_from: int | None = None,
         reference: dict[str, Any] | None = None,
+        extrapolate: bool = False,
+        rise: float = 0.25,
     ):
         super().__init__()
         self._init_records(reference)
@@ -99,6 +109,15 @@ class StratifiedHalving(FIFOScheduler, _Records):
         self.collapse_from = int(collapse_from or max(1, math.ceil(self.epochs / 2)))
         self._rung_values: dict[int, dict[str, dict[str, float]]] = {}  # rung -> group -> trial -> value
         self._curves: dict[str, dict[int, float]] = {}  # trial -> epoch -> value
+        self.extrapolate, self.rise = bool(extrapolate), float(rise)
+        self._trial_best: dict[str, float] = {}  # trial -> its best value so far
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling (``resume``): a scheduler saved before ``extrapolate`` existed keeps working."""
+        state.setdefault("extrapolate", False)
+        state.setdefault("rise", 0.25)
+        state.setdefault("_trial_best", {})
+        self.__dict__.update(state)
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
         return True  # set in the constructor from the spec's objective
@@ -115,6 +134,9 @@ class StratifiedHalving(FIFOScheduler, _Records):
             return TrialScheduler.CONTINUE
         curve = self._curves.setdefault(trial.trial_id, {})
         curve[epoch] = value
+        own = self._trial_best.get(trial.trial_id)
+        if own is None or self._worse(own, value):
+            self._trial_best[trial.trial_id] = value
         if epoch < 1 or epoch >= self.epochs:
             return TrialScheduler.CONTINUE
         group = group_of(trial.config or {})
@@ -127,6 +149,10 @@ class StratifiedHalving(FIFOScheduler, _Records):
         cut = self._collapse_cut(curve, epoch)
         if cut is not None and self._worse(value, cut):
             self._record(trial, epoch, value, cut, "collapse")
+            return TrialScheduler.STOP
+        best = self._best_of_others(trial.trial_id)
+        if self._cannot_catch_up(trial, curve, epoch, best):
+            self._record(trial, epoch, value, best, "extrapolation")
             return TrialScheduler.STOP
         if peers is not None and len(peers) >= self.min_group:
             scores = [v if self._mode == "max" else -v for v in peers.values()]
@@ -150,6 +176,27 @@ class StratifiedHalving(FIFOScheduler, _Records):
         if not lines:
             return None
         return max(lines) if self._mode == "max" else min(lines)
+
+    def _best_of_others(self, trial_id: str) -> float | None:
+        values = [v for t, v in self._trial_best.items() if t != trial_id]
+        if not values:
+            return None
+        return max(values) if self._mode == "max" else min(values)
+
+    def _cannot_catch_up(self, trial: Any, curve: dict[int, float], epoch: int, best: float | None) -> bool:
+        """The extrapolation rule (see the class): True when the trial's optimistic final value is
+        worse than ``best``, the best value another trial has reported."""
+        if not self.extrapolate or best is None or epoch < self.collapse_from:
+            return False
+        if (trial.config or {}).get("schedule") == "step":
+            return False
+        sign = 1.0 if self._mode == "max" else -1.0
+        score = {e: sign * v for e, v in curve.items()}
+        if max(score.values()) - score[min(score)] < self.rise * abs(best):
+            return False  # not started learning yet: a flat start may still take off
+        gains = [score[e] - score[e - 1] for e in (epoch - 1, epoch) if e in score and e - 1 in score]
+        bound = score[epoch] + (self.epochs - epoch) * max([0.0, *gains])
+        return bound < sign * best
 
     def debug_string(self) -> str:
         return f"StratifiedHalving: rungs {self.rungs}, {len(self._records)} stopped"

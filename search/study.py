@@ -329,6 +329,8 @@ def stop_text(record: dict[str, Any], metric: str) -> str:
         return f"{where}: the time budget ran out"
     if rule == "collapse":
         return f"{where}: collapsed, below {cut} (its own start, or half the reference trial's value then)"
+    if rule == "extrapolation":
+        return f"{where}: cannot catch up, its best recent gain kept up to the last epoch stays below {cut}"
     if rule == "halving":
         return f"{where}: below the rung's cut {cut} among trials of its group ({group})"
     return f"{where}: the {rule} rule" + (f" (cut {cut})" if record.get("cut") is not None else "")

@@ -6,7 +6,6 @@ calls ``trainables.trial.run_trial`` and hands each epoch's ``latest.pt`` to Ray
 from __future__ import annotations
 
 import dataclasses
-import errno
 import logging
 import os
 import shutil
@@ -16,6 +15,7 @@ from typing import Any
 import yaml
 
 from search import study as S
+from search.failures import disk_full
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +44,6 @@ def _fail_hook(rule: str | None, params: dict[str, Any]) -> bool:
             except TypeError:
                 return False
     return False
-
-
-def _environmental(exc: BaseException) -> bool:
-    """A full disk or quota: the machine's fault, not the trial's, so Ray's retries (and
-    ``resume --restart-errored``) run it again from its last checkpoint."""
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -126,7 +120,7 @@ def train_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     try:
         result = run_trial(cfg, params, report=report, resume_from=resume_from)  # metrics went through report
     except Exception as exc:
-        if mark is not None and not type(exc).__module__.startswith("ray") and not _environmental(exc):
+        if mark is not None and not type(exc).__module__.startswith("ray") and disk_full(exc) is None:
             mark.parent.mkdir(parents=True, exist_ok=True)
             S.atomic_write_text(mark, f"{type(exc).__name__}: {' '.join(str(exc).split())[:1000]}")
         raise

@@ -1,7 +1,9 @@
-"""Signed snapshots of Ray's state (search/durable.py): what resume installs, and what it refuses."""
+"""Signed snapshots of Ray's state (search/durable.py): what resume installs, and what it refuses;
+and the one test of a full disk (search/failures.py) that the driver and the trials share."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -9,6 +11,7 @@ import stat
 import pytest
 
 from search import durable
+from search.failures import disk_full
 
 
 @pytest.fixture
@@ -124,3 +127,33 @@ def test_study_json_goes_with_the_state_it_describes(key, tmp_path):
     (exp / "study.json").write_text(json.dumps(behind))
     durable.install_snapshot(exp)
     assert json.loads((exp / "study.json").read_text())["trials"]["t1"]["state"] == "COMPLETE"
+
+
+def _wrapped(inner: BaseException) -> BaseException:
+    """``inner`` raised inside a handler that raised another error (as Ray wraps a callback's)."""
+    try:
+        try:
+            raise inner
+        except OSError as exc:
+            raise RuntimeError("wrapped") from exc
+    except RuntimeError as outer:
+        return outer
+
+
+@pytest.mark.parametrize(
+    ("exc", "full"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), True),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), True),
+        (_wrapped(OSError(errno.ENOSPC, "No space left on device")), True),
+        (OSError(errno.EACCES, "Permission denied"), False),
+        (_wrapped(OSError(errno.EIO, "I/O error")), False),
+        (ValueError("bad"), False),
+        (None, False),
+    ],
+)
+def test_one_disk_full_predicate_for_driver_and_trials(exc, full):
+    got = disk_full(exc)
+    assert (got is not None) == full
+    if full:
+        assert got.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -290,6 +290,12 @@ INVALID = [
     ),
     ("bad-algorithm", {"search.algorithm": "bayes"}, "search.algorithm", "tpe"),
     ("bad-scheduler", {"search.scheduler": "pbt"}, "search.scheduler", "asha"),
+    (
+        "hyperband-limited",
+        {"search.scheduler": "hyperband", "search.num_trials": 8, "search.max_concurrent": 2},
+        "search.max_concurrent",
+        "max_concurrent >= num_trials must hold, but got 2 < 8",
+    ),
     ("num-trials-zero", {"search.num_trials": 0}, "search.num_trials", "greater than or equal"),
     ("grace-gt-epochs", {"search.grace_period": 5}, "search.grace_period", "grace_period <= train.epochs"),
     ("bad-time-budget", {"search.time_budget": "soon"}, "search.time_budget", "duration"),

@@ -117,8 +117,8 @@ def evaluate(model: Any, loader: Any, index: Any, *, device: torch.device, task:
     semantic = task == "semantic_segmentation"
     meter = coco_eval.SegmentationMeter(len(index.class_names) + 1) if semantic else None
     predictions: list[dict[str, Any]] = []
+    pause_point("evaluate")  # test hook: the first evaluation of a trial is its epoch 0
     for images, targets in loader:
-        pause_point("evaluate")  # test hook: the first evaluation of a trial is its epoch 0
         if semantic:
             batch, masks = _to(device, images, targets)
             out = model(batch)["out"]

@@ -199,6 +199,15 @@ def _check_search(spec: Spec, study: bool = True) -> None:
     if s.scheduler not in SCHEDULER_NAMES:
         raise unknown_name("search.scheduler", s.scheduler, SCHEDULER_NAMES, "scheduler")
     _check_reference(spec)
+    if s.scheduler == "hyperband" and s.max_concurrent < s.num_trials:
+        raise SpecError(
+            "search.max_concurrent",
+            "scheduler 'hyperband' (Ray's synchronous HyperBand) halves a bracket only once all its "
+            f"trials exist, so max_concurrent >= num_trials must hold, but got {s.max_concurrent} < "
+            f"{s.num_trials} (it would stop no trial; measured, BENCHMARKS.md §3).",
+            f"set search.max_concurrent: {s.num_trials} (the resources still decide how many run at once), "
+            "or use scheduler auto, curve or asha.",
+        )
     if study and s.grace_period > spec.train.epochs:
         raise SpecError(
             "search.grace_period",
