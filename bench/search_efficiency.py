@@ -9,7 +9,13 @@ number of trials, epochs, concurrency and seed (``search.seed`` and ``train.seed
                reduction_factor 2), no reference trial
   auto         the new default: search.algorithm=tpe, search.scheduler=auto, the reference trial
                (the family's torchvision recipe) first
-  curve        as auto with search.scheduler=curve (stratified + learning-curve extrapolation)
+  curve        as auto with search.scheduler=curve (stratified + learning-curve extrapolation),
+               one recipe trial (search.reference_scaling=[linear])
+  bracket      as curve with the recipe run twice (search.reference_scaling=[linear,sqrt]): trial 1
+               its lr scaled linearly to the batch (the reference), trial 2 by the square root;
+               TPE's start-up 2 trials (both recipe trials: no random one)
+  recipes      as bracket with TPE's start-up sized as by default: the second recipe trial is
+               added to it (3 at 8 trials: the two recipe trials and one random trial)
   hyperband_tpe  as auto with search.scheduler=hyperband (Ray's synchronous HyperBand). Recorded
                2026-12-02 with max_concurrent 2, where it stopped nothing (TPE + reference, no
                stopping); the spec now refuses hyperband with max_concurrent < num_trials, so
@@ -62,7 +68,14 @@ ARMS = {
     ],
     "auto": ["search.algorithm=tpe", "search.scheduler=auto"],
     "hyperband_tpe": ["search.algorithm=tpe", "search.scheduler=hyperband", "search.max_concurrent={trials}"],
-    "curve": ["search.algorithm=tpe", "search.scheduler=curve"],
+    "curve": ["search.algorithm=tpe", "search.scheduler=curve", "search.reference_scaling=[linear]"],
+    "bracket": [
+        "search.algorithm=tpe",
+        "search.scheduler=curve",
+        "search.reference_scaling=[linear,sqrt]",
+        "search.n_startup_trials=2",
+    ],
+    "recipes": ["search.algorithm=tpe", "search.scheduler=curve", "search.reference_scaling=[linear,sqrt]"],
 }
 TASKS = {
     "det": {"spec": "spaces/det.yaml", "data": "../shared/data/bccd", "ann": "instances_{}.json"},

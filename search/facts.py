@@ -111,6 +111,7 @@ def parent_record(spec: Any, exp_dir: Path) -> tuple[dict[str, str], dict[str, A
         "algorithm": s.algorithm,
         "scheduler": s.scheduler,
         "reference_trial": json.dumps(spec.reference_params(), sort_keys=True),
+        "recipe_trials": json.dumps(dict(spec.recipe_trials()), sort_keys=True),
         "num_trials": str(s.num_trials),
         "max_concurrent": str(s.max_concurrent),
         "epochs": str(spec.train.epochs),

@@ -172,9 +172,9 @@ def launch(
         budget = spec.search.time_budget
         deadline = time.time() + budget if budget else None
         searcher = make_searcher(spec, exp_dir, deadline)
-        reference = spec.reference_params()
-        if reference is not None:
-            searcher.enqueue_reference(reference)
+        recipe_trials = spec.recipe_trials()
+        searcher.enqueue_recipes(recipe_trials)
+        reference = recipe_trials[0][1] if recipe_trials else None
         scheduler = make_scheduler(spec)
         callbacks = _callbacks(spec, exp_dir, False, None, extra_callbacks)
         state = callbacks[0]
@@ -476,7 +476,8 @@ def _print_header(spec: Spec, exp_dir: Path, cluster: dict[str, Any], resumed: b
         f"host(s))",
         flush=True,
     )
-    ref = spec.reference_params()
-    if ref and not resumed:
-        shown = " ".join(f"{k}={S.fmt(v)}" for k, v in ref.items())
-        print(f"  trial 1 is the reference (torchvision's recipe for this architecture): {shown}", flush=True)
+    for i, (scaling, params) in enumerate([] if resumed else spec.recipe_trials()):
+        shown = " ".join(f"{k}={S.fmt(v)}" for k, v in params.items())
+        what = "the reference (torchvision's recipe for this architecture" if i == 0 else "the recipe"
+        rule = f"lr scaled to the batch by the {scaling} rule"
+        print(f"  trial {i + 1} is {what}, {rule}): {shown}", flush=True)

@@ -127,6 +127,8 @@ class StudyState(Callback):
             t["optuna_number"] = self.searcher.optuna_number(trial.trial_id)
         if not t.get("reference") and self.searcher is not None:
             t["reference"] = getattr(self.searcher, "reference_id", None) == trial.trial_id
+        if t.get("recipe") is None and hasattr(self.searcher, "recipe_of"):
+            t["recipe"] = self.searcher.recipe_of(trial.trial_id)
         return t
 
     def _stop_record(self, trial: Any, t: dict[str, Any], by: str) -> dict[str, Any]:

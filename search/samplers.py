@@ -76,12 +76,19 @@ def make_sampler(
     num_trials: int,
     n_startup: int | None,
     grid: dict[str, list[Any]] | None = None,
+    recipe_trials: int = 0,
 ) -> Any:
     """The seeded Optuna sampler of ``search.algorithm``; start-up trials sized to the budget
-    unless ``n_startup`` is given."""
+    (a third of the trials, 2 to 10) unless ``n_startup`` is given. Optuna counts enqueued trials
+    as start-up: the reference trial is one of them, the ``recipe_trials`` after it (the recipe
+    at other lr scalings, which differ from it in the lr only) are added, so that TPE's first
+    model still sees as many random, varied trials."""
     if algorithm not in SAMPLERS:
         raise ValueError(f"search.algorithm must be one of {', '.join(SAMPLERS)}, but got {algorithm!r}")
-    startup = n_startup if n_startup is not None else max(2, min(10, num_trials // 3))
+    if n_startup is not None:
+        startup = n_startup
+    else:
+        startup = max(2, min(10, num_trials // 3)) + max(0, recipe_trials - 1)
     import optuna
 
     with warnings.catch_warnings():

@@ -73,10 +73,18 @@ class StudySearch(OptunaSearch):
         self._orphans: list[int] = []  # Optuna trial ids asked but never saved in Ray's state
         super().__init__(*args, **kwargs)
 
-    def enqueue_reference(self, params: dict[str, Any]) -> None:
-        """Make ``params`` (the projected reference recipe) the next trial Optuna proposes; the
-        Ray trial that gets it is :attr:`reference_id` (user attribute ``reference`` in Optuna)."""
-        self._ot_study.enqueue_trial(dict(params), user_attrs={"reference": True}, skip_if_exists=False)
+    def enqueue_recipes(self, trials: list[tuple[str, dict[str, Any]]]) -> None:
+        """Make the recipe's trials (``(scaling, params)``, :meth:`Spec.recipe_trials`) the next
+        ones Optuna proposes, in order. The Ray trial that gets the first is :attr:`reference_id`
+        (user attribute ``reference`` in Optuna); each carries its rule as user attribute ``recipe``."""
+        for i, (scaling, params) in enumerate(trials):
+            attrs = {"recipe": scaling, **({"reference": True} if i == 0 else {})}
+            self._ot_study.enqueue_trial(dict(params), user_attrs=attrs, skip_if_exists=False)
+
+    def recipe_of(self, trial_id: str) -> str | None:
+        """The lr scaling rule of a recipe trial (``linear``, ``sqrt``), else None."""
+        t = self._ot_trials.get(trial_id)
+        return None if t is None else t.user_attrs.get("recipe")
 
     def set_max_concurrency(self, max_concurrent: int) -> bool:
         """Limit concurrency here rather than in Ray's ConcurrencyLimiter, which drops the completion
@@ -240,7 +248,8 @@ def make_searcher(spec: Any, exp_dir: Path, deadline: float | None) -> StudySear
     """The study's searcher: the spec's sampler over its space, on the journal in ``exp_dir``."""
     s, space = spec.search, spec.search_space
     grid = space.grid() if s.algorithm == "grid" else None
-    sampler = make_sampler(s.algorithm, s.seed, s.num_trials, s.n_startup_trials, grid)
+    recipes = len(spec.recipe_trials())
+    sampler = make_sampler(s.algorithm, s.seed, s.num_trials, s.n_startup_trials, grid, recipes)
     storage = journal_storage(exp_dir / S.JOURNAL_FILE)
     return StudySearch(
         space=space.define_by_run,

@@ -23,6 +23,7 @@ from ray.tune.schedulers import (
 from ray.tune.stopper import Stopper
 
 from search.study import group_of, number
+from trainables.optim import DROPS_AHEAD
 
 
 def _epoch(result: dict[str, Any]) -> int | None:
@@ -110,13 +111,11 @@ class StratifiedHalving(FIFOScheduler, _Records):
         self._rung_values: dict[int, dict[str, dict[str, float]]] = {}  # rung -> group -> trial -> value
         self._curves: dict[str, dict[int, float]] = {}  # trial -> epoch -> value
         self.extrapolate, self.rise = bool(extrapolate), float(rise)
-        self._trial_best: dict[str, float] = {}  # trial -> its best value so far
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickling (``resume``): a scheduler saved before ``extrapolate`` existed keeps working."""
         state.setdefault("extrapolate", False)
         state.setdefault("rise", 0.25)
-        state.setdefault("_trial_best", {})
         self.__dict__.update(state)
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
@@ -128,15 +127,19 @@ class StratifiedHalving(FIFOScheduler, _Records):
     def _worse(self, a: float, b: float) -> bool:
         return a < b if self._mode == "max" else a > b
 
+    def _best(self, values: Any) -> float | None:
+        """The best of ``values`` in the study's mode (None when there are none)."""
+        values = list(values)
+        if not values:
+            return None
+        return max(values) if self._mode == "max" else min(values)
+
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         epoch, value = _epoch(result), number(result.get(self._metric))
         if epoch is None or value is None or result.get("diverged"):
             return TrialScheduler.CONTINUE
         curve = self._curves.setdefault(trial.trial_id, {})
         curve[epoch] = value
-        own = self._trial_best.get(trial.trial_id)
-        if own is None or self._worse(own, value):
-            self._trial_best[trial.trial_id] = value
         if epoch < 1 or epoch >= self.epochs:
             return TrialScheduler.CONTINUE
         group = group_of(trial.config or {})
@@ -150,8 +153,8 @@ class StratifiedHalving(FIFOScheduler, _Records):
         if cut is not None and self._worse(value, cut):
             self._record(trial, epoch, value, cut, "collapse")
             return TrialScheduler.STOP
-        best = self._best_of_others(trial.trial_id)
-        if self._cannot_catch_up(trial, curve, epoch, best):
+        best = self._out_of_reach(trial, curve, epoch)
+        if best is not None:
             self._record(trial, epoch, value, best, "extrapolation")
             return TrialScheduler.STOP
         if peers is not None and len(peers) >= self.min_group:
@@ -173,30 +176,25 @@ class StratifiedHalving(FIFOScheduler, _Records):
         ref = self._curves.get(self.reference_id or "", {}).get(epoch)
         if ref is not None:
             lines.append(ref * self.collapse_ratio if self._mode == "max" else ref / self.collapse_ratio)
-        if not lines:
-            return None
-        return max(lines) if self._mode == "max" else min(lines)
+        return self._best(lines)
 
-    def _best_of_others(self, trial_id: str) -> float | None:
-        values = [v for t, v in self._trial_best.items() if t != trial_id]
-        if not values:
+    def _out_of_reach(self, trial: Any, curve: dict[int, float], epoch: int) -> float | None:
+        """The extrapolation rule (see the class): the best value another trial has reported when
+        the trial's optimistic final value is worse than it, else None."""
+        if not self.extrapolate or epoch < self.collapse_from:
             return None
-        return max(values) if self._mode == "max" else min(values)
-
-    def _cannot_catch_up(self, trial: Any, curve: dict[int, float], epoch: int, best: float | None) -> bool:
-        """The extrapolation rule (see the class): True when the trial's optimistic final value is
-        worse than ``best``, the best value another trial has reported."""
-        if not self.extrapolate or best is None or epoch < self.collapse_from:
-            return False
-        if (trial.config or {}).get("schedule") == "step":
-            return False
+        if (trial.config or {}).get("schedule") in DROPS_AHEAD:
+            return None
+        best = self._best(v for t, c in self._curves.items() if t != trial.trial_id for v in c.values())
+        if best is None:
+            return None
         sign = 1.0 if self._mode == "max" else -1.0
         score = {e: sign * v for e, v in curve.items()}
         if max(score.values()) - score[min(score)] < self.rise * abs(best):
-            return False  # not started learning yet: a flat start may still take off
+            return None  # not started learning yet: a flat start may still take off
         gains = [score[e] - score[e - 1] for e in (epoch - 1, epoch) if e in score and e - 1 in score]
         bound = score[epoch] + (self.epochs - epoch) * max([0.0, *gains])
-        return bound < sign * best
+        return best if bound < sign * best else None
 
     def debug_string(self) -> str:
         return f"StratifiedHalving: rungs {self.rungs}, {len(self._records)} stopped"

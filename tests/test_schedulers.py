@@ -59,6 +59,53 @@ def test_recipe_params_scale_lr_with_batch_and_place_the_step(family, batch, epo
         assert got[k] == v, k
 
 
+@pytest.mark.parametrize(
+    ("family", "batch", "scaling", "lr"),
+    [
+        ("ssdlite", 4, "linear", 0.15 * 4 / 192),
+        ("ssdlite", 4, "sqrt", 0.15 * (4 / 192) ** 0.5),
+        ("lraspp", 4, "sqrt", 0.02 * (4 / 32) ** 0.5),
+        ("fasterrcnn", 16, "sqrt", 0.02),  # at the recipe's own batch every rule gives its lr
+        ("fasterrcnn", 64, "sqrt", 0.04),  # above it, sqrt grows slower than linear
+    ],
+)
+def test_recipe_lr_follows_the_scaling_rule(family, batch, scaling, lr):
+    recipe = recipes.recipe_for(family)
+    got = recipes.recipe_params(recipe, batch, 8, scaling)
+    assert got["lr"] == pytest.approx(lr)
+    assert {k: v for k, v in got.items() if k != "lr"} == {
+        k: v for k, v in recipes.recipe_params(recipe, batch, 8).items() if k != "lr"
+    }
+
+
+LINEAR, SQRT = 0.15 * 4 / 192, 0.15 * (4 / 192) ** 0.5  # ssdlite's recipe at batch 4
+
+
+@pytest.mark.parametrize(
+    ("sets", "expected"),
+    [
+        ([], [("linear", LINEAR)]),
+        (["search.reference_scaling=[linear,sqrt]"], [("linear", LINEAR), ("sqrt", SQRT)]),
+        (["search.reference_scaling=[sqrt,linear]"], [("sqrt", SQRT), ("linear", LINEAR)]),
+        # both clipped to the range's top: the second would repeat the first, so it is left out
+        (["search.reference_scaling=[linear,sqrt]", "space.lr.high=0.002"], [("linear", 0.002)]),
+        (["search.reference_scaling=[linear,sqrt]", "space.lr=0.01"], [("linear", None)]),  # lr unsearched
+        (["search.reference_scaling=[linear,sqrt]", "search.reference_trial=false"], []),
+    ],
+)
+def test_recipe_trials_one_per_scaling_rule(sets, expected):
+    spec = load_spec(ROOT / "spaces/det.yaml", ["train.batch_size=4", *sets])
+    got = spec.recipe_trials()
+    assert [(name, params.get("lr")) for name, params in got] == [
+        (name, pytest.approx(lr) if lr else None) for name, lr in expected
+    ]
+    for _, params in got:  # the rules differ in the lr only
+        assert {k: v for k, v in params.items() if k != "lr"} == {
+            k: v for k, v in got[0][1].items() if k != "lr"
+        }
+    assert spec.reference_params() == (got[0][1] if got else None)
+
+
 SPACE = {
     "optimizer": {"choices": ["sgd", "adamw"]},
     "lr": {"low": 1e-4, "high": 1e-3, "log": True},
@@ -91,6 +138,23 @@ def test_projection_into_the_space(values, expected):
     got = parse_space(SPACE).project(values)
     assert got == pytest.approx(expected) and set(got) == set(expected)
     assert all(type(got[k]) is type(v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize(
+    ("num_trials", "n_startup", "n_recipes", "expected"),
+    [
+        (8, None, 0, 2),  # a third of the trials, at least 2
+        (8, None, 1, 2),  # the reference trial is one of them
+        (8, None, 2, 3),  # a second recipe trial is not random: one more random start-up trial
+        (60, None, 2, 11),  # at most 10, plus the second recipe trial
+        (8, 4, 2, 4),  # given: as given
+    ],
+)
+def test_tpe_start_up_sized_to_the_budget_and_the_recipe_trials(num_trials, n_startup, n_recipes, expected):
+    from search.samplers import make_sampler
+
+    sampler = make_sampler("tpe", 0, num_trials, n_startup, None, n_recipes)
+    assert sampler._n_startup_trials == expected
 
 
 # ---------------------------------------------------------------- the table and the spec
@@ -325,6 +389,9 @@ def test_recording_asha_records_the_cut_and_spares_the_reference():
 # ---------------------------------------------------------------- a real study
 
 
+RULES = ["linear", "sqrt"]  # the reference study runs the recipe twice: trials 1 and 2
+
+
 @pytest.fixture(scope="module")
 def reference_study(ray_local, tmp_path_factory):
     from search.launcher import launch
@@ -339,7 +406,7 @@ def reference_study(ray_local, tmp_path_factory):
             "lr": {"low": 1e-3, "high": 1e-1, "log": True},
             "trainable": {"choices": ["all", "heads"]},
         },
-        search={"algorithm": "tpe", "num_trials": 3, "max_concurrent": 2},
+        search={"algorithm": "tpe", "num_trials": 3, "max_concurrent": 2, "reference_scaling": RULES},
         epochs=2,
     )
     spec = load_spec(path)
@@ -356,6 +423,13 @@ def test_the_reference_trial_runs_and_is_reported(reference_study):
     assert len(refs) == 1 and len(summary["trials"]) == 3
     assert refs[0]["params"] == pytest.approx(spec.reference_params())
     assert refs[0]["state"] == S.COMPLETE
+    # trial 2 is the recipe again, its lr scaled by the square root of the batch ratio
+    (linear, ref_params), (sqrt, sqrt_params) = spec.recipe_trials()
+    assert (linear, sqrt) == ("linear", "sqrt") and sqrt_params["lr"] > ref_params["lr"]
+    by_number = sorted(summary["trials"], key=lambda t: t["optuna_number"])
+    assert [t["recipe"] for t in by_number] == [*RULES, None]
+    assert by_number[0]["reference"] and not by_number[1]["reference"]
+    assert by_number[1]["params"] == pytest.approx(sqrt_params)
     assert summary["reference"]["id"] == refs[0]["id"]
     assert summary["reference"]["best_metric"] == refs[0]["best_metric"]
     best = summary["best"]["best_metric"]
@@ -371,6 +445,15 @@ def test_the_reference_trial_runs_and_is_reported(reference_study):
     assert done.returncode == 0, done.stderr
     status = json.loads(done.stdout)
     assert [t["id"] for t in status["trials"] if t.get("reference")] == [refs[0]["id"]]
+    assert [t["id"] for t in status["trials"] if t.get("recipe") == "sqrt"] == [by_number[1]["id"]]
+    done = subprocess.run(
+        [sys.executable, "-m", "search", "status", str(exp_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ),
+    )
+    assert done.returncode == 0 and "recipe, lr scaled to the batch by the sqrt rule" in done.stdout
 
     mlc = mlflow_store.client(mlflow_store.tracking_uri(spec))
     exp = mlc.get_experiment_by_name(spec.name)
@@ -393,6 +476,8 @@ def test_optuna_records_the_reference_trial(reference_study):
     marked = [t for t in ot if t.user_attrs.get("reference")]
     assert len(marked) == 1 and marked[0].number == 0
     assert marked[0].params == pytest.approx(spec.reference_params())
+    assert [t.user_attrs.get("recipe") for t in sorted(ot, key=lambda t: t.number)] == [*RULES, None]
+    assert ot[1].params == pytest.approx(spec.recipe_trials()[1][1])
 
 
 def test_hyperband_halves_its_bracket_when_every_trial_exists(ray_local, tmp_path):
@@ -435,8 +520,8 @@ def test_a_scheduler_pickled_before_extrapolation_existed_still_resumes():
 
     sched = StratifiedHalving("map50", "max", epochs=8, rungs=(2, 4), reference=None)
     old = pickle.loads(pickle.dumps(sched))
-    for name in ("extrapolate", "rise", "_trial_best"):
+    for name in ("extrapolate", "rise"):
         del old.__dict__[name]  # as a tuner.pkl written by the previous version holds it
     restored = pickle.loads(pickle.dumps(old))
-    assert restored.extrapolate is False and restored._trial_best == {}
+    assert restored.extrapolate is False and restored.rise == 0.25
     assert restored.on_trial_result(None, trial("a", lr=0.1), {"epoch": 2, "map50": 0.3}) == GO

@@ -75,6 +75,8 @@ SCHEDULES: dict[str, Callable[[int, int, int, float], float]] = {
     "step": _step,
     "constant": _constant,
 }
+# Schedules whose lr still drops in steps ahead: a curve before a drop says little about after it.
+DROPS_AHEAD = frozenset({"step"})
 
 
 def backbone_prefixes(family: Any) -> tuple[str, ...]:

@@ -3,8 +3,10 @@ architecture family with, as trial parameters (a study's first trial, ``search.r
 
 Sources: torchvision ``references/detection/README.md`` and ``references/segmentation/README.md``
 (the commands that produced the published weights). Their learning rates are for the total batch
-in ``batch`` (GPUs x images per GPU); :func:`recipe_params` scales them linearly to a spec's batch
-(the linear scaling rule the references use: "lr 0.02 for 8 GPUs x 2 images"). Their schedules
+in ``batch`` (GPUs x images per GPU); :func:`recipe_params` scales them to a spec's batch by one of
+:data:`LR_SCALINGS`: ``linear`` (the rule the references use: "lr 0.02 for 8 GPUs x 2 images") or
+``sqrt`` (the square root of the batch ratio). Scaled from 8 GPUs down to one small batch the two
+rules are 3-7x apart; ``search.reference_scaling`` can run the recipe at both. Their schedules
 (multi-step at 16/26 and 22/26 of the epochs, cosine, poly) are mapped to this project's
 ``schedule`` values: multi-step -> ``step`` at ~60 % of the epochs, poly -> ``cosine``.
 
@@ -15,8 +17,16 @@ norm handling. Pure Python: spec validation imports this module.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+# How a recipe's learning rate follows the batch: name -> f(spec batch / recipe batch) -> lr factor.
+LR_SCALINGS: dict[str, Callable[[float], float]] = {
+    "linear": lambda ratio: ratio,  # Goyal et al. 2017, the torchvision references' rule
+    "sqrt": math.sqrt,  # Krizhevsky 2014, Hoffer et al. 2017: keeps the gradient noise's scale
+}
 
 
 @dataclass(frozen=True)
@@ -108,12 +118,13 @@ def recipe_for(family: str | None) -> Recipe | None:
     return RECIPES.get(family or "")
 
 
-def recipe_params(recipe: Recipe, batch_size: int, epochs: int) -> dict[str, Any]:
+def recipe_params(recipe: Recipe, batch_size: int, epochs: int, scaling: str = "linear") -> dict[str, Any]:
     """The recipe as trial parameters for a spec's ``batch_size`` and ``epochs`` (before it is
-    projected into a search space): lr scaled linearly with the batch, the step schedule's first
-    drop placed at the recipe's fraction of the epochs, hand-made choices for everything else."""
+    projected into a search space): lr scaled to the batch by ``scaling`` (a name of
+    :data:`LR_SCALINGS`), the step schedule's first drop placed at the recipe's fraction of the
+    epochs, hand-made choices for everything else."""
     out = {**recipe.hand, **recipe.params}
-    out["lr"] = float(recipe.params["lr"]) * batch_size / recipe.batch
+    out["lr"] = float(recipe.params["lr"]) * LR_SCALINGS[scaling](batch_size / recipe.batch)
     if out.get("schedule") == "step" and recipe.step_at is not None:
         out["step_epochs"] = max(1, round(recipe.step_at * epochs))
     return out

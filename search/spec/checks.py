@@ -241,9 +241,26 @@ def _check_search(spec: Spec, study: bool = True) -> None:
 
 
 def _check_reference(spec: Spec) -> None:
-    """An explicit ``search.reference_trial: true`` needs a recipe and a sampler that takes it."""
+    """``search.reference_scaling`` names each rule once; an explicit ``search.reference_trial:
+    true`` needs a recipe and a sampler that takes it."""
     from trainables import recipes
 
+    scalings = spec.search.reference_scaling
+    for i, name in enumerate(scalings):
+        if name not in recipes.LR_SCALINGS:
+            raise unknown_name(f"search.reference_scaling[{i}]", name, recipes.LR_SCALINGS, "lr scaling rule")
+        if name in scalings[:i]:
+            raise SpecError(
+                f"search.reference_scaling[{i}]",
+                f"each rule may appear once, but got {name!r} twice in {scalings}.",
+                "drop the repeat.",
+            )
+    if not scalings:
+        raise SpecError(
+            "search.reference_scaling",
+            "needs at least one lr scaling rule (the first is the reference trial), but got [].",
+            "write [linear], or set search.reference_trial: false for no recipe trial.",
+        )
     if spec.search.reference_trial is not True:
         return
     fam = families.family_of(spec.model.arch)

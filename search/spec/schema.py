@@ -145,6 +145,9 @@ class SearchSection(_Section):
     algorithm: str = "tpe"  # a name of search.samplers.SAMPLERS (checked by search.spec.checks)
     scheduler: str = "auto"  # a name of search.schedulers.SCHEDULERS (no Ray import here)
     reference_trial: bool | None = None  # None: on when the family has a reference recipe
+    # the recipe's trials, one per lr batch-scaling rule (trainables.recipes.LR_SCALINGS); the
+    # first is the reference trial, the others ordinary trials enqueued after it
+    reference_scaling: list[str] = Field(default_factory=lambda: ["linear"])
     num_trials: int = Field(8, ge=1, le=100000)
     max_concurrent: int = Field(2, ge=1, le=1024)
     time_budget: float | None = None  # seconds; YAML may say "90s", "10m", "2h"
@@ -234,16 +237,29 @@ class Spec(_Section):
         """The study's reference trial (the family's torchvision recipe projected into the space:
         only searched parameters, see :meth:`SearchSpace.project`), or None when it is off
         (``search.reference_trial: false``, no recipe for the family, grid search, nothing to set)."""
+        trials = self.recipe_trials()
+        return trials[0][1] if trials else None
+
+    def recipe_trials(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(scaling, params)`` of the recipe's trials, in ``search.reference_scaling`` order: the
+        recipe with its lr scaled to the batch by each rule, projected into the space; a rule
+        whose projection repeats an earlier one's (lr not searched, or clipped to the same bound)
+        is left out. The first is the reference trial; empty when the reference trial is off."""
         from trainables import recipes
 
         if self.search.reference_trial is False or self.search.algorithm == "grid":
-            return None
+            return []
         fam = families.family_of(self.model.arch)
         recipe = recipes.recipe_for(fam.name if fam else None)
         if recipe is None:
-            return None
-        values = recipes.recipe_params(recipe, self.train.batch_size, self.train.epochs)
-        return self.search_space.project(values) or None
+            return []
+        out: list[tuple[str, dict[str, Any]]] = []
+        for scaling in self.search.reference_scaling:
+            values = recipes.recipe_params(recipe, self.train.batch_size, self.train.epochs, scaling)
+            params = self.search_space.project(values)
+            if params and all(params != p for _, p in out):
+                out.append((scaling, params))
+        return out
 
     def trial_config(self, out_dir: Path, threads: int = 1) -> TrialConfig:
         """The fixed settings of one trial of this spec, writing into ``out_dir``."""
