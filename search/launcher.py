@@ -171,9 +171,8 @@ def launch(
         write_spec(spec, exp_dir)
         budget = spec.search.time_budget
         deadline = time.time() + budget if budget else None
-        searcher = make_searcher(spec, exp_dir, deadline)
         recipe_trials = spec.recipe_trials()
-        searcher.enqueue_recipes(recipe_trials)
+        searcher = make_searcher(spec, exp_dir, deadline, recipe_trials)
         reference = recipe_trials[0][1] if recipe_trials else None
         scheduler = make_scheduler(spec)
         callbacks = _callbacks(spec, exp_dir, False, None, extra_callbacks)

@@ -244,14 +244,17 @@ class StudySearch(OptunaSearch):
             log.info("re-running %d Optuna trial(s) asked before the last save", len(self._orphans))
 
 
-def make_searcher(spec: Any, exp_dir: Path, deadline: float | None) -> StudySearch:
-    """The study's searcher: the spec's sampler over its space, on the journal in ``exp_dir``."""
+def make_searcher(
+    spec: Any, exp_dir: Path, deadline: float | None, recipes: list[tuple[str, dict[str, Any]]]
+) -> StudySearch:
+    """The study's searcher: the spec's sampler over its space, on the journal in ``exp_dir``,
+    with the recipe's trials (:meth:`Spec.recipe_trials`) enqueued first and counted in the
+    sampler's start-up."""
     s, space = spec.search, spec.search_space
     grid = space.grid() if s.algorithm == "grid" else None
-    recipes = len(spec.recipe_trials())
-    sampler = make_sampler(s.algorithm, s.seed, s.num_trials, s.n_startup_trials, grid, recipes)
+    sampler = make_sampler(s.algorithm, s.seed, s.num_trials, s.n_startup_trials, grid, len(recipes))
     storage = journal_storage(exp_dir / S.JOURNAL_FILE)
-    return StudySearch(
+    searcher = StudySearch(
         space=space.define_by_run,
         metric=spec.objective.metric,
         mode=spec.objective.mode,
@@ -261,6 +264,8 @@ def make_searcher(spec: Any, exp_dir: Path, deadline: float | None) -> StudySear
         epochs=spec.train.epochs,
         deadline=deadline,
     )
+    searcher.enqueue_recipes(recipes)
+    return searcher
 
 
 def num_samples(spec: Any) -> int:
