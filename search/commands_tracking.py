@@ -11,11 +11,8 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -280,34 +277,6 @@ def _print_predictions(out: dict[str, Any], out_dir: Path | None) -> None:
 # ---------------------------------------------------------------- ui
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(15)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
-
-
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -336,7 +305,7 @@ def ui_store(name: str | None, output_dir: Path | None) -> tuple[str, str | None
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from search import mlflow_store
+    from search import local_server, mlflow_store
 
     uri, experiment, folder = ui_store(args.name, args.output_dir)
     if mlflow_store.is_http(uri):
@@ -345,56 +314,32 @@ def cmd_ui(args: argparse.Namespace) -> int:
             "open it there (no local UI needed)"
         )
         return 0
-    port = args.port or _free_port()
-    if not (0 < port < 65536) or not _port_free(port):
+    port = args.port or local_server.free_port()
+    if not (0 < port < 65536) or not local_server.port_free(port):
         raise _bad_input(
             ValueError(f"port {port} on 127.0.0.1 is in use or invalid; pass another --port (0 = any).")
         )
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        uri,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
+    extra: list[str] = []
     if uri.startswith("sqlite:///"):
         art = Path(uri[len("sqlite:///") :]).parent / mlflow_store.ARTIFACTS_DIR
-        cmd += ["--no-serve-artifacts", "--default-artifact-root", art.resolve().as_uri()]
+        extra = ["--no-serve-artifacts", "--default-artifact-root", art.resolve().as_uri()]
     log_path = folder / "mlflow-ui.log"
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{local_server.HOST}:{port}"
     print(
         f"starting the MLflow UI on {mlflow_store.redact(uri)} (log: {log_path}) ...",
         file=sys.stderr,
         flush=True,
     )
     with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            local_server.server_command(uri, port, *extra),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     old = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server too
     try:
-        deadline = time.time() + UI_START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                tail = log_path.read_text(errors="replace").splitlines()[-5:]
-                raise RuntimeError(f"mlflow server exited with code {proc.returncode}: {' | '.join(tail)}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(
-                    f"mlflow server did not answer {url}/health within {UI_START_TIMEOUT_S:.0f}s "
-                    f"(see {log_path})"
-                )
-            time.sleep(0.3)
+        local_server.wait_healthy(proc, port, UI_START_TIMEOUT_S, log_path)
         page = url
         if experiment:
             try:
@@ -410,7 +355,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        _stop(proc)
+        local_server.stop(proc, port)
         signal.signal(signal.SIGTERM, old)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from search import local_server
 from tests.tinydata import make_tiny_coco, write_tiny_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -280,12 +281,6 @@ def test_predict_min_score_out_of_range_is_bad_input(study, bundle):
 # ---------------------------------------------------------------- ui
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ui_port_in_use_is_bad_input(study):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -295,9 +290,28 @@ def test_ui_port_in_use_is_bad_input(study):
     one_error_line(proc, f"port {port}", "in use")
 
 
+def test_ui_port_left_in_time_wait_is_free():
+    """A connection of an earlier UI that the server closed first (TIME_WAIT) holds the port
+    for a minute; `ui --port` on it again must start, as the MLflow server binds with SO_REUSEADDR."""
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            conn, _ = server.accept()
+            conn.close()  # the server closes first: its side goes to TIME_WAIT
+            assert client.recv(1) == b""
+        assert not local_server.port_free(port)  # still listening
+    with socket.socket() as plain:  # the state this test is about: a plain bind is refused
+        with pytest.raises(OSError):
+            plain.bind(("127.0.0.1", port))
+    assert local_server.port_free(port)
+
+
 @pytest.mark.slow  # an MLflow server starts in 10-40 s on a busy 2-core box
 def test_ui_serves_the_study_and_stops_on_sigterm(study):
-    port = _free_port()
+    port = local_server.free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "search", "ui", NAME, *study["where"], "--port", str(port)],
         cwd=study["root"],
@@ -318,5 +332,7 @@ def test_ui_serves_the_study_and_stops_on_sigterm(study):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
-    with socket.socket() as s:  # the server went with it: the port is free again
+    with socket.socket() as s:  # the server went with it: nothing listens on the port
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT connection is no server
         s.bind(("127.0.0.1", port))
+        s.listen(1)

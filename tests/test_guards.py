@@ -298,13 +298,10 @@ def test_no_secret_is_written_anywhere(tmp_path):
     """A real MLflow server; the credentials go where they are accepted (the environment: the URI
     refuses them); afterwards no byte written by the study (experiment folder, the server's store
     and artifacts, stdout, stderr) holds them."""
-    import socket
-
+    from search import local_server
     from tests.mlflow_server import start_server, stop_server
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = local_server.free_port()
     secret_pw, secret_token = "pw-Zq81xY7c", "tok-Hh3kP0aa"
     server = start_server(port, tmp_path / "srv", timeout=120)
     try:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from ray.tune import Callback
 
-from search import durable
+from search import durable, local_server
 from search import study as S
 from tests.tinydata import make_tiny_coco, write_tiny_spec
 
@@ -506,16 +506,10 @@ def test_sigint_then_resume(data_dir):
 # ---------------------------------------------------------------- a real 2-node cluster on this machine
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_node_cluster(data_dir, tmp_path):
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    port = _free_port()
+    port = local_server.free_port()
     temp = Path(f"/tmp/rt{os.getpid()}")  # short: Ray's unix socket paths must stay < 108 chars
     env = _env(SEARCH_NO_MLFLOW="1")
     common = ["--num-cpus", "1", "--block"]

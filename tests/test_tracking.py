@@ -18,7 +18,7 @@ import pytest
 import yaml
 from ray.tune import Callback
 
-from search import mlflow_store, tracking, write_queue
+from search import local_server, mlflow_store, tracking, write_queue
 from search.errors import SpecError
 from search.spec import load_spec
 from tests.mlflow_server import start_server, stop_server
@@ -165,10 +165,7 @@ def children(mlc, exp_id: str, parent: str) -> list:
     return sorted(runs, key=lambda r: r.data.tags["search.trial_id"])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = local_server.free_port
 
 
 # ---------------------------------------------------------------- unit tests (no Ray)
