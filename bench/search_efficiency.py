@@ -16,10 +16,11 @@ number of trials, epochs, concurrency and seed (``search.seed`` and ``train.seed
                TPE's start-up 2 trials (both recipe trials: no random one)
   recipes      as bracket with TPE's start-up sized as by default: the second recipe trial is
                added to it (3 at 8 trials: the two recipe trials and one random trial)
-  hyperband_tpe  as auto with search.scheduler=hyperband (Ray's synchronous HyperBand). Recorded
-               2026-12-02 with max_concurrent 2, where it stopped nothing (TPE + reference, no
-               stopping); the spec now refuses hyperband with max_concurrent < num_trials, so
-               this arm sets max_concurrent = trials (the CPUs still run 2 at a time)
+  hyperband    as auto with search.scheduler=hyperband (Ray's synchronous HyperBand) and
+               search.max_concurrent = trials (the CPUs still run 2 at a time; the spec refuses
+               hyperband with fewer: Ray halves a bracket only once all its trials exist). The
+               records' ``hyperband_tpe`` is the same with max_concurrent 2 (86f451d, before that
+               refusal), where it stopped nothing
 
 Every trained epoch is one trial-epoch. Each trial's reports (``trial_*/result.json``: epoch,
 objective, Ray's timestamp) are merged in time order; an arm "reaches" a target at the cumulative
@@ -39,8 +40,9 @@ from the fluorescence base). No base evaluation (``train.eval_base=false``).
 
 Run: python bench/search_efficiency.py [--task det|seg] [--seeds 0,1,2] [--trials 8] [--epochs 8]
      [--limit-train 96] [--limit-val 32] [--arms random_full,asha_tpe,auto] [--set KEY=VALUE ...]
-An arm whose study already finished in ``--work`` is read, not rerun (same settings!); a variant
-of one arm: --tag-arm auto --tag -x --arm-set search.grace_period=2.
+An arm whose study already finished in ``--work`` is read, not rerun (same settings!); so is an
+arm recorded for the seed in ``--reuse JSON`` (an earlier run's ``--json``); a variant of one arm:
+--tag-arm auto --tag -x --arm-set search.grace_period=2.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ ARMS = {
         "search.reference_trial=false",
     ],
     "auto": ["search.algorithm=tpe", "search.scheduler=auto"],
-    "hyperband_tpe": ["search.algorithm=tpe", "search.scheduler=hyperband", "search.max_concurrent={trials}"],
+    "hyperband": ["search.algorithm=tpe", "search.scheduler=hyperband", "search.max_concurrent={trials}"],
     "curve": ["search.algorithm=tpe", "search.scheduler=curve", "search.reference_scaling=[linear]"],
     "bracket": [
         "search.algorithm=tpe",
@@ -288,11 +290,18 @@ def main() -> None:
     ap.add_argument("--arm-set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--work", default=None, help="work folder; finished arms there are read, not rerun")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--reuse", default=None, metavar="JSON", help="read the arms recorded there, not rerun")
     args = ap.parse_args()
+    recorded = {}
+    if args.reuse:  # an earlier run's records of the same settings: (seed, arm) -> its record
+        raw_before = json.loads(Path(args.reuse).read_text())["raw"]
+        recorded = {(a["seed"], arm): a for res in raw_before for arm, a in res.items()}
 
+    arms = [a for a in args.arms.split(",") if a]
+    if unknown := [a for a in arms if a not in ARMS]:
+        ap.error(f"--arms: {unknown} not among {sorted(ARMS)}")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-se-"))
     work.mkdir(parents=True, exist_ok=True)
-    arms = [a for a in args.arms.split(",") if a]
     print(f"machine: {C.machine()}", flush=True)
     print(
         f"{args.task}: {args.spec or TASKS[args.task]['spec']}: {args.trials} trials x {args.epochs} epochs, "
@@ -304,7 +313,7 @@ def main() -> None:
     t_start = time.time()
     for k, seed in enumerate(int(s) for s in args.seeds.split(",")):
         order = arms if k % 2 == 0 else list(reversed(arms))
-        res = {arm: run_arm(arm, seed, args, work) for arm in order}
+        res = {arm: recorded.get((seed, arm)) or run_arm(arm, seed, args, work) for arm in order}
         raw.append(res)
         if "random_full" in res:
             rows.append(seed_row(seed, res, args.tolerance))

@@ -336,6 +336,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=local_server.server_env(),
         )
     old = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server too
     try:

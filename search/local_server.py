@@ -38,6 +38,15 @@ def server_command(uri: str, port: int, *extra: str) -> list[str]:
     ]
 
 
+def server_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The server's environment: ``env`` (default: this process's) without MLflow's job runner
+    (a UI over training runs starts no jobs; it would add a job runner and its huey consumers,
+    eight processes in MLflow 3.17) unless the caller set ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION`` itself."""
+    out = dict(os.environ if env is None else env)
+    out.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    return out
+
+
 def free_port() -> int:
     """A port on ``HOST`` that nothing is bound to now."""
     with socket.socket() as s:

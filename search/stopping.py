@@ -239,18 +239,30 @@ class RecordingASHA(_Spared, ASHAScheduler):
 
 
 class RecordingHyperBand(HyperBandScheduler, _Records):
-    """Ray's HyperBand, recording the epoch and value of each stop (the bracket cut is internal)."""
+    """Ray's HyperBand, recording the epoch and value of each stop (the bracket cut is internal).
+    Ray also stops a bracket's *paused* trials while handling another trial's result, so each
+    trial's last result is kept and becomes its record when it was stopped that way."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._init_records(None)
 
+    def _last(self) -> dict[str, tuple[Any, int, float]]:
+        return self.__dict__.setdefault("_last_result", {})  # none in a pickle of an older version
+
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)
         value, epoch = number(result.get(self._metric)), _epoch(result)
-        if decision == TrialScheduler.STOP and value is not None and epoch is not None:
-            self._record(trial, epoch, value, None, "hyperband")
+        if value is not None and epoch is not None:
+            self._last()[trial.trial_id] = (trial, epoch, value)
+            if decision == TrialScheduler.STOP:
+                self._record(trial, epoch, value, None, "hyperband")
         return decision
+
+    def stop_record(self, trial_id: str) -> dict[str, Any] | None:
+        if trial_id not in self._records and trial_id in self._last():
+            self._record(*self._last()[trial_id], None, "hyperband")
+        return super().stop_record(trial_id)
 
 
 class RecordingMedian(_Spared, MedianStoppingRule):

@@ -335,11 +335,11 @@ class MlflowTracker(_Callback):
             return {}
 
     def _study_tags(self, tid: str) -> dict[str, str]:
-        """``search.reference``, ``search.state`` and ``search.stopped.*`` of a trial (:meth:`_study`)."""
+        """``search.reference``, ``search.recipe`` (the lr scaling rule of a recipe trial),
+        ``search.state`` and ``search.stopped.*`` of a trial (:meth:`_study`)."""
         t = self._study().get("trials", {}).get(tid) or {}
         tags = {"search.reference": "true" if t.get("reference") else "false"}
-        if t.get("state") in S.STATES:
-            tags["search.state"] = t["state"]
+        tags.update({f"search.{k}": str(t[k]) for k in ("state", "recipe") if t.get(k)})  # state: S.STATES
         for k, v in (t.get("stopped") or {}).items():
             tags[f"search.stopped.{k}"] = text_value(v)
         return tags

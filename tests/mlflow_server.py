@@ -27,7 +27,7 @@ def start_server(
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env=env or {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+            env=local_server.server_env(env or {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}),
         )
     try:
         local_server.wait_healthy(proc, port, timeout, log)

@@ -309,6 +309,10 @@ def test_ui_port_left_in_time_wait_is_free():
     assert local_server.port_free(port)
 
 
+def _ps(*args: str) -> str:
+    return subprocess.run(["ps", *args], capture_output=True, text=True, check=True).stdout
+
+
 @pytest.mark.slow  # an MLflow server starts in 10-40 s on a busy 2-core box
 def test_ui_serves_the_study_and_stops_on_sigterm(study):
     port = local_server.free_port()
@@ -326,6 +330,9 @@ def test_ui_serves_the_study_and_stops_on_sigterm(study):
         assert url.startswith(f"http://127.0.0.1:{port}/#/experiments/"), (url, proc.stderr.read()[-2000:])
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as resp:
             assert resp.status == 200
+        server = _ps("--ppid", str(proc.pid), "-o", "pid=").split()[0]  # `mlflow server`, a session leader
+        session = _ps("-s", server, "-o", "args=")
+        assert "uvicorn" in session and "huey" not in session  # no job runner for a UI
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:

@@ -466,6 +466,9 @@ def test_the_reference_trial_runs_and_is_reported(reference_study):
     assert parent.data.metrics["reference_map50"] == pytest.approx(refs[0]["best_metric"])
     ref_run = next(r for r in children if r.data.tags.get("search.reference") == "true")
     assert ref_run.data.tags["search.run_key"].endswith(":" + refs[0]["id"])
+    tags_of = {r.data.tags["search.run_key"].rsplit(":", 1)[1]: r.data.tags for r in children}
+    # each recipe trial's lr rule as a tag, none on TPE's trial
+    assert [tags_of[t["id"]].get("search.recipe") for t in by_number] == [*RULES, None]
 
 
 def test_optuna_records_the_reference_trial(reference_study):
@@ -508,6 +511,10 @@ def test_hyperband_halves_its_bracket_when_every_trial_exists(ray_local, tmp_pat
     assert len(trials) == 6
     stopped = [t for t in trials if t["state"] == S.PRUNED]
     assert 1 <= len(stopped) <= 2 and all(t["epochs"] == 2 for t in stopped), trials
+    for t in stopped:  # Ray stops paused trials from another's result: recorded all the same
+        last = [r["map50"] for r in t["history"] if r.get("epoch") == 2]
+        assert t["stopped"]["rule"] == "hyperband" and t["stopped"]["epoch"] == 2, t["stopped"]
+        assert t["stopped"]["value"] == pytest.approx(last[-1])
     for t in trials:
         epochs = [r["epoch"] for r in t["history"] if "epoch" in r]
         assert sorted(epochs) == list(range(t["epochs"] + 1)), (t["id"], epochs)
