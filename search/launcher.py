@@ -22,7 +22,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +182,7 @@ def launch(
         state.state["budget_s"] = budget
         state.state["num_trials"] = num_samples(spec)
         state.save()
-        _print_header(spec, exp_dir, cluster)
+        _print_header(spec, exp_dir, cluster, recipe_trials)
         tuner = tune.Tuner(
             _trainable(spec, exp_dir),
             tune_config=tune.TuneConfig(
@@ -459,7 +459,13 @@ def remove_outside_top(exp_dir: Path, k: int) -> list[str]:
     return removed
 
 
-def _print_header(spec: Spec, exp_dir: Path, cluster: dict[str, Any], resumed: bool = False) -> None:
+def _print_header(
+    spec: Spec,
+    exp_dir: Path,
+    cluster: dict[str, Any],
+    recipe_trials: Sequence[tuple[str, dict[str, Any]]] = (),
+    resumed: bool = False,
+) -> None:
     s = spec.search
     what = "resuming" if resumed else "launching"
     budget = f", time budget {s.time_budget:.0f}s" if s.time_budget else ""
@@ -475,7 +481,7 @@ def _print_header(spec: Spec, exp_dir: Path, cluster: dict[str, Any], resumed: b
         f"host(s))",
         flush=True,
     )
-    for i, (scaling, params) in enumerate([] if resumed else spec.recipe_trials()):
+    for i, (scaling, params) in enumerate(recipe_trials):
         shown = " ".join(f"{k}={S.fmt(v)}" for k, v in params.items())
         what = "the reference (torchvision's recipe for this architecture" if i == 0 else "the recipe"
         rule = f"lr scaled to the batch by the {scaling} rule"

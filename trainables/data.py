@@ -29,8 +29,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from trainables.coco import CocoIndex, DatasetError, ImageRecord, check_pixels, segmentation_to_rle
+from trainables.loss_table import IGNORE_INDEX  # semantic masks: pixels that count for nothing
 
-IGNORE_INDEX = 255
 _SEMANTIC = "semantic_segmentation"
 _CONVERTED: dict[str, set[str]] = {}  # decoded mode other than RGB -> image paths (this process)
 
