@@ -1,5 +1,6 @@
-"""Facts recorded on a study's MLflow parent run: the git commit, package versions, the base
-weights' sha256 and the dataset's fingerprint."""
+"""Facts recorded on a study's MLflow runs: on the parent, the git commit, package versions, the
+base weights' sha256 and the dataset's fingerprint; on a trial's child run, its study.json record's
+reference mark, recipe, state and stop record (:func:`trial_tags`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from search import study as S
+from search.write_queue import text_value
 from trainables.files import sha256_file
 
 
@@ -120,3 +123,16 @@ def parent_record(spec: Any, exp_dir: Path) -> tuple[dict[str, str], dict[str, A
         "seed": str(spec.train.seed),
     }
     return tags, params
+
+
+def trial_tags(t: dict[str, Any]) -> dict[str, str]:
+    """``search.reference``, ``search.recipe`` (the lr scaling rule of a recipe trial),
+    ``search.state`` and ``search.stopped.*`` of a trial's study.json record ``t``."""
+    tags = {"search.reference": "true" if t.get("reference") else "false"}
+    if t.get("recipe"):
+        tags["search.recipe"] = str(t["recipe"])
+    if t.get("state") in S.STATES:
+        tags["search.state"] = t["state"]
+    for k, v in (t.get("stopped") or {}).items():
+        tags[f"search.stopped.{k}"] = text_value(v)
+    return tags

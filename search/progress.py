@@ -136,6 +136,7 @@ class StudyState(Callback):
         record = None
         if by == "scheduler" and self.scheduler is not None and hasattr(self.scheduler, "stop_record"):
             record = self.scheduler.stop_record(trial.trial_id)
+            by = getattr(self.scheduler, "stop_rule", by)
         if record is None:
             last = next((r for r in reversed(t.get("history") or []) if self.metric in r), {})
             record = {

@@ -32,7 +32,10 @@ def _epoch(result: dict[str, Any]) -> int | None:
 
 
 class _Records:
-    """The stop records and the reference trial's id, shared by the schedulers below."""
+    """The stop records and the reference trial's id, shared by the schedulers below.
+    ``stop_rule`` names the rule of a stop this scheduler made without recording it."""
+
+    stop_rule = "scheduler"
 
     def _init_records(self, reference: dict[str, Any] | None) -> None:
         self.reference = dict(reference) if reference else None
@@ -240,29 +243,21 @@ class RecordingASHA(_Spared, ASHAScheduler):
 
 class RecordingHyperBand(HyperBandScheduler, _Records):
     """Ray's HyperBand, recording the epoch and value of each stop (the bracket cut is internal).
-    Ray also stops a bracket's *paused* trials while handling another trial's result, so each
-    trial's last result is kept and becomes its record when it was stopped that way."""
+    Ray also stops a bracket's *paused* trials while handling another trial's result; those stops
+    have no record here, and the study records them from the trial's history under ``stop_rule``."""
+
+    stop_rule = "hyperband"
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._init_records(None)
 
-    def _last(self) -> dict[str, tuple[Any, int, float]]:
-        return self.__dict__.setdefault("_last_result", {})  # none in a pickle of an older version
-
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)
         value, epoch = number(result.get(self._metric)), _epoch(result)
-        if value is not None and epoch is not None:
-            self._last()[trial.trial_id] = (trial, epoch, value)
-            if decision == TrialScheduler.STOP:
-                self._record(trial, epoch, value, None, "hyperband")
+        if decision == TrialScheduler.STOP and value is not None and epoch is not None:
+            self._record(trial, epoch, value, None, self.stop_rule)
         return decision
-
-    def stop_record(self, trial_id: str) -> dict[str, Any] | None:
-        if trial_id not in self._records and trial_id in self._last():
-            self._record(*self._last()[trial_id], None, "hyperband")
-        return super().stop_record(trial_id)
 
 
 class RecordingMedian(_Spared, MedianStoppingRule):

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from search import study as S
-from search.facts import parent_record
+from search.facts import parent_record, trial_tags
 from search.failures import error_line, error_text, failure_reason
 from search.mlflow_store import (
     DISABLE_ENV,
@@ -335,14 +335,8 @@ class MlflowTracker(_Callback):
             return {}
 
     def _study_tags(self, tid: str) -> dict[str, str]:
-        """``search.reference``, ``search.recipe`` (the lr scaling rule of a recipe trial),
-        ``search.state`` and ``search.stopped.*`` of a trial (:meth:`_study`)."""
-        t = self._study().get("trials", {}).get(tid) or {}
-        tags = {"search.reference": "true" if t.get("reference") else "false"}
-        tags.update({f"search.{k}": str(t[k]) for k in ("state", "recipe") if t.get(k)})  # state: S.STATES
-        for k, v in (t.get("stopped") or {}).items():
-            tags[f"search.stopped.{k}"] = text_value(v)
-        return tags
+        """:func:`~search.facts.trial_tags` of the trial's record in :meth:`_study`."""
+        return trial_tags(self._study().get("trials", {}).get(tid) or {})
 
     @_locked
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from ray.tune import Callback
 
-from search import local_server, mlflow_store, tracking, write_queue
+from search import facts, local_server, mlflow_store, tracking, write_queue
 from search.errors import SpecError
 from search.spec import load_spec
 from tests.mlflow_server import start_server, stop_server
@@ -165,9 +165,6 @@ def children(mlc, exp_id: str, parent: str) -> list:
     return sorted(runs, key=lambda r: r.data.tags["search.trial_id"])
 
 
-free_port = local_server.free_port
-
-
 # ---------------------------------------------------------------- unit tests (no Ray)
 
 
@@ -194,6 +191,32 @@ def test_flatten_params_and_metric_filter():
         mlflow_store.redact("https://bob:secret@mlflow.example.com:8443/x")
         == "https://***@mlflow.example.com:8443/x"
     )
+
+
+@pytest.mark.parametrize(
+    "record, tags",
+    [
+        ({}, {"search.reference": "false"}),
+        (
+            {"reference": True, "recipe": "sqrt", "state": "COMPLETE"},
+            {"search.reference": "true", "search.recipe": "sqrt", "search.state": "COMPLETE"},
+        ),
+        ({"state": "STOPPED"}, {"search.reference": "false"}),  # a legacy word, not one of study.STATES
+        (
+            {"state": "PRUNED", "stopped": {"epoch": 2, "value": 0.25, "cut": None, "rule": "halving"}},
+            {
+                "search.reference": "false",
+                "search.state": "PRUNED",
+                "search.stopped.epoch": "2",
+                "search.stopped.value": "0.25",
+                "search.stopped.cut": "null",
+                "search.stopped.rule": "halving",
+            },
+        ),
+    ],
+)
+def test_trial_tags_from_the_study_record(record, tags):
+    assert facts.trial_tags(record) == tags
 
 
 class SilentServer:
@@ -228,7 +251,7 @@ class SilentServer:
 
 
 def test_check_tracking_unreachable_server_fails_fast(tmp_path):
-    port = free_port()  # nothing listens there
+    port = local_server.free_port()  # nothing listens there
     spec = load_spec(write_spec(tmp_path, tracking={"uri": f"http://hunter2@127.0.0.1:{port}"}))
     with pytest.raises(SpecError) as err:
         mlflow_store.check_tracking(spec)
@@ -254,7 +277,7 @@ def test_check_tracking_unreachable_server_fails_fast(tmp_path):
 
 def test_write_queue_keeps_unwritten_records_when_store_is_down(tmp_path):
     runs = write_queue.RunMap(tmp_path)
-    uri = f"http://127.0.0.1:{free_port()}"
+    uri = f"http://127.0.0.1:{local_server.free_port()}"
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     queue = write_queue.WriteQueue(
         uri, "e", runs, tmp_path / write_queue.PENDING_FILE, backoff=0.1, max_backoff=0.2
@@ -439,7 +462,7 @@ class TcpProxy:
     def __init__(self, upstream: int):
         import threading
 
-        self.upstream, self.port = upstream, free_port()
+        self.upstream, self.port = upstream, local_server.free_port()
         self.lock = threading.Lock()
         self.conns: list[socket.socket] = []
         self.listener: socket.socket | None = None
@@ -544,7 +567,7 @@ def test_real_server_outage(ray_local, tmp_path):
     and every record lands; one that stays away until the end leaves the rest in the pending file,
     reported, and written later by replay."""
     t0 = time.time()
-    server = start_server(free_port(), tmp_path / "srv", timeout=90)
+    server = start_server(local_server.free_port(), tmp_path / "srv", timeout=90)
     print(f"server up in {time.time() - t0:.1f}s")
     proxy = _PROXY["proxy"] = TcpProxy(int(server.args[server.args.index("--port") + 1]))
     uri = f"http://127.0.0.1:{proxy.port}"
