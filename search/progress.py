@@ -183,7 +183,8 @@ class StudyState(Callback):
             t["node_id"] = result["node_id"]
         row = {k: v for k, v in result.items() if k not in S.RAY_KEYS and not isinstance(v, (dict, list))}
         if isinstance(epoch, (int, float)):
-            t["history"] = [r for r in t["history"] if r.get("epoch") != epoch] + [row]
+            rows = [r for r in t["history"] if r.get("epoch") != epoch] + [row]
+            t["history"] = sorted(rows, key=lambda r: r.get("epoch", 0))  # epoch 0 may come late
             t["epochs"] = max(int(epoch), int(t.get("epochs") or 0))
         value = S.number(result.get(self.metric))
         if result.get("diverged"):

@@ -3,10 +3,13 @@ score, whichever trial reports first; status, best and promote read the same fun
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from search import select
 from search import study as S
+from search.progress import StudyState
 
 
 def _trial(i, base, **params):
@@ -41,3 +44,18 @@ def test_study_base_metric_is_the_unmodified_models(trials, expected, tmp_path):
 def test_keeps_base():
     assert S.keeps_base({}) and S.keeps_base({"activation": "keep", "norm": "train", "trainable": "heads"})
     assert not S.keeps_base({"activation": "silu"})
+
+
+def test_a_late_epoch_0_keeps_the_history_in_epoch_order(tmp_path):
+    """The shared base evaluation can report epoch 0 after epoch 1 (trainables.trial); the history
+    stays in epoch order, so the stop record takes the value of the trial's last epoch."""
+    state = StudyState(tmp_path, "s", "map50", "max", epochs=4)
+    trial = SimpleNamespace(trial_id="t0", config={"lr": 0.01}, path=None)
+    for epoch, value in ((1, 0.30), (2, 0.35), (0, 0.05)):
+        state.on_trial_result(0, [], trial, {"epoch": epoch, "map50": value})
+    t = state.state["trials"]["t0"]
+    assert [r["epoch"] for r in t["history"]] == [0, 1, 2]
+    assert (t["epochs"], t["best_metric"], t["base_metric"]) == (2, 0.35, 0.05)
+    state.on_trial_complete(0, [], trial)
+    assert t["state"] == S.PRUNED
+    assert (t["stopped"]["epoch"], t["stopped"]["value"], t["stopped"]["rule"]) == (2, 0.35, "scheduler")
