@@ -169,6 +169,8 @@ class StudyState(Callback):
         self.save()
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        for each in trials:  # numbered as Ray created them (the searcher's order, the reference
+            self.entry(each)  # first), not as they happen to start: two start in the same second
         t = self.entry(trial)
         t["state"] = S.RUNNING
         t.pop("failure", None)  # a restarted trial

@@ -294,7 +294,8 @@ def reference_text(ref: dict[str, Any] | None, metric: str) -> str | None:
 
 
 def status_object(exp_dir: Path) -> dict[str, Any]:
-    """The ``status --json`` object: study.json's fields, trials as a list in start order, the best."""
+    """The ``status --json`` object: study.json's fields, trials as a list in the order
+    the searcher proposed them (the reference trial first), the best."""
     state = read_study(exp_dir)
     if not state:
         raise ExperimentNotFound(f"{exp_dir} has no {STUDY_FILE} yet (the launch has not started a trial).")

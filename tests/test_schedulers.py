@@ -445,6 +445,7 @@ def test_the_reference_trial_runs_and_is_reported(reference_study):
     assert done.returncode == 0, done.stderr
     status = json.loads(done.stdout)
     assert [t["id"] for t in status["trials"] if t.get("reference")] == [refs[0]["id"]]
+    assert [t["id"] for t in status["trials"]] == [t["id"] for t in by_number]  # reference first
     assert [t["id"] for t in status["trials"] if t.get("recipe") == "sqrt"] == [by_number[1]["id"]]
     done = subprocess.run(
         [sys.executable, "-m", "search", "status", str(exp_dir)],

@@ -59,3 +59,17 @@ def test_a_late_epoch_0_keeps_the_history_in_epoch_order(tmp_path):
     state.on_trial_complete(0, [], trial)
     assert t["state"] == S.PRUNED
     assert (t["stopped"]["epoch"], t["stopped"]["value"], t["stopped"]["rule"]) == (2, 0.35, "scheduler")
+
+
+def test_trials_are_numbered_in_the_order_ray_created_them(tmp_path):
+    """The searcher proposes the reference trial first; whichever of two trials starts first, the
+    reference is trial 1 in the progress lines and first in status (the launch header says so)."""
+    state = StudyState(tmp_path, "s", "map50", "max", epochs=2)
+    ref, other = (
+        SimpleNamespace(trial_id=i, config={"lr": lr}, path=None) for i, lr in (("r", 0.02), ("o", 0.1))
+    )
+    state.on_trial_start(0, [ref, other], other)  # the second trial's actor was ready first
+    state.on_trial_start(0, [ref, other], ref)
+    trials = state.state["trials"]
+    assert (trials["r"]["index"], trials["o"]["index"]) == (0, 1)
+    assert [t["id"] for t in S.status_object(tmp_path)["trials"]] == ["r", "o"]
