@@ -184,7 +184,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"{study.get('trial')} epoch {meta['checkpoint']['epoch']} ({study.get('metric')}="
         f"{S.fmt(study.get('best_metric'))})"
     )
-    print(f"  files: {', '.join(sorted(meta['files']))}, SHA256SUMS")
+    print(f"  files: {', '.join(sorted(p.name for p in Path(args.out).iterdir()))}")  # model.yaml too
     print(f"  torchscript: {'ok (matches the eager model)' if ts.get('ok') else ts.get('error')}")
     needs = "torch and torchvision" if key_env is None else f"torch, torchvision, cryptography and ${key_env}"
     print(

@@ -207,6 +207,7 @@ def test_export_human_without_torchscript(study):
     assert first.startswith(f"bundle {out}: ssdlite320_mobilenet_v3_large (detection, 2 classes) from trial ")
     assert "torchscript: " in proc.stdout and "ok (matches the eager model)" not in proc.stdout
     assert (out / "model.yaml").is_file() and (out / "SHA256SUMS").is_file()
+    assert f"  files: {', '.join(sorted(p.name for p in out.iterdir()))}" in proc.stdout.splitlines()
 
 
 def test_export_over_the_inputs_is_bad_input(study):
