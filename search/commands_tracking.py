@@ -254,7 +254,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _print_predictions(out: dict[str, Any], out_dir: Path | None) -> None:
     """A table per image: class, score, box (detection); pixels per class (semantic)."""
-    print(f"{out['arch']} ({out['task']}), {len(out['images'])} image(s), min score {out['min_score']:g}")
+    scored = out["task"] != "semantic_segmentation"  # its pixels take the top class, no score
+    cut = f", min score {out['min_score']:g}" if scored else ""
+    print(f"{out['arch']} ({out['task']}), {len(out['images'])} image(s){cut}")
     for entry in out["images"]:
         print(f"\n{entry['image']} ({entry['width']}x{entry['height']})")
         if "pixels" in entry:

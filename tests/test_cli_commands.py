@@ -344,3 +344,22 @@ def test_ui_serves_the_study_and_stops_on_sigterm(study):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT connection is no server
         s.bind(("127.0.0.1", port))
         s.listen(1)
+
+
+def test_semantic_predictions_print_pixels_and_no_min_score(capsys):
+    from search.commands_tracking import _print_predictions
+
+    image = {"image": "a.png", "width": 2, "height": 2, "pixels": {"background": 1, "nucleus": 3}}
+    out = {
+        "arch": "lraspp_mobilenet_v3_large",
+        "task": "semantic_segmentation",
+        "min_score": 0.3,
+        "images": [image],
+    }
+    _print_predictions(out, None)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "lraspp_mobilenet_v3_large (semantic_segmentation), 1 image(s)"
+    assert [line.split() for line in lines[3:5]] == [
+        ["background", "1", "px", "25.0", "%"],
+        ["nucleus", "3", "px", "75.0", "%"],
+    ]
