@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from search.launcher import experiment_dir
 from search.searcher import num_samples
 from search.spec import Spec
 
@@ -94,7 +93,7 @@ def dry_run(spec: Spec) -> dict[str, Any]:
         "eval_s_per_image": eval_img,
         "trial_s": per_trial,
         "estimated_s": estimate,
-        "experiment_dir": str(experiment_dir(spec)),
+        "experiment_dir": str(spec.experiment_dir),
     }
 
 

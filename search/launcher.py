@@ -70,10 +70,6 @@ def trial_dirname(trial: Any) -> str:
 # ---------------------------------------------------------------- experiment folder
 
 
-def experiment_dir(spec: Spec) -> Path:
-    return Path(spec.output_dir).resolve() / spec.name
-
-
 def resume_command(exp_dir: Path) -> str:
     return f"python -m search resume {exp_dir}"
 
@@ -158,7 +154,7 @@ def launch(
                 "choose another experiment name.",
             )
         spec.name = name
-    exp_dir = experiment_dir(spec)
+    exp_dir = spec.experiment_dir
     _refuse_existing(exp_dir)
     preflight(spec, address, weights=True)  # bad input fails before Ray starts or anything is written
     lock = StudyLock(exp_dir).acquire()  # one writer per study folder (exit 2 names the holder)
@@ -392,7 +388,7 @@ def mlflow_hint(spec: Spec) -> str:
     uri = mlflow_store.tracking_uri(spec)
     if uri.split(":", 1)[0].lower() in ("http", "https"):
         return f"open {uri} (experiment {spec.tracking.experiment or spec.name})"
-    return f"python -m search ui {experiment_dir(spec)}"
+    return f"python -m search ui {spec.experiment_dir}"
 
 
 def print_summary(summary: dict[str, Any], spec: Spec | None = None) -> None:

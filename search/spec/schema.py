@@ -231,7 +231,8 @@ class Spec(_Section):
 
     @property
     def experiment_dir(self) -> Path:
-        return self.output_dir / self.name
+        """The study's folder, absolute."""
+        return Path(self.output_dir).resolve() / self.name
 
     def reference_params(self) -> dict[str, Any] | None:
         """The study's reference trial (the family's torchvision recipe projected into the space:
