@@ -34,11 +34,12 @@ ARCHS = "ssdlite320_mobilenet_v3_large,fasterrcnn_mobilenet_v3_large_320_fpn"
 STEPS = {"ssdlite320_mobilenet_v3_large": 4, "fasterrcnn_mobilenet_v3_large_320_fpn": 1}
 
 
-def bench_arch(arch: str, args: argparse.Namespace, tmp: Path) -> dict:
+def _setup(arch: str, args: argparse.Namespace, tmp: Path) -> dict:
+    """A randomly initialised base file, the trial config, params and a few pre-loaded batches."""
     import torch
     from torchvision.models import get_model
 
-    from trainables import checkpoint, coco, data, families, files, freeze, losses, models, optim
+    from trainables import coco, data, families
     from trainables import params as P
     from trainables.config import DataSplit, TrialConfig
 
@@ -63,18 +64,32 @@ def bench_arch(arch: str, args: argparse.Namespace, tmp: Path) -> dict:
         threads=args.threads,
     )
     params = P.resolve({"lr": 0.002})
-    family = families.family_of(arch)
     ds = data.CocoDetection(
         index, data.build_transforms("detection", True, args.image_size, params), limit=args.batch * 4
     )
     batches = list(data.make_loader(ds, args.batch, shuffle=False, workers=0, seed=0))
+    family = families.family_of(arch)
+    return {
+        "cfg": cfg,
+        "params": params,
+        "family": family,
+        "batches": batches,
+        "base": base,
+        "nc": num_classes,
+    }
+
+
+def _build_runs(s: dict) -> dict:
+    """One model, optimizer and scheduler per preset (heads, all), with a hook that records
+    whether the backbone's output needs a gradient."""
+    from trainables import freeze, models, optim
 
     runs = {}
     for preset in ("heads", "all"):
-        model, _ = models.build_model(cfg, params, num_classes)
-        rep = freeze.apply_trainable(model, family, preset)
-        opt, _ = optim.build_optimizer(model, params, family)
-        sched = optim.build_scheduler(opt, params, 100, len(batches))
+        model, _ = models.build_model(s["cfg"], s["params"], s["nc"])
+        rep = freeze.apply_trainable(model, s["family"], preset)
+        opt, _ = optim.build_optimizer(model, s["params"], s["family"])
+        sched = optim.build_scheduler(opt, s["params"], 100, len(s["batches"]))
         seen = {}
         model.backbone.register_forward_hook(
             lambda _m, _i, out, seen=seen: seen.__setitem__(
@@ -83,40 +98,45 @@ def bench_arch(arch: str, args: argparse.Namespace, tmp: Path) -> dict:
             )
         )
         runs[preset] = {"model": model, "opt": opt, "sched": sched, "report": rep, "seen": seen, "i": 0}
+    return runs
 
-    def step(run: dict, n: int) -> float:
-        model, opt, sched = run["model"], run["opt"], run["sched"]
-        freeze.train_mode(model)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            images, targets = batches[run["i"] % len(batches)]
-            run["i"] += 1
-            loss = losses.weighted_total(model(images, targets), params)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        return (time.perf_counter() - t0) / n
 
-    n = args.steps or STEPS.get(arch, 2)
-    step(runs["heads"], 1), step(runs["all"], 1)  # warm-up
-    heads = runs["heads"]
-    frozen_grads = [
-        nm for nm, p in heads["model"].named_parameters() if not p.requires_grad and p.grad is not None
-    ]
-    skipped = (not heads["seen"]["backbone_out_requires_grad"]) and not frozen_grads
+def _step(s: dict, run: dict, n: int) -> float:
+    """Mean seconds of n training steps of one run."""
+    from trainables import freeze, losses
+
+    model, opt, sched = run["model"], run["opt"], run["sched"]
+    freeze.train_mode(model)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        images, targets = s["batches"][run["i"] % len(s["batches"])]
+        run["i"] += 1
+        loss = losses.weighted_total(model(images, targets), s["params"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return (time.perf_counter() - t0) / n
+
+
+def _time_rounds(arch: str, s: dict, runs: dict, n: int, rounds: int) -> list[dict]:
     rows = []
-    for r in range(args.rounds):
+    for r in range(rounds):
         order = ("heads", "all") if r % 2 == 0 else ("all", "heads")
-        t = {name: step(runs[name], n) for name in order}
+        t = {name: _step(s, runs[name], n) for name in order}
         rows.append({"round": r, "heads_s": t["heads"], "all_s": t["all"], "speedup": t["all"] / t["heads"]})
         print(
             f"  {arch} round {r}: step heads {t['heads']:.3f}s, all {t['all']:.3f}s -> "
             f"{t['all'] / t['heads']:.2f}x",
             flush=True,
         )
+    return rows
 
-    base_sha = files.sha256_file(base)
+
+def _checkpoint_sizes(arch: str, s: dict, runs: dict, tmp: Path) -> dict:
+    from trainables import checkpoint, files
+
+    base_sha = files.sha256_file(s["base"])
     sizes = {}
     for label, preset, trainable_only in (
         ("heads_trainable_only", "heads", True),
@@ -132,31 +152,60 @@ def bench_arch(arch: str, args: argparse.Namespace, tmp: Path) -> dict:
             scheduler=run["sched"],
             epoch=1,
             metrics={"map50": 0.0},
-            params=params,
+            params=s["params"],
             base_sha256=base_sha,
             trainable_only=trainable_only,
             extra={"history": []},
         )
         sizes[label] = os.path.getsize(path)
-    model_bytes = {
-        "heads_trainable_state": sum(
-            t.numel() * t.element_size() for t in checkpoint.trainable_state(heads["model"]).values()
-        ),
-        "full_state_dict": sum(t.numel() * t.element_size() for t in heads["model"].state_dict().values()),
-    }
-    reloaded = checkpoint.load_trained(cfg, params, num_classes, tmp / f"{arch}-heads_trainable_only.pt")
-    trained = heads["model"].state_dict()
-    same = all(torch.equal(v, trained[k]) for k, v in reloaded.state_dict().items())
-    preset_bytes = {}  # side info: model tensors a trainable-only checkpoint keeps, per preset
-    probe = runs["all"]["model"]
-    for preset in family.presets:
+    return sizes
+
+
+def _state_bytes(state: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def _preset_bytes(s: dict, probe, full_bytes: int) -> dict:
+    """Side info: the share of model tensors a trainable-only checkpoint keeps, per preset."""
+    from trainables import checkpoint, freeze
+
+    out = {}
+    for preset in s["family"].presets:
         try:
-            freeze.apply_trainable(probe, family, preset, 1)
+            freeze.apply_trainable(probe, s["family"], preset, 1)
         except ValueError:
             continue
-        kept = sum(t.numel() * t.element_size() for t in checkpoint.trainable_state(probe).values())
-        preset_bytes[preset] = kept / model_bytes["full_state_dict"]
-    freeze.apply_trainable(probe, family, "all")
+        out[preset] = _state_bytes(checkpoint.trainable_state(probe)) / full_bytes
+    freeze.apply_trainable(probe, s["family"], "all")
+    return out
+
+
+def bench_arch(arch: str, args: argparse.Namespace, tmp: Path) -> dict:
+    import torch
+
+    from trainables import checkpoint
+
+    s = _setup(arch, args, tmp)
+    runs = _build_runs(s)
+    n = args.steps or STEPS.get(arch, 2)
+    _step(s, runs["heads"], 1), _step(s, runs["all"], 1)  # warm-up
+    heads = runs["heads"]
+    frozen_grads = [
+        nm for nm, p in heads["model"].named_parameters() if not p.requires_grad and p.grad is not None
+    ]
+    skipped = (not heads["seen"]["backbone_out_requires_grad"]) and not frozen_grads
+    rows = _time_rounds(arch, s, runs, n, args.rounds)
+    sizes = _checkpoint_sizes(arch, s, runs, tmp)
+    model_bytes = {
+        "heads_trainable_state": _state_bytes(checkpoint.trainable_state(heads["model"])),
+        "full_state_dict": _state_bytes(heads["model"].state_dict()),
+    }
+    reloaded = checkpoint.load_trained(
+        s["cfg"], s["params"], s["nc"], tmp / f"{arch}-heads_trainable_only.pt"
+    )
+    trained = heads["model"].state_dict()
+    same = all(torch.equal(v, trained[k]) for k, v in reloaded.state_dict().items())
+    preset_bytes = _preset_bytes(s, runs["all"]["model"], model_bytes["full_state_dict"])
     rep_h, rep_a = heads["report"], runs["all"]["report"]
     return {
         "arch": arch,

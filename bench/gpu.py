@@ -224,38 +224,42 @@ def amp_bench(arch: str, batch: int, rounds: int, steps: int, device: str = "cud
     }
 
 
+def _cuda_memory(device: str, when: str, peak: bool = False) -> dict:
+    """CUDA's allocated/reserved bytes now (None off CUDA: the cpu smoke run)."""
+    import torch
+
+    on = device == "cuda"
+    if on:
+        torch.cuda.synchronize()
+    out = {
+        "when": when,
+        "allocated": torch.cuda.memory_allocated() if on else None,
+        "reserved": torch.cuda.memory_reserved() if on else None,
+    }
+    if peak:
+        out["peak_allocated"] = torch.cuda.max_memory_allocated() if on else None
+    return out
+
+
 def memory_in_process(work: Path, device: str = "cuda") -> list[dict]:
     import torch
 
     from trainables.trial import run_trial
 
-    out = []
-    torch.cuda.synchronize()
-    out.append(
-        {
-            "when": "before",
-            "allocated": torch.cuda.memory_allocated(),
-            "reserved": torch.cuda.memory_reserved(),
-        }
-    )
+    out = [_cuda_memory(device, "before")]
     for i in range(2):
         cfg = trial_config(work / f"mem-{i}", epochs=1, threads=4, workers=0, limit=16, device=device)
         run_trial(cfg, PARAM_LIST[i])
         gc.collect()
-        torch.cuda.empty_cache()
-        out.append(
-            {
-                "when": f"after trial {i + 1}",
-                "allocated": torch.cuda.memory_allocated(),
-                "reserved": torch.cuda.memory_reserved(),
-                "peak_allocated": torch.cuda.max_memory_allocated(),
-            }
-        )
-        torch.cuda.reset_peak_memory_stats()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        out.append(_cuda_memory(device, f"after trial {i + 1}", peak=True))
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
     return out
 
 
-def main() -> None:
+def _parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--whole-trials", type=int, default=4, help="trials in the 1-per-GPU arm")
@@ -273,68 +277,54 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: smoke test of the code paths
     ap.add_argument("--one-trial", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.one_trial:
-        one_trial(args.one_trial)
-        return
     if args.quick:
         args.epochs, args.whole_trials, args.frac_trials, args.amp_rounds = 1, 2, 4, 4
+    return args
 
+
+def _amp_part(args: argparse.Namespace) -> list[dict]:
     import torch
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: this benchmark needs a GPU (nothing measured)", file=sys.stderr)
-        raise SystemExit(2)
-    skip = set(filter(None, args.skip.split(",")))
-    info = C.machine()
-    print(f"machine: {info}", flush=True)
-    work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
-    res: dict = {"command": C.command_line(), "machine": info}
-    t_all = time.time()
-    if "amp" not in skip:
-        res["amp"] = []
-        for arch, batch in (
-            ("ssdlite320_mobilenet_v3_large", 16),
-            ("fasterrcnn_mobilenet_v3_large_320_fpn", 8),
-        ):
-            r = amp_bench(arch, batch, args.amp_rounds, args.amp_steps, args.device)
-            gc.collect()
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
-            res["amp"].append(r)
-            print(f"B {arch} batch {batch}: fp32/amp step time {C.fmt(r['speedup'], 2)}", flush=True)
-    if "memory" not in skip:
-        res["memory"] = memory_in_process(work, args.device)
-        for m in res["memory"]:
-            print(f"C in-process {m}", flush=True)
-    if "trials" not in skip:
-        arms = []
-        for k in range(args.repeats):
-            order = ("whole", "frac") if k % 2 == 0 else ("frac", "whole")
-            for arm in order:
-                n, conc = (args.whole_trials, 1) if arm == "whole" else (args.frac_trials, args.frac)
-                r = trials_arm(n, conc, args, work)
-                r["arm"], r["repeat"] = arm, k
-                arms.append(r)
-                print(
-                    f"A {arm} #{k}: {n} trials, {conc} at a time: wall {r['wall_s']:.0f}s -> "
-                    f"{r['trials_per_hour']:.0f} trials/h, errors {r['errors']}; GPU MiB baseline "
-                    f"{r['mem_baseline_mib']}, peak {r['mem_peak_mib']}, after each trial "
-                    f"{r['mem_after_each_trial_mib']}, after arm {r['mem_after_arm_mib']}",
-                    flush=True,
-                )
-        res["trials"] = arms
-    res["total_s"] = time.time() - t_all
-    C.dump(args.json, res)
-    import shutil
+    out = []
+    for arch, batch in (
+        ("ssdlite320_mobilenet_v3_large", 16),
+        ("fasterrcnn_mobilenet_v3_large_320_fpn", 8),
+    ):
+        r = amp_bench(arch, batch, args.amp_rounds, args.amp_steps, args.device)
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        out.append(r)
+        print(f"B {arch} batch {batch}: fp32/amp step time {C.fmt(r['speedup'], 2)}", flush=True)
+    return out
 
-    shutil.rmtree(work, ignore_errors=True)
-    print(f"total {res['total_s']:.0f}s")
+
+def _trials_part(args: argparse.Namespace, work: Path) -> list[dict]:
+    arms = []
+    for k in range(args.repeats):
+        order = ("whole", "frac") if k % 2 == 0 else ("frac", "whole")
+        for arm in order:
+            n, conc = (args.whole_trials, 1) if arm == "whole" else (args.frac_trials, args.frac)
+            r = trials_arm(n, conc, args, work)
+            r["arm"], r["repeat"] = arm, k
+            arms.append(r)
+            print(
+                f"A {arm} #{k}: {n} trials, {conc} at a time: wall {r['wall_s']:.0f}s -> "
+                f"{r['trials_per_hour']:.0f} trials/h, errors {r['errors']}; GPU MiB baseline "
+                f"{r['mem_baseline_mib']}, peak {r['mem_peak_mib']}, after each trial "
+                f"{r['mem_after_each_trial_mib']}, after arm {r['mem_after_arm_mib']}",
+                flush=True,
+            )
+    return arms
+
+
+def _summarise(res: dict, frac: int) -> None:
     if "trials" in res:
         whole = [a for a in res["trials"] if a["arm"] == "whole"]
-        frac = [a for a in res["trials"] if a["arm"] == "frac"]
-        pairs = [(f, w) for f in frac for w in whole if f["repeat"] == w["repeat"]]
+        fracs = [a for a in res["trials"] if a["arm"] == "frac"]
+        pairs = [(f, w) for f in fracs for w in whole if f["repeat"] == w["repeat"]]
         ratios = [f["trials_per_hour"] / w["trials_per_hour"] for f, w in pairs]
-        print(f"RATIO trials/hour {args.frac} per GPU / 1 per GPU: {C.fmt(C.spread(ratios), 2)}")
+        print(f"RATIO trials/hour {frac} per GPU / 1 per GPU: {C.fmt(C.spread(ratios), 2)}")
         left = [
             a["mem_after_arm_mib"] - a["mem_baseline_mib"]
             for a in res["trials"]
@@ -349,6 +339,39 @@ def main() -> None:
             "GPU memory allocated/reserved after each in-process trial (bytes): "
             + ", ".join(f"{x['when']}: {x['allocated']}/{x['reserved']}" for x in m)
         )
+
+
+def main() -> None:
+    args = _parse()
+    if args.one_trial:
+        one_trial(args.one_trial)
+        return
+    import shutil
+
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: this benchmark needs a GPU (nothing measured)", file=sys.stderr)
+        raise SystemExit(2)
+    skip = set(filter(None, args.skip.split(",")))
+    info = C.machine()
+    print(f"machine: {info}", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
+    res: dict = {"command": C.command_line(), "machine": info}
+    t_all = time.time()
+    if "amp" not in skip:
+        res["amp"] = _amp_part(args)
+    if "memory" not in skip:
+        res["memory"] = memory_in_process(work, args.device)
+        for m in res["memory"]:
+            print(f"C in-process {m}", flush=True)
+    if "trials" not in skip:
+        res["trials"] = _trials_part(args, work)
+    res["total_s"] = time.time() - t_all
+    C.dump(args.json, res)
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"total {res['total_s']:.0f}s")
+    _summarise(res, args.frac)
 
 
 if __name__ == "__main__":

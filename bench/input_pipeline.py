@@ -22,7 +22,7 @@ from pathlib import Path
 import _common as C  # noqa: I001  (puts the repo root on sys.path)
 
 
-def main() -> None:
+def _parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="ssdlite320_mobilenet_v3_large")
     ap.add_argument("--weights", default=str(C.ROOT / "spaces/base/det-base.pt"))
@@ -34,99 +34,120 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers (the spec default is 0)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (a trial gets its CPU count)")
     ap.add_argument("--json", default=None, help="also write the results to this file")
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    import torch
 
-    from trainables import coco, data, engine, families, freeze, losses, models, optim
-    from trainables import params as P
-    from trainables.config import DataSplit, TrialConfig
+class Pipeline:
+    """One model, optimizer and scheduler as ``run_trial`` builds them, its real loader, and the
+    same batches pre-loaded; the three timings share them."""
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    root = Path(args.data)
-    split = DataSplit(root / "images", root / "annotations/instances_train.json")
-    cfg = TrialConfig(
-        task="detection",
-        arch=args.arch,
-        train=split,
-        val=split,
-        out_dir=Path(tempfile.gettempdir()) / "bench-input-unused",
-        weights=args.weights,
-        image_size=args.image_size,
-        batch_size=args.batch,
-        workers=args.workers,
-        threads=args.threads,
-    )
-    params = P.resolve({"lr": 0.002})  # defaults otherwise: sgd, momentum 0.9, hflip 0.5, trainable all
-    index = coco.load_coco(split.annotations, split.images, task="detection")
-    ds = data.CocoDetection(
-        index, data.build_transforms("detection", True, args.image_size, params), limit=args.images
-    )
-    loader = data.make_loader(ds, args.batch, shuffle=True, workers=args.workers, seed=0)
-    family = families.family_of(args.arch)
-    model, _ = models.build_model(cfg, params, len(index.class_names) + 1)
-    freeze.apply_trainable(model, family, "all")
-    optimizer, _ = optim.build_optimizer(model, params, family)
-    scheduler = optim.build_scheduler(optimizer, params, 4 * (args.rounds + 2), len(loader))
-    device = torch.device("cpu")
-    batches = list(loader)  # the pre-loaded tensors for B (same images, same transforms)
-    n_img = sum(len(b[0]) for b in batches)
+    def __init__(self, args: argparse.Namespace):
+        import torch
 
-    def trainer() -> tuple[float, float]:
+        from trainables import coco, data, families, freeze, models, optim
+        from trainables import params as P
+        from trainables.config import DataSplit, TrialConfig
+
+        torch.set_num_threads(args.threads)
+        torch.manual_seed(0)
+        root = Path(args.data)
+        split = DataSplit(root / "images", root / "annotations/instances_train.json")
+        cfg = TrialConfig(
+            task="detection",
+            arch=args.arch,
+            train=split,
+            val=split,
+            out_dir=Path(tempfile.gettempdir()) / "bench-input-unused",
+            weights=args.weights,
+            image_size=args.image_size,
+            batch_size=args.batch,
+            workers=args.workers,
+            threads=args.threads,
+        )
+        self.params = P.resolve({"lr": 0.002})  # defaults otherwise: sgd, momentum 0.9, hflip 0.5, all
+        index = coco.load_coco(split.annotations, split.images, task="detection")
+        ds = data.CocoDetection(
+            index, data.build_transforms("detection", True, args.image_size, self.params), limit=args.images
+        )
+        self.loader = data.make_loader(ds, args.batch, shuffle=True, workers=args.workers, seed=0)
+        family = families.family_of(args.arch)
+        self.model, _ = models.build_model(cfg, self.params, len(index.class_names) + 1)
+        freeze.apply_trainable(self.model, family, "all")
+        self.optimizer, _ = optim.build_optimizer(self.model, self.params, family)
+        self.scheduler = optim.build_scheduler(
+            self.optimizer, self.params, 4 * (args.rounds + 2), len(self.loader)
+        )
+        self.device = torch.device("cpu")
+        self.batches = list(self.loader)  # the pre-loaded tensors for B (same images, same transforms)
+        self.n_img = sum(len(b[0]) for b in self.batches)
+
+    def trainer(self) -> tuple[float, float]:
+        """A: images/s timed around train_one_epoch, and its own count."""
+        from trainables import engine
+
         t0 = time.perf_counter()
-        stats = engine.train_one_epoch(model, loader, optimizer, scheduler, device=device, params=params)
-        return n_img / (time.perf_counter() - t0), stats["images_per_s"]
+        stats = engine.train_one_epoch(
+            self.model, self.loader, self.optimizer, self.scheduler, device=self.device, params=self.params
+        )
+        return self.n_img / (time.perf_counter() - t0), stats["images_per_s"]
 
-    def bare() -> float:
-        freeze.train_mode(model)
+    def bare(self) -> float:
+        """B: images/s of the bare steps on the pre-loaded batches."""
+        from trainables import freeze, losses
+
+        freeze.train_mode(self.model)
         t0 = time.perf_counter()
-        for images, targets in batches:
-            loss = losses.weighted_total(model(images, targets), params)
-            optimizer.zero_grad(set_to_none=True)
+        for images, targets in self.batches:
+            loss = losses.weighted_total(self.model(images, targets), self.params)
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            scheduler.step()
-        return n_img / (time.perf_counter() - t0)
+            self.optimizer.step()
+            self.scheduler.step()
+        return self.n_img / (time.perf_counter() - t0)
 
-    def loader_only() -> float:
+    def loader_only(self) -> float:
+        """C: images/s of the loader alone."""
         t0 = time.perf_counter()
-        for _ in loader:
+        for _ in self.loader:
             pass
-        return n_img / (time.perf_counter() - t0)
+        return self.n_img / (time.perf_counter() - t0)
 
+
+def _round(pipe: Pipeline, r: int) -> dict:
+    if r % 2 == 0:
+        (a, a_engine), b = pipe.trainer(), pipe.bare()
+    else:
+        b = pipe.bare()
+        a, a_engine = pipe.trainer()
+    c = pipe.loader_only()
+    print(
+        f"round {r}: trainer {a:.2f} img/s (engine's own count {a_engine:.2f}), bare {b:.2f} img/s, "
+        f"loader alone {c:.1f} img/s -> ratio {a / b:.3f}",
+        flush=True,
+    )
+    return {
+        "round": r,
+        "trainer_ips": a,
+        "trainer_ips_engine": a_engine,
+        "bare_ips": b,
+        "loader_ips": c,
+        "ratio": a / b,
+        "ratio_engine": a_engine / b,
+        "loader_share": b / c,
+    }
+
+
+def main() -> None:
+    args = _parse()
+    pipe = Pipeline(args)
     print(f"machine: {C.machine()}", flush=True)
     print(
-        f"{args.arch}, {n_img} images/round at {args.image_size}px, batch {args.batch}, "
+        f"{args.arch}, {pipe.n_img} images/round at {args.image_size}px, batch {args.batch}, "
         f"workers {args.workers}, threads {args.threads}; warm-up round, then {args.rounds} rounds",
         flush=True,
     )
-    trainer(), bare()  # warm-up (allocator, first-call paths, persistent workers)
-    rows = []
-    for r in range(args.rounds):
-        if r % 2 == 0:
-            (a, a_engine), b = trainer(), bare()
-        else:
-            b = bare()
-            a, a_engine = trainer()
-        c = loader_only()
-        rows.append(
-            {
-                "round": r,
-                "trainer_ips": a,
-                "trainer_ips_engine": a_engine,
-                "bare_ips": b,
-                "loader_ips": c,
-                "ratio": a / b,
-                "ratio_engine": a_engine / b,
-                "loader_share": b / c,
-            }
-        )
-        print(
-            f"round {r}: trainer {a:.2f} img/s (engine's own count {a_engine:.2f}), bare {b:.2f} img/s, "
-            f"loader alone {c:.1f} img/s -> ratio {a / b:.3f}",
-            flush=True,
-        )
+    pipe.trainer(), pipe.bare()  # warm-up (allocator, first-call paths, persistent workers)
+    rows = [_round(pipe, r) for r in range(args.rounds)]
     ratio = C.spread([x["ratio"] for x in rows])
     ratio_engine = C.spread([x["ratio_engine"] for x in rows])
     share = C.spread([x["loader_share"] for x in rows])

@@ -13,6 +13,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -269,7 +270,7 @@ def test_promote_refuses_a_regression(study, tmp_path, capsys):
 
 def test_export_predict_matches_the_trials_evaluation(study, tmp_path, capsys):
     from search import bundle, bundle_predict
-    from trainables import coco, coco_eval, data
+    from trainables import coco_eval
 
     exp_dir = study["exp_dir"]
     top = select.best(exp_dir, 1)[0]
@@ -288,18 +289,7 @@ def test_export_predict_matches_the_trials_evaluation(study, tmp_path, capsys):
     bundle.verify(out)
     assert main(["export", str(exp_dir), "--out", str(out)]) == 2  # not empty: refused
 
-    # the trial's own evaluation: its model at the checkpoint through the trial's val pipeline
-    spec = select.load_study_spec(exp_dir)
-    cfg = spec.trial_config(out_dir=tmp_path / "x")
-    model, _, _ = bundle.trial_model(cfg, Path(top["checkpoint"]), 3)
-    index = coco.load_coco(cfg.val.annotations, cfg.val.images, task="detection")
-    ds = data.CocoDetection(index, data.build_transforms("detection", False, 96, {}))
-    loader = data.make_loader(ds, 1, shuffle=False, workers=0, seed=0)  # one image a batch, as predict
-    own = []
-    with torch.inference_mode():
-        for images, targets in loader:
-            for image, target, pred in zip(images, targets, model(list(images)), strict=True):
-                own.append({**pred, "image_id": target["image_id"], "input_size": tuple(image.shape[-2:])})
+    own, index = _trials_own_predictions(exp_dir, top, tmp_path)
     paths = [rec.path for rec in index.images]
     assert (
         main(
@@ -348,20 +338,45 @@ def test_export_predict_matches_the_trials_evaluation(study, tmp_path, capsys):
     ]
     # (training evaluated batches of 2: low-score boxes may differ in the last bits, not the metric)
     assert coco_eval.evaluate_detections(index, preds)["map50"] == pytest.approx(top["best_metric"], abs=1e-3)
-    # the standalone load.py (torch/torchvision only) gives the same model
+    _load_py_gives_the_same_model(out, paths[0], result["images"][0], own[0])
+    _tampered_bundles_are_refused(out, paths[0], tmp_path, capsys)
+
+
+def _trials_own_predictions(exp_dir: Path, top: dict, tmp_path: Path) -> tuple[list[dict], Any]:
+    """The trial's own evaluation: its model at the checkpoint through the trial's val pipeline,
+    one image a batch (as predict), each prediction with its image id and input size."""
+    from search import bundle
+    from trainables import coco, data
+
+    spec = select.load_study_spec(exp_dir)
+    cfg = spec.trial_config(out_dir=tmp_path / "x")
+    model, _, _ = bundle.trial_model(cfg, Path(top["checkpoint"]), 3)
+    index = coco.load_coco(cfg.val.annotations, cfg.val.images, task="detection")
+    ds = data.CocoDetection(index, data.build_transforms("detection", False, 96, {}))
+    loader = data.make_loader(ds, 1, shuffle=False, workers=0, seed=0)
+    own = []
+    with torch.inference_mode():
+        for images, targets in loader:
+            for image, target, pred in zip(images, targets, model(list(images)), strict=True):
+                own.append({**pred, "image_id": target["image_id"], "input_size": tuple(image.shape[-2:])})
+    return own, index
+
+
+def _load_py_gives_the_same_model(out: Path, image: Path, predicted: dict, own: dict) -> None:
+    """The bundle's standalone load.py (torch/torchvision only) gives the same model: the same
+    labels as ``predict`` and, through its TorchScript file, the trial's own boxes."""
     import importlib.util
 
     spec_ = importlib.util.spec_from_file_location("bundle_load_copy", out / "load.py")
     mod = importlib.util.module_from_spec(spec_)
     spec_.loader.exec_module(mod)
     m2, meta2 = mod.load_bundle(out)
-    r2 = mod.predict(m2, meta2, paths[0])
-    assert [d["label"] for d in r2["detections"]] == [d["label"] for d in result["images"][0]["detections"]]
+    r2 = mod.predict(m2, meta2, image)
+    assert [d["label"] for d in r2["detections"]] == [d["label"] for d in predicted["detections"]]
     ts = mod.load_torchscript(out)
-    x = mod.preprocess(mod.read_image(paths[0]), meta2)
+    x = mod.preprocess(mod.read_image(image), meta2)
     _, dets = ts([x])
-    assert torch.allclose(dets[0]["boxes"], own[0]["boxes"], atol=1e-4)
-    _tampered_bundles_are_refused(out, paths[0], tmp_path, capsys)
+    assert torch.allclose(dets[0]["boxes"], own["boxes"], atol=1e-4)
 
 
 def _tampered_bundles_are_refused(out: Path, image: Path, tmp_path: Path, capsys) -> None:
