@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,18 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def _quiet_exit_in_callbacks(unraisable: Any) -> None:
+    """``sys.unraisablehook`` of a trial's worker: Ray's SIGTERM handler raises ``SystemExit``,
+    and when the signal lands while Python runs a weakref or finalizer callback (the garbage
+    collector, e.g. as ``ray.shutdown`` stops the idle workers after a study), Python cannot raise
+    it there and prints "Exception ignored in ... SystemExit: 1" with a traceback, which Ray
+    forwards to the launch's terminal after the summary. That exit was not lost (Ray kills the
+    worker anyway); only its printout is dropped. Every other unraisable exception prints."""
+    if isinstance(unraisable.exc_value, SystemExit):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def train_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     """Ray function trainable: one trial of ``setup["trial_config"]`` with ``config`` as params.
 
@@ -81,6 +94,7 @@ def train_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     from trainables.trial import run_trial
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # "Checkpoint successfully created" per epoch
+    sys.unraisablehook = _quiet_exit_in_callbacks
     threads = max(1, int(setup["cpu"]))
     torch.set_num_threads(threads)
     work = Path(os.getcwd()) / "trial"

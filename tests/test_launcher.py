@@ -633,3 +633,27 @@ def test_process_reused_after_a_scheduler_stop(ray_local, tmp_path):
     assert rows[0.02][0]["map50"] == rows[0.01][0]["map50"] == rows[0.02][0]["base_metric"]
     assert len(list((exp_dir / S.BASE_EVAL_DIR).glob("*.json"))) == 1  # evaluated once, by the first
     print(f"two trials in one reused process: {took:.0f}s")
+
+
+def test_a_workers_sigterm_in_a_gc_callback_prints_nothing(tmp_path):
+    """Ray's SIGTERM handler raises SystemExit; landing in a weakref callback as ``ray.shutdown``
+    stops idle workers, Python printed "Exception ignored ... SystemExit: 1" with a traceback after
+    the launch's summary. The worker's hook drops exactly that; other unraisables still print."""
+    code = (
+        "import os, signal, sys, weakref\n"
+        "from search.worker import _quiet_exit_in_callbacks\n"
+        "sys.unraisablehook = _quiet_exit_in_callbacks\n"
+        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # as Ray's worker handler\n"
+        "class A: pass\n"
+        "def on_sigterm(_ref): os.kill(os.getpid(), signal.SIGTERM)\n"
+        "def on_error(_ref): raise ValueError('a real bug')\n"
+        "a, b = A(), A()\n"
+        "r1, r2 = weakref.ref(a, on_sigterm), weakref.ref(b, on_error)\n"
+        "del a, b\n"
+        "print('alive')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "alive", proc
+    assert "SystemExit" not in proc.stderr, proc.stderr
+    assert "ValueError: a real bug" in proc.stderr, proc.stderr
