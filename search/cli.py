@@ -365,10 +365,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"{'':<42}failed: diverged (a non-finite loss)")
         elif t.get("error"):
             print(f"{'':<42}failed: {t['error']}")
-        if t.get("reference"):
-            print(f"{'':<42}reference trial (the architecture's torchvision recipe)")
-        elif t.get("recipe"):
-            print(f"{'':<42}the torchvision recipe, lr scaled to the batch by the {t['recipe']} rule")
+        if note := S.recipe_text(t):
+            print(f"{'':<42}{note}")
         if t.get("stopped"):
             print(f"{'':<42}{stop_text(t['stopped'], metric)}")
     best = obj.get("best")

@@ -127,6 +127,8 @@ def cmd_best(args: argparse.Namespace) -> int:
         params = " ".join(f"{k}={S.fmt(v)}" for k, v in t.get("params", {}).items())
         print(f"{'':>17}{params}")
         print(f"{'':>17}checkpoint {t.get('checkpoint') or '-'}")
+        if note := S.recipe_text(t):
+            print(f"{'':>17}{note}")
     return 0
 
 

@@ -321,6 +321,15 @@ def status_object(exp_dir: Path) -> dict[str, Any]:
     return out
 
 
+def recipe_text(trial: dict[str, Any]) -> str | None:
+    """What a recipe trial is, in words (``status``, ``best``); None for a searched trial."""
+    if trial.get("reference"):
+        return "reference trial (the architecture's torchvision recipe)"
+    if trial.get("recipe"):
+        return f"the torchvision recipe, lr scaled to the batch by the {trial['recipe']} rule"
+    return None
+
+
 def stop_text(record: dict[str, Any], metric: str) -> str:
     """Why a trial stopped early, in words (the progress line, ``status``)."""
     value, cut = fmt(record.get("value")), fmt(record.get("cut"))

@@ -135,6 +135,11 @@ def test_best_human_and_json(study):
     assert lines[0].startswith(f"study {NAME}: 2 ranked trial(s) by best map50 (max); base model")
     assert lines[2].split()[:2] == ["1", ranked[0]["id"]] and ranked[0]["run_id"] in lines[2]
     assert f"checkpoint {ranked[0]['checkpoint']}" in proc.stdout
+    # the reference trial (the recipe, lr clipped into the space) says so under its row, as in status
+    (ref,) = [t for t in ranked if t["reference"]]
+    row = next(i for i, ln in enumerate(lines) if ln.split()[1:2] == [ref["id"]])
+    assert lines[row + 3].strip() == "reference trial (the architecture's torchvision recipe)"
+    assert proc.stdout.count("reference trial (the architecture's") == 1
 
 
 def test_best_top_zero_is_bad_input(study):
