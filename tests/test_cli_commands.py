@@ -142,6 +142,37 @@ def test_best_human_and_json(study):
     assert proc.stdout.count("reference trial (the architecture's") == 1
 
 
+def test_best_says_why_a_trial_stopped(study, tmp_path):
+    """A stopped trial's row in ``best`` carries the same words as in ``status`` (study.json as the
+    launcher writes it, one trial marked stopped by the halving rule)."""
+    import shutil
+
+    from search import study as S
+    from search import write_queue
+
+    fake = tmp_path / "runs" / NAME
+    fake.mkdir(parents=True)
+    for name in (S.SPEC_FILE, write_queue.RUNS_FILE):
+        shutil.copy(study["exp_dir"] / name, fake / name)
+    state = S.read_study(study["exp_dir"])
+    tid, t = sorted(state["trials"].items())[0]
+    value = t["history"][-1]["map50"]
+    t["state"] = S.PRUNED
+    t["stopped"] = {"epoch": 1, "value": value, "cut": 0.75, "group": "optimizer=sgd", "rule": "halving"}
+    S.write_study(fake, state)
+    where = ["--output-dir", str(tmp_path / "runs")]
+    words = S.stop_text(t["stopped"], "map50")
+    assert words.startswith(f"stopped at epoch 1 with map50 {S.fmt(value)}: below the rung's cut 0.75")
+    status = search("status", NAME, *where, cwd=tmp_path)
+    best = search("best", NAME, *where, cwd=tmp_path)
+    for proc in (status, best):
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count(words) == 1, proc.stdout
+    lines = best.stdout.splitlines()
+    row = next(i for i, ln in enumerate(lines) if ln.split()[1:2] == [tid])
+    assert words in "\n".join(lines[row : row + 5]) and lines[row].split()[2] == S.PRUNED
+
+
 def test_best_top_zero_is_bad_input(study):
     one_error_line(search("best", NAME, *study["where"], "--top", "0", cwd=study["root"]), "--top", "0")
 
