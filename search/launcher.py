@@ -35,7 +35,7 @@ from search.errors import SpecError, short
 from search.failures import disk_full
 from search.guards import StudyLock
 from search.registry import resolve_spec_weights
-from search.schedulers import make_scheduler
+from search.schedulers import make_scheduler, scheduler_label
 from search.searcher import make_searcher, num_samples
 from search.spec import MAX_NAME, NAME, Spec, build_spec, check_weights
 from search.stopping import BudgetStopper
@@ -466,7 +466,8 @@ def _print_header(
     what = "resuming" if resumed else "launching"
     budget = f", time budget {s.time_budget:.0f}s" if s.time_budget else ""
     print(
-        f"{what} study {spec.name}: {s.algorithm} + {s.scheduler}, {num_samples(spec)} trials x "
+        f"{what} study {spec.name}: {s.algorithm} + {scheduler_label(s.scheduler)}, "
+        f"{num_samples(spec)} trials x "
         f"{spec.train.epochs} epochs, {s.max_concurrent} at a time ({spec.resources.cpu:g} CPU"
         f"{f', {spec.resources.gpu:g} GPU' if spec.resources.gpu else ''} each){budget}; "
         f"objective {spec.objective.metric} ({spec.objective.mode})",

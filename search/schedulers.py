@@ -114,8 +114,13 @@ class SchedulerEntry:
     factory: Callable[[Any], Any]  # spec -> Ray scheduler
 
 
+AUTO = "curve"  # what ``auto`` means now: the scheduler measured best for fine-tuning
+
 SCHEDULERS: dict[str, SchedulerEntry] = {
-    "auto": SchedulerEntry("the default: the scheduler measured best for fine-tuning (curve)", _curve),
+    "auto": SchedulerEntry(
+        f"the default: the scheduler measured best for fine-tuning ({AUTO})",
+        lambda spec: SCHEDULERS[AUTO].factory(spec),
+    ),
     "stratified": SchedulerEntry("successive halving within structural groups + collapse rule", _stratified),
     "curve": SchedulerEntry(
         "stratified + stop a trial whose optimistic learning-curve extrapolation stays below the best",
@@ -127,6 +132,11 @@ SCHEDULERS: dict[str, SchedulerEntry] = {
     "none": SchedulerEntry("no early stopping: every trial runs every epoch", _none),
 }
 SCHEDULER_NAMES = tuple(SCHEDULERS)
+
+
+def scheduler_label(name: str) -> str:
+    """``name`` as the launch header shows it: ``auto`` says what it stands for."""
+    return f"{name} ({AUTO})" if name == "auto" else name
 
 
 def make_scheduler(spec: Any) -> Any:

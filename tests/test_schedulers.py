@@ -16,7 +16,7 @@ from ray.tune.schedulers import TrialScheduler
 
 from search import study as S
 from search.errors import SpecError
-from search.schedulers import SCHEDULER_NAMES, SCHEDULERS, group_of, rungs_for
+from search.schedulers import AUTO, SCHEDULER_NAMES, SCHEDULERS, group_of, rungs_for, scheduler_label
 from search.space import parse_space
 from search.spec import load_spec
 from search.stopping import RecordingASHA, StratifiedHalving
@@ -173,6 +173,8 @@ def test_scheduler_table_is_what_the_spec_accepts():
     # the default is what BENCHMARKS.md §3 measured best: curve (stratified + extrapolation)
     assert isinstance(built["auto"], StratifiedHalving) and built["auto"].extrapolate
     assert built["curve"].extrapolate and not built["stratified"].extrapolate
+    assert AUTO == "curve" and type(built["auto"]) is type(built[AUTO])
+    assert scheduler_label("auto") == "auto (curve)" and scheduler_label("asha") == "asha"
 
 
 def test_unknown_scheduler_exits_2_listing_the_names():
