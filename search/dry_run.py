@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from search import study as S
+from search.schedulers import scheduler_label
 from search.searcher import num_samples
 from search.spec import Spec
 
@@ -94,6 +96,9 @@ def dry_run(spec: Spec) -> dict[str, Any]:
         "trial_s": per_trial,
         "estimated_s": estimate,
         "experiment_dir": str(spec.experiment_dir),
+        "algorithm": spec.search.algorithm,
+        "scheduler": spec.search.scheduler,
+        "recipe_trials": [{"scaling": sc, "params": p} for sc, p in spec.recipe_trials()],
     }
 
 
@@ -109,6 +114,9 @@ def print_plan(plan: dict[str, Any]) -> None:
         f"plan: {plan['trials']} trials x {plan['epochs']} epochs, {plan['max_concurrent']} at a time; "
         f"{plan['train_images']} train / {plan['val_images']} val images, batch {plan['batch_size']}"
     )
+    print(f"search: {plan['algorithm']} + {scheduler_label(plan['scheduler'])}")
+    for i, r in enumerate(plan["recipe_trials"]):
+        print(f"  {S.recipe_plan_text(i, r['scaling'], r['params'])}")
     if plan["estimated_s"] is not None:
         print(
             f"estimate: {plan['trial_s'] / 60:.1f} min per full trial, about "

@@ -479,7 +479,4 @@ def _print_header(
         flush=True,
     )
     for i, (scaling, params) in enumerate(recipe_trials):
-        shown = " ".join(f"{k}={S.fmt(v)}" for k, v in params.items())
-        what = "the reference (torchvision's recipe for this architecture" if i == 0 else "the recipe"
-        rule = f"lr scaled to the batch by the {scaling} rule"
-        print(f"  trial {i + 1} is {what}, {rule}): {shown}", flush=True)
+        print(f"  {S.recipe_plan_text(i, scaling, params)}", flush=True)

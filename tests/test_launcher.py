@@ -234,6 +234,9 @@ def test_dry_run(data_dir, capsys):
     out = capsys.readouterr().out
     assert "2 branch configuration(s)" in out and "plan: 4 trials x 2 epochs, 2 at a time" in out
     assert "estimate:" in out and '"optimizer": "adamw"' in out
+    # what the launch would run: the search and the reference trial (sgd, the recipe's optimizer)
+    assert "search: tpe + auto (curve)" in out
+    assert "trial 1 is the reference (torchvision's recipe" in out and "optimizer=sgd" in out
     assert not (data_dir / "runs" / "dry").exists()  # no Ray, nothing written
 
 
