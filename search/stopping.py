@@ -113,6 +113,7 @@ class StratifiedHalving(FIFOScheduler, _Records):
         self.collapse_from = int(collapse_from or max(1, math.ceil(self.epochs / 2)))
         self._rung_values: dict[int, dict[str, dict[str, float]]] = {}  # rung -> group -> trial -> value
         self._curves: dict[str, dict[int, float]] = {}  # trial -> epoch -> value
+        self._tops: dict[str, float] = {}  # trial -> the best value of its curve
         self.extrapolate, self.rise = bool(extrapolate), float(rise)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -120,6 +121,8 @@ class StratifiedHalving(FIFOScheduler, _Records):
         state.setdefault("extrapolate", False)
         state.setdefault("rise", 0.25)
         self.__dict__.update(state)
+        if "_tops" not in state:  # saved before the per-trial bests were kept
+            self._tops = {t: self._best(c.values()) for t, c in self._curves.items() if c}
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
         return True  # set in the constructor from the spec's objective
@@ -143,6 +146,7 @@ class StratifiedHalving(FIFOScheduler, _Records):
             return TrialScheduler.CONTINUE
         curve = self._curves.setdefault(trial.trial_id, {})
         curve[epoch] = value
+        self._tops[trial.trial_id] = self._best(curve.values())  # the curve may be rewritten (resume)
         if epoch < 1 or epoch >= self.epochs:
             return TrialScheduler.CONTINUE
         group = group_of(trial.config or {})
@@ -188,7 +192,7 @@ class StratifiedHalving(FIFOScheduler, _Records):
             return None
         if (trial.config or {}).get("schedule") in DROPS_AHEAD:
             return None
-        best = self._best(v for t, c in self._curves.items() if t != trial.trial_id for v in c.values())
+        best = self._best(v for t, v in self._tops.items() if t != trial.trial_id)
         if best is None:
             return None
         sign = 1.0 if self._mode == "max" else -1.0

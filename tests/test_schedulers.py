@@ -535,3 +535,29 @@ def test_a_scheduler_pickled_before_extrapolation_existed_still_resumes():
     restored = pickle.loads(pickle.dumps(old))
     assert restored.extrapolate is False and restored.rise == 0.25
     assert restored.on_trial_result(None, trial("a", lr=0.1), {"epoch": 2, "map50": 0.3}) == GO
+
+
+def test_extrapolation_judges_against_the_other_trials_curves_as_they_stand_now():
+    """The best another trial has reported is kept per trial as its curve stands: a curve rewritten
+    by a resumed trial (an epoch reported again from an earlier checkpoint) counts as rewritten,
+    and a scheduler pickled before those per-trial bests existed rebuilds them from the curves."""
+    import pickle
+
+    flat = [0.05, 0.25, 0.38, 0.40, 0.41]  # bound at 5: 0.41 + 3 * 0.02 = 0.47
+    high = [0.10, 0.30, 0.50, 0.60]
+    for rewrite, old_pickle, expect in ((False, False, STOP), (True, False, GO), (False, True, STOP)):
+        sched = _curve_sched()
+        lead, other = trial("lead", lr=0.01), trial("x", lr=0.02)
+        for epoch, v in enumerate(high, start=1):
+            sched.on_trial_result(None, lead, {"epoch": epoch, "map50": v})
+        if rewrite:  # the leader resumed from epoch 1: its later epochs came back far lower
+            for epoch, v in enumerate([0.20, 0.30, 0.45], start=2):
+                sched.on_trial_result(None, lead, {"epoch": epoch, "map50": v})
+        for epoch, v in enumerate(flat[:-1], start=1):
+            assert sched.on_trial_result(None, other, {"epoch": epoch, "map50": v}) == GO
+        if old_pickle:
+            sched = pickle.loads(pickle.dumps(sched))
+            del sched.__dict__["_tops"]  # as a tuner.pkl written by the previous version holds it
+            sched = pickle.loads(pickle.dumps(sched))
+        decision = sched.on_trial_result(None, other, {"epoch": 5, "map50": flat[-1]})
+        assert decision == expect, (rewrite, old_pickle)
