@@ -16,6 +16,8 @@ number of trials, epochs, concurrency and seed (``search.seed`` and ``train.seed
                TPE's start-up 2 trials (both recipe trials: no random one)
   recipes      as bracket with TPE's start-up sized as by default: the second recipe trial is
                added to it (3 at 8 trials: the two recipe trials and one random trial)
+  curve_s3     as curve with TPE's start-up at 3 trials (search.n_startup_trials=3): at 8 trials the
+               reference plus 2 random ones, where the default's 2 count the reference as one
   hyperband    as auto with search.scheduler=hyperband (Ray's synchronous HyperBand) and
                search.max_concurrent = trials (the CPUs still run 2 at a time; the spec refuses
                hyperband with fewer: Ray halves a bracket only once all its trials exist). The
@@ -78,6 +80,12 @@ ARMS = {
         "search.n_startup_trials=2",
     ],
     "recipes": ["search.algorithm=tpe", "search.scheduler=curve", "search.reference_scaling=[linear,sqrt]"],
+    "curve_s3": [
+        "search.algorithm=tpe",
+        "search.scheduler=curve",
+        "search.reference_scaling=[linear]",
+        "search.n_startup_trials=3",
+    ],
 }
 TASKS = {
     "det": {"spec": "spaces/det.yaml", "data": "../shared/data/bccd", "ann": "instances_{}.json"},
