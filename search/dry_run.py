@@ -17,14 +17,48 @@ from search.searcher import num_samples
 from search.spec import Spec
 
 
+def _step_branch(spec: Spec, values: dict[str, Any], out_dir: Path, threads: int) -> dict[str, Any]:
+    """One categorical branch's model built and run for two training batches and one evaluation
+    batch; its measured step and per-image evaluation times."""
+    from trainables import params as P
+    from trainables.trial import run_trial
+
+    bs = spec.train.batch_size
+    cfg = dataclasses.replace(
+        spec.trial_config(out_dir=out_dir, threads=threads),
+        epochs=1,
+        limit_train=2 * bs,
+        limit_val=bs,
+        eval_base=True,
+    )
+    marks: list[tuple[float, dict]] = []
+
+    def mark(metrics: dict, _dir: Any) -> None:
+        marks.append((time.perf_counter(), metrics))
+
+    t0 = time.perf_counter()
+    result = run_trial(cfg, P.resolve(values), report=mark)
+    total = time.perf_counter() - t0
+    step_s = eval_s = None
+    if len(marks) >= 2 and "epoch_seconds" in marks[1][1]:  # 2 steps, then eval of bs images
+        step_s = float(marks[1][1]["epoch_seconds"]) / 2
+        eval_s = max(0.0, (marks[1][0] - marks[0][0]) - 2 * step_s) / bs
+    return {
+        "params": dict(values.items()),
+        "status": result.get("status"),
+        "trainable_params": result.get("trainable_params"),
+        "step_s": step_s,
+        "eval_s_per_image": eval_s,
+        "seconds": round(total, 2),
+    }
+
+
 def dry_run(spec: Spec) -> dict[str, Any]:
     """Build every categorical branch's model and run one training batch and one evaluation batch
     (no Ray); returns the plan with a time estimate from the measured steps."""
     import torch
 
     from trainables import coco
-    from trainables import params as P
-    from trainables.trial import run_trial
 
     threads = max(1, int(spec.resources.cpu))
     torch.set_num_threads(threads)
@@ -33,38 +67,11 @@ def dry_run(spec: Spec) -> dict[str, Any]:
     n_val = len(coco.load_coco(spec.data.val.annotations, spec.data.val.images, task=spec.task).images)
     n_train = min(n_train, spec.train.limit_train or n_train)
     n_val = min(n_val, spec.train.limit_val or n_val)
-    branches = []
     with tempfile.TemporaryDirectory(prefix="search-dry-") as tmp:
-        for i, values in enumerate(spec.search_space.branch_configs()):
-            cfg = dataclasses.replace(
-                spec.trial_config(out_dir=Path(tmp) / str(i), threads=threads),
-                epochs=1,
-                limit_train=2 * bs,
-                limit_val=bs,
-                eval_base=True,
-            )
-            marks: list[tuple[float, dict]] = []
-
-            def mark(metrics: dict, _dir: Any, marks: list = marks) -> None:
-                marks.append((time.perf_counter(), metrics))
-
-            t0 = time.perf_counter()
-            result = run_trial(cfg, P.resolve(values), report=mark)
-            total = time.perf_counter() - t0
-            step_s = eval_s = None
-            if len(marks) >= 2 and "epoch_seconds" in marks[1][1]:  # 2 steps, then eval of bs images
-                step_s = float(marks[1][1]["epoch_seconds"]) / 2
-                eval_s = max(0.0, (marks[1][0] - marks[0][0]) - 2 * step_s) / bs
-            branches.append(
-                {
-                    "params": {k: v for k, v in values.items()},
-                    "status": result.get("status"),
-                    "trainable_params": result.get("trainable_params"),
-                    "step_s": step_s,
-                    "eval_s_per_image": eval_s,
-                    "seconds": round(total, 2),
-                }
-            )
+        branches = [
+            _step_branch(spec, values, Path(tmp) / str(i), threads)
+            for i, values in enumerate(spec.search_space.branch_configs())
+        ]
     steps = [b["step_s"] for b in branches if b["step_s"] is not None]
     evals = [b["eval_s_per_image"] for b in branches if b["eval_s_per_image"] is not None]
     step_s = sum(steps) / len(steps) if steps else None
