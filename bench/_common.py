@@ -69,6 +69,23 @@ def dump(path: str | None, obj: dict[str, Any]) -> None:
         Path(path).write_text(json.dumps(obj, indent=1, default=str))
 
 
+def bare_steps(model: Any, optimizer: Any, scheduler: Any, batches: list, params: dict[str, Any]) -> float:
+    """Seconds of the bare training steps over pre-loaded ``batches`` (forward, the weighted loss,
+    zero_grad, backward, optimizer and scheduler step: no loader, no bookkeeping), the model in
+    the trial's train mode."""
+    from trainables import freeze, losses
+
+    freeze.train_mode(model)
+    t0 = time.perf_counter()
+    for images, targets in batches:
+        loss = losses.weighted_total(model(images, targets), params)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    return time.perf_counter() - t0
+
+
 class Clock:
     """perf_counter stopwatch."""
 

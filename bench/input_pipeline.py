@@ -93,17 +93,8 @@ class Pipeline:
 
     def bare(self) -> float:
         """B: images/s of the bare steps on the pre-loaded batches."""
-        from trainables import freeze, losses
-
-        freeze.train_mode(self.model)
-        t0 = time.perf_counter()
-        for images, targets in self.batches:
-            loss = losses.weighted_total(self.model(images, targets), self.params)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.scheduler.step()
-        return self.n_img / (time.perf_counter() - t0)
+        seconds = C.bare_steps(self.model, self.optimizer, self.scheduler, self.batches, self.params)
+        return self.n_img / seconds
 
     def loader_only(self) -> float:
         """C: images/s of the loader alone."""
