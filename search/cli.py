@@ -19,6 +19,7 @@ from typing import Any
 from search import study as S
 from search.commands import Command, add_name_args, register
 from search.errors import BadInput, SpecError
+from search.schedulers import scheduler_label
 
 EXIT_OK, EXIT_RUNTIME, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -209,8 +210,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"    {dim.name}: {json.dumps(dim.describe(), default=str)}")
     s = spec.search
     print(
-        f"  search: {s.algorithm} + {s.scheduler}, {s.num_trials} trials x {spec.train.epochs} epochs, "
-        f"{s.max_concurrent} at a time"
+        f"  search: {s.algorithm} + {scheduler_label(s.scheduler)}, {s.num_trials} trials x "
+        f"{spec.train.epochs} epochs, {s.max_concurrent} at a time"
     )
     return EXIT_OK
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 from collections.abc import Iterable
 from pathlib import Path
@@ -218,6 +219,9 @@ MAX_YAML_NODES = 100_000  # after alias expansion
 MAX_YAML_DEPTH = 64
 
 
+_FLOAT_12 = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+
+
 class YamlRefused(ValueError):
     """A YAML document refused before it is used: duplicate keys, alias bombs, deep nesting."""
 
@@ -231,6 +235,10 @@ def load_yaml(text: str) -> Any:
 
     class Loader(yaml.SafeLoader):
         pass
+
+    # YAML 1.2's floats: PyYAML (YAML 1.1) reads ``1e-4`` (no dot) as a string, and lr: 1e-4 is
+    # how everyone writes a learning rate. Appended after the int resolver, so 10 stays an int.
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
 
     def mapping(loader: Any, node: Any, deep: bool = False) -> Any:
         seen: dict[Any, int] = {}

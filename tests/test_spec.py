@@ -378,6 +378,44 @@ def test_bad_set_override(tmp_path):
     assert proc.returncode == 2 and "train.epochs" in proc.stderr
 
 
+SCIENTIFIC = [
+    # (YAML text, the value it must give): YAML 1.2 floats, where PyYAML's YAML 1.1 gives strings
+    ("1e-4", 1e-4),
+    ("-3E+2", -300.0),
+    ("2.5e-3", 2.5e-3),
+    (".5e-2", 0.005),
+    ("10", 10),
+    ("1e", "1e"),
+    ("v1e3", "v1e3"),
+    ("'1e-4'", "1e-4"),
+]
+
+
+@pytest.mark.parametrize(("text", "value"), SCIENTIFIC, ids=[t for t, _ in SCIENTIFIC])
+def test_scientific_notation_is_a_number(text, value):
+    """``lr: 1e-4`` in a spec and ``--set space.lr=1e-3`` are numbers (PyYAML alone makes them
+    strings, and the spec then refused them as "must be a number")."""
+    from search.spec.load import parse_override
+
+    key, got = parse_override(f"space.lr={text}")
+    assert key == "space.lr" and got == value and type(got) is type(value)
+
+
+def test_spec_file_and_set_accept_1e_minus_4(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        yaml.safe_dump(spec_dict()).replace("low: 0.0001", "low: 1e-4").replace("high: 0.1", "high: 1e-1")
+    )
+    assert "low: 1e-4" in path.read_text() and "high: 1e-1" in path.read_text()
+    spec = load_spec(path, ["space.weight_decay=4e-5"])
+    lr = spec.search_space.by_name["lr"]
+    assert (lr.low, lr.high) == (1e-4, 1e-1)
+    assert spec.search_space.by_name["weight_decay"].value == 4e-5
+    proc = _run_cli(tmp_path, spec_dict(), "--set", "space.lr=3e-3", "--quick")
+    assert proc.returncode == 0, proc.stderr
+    assert '"value": 0.003' in proc.stdout and "auto (curve)" in proc.stdout
+
+
 def test_quick_validation_does_not_import_torch():
     code = (
         "import sys; from search.spec import build_spec; from tests.test_spec import spec_dict, ROOT; "
