@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from search import local_server
-from tests.tinydata import make_tiny_coco, write_tiny_spec
+from tests.tinydata import edited_study_copy, make_tiny_coco, write_tiny_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "cmds"
@@ -145,21 +145,15 @@ def test_best_human_and_json(study):
 def test_best_says_why_a_trial_stopped(study, tmp_path):
     """A stopped trial's row in ``best`` carries the same words as in ``status`` (study.json as the
     launcher writes it, one trial marked stopped by the halving rule)."""
-    import shutil
-
     from search import study as S
-    from search import write_queue
 
-    fake = tmp_path / "runs" / NAME
-    fake.mkdir(parents=True)
-    for name in (S.SPEC_FILE, write_queue.RUNS_FILE):
-        shutil.copy(study["exp_dir"] / name, fake / name)
-    state = S.read_study(study["exp_dir"])
-    tid, t = sorted(state["trials"].items())[0]
+    tid, t = sorted(S.read_study(study["exp_dir"])["trials"].items())[0]
     value = t["history"][-1]["map50"]
     t["state"] = S.PRUNED
     t["stopped"] = {"epoch": 1, "value": value, "cut": 0.75, "group": "optimizer=sgd", "rule": "halving"}
-    S.write_study(fake, state)
+    edited_study_copy(
+        study["exp_dir"], tmp_path / "runs" / NAME, lambda state: state["trials"].update({tid: t})
+    )
     where = ["--output-dir", str(tmp_path / "runs")]
     words = S.stop_text(t["stopped"], "map50")
     assert words.startswith(f"stopped at epoch 1 with map50 {S.fmt(value)}: below the rung's cut 0.75")

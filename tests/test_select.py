@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from ray.tune import Callback
 from search import mlflow_store, registry, select, write_queue
 from search import study as S
 from search.cli import main
-from tests.tinydata import make_tiny_coco, write_tiny_spec
+from tests.tinydata import edited_study_copy, make_tiny_coco, write_tiny_spec
 from trainables.files import sha256_file
 
 ARCH = "ssdlite320_mobilenet_v3_large"
@@ -250,16 +249,14 @@ def test_promote_refuses_a_regression(study, tmp_path, capsys):
             assert main(["promote", str(exp_dir), "--model", "tiny-weak", "--trial", t["id"]]) == 1
             assert "does not beat the base model" in capsys.readouterr().err
             break
+
     # a study whose every trial got worse than its base model (study.json as the launcher writes it)
-    fake = tmp_path / "runs" / "worse"
-    fake.mkdir(parents=True)
-    for name in (S.SPEC_FILE, write_queue.RUNS_FILE):
-        shutil.copy(exp_dir / name, fake / name)
-    state = S.read_study(exp_dir)
-    for t in state["trials"].values():
-        t["base_metric"] = 0.9
-        t["history"] = [{"epoch": 0, "map50": 0.9}] + [r for r in t["history"] if r.get("epoch")]
-    S.write_study(fake, state)
+    def worse(state: dict) -> None:
+        for t in state["trials"].values():
+            t["base_metric"] = 0.9
+            t["history"] = [{"epoch": 0, "map50": 0.9}] + [r for r in t["history"] if r.get("epoch")]
+
+    fake = edited_study_copy(exp_dir, tmp_path / "runs" / "worse", worse)
     versions = len(mlc.search_model_versions("name='tiny-det'"))
     assert main(["promote", str(fake), "--model", "tiny-det"]) == 1
     err = capsys.readouterr().err

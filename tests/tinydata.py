@@ -131,3 +131,20 @@ def write_tiny_spec(
     path = Path(folder) / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def edited_study_copy(exp_dir: Path, dest: Path, edit: Any) -> Path:
+    """A copy of a finished study's spec and runs files in ``dest``, its study.json written as the
+    launcher writes it after ``edit(state)`` changed it (a study that would take epochs to reach)."""
+    import shutil
+
+    from search import study as S
+    from search import write_queue
+
+    dest.mkdir(parents=True)
+    for name in (S.SPEC_FILE, write_queue.RUNS_FILE):
+        shutil.copy(Path(exp_dir) / name, dest / name)
+    state = S.read_study(exp_dir)
+    edit(state)
+    S.write_study(dest, state)
+    return dest
