@@ -1,10 +1,11 @@
 """The house rules, read from the source with the standard library's ``ast`` (no imports of the code).
 
 Every module of ``search/`` and ``trainables/`` (packages included, recursively) is at most 500
-lines and every function at most 80; the modules of the two packages import each other without
-cycles (every import statement counts, those inside functions too); ``trainables/`` imports
-neither ``search`` nor Ray nor MLflow; the spec (``search/spec.py`` or the ``search/spec/``
-package) never imports ``search.tracking`` or MLflow, directly or through the modules it imports.
+lines and every function at most 80 (the scripts of ``bench/`` and ``spaces/`` too); the modules
+of the two packages import each other without cycles (every import statement counts, those inside
+functions too); ``trainables/`` imports neither ``search`` nor Ray nor MLflow; the spec
+(``search/spec.py`` or the ``search/spec/`` package) never imports ``search.tracking`` or MLflow,
+directly or through the modules it imports.
 Each failure lists every offender.
 """
 
@@ -18,6 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("search", "trainables")
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 80
+
+
+def scripts() -> list[Path]:
+    """The scripts outside the packages that the function rule covers: benchmarks and data makers."""
+    found = (p for d in ("bench", "spaces") for p in (ROOT / d).rglob("*.py"))
+    return sorted(p for p in found if "__pycache__" not in p.parts)
 
 
 def _module_name(path: Path) -> str:
@@ -187,6 +194,7 @@ def test_the_rules_see_the_code():
     """The reader finds the packages and resolves imports (else every rule would pass vacuously)."""
     names = modules()
     assert {"search", "search.cli", "trainables", "trainables.trial"} <= set(names), sorted(names)
+    assert {"search_efficiency.py", "make_demo_data.py"} <= {p.name for p in scripts()}
     assert "trainables.config" in graph()["trainables.trial"], graph()["trainables.trial"]
     assert sum(len(targets) for targets in graph().values()) > len(names), "too few imports found"
     toy = {"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}, "d": {"a": 1}}  # the cycle finder itself
@@ -212,6 +220,12 @@ def test_every_function_is_at_most_80_lines():
                 n = node.end_lineno - node.lineno + 1
                 if n > MAX_FUNCTION_LINES:
                     offenders.append((n, f"{_where(name, node.lineno)} {node.name}: {n} lines"))
+    for path in scripts():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    offenders.append((n, f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {n} lines"))
     offenders.sort(reverse=True)
     assert not offenders, f"{len(offenders)} function(s) over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(
         text for _, text in offenders

@@ -259,30 +259,12 @@ def make_nuclei(src: Path, out: Path) -> dict:
     return stats
 
 
-def write_nuclei_readme(src: Path, out: Path, stats: dict) -> None:
-    tr, va = stats["splits"]["train"], stats["splits"]["val"]
-    mods = ("fluorescence", "histology", "brightfield")
-    rows = "\n".join(
-        f"| {m} | {tr['per_mod'][m]} / {tr['ann_mod'][m]} | {va['per_mod'][m]} / {va['ann_mod'][m]} | "
-        f"{tr['per_mod'][m] + va['per_mod'][m]} / {tr['ann_mod'][m] + va['ann_mod'][m]} |"
-        for m in mods
-    )
-    shas = "\n".join(f"- `annotations/{p.name}`: `{sha256(p)}`" for p in sorted((out / "annotations").glob("*.json")))
-    files = []
-    for name, modalities in NUCLEI_SPLITS.items():
-        n = {s: sum(stats["splits"][s]["per_mod"][m] for m in modalities) for s in ("train", "val")}
-        a = {s: sum(stats["splits"][s]["ann_mod"][m] for m in modalities) for s in ("train", "val")}
-        files.append(
-            f"| `annotations/instances_{name}_{{train,val}}.json` | only `modality` in {', '.join(f'`{m}`' for m in modalities)} | "
-            f"{n['train']} / {a['train']} | {n['val']} / {a['val']} |"
-        )
-    files = "\n".join(files)
-    text = f"""# 2018 Data Science Bowl nuclei — demo subset (COCO format, instance masks as compressed RLE)
+NUCLEI_README_HEAD = """# 2018 Data Science Bowl nuclei — demo subset (COCO format, instance masks as compressed RLE)
 
 Light-microscopy images with one **instance mask per cell nucleus**, from three imaging modalities
 (`fluorescence`, `histology`, `brightfield`), for offline demos of instance segmentation
 (Mask R-CNN), detection, and a **domain-shift** experiment (pre-train on fluorescence, fine-tune on
-histology + brightfield). Single category `{{"id": 1, "name": "nucleus", "supercategory": "cell"}}`.
+histology + brightfield). Single category `{"id": 1, "name": "nucleus", "supercategory": "cell"}`.
 
 ## Source, license, credit
 - **Original dataset:** `stage1_train` of the 2018 Data Science Bowl (Kaggle), published by the
@@ -303,7 +285,28 @@ histology + brightfield). Single category `{{"id": 1, "name": "nucleus", "superc
   - Citation: J. C. Caicedo et al., "Nucleus segmentation across imaging experiments: the 2018 Data
     Science Bowl", *Nature Methods* 16, 1247–1253 (2019).
 
-## What this subset is (exact steps)
+"""
+
+
+def write_nuclei_readme(src: Path, out: Path, stats: dict) -> None:
+    tr, va = stats["splits"]["train"], stats["splits"]["val"]
+    mods = ("fluorescence", "histology", "brightfield")
+    rows = "\n".join(
+        f"| {m} | {tr['per_mod'][m]} / {tr['ann_mod'][m]} | {va['per_mod'][m]} / {va['ann_mod'][m]} | "
+        f"{tr['per_mod'][m] + va['per_mod'][m]} / {tr['ann_mod'][m] + va['ann_mod'][m]} |"
+        for m in mods
+    )
+    shas = "\n".join(f"- `annotations/{p.name}`: `{sha256(p)}`" for p in sorted((out / "annotations").glob("*.json")))
+    files = []
+    for name, modalities in NUCLEI_SPLITS.items():
+        n = {s: sum(stats["splits"][s]["per_mod"][m] for m in modalities) for s in ("train", "val")}
+        a = {s: sum(stats["splits"][s]["ann_mod"][m] for m in modalities) for s in ("train", "val")}
+        files.append(
+            f"| `annotations/instances_{name}_{{train,val}}.json` | only `modality` in {', '.join(f'`{m}`' for m in modalities)} | "
+            f"{n['train']} / {a['train']} | {n['val']} / {a['val']} |"
+        )
+    files = "\n".join(files)
+    text = NUCLEI_README_HEAD + f"""## What this subset is (exact steps)
 Made by `spaces/data/make_demo_data.py` from `shared/data/dsb2018_nuclei`:
 1. **All 116 images**, same train/val split as the source (sorted stems, position *i* → val if
    `i % 5 == 4`): train {tr["images"]}, val {va["images"]}.
