@@ -1,4 +1,5 @@
-"""Shared fixtures. ``ray_local``: one real local Ray per test module (2 CPUs, no dashboard).
+"""Shared fixtures. ``ray_local``: one real local Ray per test module (2 CPUs, no dashboard);
+``hub``: an empty torch hub cache for one test.
 
 ``shared_file(relative)``: a file of the shared data and weights folder ``../shared`` beside the
 repository root (``shared/weights/...``, ``shared/data/...``), found from this file, never by an
@@ -21,6 +22,19 @@ MOBILENET_V2 = "weights/mobilenet_v2-b0353104.pth"  # torchvision's ImageNet Mob
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
+@pytest.fixture
+def hub(tmp_path):
+    """An empty torch hub cache for the test, the previous one restored after."""
+    import torch
+
+    old = torch.hub.get_dir()
+    path = tmp_path / "hub"
+    path.mkdir()
+    torch.hub.set_dir(str(path))
+    yield path
+    torch.hub.set_dir(old)
 
 
 @pytest.fixture(scope="module")

@@ -145,17 +145,6 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-@pytest.fixture
-def empty_hub(tmp_path):
-    """An empty torch hub cache for the test, the previous one restored after."""
-    old = torch.hub.get_dir()
-    hub = tmp_path / "hub"
-    hub.mkdir()
-    torch.hub.set_dir(str(hub))
-    yield hub
-    torch.hub.set_dir(old)
-
-
 # ---------------------------------------------------------------- every architecture
 
 
@@ -242,9 +231,9 @@ def test_loss_and_activation_choices_are_applied_and_reported():
 # ---------------------------------------------------------------- enum weights (hub cache)
 
 
-def test_enum_weights_missing_from_cache_name_path_and_url(empty_hub):
+def test_enum_weights_missing_from_cache_name_path_and_url(hub):
     member = get_model_weights("retinanet_resnet50_fpn").DEFAULT
-    expected = empty_hub / "checkpoints" / os.path.basename(member.url)
+    expected = hub / "checkpoints" / os.path.basename(member.url)
     with pytest.raises(weights.WeightsError) as info:
         build("retinanet_resnet50_fpn", weights="DEFAULT")
     msg = str(info.value)
@@ -252,10 +241,10 @@ def test_enum_weights_missing_from_cache_name_path_and_url(empty_hub):
     assert not expected.exists()  # nothing was downloaded
 
 
-def test_backbone_enum_missing_from_cache(empty_hub):
+def test_backbone_enum_missing_from_cache(hub):
     with pytest.raises(weights.WeightsError) as info:
         build("fasterrcnn_mobilenet_v3_large_320_fpn", weights_backbone="IMAGENET1K_V1")
-    assert "mobilenet_v3_large" in str(info.value) and str(empty_hub) in str(info.value)
+    assert "mobilenet_v3_large" in str(info.value) and str(hub) in str(info.value)
 
 
 def test_unknown_enum_name():
@@ -263,7 +252,7 @@ def test_unknown_enum_name():
         build("retinanet_resnet50_fpn", weights="COCO_V9")
 
 
-def test_damaged_cache_file_is_refused(empty_hub):
+def test_damaged_cache_file_is_refused(hub):
     member = get_model_weights("mobilenet_v2")["IMAGENET1K_V1"]
     path = weights.hub_cache_path(member)
     path.parent.mkdir(parents=True)
@@ -272,10 +261,10 @@ def test_damaged_cache_file_is_refused(empty_hub):
         weights.cached_weights(member)
 
 
-def test_enum_resolver_loads_the_shared_mobilenet_v2(empty_hub, mobilenet_v2_file):
+def test_enum_resolver_loads_the_shared_mobilenet_v2(hub, mobilenet_v2_file):
     member = weights.resolve_enum(get_model_weights("mobilenet_v2"), "MobileNet_V2_Weights.IMAGENET1K_V1")
     path = weights.hub_cache_path(member)
-    assert path == empty_hub / "checkpoints" / mobilenet_v2_file.name
+    assert path == hub / "checkpoints" / mobilenet_v2_file.name
     path.parent.mkdir(parents=True)
     os.symlink(mobilenet_v2_file, path)
     found, sha = weights.cached_weights(member)
@@ -286,7 +275,7 @@ def test_enum_resolver_loads_the_shared_mobilenet_v2(empty_hub, mobilenet_v2_fil
 
 
 @pytest.mark.parametrize("arch", ["ssdlite320_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large"])
-def test_enum_weights_from_the_cache_load_first_then_predictors(arch, empty_hub, monkeypatch):
+def test_enum_weights_from_the_cache_load_first_then_predictors(arch, hub, monkeypatch):
     """The enum path end to end, with a stand-in file (random tensors of the pretrained shape)."""
     monkeypatch.setattr(weights, "_HASH_IN_NAME", re.compile(r"(?!)"))  # the stand-in has another hash
     member = get_model_weights(arch).DEFAULT
@@ -309,7 +298,7 @@ def test_enum_weights_from_the_cache_load_first_then_predictors(arch, empty_hub,
             assert tensor.shape[0] != state[name].shape[0], name
 
 
-def test_backbone_enum_from_the_cache(empty_hub, monkeypatch):
+def test_backbone_enum_from_the_cache(hub, monkeypatch):
     from torchvision.models import MobileNet_V3_Large_Weights
 
     monkeypatch.setattr(weights, "_HASH_IN_NAME", re.compile(r"(?!)"))

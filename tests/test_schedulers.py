@@ -1,4 +1,4 @@
-"""Fine-tuning-aware search (issue 13): the reference recipe and its projection, the scheduler
+"""Fine-tuning-aware search (issue 13; the recipe itself: tests/test_recipes.py): the scheduler
 table, group-wise rungs and the collapse rule, the stop record, and a real study that runs the
 reference trial first and reports it (study.json, status --json, MLflow tags)."""
 
@@ -17,11 +17,10 @@ from ray.tune.schedulers import TrialScheduler
 from search import study as S
 from search.errors import SpecError
 from search.schedulers import AUTO, SCHEDULER_NAMES, SCHEDULERS, group_of, rungs_for, scheduler_label
-from search.space import parse_space
 from search.spec import load_spec
 from search.stopping import RecordingASHA, StratifiedHalving
 from tests.tinydata import make_tiny_coco, write_tiny_spec
-from trainables import families, recipes
+from trainables import recipes
 
 ROOT = Path(__file__).resolve().parents[1]
 STOP, GO = TrialScheduler.STOP, TrialScheduler.CONTINUE
@@ -29,132 +28,6 @@ STOP, GO = TrialScheduler.STOP, TrialScheduler.CONTINUE
 
 def trial(tid: str, **config) -> SimpleNamespace:
     return SimpleNamespace(trial_id=tid, config=config)
-
-
-# ---------------------------------------------------------------- recipes and their projection
-
-
-def test_every_family_has_a_reference_recipe_with_a_source():
-    for name in families.FAMILIES:
-        r = recipes.recipe_for(name)
-        assert r is not None, name
-        assert r.params["optimizer"] in ("sgd", "adamw") and r.params["lr"] > 0 and "references" in r.source
-
-
-@pytest.mark.parametrize(
-    ("family", "batch", "epochs", "lr", "extra"),
-    [
-        ("fasterrcnn", 2, 26, 0.02 * 2 / 16, {"schedule": "step", "step_epochs": 16}),
-        ("fasterrcnn", 16, 10, 0.02, {"step_epochs": 6}),
-        ("ssdlite", 4, 8, 0.15 * 4 / 192, {"schedule": "cosine", "weight_decay": 4e-5}),
-        ("lraspp", 4, 3, 0.02 * 4 / 32, {"weight_decay": 1e-6, "loss.seg": "ce"}),
-        ("retinanet", 8, 4, 0.01 * 8 / 16, {"momentum": 0.9}),
-    ],
-)
-def test_recipe_params_scale_lr_with_batch_and_place_the_step(family, batch, epochs, lr, extra):
-    got = recipes.recipe_params(recipes.recipe_for(family), batch, epochs)
-    assert got["lr"] == pytest.approx(lr)
-    assert got["trainable"] == "all" and got["activation"] == "keep" and got["norm"] == "keep"
-    for k, v in extra.items():
-        assert got[k] == v, k
-
-
-@pytest.mark.parametrize(
-    ("family", "batch", "scaling", "lr"),
-    [
-        ("ssdlite", 4, "linear", 0.15 * 4 / 192),
-        ("ssdlite", 4, "sqrt", 0.15 * (4 / 192) ** 0.5),
-        ("lraspp", 4, "sqrt", 0.02 * (4 / 32) ** 0.5),
-        ("fasterrcnn", 16, "sqrt", 0.02),  # at the recipe's own batch every rule gives its lr
-        ("fasterrcnn", 64, "sqrt", 0.04),  # above it, sqrt grows slower than linear
-    ],
-)
-def test_recipe_lr_follows_the_scaling_rule(family, batch, scaling, lr):
-    recipe = recipes.recipe_for(family)
-    got = recipes.recipe_params(recipe, batch, 8, scaling)
-    assert got["lr"] == pytest.approx(lr)
-    assert {k: v for k, v in got.items() if k != "lr"} == {
-        k: v for k, v in recipes.recipe_params(recipe, batch, 8).items() if k != "lr"
-    }
-
-
-LINEAR, SQRT = 0.15 * 4 / 192, 0.15 * (4 / 192) ** 0.5  # ssdlite's recipe at batch 4
-
-
-@pytest.mark.parametrize(
-    ("sets", "expected"),
-    [
-        ([], [("linear", LINEAR)]),
-        (["search.reference_scaling=[linear,sqrt]"], [("linear", LINEAR), ("sqrt", SQRT)]),
-        (["search.reference_scaling=[sqrt,linear]"], [("sqrt", SQRT), ("linear", LINEAR)]),
-        # both clipped to the range's top: the second would repeat the first, so it is left out
-        (["search.reference_scaling=[linear,sqrt]", "space.lr.high=0.002"], [("linear", 0.002)]),
-        (["search.reference_scaling=[linear,sqrt]", "space.lr=0.01"], [("linear", None)]),  # lr unsearched
-        (["search.reference_scaling=[linear,sqrt]", "search.reference_trial=false"], []),
-    ],
-)
-def test_recipe_trials_one_per_scaling_rule(sets, expected):
-    spec = load_spec(ROOT / "spaces/det.yaml", ["train.batch_size=4", *sets])
-    got = spec.recipe_trials()
-    assert [(name, params.get("lr")) for name, params in got] == [
-        (name, pytest.approx(lr) if lr else None) for name, lr in expected
-    ]
-    for _, params in got:  # the rules differ in the lr only
-        assert {k: v for k, v in params.items() if k != "lr"} == {
-            k: v for k, v in got[0][1].items() if k != "lr"
-        }
-    assert spec.reference_params() == (got[0][1] if got else None)
-
-
-SPACE = {
-    "optimizer": {"choices": ["sgd", "adamw"]},
-    "lr": {"low": 1e-4, "high": 1e-3, "log": True},
-    "momentum": {"low": 0.8, "high": 0.85, "when": {"optimizer": "sgd"}},
-    "beta1": {"low": 0.8, "high": 0.95, "when": {"optimizer": "adamw"}},
-    "trainable": {"choices": ["heads", "backbone_last_k"]},
-    "activation": {"choices": ["keep", "silu"]},
-    "step_epochs": {"low": 1, "high": 4, "step": 1},
-    "schedule": "cosine",
-}
-
-
-@pytest.mark.parametrize(
-    ("values", "expected"),
-    [
-        ({"lr": 0.02}, {"lr": 1e-3}),  # clipped into the range
-        ({"lr": 1e-5}, {"lr": 1e-4}),
-        ({"lr": 5e-4}, {"lr": 5e-4}),
-        ({"optimizer": "sgd", "momentum": 0.9}, {"optimizer": "sgd", "momentum": 0.85}),
-        ({"optimizer": "adamw", "momentum": 0.9}, {"optimizer": "adamw"}),  # momentum inactive
-        ({"trainable": "all"}, {}),  # not among the choices: the sampler decides
-        ({"activation": "keep"}, {"activation": "keep"}),
-        ({"schedule": "step"}, {}),  # unsearched (fixed by the spec): untouched
-        ({"step_epochs": 16}, {"step_epochs": 4}),
-        ({"step_epochs": 2.4}, {"step_epochs": 2}),
-        ({"weight_decay": 1e-4}, {}),  # not in the space
-    ],
-)
-def test_projection_into_the_space(values, expected):
-    got = parse_space(SPACE).project(values)
-    assert got == pytest.approx(expected) and set(got) == set(expected)
-    assert all(type(got[k]) is type(v) for k, v in expected.items())
-
-
-@pytest.mark.parametrize(
-    ("num_trials", "n_startup", "n_recipes", "expected"),
-    [
-        (8, None, 0, 2),  # a third of the trials, at least 2
-        (8, None, 1, 2),  # the reference trial is one of them
-        (8, None, 2, 3),  # a second recipe trial is not random: one more random start-up trial
-        (60, None, 2, 11),  # at most 10, plus the second recipe trial
-        (8, 4, 2, 4),  # given: as given
-    ],
-)
-def test_tpe_start_up_sized_to_the_budget_and_the_recipe_trials(num_trials, n_startup, n_recipes, expected):
-    from search.samplers import make_sampler
-
-    sampler = make_sampler("tpe", 0, num_trials, n_startup, None, n_recipes)
-    assert sampler._n_startup_trials == expected
 
 
 # ---------------------------------------------------------------- the table and the spec

@@ -26,7 +26,7 @@ import time
 import pytest
 
 from search import study as S
-from tests.faults.test_faults import (
+from tests.faults.harness import (
     Proc,
     check_base_and_best,
     clean_figures,

@@ -1,0 +1,269 @@
+"""The launcher in separate processes, with a real local Ray: Ctrl-C then resume from the signed
+state, a real 2-node cluster on this machine, a worker process reused after a scheduler stop, and
+a worker's SIGTERM at shutdown printing nothing. The tiny data of :mod:`tests.test_launcher`."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from search import durable, local_server
+from search import study as S
+from tests.test_launcher import _env, optuna_trials, tiny_data, write_spec
+from tests.tinydata import make_tiny_coco
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tiny_data(tmp_path_factory)
+
+
+# ---------------------------------------------------------------- Ctrl-C, then resume (subprocesses)
+
+
+class _Payload:
+    """A pickle that, when loaded, creates ``marker`` (what a crafted state file would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _signed_state_checks(exp_dir: Path, cmd: list[str], cwd: Path) -> None:
+    """resume checks the signed snapshot of Ray's state before anything starts: a changed file in
+    it, or another user's key, is exit 2 with the folder left as it was."""
+    snap = durable.current_snapshot(exp_dir)
+    assert snap is not None and (snap / "tuner.pkl").is_file() and (snap / durable.SIGNATURE).is_file()
+    good = (snap / "tuner.pkl").read_bytes()
+    (snap / "tuner.pkl").write_bytes(good + b"x")
+    done = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "differs from its signed sha256" in done.stderr, done.stderr[-2000:]
+    (snap / "tuner.pkl").write_bytes(good)
+    other = cwd / "other-user.key"
+    other.write_bytes(os.urandom(32))
+    other.chmod(0o600)
+    env = {**_env(), durable.KEY_ENV: str(other)}
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "does not match" in done.stderr, done.stderr[-2000:]
+    assert S.read_study(exp_dir)["status"] == "interrupted"  # nothing ran
+
+
+def test_sigint_then_resume(data_dir):
+    path = write_spec(
+        data_dir,
+        "sigint",
+        {"optimizer": {"choices": ["sgd", "adamw"]}, "lr": {"low": 1e-3, "high": 3e-2, "log": True}},
+        {"algorithm": "tpe", "scheduler": "asha", "num_trials": 2, "max_concurrent": 1},
+    )
+    exp_dir = data_dir / "runs" / "sigint"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "search", "launch", str(path)],
+        cwd=data_dir,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            state = S.read_study(exp_dir) if (exp_dir / S.STUDY_FILE).exists() else {}
+            if any(t.get("epochs", 0) >= 1 for t in state.get("trials", {}).values()):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "the study ended before the first epoch was reported"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert f"python -m search resume {exp_dir}" in out
+    state = S.read_study(exp_dir)
+    assert state["status"] == "interrupted"
+    assert [t["state"] for t in state["trials"].values()] == [S.PAUSED]  # trial 2 not started yet
+
+    cmd = [sys.executable, "-m", "search", "resume", "sigint", "--output-dir", str(data_dir / "runs")]
+    _signed_state_checks(exp_dir, cmd, data_dir)
+    marker = data_dir / "payload-ran"
+    (exp_dir / "tuner.pkl").write_bytes(pickle.dumps(_Payload(marker)))  # a crafted pickle in the folder
+    done = subprocess.run(cmd, cwd=data_dir, env=_env(), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not marker.exists(), "resume unpickled a file it had not signed"
+    state = S.read_study(exp_dir)
+    assert state["status"] == "finished" and len(state["trials"]) == 2
+    assert all(t["state"] in (S.COMPLETE, S.PRUNED) for t in state["trials"].values())
+    assert [t.get("reference") for t in sorted(state["trials"].values(), key=lambda t: t["index"])] == [
+        True,
+        False,
+    ]  # the reference trial ran first and is still known as such after the resume
+    ot = optuna_trials(exp_dir, "sigint")
+    assert len(ot) == 2 and all(t.state.name in ("COMPLETE", "PRUNED") for t in ot)
+    assert sorted(t.user_attrs["ray_trial_id"] for t in ot) == sorted(state["trials"])
+
+
+# ---------------------------------------------------------------- a real 2-node cluster on this machine
+
+
+@pytest.mark.slow
+def test_two_node_cluster(data_dir, tmp_path):
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    port = local_server.free_port()
+    temp = Path(f"/tmp/rt{os.getpid()}")  # short: Ray's unix socket paths must stay < 108 chars
+    env = _env(SEARCH_NO_MLFLOW="1")
+    common = ["--num-cpus", "1", "--block"]
+    procs = []
+    try:
+        head = [
+            ray_bin,
+            "start",
+            "--head",
+            "--port",
+            str(port),
+            "--include-dashboard=false",
+            "--temp-dir",
+            str(temp),
+            *common,
+        ]
+        procs.append(
+            subprocess.Popen(
+                head, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+        )
+        for _ in range(60):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(1)
+        worker = [ray_bin, "start", "--address", f"127.0.0.1:{port}", *common]
+        procs.append(
+            subprocess.Popen(
+                worker, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+        )
+        time.sleep(10)
+        space = {"optimizer": "sgd", "lr": {"low": 1e-3, "high": 3e-2, "log": True}}
+        path = write_spec(
+            data_dir,
+            "cluster",
+            space,
+            {"algorithm": "random", "scheduler": "none", "num_trials": 4},
+            epochs=1,
+        )
+        proc = subprocess.run(
+            [sys.executable, "-m", "search", "launch", str(path), "--address", f"127.0.0.1:{port}"],
+            cwd=data_dir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        state = S.read_study(data_dir / "runs" / "cluster")
+        assert "2 node(s) on 1 host(s)" in proc.stdout
+        assert len(state["trials"]) == 4
+        assert len({t["node_id"] for t in state["trials"].values()}) == 2  # trials ran on both nodes
+    finally:
+        for p in reversed(procs):  # SIGTERM to `ray start --block` stops the processes it started
+            if p.poll() is None:
+                p.terminate()
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_process_reused_after_a_scheduler_stop(ray_local, tmp_path):
+    """reuse_actors=True: after the scheduler stops a trial, Tune gives its process to the next
+    trial (reset: a new working directory, trial id and config); the next trial must run normally
+    there, reading the base evaluation the first one stored. A scheduler stops the first trial at
+    epoch 1 for sure; 1 trial at a time, so the process can only be reused."""
+    from ray import tune
+    from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+    from search.launcher import _trainable
+    from search.spec import load_spec
+
+    class StopFirstAtEpoch1(FIFOScheduler):
+        def __init__(self):
+            super().__init__()
+            self.first = None
+
+        def on_trial_result(self, tune_controller, trial, result):
+            self.first = self.first or trial.trial_id
+            if trial.trial_id == self.first and result.get("epoch") == 1:
+                return TrialScheduler.STOP
+            return TrialScheduler.CONTINUE
+
+    make_tiny_coco(tmp_path / "data", n_images=6, size=100)
+    spec = load_spec(
+        write_spec(tmp_path, "reuse", {"optimizer": "sgd", "lr": 0.01}, {"algorithm": "random"}, epochs=3)
+    )
+    exp_dir = tmp_path / "runs" / "reuse"
+    exp_dir.mkdir(parents=True)
+    tuner = tune.Tuner(
+        _trainable(spec, exp_dir),
+        param_space={"optimizer": "sgd", "lr": tune.grid_search([0.01, 0.02])},
+        tune_config=tune.TuneConfig(
+            scheduler=StopFirstAtEpoch1(),
+            metric="map50",
+            mode="max",
+            max_concurrent_trials=1,
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(name="reuse", storage_path=str(tmp_path / "runs")),
+    )
+    t0 = time.time()
+    grid = tuner.fit()
+    took = time.time() - t0
+    results = sorted(grid, key=lambda r: r.config["lr"])
+    assert grid.num_errors == 0, [r.error for r in results]
+    first, second = results
+    assert first.metrics["epoch"] == 1 and second.metrics["epoch"] == 3  # stopped, then a full trial
+    assert first.metrics["pid"] == second.metrics["pid"]  # the second trial ran in the first's process
+    assert first.metrics["trial_id"] != second.metrics["trial_id"]
+    assert Path(first.path).name != Path(second.path).name
+    rows = {
+        r.config["lr"]: [json.loads(x) for x in (Path(r.path) / "result.json").read_text().splitlines()]
+        for r in results
+    }
+    assert [r["epoch"] for r in rows[0.01]] == [0, 1] and [r["epoch"] for r in rows[0.02]] == [0, 1, 2, 3]
+    assert rows[0.02][0]["map50"] == rows[0.01][0]["map50"] == rows[0.02][0]["base_metric"]
+    assert len(list((exp_dir / S.BASE_EVAL_DIR).glob("*.json"))) == 1  # evaluated once, by the first
+    print(f"two trials in one reused process: {took:.0f}s")
+
+
+def test_a_workers_sigterm_in_a_gc_callback_prints_nothing(tmp_path):
+    """Ray's SIGTERM handler raises SystemExit; landing in a weakref callback as ``ray.shutdown``
+    stops idle workers, Python printed "Exception ignored ... SystemExit: 1" with a traceback after
+    the launch's summary. The worker's hook drops exactly that; other unraisables still print."""
+    code = (
+        "import os, signal, sys, weakref\n"
+        "from search.worker import _quiet_exit_in_callbacks\n"
+        "sys.unraisablehook = _quiet_exit_in_callbacks\n"
+        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # as Ray's worker handler\n"
+        "class A: pass\n"
+        "def on_sigterm(_ref): os.kill(os.getpid(), signal.SIGTERM)\n"
+        "def on_error(_ref): raise ValueError('a real bug')\n"
+        "a, b = A(), A()\n"
+        "r1, r2 = weakref.ref(a, on_sigterm), weakref.ref(b, on_error)\n"
+        "del a, b\n"
+        "print('alive')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "alive", proc
+    assert "SystemExit" not in proc.stderr, proc.stderr
+    assert "ValueError: a real bug" in proc.stderr, proc.stderr

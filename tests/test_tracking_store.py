@@ -1,0 +1,174 @@
+"""MLflow recording (search.tracking), the parts that need no Ray: parameters and metrics as MLflow
+takes them, trial tags from the study record, an unreachable or silent server failing fast, and
+the write queue keeping what a store that is down did not take, with no duplicate run."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+
+from search import facts, local_server, mlflow_store, write_queue
+from search.errors import SpecError
+from search.spec import load_spec
+from tests.test_tracking import write_spec
+
+
+def test_flatten_params_and_metric_filter():
+    params = write_queue.flatten_params(
+        {"lr": 0.01, "loss.box": "giou", "nested": {"a": True}, "long": "x" * 7000}
+    )
+    assert params["lr"] == "0.01" and params["loss.box"] == "giou" and params["nested.a"] == "true"
+    assert len(params["long"]) == 6000
+    metrics = write_queue.metric_values(
+        {
+            "epoch": 1,
+            "map": 0.5,
+            "pid": 7,
+            "config": {"lr": 1},
+            "loss": float("nan"),
+            "ap_per_class": {"red": 0.4},
+            "time_total_s": 3.0,
+            "node_id": "x",
+        }
+    )
+    assert metrics == {"map": 0.5, "ap_per_class/red": 0.4}
+    assert (
+        mlflow_store.redact("https://bob:secret@mlflow.example.com:8443/x")
+        == "https://***@mlflow.example.com:8443/x"
+    )
+
+
+@pytest.mark.parametrize(
+    "record, tags",
+    [
+        ({}, {"search.reference": "false"}),
+        (
+            {"reference": True, "recipe": "sqrt", "state": "COMPLETE"},
+            {"search.reference": "true", "search.recipe": "sqrt", "search.state": "COMPLETE"},
+        ),
+        ({"state": "STOPPED"}, {"search.reference": "false"}),  # a legacy word, not one of study.STATES
+        (
+            {"state": "PRUNED", "stopped": {"epoch": 2, "value": 0.25, "cut": None, "rule": "halving"}},
+            {
+                "search.reference": "false",
+                "search.state": "PRUNED",
+                "search.stopped.epoch": "2",
+                "search.stopped.value": "0.25",
+                "search.stopped.cut": "null",
+                "search.stopped.rule": "halving",
+            },
+        ),
+    ],
+)
+def test_trial_tags_from_the_study_record(record, tags):
+    assert facts.trial_tags(record) == tags
+
+
+class SilentServer:
+    """A loopback port that accepts connections and never answers; counts the connections."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)  # held open, never answered
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        except OSError:
+            pass
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+def test_check_tracking_unreachable_server_fails_fast(tmp_path):
+    port = local_server.free_port()  # nothing listens there
+    spec = load_spec(write_spec(tmp_path, tracking={"uri": f"http://hunter2@127.0.0.1:{port}"}))
+    with pytest.raises(SpecError) as err:
+        mlflow_store.check_tracking(spec)
+    line = err.value.line()
+    # refused at once: "unreachable", not the "no answer" of a probe that waited for its timeout
+    assert err.value.key == "tracking.uri" and "unreachable" in line and "no answer" not in line
+    assert "hunter2" not in line and "\n" not in line
+    # a server that accepts and stays silent: the probe's timeout ends it, after one attempt
+    silent = SilentServer()
+    try:
+        spec_s = load_spec(write_spec(tmp_path / "s", tracking={"uri": f"http://127.0.0.1:{silent.port}"}))
+        with pytest.raises(SpecError) as err:
+            mlflow_store.check_tracking(spec_s, timeout=1.0)
+    finally:
+        silent.close()
+    assert err.value.key == "tracking.uri" and "is no answer" in err.value.line(), err.value.line()
+    assert len(silent.accepted) == 1  # no retries: max_retries=0 on the probe
+    # the default store: a SQLite file beside the experiments
+    spec = load_spec(write_spec(tmp_path / "b"))
+    assert mlflow_store.tracking_uri(spec) == f"sqlite:///{(tmp_path / 'b' / 'runs' / 'mlflow.db').resolve()}"
+    mlflow_store.check_tracking(spec)
+
+
+def test_write_queue_keeps_unwritten_records_when_store_is_down(tmp_path):
+    runs = write_queue.RunMap(tmp_path)
+    uri = f"http://127.0.0.1:{local_server.free_port()}"
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    queue = write_queue.WriteQueue(
+        uri, "e", runs, tmp_path / write_queue.PENDING_FILE, backoff=0.1, max_backoff=0.2
+    )
+    queue.start()
+    queue.put({"op": "open_run", "key": "parent", "name": "p", "tags": {}})
+    queue.put({"op": "log", "key": "parent", "metrics": [["m", 1.0, 1, 0]], "params": {}, "tags": {}})
+    left = queue.close(timeout=1.5)
+    assert len(left) == 2 and queue.failures >= 1 and queue.written == 0
+    lines = (tmp_path / write_queue.PENDING_FILE).read_text().splitlines()
+    assert [json.loads(x)["op"] for x in lines] == ["open_run", "log"]
+    again = write_queue.WriteQueue(uri, "e", runs, tmp_path / write_queue.PENDING_FILE)
+    assert again.load_pending() == 2
+
+
+def test_lost_answer_to_create_run_makes_no_duplicate(tmp_path):
+    """The store created the run but its answer was lost (connection cut): the retry, in this
+    process or after a restart (pending file), finds that run instead of creating a second one."""
+    uri = mlflow_store.default_uri(tmp_path)
+    real = mlflow_store.client(uri)
+
+    class LosesFirstAnswer:
+        def __init__(self):
+            self.lost = 0
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def create_run(self, *args, **kwargs):
+            run = real.create_run(*args, **kwargs)
+            if self.lost == 0:
+                self.lost += 1
+                raise ConnectionError("connection reset while reading the answer")
+            return run
+
+    runs = write_queue.RunMap(tmp_path)
+    queue = write_queue.WriteQueue(uri, "lost", runs, tmp_path / write_queue.PENDING_FILE, backoff=0.05)
+    queue._client = LosesFirstAnswer()
+    queue.start()
+    queue.put({"op": "open_run", "key": "parent", "name": "p", "tags": {}})
+    queue.put({"op": "status", "key": "parent", "status": "FINISHED"})
+    assert queue.close(timeout=20) == [] and queue.failures == 1
+    exp_id = real.get_experiment_by_name("lost").experiment_id
+    found = real.search_runs([exp_id], "")
+    assert len(found) == 1 and found[0].info.run_id == runs.run_id("parent")
+    assert found[0].info.status == "FINISHED"
