@@ -41,8 +41,14 @@ class SpecError(ValueError):
 
 
 def did_you_mean(value: str, choices: Iterable[str]) -> str:
-    """'; did you mean X?' for the closest choice, or '' when none is close."""
-    close = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=0.6)
+    """'; did you mean X?' for the closest choice, or '' when none is close. ``key:value`` whose key
+    is a choice is YAML's plain scalar for a missing space after the colon, and says so."""
+    choices = list(choices)
+    key, colon, rest = str(value).partition(":")
+    if colon and rest and key.strip() in choices:
+        key = key.strip()
+        return f" Did you mean {key!r}? YAML needs a space after ':' ({key}: {rest.strip()})."
+    close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
     return f" Did you mean {close[0]!r}?" if close else ""
 
 

@@ -378,6 +378,15 @@ def test_bad_set_override(tmp_path):
     assert proc.returncode == 2 and "train.epochs" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    "value", ["{low:1e-5,high:1e-2}", "{low: 1e-5,high:1e-2}"], ids=["no-spaces", "one-space"]
+)
+def test_flow_mapping_without_a_space_after_the_colon_says_so(tmp_path, value):
+    proc = _run_cli(tmp_path, spec_dict(), "--set", f"space.lr={value}", "--quick")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "YAML needs a space after ':' (high: 1e-2)" in proc.stderr or "(low: 1e-5)" in proc.stderr
+
+
 SCIENTIFIC = [
     # (YAML text, the value it must give): YAML 1.2 floats, where PyYAML's YAML 1.1 gives strings
     ("1e-4", 1e-4),
