@@ -12,6 +12,7 @@ Each failure lists every offender.
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -204,11 +205,7 @@ def test_the_rules_see_the_code():
 
 def test_every_module_is_at_most_500_lines():
     offenders = []
-    for path in modules().values():
-        n = len(path.read_text().splitlines())
-        if n > MAX_MODULE_LINES:
-            offenders.append(f"{path.relative_to(ROOT)}: {n} lines")
-    for path in scripts():
+    for path in [*modules().values(), *scripts()]:
         n = len(path.read_text().splitlines())
         if n > MAX_MODULE_LINES:
             offenders.append(f"{path.relative_to(ROOT)}: {n} lines")
@@ -216,20 +213,24 @@ def test_every_module_is_at_most_500_lines():
     assert not offenders, head + "\n".join(offenders)
 
 
+def _long_functions(root: ast.AST, where: Callable[[int], str]) -> list[tuple[int, str]]:
+    """(lines, "where name: n lines") of every function in ``root`` over the limit."""
+    found = []
+    for node in ast.walk(root):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            n = node.end_lineno - node.lineno + 1
+            if n > MAX_FUNCTION_LINES:
+                found.append((n, f"{where(node.lineno)} {node.name}: {n} lines"))
+    return found
+
+
 def test_every_function_is_at_most_80_lines():
     offenders = []
     for name in modules():
-        for node in ast.walk(tree(name)):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                n = node.end_lineno - node.lineno + 1
-                if n > MAX_FUNCTION_LINES:
-                    offenders.append((n, f"{_where(name, node.lineno)} {node.name}: {n} lines"))
+        offenders += _long_functions(tree(name), lambda line, name=name: _where(name, line))
     for path in scripts():
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                n = node.end_lineno - node.lineno + 1
-                if n > MAX_FUNCTION_LINES:
-                    offenders.append((n, f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {n} lines"))
+        where = f"{path.relative_to(ROOT)}:{{}}".format
+        offenders += _long_functions(ast.parse(path.read_text(), filename=str(path)), where)
     offenders.sort(reverse=True)
     assert not offenders, f"{len(offenders)} function(s) over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(
         text for _, text in offenders

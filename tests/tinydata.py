@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +134,7 @@ def write_tiny_spec(
     return path
 
 
-def edited_study_copy(exp_dir: Path, dest: Path, edit: Any) -> Path:
+def edited_study_copy(exp_dir: Path, dest: Path, edit: Callable[[dict], None]) -> Path:
     """A copy of a finished study's spec and runs files in ``dest``, its study.json written as the
     launcher writes it after ``edit(state)`` changed it (a study that would take epochs to reach)."""
     import shutil
