@@ -40,25 +40,28 @@ class SpecError(ValueError):
         return self.line()
 
 
-def did_you_mean(value: str, choices: Iterable[str]) -> str:
-    """'; did you mean X?' for the closest choice, or '' when none is close. ``key:value`` whose key
-    is a choice is YAML's plain scalar for a missing space after the colon, and says so."""
+def did_you_mean(value: str, choices: Iterable[str], is_key: bool = False) -> str:
+    """'; did you mean X?' for the closest choice, or '' when none is close. An unknown *key*
+    ``key:value`` whose key is a choice is YAML's plain scalar for a missing space after the colon,
+    and says so (for a value, ``sgd: x`` would not be the fix)."""
     choices = list(choices)
     key, colon, rest = str(value).partition(":")
-    if colon and rest and key.strip() in choices:
+    if is_key and colon and rest and key.strip() in choices:
         key = key.strip()
         return f" Did you mean {key!r}? YAML needs a space after ':' ({key}: {rest.strip()})."
     close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
-def unknown_name(key: str, value: Any, choices: Iterable[str], what: str = "name") -> SpecError:
-    """An unknown name, listing the valid choices and the closest one."""
+def unknown_name(
+    key: str, value: Any, choices: Iterable[str], what: str = "name", is_key: bool = False
+) -> SpecError:
+    """An unknown name (``is_key``: a mapping key), listing the valid choices and the closest one."""
     choices = sorted(set(choices))
     shown = ", ".join(choices) if len(choices) <= 40 else ", ".join(choices[:40]) + ", ..."
     return SpecError(
         key,
-        f"unknown {what} {value!r}.{did_you_mean(str(value), choices)}",
+        f"unknown {what} {value!r}.{did_you_mean(str(value), choices, is_key)}",
         f"use one of: {shown}.",
     )
 

@@ -6,6 +6,7 @@ any work is done; nothing here imports Ray, MLflow or torch.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import re
 import socket
@@ -226,11 +227,9 @@ class YamlRefused(ValueError):
     """A YAML document refused before it is used: duplicate keys, alias bombs, deep nesting."""
 
 
-def load_yaml(text: str) -> Any:
-    """``yaml.safe_load`` that refuses duplicate mapping keys, documents whose aliases expand to more
-    than :data:`MAX_YAML_NODES` nodes (a "billion laughs"), nesting deeper than
-    :data:`MAX_YAML_DEPTH`, and integers too long to convert. Raises :class:`YamlRefused` (with the
-    line) or ``yaml.YAMLError``; never builds or prints the expanded value."""
+@functools.cache
+def _loader_class() -> type:
+    """PyYAML's SafeLoader with YAML 1.2 floats and duplicate keys refused (built once)."""
     import yaml
 
     class Loader(yaml.SafeLoader):
@@ -256,7 +255,15 @@ def load_yaml(text: str) -> Any:
         return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
     Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
-    loader = Loader(text)
+    return Loader
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate mapping keys, documents whose aliases expand to more
+    than :data:`MAX_YAML_NODES` nodes (a "billion laughs"), nesting deeper than
+    :data:`MAX_YAML_DEPTH`, and integers too long to convert. Raises :class:`YamlRefused` (with the
+    line) or ``yaml.YAMLError``; never builds or prints the expanded value."""
+    loader = _loader_class()(text)
     try:
         try:
             node = loader.get_single_node()

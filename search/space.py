@@ -246,7 +246,7 @@ def parse_dim(name: str, body: Any, key: str) -> Dim:
         raise SpecError(key, f"must be a value or a mapping, but got {short(body)}.")
     extra = set(body) - _KEYS
     if extra:
-        raise unknown_name(f"{key}.{sorted(extra)[0]}", sorted(extra)[0], _KEYS, "key")
+        raise unknown_name(f"{key}.{sorted(extra)[0]}", sorted(extra)[0], _KEYS, "key", is_key=True)
     when = _parse_when(body.get("when"), f"{key}.when")
     kind = _kind(body, key)
     if kind == "fixed":

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trainables.files import better
+
 # Result keys Ray adds to every report: not part of a trial's history.
 RAY_KEYS = frozenset(
     {
@@ -182,15 +184,6 @@ def number(value: Any) -> float | None:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
-
-
-def better(a: float | None, b: float | None, mode: str) -> bool:
-    """Whether ``a`` beats ``b`` (None never beats anything; anything beats None)."""
-    if a is None:
-        return False
-    if b is None:
-        return True
-    return a > b if mode == "max" else a < b
 
 
 # Trial parameters whose value changes the shape of a learning curve: trials are compared at a

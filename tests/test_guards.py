@@ -398,3 +398,19 @@ def test_resume_refuses_a_folder_others_can_write(tmp_path):
     assert done.returncode == 2 and "--trust-folder" in done.stderr
     done = run("resume", str(exp), "--trust-folder")  # the check is skipped; Ray's own reading fails later
     assert "--trust-folder" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "value, is_key, says",
+    [
+        ("high:1e-2", True, " Did you mean 'high'? YAML needs a space after ':' (high: 1e-2)."),
+        # an unknown value such as an optimizer choice: 'sgd: x' would be a key, not the fix
+        ("sgd:x", False, " Did you mean 'sgd'?"),
+        ("sgdd", False, " Did you mean 'sgd'?"),
+        ("rmsprop", False, ""),
+    ],
+)
+def test_the_colon_rule_is_said_only_for_keys(value, is_key, says):
+    from search.errors import did_you_mean
+
+    assert did_you_mean(value, ["sgd", "adamw", "high", "low"], is_key) == says

@@ -210,6 +210,7 @@ INVALID = [
     # (id, changes, key path expected in the message, extra text expected)
     ("missing-name", {"name": _DELETE}, "name", "required"),
     ("bad-name", {"name": "a b"}, "name", "letters"),
+    ("number-as-name", {"name": 2024}, "name", "quote it as written (name: '...'"),
     ("bad-task", {"task": "classification"}, "task", "detection"),
     ("missing-arch", {"model.arch": _DELETE}, "model.arch", "required"),
     ("unknown-arch", {"model.arch": "ssdlite320_mobilenet_v3_larg"}, "model.arch", "did you mean"),

@@ -73,3 +73,22 @@ def test_trials_are_numbered_in_the_order_ray_created_them(tmp_path):
     trials = state.state["trials"]
     assert (trials["r"]["index"], trials["o"]["index"]) == (0, 1)
     assert [t["id"] for t in S.status_object(tmp_path)["trials"]] == ["r", "o"]
+
+
+@pytest.mark.parametrize(
+    "a, b, mode, beats",
+    [
+        (0.5, 0.4, "max", True),
+        (0.5, 0.4, "min", False),
+        (0.3, None, "min", True),
+        (None, 0.4, "max", False),
+        (float("nan"), None, "max", False),  # a trial whose first value is NaN is not the best
+        (float("inf"), 0.4, "max", False),
+        (0.4, 0.4, "max", False),
+    ],
+)
+def test_one_better_for_trials_and_the_study(a, b, mode, beats):
+    from trainables.files import better
+
+    assert S.better is better  # the study and the trial loop judge "best" the same way
+    assert better(a, b, mode) is beats

@@ -1,4 +1,4 @@
-"""Small file helpers shared by trials, tracking and export (no torch import)."""
+"""Small helpers shared by trials, tracking and export (no torch import)."""
 
 from __future__ import annotations
 
@@ -37,3 +37,13 @@ def plain(obj: Any) -> Any:
         except (TypeError, ValueError, RuntimeError):  # a tensor of several elements
             pass
     return str(obj)
+
+
+def better(a: float | None, b: float | None, mode: str) -> bool:
+    """Whether ``a`` beats ``b`` under ``mode`` ("max" or "min"): None or a non-finite ``a`` never
+    beats anything; anything else beats None."""
+    if a is None or not math.isfinite(a):
+        return False
+    if b is None:
+        return True
+    return a > b if mode == "max" else a < b

@@ -22,7 +22,7 @@ import torch
 from trainables import base_eval, checkpoint, coco, data, engine, families, freeze, models, optim
 from trainables import params as P
 from trainables.config import TrialConfig
-from trainables.files import plain, sha256_file
+from trainables.files import better, plain, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +73,6 @@ def _generators(loader: Any) -> list[torch.Generator]:
             if isinstance(g, torch.Generator):
                 found.setdefault(id(g), g)
     return list(found.values())
-
-
-def _better(value: float, best: float | None, mode: str) -> bool:
-    if best is None:
-        return math.isfinite(value)
-    return value > best if mode == "max" else value < best
 
 
 def _build_data(cfg: TrialConfig, params: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
@@ -276,7 +270,7 @@ def _epochs(run: _Run) -> None:
             base = run.base.wait_collect if epoch == cfg.epochs else run.base.collect
             _report_base(run, base(run.model))
         run.history.append(row)
-        is_best = _better(metrics[cfg.metric], run.best_metric, cfg.mode)
+        is_best = better(metrics[cfg.metric], run.best_metric, cfg.mode)
         if is_best:
             run.best_metric, run.best_epoch = metrics[cfg.metric], epoch
         latest = _save_latest(run, epoch, row)

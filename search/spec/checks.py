@@ -133,7 +133,8 @@ def _check_space(spec: Spec) -> None:
         key = f"space.{dim.name}"
         row = params.lookup(dim.name)
         if row is None:
-            raise unknown_name(key, dim.name, list(params.PARAMS) + ["loss.weight.<term>"], "trial parameter")
+            names = list(params.PARAMS) + ["loss.weight.<term>"]
+            raise unknown_name(key, dim.name, names, "trial parameter", is_key=True)
         if spec.task not in row.tasks:
             raise SpecError(
                 key,
@@ -169,7 +170,7 @@ def _check_family_values(spec: Spec, fam: families.Family, dim, key: str) -> Non
     if dim.name.startswith(params.LOSS_WEIGHT_PREFIX):
         term = dim.name[len(params.LOSS_WEIGHT_PREFIX) :]
         if term not in fam.loss_terms:
-            raise unknown_name(key, term, fam.loss_terms, f"loss term for {spec.model.arch}")
+            raise unknown_name(key, term, fam.loss_terms, f"loss term for {spec.model.arch}", is_key=True)
         return
     allowed = {
         "loss.box": ("default", *fam.box_losses),

@@ -166,7 +166,7 @@ def _check_kwargs(arch: str, kwargs: dict[str, Any]) -> None:
     raise SpecError(
         f"model.kwargs.{key}",
         f"{arch} does not take {key!r} (its builder chain would ignore it silently)."
-        f"{did_you_mean(key, valid)}",
+        f"{did_you_mean(key, valid, is_key=True)}",
         f"use one of: {shown}.",
     )
 

@@ -160,7 +160,7 @@ def _from_pydantic(exc: ValidationError) -> SpecError:
     kind = err["type"]
     if kind == "extra_forbidden":
         fields = _fields_at(loc[:-1])
-        close = did_you_mean(loc[-1], fields)
+        close = did_you_mean(loc[-1], fields, is_key=True)
         return SpecError(
             key,
             f"unknown key {loc[-1]!r}.{close}",
@@ -170,9 +170,11 @@ def _from_pydantic(exc: ValidationError) -> SpecError:
         return SpecError(key, "is required but missing.", _FIX["missing"])
     msg = err["msg"].removeprefix("Value error, ")
     msg = msg[0].lower() + msg[1:] if msg else msg
-    return SpecError(
-        key, f"{msg}, but got {short(value)}." if "but got" not in msg else msg + ".", _FIX.get(kind)
-    )
+    fix = _FIX.get(kind)
+    if kind == "string_type" and isinstance(value, (bool, int, float)):
+        what = "true/false" if isinstance(value, bool) else "a number"
+        fix = f"quote it as written ({loc[-1]}: '...'; in --set: {key}=\"'...'\"): YAML reads it as {what}."
+    return SpecError(key, f"{msg}, but got {short(value)}." if "but got" not in msg else msg + ".", fix)
 
 
 def _fields_at(loc: list[str]) -> list[str]:
