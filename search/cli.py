@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -177,12 +178,14 @@ def load(args: argparse.Namespace, deep: bool = True, study: bool = True):
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from search.registry import resolve_spec_weights
     from search.spec import check_weights, deep_check, load_spec
 
     spec = load_spec(args.spec, args.overrides)
     facts: dict[str, Any] = {}
     if not args.quick:
         try:
+            resolve_spec_weights(spec)  # models:/ and runs:/ weights, as launch resolves them
             facts = deep_check(spec)
             if spec.model.weights or spec.model.weights_backbone:
                 check_weights(spec)  # what launch checks too: the file loads and the sets match it
@@ -284,8 +287,7 @@ def _print_trial(result: dict, metric: str) -> None:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    if args.keep_top is not None and args.keep_top < 0:
-        raise BadInput(f"--keep-top must be >= 0, but got {args.keep_top}.")
+    _check_keep_top(args)
     spec = load(args)
     from search import dry_run, launcher
 
@@ -298,11 +300,21 @@ def cmd_launch(args: argparse.Namespace) -> int:
         else:
             dry_run.print_plan(plan)
         return EXIT_OK if all(b["status"] == "ok" for b in plan["branches"]) else EXIT_RUNTIME
-    summary = launcher.launch(spec, name=args.name, address=args.address, keep_top=args.keep_top)
+    with _stdout_to_stderr(args.json):
+        summary = launcher.launch(spec, name=args.name, address=args.address, keep_top=args.keep_top)
     return _finish(summary, args.json)
 
 
+def _check_keep_top(args: argparse.Namespace) -> None:
+    if args.keep_top is not None and args.keep_top < 1:
+        raise BadInput(
+            f"--keep-top: must be >= 1 (the best trial keeps its checkpoint), but got {args.keep_top}. "
+            "Fix: --keep-top 1 keeps only the best trial's checkpoint."
+        )
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
+    _check_keep_top(args)
     from search import launcher
     from search.study import resolve_experiment
 
@@ -311,14 +323,34 @@ def cmd_resume(args: argparse.Namespace) -> int:
         from search.guards import check_folder_trust
 
         check_folder_trust(exp_dir)
-    summary = launcher.resume(
-        exp_dir,
-        restart_errored=args.restart_errored,
-        address=args.address,
-        keep_top=args.keep_top,
-        trust_folder=args.trust_folder,
-    )
+    with _stdout_to_stderr(args.json):
+        summary = launcher.resume(
+            exp_dir,
+            restart_errored=args.restart_errored,
+            address=args.address,
+            keep_top=args.keep_top,
+            trust_folder=args.trust_folder,
+        )
     return _finish(summary, args.json)
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr(on: bool) -> Any:
+    """With ``--json`` the header, progress and text summary go to stderr (file descriptor 1
+    itself, so Ray's processes started meanwhile write there too) and stdout holds only the JSON."""
+    if not on:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _finish(summary: dict, as_json: bool) -> int:

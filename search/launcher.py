@@ -358,9 +358,10 @@ def _fit(tuner, spec: Spec, exp_dir: Path, state, searcher, keep_top: int | None
     state.state["budget_reached"] = budget_hit
     state.finish("interrupted" if interrupted else "finished")
     if keep_top is not None and not interrupted:
-        removed = remove_outside_top(exp_dir, keep_top)
+        removed = remove_outside_top(state.state, keep_top)
         if removed:
-            state.save()
+            state.save()  # the records as remove_outside_top left them (no checkpoint, its size)
+            print(f"--keep-top {keep_top}: removed the checkpoints of {len(removed)} trial(s)", flush=True)
     summary = summarize(exp_dir)
     summary["mlflow"] = mlflow_hint(spec)
     summary["interrupted"] = interrupted
@@ -430,12 +431,14 @@ def print_summary(summary: dict[str, Any], spec: Spec | None = None) -> None:
         print(f"\ninterrupted: state saved. Resume with:\n  {resume_command(Path(exp_dir))}", flush=True)
 
 
-def remove_outside_top(exp_dir: Path, k: int) -> list[str]:
-    """Delete the Ray checkpoints of every trial outside the top ``k`` (by best metric); the
-    trials' records stay. Returns the removed trial ids."""
-    state = S.read_study(exp_dir)
+def remove_outside_top(state: dict[str, Any], k: int) -> list[str]:
+    """Delete the Ray checkpoints of every trial outside the top ``k`` (``k`` >= 1, by best metric)
+    and clear them from the study record ``state`` (``study.json``'s content, which the caller
+    saves); the trials' records stay. Returns the removed trial ids."""
+    if k < 1:
+        raise ValueError(f"k >= 1 must hold (the best trial's checkpoint is kept), but got {k}")
     mode = state.get("mode", "max")
-    keep = {t["id"] for t in S.ranked(list(state.get("trials", {}).values()), mode)[: max(0, k)]}
+    keep = {t["id"] for t in S.ranked(list(state.get("trials", {}).values()), mode)[:k]}
     removed = []
     for t in state.get("trials", {}).values():
         if t["id"] in keep or not t.get("trial_dir"):
@@ -450,8 +453,6 @@ def remove_outside_top(exp_dir: Path, k: int) -> list[str]:
             t["checkpoints_removed"] = True
             t["disk_bytes"] = S.dir_size(trial_dir)
             removed.append(t["id"])
-    if removed:
-        S.write_study(exp_dir, state)
     return removed
 
 

@@ -9,6 +9,8 @@ is the study's base metric: the unmodified base model's epoch-0 score
 from __future__ import annotations
 
 import json
+import posixpath
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -209,6 +211,31 @@ def export(
 # ---------------------------------------------------------------- promote
 
 
+def check_registry_names(model: str, alias: str) -> None:
+    """MLflow's rules for a registered model's name and alias (and ``@``, which ``models:/NAME@ALIAS``
+    would misread), checked before anything is registered: a refused alias once left a version
+    behind. Raises :class:`SelectError`."""
+    if not model.strip() or any(c in model for c in "/:@"):
+        raise SelectError(
+            f"--model: {model!r} is not a registered model name: it must not be empty or contain "
+            "'/', ':' or '@'. Fix: a name such as seg-nuclei."
+        )
+    norm = posixpath.normpath(model)
+    if norm != model or norm == "." or norm.startswith(".."):
+        raise SelectError(
+            f"--model: {model!r} must be a plain name, not a path. Fix: a name such as seg-nuclei."
+        )
+    if not re.fullmatch(r"[\w\-]{1,255}", alias):
+        raise SelectError(
+            f"--alias: {alias!r} must be 1-255 letters, digits, '_' or '-'. Fix: an alias such as champion."
+        )
+    if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        raise SelectError(
+            f"--alias: {alias!r} is reserved by MLflow ('latest' and v<number> name versions). "
+            f"Fix: another alias, such as {DEFAULT_ALIAS}."
+        )
+
+
 def promote(
     exp_dir: Path,
     model: str,
@@ -223,6 +250,7 @@ def promote(
     Raises :class:`Refused` when the trial does not beat the base model's epoch-0 metric (unless
     ``force``), :class:`SelectError` for an unknown trial or an untracked study.
     """
+    check_registry_names(model, alias)
     exp_dir = Path(exp_dir)
     trial = choose_trial(exp_dir, trial_id)
     status = S.read_study(exp_dir)

@@ -71,7 +71,10 @@ def study(tmp_path_factory):
         search={"algorithm": "random", "scheduler": "none", "num_trials": 2, "max_concurrent": 2},
         epochs=1,
     )
-    summary = ok_json(search("launch", str(spec), "--json", cwd=root, timeout=600))
+    proc = search("launch", str(spec), "--json", cwd=root, timeout=600)
+    summary = ok_json(proc)
+    # stdout is the one JSON object (the header, progress and text summary go to stderr)
+    assert json.loads(proc.stdout) == summary and "launching study" in proc.stderr
     runs = root / "runs"
     return {
         "root": root,
@@ -212,6 +215,27 @@ def test_promote_human_output_names_the_new_version(study):
 def test_promote_of_an_unknown_trial_is_bad_input(study):
     proc = search("promote", NAME, *study["where"], "--model", MODEL, "--trial", "nosuch", cwd=study["root"])
     one_error_line(proc, "nosuch")
+
+
+@pytest.mark.parametrize(
+    "given, words",
+    [
+        ({"--alias": "v1"}, ["--alias", "'v1'", "reserved"]),
+        ({"--alias": "bad alias!"}, ["--alias", "letters, digits"]),
+        ({"--model": "bad/name"}, ["--model", "'bad/name'", "'/'"]),
+    ],
+    ids=["reserved-alias", "alias-characters", "model-slash"],
+)
+def test_promote_with_a_name_mlflow_refuses_is_bad_input_and_registers_nothing(study, given, words):
+    from mlflow import MlflowClient
+
+    args = {"--model": f"{MODEL}-bad", "--alias": "champion", **given}
+    flags = [part for pair in args.items() for part in pair]
+    proc = search("promote", NAME, *study["where"], *flags, "--force", cwd=study["root"])
+    one_error_line(proc, *words)
+    uri = f"sqlite:///{(study['runs'] / 'mlflow.db').resolve()}"
+    names = {m.name for m in MlflowClient(uri, registry_uri=uri).search_registered_models()}
+    assert args["--model"] not in names  # it once registered the version, then failed on the alias
 
 
 # ---------------------------------------------------------------- export
@@ -393,3 +417,12 @@ def test_semantic_predictions_print_pixels_and_no_min_score(capsys):
         ["background", "1", "px", "25.0", "%"],
         ["nucleus", "3", "px", "75.0", "%"],
     ]
+
+
+def test_resume_json_is_one_object(study):
+    """``resume --json`` of the finished study: stdout parses as one JSON object, the same study."""
+    proc = search("resume", NAME, *study["where"], "--json", cwd=study["root"], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads(proc.stdout)
+    assert again["name"] == NAME and again["best"]["id"] == study["summary"]["best"]["id"]
+    assert "resuming study" in proc.stderr

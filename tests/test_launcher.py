@@ -358,17 +358,29 @@ def test_status_json(grid_study, data_dir, capsys):
     assert f"python -m search resume {exp_dir}" in capsys.readouterr().err
 
 
-def test_keep_top(grid_study):
-    from search.launcher import remove_outside_top
+def test_keep_top(grid_study, monkeypatch):
+    """``resume --keep-top 1`` of a finished study: only the best trial keeps its checkpoints, and
+    study.json (hence status, best, export) says so (it once kept the old paths: the study's state,
+    saved after the removal, put them back)."""
+    from search.launcher import resume
 
     summary, exp_dir, _ = grid_study
-    removed = remove_outside_top(exp_dir, 1)
+    monkeypatch.setenv("SEARCH_NO_MLFLOW", "1")
+    again = resume(exp_dir, keep_top=1)
     state = S.read_study(exp_dir)
     best_id = summary["best"]["id"]
-    assert best_id not in removed and state["trials"][best_id]["checkpoint"]
+    assert again["best"]["id"] == best_id and state["trials"][best_id]["checkpoint"]
+    assert Path(state["trials"][best_id]["checkpoint"]).exists()
+    removed = 0
     for tid, t in state["trials"].items():
-        if tid != best_id:
-            assert t["checkpoint"] is None and not list(Path(t["trial_dir"]).glob("checkpoint_*"))
+        if tid != best_id and t.get("trial_dir"):
+            assert not list(Path(t["trial_dir"]).glob("checkpoint_*")), tid
+            if t.get("checkpoints_removed"):
+                removed += 1
+                assert t["checkpoint"] is None and t["latest_checkpoint"] is None, t
+    assert removed >= 2
+    shown = {t["id"]: t for t in again["trials"]}
+    assert all(shown[tid].get("checkpoint") is None for tid, t in state["trials"].items() if tid != best_id)
 
 
 def test_time_budget(ray_local, data_dir):

@@ -221,6 +221,13 @@ def test_promote_registers_alias_and_lineage(study, capsys):
     assert sha256_file(other) == sha256_file(weights)
     with pytest.raises(registry.RegistryError, match="cannot resolve models:/tiny-det@nope"):
         registry.resolve_model_uri("models:/tiny-det@nope", uri, cache_dir=study["root"] / "cache")
+    # a spec with it as base: validate resolves it as launch does (it once said the "weights file
+    # 'models:/tiny-det@champion' does not exist" while launch --dry-run accepted it)
+    path = write_spec(study["root"], "tiny-next")
+    raw = yaml.safe_load(path.read_text())
+    raw["model"]["weights"] = "models:/tiny-det@champion"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(path)]) == 0, capsys.readouterr().err
     from trainables.config import DataSplit, TrialConfig
     from trainables.models import build_model
 

@@ -260,7 +260,9 @@ EXTRA = [
     _case("name-too-long", {"name": "n" * 101}, "name", "at most 100"),
     # the command line
     _case("name-flag-bad", {}, "--name", "letters", argv=["--name", "../escape"]),
-    _case("keep-top-negative", {}, "--keep-top", ">= 0", argv=["--keep-top", "-1"]),
+    _case("keep-top-negative", {}, "--keep-top", ">= 1", argv=["--keep-top", "-1"]),
+    # 0 would delete the best trial's checkpoint too (export and promote then have nothing)
+    _case("keep-top-zero", {}, "--keep-top", ">= 1", argv=["--keep-top", "0"]),
     _case("set-unknown-key", {}, "train.epoch", "did you mean 'epochs'", argv=["--set", "train.epoch=3"]),
     _case("set-not-key-value", {}, "--set", "KEY=VALUE", argv=["--set", "train.epochs"]),
     _case("experiment-exists", {}, "runs/t", "already holds a study", setup="existing"),
