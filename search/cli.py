@@ -167,13 +167,10 @@ def load(args: argparse.Namespace, deep: bool = True, study: bool = True):
     spec = load_spec(args.spec, args.overrides, study=study)
     try:
         resolve_spec_weights(spec)  # models:/ and runs:/ weights: the local file, before any check of it
+        if deep:
+            deep_check(spec)
     except SpecError as err:
         raise err.with_source(str(args.spec)) from None
-    if deep:
-        try:
-            deep_check(spec)
-        except SpecError as err:
-            raise err.with_source(str(args.spec)) from None
     return spec
 
 
@@ -224,10 +221,21 @@ def cmd_trial(args: argparse.Namespace) -> int:
     from trainables import params as trial_params
     from trainables.trial import run_trial
 
-    spec = load(args)
-    inputs = guards.spec_inputs(spec)
-    guards.check_output(args.weights_out, inputs, "--weights-out", folder=False)
-    guards.check_output(args.out, inputs, "--out", folder=True)
+    if args.half and not args.weights_out:
+        raise BadInput(
+            "--half: only with --weights-out (it stores those weights in fp16). Fix: add --weights-out FILE."
+        )
+    root = logging.getLogger()
+    shown = root.level
+    if not args.verbose:
+        root.setLevel(logging.WARNING)
+    try:  # the checks are quiet (the trial logs its data itself), so a refusal is one line
+        spec = load(args)
+        inputs = guards.spec_inputs(spec)
+        guards.check_output(args.weights_out, inputs, "--weights-out", folder=False)
+        guards.check_output(args.out, inputs, "--out", folder=True)
+    finally:
+        root.setLevel(shown)
     space = spec.search_space
     chosen = space.defaults()
     out = args.out or spec.experiment_dir / "local" / time.strftime("%Y%m%d-%H%M%S")
@@ -381,7 +389,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     for t in obj["trials"]:
         counts[t["state"]] = counts.get(t["state"], 0) + 1
     print(
-        f"study {obj['name']} ({obj.get('status')}): {count_text(counts)}, objective {metric} "
+        f"study {obj['name']} ({obj.get('status')}"
+        + ("; its launch or resume process is gone: resume it" if obj.get("process_gone") else "")
+        + f"): {count_text(counts)}, objective {metric} "
         f"({obj['mode']}), base model {metric} {S.fmt(obj.get('base_metric'))}, "
         f"updated {obj.get('updated')}"
     )

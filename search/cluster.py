@@ -161,3 +161,27 @@ def check_cluster_storage(
             "shared."
         )
     return {"nodes": len(nodes), "hosts": hosts}
+
+
+def check_trial_fits(
+    cpu: float, gpu: float, local: bool, nodes: list[dict[str, Any]] | None = None
+) -> str | None:
+    """One trial's request (``resources.cpu``/``resources.gpu``) against the alive nodes' totals
+    (``ray.nodes()``'s shape). On a local cluster this tool started, no node will ever appear, so a
+    request no node can hold raises :class:`ClusterError` (Ray would wait for ever, 0 trials
+    running); on a cluster joined by address (an autoscaler may add nodes) it returns a warning."""
+    if nodes is None:
+        import ray
+
+        nodes = ray.nodes()
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
+    if any(r.get("CPU", 0) >= cpu and r.get("GPU", 0) >= gpu for r in alive):
+        return None
+    have = ", ".join(f"{r.get('CPU', 0):g} CPU / {r.get('GPU', 0):g} GPU" for r in alive) or "none"
+    what = f"a trial asks for {cpu:g} CPU and {gpu:g} GPU (resources.cpu, resources.gpu) but no node has that"
+    if local:
+        raise ClusterError(
+            f"resources: {what} (this machine's Ray: {have}), so no trial could ever start. Fix: lower "
+            "resources.gpu / resources.cpu, or launch with --address on a cluster that has them."
+        )
+    return f"warning: {what} yet (nodes: {have}); trials wait until the cluster adds such a node."

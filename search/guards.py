@@ -54,14 +54,15 @@ def _resolved(path: str | os.PathLike) -> Path:
 
 
 def protected(files: Iterable[str | os.PathLike | None], folders: Iterable[str | os.PathLike | None] = ()):
-    """The files an output must not replace and the folders it must not write into: the given
-    files, the folders holding them, and the given folders (all with symlinks resolved)."""
+    """The files an output must not replace, the folders it must not write into (the folders
+    holding those files, and the given folders) and the trees it must not write below (the given
+    folders: image folders, a bundle); all with symlinks resolved."""
     fs = {_resolved(f) for f in files if f}
-    ds = {_resolved(d) for d in folders if d} | {f.parent for f in fs}
-    return fs, ds
+    trees = {_resolved(d) for d in folders if d}
+    return fs, trees | {f.parent for f in fs}, trees
 
 
-def spec_inputs(spec: Any) -> tuple[set[Path], set[Path]]:
+def spec_inputs(spec: Any) -> tuple[set[Path], set[Path], set[Path]]:
     """A spec's inputs: its weights files and annotation files, and its image folders."""
     files = [spec.data.train.annotations, spec.data.val.annotations]
     for w in (spec.model.weights, spec.model.weights_backbone):
@@ -79,19 +80,23 @@ def check_spec_outputs(spec: Any) -> None:
 
 
 def check_output(
-    path: str | os.PathLike | None, inputs: tuple[set[Path], set[Path]], key: str, folder: bool
+    path: str | os.PathLike | None, inputs: tuple[set[Path], set[Path], set[Path]], key: str, folder: bool
 ) -> None:
     """Refuse an output (a file, or with ``folder`` a folder written into) that is one of the
-    protected files, or a protected folder, or (for a file) inside one."""
+    protected files, or a protected folder, or (for a file) inside one, or anywhere below a
+    protected tree (:func:`protected`)."""
     if path is None:
         return
     out = _resolved(path)
-    files, folders = inputs
+    files, folders, trees = inputs
+    below = next((d for d in sorted(trees) if out != d and out.is_relative_to(d)), None)
     hit = None
     if out in files:
         hit = f"is the input file {str(out)!r}"
     elif out in folders:
         hit = f"is the input folder {str(out)!r}"
+    elif below is not None:
+        hit = f"is inside the input folder {str(below)!r}"
     elif not folder and out.parent in folders:
         hit = f"would be written into the input folder {str(out.parent)!r}"
     elif folder and any(f.parent == out for f in files):
@@ -149,6 +154,25 @@ LOCK_FILE = ".search.lock"
 
 class StudyLocked(SpecError):
     """Another launch/resume holds the experiment folder."""
+
+
+def lock_holder_alive(exp_dir: Path) -> bool | None:
+    """Whether the process the study's lock file names (:class:`StudyLock`) still runs: True or
+    False for a process on this host, None when that cannot be told (no file, another host)."""
+    try:
+        text = (Path(exp_dir) / LOCK_FILE).read_text()
+    except OSError:
+        return None
+    found = re.fullmatch(r"host (\S+) pid (\d+)\s*", text)
+    if not found or found.group(1) != socket.gethostname():
+        return None
+    try:
+        os.kill(int(found.group(2)), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 class StudyLock:

@@ -30,7 +30,7 @@ import yaml
 
 from search import durable, mlflow_store, tracking
 from search import study as S
-from search.cluster import check_cluster_storage, check_reachable, connect
+from search.cluster import check_cluster_storage, check_reachable, check_trial_fits, connect
 from search.errors import SpecError, short
 from search.failures import disk_full
 from search.guards import StudyLock
@@ -164,6 +164,7 @@ def launch(
         mlflow_store.warm_up(spec)  # MLflow's import and store creation overlap ray.init
         started = connect(address or spec.resources.address)
         cluster = check_cluster_storage(exp_dir.parent)
+        _check_fits(spec, local=started and not (address or spec.resources.address))
         write_spec(spec, exp_dir)
         budget = spec.search.time_budget
         deadline = time.time() + budget if budget else None
@@ -200,6 +201,12 @@ def launch(
         lock.release(
             cleanup=not (exp_dir / S.SPEC_FILE).exists()
         )  # a launch that wrote nothing leaves nothing
+
+
+def _check_fits(spec: Spec, local: bool) -> None:
+    warning = check_trial_fits(spec.resources.cpu, spec.resources.gpu, local)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
 
 
 def _refuse_existing(exp_dir: Path) -> None:
@@ -239,6 +246,7 @@ def resume(
         mlflow_store.warm_up(spec)
         started = connect(address or spec.resources.address)
         cluster = check_cluster_storage(exp_dir.parent)
+        _check_fits(spec, local=started and not (address or spec.resources.address))
         budget = spec.search.time_budget
         elapsed = float((previous or {}).get("elapsed_s") or 0.0)
         deadline = time.time() + max(0.0, budget - elapsed) if budget else None

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from search import guards
 from trainables.files import better
 
 # Result keys Ray adds to every report: not part of a trial's history.
@@ -308,6 +309,8 @@ def status_object(exp_dir: Path) -> dict[str, Any]:
         }
         for t in trials
     ]
+    if out.get("status") == "running" and guards.lock_holder_alive(exp_dir) is False:
+        out["status"], out["process_gone"] = "interrupted", True  # killed: study.json had no say
     out["base_metric"] = study_base_metric(state)
     out["best"] = best_trial(out["trials"], state.get("mode", "max"))
     out["reference"] = reference_summary(out)

@@ -170,6 +170,23 @@ def test_best_says_why_a_trial_stopped(study, tmp_path):
     assert words in "\n".join(lines[row : row + 5]) and lines[row].split()[2] == S.PRUNED
 
 
+def test_status_of_a_study_whose_process_is_gone(study, tmp_path):
+    """study.json says running but the process its lock file names has ended (killed): status
+    says interrupted, and that the process is gone (it said "running" for ever)."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    exp_dir = edited_study_copy(
+        study["exp_dir"], tmp_path / "runs" / NAME, lambda state: state.update(status="running")
+    )
+    (exp_dir / ".search.lock").write_text(f"host {socket.gethostname()} pid {int(gone.stdout)}\n")
+    where = ["--output-dir", str(tmp_path / "runs")]
+    obj = ok_json(search("status", NAME, *where, "--json", cwd=tmp_path))
+    assert obj["status"] == "interrupted" and obj["process_gone"] is True
+    text = search("status", NAME, *where, cwd=tmp_path).stdout.splitlines()[0]
+    assert text.startswith(f"study {NAME} (interrupted; its launch or resume process is gone"), text
+    (exp_dir / ".search.lock").write_text(f"host {socket.gethostname()} pid {os.getpid()}\n")  # alive
+    assert ok_json(search("status", NAME, *where, "--json", cwd=tmp_path))["status"] == "running"
+
+
 def test_best_top_zero_is_bad_input(study):
     one_error_line(search("best", NAME, *study["where"], "--top", "0", cwd=study["root"]), "--top", "0")
 

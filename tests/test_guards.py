@@ -86,11 +86,24 @@ def test_outputs_over_the_inputs_are_refused(tmp_path):
         (images, True),
         (weights.parent, True),
         (spec.data.train.annotations, False),
+        (images / "sub", True),  # a folder below the image folder (it was accepted)
+        (images / "sub" / "w.pt", False),
     ):
         with pytest.raises(SpecError):
             guards.check_output(path, inputs, "--out", folder=folder)
     guards.check_output(tmp_path / "out.pt", inputs, "--out", folder=False)
     guards.check_output(tmp_path / "bundle", inputs, "--out", folder=True)
+    guards.check_output(images.parent / "runs", inputs, "--out", folder=True)  # next to the images
+
+
+def test_trial_out_below_the_images_exits_2_before_reading_the_data(tmp_path):
+    images = ROOT / "spaces/data/bccd/images"
+    done = run("trial", str(DET), "--out", str(images / "sub"), "--set", "train.epochs=1")
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr  # no data-loading log lines first
+    assert "--out" in lines[0] and "inside the input folder" in lines[0] and not (images / "sub").exists()
+    done = run("trial", str(DET), "--half", "--set", "train.epochs=1")
+    assert done.returncode == 2 and "--half" in done.stderr and "--weights-out" in done.stderr
 
 
 def test_trial_weights_out_onto_the_base_exits_2_and_keeps_it(tmp_path):

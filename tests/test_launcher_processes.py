@@ -267,3 +267,46 @@ def test_a_workers_sigterm_in_a_gc_callback_prints_nothing(tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip() == "alive", proc
     assert "SystemExit" not in proc.stderr, proc.stderr
     assert "ValueError: a real bug" in proc.stderr, proc.stderr
+
+
+# ---------------------------------------------------------------- a trial no node can hold
+
+
+def test_a_gpu_trial_on_a_cpu_machine_exits_2_at_once(data_dir, tmp_path):
+    """``resources.gpu: 1`` where this tool starts a CPU-only Ray: exit 2 naming the keys, nothing
+    left (it once waited for ever with 0 trials running)."""
+    path = write_spec(data_dir, "gpu", {"lr": 0.01}, {"num_trials": 1})
+    out = tmp_path / "runs"
+    done = subprocess.run(
+        [sys.executable, "-m", "search", "launch", str(path), "--set", "resources.gpu=1"]
+        + ["--set", f"output_dir={out}"],
+        capture_output=True,
+        text=True,
+        timeout=300,  # a did-not-hang guard
+        env=_env(SEARCH_NO_MLFLOW="1"),
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert "resources.gpu" in last and "0 GPU" in last and "Fix:" in last, last
+    assert not out.exists() or not any(out.rglob("*.json")), sorted(out.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    "cpu, gpu, nodes, fits",
+    [
+        (1, 0, [{"Alive": True, "Resources": {"CPU": 2.0}}], True),
+        (1, 1, [{"Alive": True, "Resources": {"CPU": 2.0}}], False),
+        (4, 0, [{"Alive": True, "Resources": {"CPU": 2.0}}], False),
+        (1, 1, [{"Alive": False, "Resources": {"CPU": 8.0, "GPU": 1.0}}], False),  # a dead node
+        (1, 0.5, [{"Alive": True, "Resources": {"CPU": 1.0, "GPU": 1.0}}], True),
+    ],
+)
+def test_trial_fits_table(cpu, gpu, nodes, fits):
+    from search.cluster import ClusterError, check_trial_fits
+
+    assert (check_trial_fits(cpu, gpu, False, nodes) is None) is fits  # joined: a warning at most
+    if fits:
+        assert check_trial_fits(cpu, gpu, True, nodes) is None
+    else:
+        with pytest.raises(ClusterError, match="resources.gpu / resources.cpu"):
+            check_trial_fits(cpu, gpu, True, nodes)

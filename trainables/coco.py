@@ -139,14 +139,16 @@ def load_coco(annotations: Path, images: Path, *, task: str = "detection") -> Co
 
 
 def _log_summary(annotations: Path, stats: dict[str, int]) -> None:
-    """The file's sanitisation counts at INFO, once per process for the same file and counts."""
+    """The file's sanitisation counts at INFO, shown once per process for the same file and counts
+    (a quiet check before the logs are on does not count as shown)."""
     try:
         st = annotations.stat()
         key: tuple[Any, ...] = (str(annotations), st.st_mtime_ns, st.st_size, tuple(stats.items()))
     except OSError:
         key = (str(annotations), tuple(stats.items()))
     level = logging.DEBUG if key in _LOGGED else logging.INFO
-    _LOGGED.add(key)
+    if log.isEnabledFor(logging.INFO):
+        _LOGGED.add(key)
     log.log(level, "%s: %s", annotations, " ".join(f"{k}={v}" for k, v in stats.items()))
 
 
