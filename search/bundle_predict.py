@@ -25,6 +25,34 @@ PALETTE = [
 ]
 
 
+def _check_images(images: list[Path]) -> None:
+    """Every file is an image PIL can identify (its header only), before the model loads."""
+    from PIL import Image, UnidentifiedImageError
+
+    for path in images:
+        try:
+            with Image.open(path):
+                pass
+        except (UnidentifiedImageError, OSError) as exc:
+            raise BundleError(
+                f"{path} is not an image this tool can read ({type(exc).__name__}); pass PNG, JPEG, TIFF "
+                "or another format PIL opens"
+            ) from None
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise BundleError(f"--device: {device!r} is not a torch device; use cpu, cuda, cuda:N, mps") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise BundleError(f"--device: {device!r} but torch sees no CUDA device here; use --device cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise BundleError(f"--device: {device!r} but torch sees no MPS device here; use --device cpu")
+
+
 def predict_files(
     bundle_dir: Path,
     images: list[Path],
@@ -42,6 +70,8 @@ def predict_files(
     missing = [str(p) for p in images if not Path(p).is_file()]
     if missing:
         raise BundleError(f"image file(s) not found: {', '.join(missing[:5])}")
+    _check_images(images)
+    _check_device(device)
     try:
         model, meta = load_bundle(bundle_dir, device=device, key_env=key_env)
     except ValueError as exc:

@@ -143,10 +143,13 @@ def read_study(exp_dir: Path) -> dict[str, Any]:
         raise StudyFileError(
             f"{path} is not a valid study file ({' '.join(str(exc).split())[:120]})."
         ) from None
-    if not isinstance(state, dict) or not isinstance(state.get("trials", {}), dict):
-        raise StudyFileError(f"{path} is not a valid study file (not a study.json mapping with 'trials').")
-    for t in state.get("trials", {}).values():
-        if isinstance(t, dict) and t.get("state") in _LEGACY:
+    trials = state.get("trials", {}) if isinstance(state, dict) else None
+    if not isinstance(trials, dict) or not all(isinstance(t, dict) for t in trials.values()):
+        raise StudyFileError(
+            f"{path} is not a valid study file (not a study.json mapping with 'trials', each a mapping)."
+        )
+    for t in trials.values():
+        if t.get("state") in _LEGACY:
             t["state"], failure = _LEGACY[t["state"]]
             if failure:
                 t.setdefault("failure", failure)

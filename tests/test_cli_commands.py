@@ -350,6 +350,22 @@ def test_predict_min_score_out_of_range_is_bad_input(study, bundle):
     one_error_line(proc, "--min-score", "2")
 
 
+@pytest.mark.parametrize(
+    "case, words",
+    [("not-an-image", ["notes.txt", "not an image"]), ("device", ["--device", "'tpu'", "cpu"])],
+)
+def test_predict_bad_image_or_device_is_bad_input(study, bundle, tmp_path, case, words):
+    """A file that is no image, a device torch does not know: one line, exit 2, nothing written
+    (they were exit 1 with PIL's and torch's own exceptions)."""
+    out, _ = bundle
+    text = tmp_path / "notes.txt"
+    text.write_text("not a picture\n")
+    args = [str(text)] if case == "not-an-image" else [str(study["images"][0]), "--device", "tpu"]
+    proc = search("predict", str(out), *args, "--out", str(tmp_path / "pred"), cwd=study["root"])
+    one_error_line(proc, *words)
+    assert not (tmp_path / "pred").exists()
+
+
 # ---------------------------------------------------------------- ui
 
 

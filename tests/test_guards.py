@@ -295,7 +295,7 @@ def test_pixel_cap_below_pil_is_settable(tmp_path, monkeypatch):
     assert coco.load_coco(ann, images).num_classes >= 1
 
 
-@pytest.mark.parametrize("text", ["{not json", '["a list"]', '{"trials": [1, 2]}'])
+@pytest.mark.parametrize("text", ["{not json", '["a list"]', '{"trials": [1, 2]}', '{"trials": {"x": 1}}'])
 def test_status_and_best_on_a_malformed_study_file_exit_2(tmp_path, text):
     exp = tmp_path / "broken"
     exp.mkdir()

@@ -209,7 +209,7 @@ def test_set_dotted_parameter_name():
 INVALID = [
     # (id, changes, key path expected in the message, extra text expected)
     ("missing-name", {"name": _DELETE}, "name", "required"),
-    ("bad-name", {"name": "a b"}, "name", "letters"),
+    ("bad-name", {"name": "a b"}, "name", "Fix: write e.g. 'a-b'"),
     ("number-as-name", {"name": 2024}, "name", "quote it as written (name: '...'"),
     ("bad-task", {"task": "classification"}, "task", "detection"),
     ("missing-arch", {"model.arch": _DELETE}, "model.arch", "required"),
@@ -221,7 +221,7 @@ INVALID = [
     ("epochs-text", {"train.epochs": "three"}, "train.epochs", "integer"),
     ("batch-negative", {"train.batch_size": -1}, "train.batch_size", "greater than or equal"),
     ("bad-amp", {"train.amp": "fp8"}, "train.amp", "fp16"),
-    ("bad-device", {"train.device": "tpu"}, "train.device", "cuda:N"),
+    ("bad-device", {"train.device": "tpu"}, "train.device", "cuda:N, but got 'tpu'. Fix: "),
     ("image-size-small", {"data.image_size": 8}, "data.image_size", "32"),
     ("missing-images", {"data.train.images": "/nonexistent/images"}, "data.train.images", "does not exist"),
     (
@@ -242,7 +242,12 @@ INVALID = [
         "space.learning_rate",
         "trial parameter",
     ),
-    ("unknown-choice", {"space.optimizer": {"choices": ["sgd", "adam"]}}, "space.optimizer", "adamw"),
+    (
+        "unknown-choice",
+        {"space.optimizer": {"choices": ["sgd", "adam"]}},
+        "space.optimizer",
+        "Did you mean 'adamw'? Fix: use one of: adamw, sgd",
+    ),
     (
         "when-unknown",
         {"space.momentum": {"low": 0.8, "high": 0.9, "when": {"optimiser": "sgd"}}},
@@ -274,7 +279,7 @@ INVALID = [
     ),
     ("lr-out-of-range", {"space.lr": {"low": -1.0, "high": 0.1}}, "space.lr", "> 0.0"),
     ("momentum-above-1", {"space.momentum": 1.5}, "space.momentum", "<= 1.0"),
-    ("box-loss-unsupported", {"space.loss.box": "focal"}, "space.loss.box", "must be one of"),
+    ("box-loss-unsupported", {"space.loss.box": "focal"}, "space.loss.box", "use one of: ciou, default"),
     ("seg-loss-on-detection", {"space.loss.seg": "dice"}, "space.loss.seg", "does not apply"),
     ("loss-term-unknown", {"space.loss.weight.loss_mask": 2.0}, "space.loss.weight.loss_mask", "loss term"),
     (

@@ -143,8 +143,10 @@ def _check_space(spec: Spec) -> None:
             )
         for value in _values(dim):
             problem = row.check(value)
+            if problem and row.choices is not None and isinstance(value, str):
+                raise unknown_name(key, value, row.choices, f"{dim.name} value")
             if problem:
-                raise SpecError(key, f"{dim.name} {problem}.", f"{row.doc}: keep values in its legal range.")
+                raise SpecError(key, f"{dim.name} {problem}.", f"use a value {dim.name} allows ({row.doc}).")
         _check_family_values(spec, fam, dim, key)
         if dim.kind in ("float", "int") and row.kind in ("str", "bool"):
             raise SpecError(

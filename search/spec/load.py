@@ -15,14 +15,15 @@ from search import guards
 from search.errors import SpecError, did_you_mean, short
 from search.space import parse_space
 from search.spec.checks import check_data, check_spec
-from search.spec.schema import ENUM_NAME, Spec
+from search.spec.schema import ENUM_NAME, FIX, Spec
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
     """The raw mapping of a spec file; SpecError for a missing file or bad YAML."""
     path = Path(path)
     if not path.is_file():
-        raise SpecError("<file>", f"spec file {str(path)!r} does not exist.", "pass the path of a YAML spec.")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise SpecError("<file>", f"spec file {str(path)!r} {what}.", "pass the path of a YAML spec.")
     try:
         raw = guards.load_yaml(path.read_text(encoding="utf-8"))
     except guards.YamlRefused as exc:
@@ -168,9 +169,9 @@ def _from_pydantic(exc: ValidationError) -> SpecError:
         )
     if kind == "missing":
         return SpecError(key, "is required but missing.", _FIX["missing"])
-    msg = err["msg"].removeprefix("Value error, ")
+    msg, _, fix = err["msg"].removeprefix("Value error, ").partition(FIX)
     msg = msg[0].lower() + msg[1:] if msg else msg
-    fix = _FIX.get(kind)
+    fix = fix or _FIX.get(kind)
     if kind == "string_type" and isinstance(value, (bool, int, float)):
         what = "true/false" if isinstance(value, bool) else "a number"
         fix = f"quote it as written ({loc[-1]}: '...'; in --set: {key}=\"'...'\"): YAML reads it as {what}."

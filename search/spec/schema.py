@@ -33,6 +33,8 @@ def is_registry_uri(value: str | None) -> bool:
 
 
 MAX_NAME = 100
+# a validator's ValueError says "<rule>, but got <value>{FIX}<fix>"; the loader splits the fix off
+FIX = " | fix: "
 MAX_GRID = 10_000
 SEED_LIMIT = 2**32  # numpy's and Optuna's seeds are 32-bit
 
@@ -132,7 +134,7 @@ class TrainSection(_Section):
     @classmethod
     def _device(cls, v: str) -> str:
         if v not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", v):
-            raise ValueError(f"must be auto, cpu, cuda or cuda:N, but got {v!r}")
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N, but got {v!r}{FIX}write one of those.")
         return v
 
 
@@ -163,10 +165,14 @@ class SearchSection(_Section):
         if isinstance(v, str):
             m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", v)
             if not m:
-                raise ValueError(f"must be seconds or a duration like 90s, 10m, 2h, but got {v!r}")
+                raise ValueError(
+                    f"must be seconds or a duration like 90s, 10m, 2h, but got {v!r}{FIX}write e.g. 45m."
+                )
             return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
-            raise ValueError(f"must be a positive number of seconds, but got {v!r}")
+            raise ValueError(
+                f"must be a positive number of seconds, but got {v!r}{FIX}write e.g. 2700 or 45m."
+            )
         return v
 
 
@@ -205,10 +211,11 @@ class Spec(_Section):
     @classmethod
     def _name(cls, v: str) -> str:
         if len(v) > MAX_NAME:
-            raise ValueError(f"must be at most {MAX_NAME} characters, but got {len(v)}")
+            raise ValueError(f"must be at most {MAX_NAME} characters, but got {len(v)}{FIX}shorten it.")
         if not NAME.fullmatch(v):
             raise ValueError(
                 f"must be letters, digits, '_', '-' or '.', starting with a letter or digit, but got {v!r}"
+                f"{FIX}write e.g. {re.sub(r'[^A-Za-z0-9_.-]+', '-', v).strip('-._') or 'study-1'!r}."
             )
         return v
 

@@ -167,9 +167,7 @@ EXTRA = [
         "loss term",
         semantic=True,
     ),
-    _case(
-        "seg-loss-unknown", {"space.loss.seg": "lovasz"}, "space.loss.seg", "must be one of", semantic=True
-    ),
+    _case("seg-loss-unknown", {"space.loss.seg": "lovasz"}, "space.loss.seg", "ce, ce+dice", semantic=True),
     _case("compose-key-on-builder", {"model.backbone": "resnet50"}, "model.backbone", "composed"),
     _case(
         "backbone-does-not-compose",
@@ -268,7 +266,7 @@ EXTRA = [
     _case("experiment-exists", {}, "runs/t", "already holds a study", setup="existing"),
     _case("spec-empty-file", {}, ".yaml: the top level", "mapping", setup="empty"),
     _case("spec-bad-yaml", {}, ".yaml: is not valid YAML", "at line", setup="bad_yaml"),
-    _case("spec-is-a-folder", {}, "spec file", "does not exist", setup="folder"),
+    _case("spec-is-a-folder", {}, "spec file", "is a folder, not a file", setup="folder"),
 ]
 
 FROM_TEST_SPEC = [
