@@ -259,7 +259,9 @@ def _model_yaml(
         "choices": {
             "activation": params.get("activation"),
             "activation_scope": params.get("activation_scope"),
-            "losses": info.get("losses"),
+            "losses": info.get("losses")
+            if cfg.task != "semantic_segmentation"  # box/cls losses: detection heads only
+            else {k: v for k, v in params.items() if k.startswith("loss.")},
             "trainable": params.get("trainable"),
         },
         "params": params,
@@ -329,6 +331,8 @@ def _write_files(
     meta["torchscript"] = ts(tmp / TS_FILE) if skipped is None else {"ok": False, "error": skipped}
     meta["onnx"] = (
         "not exported: torchvision detection models need a traced, fixed-size variant; use TorchScript"
+        if meta["task"] != "semantic_segmentation"
+        else "not exported (this tool exports TorchScript only); use TorchScript"
     )
     shutil.copyfile(Path(bundle_load.__file__), tmp / LOADER_FILE)
     kept = ("metric", "mode", "best_metric", "best_epoch", "base_metric", "improvement", "history")

@@ -153,3 +153,24 @@ def test_module_entry_point_exit_codes_and_flushed_output(args, code, stream, te
     )
     assert proc.returncode == code, (proc.stdout[-500:], proc.stderr[-500:])
     assert text in getattr(proc, stream)
+
+
+def test_a_segmentation_bundle_says_its_own_losses(tmp_path):
+    """A semantic-segmentation bundle's model.yaml names its loss.* choices (it said the detection
+    heads' {box: default, cls: default}) and no detection reason for skipping ONNX."""
+    from search import bundle
+    from search.spec import load_spec
+    from trainables import params as P
+    from trainables.trial import run_trial
+
+    sets = ["train.epochs=1", "train.limit_train=4", "train.limit_val=2", "space.loss.seg=dice"]
+    spec = load_spec(ROOT / "spaces/seg.yaml", sets)
+    cfg = spec.trial_config(out_dir=tmp_path / "trial")
+    params = P.resolve(spec.search_space.defaults())
+    result = run_trial(cfg, params)
+    assert result["status"] == "ok", result
+    meta = bundle.build_bundle(cfg, Path(result["checkpoint"]), spec.class_names, tmp_path / "bundle")
+    written = yaml.safe_load((tmp_path / "bundle" / "model.yaml").read_text())
+    for m in (meta, written):
+        assert m["choices"]["losses"]["loss.seg"] == "dice" and "box" not in m["choices"]["losses"]
+        assert "detection" not in m["onnx"]
