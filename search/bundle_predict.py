@@ -11,6 +11,8 @@ from search import bundle_load
 from search.bundle import META_FILE, BundleError
 from search.bundle_load import load_bundle
 
+PREDICTIONS = "predictions.json"
+
 PALETTE = [
     (230, 25, 75),
     (60, 180, 75),
@@ -23,6 +25,17 @@ PALETTE = [
     (210, 245, 60),
     (250, 190, 212),
 ]
+
+
+def _check_out(out_dir: Path | None) -> None:
+    """``--out`` is new, empty, or an earlier ``predict --out`` (it holds predictions.json): never
+    someone's folder whose files an image's outputs could overwrite."""
+    if out_dir is None or not Path(out_dir).is_dir():
+        return
+    if any(Path(out_dir).iterdir()) and not (Path(out_dir) / PREDICTIONS).is_file():
+        raise BundleError(
+            f"--out {out_dir} exists and holds files that are not an earlier predict's: choose a new folder"
+        )
 
 
 def _check_images(images: list[Path]) -> None:
@@ -72,6 +85,7 @@ def predict_files(
         raise BundleError(f"image file(s) not found: {', '.join(missing[:5])}")
     _check_images(images)
     _check_device(device)
+    _check_out(out_dir)
     try:
         model, meta = load_bundle(bundle_dir, device=device, key_env=key_env)
     except ValueError as exc:
@@ -120,7 +134,7 @@ def predict_files(
         "images": results,
     }
     if out_dir is not None:
-        (Path(out_dir) / "predictions.json").write_text(json.dumps(out, indent=1))
+        (Path(out_dir) / PREDICTIONS).write_text(json.dumps(out, indent=1))
     return out
 
 

@@ -352,18 +352,27 @@ def test_predict_min_score_out_of_range_is_bad_input(study, bundle):
 
 @pytest.mark.parametrize(
     "case, words",
-    [("not-an-image", ["notes.txt", "not an image"]), ("device", ["--device", "'tpu'", "cpu"])],
+    [
+        ("not-an-image", ["notes.txt", "not an image"]),
+        ("device", ["--device", "'tpu'", "cpu"]),
+        ("out-holds-other-files", ["--out", "not an earlier predict's"]),
+    ],
 )
 def test_predict_bad_image_or_device_is_bad_input(study, bundle, tmp_path, case, words):
-    """A file that is no image, a device torch does not know: one line, exit 2, nothing written
-    (they were exit 1 with PIL's and torch's own exceptions)."""
+    """A file that is no image, a device torch does not know (they were exit 1 with PIL's and
+    torch's own exceptions), an --out folder of other files: one line, exit 2, nothing written."""
     out, _ = bundle
     text = tmp_path / "notes.txt"
     text.write_text("not a picture\n")
-    args = [str(text)] if case == "not-an-image" else [str(study["images"][0]), "--device", "tpu"]
-    proc = search("predict", str(out), *args, "--out", str(tmp_path / "pred"), cwd=study["root"])
+    args = {
+        "not-an-image": [str(text)],
+        "device": [str(study["images"][0]), "--device", "tpu"],
+        "out-holds-other-files": [str(study["images"][0])],
+    }[case]
+    dest = tmp_path if case == "out-holds-other-files" else tmp_path / "pred"  # tmp_path has notes.txt
+    proc = search("predict", str(out), *args, "--out", str(dest), cwd=study["root"])
     one_error_line(proc, *words)
-    assert not (tmp_path / "pred").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # no pred/, notes.txt alone
 
 
 # ---------------------------------------------------------------- ui
