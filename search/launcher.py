@@ -159,6 +159,7 @@ def launch(
     preflight(spec, address, weights=True)  # bad input fails before Ray starts or anything is written
     lock = StudyLock(exp_dir).acquire()  # one writer per study folder (exit 2 names the holder)
     started = False
+    new_store = mlflow_store.new_default_store(spec)
     try:
         _refuse_existing(exp_dir)  # again under the lock: another launch may have won the race
         mlflow_store.warm_up(spec)  # MLflow's import and store creation overlap ray.init
@@ -198,9 +199,10 @@ def launch(
     finally:
         if started:
             _shutdown()
-        lock.release(
-            cleanup=not (exp_dir / S.SPEC_FILE).exists()
-        )  # a launch that wrote nothing leaves nothing
+        wrote = (exp_dir / S.SPEC_FILE).exists()
+        if not wrote and new_store is not None:
+            mlflow_store.remove_unused_store(new_store)
+        lock.release(cleanup=not wrote)  # a launch that wrote nothing leaves nothing
 
 
 def _check_fits(spec: Spec, local: bool) -> None:

@@ -106,6 +106,38 @@ def warmed(uri: str, timeout: float = 120.0) -> None:
         thread.join(timeout)
 
 
+def new_default_store(spec: Any) -> Path | None:
+    """The default SQLite store's file when it does not exist yet (a launch's :func:`warm_up`
+    would create it), else None."""
+    if getattr(spec.tracking, "uri", None) or os.environ.get(DISABLE_ENV) == "1":
+        return None
+    db = Path(spec.output_dir).resolve() / DB_FILE
+    return None if db.exists() else db
+
+
+def remove_unused_store(db: Path) -> None:
+    """Delete a SQLite store :func:`warm_up` created for a launch refused before it wrote anything
+    (nothing is left of a refused launch), unless a run is in it by now (another launch's)."""
+    import shutil
+    import sqlite3
+
+    warmed(default_uri(db.parent))
+    if not db.is_file():
+        return
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+            runs = con.execute("SELECT count(*) FROM runs").fetchone()[0]
+    except sqlite3.Error:
+        return  # not what warm_up makes: leave it
+    if runs:
+        return
+    for extra in ("", "-journal", "-wal", "-shm"):
+        db.with_name(db.name + extra).unlink(missing_ok=True)
+    artifacts = db.parent / ARTIFACTS_DIR
+    if artifacts.is_dir() and not any(p.is_file() for p in artifacts.rglob("*")):
+        shutil.rmtree(artifacts, ignore_errors=True)
+
+
 def get_or_create_experiment(mlc: Any, name: str, uri: str) -> str:
     """The experiment id of ``name`` (created, or restored when deleted)."""
     exp = mlc.get_experiment_by_name(name)
@@ -186,19 +218,15 @@ def check_tracking(spec: Any, timeout: float = CHECK_TIMEOUT_S) -> None:
     if os.environ.get(DISABLE_ENV) == "1":
         return
     if uri.startswith("sqlite:///"):
+        # checked without creating it (a launch refused later leaves nothing): the folder, or the
+        # nearest existing folder above it, is a folder this user can write into
         folder = Path(uri[len("sqlite:///") :]).parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
+        there = next(p for p in (folder, *folder.parents) if p.exists())
+        if not there.is_dir() or not os.access(there, os.W_OK | os.X_OK):
+            why = "is not a folder" if not there.is_dir() else "is not writable"
             raise SpecError(
                 "tracking.uri",
-                f"cannot create the folder of the SQLite store {folder}: {exc.strerror or exc}.",
-                "fix output_dir or tracking.uri.",
-            ) from None
-        if not os.access(folder, os.W_OK):
-            raise SpecError(
-                "tracking.uri",
-                f"the folder of the SQLite store {folder} is not writable.",
+                f"cannot create the SQLite store in {folder}: {there} {why}.",
                 "fix output_dir or tracking.uri.",
             )
         return
