@@ -300,8 +300,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from search import dry_run, launcher
 
     if args.dry_run:
-        if args.name:
-            spec.name = args.name
+        launcher.apply_name(spec, args.name)
         plan = dry_run.dry_run(spec)
         if args.json:
             print(json.dumps(plan, default=str))

@@ -107,6 +107,18 @@ def quiet() -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    tune_log = logging.getLogger("ray.tune.tune")
+    if not any(isinstance(f, _NoRayResumeHint) for f in tune_log.filters):
+        tune_log.addFilter(_NoRayResumeHint())
+
+
+class _NoRayResumeHint(logging.Filter):
+    """Drop Ray's "Resume experiment with: Tuner.restore(...)" after Ctrl-C: the launcher prints
+    the command that resumes a study (``python -m search resume ...``), Ray's would skip its
+    checks and callbacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Resume experiment with" not in record.getMessage()
 
 
 def mount_fstype(path: Path) -> str | None:
@@ -185,3 +197,13 @@ def check_trial_fits(
             "resources.gpu / resources.cpu, or launch with --address on a cluster that has them."
         )
     return f"warning: {what} yet (nodes: {have}); trials wait until the cluster adds such a node."
+
+
+def fit_or_warn(resources: Any, local: bool) -> None:
+    """:func:`check_trial_fits` of the spec's ``resources`` on the connected cluster, its warning
+    printed to stderr."""
+    import sys
+
+    warning = check_trial_fits(resources.cpu, resources.gpu, local)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)

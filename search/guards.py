@@ -244,6 +244,8 @@ MAX_YAML_NODES = 100_000  # after alias expansion
 MAX_YAML_DEPTH = 64
 
 
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_BOOL_12 = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
 _FLOAT_12 = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
 
 
@@ -262,6 +264,11 @@ def _loader_class() -> type:
     # YAML 1.2's floats: PyYAML (YAML 1.1) reads ``1e-4`` (no dot) as a string, and lr: 1e-4 is
     # how everyone writes a learning rate. Appended after the int resolver, so 10 stays an int.
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
+    # and YAML 1.2's booleans: only true/false; YAML 1.1 also reads yes/no/on/off, so amp: off
+    # was False (refused: "input should be 'auto', 'off', ...").
+    for resolvers in Loader.yaml_implicit_resolvers.values():  # add_ above made these lists our own
+        resolvers[:] = [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
+    Loader.add_implicit_resolver(_BOOL_TAG, _BOOL_12, list("tTfF"))
 
     def mapping(loader: Any, node: Any, deep: bool = False) -> Any:
         seen: dict[Any, int] = {}

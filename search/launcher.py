@@ -30,10 +30,10 @@ import yaml
 
 from search import durable, mlflow_store, tracking
 from search import study as S
-from search.cluster import check_cluster_storage, check_reachable, check_trial_fits, connect
+from search.cluster import check_cluster_storage, check_reachable, connect, fit_or_warn
 from search.errors import SpecError, short
 from search.failures import disk_full
-from search.guards import StudyLock
+from search.guards import StudyLock, check_output, spec_inputs
 from search.registry import resolve_spec_weights
 from search.schedulers import make_scheduler, scheduler_label
 from search.searcher import make_searcher, num_samples
@@ -145,15 +145,7 @@ def launch(
     means Ctrl-C stopped it (state saved; resume with the printed command)."""
     from ray import tune
 
-    if name:
-        if not NAME.fullmatch(name) or len(name) > MAX_NAME:
-            raise SpecError(
-                "--name",
-                f"must be at most {MAX_NAME} letters, digits, '_', '-' or '.', starting with a letter or "
-                f"digit, but got {short(name)}.",
-                "choose another experiment name.",
-            )
-        spec.name = name
+    apply_name(spec, name)
     exp_dir = spec.experiment_dir
     _refuse_existing(exp_dir)
     preflight(spec, address, weights=True)  # bad input fails before Ray starts or anything is written
@@ -165,7 +157,7 @@ def launch(
         mlflow_store.warm_up(spec)  # MLflow's import and store creation overlap ray.init
         started = connect(address or spec.resources.address)
         cluster = check_cluster_storage(exp_dir.parent)
-        _check_fits(spec, local=started and not (address or spec.resources.address))
+        fit_or_warn(spec.resources, local=started and not (address or spec.resources.address))
         write_spec(spec, exp_dir)
         budget = spec.search.time_budget
         deadline = time.time() + budget if budget else None
@@ -205,10 +197,20 @@ def launch(
         lock.release(cleanup=not wrote)  # a launch that wrote nothing leaves nothing
 
 
-def _check_fits(spec: Spec, local: bool) -> None:
-    warning = check_trial_fits(spec.resources.cpu, spec.resources.gpu, local)
-    if warning:
-        print(warning, file=sys.stderr, flush=True)
+def apply_name(spec: Spec, name: str | None) -> None:
+    """``--name``: the study's name instead of the spec's, held to the same rules (the name's own,
+    and its experiment folder is none of the inputs)."""
+    if not name:
+        return
+    if not NAME.fullmatch(name) or len(name) > MAX_NAME:
+        raise SpecError(
+            "--name",
+            f"must be at most {MAX_NAME} letters, digits, '_', '-' or '.', starting with a letter or "
+            f"digit, but got {short(name)}.",
+            "choose another experiment name.",
+        )
+    check_output(spec.output_dir / name, spec_inputs(spec), "--name", folder=True)
+    spec.name = name
 
 
 def _refuse_existing(exp_dir: Path) -> None:
@@ -248,7 +250,7 @@ def resume(
         mlflow_store.warm_up(spec)
         started = connect(address or spec.resources.address)
         cluster = check_cluster_storage(exp_dir.parent)
-        _check_fits(spec, local=started and not (address or spec.resources.address))
+        fit_or_warn(spec.resources, local=started and not (address or spec.resources.address))
         budget = spec.search.time_budget
         elapsed = float((previous or {}).get("elapsed_s") or 0.0)
         deadline = time.time() + max(0.0, budget - elapsed) if budget else None

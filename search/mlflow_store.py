@@ -218,15 +218,25 @@ def check_tracking(spec: Any, timeout: float = CHECK_TIMEOUT_S) -> None:
     if os.environ.get(DISABLE_ENV) == "1":
         return
     if uri.startswith("sqlite:///"):
-        # checked without creating it (a launch refused later leaves nothing): the folder, or the
-        # nearest existing folder above it, is a folder this user can write into
+        # the folder can be made, and is made only for the check (a launch refused later leaves
+        # nothing; the launch's lock makes it for good)
         folder = Path(uri[len("sqlite:///") :]).parent
-        there = next(p for p in (folder, *folder.parents) if p.exists())
-        if not there.is_dir() or not os.access(there, os.W_OK | os.X_OK):
-            why = "is not a folder" if not there.is_dir() else "is not writable"
+        missing = [p for p in (folder, *folder.parents) if not p.exists()]
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
             raise SpecError(
                 "tracking.uri",
-                f"cannot create the SQLite store in {folder}: {there} {why}.",
+                f"cannot create the folder of the SQLite store {folder}: {exc.strerror or exc}.",
+                "fix output_dir or tracking.uri.",
+            ) from None
+        writable = os.access(folder, os.W_OK)
+        for made in missing:  # deepest first
+            made.rmdir()
+        if not writable:
+            raise SpecError(
+                "tracking.uri",
+                f"the folder of the SQLite store {folder} is not writable.",
                 "fix output_dir or tracking.uri.",
             )
         return

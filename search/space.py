@@ -16,6 +16,7 @@ Optuna is imported only when a study is built, so parsing and validation stay fa
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -221,19 +222,24 @@ def _project_value(dim: Dim, value: Any) -> Any:
 # ---------------------------------------------------------------- parsing and validation
 
 
-def parse_space(raw: Any, key: str = "space") -> SearchSpace:
-    """Parse a spec's ``space`` mapping; raises :class:`SpecError` naming the key path."""
+def parse_space(
+    raw: Any, key: str = "space", kind_of: Callable[[str], str | None] | None = None
+) -> SearchSpace:
+    """Parse a spec's ``space`` mapping; raises :class:`SpecError` naming the key path.
+    ``kind_of(name)``: a parameter's own type ("float", "int"; None when unknown), which a range
+    without ``type`` takes (else int when both bounds are integers)."""
     if raw is None:
         return SearchSpace([])
     if not isinstance(raw, dict):
         raise SpecError(key, f"must be a mapping of parameter name to definition, but got {short(raw)}.")
-    dims = [parse_dim(str(name), body, f"{key}.{name}") for name, body in raw.items()]
+    kind_of = kind_of or (lambda name: None)
+    dims = [parse_dim(str(name), body, f"{key}.{name}", kind_of(str(name))) for name, body in raw.items()]
     _check_conditions(dims, key)
     return SearchSpace(dims)
 
 
-def parse_dim(name: str, body: Any, key: str) -> Dim:
-    """One dimension from its YAML body."""
+def parse_dim(name: str, body: Any, key: str, own_kind: str | None = None) -> Dim:
+    """One dimension from its YAML body (``own_kind``: the parameter's type, see parse_space)."""
     if not name or name != name.strip():
         raise SpecError(key, f"parameter name must be non-empty without spaces, but got {name!r}.")
     if isinstance(body, _SCALAR):
@@ -248,7 +254,7 @@ def parse_dim(name: str, body: Any, key: str) -> Dim:
     if extra:
         raise unknown_name(f"{key}.{sorted(extra)[0]}", sorted(extra)[0], _KEYS, "key", is_key=True)
     when = _parse_when(body.get("when"), f"{key}.when")
-    kind = _kind(body, key)
+    kind = _kind(body, key, own_kind)
     if kind == "fixed":
         if "value" not in body:
             raise SpecError(key, "type fixed needs a value.", "add value: X.")
@@ -258,7 +264,7 @@ def parse_dim(name: str, body: Any, key: str) -> Dim:
     return _numeric(name, kind, body, key, when)
 
 
-def _kind(body: dict[str, Any], key: str) -> str:
+def _kind(body: dict[str, Any], key: str, own_kind: str | None = None) -> str:
     kind = body.get("type")
     if kind is not None:
         if kind not in KINDS:
@@ -273,7 +279,10 @@ def _kind(body: dict[str, Any], key: str) -> str:
             isinstance(body.get(b), int) and not isinstance(body.get(b), bool) for b in ("low", "high")
         )
         step = body.get("step")
-        return "int" if ints and not body.get("log") and (step is None or isinstance(step, int)) else "float"
+        ints = ints and (step is None or isinstance(step, int))
+        if own_kind in ("float", "int"):  # grad_clip: {low: 1, high: 10} is a float range
+            return "int" if own_kind == "int" and ints else "float"
+        return "int" if ints and not body.get("log") else "float"
     raise SpecError(key, "cannot tell the parameter's type.", "give low/high, choices, value, or type.")
 
 

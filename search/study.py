@@ -323,7 +323,7 @@ def status_object(exp_dir: Path) -> dict[str, Any]:
 def recipe_plan_text(i: int, scaling: str, params: dict[str, Any]) -> str:
     """The i-th recipe trial (0: the reference) as the launch header and the dry run say it."""
     shown = " ".join(f"{k}={fmt(v)}" for k, v in params.items())
-    what = "the reference (torchvision's recipe for this architecture" if i == 0 else "the recipe"
+    what = "the reference (torchvision's recipe for this architecture" if i == 0 else "the recipe (again"
     return f"trial {i + 1} is {what}, lr scaled to the batch by the {scaling} rule): {shown}"
 
 

@@ -120,6 +120,19 @@ def test_output_dir_onto_the_images_is_refused():
     assert err.value.key == "output_dir"
 
 
+def test_name_flag_onto_the_images_is_refused():
+    """``launch --name images`` with output_dir the data folder: the study would have been written
+    into the image folder (--name replaced the name after the spec's output checks)."""
+    from search.launcher import apply_name
+
+    spec = load_spec(DET, [f"output_dir={ROOT / 'spaces/data/bccd'}"])
+    with pytest.raises(SpecError) as err:
+        apply_name(spec, "images")
+    assert err.value.key == "--name" and spec.name != "images"
+    apply_name(spec, "other")
+    assert spec.name == "other"
+
+
 def test_predict_min_score_outside_0_1_exits_2(tmp_path):
     done = run("predict", str(tmp_path), str(tmp_path / "x.png"), "--min-score", "1.5")
     assert done.returncode == 2 and "--min-score" in done.stderr
@@ -427,3 +440,17 @@ def test_the_colon_rule_is_said_only_for_keys(value, is_key, says):
     from search.errors import did_you_mean
 
     assert did_you_mean(value, ["sgd", "adamw", "high", "low"], is_key) == says
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [("true", True), ("False", False), ("TRUE", True)] + [(w, w) for w in ("off", "yes", "on", "no")],
+)
+def test_booleans_are_yaml_1_2s(text, value):
+    """Only true/false are booleans (YAML 1.1 also read yes/no/on/off, so ``amp: off`` was False)."""
+    assert guards.load_yaml(f"a: {text}") == {"a": value}
+
+
+def test_amp_off_and_a_yes_for_a_bool_key_load():
+    spec = load_spec(DET, ["train.amp=off", "train.eval_base=no"])
+    assert spec.train.amp == "off" and spec.train.eval_base is False  # pydantic reads 'no' as False

@@ -94,6 +94,22 @@ def test_snippet_gives_distribution(snippet, name, expected):
         assert dim.distribution() == expected
 
 
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        # a float parameter with integer bounds is a float range (it sampled integers only)
+        ("space.grad_clip={low: 1, high: 10}", FloatDistribution(1.0, 10.0)),
+        # an int parameter with log: true stays int (it was refused as "float bounds")
+        ("space.step_epochs={low: 1, high: 8, log: true}", IntDistribution(1, 8, log=True)),
+        ("space.loss.weight.classification={low: 1, high: 3}", FloatDistribution(1.0, 3.0)),
+    ],
+)
+def test_a_range_takes_the_parameters_own_type(override, expected):
+    spec = load_spec(ROOT / "spaces" / "det.yaml", [override])
+    name = override.split("=")[0].removeprefix("space.")
+    assert spec.search_space.by_name[name].distribution() == expected
+
+
 def test_valid_base_spec_loads_and_resolves_paths():
     spec = build_spec(spec_dict(), ROOT)
     cats = json.loads((BCCD / "annotations/instances_train.json").read_text())["categories"]

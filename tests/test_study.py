@@ -92,3 +92,10 @@ def test_one_better_for_trials_and_the_study(a, b, mode, beats):
 
     assert S.better is better  # the study and the trial loop judge "best" the same way
     assert better(a, b, mode) is beats
+
+
+def test_recipe_plan_lines_close_their_parentheses():
+    for i, scaling in ((0, "linear"), (1, "sqrt")):
+        line = S.recipe_plan_text(i, scaling, {"lr": 0.0025, "optimizer": "sgd"})
+        assert line.count("(") == line.count(")") and line.endswith(": lr=0.002500 optimizer=sgd"), line
+        assert f"trial {i + 1} is" in line and f"by the {scaling} rule" in line

@@ -25,7 +25,7 @@ class Param:
     """One trial parameter: its type, default, and the values it may take.
 
     ``kind`` is one of ``float``, ``int``, ``bool``, ``str``. For numbers, ``low``/``high`` bound
-    the legal values (``low_open`` makes the lower bound exclusive). For strings, ``choices``
+    the legal values (``low_open``/``high_open`` make a bound exclusive). For strings, ``choices``
     lists the legal values (``None``: any string, checked elsewhere).
     """
 
@@ -36,6 +36,7 @@ class Param:
     low: float | None = None
     high: float | None = None
     low_open: bool = False
+    high_open: bool = False
     choices: tuple[str, ...] | None = None
     tasks: tuple[str, ...] = ("detection", "instance_segmentation", "semantic_segmentation")
 
@@ -60,8 +61,11 @@ class Param:
                 return f"must be > {self.low}, got {value!r}"
             if not self.low_open and not value >= self.low:
                 return f"must be >= {self.low}, got {value!r}"
-        if self.high is not None and not value <= self.high:
-            return f"must be <= {self.high}, got {value!r}"
+        if self.high is not None:
+            if self.high_open and not value < self.high:
+                return f"must be < {self.high}, got {value!r}"
+            if not self.high_open and not value <= self.high:
+                return f"must be <= {self.high}, got {value!r}"
         return None
 
 
@@ -87,8 +91,8 @@ _ROWS = (
     Param("weight_decay", "float", 1e-4, "decoupled/L2 weight decay (not on norms/biases)", low=0.0),
     Param("momentum", "float", 0.9, "SGD momentum", low=0.0, high=1.0),
     Param("nesterov", "bool", False, "SGD Nesterov momentum"),
-    Param("beta1", "float", 0.9, "AdamW beta1", low=0.0, high=1.0),
-    Param("beta2", "float", 0.999, "AdamW beta2", low=0.0, high=1.0),
+    Param("beta1", "float", 0.9, "AdamW beta1", low=0.0, high=1.0, high_open=True),  # torch: < 1
+    Param("beta2", "float", 0.999, "AdamW beta2", low=0.0, high=1.0, high_open=True),
     Param("schedule", "str", "cosine", "learning-rate schedule after warmup", choices=SCHEDULES),
     Param("warmup_epochs", "float", 0.0, "linear warmup length in epochs", low=0.0),
     Param("step_epochs", "int", 1, "epochs between lr drops (schedule: step)", low=1),

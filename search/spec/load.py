@@ -125,7 +125,7 @@ def build_spec(raw: dict[str, Any], base: Path, source: Path | None = None, stud
         ) from None
     _resolve_paths(spec, base)
     spec._source = source
-    spec._space = parse_space(spec.space)
+    spec._space = parse_space(spec.space, kind_of=_param_kind)
     check_spec(spec, study)
     guards.check_uri_secrets(spec.tracking.uri)
     guards.check_spec_outputs(spec)
@@ -145,7 +145,7 @@ _FIX = {
     "greater_than": "raise the value.",
     "less_than_equal": "lower the value.",
     "less_than": "lower the value.",
-    "literal_error": None,
+    "literal_error": "write one of those values.",
     "dict_type": "write a mapping (key: value lines).",
     "model_type": "write a mapping (key: value lines).",
     "string_type": "write a string.",
@@ -176,6 +176,13 @@ def _from_pydantic(exc: ValidationError) -> SpecError:
         what = "true/false" if isinstance(value, bool) else "a number"
         fix = f"quote it as written ({loc[-1]}: '...'; in --set: {key}=\"'...'\"): YAML reads it as {what}."
     return SpecError(key, f"{msg}, but got {short(value)}." if "but got" not in msg else msg + ".", fix)
+
+
+def _param_kind(name: str) -> str | None:
+    from trainables import params
+
+    row = params.lookup(name)
+    return row.kind if row is not None else None
 
 
 def _fields_at(loc: list[str]) -> list[str]:
