@@ -268,6 +268,8 @@ def resume(
         state = callbacks[0]
         state.searcher, state.deadline = searcher, deadline
         state.scheduler = local._tune_config.scheduler
+        if previous and hasattr(state.scheduler, "restore_history"):  # Ray saved none of its state
+            state.scheduler.restore_history(previous["trials"].values())
         run_config = local.get_run_config()
         run_config.callbacks = callbacks
         run_config.stop = BudgetStopper(deadline)

@@ -127,6 +127,26 @@ class StratifiedHalving(FIFOScheduler, _Records):
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
         return True  # set in the constructor from the spec's objective
 
+    def restore_history(self, trials: Any) -> None:
+        """``resume``: Ray saves no scheduler state (the one it restores is as the launch made it),
+        so the curves, rung values and the reference trial come back from study.json's trial
+        records (``id``, ``params``, ``history``, ``reference``); no decision is taken again."""
+        for t in trials:
+            tid = t.get("id")
+            if t.get("reference") and self.reference_id is None:
+                self.reference_id = tid
+            curve = self._curves.setdefault(tid, {})
+            for row in t.get("history") or []:
+                epoch, value = _epoch(row), number(row.get(self._metric))
+                if epoch is None or value is None or row.get("diverged"):
+                    continue
+                curve[epoch] = value
+                if epoch in self.rungs and 1 <= epoch < self.epochs:
+                    group = group_of(t.get("params") or {})
+                    self._rung_values.setdefault(epoch, {}).setdefault(group, {})[tid] = value
+            if curve:
+                self._tops[tid] = self._best(curve.values())
+
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         self._note_added(trial)
 

@@ -163,6 +163,28 @@ def test_collapse_stops_the_first_at_a_rung_but_never_the_reference():
     assert sched.stop_record("s")["rule"] == "collapse"
 
 
+def test_resume_restores_the_curves_the_launch_had_seen():
+    """Ray restores a scheduler as the launch built it (no curves, no reference): the collapse cut
+    and the rungs come back from study.json's records, so a resumed study stops what the
+    uninterrupted one would have (the reference's epoch 4 was reported before the interruption)."""
+    ref_params = {"lr": 0.01, "trainable": "all"}
+    records = [
+        {"id": "r", "reference": True, "params": ref_params, "history": [{"epoch": 4, "map50": 0.40}]},
+        {"id": "p", "params": {"lr": 0.02, "trainable": "all"}, "history": [{"epoch": 2, "map50": 0.30}]},
+        {"id": "q", "params": {"lr": 0.03, "trainable": "all"}, "history": [{"epoch": 2, "map50": 0.32}]},
+    ]
+    bad, low = trial("b", lr=0.3, trainable="all"), trial("l", lr=0.2, trainable="all")
+    for restored in (False, True):
+        sched = StratifiedHalving("map50", "max", epochs=8, rungs=(2, 4), reference=ref_params)
+        if restored:
+            sched.restore_history(records)
+        assert sched.reference_id == ("r" if restored else None)
+        # 'l' is the third of its group at rung 2 only with the restored values; 'b' collapses
+        # (below half the reference's 0.40 at epoch 4) only when the reference's curve is known
+        want = [STOP, STOP] if restored else [GO, GO]
+        assert _feed(sched, [(low, 2, 0.05), (bad, 4, 0.018)]) == want
+
+
 def _curve_sched(mode="max", reference=None):
     return StratifiedHalving("map50", mode, epochs=8, rungs=(2,), reference=reference, extrapolate=True)
 
