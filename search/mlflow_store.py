@@ -232,7 +232,10 @@ def check_tracking(spec: Any, timeout: float = CHECK_TIMEOUT_S) -> None:
             ) from None
         writable = os.access(folder, os.W_OK)
         for made in missing:  # deepest first
-            made.rmdir()
+            try:
+                made.rmdir()
+            except OSError:
+                break  # something appeared in it meanwhile: keep it and what holds it
         if not writable:
             raise SpecError(
                 "tracking.uri",
