@@ -275,13 +275,14 @@ def test_a_workers_sigterm_in_a_gc_callback_prints_nothing(tmp_path):
 # ---------------------------------------------------------------- a trial no node can hold
 
 
-def test_a_gpu_trial_on_a_cpu_machine_exits_2_at_once(data_dir, tmp_path):
-    """``resources.gpu: 1`` where this tool starts a CPU-only Ray: exit 2 naming the keys, nothing
-    left (it once waited for ever with 0 trials running)."""
+def test_a_trial_no_node_can_hold_exits_2_at_once(data_dir, tmp_path):
+    """``resources.gpu: 64`` (more than this machine has, with or without a GPU) where this tool
+    starts its own Ray: exit 2 naming the keys, nothing left (``resources.gpu: 1`` on a CPU
+    machine once waited for ever with 0 trials running)."""
     path = write_spec(data_dir, "gpu", {"lr": 0.01}, {"num_trials": 1})
     out = tmp_path / "runs"
     done = subprocess.run(
-        [sys.executable, "-m", "search", "launch", str(path), "--set", "resources.gpu=1"]
+        [sys.executable, "-m", "search", "launch", str(path), "--set", "resources.gpu=64"]
         + ["--set", f"output_dir={out}"],
         capture_output=True,
         text=True,
@@ -290,7 +291,7 @@ def test_a_gpu_trial_on_a_cpu_machine_exits_2_at_once(data_dir, tmp_path):
     )
     assert done.returncode == 2, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
-    assert "resources.gpu" in last and "0 GPU" in last and "Fix:" in last, last
+    assert "resources.gpu" in last and "64 GPU" in last and "Fix:" in last, last
     assert not out.exists(), sorted(out.rglob("*"))  # not even the MLflow store its start made
 
 
