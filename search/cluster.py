@@ -207,3 +207,12 @@ def fit_or_warn(resources: Any, local: bool) -> None:
     warning = check_trial_fits(resources.cpu, resources.gpu, local)
     if warning:
         print(warning, file=sys.stderr, flush=True)
+
+
+def check_connected(resources: Any, address: str | None, started: bool, exp_dir: Path) -> dict[str, Any]:
+    """The connected cluster's checks for a study in ``exp_dir``: storage every node can reach
+    (:func:`check_cluster_storage`), a node that can hold a trial (:func:`fit_or_warn`: refused on
+    a Ray this process started, a warning on a joined one). Returns the storage check's dict."""
+    cluster = check_cluster_storage(exp_dir.parent)
+    fit_or_warn(resources, local=started and not address)
+    return cluster

@@ -30,7 +30,7 @@ import yaml
 
 from search import durable, mlflow_store, tracking
 from search import study as S
-from search.cluster import check_cluster_storage, check_reachable, connect, fit_or_warn
+from search.cluster import check_connected, check_reachable, connect
 from search.errors import SpecError, short
 from search.failures import disk_full
 from search.guards import StudyLock, check_output, spec_inputs
@@ -155,9 +155,9 @@ def launch(
     try:
         _refuse_existing(exp_dir)  # again under the lock: another launch may have won the race
         mlflow_store.warm_up(spec)  # MLflow's import and store creation overlap ray.init
-        started = connect(address or spec.resources.address)
-        cluster = check_cluster_storage(exp_dir.parent)
-        fit_or_warn(spec.resources, local=started and not (address or spec.resources.address))
+        address = address or spec.resources.address
+        started = connect(address)
+        cluster = check_connected(spec.resources, address, started, exp_dir)
         write_spec(spec, exp_dir)
         budget = spec.search.time_budget
         deadline = time.time() + budget if budget else None
@@ -248,9 +248,9 @@ def resume(
         _install_state(exp_dir, trust_folder)  # before anything starts: a refusal leaves it all as it was
         previous = _previous_state(exp_dir, restart_errored)
         mlflow_store.warm_up(spec)
-        started = connect(address or spec.resources.address)
-        cluster = check_cluster_storage(exp_dir.parent)
-        fit_or_warn(spec.resources, local=started and not (address or spec.resources.address))
+        address = address or spec.resources.address
+        started = connect(address)
+        cluster = check_connected(spec.resources, address, started, exp_dir)
         budget = spec.search.time_budget
         elapsed = float((previous or {}).get("elapsed_s") or 0.0)
         deadline = time.time() + max(0.0, budget - elapsed) if budget else None

@@ -33,8 +33,13 @@ def tracking_uri(spec: Any) -> str:
     return uri or default_uri(Path(spec.output_dir))
 
 
+def default_db(output_dir: Path) -> Path:
+    """The default SQLite store's file for studies under ``output_dir``."""
+    return Path(output_dir).resolve() / DB_FILE
+
+
 def default_uri(output_dir: Path) -> str:
-    return f"sqlite:///{Path(output_dir).resolve() / DB_FILE}"
+    return f"sqlite:///{default_db(output_dir)}"
 
 
 def experiment_name(spec: Any) -> str:
@@ -111,7 +116,7 @@ def new_default_store(spec: Any) -> Path | None:
     would create it), else None."""
     if getattr(spec.tracking, "uri", None) or os.environ.get(DISABLE_ENV) == "1":
         return None
-    db = Path(spec.output_dir).resolve() / DB_FILE
+    db = default_db(spec.output_dir)
     return None if db.exists() else db
 
 
