@@ -235,6 +235,8 @@ def _model_yaml(
     cfg: Any, ckpt_path: Path, ckpt: dict, info: dict, model: Any, class_names: list[str], study: dict | None
 ) -> dict[str, Any]:
     """The content of ``model.yaml`` (before the rebuild check and the files)."""
+    from trainables import params as P
+
     num_classes = len(class_names) + 1
     kwargs = dict(cfg.model_kwargs)
     if getattr(model, "aux_classifier", None) is not None:
@@ -264,7 +266,7 @@ def _model_yaml(
             else {k: v for k, v in params.items() if k.startswith("loss.")},
             "trainable": params.get("trainable"),
         },
-        "params": params,
+        "params": P.in_effect(params, cfg.task),  # what acted on this model
         "checkpoint": {
             "path": str(ckpt_path),
             "epoch": ckpt.get("epoch"),

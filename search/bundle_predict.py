@@ -27,15 +27,34 @@ PALETTE = [
 ]
 
 
-def _check_out(out_dir: Path | None) -> None:
+def _check_out(out_dir: Path | None) -> list[Path]:
     """``--out`` is new, empty, or an earlier ``predict --out`` (it holds predictions.json): never
-    someone's folder whose files an image's outputs could overwrite."""
+    someone's folder whose files an image's outputs could overwrite. Returns the earlier predict's
+    image outputs there (its predictions.json lists them), which this one replaces."""
     if out_dir is None or not Path(out_dir).is_dir():
-        return
-    if any(Path(out_dir).iterdir()) and not (Path(out_dir) / PREDICTIONS).is_file():
+        return []
+    earlier = Path(out_dir) / PREDICTIONS
+    if not earlier.is_file():
+        if any(Path(out_dir).iterdir()):
+            raise BundleError(
+                f"--out {out_dir} exists and holds files that are not an earlier predict's: "
+                "choose a new folder"
+            )
+        return []
+    try:
+        entries = json.loads(earlier.read_text())["images"]
+        names = {
+            Path(f).name
+            for e in entries
+            for f in [e.get("annotated"), e.get("mask"), *(e.get("masks") or [])]
+            if isinstance(f, str)
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise BundleError(
-            f"--out {out_dir} exists and holds files that are not an earlier predict's: choose a new folder"
-        )
+            f"--out {out_dir}: its {PREDICTIONS} is not an earlier predict's (unreadable): "
+            "choose a new folder"
+        ) from None
+    return [Path(out_dir) / n for n in sorted(names) if n.endswith(".png") and (Path(out_dir) / n).is_file()]
 
 
 def _check_images(images: list[Path]) -> None:
@@ -80,18 +99,25 @@ def predict_files(
     bundle_dir = Path(bundle_dir)
     if not (bundle_dir / META_FILE).is_file():
         raise BundleError(f"{bundle_dir} is not a bundle (no {META_FILE}); make one with 'search export'")
+    folders = [str(p) for p in images if Path(p).is_dir()]
+    if folders:
+        raise BundleError(
+            f"{', '.join(folders[:5])}: a folder, not an image file; pass the image files (DIR/*.png)"
+        )
     missing = [str(p) for p in images if not Path(p).is_file()]
     if missing:
         raise BundleError(f"image file(s) not found: {', '.join(missing[:5])}")
     _check_images(images)
     _check_device(device)
-    _check_out(out_dir)
+    replaced = _check_out(out_dir)
     try:
         model, meta = load_bundle(bundle_dir, device=device, key_env=key_env)
     except ValueError as exc:
         raise BundleError(str(exc)) from None
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
+        for old in replaced:  # an earlier predict's images: what stays is what predictions.json lists
+            old.unlink(missing_ok=True)
     results = []
     for i, path in enumerate(images):
         r = bundle_load.predict(model, meta, path, min_score=min_score)

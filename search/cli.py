@@ -292,6 +292,8 @@ def _print_trial(result: dict, metric: str) -> None:
     print(f"best {metric}: {S.fmt(result.get('best_metric'))} at epoch {result.get('best_epoch')}")
     print(f"trainable / frozen parameters: {result.get('trainable_params')} / {result.get('frozen_params')}")
     print(f"checkpoint: {result.get('checkpoint')}")
+    if result.get("weights_out"):
+        print(f"weights written: {result['weights_out']}")
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
@@ -301,6 +303,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
     if args.dry_run:
         launcher.apply_name(spec, args.name)
+        launcher.refuse_existing(spec.experiment_dir)  # the plan of a launch that would be refused
         plan = dry_run.dry_run(spec)
         if args.json:
             print(json.dumps(plan, default=str))

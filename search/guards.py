@@ -107,6 +107,28 @@ def check_output(
             f"{str(path)!r} {hit}; base weights and data are read-only to this tool.",
             "choose an output path outside the inputs' folders.",
         )
+    _check_writable(out, str(path), key, folder)
+
+
+def _check_writable(out: Path, given: str, key: str, folder: bool) -> None:
+    """``out`` can be made: a folder output is not an existing file, a file output not an
+    existing folder, and the nearest existing folder above it is a writable folder (so that a
+    trial does not train for an hour and then fail to save)."""
+    if folder and out.exists() and not out.is_dir():
+        raise SpecError(key, f"{given!r} is a file, and a folder is written there.", "pass a folder path.")
+    if not folder and out.is_dir():
+        raise SpecError(key, f"{given!r} is a folder, and a file is written there.", "pass a file path.")
+    above = out.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise SpecError(
+            key, f"{given!r}: {str(above)!r} above it is a file, not a folder.", "pass a path under a folder."
+        )
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise SpecError(
+            key, f"{given!r}: the folder {str(above)!r} is not writable.", "pass a path you can write to."
+        )
 
 
 # ---------------------------------------------------------------- who could have written a study

@@ -147,13 +147,13 @@ def launch(
 
     apply_name(spec, name)
     exp_dir = spec.experiment_dir
-    _refuse_existing(exp_dir)
+    refuse_existing(exp_dir)
     preflight(spec, address, weights=True)  # bad input fails before Ray starts or anything is written
     lock = StudyLock(exp_dir).acquire()  # one writer per study folder (exit 2 names the holder)
     started = False
     new_store = mlflow_store.new_default_store(spec)
     try:
-        _refuse_existing(exp_dir)  # again under the lock: another launch may have won the race
+        refuse_existing(exp_dir)  # again under the lock: another launch may have won the race
         mlflow_store.warm_up(spec)  # MLflow's import and store creation overlap ray.init
         address = address or spec.resources.address
         started = connect(address)
@@ -213,7 +213,8 @@ def apply_name(spec: Spec, name: str | None) -> None:
     spec.name = name
 
 
-def _refuse_existing(exp_dir: Path) -> None:
+def refuse_existing(exp_dir: Path) -> None:
+    """:class:`ExperimentExists` when ``exp_dir`` already holds a study (launch never overwrites)."""
     if (exp_dir / S.STUDY_FILE).exists() or (exp_dir / "tuner.pkl").exists():
         raise ExperimentExists(
             f"experiment folder {exp_dir} already holds a study. Resume it with "

@@ -194,8 +194,10 @@ def export(
     spec = load_study_spec(exp_dir)
     cfg = spec.trial_config(out_dir=Path(tempfile.gettempdir()))
     status = S.read_study(exp_dir)
+    tags = lineage(exp_dir, trial, spec)  # MLflow tag strings; the numbers follow as numbers
+    metric = tags["metric"]
     info = {
-        **lineage(exp_dir, trial, spec),
+        **{k: v for k, v in tags.items() if k not in (metric, f"base_{metric}")},
         "best_metric": trial.get("best_metric"),
         "base_metric": trial.get("study_base_metric"),
         "improvement": trial.get("improvement"),

@@ -268,6 +268,12 @@ def test_export_json_bundle(study, bundle):
     )
     names = {p.name for p in out.iterdir()}
     assert {"model.yaml", "load.py", "SHA256SUMS"} <= names and set(meta["files"]) <= names
+    record, metric = meta["study"], meta["study"]["metric"]
+    assert metric not in record and f"base_{metric}" not in record  # not the MLflow tags' strings
+    assert all(isinstance(record[k], (int, float)) for k in ("best_metric", "base_metric", "best_epoch"))
+    params = meta["params"]  # what acted on this detector: no segmentation loss, no other optimizer's
+    other = {"sgd": "beta1", "adamw": "momentum"}[params["optimizer"]]
+    assert "loss.seg" not in params and other not in params and "lr" in params
 
 
 def test_export_human_without_torchscript(study):
@@ -342,6 +348,13 @@ def test_predict_json_and_written_files(study, bundle):
     assert f"written to {dest}: predictions.json" in proc.stdout
     written = json.loads((dest / "predictions.json").read_text())
     assert len(written["images"]) == 2
+    (dest / "mine.txt").write_text("kept")  # the user's file in an earlier predict's folder
+    proc = search("predict", str(out), images[0], "--out", str(dest), "--min-score", "0", cwd=study["root"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((dest / "predictions.json").read_text())
+    listed = {Path(e["annotated"]).name for e in again["images"]}
+    assert len(again["images"]) == 1 and {p.name for p in dest.glob("*.png")} == listed  # no stale image
+    assert (dest / "mine.txt").read_text() == "kept"
 
 
 def test_predict_min_score_out_of_range_is_bad_input(study, bundle):
@@ -356,6 +369,7 @@ def test_predict_min_score_out_of_range_is_bad_input(study, bundle):
         ("not-an-image", ["notes.txt", "not an image"]),
         ("device", ["--device", "'tpu'", "cpu"]),
         ("out-holds-other-files", ["--out", "not an earlier predict's"]),
+        ("folder", ["a folder, not an image file"]),
     ],
 )
 def test_predict_bad_image_or_device_is_bad_input(study, bundle, tmp_path, case, words):
@@ -368,6 +382,7 @@ def test_predict_bad_image_or_device_is_bad_input(study, bundle, tmp_path, case,
         "not-an-image": [str(text)],
         "device": [str(study["images"][0]), "--device", "tpu"],
         "out-holds-other-files": [str(study["images"][0])],
+        "folder": [str(study["images"][0].parent)],
     }[case]
     dest = tmp_path if case == "out-holds-other-files" else tmp_path / "pred"  # tmp_path has notes.txt
     proc = search("predict", str(out), *args, "--out", str(dest), cwd=study["root"])

@@ -114,6 +114,39 @@ def test_trial_weights_out_onto_the_base_exits_2_and_keeps_it(tmp_path):
     assert (weights.stat().st_mtime_ns, weights.read_bytes()[:64]) == before
 
 
+@pytest.mark.parametrize(
+    ("make", "path", "folder", "said"),
+    [
+        ("dir", "x", False, "is a folder"),  # --weights-out onto a folder
+        ("file", "x", True, "is a file"),  # --out / output_dir onto a file
+        ("file", "x/sub/w.pt", False, "above it is a file"),
+        ("file", "x/sub", True, "above it is a file"),
+        (None, "new/sub/w.pt", False, None),  # missing folders are made when it writes
+        ("dir", "x/w.pt", False, None),
+        ("dir", "x", True, None),
+    ],
+)
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, make, path, folder, said):
+    if make == "dir":
+        (tmp_path / "x").mkdir()
+    elif make == "file":
+        (tmp_path / "x").write_text("")
+    before = sorted(tmp_path.rglob("*"))
+    if said is None:
+        guards.check_output(tmp_path / path, guards.protected([]), "--out", folder=folder)
+    else:
+        with pytest.raises(SpecError) as err:
+            guards.check_output(tmp_path / path, guards.protected([]), "--out", folder=folder)
+        assert err.value.key == "--out" and said in err.value.message
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_trial_weights_out_onto_a_folder_exits_2_before_training(tmp_path):
+    done = run("trial", str(DET), "--weights-out", str(tmp_path), "--set", "train.epochs=1")
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and "is a folder" in lines[0], done.stderr
+
+
 def test_output_dir_onto_the_images_is_refused():
     with pytest.raises(SpecError) as err:
         load_spec(DET, [f"output_dir={ROOT / 'spaces/data/bccd/images'}"])

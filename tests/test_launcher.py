@@ -240,6 +240,12 @@ def test_dry_run(data_dir, capsys):
     assert "search: tpe + auto (curve)" in out
     assert "trial 1 is the reference (torchvision's recipe" in out and "optimizer=sgd" in out
     assert not (data_dir / "runs" / "dry").exists()  # no Ray, nothing written
+    (data_dir / "runs" / "dry").mkdir(parents=True)
+    (data_dir / "runs" / "dry" / S.STUDY_FILE).write_text("{}")
+    assert main(["launch", str(spec), "--dry-run"]) == 2  # the launch it plans would be refused
+    err = capsys.readouterr().err
+    assert "already holds a study" in err and "--name" in err
+    assert main(["launch", str(spec), "--dry-run", "--name", "dry2"]) == 0
 
 
 # ---------------------------------------------------------------- one real study: grid over lr

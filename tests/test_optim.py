@@ -137,3 +137,26 @@ def test_constant_with_fractional_warmup():
 def test_cosine_without_warmup_starts_at_lr():
     lrs = _curve("cosine", epochs=1, spe=4)
     assert lrs == pytest.approx([0.1 * 0.5 * (1 + math.cos(math.pi * t / 4)) for t in range(4)])
+
+
+@pytest.mark.parametrize(
+    ("set_", "task", "gone", "kept"),
+    [
+        ({"optimizer": "sgd"}, "detection", {"beta1", "beta2", "loss.seg", "step_epochs"}, {"momentum"}),
+        ({"optimizer": "adamw"}, "detection", {"momentum", "nesterov", "loss.aux_weight"}, {"beta2"}),
+        ({"schedule": "step"}, "semantic_segmentation", {"beta1", "loss.box"}, {"step_gamma", "loss.seg"}),
+        (
+            {"loss.weight.loss_mask": 2.0},
+            "instance_segmentation",
+            {"loss.dice_weight"},
+            {"loss.weight.loss_mask"},
+        ),
+    ],
+)
+def test_in_effect_drops_what_cannot_act_on_the_trial(set_, task, gone, kept):
+    """A bundle's record of what trained the model: not another task's losses, another
+    optimizer's settings or the step schedule's under another schedule."""
+    values = P.resolve(set_)
+    got = P.in_effect(values, task)
+    assert not gone & set(got) and kept <= set(got)
+    assert all(got[k] == values[k] for k in got) and {"lr", "optimizer", "trainable"} <= set(got)

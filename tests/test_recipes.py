@@ -136,3 +136,23 @@ def test_tpe_start_up_sized_to_the_budget_and_the_recipe_trials(num_trials, n_st
 
     sampler = make_sampler("tpe", 0, num_trials, n_startup, None, n_recipes)
     assert sampler._n_startup_trials == expected
+
+
+@pytest.mark.parametrize(
+    "sets, expected",
+    [
+        ([], {"loss.weight.loss_mask": 1.0}),  # the demo: weight searched in [0.5, 2]
+        (["space.loss.weight.loss_mask.low=1.5"], {"loss.weight.loss_mask": 1.5}),  # clipped
+        (["space.loss.weight.loss_mask=0.7"], {}),  # fixed by the user: left as fixed
+        (
+            ["space.loss.weight.loss_classifier={low: 0.5, high: 2}"],
+            {"loss.weight.loss_mask": 1.0, "loss.weight.loss_classifier": 1.0},
+        ),
+    ],
+)
+def test_reference_trial_weighs_each_loss_term_as_the_architecture_does(sets, expected):
+    """The recipe names no loss weight; the reference trial takes the architecture's own (1.0),
+    not a sampled one, for every ``loss.weight.<term>`` the space searches."""
+    ref = load_spec(ROOT / "spaces/inst.yaml", sets).reference_params()
+    got = {k: v for k, v in ref.items() if k.startswith("loss.weight.")}
+    assert got == pytest.approx(expected)

@@ -232,5 +232,6 @@ def save_weights(model: torch.nn.Module, path: Path, half: bool = False) -> Path
         k: (v.half() if half and v.is_floating_point() else v).detach().cpu().clone()
         for k, v in model.state_dict().items()
     }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(Path(path), lambda f: torch.save(state, f))
     return Path(path)

@@ -29,10 +29,12 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Optimizer:
     """One optimizer choice: ``make(groups, lr, params)`` builds it over the parameter groups
-    (reading its own params besides lr/weight_decay); ``logged``: its group keys in the log rows."""
+    (reading its own params besides lr/weight_decay, named in ``uses``); ``logged``: its group
+    keys in the log rows."""
 
     make: Callable[[list[dict[str, Any]], float, dict[str, Any]], Any]
     logged: tuple[str, ...]
+    uses: tuple[str, ...] = ()
 
 
 def _sgd(groups: list[dict[str, Any]], lr: float, params: dict[str, Any]) -> Any:
@@ -51,8 +53,8 @@ def _adamw(groups: list[dict[str, Any]], lr: float, params: dict[str, Any]) -> A
 
 # The optimizers a trial can use (``params.OPTIMIZERS`` is read from here).
 OPTIMIZERS: dict[str, Optimizer] = {
-    "sgd": Optimizer(_sgd, logged=("momentum", "nesterov")),
-    "adamw": Optimizer(_adamw, logged=("betas",)),
+    "sgd": Optimizer(_sgd, logged=("momentum", "nesterov"), uses=("momentum", "nesterov")),
+    "adamw": Optimizer(_adamw, logged=("betas",), uses=("beta1", "beta2")),
 }
 
 

@@ -16,8 +16,7 @@ from typing import Any
 
 from trainables import activations, loss_table, norms, optim
 from trainables.families import SCOPES
-
-LOSS_WEIGHT_PREFIX = "loss.weight."
+from trainables.recipes import LOSS_WEIGHT_PREFIX  # the one definition (recipes imports no torch)
 
 
 @dataclass(frozen=True)
@@ -169,5 +168,25 @@ def resolve(values: dict[str, Any]) -> dict[str, Any]:
             value = int(value)
         elif row is not None and row.kind == "float":
             value = float(value)
+        out[name] = value
+    return out
+
+
+STEP_ONLY = ("step_epochs", "step_gamma")  # read by the ``step`` schedule alone
+
+
+def in_effect(values: dict[str, Any], task: str) -> dict[str, Any]:
+    """``values`` without the parameters that cannot act on a trial of ``task`` (a record of what a
+    model was trained with): rows for other tasks, another optimizer's own settings, the step
+    schedule's under another schedule."""
+    chosen = optim.OPTIMIZERS.get(values.get("optimizer"))
+    others = {n for o in optim.OPTIMIZERS.values() for n in o.uses} - set(chosen.uses if chosen else ())
+    out = {}
+    for name, value in values.items():
+        row = lookup(name)
+        if (row is not None and task not in row.tasks) or name in others:
+            continue
+        if name in STEP_ONLY and values.get("schedule") != "step":
+            continue
         out[name] = value
     return out

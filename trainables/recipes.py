@@ -18,9 +18,11 @@ norm handling. Pure Python: spec validation imports this module.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+LOSS_WEIGHT_PREFIX = "loss.weight."  # trainables.params' open family (this module imports no torch)
 
 # How a recipe's learning rate follows the batch: name -> f(spec batch / recipe batch) -> lr factor.
 LR_SCALINGS: dict[str, Callable[[float], float]] = {
@@ -45,6 +47,10 @@ class Recipe:
             "norm": "keep",
             "loss.box": "default",
             "loss.cls": "default",
+            "loss.focal_gamma": 2.0,  # torchvision's sigmoid_focal_loss defaults
+            "loss.focal_alpha": 0.25,
+            "loss.label_smoothing": 0.0,
+            "loss.aux_weight": 0.5,  # the segmentation references' aux loss weight
         }
     )
 
@@ -118,12 +124,16 @@ def recipe_for(family: str | None) -> Recipe | None:
     return RECIPES.get(family or "")
 
 
-def recipe_params(recipe: Recipe, batch_size: int, epochs: int, scaling: str = "linear") -> dict[str, Any]:
+def recipe_params(
+    recipe: Recipe, batch_size: int, epochs: int, scaling: str = "linear", names: Iterable[str] = ()
+) -> dict[str, Any]:
     """The recipe as trial parameters for a spec's ``batch_size`` and ``epochs`` (before it is
     projected into a search space): lr scaled to the batch by ``scaling`` (a name of
     :data:`LR_SCALINGS`), the step schedule's first drop placed at the recipe's fraction of the
-    epochs, hand-made choices for everything else."""
-    out = {**recipe.hand, **recipe.params}
+    epochs, hand-made choices for everything else; each per-term loss weight among ``names``
+    (the space's parameters, ``loss.weight.<term>``) at 1.0, the architecture's own weighting."""
+    out = {name: 1.0 for name in names if name.startswith(LOSS_WEIGHT_PREFIX)}
+    out.update({**recipe.hand, **recipe.params})
     out["lr"] = float(recipe.params["lr"]) * LR_SCALINGS[scaling](batch_size / recipe.batch)
     if out.get("schedule") == "step" and recipe.step_at is not None:
         out["step_epochs"] = max(1, round(recipe.step_at * epochs))

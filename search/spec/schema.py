@@ -263,7 +263,9 @@ class Spec(_Section):
             return []
         out: list[tuple[str, dict[str, Any]]] = []
         for scaling in self.search.reference_scaling:
-            values = recipes.recipe_params(recipe, self.train.batch_size, self.train.epochs, scaling)
+            values = recipes.recipe_params(
+                recipe, self.train.batch_size, self.train.epochs, scaling, self.search_space.by_name
+            )
             params = self.search_space.project(values)
             if params and all(params != p for _, p in out):
                 out.append((scaling, params))
