@@ -175,10 +175,15 @@ def load(args: argparse.Namespace, deep: bool = True, study: bool = True):
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from search.cluster import check_device
     from search.registry import resolve_spec_weights
     from search.spec import check_weights, deep_check, load_spec
 
     spec = load_spec(args.spec, args.overrides)
+    try:
+        check_device(spec.train.device, spec.resources.gpu, ray=True)  # what launch checks
+    except SpecError as err:
+        raise err.with_source(str(args.spec)) from None
     facts: dict[str, Any] = {}
     if not args.quick:
         try:
@@ -218,6 +223,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_trial(args: argparse.Namespace) -> int:
     from search import guards
+    from search.cluster import check_device
     from trainables import params as trial_params
     from trainables.trial import run_trial
 
@@ -233,6 +239,8 @@ def cmd_trial(args: argparse.Namespace) -> int:
         spec = load(args)
         inputs = guards.spec_inputs(spec)
         guards.check_output(args.weights_out, inputs, "--weights-out", folder=False)
+        guards.check_weights_out(args.weights_out, spec.source)
+        check_device(spec.train.device, spec.resources.gpu, ray=False)
         guards.check_output(args.out, inputs, "--out", folder=True)
     finally:
         root.setLevel(shown)
@@ -299,11 +307,14 @@ def _print_trial(result: dict, metric: str) -> None:
 def cmd_launch(args: argparse.Namespace) -> int:
     _check_keep_top(args)
     spec = load(args)
-    from search import dry_run, launcher
+    from search import dry_run, launcher, study_folder
+    from search.cluster import check_device
 
     if args.dry_run:
         launcher.apply_name(spec, args.name)
-        launcher.refuse_existing(spec.experiment_dir)  # the plan of a launch that would be refused
+        study_folder.refuse_existing(spec.experiment_dir)  # the plan of a launch that would be refused
+        check_device(spec.train.device, spec.resources.gpu, ray=True)  # the launch's trials'
+        check_device(spec.train.device, spec.resources.gpu, ray=False)  # the dry run's, here
         plan = dry_run.dry_run(spec)
         if args.json:
             print(json.dumps(plan, default=str))

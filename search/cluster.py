@@ -38,6 +38,9 @@ def check_reachable(address: str, timeout: float = 3.0, key: str = "--address") 
     if address in ("auto", "local"):
         return
     hostport = address.split("://", 1)[-1].rstrip("/")
+    if "@" in hostport:  # user:password@ is never echoed
+        address = address.replace(hostport.rpartition("@")[0], "***")
+        hostport = hostport.rpartition("@")[2]
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
         raise ClusterError(f"{key} {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379, or auto).")
@@ -216,3 +219,36 @@ def check_connected(resources: Any, address: str | None, started: bool, exp_dir:
     cluster = check_cluster_storage(exp_dir.parent)
     fit_or_warn(resources, local=started and not address)
     return cluster
+
+
+def check_device(device: str, gpu: float, ray: bool) -> None:
+    """``train.device`` against the GPUs a trial will see: under Ray only those ``resources.gpu``
+    reserves, numbered from 0 (none when it is 0); without Ray (``trial``, ``--dry-run``) this
+    machine's. A :class:`~search.errors.SpecError` instead of every trial failing in torch."""
+    import math
+
+    from search.errors import SpecError
+
+    if not device.startswith("cuda"):
+        return
+    index = int(device.partition(":")[2] or 0)
+    if ray:
+        seen = math.ceil(gpu) if gpu > 0 else 0
+        if index >= seen:
+            raise SpecError(
+                "train.device",
+                f"{device!r}, but a trial reserving resources.gpu {gpu:g} sees {seen} GPU(s) under Ray "
+                "(only those it reserves, numbered from 0).",
+                "set resources.gpu (1, or a fraction such as 0.5) and train.device cuda, or train.device "
+                "auto.",
+            )
+        return
+    import torch
+
+    here = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= here:
+        raise SpecError(
+            "train.device",
+            f"{device!r}, but torch sees {here} CUDA device(s) on this machine.",
+            "use train.device auto (the GPU when there is one) or cpu.",
+        )

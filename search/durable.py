@@ -184,7 +184,13 @@ def verify_snapshot(exp_dir: Path) -> tuple[Path, list[str]]:
             f"{snap / SIGNATURE} does not match {snap / MANIFEST} under your key: another user (or "
             "another key) wrote this state, or it was changed"
         )
-    files = json.loads(manifest)["files"]
+    signed = json.loads(manifest)
+    if signed.get("study") != Path(exp_dir).name:
+        raise UntrustedState(
+            f"{snap / MANIFEST} was signed for study {str(signed.get('study'))[:80]!r}, not "
+            f"{Path(exp_dir).name!r}: another study's state was put here"
+        )
+    files = signed["files"]
     for name, digest in files.items():
         path = snap / name
         known = name == S.STUDY_FILE or any(fnmatch.fnmatchcase(name, pattern) for pattern in RAY_STATE)

@@ -17,10 +17,14 @@ from urllib.parse import parse_qsl, urlsplit
 
 from search.errors import SpecError
 
-_SECRET_QUERY = ("password", "passwd", "pwd", "token", "secret", "key", "access_token", "api_key")
+# a query parameter whose lower-cased name holds one of these carries a secret (X-Amz-Signature,
+# X-Amz-Credential, Azure's sig, api_key, access_token, ...)
+_SECRET_QUERY = ("pass", "pwd", "token", "secret", "key", "sig", "credential", "auth")
 _ENV_FIX = {
     "http": "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the "
     "environment instead; they are read at run time and never written",
+    "databricks": "use a Databricks profile (DATABRICKS_HOST and DATABRICKS_TOKEN in the environment, "
+    "or ~/.databrickscfg) with tracking.uri databricks or databricks://PROFILE",
     "db": "give the database password through its driver's environment (e.g. PGPASSWORD, MYSQL_PWD) or "
     "its password file (e.g. ~/.pgpass) instead; it is never written there",
 }
@@ -36,7 +40,7 @@ def check_uri_secrets(uri: str | None, key: str = "tracking.uri") -> None:
         password = parts.password
     except ValueError:
         return  # not a URL: the tracking checks report it
-    secret_query = [k for k, _ in parse_qsl(parts.query) if k.lower() in _SECRET_QUERY]
+    secret_query = [k for k, _ in parse_qsl(parts.query) if any(w in k.lower() for w in _SECRET_QUERY)]
     if password is None and not secret_query:
         return
     what = (
@@ -44,7 +48,8 @@ def check_uri_secrets(uri: str | None, key: str = "tracking.uri") -> None:
         if password is not None
         else f"a secret query parameter {secret_query[0]!r}"
     )
-    fix = _ENV_FIX["http" if parts.scheme.lower() in ("http", "https") else "db"]
+    scheme = parts.scheme.lower()
+    fix = _ENV_FIX["http" if scheme in ("http", "https") else scheme if scheme in _ENV_FIX else "db"]
     safe = parts._replace(netloc=parts.hostname or "", query="").geturl()
     raise SpecError(key, f"{safe!r} carries {what}: it would be written to disk and to MLflow.", f"{fix}.")
 
@@ -131,6 +136,24 @@ def _check_writable(out: Path, given: str, key: str, folder: bool) -> None:
         )
 
 
+def check_weights_out(path: str | os.PathLike | None, spec_file: Path | None) -> None:
+    """``trial --weights-out`` replaces only a weights file: not the spec, not an existing file
+    torch did not write (a zip archive or a pickle, by their first bytes)."""
+    if path is None or not Path(path).is_file():
+        return
+    out = _resolved(path)
+    if spec_file is not None and out == _resolved(spec_file):
+        raise SpecError("--weights-out", f"{str(path)!r} is the spec file.", "pass a new .pt file path.")
+    with open(out, "rb") as f:
+        head = f.read(2)
+    if head != b"PK" and head[:1] != b"\x80":
+        raise SpecError(
+            "--weights-out",
+            f"{str(path)!r} exists and is not a weights file (torch writes a zip archive or a pickle).",
+            "pass a new .pt file path, or remove that file first.",
+        )
+
+
 # ---------------------------------------------------------------- who could have written a study
 
 RAY_STATE_GLOBS = (
@@ -143,12 +166,13 @@ RAY_STATE_GLOBS = (
 
 
 def check_folder_trust(exp_dir: Path) -> None:
-    """``resume`` unpickles Ray's state files: refuse when the study folder, or one of those files,
-    is writable by the group or by others, or owned by another user (a crafted pickle would run as
-    you). ``resume --trust-folder`` skips this check."""
+    """``resume`` unpickles Ray's state files: refuse when the study folder, a trial's folder (Ray
+    writes pickles there) or one of those files is writable by the group or by others, or owned by
+    another user (a crafted pickle would run as you). ``resume --trust-folder`` skips this check."""
     exp_dir = Path(exp_dir)
     me = os.getuid()
-    paths = [exp_dir] + sorted({p for g in RAY_STATE_GLOBS for p in exp_dir.glob(g)})
+    dirs = [exp_dir, *sorted(p for p in exp_dir.glob("trial_*") if p.is_dir() or p.is_symlink())]
+    paths = dirs + sorted({p for g in RAY_STATE_GLOBS for p in exp_dir.glob(g)})
     for path in paths:
         st = path.lstat()
         who = "others" if st.st_mode & 0o002 else "its group"

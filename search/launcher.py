@@ -30,7 +30,7 @@ import yaml
 
 from search import durable, mlflow_store, tracking
 from search import study as S
-from search.cluster import check_connected, check_reachable, connect
+from search.cluster import check_connected, check_device, check_reachable, connect
 from search.errors import SpecError, short
 from search.failures import disk_full
 from search.guards import StudyLock, check_output, spec_inputs
@@ -39,13 +39,15 @@ from search.schedulers import make_scheduler, scheduler_label
 from search.searcher import make_searcher, num_samples
 from search.spec import MAX_NAME, NAME, Spec, build_spec, check_weights
 from search.stopping import BudgetStopper
+from search.study_folder import (
+    install_state,
+    refuse_elsewhere,
+    refuse_existing,
+    resume_command,
+)
 from search.worker import ERROR_MARK, TEST_FAIL_ENV, train_trial
 
 log = logging.getLogger(__name__)
-
-
-class ExperimentExists(Exception):
-    """``launch`` into a folder that already holds a study (use ``resume`` or ``--name``)."""
 
 
 def preflight(spec: Spec, address: str | None, weights: bool = True) -> None:
@@ -56,6 +58,7 @@ def preflight(spec: Spec, address: str | None, weights: bool = True) -> None:
     if address or spec.resources.address:
         key = "--address" if address else "resources.address"
         check_reachable(address or spec.resources.address, key=key)
+    check_device(spec.train.device, spec.resources.gpu, ray=True)
     resolve_spec_weights(spec)
     if weights and (spec.model.weights or spec.model.weights_backbone):
         check_weights(spec)
@@ -68,10 +71,6 @@ def trial_dirname(trial: Any) -> str:
 
 
 # ---------------------------------------------------------------- experiment folder
-
-
-def resume_command(exp_dir: Path) -> str:
-    return f"python -m search resume {exp_dir}"
 
 
 def write_spec(spec: Spec, exp_dir: Path) -> None:
@@ -213,15 +212,6 @@ def apply_name(spec: Spec, name: str | None) -> None:
     spec.name = name
 
 
-def refuse_existing(exp_dir: Path) -> None:
-    """:class:`ExperimentExists` when ``exp_dir`` already holds a study (launch never overwrites)."""
-    if (exp_dir / S.STUDY_FILE).exists() or (exp_dir / "tuner.pkl").exists():
-        raise ExperimentExists(
-            f"experiment folder {exp_dir} already holds a study. Resume it with "
-            f"'{resume_command(exp_dir)}', or launch with --name NEW_NAME."
-        )
-
-
 def resume(
     exp_dir: Path,
     *,
@@ -242,11 +232,12 @@ def resume(
     if not (exp_dir / "tuner.pkl").is_file():
         raise FileNotFoundError(f"{exp_dir} holds no Ray experiment state (tuner.pkl): nothing to resume.")
     spec = read_spec(exp_dir)
+    refuse_elsewhere(spec, exp_dir)
     preflight(spec, address, weights=False)
     lock = StudyLock(exp_dir).acquire()
     started = False
     try:
-        _install_state(exp_dir, trust_folder)  # before anything starts: a refusal leaves it all as it was
+        install_state(exp_dir, trust_folder)  # before anything starts: a refusal leaves it all as it was
         previous = _previous_state(exp_dir, restart_errored)
         mlflow_store.warm_up(spec)
         address = address or spec.resources.address
@@ -300,20 +291,6 @@ def _previous_state(exp_dir: Path, restart_errored: bool) -> dict[str, Any] | No
 
 class DiskFull(RuntimeError):
     """The disk (or quota) filled up under the study's driver: stopped, resumable (exit 1)."""
-
-
-def _install_state(exp_dir: Path, trust_folder: bool) -> None:
-    """The newest signed snapshot of Ray's state in place (see ``search.durable``)."""
-    try:
-        durable.install_snapshot(exp_dir)
-    except durable.UntrustedState as exc:
-        if not trust_folder:
-            raise SpecError(
-                "resume",
-                f"{exc}; resume would unpickle these files.",
-                "resume only studies you launched, or pass --trust-folder if you trust whoever wrote it.",
-            ) from None
-        log.warning("resuming unsigned Ray state (--trust-folder): %s", exc)
 
 
 def _run_config(spec: Spec, exp_dir: Path, callbacks: list, deadline: float | None):

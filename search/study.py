@@ -87,12 +87,15 @@ class StudyFileError(ExperimentNotFound, ValueError):
 
 
 def resolve_experiment(name: str | Path, output_dir: Path | None = None) -> Path:
-    """The experiment folder for ``name``: an existing folder path, else ``<output_dir>/<name>``,
-    else ``./runs/<name>``. A folder counts when it holds ``study.json`` or ``spec.yaml``."""
-    candidates = [Path(name)]
+    """The experiment folder for ``name``: with ``output_dir``, ``<output_dir>/<name>`` (or ``name``
+    itself when it is a path: it has a ``/``) and nothing else; without, the folder ``name``, else
+    ``./runs/<name>``. A folder counts when it holds ``study.json`` or ``spec.yaml``."""
     if output_dir is not None:
-        candidates.append(Path(output_dir) / str(name))
-    candidates.append(Path("runs") / str(name))
+        candidates = [Path(output_dir) / str(name)]
+        if os.sep in str(name) or Path(name).is_absolute():
+            candidates.insert(0, Path(name))
+    else:
+        candidates = [Path(name), Path("runs") / str(name)]
     for cand in candidates:
         if cand.is_dir() and ((cand / STUDY_FILE).is_file() or (cand / SPEC_FILE).is_file()):
             return cand.resolve()
@@ -148,12 +151,30 @@ def read_study(exp_dir: Path) -> dict[str, Any]:
         raise StudyFileError(
             f"{path} is not a valid study file (not a study.json mapping with 'trials', each a mapping)."
         )
+    here = Path(exp_dir).resolve()
     for t in trials.values():
         if t.get("state") in _LEGACY:
             t["state"], failure = _LEGACY[t["state"]]
             if failure:
                 t.setdefault("failure", failure)
+        _rebase(t, here)
     return state
+
+
+_PATH_KEYS = ("trial_dir", "checkpoint", "latest_checkpoint")
+
+
+def _rebase(trial: dict[str, Any], here: Path) -> None:
+    """A copied or moved study folder: the trial's paths, recorded under the folder it ran in,
+    made to point into ``here`` (so that best/export/promote read the copy's own checkpoints)."""
+    for key in _PATH_KEYS:
+        value = trial.get(key)
+        if not isinstance(value, str) or not Path(value).is_absolute():
+            continue
+        parts = Path(value).parts
+        i = next((k for k, part in enumerate(parts) if part.startswith("trial_")), None)
+        if i is not None and Path(*parts[:i]) != here:
+            trial[key] = str(here.joinpath(*parts[i:]))
 
 
 def write_study(exp_dir: Path, state: dict[str, Any]) -> None:

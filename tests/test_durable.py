@@ -157,3 +157,54 @@ def test_one_disk_full_predicate_for_driver_and_trials(exc, full):
     assert (got is not None) == full
     if full:
         assert got.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def test_another_studys_signed_state_is_refused(key, tmp_path):
+    """A snapshot names its study: one put into another study's folder is refused."""
+    import shutil
+
+    exp = _study(tmp_path)
+    _snapshot(exp)
+    other = tmp_path / "other"
+    shutil.copytree(exp, other)
+    with pytest.raises(durable.UntrustedState, match="signed for study 'study', not 'other'"):
+        durable.install_snapshot(other)
+    durable.install_snapshot(exp)  # in its own folder: fine
+
+
+def test_resume_removes_the_pickles_no_snapshot_signs(key, tmp_path):
+    """Ray unpickles an errored trial's error.pkl when it builds the results; no snapshot signs
+    it, so resume removes it (the trial's error.txt stays), unless --trust-folder."""
+    from search import study_folder
+
+    exp = _study(tmp_path)
+    _snapshot(exp)
+    trial = exp / "trial_abc"
+    trial.mkdir()
+    (trial / "error.pkl").write_bytes(b"crafted")
+    (trial / "error.txt").write_text("Traceback ...")
+    study_folder.install_state(exp, trust_folder=True)
+    assert (trial / "error.pkl").exists()
+    study_folder.install_state(exp, trust_folder=False)
+    assert not (trial / "error.pkl").exists() and (trial / "error.txt").exists()
+
+
+def test_resume_runs_only_in_the_folder_the_study_ran_in(tmp_path):
+    """A copy's records point at the original (a resume of a copy wrote there, and --keep-top
+    deleted the original's checkpoints); a moved folder's at where it was."""
+    from types import SimpleNamespace
+
+    from search.errors import SpecError
+    from search.study_folder import refuse_elsewhere
+
+    ran, copy = tmp_path / "runs" / "s", tmp_path / "copy" / "s"
+    for d in (ran, copy):
+        d.mkdir(parents=True)
+        (d / "study.json").write_text("{}")
+    spec = SimpleNamespace(experiment_dir=ran)
+    refuse_elsewhere(spec, ran)
+    with pytest.raises(SpecError, match=f"is a copy of the study in {ran}"):
+        refuse_elsewhere(spec, copy)
+    (ran / "study.json").unlink()
+    with pytest.raises(SpecError, match=f"moved here from {ran}; .* move it back"):
+        refuse_elsewhere(spec, copy)

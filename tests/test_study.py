@@ -3,6 +3,7 @@ score, whichever trial reports first; status, best and promote read the same fun
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -99,3 +100,41 @@ def test_recipe_plan_lines_close_their_parentheses():
         line = S.recipe_plan_text(i, scaling, {"lr": 0.0025, "optimizer": "sgd"})
         assert line.count("(") == line.count(")") and line.endswith(": lr=0.002500 optimizer=sgd"), line
         assert f"trial {i + 1} is" in line and f"by the {scaling} rule" in line
+
+
+def test_a_copied_or_moved_study_reads_its_own_checkpoints(tmp_path):
+    """study.json records absolute paths under the folder the study ran in; read from a copy or a
+    moved folder, the trials' paths point into that folder (export once used the original's)."""
+    import json
+
+    old, here = tmp_path / "runs" / "s", tmp_path / "moved" / "s"
+    here.mkdir(parents=True)
+    trial = {
+        "trial_dir": str(old / "trial_a"),
+        "checkpoint": str(old / "trial_a" / "checkpoint_000001" / "model.pt"),
+        "latest_checkpoint": None,
+        "params": {"note": str(old / "trial_a")},  # only the path keys move
+    }
+    (here / S.STUDY_FILE).write_text(json.dumps({"trials": {"a": trial}}))
+    got = S.read_study(here)["trials"]["a"]
+    assert got["trial_dir"] == str(here.resolve() / "trial_a")
+    assert got["checkpoint"] == str(here.resolve() / "trial_a" / "checkpoint_000001" / "model.pt")
+    assert got["latest_checkpoint"] is None and got["params"] == trial["params"]
+    (here / S.STUDY_FILE).write_text(json.dumps({"trials": {"a": {**trial, "checkpoint": str(here / "x")}}}))
+    assert S.read_study(here)["trials"]["a"]["checkpoint"] == str(here / "x")  # no trial_ part: kept
+
+
+def test_output_dir_is_where_name_is_looked_up_and_nowhere_else(tmp_path, monkeypatch):
+    """``--output-dir D`` names where NAME lives: ./NAME or ./runs/NAME are not taken instead
+    (status/resume/export once acted on ./runs/NAME when D/NAME did not exist)."""
+    monkeypatch.chdir(tmp_path)
+    for d in (tmp_path / "runs" / "k", tmp_path / "k", tmp_path / "other" / "k"):
+        d.mkdir(parents=True)
+        (d / S.STUDY_FILE).write_text("{}")
+    assert S.resolve_experiment("k") == (tmp_path / "k").resolve()
+    assert S.resolve_experiment("k", tmp_path / "other") == (tmp_path / "other" / "k").resolve()
+    with pytest.raises(S.ExperimentNotFound, match="looked in: nowhere/k"):
+        S.resolve_experiment("k", Path("nowhere"))
+    assert S.resolve_experiment(str(tmp_path / "k"), Path("nowhere")) == (tmp_path / "k").resolve()
+    (tmp_path / "k" / S.STUDY_FILE).unlink()
+    assert S.resolve_experiment("k") == (tmp_path / "runs" / "k").resolve()

@@ -1,0 +1,131 @@
+"""Trust guards, outputs (issue 14, item 3): the inputs are read-only, and an output that cannot be
+written is refused before any work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from search import guards
+from search.errors import SpecError
+from search.spec import load_spec
+from tests.test_guards import DET, ROOT, run
+
+# ---------------------------------------------------------------- the inputs are read-only
+
+
+def test_outputs_over_the_inputs_are_refused(tmp_path):
+    spec = load_spec(DET)
+    inputs = guards.spec_inputs(spec)
+    weights = Path(spec.model.weights)
+    images = spec.data.train.images
+    link = tmp_path / "w.pt"
+    link.symlink_to(weights)
+    for path, folder in (
+        (weights, False),
+        (link, False),  # a symlink to the weights
+        (images / "new.png", False),  # a new file inside the image folder
+        (weights.parent / "other.pt", False),  # next to the base weights
+        (images, True),
+        (weights.parent, True),
+        (spec.data.train.annotations, False),
+        (images / "sub", True),  # a folder below the image folder (it was accepted)
+        (images / "sub" / "w.pt", False),
+    ):
+        with pytest.raises(SpecError):
+            guards.check_output(path, inputs, "--out", folder=folder)
+    guards.check_output(tmp_path / "out.pt", inputs, "--out", folder=False)
+    guards.check_output(tmp_path / "bundle", inputs, "--out", folder=True)
+    guards.check_output(images.parent / "runs", inputs, "--out", folder=True)  # next to the images
+
+
+def test_trial_out_below_the_images_exits_2_before_reading_the_data(tmp_path):
+    images = ROOT / "spaces/data/bccd/images"
+    done = run("trial", str(DET), "--out", str(images / "sub"), "--set", "train.epochs=1")
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr  # no data-loading log lines first
+    assert "--out" in lines[0] and "inside the input folder" in lines[0] and not (images / "sub").exists()
+    done = run("trial", str(DET), "--half", "--set", "train.epochs=1")
+    assert done.returncode == 2 and "--half" in done.stderr and "--weights-out" in done.stderr
+
+
+def test_trial_weights_out_onto_the_base_exits_2_and_keeps_it(tmp_path):
+    weights = ROOT / "spaces/base/det-base.pt"
+    before = weights.stat().st_mtime_ns, weights.read_bytes()[:64]
+    done = run("trial", str(DET), "--weights-out", str(weights), "--set", "train.epochs=1")
+    assert done.returncode == 2 and "--weights-out" in done.stderr and "read-only" in done.stderr
+    assert (weights.stat().st_mtime_ns, weights.read_bytes()[:64]) == before
+
+
+@pytest.mark.parametrize(
+    ("make", "path", "folder", "said"),
+    [
+        ("dir", "x", False, "is a folder"),  # --weights-out onto a folder
+        ("file", "x", True, "is a file"),  # --out / output_dir onto a file
+        ("file", "x/sub/w.pt", False, "above it is a file"),
+        ("file", "x/sub", True, "above it is a file"),
+        (None, "new/sub/w.pt", False, None),  # missing folders are made when it writes
+        ("dir", "x/w.pt", False, None),
+        ("dir", "x", True, None),
+    ],
+)
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, make, path, folder, said):
+    if make == "dir":
+        (tmp_path / "x").mkdir()
+    elif make == "file":
+        (tmp_path / "x").write_text("")
+    before = sorted(tmp_path.rglob("*"))
+    if said is None:
+        guards.check_output(tmp_path / path, guards.protected([]), "--out", folder=folder)
+    else:
+        with pytest.raises(SpecError) as err:
+            guards.check_output(tmp_path / path, guards.protected([]), "--out", folder=folder)
+        assert err.value.key == "--out" and said in err.value.message
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_trial_weights_out_onto_a_folder_exits_2_before_training(tmp_path):
+    done = run("trial", str(DET), "--weights-out", str(tmp_path), "--set", "train.epochs=1")
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and "is a folder" in lines[0], done.stderr
+
+
+def test_trial_weights_out_replaces_only_a_weights_file(tmp_path):
+    """--weights-out onto the spec (it was replaced by a torch zip) or any file torch did not
+    write is refused; an earlier weights file may be replaced."""
+    import torch
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: x\n")
+    with pytest.raises(SpecError, match="is the spec file"):
+        guards.check_weights_out(spec, spec)
+    with pytest.raises(SpecError, match="not a weights file"):
+        guards.check_weights_out(spec, None)
+    torch.save({"w": torch.zeros(1)}, tmp_path / "w.pt")
+    guards.check_weights_out(tmp_path / "w.pt", spec)
+    guards.check_weights_out(tmp_path / "new.pt", spec)
+
+
+def test_output_dir_onto_the_images_is_refused():
+    with pytest.raises(SpecError) as err:
+        load_spec(DET, [f"output_dir={ROOT / 'spaces/data/bccd/images'}"])
+    assert err.value.key == "output_dir"
+
+
+def test_name_flag_onto_the_images_is_refused():
+    """``launch --name images`` with output_dir the data folder: the study would have been written
+    into the image folder (--name replaced the name after the spec's output checks)."""
+    from search.launcher import apply_name
+
+    spec = load_spec(DET, [f"output_dir={ROOT / 'spaces/data/bccd'}"])
+    with pytest.raises(SpecError) as err:
+        apply_name(spec, "images")
+    assert err.value.key == "--name" and spec.name != "images"
+    apply_name(spec, "other")
+    assert spec.name == "other"
+
+
+def test_predict_min_score_outside_0_1_exits_2(tmp_path):
+    done = run("predict", str(tmp_path), str(tmp_path / "x.png"), "--min-score", "1.5")
+    assert done.returncode == 2 and "--min-score" in done.stderr
