@@ -210,7 +210,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     )
     if facts:
         print(f"  model: {facts['parameters']:,} parameters in {facts['parameter_tensors']} tensors")
-    print(f"  space: {len(space.searched)} searched, {len(space.dims) - len(space.searched)} fixed")
+    idle = space.never_active()
+    never = f" ({len(idle)} never active, their when cannot hold: {', '.join(idle)})" if idle else ""
+    print(f"  space: {len(space.searched)} searched{never}, {len(space.dims) - len(space.searched)} fixed")
     for dim in space.dims:  # describe() holds the when condition
         print(f"    {dim.name}: {json.dumps(dim.describe(), default=str)}")
     s = spec.search

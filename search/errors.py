@@ -49,7 +49,8 @@ def did_you_mean(value: str, choices: Iterable[str], is_key: bool = False) -> st
     if is_key and colon and rest and key.strip() in choices:
         key = key.strip()
         return f" Did you mean {key!r}? YAML needs a space after ':' ({key}: {rest.strip()})."
-    close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
+    same_case = [c for c in choices if str(c).lower() == str(value).lower()]  # mIoU -> miou
+    close = same_case or difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
     return f" Did you mean {close[0]!r}?" if close else ""
 
 

@@ -19,11 +19,18 @@ from trainables.files import sha256_file
 
 def base_weights_sha256(spec: Any) -> str:
     """sha256 of the base weights file; ``enum:<NAME>`` (with the hub cache file's sha256 when
-    cached) for a torchvision weight name; ``none`` for random init."""
-    weights = spec.model.weights
-    if not weights:
-        return "none"
-    path = Path(weights)
+    cached) for a torchvision weight name; without ``model.weights``, ``backbone:`` and the same
+    of ``model.weights_backbone`` (a composed model over a pretrained backbone); ``none`` for
+    random init."""
+    if spec.model.weights:
+        return _weights_sha256(spec, spec.model.weights)
+    if spec.model.weights_backbone:
+        return f"backbone:{_weights_sha256(spec, spec.model.weights_backbone)}"
+    return "none"
+
+
+def _weights_sha256(spec: Any, weights: Any) -> str:
+    path = Path(str(weights))
     if path.is_file():
         return sha256_file(path)
     try:

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from search import mlflow_store, write_queue
+from search import facts, mlflow_store, write_queue
 from search import study as S
 
 DEFAULT_ALIAS = "champion"
@@ -142,21 +142,21 @@ def lineage(exp_dir: Path, trial: dict[str, Any], spec: Any = None) -> dict[str,
     recorded at launch) or, without one, from the spec."""
     status = S.read_study(exp_dir)
     runs = write_queue.read_runs(exp_dir)
-    facts: dict[str, str] = {}
+    known: dict[str, str] = {}
     parent = runs.get("runs", {}).get("parent")
     if parent:
         try:
             uri, _ = write_queue.recorded_store(exp_dir)
             tags = mlflow_store.client(uri).get_run(parent).data.tags
-            facts = {
+            known = {
                 k: tags[k] for k in ("base_weights_sha256", "dataset_fingerprint", "git_commit") if k in tags
             }
         except Exception:  # noqa: BLE001 - fall back to the spec below
-            facts = {}
-    if "base_weights_sha256" not in facts or "dataset_fingerprint" not in facts:
+            known = {}
+    if "base_weights_sha256" not in known or "dataset_fingerprint" not in known:
         spec = spec or load_study_spec(exp_dir)
-        facts.setdefault("base_weights_sha256", facts.base_weights_sha256(spec))
-        facts.setdefault("dataset_fingerprint", facts.dataset_fingerprint(spec))
+        known.setdefault("base_weights_sha256", facts.base_weights_sha256(spec))
+        known.setdefault("dataset_fingerprint", facts.dataset_fingerprint(spec))
     metric = status.get("metric", "")
     return {
         "study": str(status.get("name") or Path(exp_dir).name),
@@ -169,7 +169,7 @@ def lineage(exp_dir: Path, trial: dict[str, Any], spec: Any = None) -> dict[str,
         "best_epoch": str(trial.get("best_epoch")),
         f"base_{metric}": repr(trial.get("study_base_metric")),
         "improvement": repr(trial.get("improvement")),
-        **facts,
+        **known,
     }
 
 

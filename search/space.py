@@ -107,6 +107,16 @@ class SearchSpace:
     def searched(self) -> list[Dim]:
         return [d for d in self.dims if d.kind != "fixed"]
 
+    def never_active(self) -> list[str]:
+        """Searched dimensions whose ``when`` names a fixed parameter at a value it does not list
+        (e.g. ``step_epochs`` when ``schedule: step`` while ``schedule`` is fixed to ``cosine``)."""
+        fixed = {d.name: d.value for d in self.dims if d.kind == "fixed"}
+        return [
+            d.name
+            for d in self.searched
+            if any(k in fixed and fixed[k] not in allowed for k, allowed in d.when.items())
+        ]
+
     def is_active(self, dim: Dim, values: dict[str, Any]) -> bool:
         return all(k in values and values[k] in allowed for k, allowed in dim.when.items())
 
@@ -242,6 +252,8 @@ def parse_dim(name: str, body: Any, key: str, own_kind: str | None = None) -> Di
     """One dimension from its YAML body (``own_kind``: the parameter's type, see parse_space)."""
     if not name or name != name.strip():
         raise SpecError(key, f"parameter name must be non-empty without spaces, but got {name!r}.")
+    if own_kind == "bool":  # nesterov: no (YAML 1.2 reads the word as a string)
+        body = _bool_words(body)
     if isinstance(body, _SCALAR):
         return Dim(name, "fixed", value=body)
     if isinstance(body, list):
@@ -296,10 +308,8 @@ def _numeric(name: str, kind: str, body: dict[str, Any], key: str, when: dict) -
         if kind == "int" and not float(value).is_integer():
             raise SpecError(f"{key}.{bound}", f"an int parameter needs integer bounds, but got {value!r}.")
     low, high = body["low"], body["high"]
-    log = body.get("log", False)
+    log = as_bool(body.get("log", False), f"{key}.log")
     step = body.get("step")
-    if not isinstance(log, bool):
-        raise SpecError(f"{key}.log", f"must be true or false, but got {short(log)}.")
     if low >= high:
         raise SpecError(
             key,
@@ -313,12 +323,19 @@ def _numeric(name: str, kind: str, body: dict[str, Any], key: str, when: dict) -
             "use a positive low, or set log: false.",
         )
     if step is not None:
-        if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0:
-            raise SpecError(f"{key}.step", f"step > 0 must hold, but got step={short(step)}.")
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or not step > 0:
+            raise SpecError(
+                f"{key}.step", f"step > 0 must hold, but got step={short(step)}.", "use a positive step."
+            )
         if log:
             raise SpecError(f"{key}.step", "step cannot be combined with log: true.", "drop one of them.")
         if kind == "int" and not float(step).is_integer():
-            raise SpecError(f"{key}.step", f"an int parameter needs an integer step, but got {step!r}.")
+            raise SpecError(
+                f"{key}.step",
+                f"an int parameter needs an integer step, but got {step!r}.",
+                "use a whole-number step, or type: float.",
+            )
+        _check_step_divides(low, high, step, key)
     if kind == "int":
         low, high = int(low), int(high)
         step = int(step) if step is not None else None
@@ -326,6 +343,38 @@ def _numeric(name: str, kind: str, body: dict[str, Any], key: str, when: dict) -
         low, high = float(low), float(high)
         step = float(step) if step is not None else None
     return Dim(name, kind, low=low, high=high, log=log, step=step, when=when)
+
+
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def as_bool(value: Any, key: str) -> bool:
+    """A boolean key's value: true/false, or yes/no/on/off as words (what pydantic takes for the
+    spec's other boolean keys; YAML 1.2 reads those words as strings)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[value.strip().lower()]
+    raise SpecError(key, f"must be true or false, but got {short(value)}.", "write true or false.")
+
+
+def _bool_words(body: Any) -> Any:
+    """A boolean parameter's yes/no/on/off words (as a value, a fixed ``value`` or ``choices``) as
+    booleans; anything else unchanged (the parameter checks report it)."""
+
+    def word(v: Any) -> Any:
+        return (
+            _BOOL_WORDS[v.strip().lower()] if isinstance(v, str) and v.strip().lower() in _BOOL_WORDS else v
+        )
+
+    if isinstance(body, dict):
+        body = dict(body)
+        if "value" in body:
+            body["value"] = word(body["value"])
+        if isinstance(body.get("choices"), list):
+            body["choices"] = [word(v) for v in body["choices"]]
+        return body
+    return word(body)
 
 
 def _scalar(value: Any, key: str) -> Any:
@@ -343,12 +392,17 @@ def _choices(raw: Any, key: str) -> tuple[Any, ...]:
         _scalar(item, f"{key}[{i}]")
     seen: list[Any] = []
     for item in raw:
-        if any(item == s and type(item) is type(s) for s in seen):
+        if any(item == s and (type(item) is type(s) or _numbers(item, s)) for s in seen):
             raise SpecError(
                 key, f"choices must be distinct, but {item!r} appears twice.", "remove the duplicate."
             )
         seen.append(item)
     return tuple(raw)
+
+
+def _numbers(a: Any, b: Any) -> bool:
+    """Both plain numbers (1 and 1.0 are one choice; True and 1 are not)."""
+    return all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
 
 
 def _parse_when(raw: Any, key: str) -> dict[str, tuple[Any, ...]]:
@@ -422,3 +476,18 @@ def _topological(dims: list[Dim], key: str = "space") -> list[Dim]:
     for dim in dims:
         visit(dim, [])
     return order
+
+
+def _check_step_divides(low: float, high: float, step: float, key: str) -> None:
+    """``high - low`` a whole number of steps: else ``high`` is never sampled (Optuna lowers it
+    with a warning) and the range validate prints is not the one searched."""
+    n = (high - low) / step
+    if abs(n - round(n)) > 1e-9 * max(1.0, abs(n)) or round(n) < 1:
+        top = low + math.floor(n + 1e-9) * step
+        fix = f"set high: {top:g} (low + a whole number of steps)" if top > low else "use a smaller step"
+        raise SpecError(
+            f"{key}.step",
+            f"high - low must be a whole number of steps (at least one), but got low={low!r}, "
+            f"high={high!r}, step={step!r}.",
+            f"{fix}.",
+        )

@@ -348,6 +348,14 @@ def recipe_plan_text(i: int, scaling: str, params: dict[str, Any]) -> str:
     return f"trial {i + 1} is {what}, lr scaled to the batch by the {scaling} rule): {shown}"
 
 
+def recipe_unused_text(unused: dict[str, Any]) -> str | None:
+    """The recipe's values the space has no choice for (:meth:`Spec.recipe_unused`), in words."""
+    if not unused:
+        return None
+    what = ", ".join(f"{k}={fmt(v)}" for k, v in unused.items())
+    return f"(the recipe's {what} is not among your choices: the sampler picks {', '.join(unused)} there)"
+
+
 def recipe_text(trial: dict[str, Any]) -> str | None:
     """What a recipe trial is, in words (``status``, ``best``); None for a searched trial."""
     if trial.get("reference"):

@@ -117,8 +117,19 @@ def test_crowd_not_trained_and_ignored_in_semantic(tmp_path):
     assert int((mask == 0).sum()) == 100 * 100 - 30 * 40 - 20 * 20
     _, mask2 = CocoSemantic(sem, None)[1]
     assert (mask2[5:25, 5:25] == 255).all() and int((mask2 == 255).sum()) == 400
+    assert sem.stats["no_segmentation"] == 1  # kept as ignore, and counted in the data log
     inst = load_coco(ann, root, task="instance_segmentation")
     assert inst.stats["no_segmentation"] == 1 and inst.stats["negatives"] == 2
+
+
+def test_semantic_split_without_any_mask_is_refused(tmp_path):
+    """Boxes alone (a detection file given as semantic data) made every pixel background or
+    ignored: a trial trained on that and reported miou 1.000. Refused, naming the file."""
+    anns = [_ann(1, 1, 3, [10, 10, 40, 30]), _ann(2, 2, 7, [5, 5, 20, 20])]
+    ann, root = make_split(tmp_path, anns=anns)
+    load_coco(ann, root)  # fine for detection
+    with pytest.raises(DatasetError, match="none of its 2 annotations has a segmentation mask"):
+        load_coco(ann, root, task="semantic_segmentation")
 
 
 @pytest.mark.parametrize(

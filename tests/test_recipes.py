@@ -156,3 +156,26 @@ def test_reference_trial_weighs_each_loss_term_as_the_architecture_does(sets, ex
     ref = load_spec(ROOT / "spaces/inst.yaml", sets).reference_params()
     got = {k: v for k, v in ref.items() if k.startswith("loss.weight.")}
     assert got == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "sets, unused",
+    [
+        ([], {}),
+        (["space.trainable={choices: [heads]}"], {"trainable": "all"}),
+        (
+            ["space.trainable={choices: [heads]}", "space.activation={choices: [silu]}"],
+            {"trainable": "all", "activation": "keep"},
+        ),
+        (["space.trainable={choices: [heads]}", "search.reference_trial=false"], {}),
+    ],
+)
+def test_the_recipe_values_the_sampler_picks_instead_are_said(sets, unused):
+    """A recipe value that is not among the choices leaves the parameter to the sampler; the
+    launch header and the dry run say so (the reference was labelled the recipe regardless)."""
+    from search import study as S
+
+    spec = load_spec(ROOT / "spaces/det.yaml", sets)
+    assert spec.recipe_unused() == unused
+    text = S.recipe_unused_text(unused)
+    assert (text is None) == (not unused) and all(f"{k}=" in text for k in unused or {})

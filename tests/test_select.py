@@ -19,7 +19,7 @@ import torch
 import yaml
 from ray.tune import Callback
 
-from search import mlflow_store, registry, select, write_queue
+from search import facts, mlflow_store, registry, select, write_queue
 from search import study as S
 from search.cli import main
 from tests.tinydata import edited_study_copy, make_tiny_coco, write_tiny_spec
@@ -421,3 +421,27 @@ def _tampered_bundles_are_refused(out: Path, image: Path, tmp_path: Path, capsys
         assert main(["predict", str(folder), str(image)]) == 2, folder
         err = capsys.readouterr().err
         assert words in err, (folder, err)
+
+
+def test_lineage_without_an_mlflow_parent_comes_from_the_spec(tmp_path):
+    """A study run with SEARCH_NO_MLFLOW=1 has no parent run: the lineage facts come from the
+    spec (this raised AttributeError: a local dict shadowed the facts module), and a composed
+    model over a pretrained backbone file records that file's sha256, not 'none'."""
+    from search.launcher import write_spec
+    from search.select import lineage
+    from search.spec import load_spec
+    from trainables.files import sha256_file
+
+    exp = tmp_path / "s"
+    exp.mkdir()
+    root = Path(__file__).resolve().parents[1]
+    spec = load_spec(root / "spaces/det.yaml")
+    write_spec(spec, exp)
+    (exp / "study.json").write_text(json.dumps({"metric": "map50", "trials": {}}))
+    tags = lineage(exp, {"id": "t1", "best_metric": 0.5, "best_epoch": 2})
+    assert tags["base_weights_sha256"] == sha256_file(root / "spaces/base/det-base.pt")
+    assert len(tags["dataset_fingerprint"]) == 64 and tags["trial"] == "t1"
+    backbone = tmp_path / "backbone.pth"
+    backbone.write_bytes(b"weights")
+    spec.model.weights, spec.model.weights_backbone = None, str(backbone)
+    assert facts.base_weights_sha256(spec) == f"backbone:{sha256_file(backbone)}"

@@ -13,9 +13,10 @@ Sanitisation (every count is in ``CocoIndex.stats`` and logged once at INFO on
   ignores them), but datasets never train on them (``crowd``);
 - boxes are clipped to the image (``clipped``); boxes narrower or shorter than 1 px after clipping
   are dropped everywhere (``degenerate``);
-- polygon parts with fewer than 3 points are dropped (``bad_polygons``); for
-  ``instance_segmentation`` an annotation without a usable segmentation is dropped
-  (``no_segmentation``);
+- polygon parts with fewer than 3 points are dropped (``bad_polygons``); an annotation without a
+  usable segmentation (``no_segmentation``) is dropped for ``instance_segmentation`` and kept for
+  ``semantic_segmentation`` (its box marks ignored pixels), where a split with no mask at all is
+  refused;
 - a missing ``width``/``height`` is read from the image header, after EXIF orientation
   (``size_from_file``).
 
@@ -121,7 +122,7 @@ def load_coco(annotations: Path, images: Path, *, task: str = "detection") -> Co
     by_id = {r.id: r for r in records}
     cat_to_label = {c: i + 1 for i, c in enumerate(sorted(cats))}
     gt_anns = _annotations(data, annotations, by_id, cat_to_label, task, stats)
-    _check_usable(records, annotations, stats)
+    _check_usable(records, annotations, stats, task)
     cat_ids = sorted(cats)
     index = CocoIndex(
         class_names=[cats[c] for c in cat_ids],
@@ -339,6 +340,8 @@ def _sanitise(raw, rec: ImageRecord, label: int, task: str, stats: Counter, wher
     if segm is None and task == "instance_segmentation":
         stats["no_segmentation"] += 1
         return None
+    if segm is None and task == "semantic_segmentation" and not iscrowd:
+        stats["no_segmentation"] += 1  # kept: its box marks ignored pixels (data.semantic_mask)
     bbox = raw.get("bbox")
     if bbox is None and segm is not None:
         from pycocotools import mask as mask_utils
@@ -420,7 +423,7 @@ def _gt_entry(raw: dict[str, Any], rec: ImageRecord, ann: Ann) -> dict[str, Any]
     return entry
 
 
-def _check_usable(records: list[ImageRecord], path: Path, stats: Counter) -> None:
+def _check_usable(records: list[ImageRecord], path: Path, stats: Counter, task: str) -> None:
     if not records:
         raise DatasetError(f"{path}: the split has no image")
     stats["images"] = len(records)
@@ -429,6 +432,13 @@ def _check_usable(records: list[ImageRecord], path: Path, stats: Counter) -> Non
         raise DatasetError(
             f"{path}: no usable annotation in {len(records)} images (all negatives after sanitising: "
             f"{dict(stats)})"
+        )
+    if task == "semantic_segmentation" and stats["no_segmentation"] >= stats["annotations"]:
+        raise DatasetError(
+            f"{path}: none of its {stats['annotations']} annotations has a segmentation mask, and "
+            "semantic_segmentation trains on masks (a box alone only marks ignored pixels): every "
+            "pixel would be background or ignored. Give the annotations a 'segmentation' (polygons "
+            "or RLE), or use task detection"
         )
 
 

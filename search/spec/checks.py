@@ -29,10 +29,17 @@ def _family(spec: Spec) -> families.Family:
 
 
 def _check_model(spec: Spec) -> None:
-    _check_composition(spec, _family(spec))
+    fam = _family(spec)
+    _check_composition(spec, fam)
     for name, globs in spec.model.trainable_sets.items():
         if not globs:
             raise SpecError(f"model.trainable_sets.{name}", "lists no pattern.", "add glob patterns.")
+        if name in fam.presets:
+            raise SpecError(
+                f"model.trainable_sets.{name}",
+                f"{name!r} is a freeze preset's name, and the set would silently replace the preset.",
+                f"give the set another name (e.g. my_{name}).",
+            )
     for attr in ("weights", "weights_backbone"):
         value = getattr(spec.model, attr)
         if value and "://" in value:
@@ -155,9 +162,13 @@ def _check_space(spec: Spec) -> None:
                 "use choices: [...] or a fixed value.",
             )
         if dim.kind == "float" and row.kind == "int":
-            raise SpecError(
-                key, f"{dim.name} is an integer parameter, but got float bounds.", "use integer low/high."
+            whole = all(float(v).is_integer() for v in (dim.low, dim.high))
+            what, fix = (
+                ("a fractional step", "use a whole-number step")
+                if whole
+                else ("float bounds", "use integer low/high")
             )
+            raise SpecError(key, f"{dim.name} is an integer parameter, but got {what}.", f"{fix}.")
 
 
 def _values(dim) -> list[Any]:

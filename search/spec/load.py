@@ -150,6 +150,9 @@ _FIX = {
     "model_type": "write a mapping (key: value lines).",
     "string_type": "write a string.",
     "list_type": "write a list.",
+    "int_type": "write a whole number.",
+    "float_type": "write a number.",
+    "bool_type": "write true or false.",
 }
 
 

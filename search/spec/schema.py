@@ -271,6 +271,27 @@ class Spec(_Section):
                 out.append((scaling, params))
         return out
 
+    def recipe_unused(self) -> dict[str, Any]:
+        """The recipe's categorical values that are not among the space's choices (e.g. ``trainable:
+        all`` when the choices are ``heads``, ``heads_and_top``): the sampler picks those parameters
+        in the recipe trials. Empty when there are no recipe trials."""
+        from trainables import recipes
+
+        if not self.recipe_trials():
+            return {}
+        fam = families.family_of(self.model.arch)
+        values = recipes.recipe_params(
+            recipes.recipe_for(fam.name),
+            self.train.batch_size,
+            self.train.epochs,
+            names=self.search_space.by_name,
+        )
+        return {
+            d.name: values[d.name]
+            for d in self.search_space.searched
+            if d.kind == "categorical" and d.name in values and values[d.name] not in d.choices
+        }
+
     def trial_config(self, out_dir: Path, threads: int = 1) -> TrialConfig:
         """The fixed settings of one trial of this spec, writing into ``out_dir``."""
         return TrialConfig(

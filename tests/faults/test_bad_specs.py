@@ -38,11 +38,11 @@ from tests.faults.common import (
     snapshot,
 )
 from tests.test_spec import BCCD, INVALID, spec_dict
+from tests.test_spec_kwargs import SEMANTIC_CHANGES
 
 SEMANTIC = {
-    "task": "semantic_segmentation",
+    **SEMANTIC_CHANGES,  # the task, its metric and data with masks
     "model.arch": "lraspp_mobilenet_v3_large",
-    "objective.metric": "miou",
 }
 PORT = closed_port()  # nothing listens there
 

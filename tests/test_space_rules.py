@@ -1,0 +1,90 @@
+"""Search-space rules a user writing a spec meets: a step that divides the range, choices distinct
+by value, boolean words, and the one-line errors' fixes and did-you-means."""
+
+from __future__ import annotations
+
+import pytest
+
+from search.errors import SpecError, did_you_mean
+from search.space import parse_space
+from search.spec import build_spec
+from tests.test_spec import ROOT, spec_dict
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "words"),
+    [
+        ({"low": 1, "high": 4, "step": 2}, "space.p.step", "set high: 3"),  # 4 is never sampled
+        ({"low": 0.0, "high": 1.0, "step": 2.0}, "space.p.step", "use a smaller step"),
+        ({"low": 0.0, "high": 1.0, "step": 0}, "space.p.step", "use a positive step"),
+        ({"low": 1e-4, "high": 1e-2, "log": "maybe"}, "space.p.log", "write true or false"),
+        ({"choices": [1, 2, 1.0]}, "space.p.choices", "1.0 appears twice"),
+    ],
+)
+def test_space_entries_refused_with_a_fix(body, key, words):
+    with pytest.raises(SpecError) as err:
+        parse_space({"p": body})
+    assert err.value.key == key and words in str(err.value) and err.value.fix
+
+
+@pytest.mark.parametrize(
+    ("body", "check"),
+    [
+        ({"low": 0.8, "high": 0.95, "step": 0.05}, lambda d: d.high == 0.95),  # float steps: tolerant
+        ({"low": 1e-4, "high": 1e-2, "log": "yes"}, lambda d: d.log is True),
+        ({"low": 1e-4, "high": 1e-2, "log": "off"}, lambda d: d.log is False),
+        ({"choices": [True, 1]}, lambda d: d.choices == (True, 1)),  # a bool and a number differ
+    ],
+)
+def test_space_entries_accepted(body, check):
+    assert check(parse_space({"p": body}).by_name["p"])
+
+
+@pytest.mark.parametrize(
+    ("entry", "kind", "value"),
+    [
+        ("no", "fixed", False),
+        ({"choices": ["yes", "no"]}, "categorical", (True, False)),
+        ({"value": "on"}, "fixed", True),
+    ],
+)
+def test_a_boolean_parameter_takes_yes_and_no(entry, kind, value):
+    spec = build_spec(spec_dict(**{"space.nesterov": entry}), ROOT)
+    dim = spec.search_space.by_name["nesterov"]
+    assert dim.kind == kind and (dim.value if kind == "fixed" else dim.choices) == value
+
+
+def test_an_int_range_with_a_fractional_step_names_the_step():
+    with pytest.raises(SpecError) as err:
+        build_spec(spec_dict(**{"space.step_epochs": {"low": 1, "high": 4, "step": 1.5}}), ROOT)
+    assert "fractional step" in err.value.message and "whole-number step" in err.value.fix
+
+
+def test_did_you_mean_ignores_case():
+    assert did_you_mean("mIoU", ["miou", "pixel_acc"]) == " Did you mean 'miou'?"
+    assert did_you_mean("MAP50", ["map", "map50"]) == " Did you mean 'map50'?"
+
+
+def test_a_trainable_set_named_like_a_preset_is_refused():
+    """``trainable_sets: {heads: [...]}`` replaced the preset ``heads`` without a word."""
+    with pytest.raises(SpecError) as err:
+        build_spec(spec_dict(**{"model.trainable_sets": {"heads": ["head.*"]}}), ROOT)
+    assert err.value.key == "model.trainable_sets.heads" and "my_heads" in err.value.fix
+    build_spec(spec_dict(**{"model.trainable_sets": {"my_heads": ["head.*"]}}), ROOT)
+
+
+def test_validate_says_which_searched_parameters_can_never_be_active():
+    space = parse_space(
+        {
+            "schedule": "cosine",
+            "step_epochs": {"low": 1, "high": 3, "when": {"schedule": "step"}},
+            "lr": {"low": 0.001, "high": 0.1},
+        }
+    )
+    assert space.never_active() == ["step_epochs"]
+    assert (
+        parse_space(
+            {"schedule": "step", "step_epochs": {"low": 1, "high": 3, "when": {"schedule": "step"}}}
+        ).never_active()
+        == []
+    )
