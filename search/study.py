@@ -152,27 +152,28 @@ def read_study(exp_dir: Path) -> dict[str, Any]:
             f"{path} is not a valid study file (not a study.json mapping with 'trials', each a mapping)."
         )
     here = Path(exp_dir).resolve()
-    for t in trials.values():
+    for tid, t in trials.items():
         if t.get("state") in _LEGACY:
             t["state"], failure = _LEGACY[t["state"]]
             if failure:
                 t.setdefault("failure", failure)
-        _rebase(t, here)
+        _rebase(t, here, f"trial_{tid}")
     return state
 
 
 _PATH_KEYS = ("trial_dir", "checkpoint", "latest_checkpoint")
 
 
-def _rebase(trial: dict[str, Any], here: Path) -> None:
-    """A copied or moved study folder: the trial's paths, recorded under the folder it ran in,
-    made to point into ``here`` (so that best/export/promote read the copy's own checkpoints)."""
+def _rebase(trial: dict[str, Any], here: Path, folder: str) -> None:
+    """A copied or moved study folder: the trial's paths, recorded under the folder it ran in
+    (``<there>/<folder>/...``), made to point into ``here`` (so that best/export/promote read the
+    copy's own checkpoints)."""
     for key in _PATH_KEYS:
         value = trial.get(key)
         if not isinstance(value, str) or not Path(value).is_absolute():
             continue
         parts = Path(value).parts
-        i = next((k for k, part in enumerate(parts) if part.startswith("trial_")), None)
+        i = max((k for k, part in enumerate(parts) if part == folder), default=None)
         if i is not None and Path(*parts[:i]) != here:
             trial[key] = str(here.joinpath(*parts[i:]))
 

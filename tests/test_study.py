@@ -107,7 +107,7 @@ def test_a_copied_or_moved_study_reads_its_own_checkpoints(tmp_path):
     moved folder, the trials' paths point into that folder (export once used the original's)."""
     import json
 
-    old, here = tmp_path / "runs" / "s", tmp_path / "moved" / "s"
+    old, here = tmp_path / "trial_runs" / "s", tmp_path / "moved" / "s"  # a trial_ folder above
     here.mkdir(parents=True)
     trial = {
         "trial_dir": str(old / "trial_a"),
