@@ -80,16 +80,21 @@ def check_spec_outputs(spec: Any) -> None:
     """The spec's own outputs (``output_dir`` and the experiment folder ``<output_dir>/<name>``)
     are none of its inputs (:func:`spec_inputs`)."""
     inputs = spec_inputs(spec)
-    check_output(spec.output_dir, inputs, "output_dir", folder=True)
-    check_output(spec.output_dir / spec.name, inputs, "name", folder=True)
+    # not whether it is writable: every command reads a study's spec, also from a read-only copy
+    check_output(spec.output_dir, inputs, "output_dir", folder=True, writable=False)
+    check_output(spec.output_dir / spec.name, inputs, "name", folder=True, writable=False)
 
 
 def check_output(
-    path: str | os.PathLike | None, inputs: tuple[set[Path], set[Path], set[Path]], key: str, folder: bool
+    path: str | os.PathLike | None,
+    inputs: tuple[set[Path], set[Path], set[Path]],
+    key: str,
+    folder: bool,
+    writable: bool = True,
 ) -> None:
     """Refuse an output (a file, or with ``folder`` a folder written into) that is one of the
     protected files, or a protected folder, or (for a file) inside one, or anywhere below a
-    protected tree (:func:`protected`)."""
+    protected tree (:func:`protected`), or that cannot be made (``writable``: nor written)."""
     if path is None:
         return
     out = _resolved(path)
@@ -112,13 +117,13 @@ def check_output(
             f"{str(path)!r} {hit}; base weights and data are read-only to this tool.",
             "choose an output path outside the inputs' folders.",
         )
-    _check_writable(out, str(path), key, folder)
+    _check_writable(out, str(path), key, folder, writable)
 
 
-def _check_writable(out: Path, given: str, key: str, folder: bool) -> None:
+def _check_writable(out: Path, given: str, key: str, folder: bool, writable: bool) -> None:
     """``out`` can be made: a folder output is not an existing file, a file output not an
-    existing folder, and the nearest existing folder above it is a writable folder (so that a
-    trial does not train for an hour and then fail to save)."""
+    existing folder, and the nearest existing folder above it is a folder, with ``writable`` a
+    writable one (so that a trial does not train for an hour and then fail to save)."""
     if folder and out.exists() and not out.is_dir():
         raise SpecError(key, f"{given!r} is a file, and a folder is written there.", "pass a folder path.")
     if not folder and out.is_dir():
@@ -130,7 +135,7 @@ def _check_writable(out: Path, given: str, key: str, folder: bool) -> None:
         raise SpecError(
             key, f"{given!r}: {str(above)!r} above it is a file, not a folder.", "pass a path under a folder."
         )
-    if not os.access(above, os.W_OK | os.X_OK):
+    if writable and not os.access(above, os.W_OK | os.X_OK):
         raise SpecError(
             key, f"{given!r}: the folder {str(above)!r} is not writable.", "pass a path you can write to."
         )

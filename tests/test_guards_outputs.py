@@ -129,3 +129,12 @@ def test_name_flag_onto_the_images_is_refused():
 def test_predict_min_score_outside_0_1_exits_2(tmp_path):
     done = run("predict", str(tmp_path), str(tmp_path / "x.png"), "--min-score", "1.5")
     assert done.returncode == 2 and "--min-score" in done.stderr
+
+
+def test_a_spec_read_from_a_read_only_place_loads(tmp_path, monkeypatch):
+    """Every command reads a study's spec (status, best, export of a read-only copy): the spec's
+    own output_dir is not held to be writable; a command's output option is."""
+    monkeypatch.setattr(guards.os, "access", lambda *a, **k: False)  # as for a user on a read-only mount
+    load_spec(DET, [f"output_dir={tmp_path / 'runs'}"])
+    with pytest.raises(SpecError, match="is not writable"):
+        guards.check_output(tmp_path / "w.pt", guards.protected([]), "--weights-out", folder=False)
