@@ -175,15 +175,10 @@ def load(args: argparse.Namespace, deep: bool = True, study: bool = True):
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from search.cluster import check_device
     from search.registry import resolve_spec_weights
     from search.spec import check_weights, deep_check, load_spec
 
     spec = load_spec(args.spec, args.overrides)
-    try:
-        check_device(spec.train.device, spec.resources.gpu, ray=True)  # what launch checks
-    except SpecError as err:
-        raise err.with_source(str(args.spec)) from None
     facts: dict[str, Any] = {}
     if not args.quick:
         try:
@@ -238,11 +233,11 @@ def cmd_trial(args: argparse.Namespace) -> int:
     if not args.verbose:
         root.setLevel(logging.WARNING)
     try:  # the checks are quiet (the trial logs its data itself), so a refusal is one line
-        spec = load(args)
+        spec = load(args, study=False)  # one trial, without Ray: no study settings
         inputs = guards.spec_inputs(spec)
         guards.check_output(args.weights_out, inputs, "--weights-out", folder=False)
         guards.check_weights_out(args.weights_out, spec.source)
-        check_device(spec.train.device, spec.resources.gpu, ray=False)
+        check_device(spec.train.device)
         guards.check_output(args.out, inputs, "--out", folder=True)
     finally:
         root.setLevel(shown)
@@ -315,8 +310,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if args.dry_run:
         launcher.apply_name(spec, args.name)
         study_folder.refuse_existing(spec.experiment_dir)  # the plan of a launch that would be refused
-        check_device(spec.train.device, spec.resources.gpu, ray=True)  # the launch's trials'
-        check_device(spec.train.device, spec.resources.gpu, ray=False)  # the dry run's, here
+        check_device(spec.train.device)  # the dry run's, here (the spec checked the trials')
         plan = dry_run.dry_run(spec)
         if args.json:
             print(json.dumps(plan, default=str))

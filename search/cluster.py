@@ -221,28 +221,15 @@ def check_connected(resources: Any, address: str | None, started: bool, exp_dir:
     return cluster
 
 
-def check_device(device: str, gpu: float, ray: bool) -> None:
-    """``train.device`` against the GPUs a trial will see: under Ray only those ``resources.gpu``
-    reserves, numbered from 0 (none when it is 0); without Ray (``trial``, ``--dry-run``) this
-    machine's. A :class:`~search.errors.SpecError` instead of every trial failing in torch."""
-    import math
-
+def check_device(device: str) -> None:
+    """``train.device`` against this machine's GPUs, for what runs here without Ray (``trial``,
+    ``--dry-run``; a study's trials are checked by the spec, :func:`search.spec.checks.check_spec`).
+    A :class:`~search.errors.SpecError` instead of the trial failing in torch."""
     from search.errors import SpecError
 
     if not device.startswith("cuda"):
         return
     index = int(device.partition(":")[2] or 0)
-    if ray:
-        seen = math.ceil(gpu) if gpu > 0 else 0
-        if index >= seen:
-            raise SpecError(
-                "train.device",
-                f"{device!r}, but a trial reserving resources.gpu {gpu:g} sees {seen} GPU(s) under Ray "
-                "(only those it reserves, numbered from 0).",
-                "set resources.gpu (1, or a fraction such as 0.5) and train.device cuda, or train.device "
-                "auto.",
-            )
-        return
     import torch
 
     here = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -30,7 +30,7 @@ import yaml
 
 from search import durable, mlflow_store, tracking
 from search import study as S
-from search.cluster import check_connected, check_device, check_reachable, connect
+from search.cluster import check_connected, check_reachable, connect
 from search.errors import SpecError, short
 from search.failures import disk_full
 from search.guards import StudyLock, check_output, spec_inputs
@@ -58,7 +58,6 @@ def preflight(spec: Spec, address: str | None, weights: bool = True) -> None:
     if address or spec.resources.address:
         key = "--address" if address else "resources.address"
         check_reachable(address or spec.resources.address, key=key)
-    check_device(spec.train.device, spec.resources.gpu, ray=True)
     resolve_spec_weights(spec)
     if weights and (spec.model.weights or spec.model.weights_backbone):
         check_weights(spec)

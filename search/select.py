@@ -137,9 +137,23 @@ def _checkpoint(trial: dict[str, Any]) -> Path:
 
 
 def lineage(exp_dir: Path, trial: dict[str, Any], spec: Any = None) -> dict[str, str]:
-    """Tags that tie a registered model to its study: study, trial, run, base weights sha256,
-    dataset fingerprint, metric. The sha and fingerprint come from the study's parent run (as
-    recorded at launch) or, without one, from the spec."""
+    """Tags that tie a registered model to its study: :func:`provenance`, and the trial's metric,
+    base metric and improvement as MLflow tag strings."""
+    tags = provenance(exp_dir, trial, spec)
+    metric = tags["metric"]
+    return {
+        **tags,
+        f"{metric}": repr(trial.get("best_metric")),
+        "best_epoch": str(trial.get("best_epoch")),
+        f"base_{metric}": repr(trial.get("study_base_metric")),
+        "improvement": repr(trial.get("improvement")),
+    }
+
+
+def provenance(exp_dir: Path, trial: dict[str, Any], spec: Any = None) -> dict[str, str]:
+    """Where a trial's model comes from: study, folder, trial, run, metric and mode, base weights
+    sha256, dataset fingerprint (and git commit). The sha and fingerprint come from the study's
+    parent run (as recorded at launch) or, without one, from the spec."""
     status = S.read_study(exp_dir)
     runs = write_queue.read_runs(exp_dir)
     known: dict[str, str] = {}
@@ -157,18 +171,13 @@ def lineage(exp_dir: Path, trial: dict[str, Any], spec: Any = None) -> dict[str,
         spec = spec or load_study_spec(exp_dir)
         known.setdefault("base_weights_sha256", facts.base_weights_sha256(spec))
         known.setdefault("dataset_fingerprint", facts.dataset_fingerprint(spec))
-    metric = status.get("metric", "")
     return {
         "study": str(status.get("name") or Path(exp_dir).name),
         "experiment_dir": str(Path(exp_dir).resolve()),
         "trial": trial["id"],
         "run_id": str(trial.get("run_id") or ""),
-        "metric": metric,
+        "metric": status.get("metric", ""),
         "mode": str(status.get("mode", "max")),
-        f"{metric}": repr(trial.get("best_metric")),
-        "best_epoch": str(trial.get("best_epoch")),
-        f"base_{metric}": repr(trial.get("study_base_metric")),
-        "improvement": repr(trial.get("improvement")),
         **known,
     }
 
@@ -193,17 +202,13 @@ def export(
     ckpt = _checkpoint(trial)
     spec = load_study_spec(exp_dir)
     cfg = spec.trial_config(out_dir=Path(tempfile.gettempdir()))
-    status = S.read_study(exp_dir)
-    tags = lineage(exp_dir, trial, spec)  # MLflow tag strings; the numbers follow as numbers
-    metric = tags["metric"]
     info = {
-        **{k: v for k, v in tags.items() if k not in (metric, f"base_{metric}")},
+        **provenance(exp_dir, trial, spec),
         "best_metric": trial.get("best_metric"),
         "base_metric": trial.get("study_base_metric"),
         "improvement": trial.get("improvement"),
         "best_epoch": trial.get("best_epoch"),
         "history": trial.get("history", []),
-        "mode": status.get("mode", "max"),
     }
     return build_bundle(
         cfg, ckpt, spec.class_names, Path(out_dir), study=info, torchscript=torchscript, key_env=key_env

@@ -171,6 +171,15 @@ class SearchSpace:
                 out[dim.name] = chosen[dim.name] = v
         return out
 
+    def unprojected(self, values: dict[str, Any]) -> dict[str, Any]:
+        """The categorical ``values`` :meth:`project` cannot keep (not among the searched choices):
+        the sampler picks those parameters."""
+        return {
+            d.name: values[d.name]
+            for d in self.searched
+            if d.kind == "categorical" and d.name in values and _project_value(d, values[d.name]) is None
+        }
+
     def grid(self) -> dict[str, list[Any]]:
         """The grid for Optuna's GridSampler; each dimension must be finite."""
         out = {}
@@ -351,30 +360,27 @@ _BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": Fals
 def as_bool(value: Any, key: str) -> bool:
     """A boolean key's value: true/false, or yes/no/on/off as words (what pydantic takes for the
     spec's other boolean keys; YAML 1.2 reads those words as strings)."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
-        return _BOOL_WORDS[value.strip().lower()]
+    if isinstance(v := _bool_word(value), bool):
+        return v
     raise SpecError(key, f"must be true or false, but got {short(value)}.", "write true or false.")
+
+
+def _bool_word(v: Any) -> Any:
+    """A yes/no/on/off/true/false word as a boolean; anything else unchanged."""
+    return _BOOL_WORDS.get(v.strip().lower(), v) if isinstance(v, str) else v
 
 
 def _bool_words(body: Any) -> Any:
     """A boolean parameter's yes/no/on/off words (as a value, a fixed ``value`` or ``choices``) as
     booleans; anything else unchanged (the parameter checks report it)."""
-
-    def word(v: Any) -> Any:
-        return (
-            _BOOL_WORDS[v.strip().lower()] if isinstance(v, str) and v.strip().lower() in _BOOL_WORDS else v
-        )
-
     if isinstance(body, dict):
         body = dict(body)
         if "value" in body:
-            body["value"] = word(body["value"])
+            body["value"] = _bool_word(body["value"])
         if isinstance(body.get("choices"), list):
-            body["choices"] = [word(v) for v in body["choices"]]
+            body["choices"] = [_bool_word(v) for v in body["choices"]]
         return body
-    return word(body)
+    return _bool_word(body)
 
 
 def _scalar(value: Any, key: str) -> Any:

@@ -102,7 +102,9 @@ def test_trial_json_contract_and_set_space(tmp_path):
 
 
 def test_trial_default_params_are_space_defaults(tmp_path):
-    proc = _trial(str(_spec(tmp_path)), "--json")
+    """(A study's own setting, grace_period above the epochs, does not hold back one trial.)"""
+    spec = _spec(tmp_path, search={"grace_period": 3})
+    proc = _trial(str(spec), "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["params"]["optimizer"] == "sgd"  # first choice

@@ -408,14 +408,16 @@ def test_amp_off_and_a_yes_for_a_bool_key_load():
     ],
 )
 def test_a_device_no_trial_will_see_is_refused(device, gpu, refused):
-    from search.cluster import check_device
-
+    """A study's spec (validate, launch, resume, dry run) is checked against the GPUs Ray gives a
+    trial; ``trial``, which runs without Ray, only against this machine's."""
+    sets = [f"train.device={device}", f"resources.gpu={gpu}"]
     if refused is None:
-        check_device(device, gpu, ray=True)
+        load_spec(DET, sets)
     else:
         with pytest.raises(SpecError) as err:
-            check_device(device, gpu, ray=True)
+            load_spec(DET, sets)
         assert refused in str(err.value) and err.value.key == "train.device"
+    load_spec(DET, sets, study=False)  # a single trial: Ray does not hide this machine's GPUs
 
 
 def test_validate_and_trial_refuse_a_device_that_is_not_there(tmp_path):

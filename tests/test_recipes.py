@@ -121,6 +121,15 @@ def test_projection_into_the_space(values, expected):
     assert all(type(got[k]) is type(v) for k, v in expected.items())
 
 
+@pytest.mark.parametrize(("value", "kept"), [(1, True), (True, False), ("1", False), (2.0, False)])
+def test_a_categorical_value_is_either_projected_or_left_to_the_sampler(value, kept):
+    """``project`` and ``unprojected`` (what the launch header says the sampler picks) apply one
+    rule: a choice equal in value and type (``True`` is not the choice ``1``)."""
+    space = parse_space({"k": {"choices": [1, 3]}, "lr": {"low": 1e-4, "high": 1e-3}})
+    assert (space.project({"k": value}) == {"k": value}) is kept
+    assert space.unprojected({"k": value, "lr": 0.5}) == ({} if kept else {"k": value})
+
+
 @pytest.mark.parametrize(
     ("num_trials", "n_startup", "n_recipes", "expected"),
     [

@@ -4,6 +4,7 @@ the reference trial, files and data."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -254,6 +255,22 @@ def _check_search(spec: Spec, study: bool = True) -> None:
         )
 
 
+def _check_trial_device(spec: Spec) -> None:
+    """``train.device`` against the GPUs a study's trial sees under Ray: only those
+    ``resources.gpu`` reserves, numbered from 0 (none when it is 0); else every trial fails in torch."""
+    device, gpu = spec.train.device, spec.resources.gpu
+    if not device.startswith("cuda"):
+        return
+    seen = math.ceil(gpu) if gpu > 0 else 0
+    if int(device.partition(":")[2] or 0) >= seen:
+        raise SpecError(
+            "train.device",
+            f"{device!r}, but a trial reserving resources.gpu {gpu:g} sees {seen} GPU(s) under Ray "
+            "(only those it reserves, numbered from 0).",
+            "set resources.gpu (1, or a fraction such as 0.5) and train.device cuda, or train.device auto.",
+        )
+
+
 def _check_reference(spec: Spec) -> None:
     """``search.reference_scaling`` names each rule once; an explicit ``search.reference_trial:
     true`` needs a recipe and a sampler that takes it."""
@@ -351,4 +368,6 @@ def check_spec(spec: Spec, study: bool = True) -> None:
     _check_objective(spec)
     _check_space(spec)
     _check_search(spec, study)
+    if study:
+        _check_trial_device(spec)
     _check_files(spec)

@@ -253,20 +253,9 @@ class Spec(_Section):
         recipe with its lr scaled to the batch by each rule, projected into the space; a rule
         whose projection repeats an earlier one's (lr not searched, or clipped to the same bound)
         is left out. The first is the reference trial; empty when the reference trial is off."""
-        from trainables import recipes
-
-        if self.search.reference_trial is False or self.search.algorithm == "grid":
-            return []
-        fam = families.family_of(self.model.arch)
-        recipe = recipes.recipe_for(fam.name if fam else None)
-        if recipe is None:
-            return []
         out: list[tuple[str, dict[str, Any]]] = []
-        for scaling in self.search.reference_scaling:
-            values = recipes.recipe_params(
-                recipe, self.train.batch_size, self.train.epochs, scaling, self.search_space.by_name
-            )
-            params = self.search_space.project(values)
+        for scaling in self.search.reference_scaling if self._recipe() else []:
+            params = self.search_space.project(self._recipe_values(scaling))
             if params and all(params != p for _, p in out):
                 out.append((scaling, params))
         return out
@@ -275,22 +264,26 @@ class Spec(_Section):
         """The recipe's categorical values that are not among the space's choices (e.g. ``trainable:
         all`` when the choices are ``heads``, ``heads_and_top``): the sampler picks those parameters
         in the recipe trials. Empty when there are no recipe trials."""
-        from trainables import recipes
-
         if not self.recipe_trials():
             return {}
+        return self.search_space.unprojected(self._recipe_values(self.search.reference_scaling[0]))
+
+    def _recipe(self) -> Any:
+        """The family's torchvision recipe, or None when there is none or the reference is off."""
+        from trainables import recipes
+
+        if self.search.reference_trial is False or self.search.algorithm == "grid":
+            return None
         fam = families.family_of(self.model.arch)
-        values = recipes.recipe_params(
-            recipes.recipe_for(fam.name),
-            self.train.batch_size,
-            self.train.epochs,
-            names=self.search_space.by_name,
+        return recipes.recipe_for(fam.name if fam else None)
+
+    def _recipe_values(self, scaling: str) -> dict[str, Any]:
+        """The recipe's values for this spec's batch and epochs, its lr scaled by ``scaling``."""
+        from trainables import recipes
+
+        return recipes.recipe_params(
+            self._recipe(), self.train.batch_size, self.train.epochs, scaling, self.search_space.by_name
         )
-        return {
-            d.name: values[d.name]
-            for d in self.search_space.searched
-            if d.kind == "categorical" and d.name in values and values[d.name] not in d.choices
-        }
 
     def trial_config(self, out_dir: Path, threads: int = 1) -> TrialConfig:
         """The fixed settings of one trial of this spec, writing into ``out_dir``."""
