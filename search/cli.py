@@ -239,6 +239,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
         guards.check_weights_out(args.weights_out, spec.source)
         check_device(spec.train.device)
         guards.check_output(args.out, inputs, "--out", folder=True)
+        _check_base_weights(spec, args.spec)  # before the trial's folder exists (exit 1, folder left)
     finally:
         root.setLevel(shown)
     space = spec.search_space
@@ -259,6 +260,20 @@ def cmd_trial(args: argparse.Namespace) -> int:
     else:
         _print_trial(result, spec.objective.metric)
     return EXIT_OK if result.get("status") == "ok" else EXIT_RUNTIME
+
+
+def _check_base_weights(spec: Any, source: Path) -> None:
+    """``models:/`` and ``runs:/`` weights resolved, and the base weights loaded and fitted to the
+    model (:func:`~search.spec.check_weights`), as launch checks them: a SpecError naming the key."""
+    from search.registry import resolve_spec_weights
+    from search.spec import check_weights
+
+    try:
+        resolve_spec_weights(spec)
+        if spec.model.weights or spec.model.weights_backbone:
+            check_weights(spec)
+    except SpecError as err:
+        raise err.with_source(str(source)) from None
 
 
 def _threads(cpu: float) -> int:
@@ -311,6 +326,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         launcher.apply_name(spec, args.name)
         study_folder.refuse_existing(spec.experiment_dir)  # the plan of a launch that would be refused
         check_device(spec.train.device)  # the dry run's, here (the spec checked the trials')
+        _check_base_weights(spec, args.spec)  # as launch's preflight (each branch said WeightsError)
         plan = dry_run.dry_run(spec)
         if args.json:
             print(json.dumps(plan, default=str))

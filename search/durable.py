@@ -123,10 +123,11 @@ class Durability:
     def request(self) -> None:
         self.pending = True
 
-    def snapshot(self, study: dict[str, Any] | None = None) -> Path | None:
+    def snapshot(self, study: dict[str, Any] | None = None, again: bool = False) -> Path | None:
         """Copy Ray's saved state, and ``study`` (study.json's content as of the same loop step),
-        into a new signed generation and make it current."""
-        if not self.saved:
+        into a new signed generation and make it current (``again``: also when Ray saved nothing
+        since the last one, for records changed after the run, e.g. by ``--keep-top``)."""
+        if not (self.saved or again):
             return None
         self.saved = False
         root = self.exp_dir / STATE_DIR

@@ -351,7 +351,9 @@ def _fit(tuner, spec: Spec, exp_dir: Path, state, searcher, keep_top: int | None
     if keep_top is not None and not interrupted:
         removed = remove_outside_top(state.state, keep_top)
         if removed:
-            state.save()  # the records as remove_outside_top left them (no checkpoint, its size)
+            if state.durable is not None:  # signed as left (no checkpoint): resume installs this record
+                state.durable.snapshot(state.state, again=True)
+            state.save()
             print(f"--keep-top {keep_top}: removed the checkpoints of {len(removed)} trial(s)", flush=True)
     summary = summarize(exp_dir)
     summary["mlflow"] = mlflow_hint(spec)

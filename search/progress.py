@@ -154,6 +154,8 @@ class StudyState(Callback):
             best, latest = manager.best_checkpoint_result, manager.latest_checkpoint_result
         except AttributeError:  # pragma: no cover - Ray internals moved
             return
+        if t.get("checkpoints_removed"):  # --keep-top deleted them; Ray's restored record still lists them
+            best = latest = None
         if best is not None and best.checkpoint is not None and t.get("best_metric") is not None:
             t["checkpoint"] = str(Path(best.checkpoint.path) / S.MODEL_FILE)
         if latest is not None and latest.checkpoint is not None:

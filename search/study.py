@@ -243,9 +243,10 @@ def _epoch0(t: dict[str, Any], metric: str | None) -> float | None:
 
 def study_base_metric(state: dict[str, Any]) -> float | None:
     """The study's base metric: the epoch-0 score of the unmodified base model, from a trial that
-    keeps the architecture's activations (the reference trial does); when every trial swapped
-    activations, the best epoch-0 score over the trials. One number for every surface: the summary,
-    ``status``, ``best``, ``promote``, bundles and MLflow."""
+    keeps the architecture's activations (the reference trial does); when every trial of a finished
+    study swapped activations, the best epoch-0 score over the trials (while a study runs or is
+    interrupted, a plain trial may still come: None until then). One number for every surface: the
+    summary, ``status``, ``best``, ``promote``, bundles and MLflow."""
     trials = state.get("trials") or {}
     trials = sorted(
         trials.values() if isinstance(trials, dict) else trials,
@@ -256,6 +257,8 @@ def study_base_metric(state: dict[str, Any]) -> float | None:
     if plain:
         return plain[0]
     values = [v for t in trials if (v := _epoch0(t, metric)) is not None]
+    if values and state.get("status") != "finished":
+        return None
     if not values:
         return number(state.get("base_metric"))
     return max(values) if mode == "max" else min(values)

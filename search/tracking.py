@@ -292,10 +292,10 @@ class MlflowTracker(_Callback):
         if (
             epoch == 0
             and plain
-            and study.get("base") is None
+            and not study.get("base_plain")  # also over the stand-in of an interrupted run (below)
             and S.number(result.get(self.metric)) is not None
         ):
-            study["base"] = S.number(result.get(self.metric))
+            study["base"], study["base_plain"] = S.number(result.get(self.metric)), True
             base = {f"base_{k}": v for k, v in values.items()}
             self._log(
                 "parent", metrics=base, step=0, tags={"base_metric": repr(study["base"]), "base_trial": tid}
@@ -386,10 +386,11 @@ class MlflowTracker(_Callback):
             self._active.discard(tid)
         study = self.runs.data["study"]
         written = self._study()  # the study-state callback's record: states, reference, epoch 0s
-        if study.get("base") is None:  # no trial kept the base as built: the best epoch 0 (as status)
-            base = S.study_base_metric(written)
+        ended = {**written, "status": "interrupted" if unfinished else "finished"}  # as finish() writes
+        base = S.study_base_metric(ended)  # the number status shows (finished: maybe a stand-in)
+        if not study.get("base_plain") and base != study.get("base"):
+            study["base"] = base
             if base is not None:
-                study["base"] = base
                 self._log(
                     "parent", metrics={f"base_{self.metric}": base}, step=0, tags={"base_metric": repr(base)}
                 )

@@ -387,6 +387,13 @@ def test_keep_top(grid_study, monkeypatch):
     assert removed >= 2
     shown = {t["id"]: t for t in again["trials"]}
     assert all(shown[tid].get("checkpoint") is None for tid, t in state["trials"].items() if tid != best_id)
+    resume(exp_dir)  # a later resume restores the signed state: the removal is in it (it listed them again)
+    after = S.read_study(exp_dir)["trials"]
+    assert all(after[t]["checkpoint"] is None and after[t]["checkpoints_removed"] for t in removed_ids(state))
+
+
+def removed_ids(state: dict) -> list[str]:
+    return [tid for tid, t in state["trials"].items() if t.get("checkpoints_removed")]
 
 
 def test_time_budget(ray_local, data_dir):

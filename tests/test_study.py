@@ -3,6 +3,7 @@ score, whichever trial reports first; status, best and promote read the same fun
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,22 +25,25 @@ def _trial(i, base, **params):
 
 
 @pytest.mark.parametrize(
-    ("trials", "expected"),
+    ("trials", "expected", "until_finished"),
     [
         # a trial that swapped activations reported first: its epoch 0 is not the base model's
-        ([_trial(0, 0.0003, activation="silu"), _trial(1, 0.0009, activation="keep")], 0.0009),
-        ([_trial(0, 0.0003, activation="silu"), _trial(1, 0.0009)], 0.0009),  # keep is the default
-        ([_trial(0, 0.0009, lr=0.1), _trial(1, 0.0011, activation="gelu")], 0.0009),  # not the max
-        ([_trial(0, 0.0003, activation="silu"), _trial(1, 0.0005, activation="mish")], 0.0005),  # none kept
-        ([], None),
+        ([_trial(0, 0.0003, activation="silu"), _trial(1, 0.0009, activation="keep")], 0.0009, 0.0009),
+        ([_trial(0, 0.0003, activation="silu"), _trial(1, 0.0009)], 0.0009, 0.0009),  # keep is the default
+        ([_trial(0, 0.0009, lr=0.1), _trial(1, 0.0011, activation="gelu")], 0.0009, 0.0009),  # not the max
+        # none kept: a finished study's stand-in is the best epoch 0; until then a plain trial may come
+        ([_trial(0, 0.0003, activation="silu"), _trial(1, 0.0005, activation="mish")], 0.0005, None),
+        ([], None, None),
     ],
 )
-def test_study_base_metric_is_the_unmodified_models(trials, expected, tmp_path):
-    state = {"metric": "map50", "mode": "max", "base_metric": None, "trials": {t["id"]: t for t in trials}}
-    assert S.study_base_metric(state) == expected
-    S.write_study(tmp_path, state)
-    status = S.status_object(tmp_path)
-    assert status["base_metric"] == expected == select.base_metric(status)
+def test_study_base_metric_is_the_unmodified_models(trials, expected, until_finished, tmp_path):
+    for status in ("finished", "interrupted", "running"):
+        want = expected if status == "finished" else until_finished
+        state = {"metric": "map50", "mode": "max", "status": status, "trials": {t["id"]: t for t in trials}}
+        assert S.study_base_metric(state) == want
+        S.write_study(tmp_path, state)
+        got = S.status_object(tmp_path)
+        assert got["base_metric"] == want == select.base_metric(got)
 
 
 def test_keeps_base():
@@ -138,3 +142,37 @@ def test_output_dir_is_where_name_is_looked_up_and_nowhere_else(tmp_path, monkey
     assert S.resolve_experiment(str(tmp_path / "k"), Path("nowhere")) == (tmp_path / "k").resolve()
     (tmp_path / "k" / S.STUDY_FILE).unlink()
     assert S.resolve_experiment("k") == (tmp_path / "runs" / "k").resolve()
+
+
+def test_an_interrupted_run_leaves_no_stand_in_base_and_resume_records_the_plain_one(tmp_path):
+    """Interrupted before a trial that keeps the base model reported epoch 0: MLflow got the
+    activation-swapped trial's epoch 0 as ``base_map`` and kept it after resume (status showed the
+    real one). Now no base until a plain trial reports; the resumed run records that one."""
+    from search import mlflow_store, tracking, write_queue
+    from search.spec import load_spec
+    from tests.test_tracking import write_spec
+
+    spec = load_spec(write_spec(tmp_path, name="basefix"))
+    exp_dir = Path(spec.output_dir) / spec.name
+    exp_dir.mkdir(parents=True)
+    silu = SimpleNamespace(trial_id="a", config={"activation": "silu"}, path="", status="RUNNING")
+    plain = SimpleNamespace(trial_id="b", config={"activation": "keep"}, path="", status="PENDING")
+    record = {"id": "a", "index": 0, "params": silu.config, "history": [{"epoch": 0, "map": 0.05}]}
+    S.write_study(exp_dir, {"metric": "map", "mode": "max", "status": "running", "trials": {"a": record}})
+    cb = tracking.make_callback(spec, exp_dir, resume=False)
+    cb.setup()
+    cb.on_trial_result(0, [silu], silu, {"epoch": 0, "map": 0.05})
+    cb.on_experiment_end([silu, plain])
+    mlc = mlflow_store.client(mlflow_store.tracking_uri(spec))
+    parent = mlc.get_run(json.loads((exp_dir / write_queue.RUNS_FILE).read_text())["runs"]["parent"])
+    assert "base_map" not in parent.data.metrics and parent.data.tags["summary.status"] == "interrupted"
+
+    cb = tracking.make_callback(spec, exp_dir, resume=True)
+    cb.setup()
+    for trial, value in ((plain, 0.1), (silu, 0.4)):
+        cb.on_trial_result(0, [silu, plain], trial, {"epoch": 0 if value == 0.1 else 1, "map": value})
+        cb.on_trial_complete(0, [silu, plain], trial)
+    cb.on_experiment_end([silu, plain])
+    parent = mlc.get_run(parent.info.run_id)
+    assert parent.data.metrics["base_map"] == pytest.approx(0.1)
+    assert float(parent.data.tags["summary.improvement"]) == pytest.approx(0.3)

@@ -411,18 +411,21 @@ def test_at_least_12_dataset_kinds(batch):
 def test_checkpoint_code_pickle_refused_as_weights(batch):
     results, _, files = batch
     r = results["weights-code-pickle"]
-    last = [ln for ln in r["stderr"].splitlines() if ln.strip()][-1]
-    assert r["rc"] == 1 and last.startswith("error: WeightsError: "), r["stderr"][-2000:]
-    assert "weights_only" in last and str(files["evil"]) in last, last
+    lines = [ln for ln in r["stderr"].splitlines() if ln.strip()]
+    assert r["rc"] == 2 and len(lines) == 1 and ": model.weights: " in lines[0], r["stderr"][-2000:]
+    assert "weights_only" in lines[0] and str(files["evil"]) in lines[0], lines[0]
     assert not files["marker"].exists(), "unpickling ran code"
+    assert not (files["evil"].parent / "weights-code-pickle" / "out").exists()  # refused before it
 
 
 def test_checkpoint_wrong_architecture_as_weights(batch):
     results, _, files = batch
     r = results["weights-wrong-arch"]
     last = [ln for ln in r["stderr"].splitlines() if ln.strip()][-1]
-    assert r["rc"] == 1 and "Traceback" not in r["stderr"], r["stderr"][-2000:]
+    assert r["rc"] == 2 and "Traceback" not in r["stderr"], r["stderr"][-2000:]
     assert "does not fit this model" in last and "missing e.g." in last and "unexpected e.g." in last, last
+    assert ": model.weights: " in last
+    assert not (files["wrong_arch"].parent / "weights-wrong-arch" / "out").exists()
 
 
 def test_checkpoint_code_pickle_refused_on_resume(tmp_path):
