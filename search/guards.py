@@ -301,7 +301,12 @@ _FLOAT_12 = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?
 
 
 class YamlRefused(ValueError):
-    """A YAML document refused before it is used: duplicate keys, alias bombs, deep nesting."""
+    """A YAML document refused before it is used: duplicate keys, alias bombs, deep nesting.
+    ``key``: the dotted key path it concerns, when there is one (a duplicate key)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 @functools.cache
@@ -354,6 +359,7 @@ def load_yaml(text: str) -> Any:
         if node is None:
             return None
         _check_size(node)
+        _check_duplicates(node)
         try:
             return loader.construct_document(node)
         except ValueError as exc:  # e.g. an integer of more than 4300 digits
@@ -385,6 +391,33 @@ def _check_size(root: Any) -> None:
         raise YamlRefused(f"its aliases expand to more than {MAX_YAML_NODES:,} values (an alias bomb?)")
     if depths[id(root)] > MAX_YAML_DEPTH:
         raise YamlRefused(f"nested deeper than {MAX_YAML_DEPTH} levels")
+
+
+def _check_duplicates(root: Any) -> None:
+    """A mapping key given twice (YAML would keep the last one silently), named by its dotted key
+    path; each node once (aliases are shared)."""
+    seen_nodes: set[int] = set()
+    stack: list[tuple[Any, str]] = [(root, "")]
+    while stack:
+        node, path = stack.pop()
+        if id(node) in seen_nodes or not isinstance(getattr(node, "value", None), list):
+            continue
+        seen_nodes.add(id(node))
+        lines: dict[str, int] = {}
+        for i, item in enumerate(node.value):
+            if not isinstance(item, tuple):  # a sequence's item
+                stack.append((item, f"{path}[{i}]"))
+                continue
+            key_node, value_node = item
+            name = key_node.value if isinstance(key_node.value, str) else None
+            where = f"{path}.{name}" if path else str(name)
+            if name is not None and name in lines:
+                raise YamlRefused(
+                    f"given twice, at line {lines[name]} and line {key_node.start_mark.line + 1}", key=where
+                )
+            if name is not None:
+                lines[name] = key_node.start_mark.line + 1
+            stack.append((value_node, where))
 
 
 def _children(node: Any) -> list[Any]:

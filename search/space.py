@@ -313,9 +313,17 @@ def _numeric(name: str, kind: str, body: dict[str, Any], key: str, when: dict) -
             raise SpecError(key, f"a {kind} parameter needs {bound}.", f"add {bound}: <number>.")
         value = body[bound]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise SpecError(f"{key}.{bound}", f"must be a finite number, but got {short(value)}.")
+            raise SpecError(
+                f"{key}.{bound}",
+                f"must be a finite number, but got {short(value)}.",
+                "write a number, e.g. 1.0e-3.",
+            )
         if kind == "int" and not float(value).is_integer():
-            raise SpecError(f"{key}.{bound}", f"an int parameter needs integer bounds, but got {value!r}.")
+            raise SpecError(
+                f"{key}.{bound}",
+                f"an int parameter needs integer bounds, but got {value!r}.",
+                "use whole numbers, or type: float for a real-valued range.",
+            )
     low, high = body["low"], body["high"]
     log = as_bool(body.get("log", False), f"{key}.log")
     step = body.get("step")

@@ -47,3 +47,21 @@ def test_trial_prints_each_dataset_summary_once(tmp_path):
     for ann in (train_ann, val_ann):
         summaries = [ln for ln in lines if f"{ann.resolve()}: images=" in ln]
         assert len(summaries) == 1, (ann, summaries)
+
+
+def test_the_readme_spec_reference_validates(tmp_path):
+    """The spec in README's "Spec reference" (the first a user copies) passes ``validate``, with its
+    relative paths beside it as in ``spaces/``. Its trainable set once matched no parameter."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Spec reference", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    for folder in ("base", "data"):
+        (tmp_path / folder).symlink_to(ROOT / "spaces" / folder)
+    (tmp_path / "spec.yaml").write_text(block)
+    proc = subprocess.run(
+        [sys.executable, "-m", "search", "validate", str(tmp_path / "spec.yaml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -125,7 +125,8 @@ def _spec_text(extra: str) -> str:
 @pytest.mark.parametrize(
     ("text", "words"),
     [
-        ("name: again\n", "duplicate key 'name'"),
+        ("name: again\n", "name: is given twice, at line 3 and line "),  # YAML keeps the last silently
+        ("extra:\n  a: 1\n  a: 2\n", "extra.a: is given twice"),  # named by its key path
         (
             "x0: &a [1,1,1,1,1,1,1,1,1,1]\n"
             + "".join(

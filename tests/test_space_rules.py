@@ -19,6 +19,8 @@ from tests.test_spec import ROOT, spec_dict
         ({"low": 0.0, "high": 1.0, "step": 0}, "space.p.step", "use a positive step"),
         ({"low": 1e-4, "high": 1e-2, "log": "maybe"}, "space.p.log", "write true or false"),
         ({"choices": [1, 2, 1.0]}, "space.p.choices", "1.0 appears twice"),
+        ({"type": "int", "low": 1.5, "high": 4}, "space.p.low", "type: float"),
+        ({"low": "abc", "high": 4}, "space.p.low", "write a number"),
     ],
 )
 def test_space_entries_refused_with_a_fix(body, key, words):
@@ -87,4 +89,17 @@ def test_validate_says_which_searched_parameters_can_never_be_active():
             {"schedule": "step", "step_epochs": {"low": 1, "high": 3, "when": {"schedule": "step"}}}
         ).never_active()
         == []
+    )
+
+
+def test_a_field_of_a_fixed_parameter_is_refused_as_such():
+    """``--set space.warmup_epochs.low=0.1`` on a fixed ``warmup_epochs`` said "unknown trial
+    parameter 'warmup_epochs.low'": the parameter exists, it has no range to edit."""
+    from search.spec import load_spec
+
+    with pytest.raises(SpecError) as err:
+        load_spec(ROOT / "spaces/det.yaml", ["space.warmup_epochs.low=0.1"])
+    assert (
+        "is a fixed value (0.3), which has no low" in str(err.value)
+        and "space.warmup_epochs={" in err.value.fix
     )

@@ -27,6 +27,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         raw = guards.load_yaml(path.read_text(encoding="utf-8"))
     except guards.YamlRefused as exc:
+        if exc.key:  # a duplicate key: YAML would have kept the last one silently
+            raise SpecError(exc.key, f"is {exc}.", "keep one of them.", str(path)) from None
         raise SpecError("<file>", f"is refused: {exc}.", "fix the YAML.", str(path)) from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -77,12 +79,21 @@ def apply_override(raw: dict[str, Any], key: str, value: Any) -> None:
             if name in space and cut < len(rest) and isinstance(space[name], dict):
                 _set_path(space[name], rest[cut:], value, f"space.{name}")
                 return
+            if name in space and cut == len(rest) - 1 and rest[cut] in _DIM_FIELDS:
+                raise SpecError(
+                    f"--set {key}",
+                    f"space.{name} is a fixed value ({short(space[name])}), which has no {rest[cut]}.",
+                    f"set the whole parameter, e.g. --set 'space.{name}={{low: ..., high: ...}}'.",
+                )
         name = ".".join(rest)
         old = space.get(name)
         keeps_when = isinstance(old, dict) and "when" in old and not isinstance(value, dict)
         space[name] = {"value": value, "when": old["when"]} if keeps_when else value
         return
     _set_path(raw, parts, value, "")
+
+
+_DIM_FIELDS = ("low", "high", "step", "log", "choices", "type")  # the fields of a searched parameter
 
 
 def _set_path(node: dict[str, Any], parts: list[str], value: Any, prefix: str) -> None:
