@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from search.errors import SpecError, short, unknown_name
+from search.space_words import as_bool, bool_words
 
 if TYPE_CHECKING:  # pragma: no cover
     import optuna
@@ -172,8 +173,7 @@ class SearchSpace:
         return out
 
     def unprojected(self, values: dict[str, Any]) -> dict[str, Any]:
-        """The categorical ``values`` :meth:`project` cannot keep (not among the searched choices):
-        the sampler picks those parameters."""
+        """The categorical ``values`` :meth:`project` cannot keep: the sampler picks those."""
         return {
             d.name: values[d.name]
             for d in self.searched
@@ -262,7 +262,7 @@ def parse_dim(name: str, body: Any, key: str, own_kind: str | None = None) -> Di
     if not name or name != name.strip():
         raise SpecError(key, f"parameter name must be non-empty without spaces, but got {name!r}.")
     if own_kind == "bool":  # nesterov: no (YAML 1.2 reads the word as a string)
-        body = _bool_words(body)
+        body = bool_words(body)
     if isinstance(body, _SCALAR):
         return Dim(name, "fixed", value=body)
     if isinstance(body, list):
@@ -311,19 +311,17 @@ def _numeric(name: str, kind: str, body: dict[str, Any], key: str, when: dict) -
     for bound in ("low", "high"):
         if bound not in body:
             raise SpecError(key, f"a {kind} parameter needs {bound}.", f"add {bound}: <number>.")
-        value = body[bound]
+        value, at = body[bound], f"{key}.{bound}"
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise SpecError(
-                f"{key}.{bound}",
-                f"must be a finite number, but got {short(value)}.",
-                "write a number, e.g. 1.0e-3.",
+                at, f"must be a finite number, but got {short(value)}.", "write a number, e.g. 1.0e-3."
             )
         if kind == "int" and not float(value).is_integer():
-            raise SpecError(
-                f"{key}.{bound}",
+            why, fix = (
                 f"an int parameter needs integer bounds, but got {value!r}.",
-                "use whole numbers, or type: float for a real-valued range.",
+                "use whole numbers or type: float.",
             )
+            raise SpecError(at, why, fix)
     low, high = body["low"], body["high"]
     log = as_bool(body.get("log", False), f"{key}.log")
     step = body.get("step")
@@ -360,35 +358,6 @@ def _numeric(name: str, kind: str, body: dict[str, Any], key: str, when: dict) -
         low, high = float(low), float(high)
         step = float(step) if step is not None else None
     return Dim(name, kind, low=low, high=high, log=log, step=step, when=when)
-
-
-_BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
-
-
-def as_bool(value: Any, key: str) -> bool:
-    """A boolean key's value: true/false, or yes/no/on/off as words (what pydantic takes for the
-    spec's other boolean keys; YAML 1.2 reads those words as strings)."""
-    if isinstance(v := _bool_word(value), bool):
-        return v
-    raise SpecError(key, f"must be true or false, but got {short(value)}.", "write true or false.")
-
-
-def _bool_word(v: Any) -> Any:
-    """A yes/no/on/off/true/false word as a boolean; anything else unchanged."""
-    return _BOOL_WORDS.get(v.strip().lower(), v) if isinstance(v, str) else v
-
-
-def _bool_words(body: Any) -> Any:
-    """A boolean parameter's yes/no/on/off words (as a value, a fixed ``value`` or ``choices``) as
-    booleans; anything else unchanged (the parameter checks report it)."""
-    if isinstance(body, dict):
-        body = dict(body)
-        if "value" in body:
-            body["value"] = _bool_word(body["value"])
-        if isinstance(body.get("choices"), list):
-            body["choices"] = [_bool_word(v) for v in body["choices"]]
-        return body
-    return _bool_word(body)
 
 
 def _scalar(value: Any, key: str) -> Any:

@@ -19,7 +19,7 @@ from tests.test_spec import ROOT, spec_dict
         ({"low": 0.0, "high": 1.0, "step": 0}, "space.p.step", "use a positive step"),
         ({"low": 1e-4, "high": 1e-2, "log": "maybe"}, "space.p.log", "write true or false"),
         ({"choices": [1, 2, 1.0]}, "space.p.choices", "1.0 appears twice"),
-        ({"type": "int", "low": 1.5, "high": 4}, "space.p.low", "type: float"),
+        ({"type": "int", "low": 1.5, "high": 4}, "space.p.low", "or type: float"),
         ({"low": "abc", "high": 4}, "space.p.low", "write a number"),
     ],
 )
