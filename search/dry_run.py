@@ -107,6 +107,7 @@ def dry_run(spec: Spec) -> dict[str, Any]:
         "scheduler": spec.search.scheduler,
         "recipe_trials": [{"scaling": sc, "params": p} for sc, p in spec.recipe_trials()],
         "recipe_unused": spec.recipe_unused(),
+        "recipe_overridden": spec.recipe_overridden(),
     }
 
 
@@ -125,7 +126,7 @@ def print_plan(plan: dict[str, Any]) -> None:
     print(f"search: {plan['algorithm']} + {scheduler_label(plan['scheduler'])}")
     for i, r in enumerate(plan["recipe_trials"]):
         print(f"  {S.recipe_plan_text(i, r['scaling'], r['params'])}")
-    if unused := S.recipe_unused_text(plan["recipe_unused"]):
+    if unused := S.recipe_unused_text(plan["recipe_unused"], plan["recipe_overridden"]):
         print(f"  {unused}")
     if plan["estimated_s"] is not None:
         print(

@@ -474,5 +474,5 @@ def _print_header(
     )
     for i, (scaling, params) in enumerate(recipe_trials):
         print(f"  {S.recipe_plan_text(i, scaling, params)}", flush=True)
-    if recipe_trials and (unused := S.recipe_unused_text(spec.recipe_unused())):
+    if recipe_trials and (unused := S.recipe_unused_text(spec.recipe_unused(), spec.recipe_overridden())):
         print(f"  {unused}", flush=True)

@@ -86,7 +86,10 @@ def _hyperband(spec: Any) -> Any:
     from search.stopping import RecordingHyperBand
 
     return RecordingHyperBand(
-        time_attr="epoch", max_t=spec.train.epochs, reduction_factor=spec.search.reduction_factor
+        time_attr="epoch",
+        max_t=spec.train.epochs,
+        reduction_factor=spec.search.reduction_factor,
+        reference=spec.reference_params(),
     )
 
 

@@ -173,11 +173,29 @@ class SearchSpace:
         return out
 
     def unprojected(self, values: dict[str, Any]) -> dict[str, Any]:
-        """The categorical ``values`` :meth:`project` cannot keep: the sampler picks those."""
+        """The searched parameters the sampler picks in a trial of the projected ``values``: a value
+        :meth:`project` cannot keep (not among the choices), or None where ``values`` names none
+        (only those that can be active there)."""
+        kept = self.project(values)
+        chosen = {**{d.name: d.value for d in self.dims if d.kind == "fixed"}, **kept}
         return {
-            d.name: values[d.name]
+            d.name: values.get(d.name)
             for d in self.searched
-            if d.kind == "categorical" and d.name in values and _project_value(d, values[d.name]) is None
+            if d.name not in kept and (not all(k in chosen for k in d.when) or self.is_active(d, chosen))
+        }
+
+    def overridden(self, values: dict[str, Any]) -> dict[str, Any]:
+        """The ``values`` (e.g. a recipe's) that the space's active fixed constants replace:
+        ``{name: {"spec": constant, "given": value}}``."""
+        fixed = {d.name: d.value for d in self.dims if d.kind == "fixed"}
+        return {
+            d.name: {"spec": d.value, "given": values[d.name]}
+            for d in self.dims
+            if d.kind == "fixed"
+            and d.name in values
+            and self.is_active(d, fixed)
+            and not (values[d.name] == d.value and type(values[d.name]) is type(d.value))
+            and not (_numbers(values[d.name], d.value) and float(values[d.name]) == float(d.value))
         }
 
     def grid(self) -> dict[str, list[Any]]:

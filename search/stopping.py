@@ -265,23 +265,38 @@ class RecordingASHA(_Spared, ASHAScheduler):
         return decision
 
 
-class RecordingHyperBand(HyperBandScheduler, _Records):
+class RecordingHyperBand(_Spared, HyperBandScheduler):
     """Ray's HyperBand, recording the epoch and value of each stop (the bracket cut is internal).
     Ray also stops a bracket's *paused* trials while handling another trial's result; those stops
-    have no record here, and the study records them from the trial's history under ``stop_rule``."""
+    have no record here, and the study records them from the trial's history under ``stop_rule``.
+    The reference trial is never among a halving's losers (it goes on with the winners)."""
 
     stop_rule = "hyperband"
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._init_records(None)
+    def _process_bracket(self, tune_controller: Any, bracket: Any) -> str:
+        halving = bracket.successive_halving  # Ray's halving, which also stops the paused losers
+
+        def sparing(metric: str, metric_op: float) -> tuple[list, list]:
+            return spare_reference(*halving(metric, metric_op), self.reference_id)
+
+        bracket.successive_halving = sparing
+        try:
+            return super()._process_bracket(tune_controller, bracket)
+        finally:
+            del bracket.successive_halving
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-        decision = super().on_trial_result(tune_controller, trial, result)
+        decision = self._spare(trial, super().on_trial_result(tune_controller, trial, result))
         value, epoch = number(result.get(self._metric)), _epoch(result)
         if decision == TrialScheduler.STOP and value is not None and epoch is not None:
             self._record(trial, epoch, value, None, self.stop_rule)
         return decision
+
+
+def spare_reference(good: list, bad: list, reference_id: str | None) -> tuple[list, list]:
+    """A halving's ``(good, bad)`` trials with the reference trial moved to the good ones."""
+    spared = [t for t in bad if t.trial_id == reference_id]
+    return good + spared, [t for t in bad if t.trial_id != reference_id]
 
 
 class RecordingMedian(_Spared, MedianStoppingRule):

@@ -352,12 +352,23 @@ def recipe_plan_text(i: int, scaling: str, params: dict[str, Any]) -> str:
     return f"trial {i + 1} is {what}, lr scaled to the batch by the {scaling} rule): {shown}"
 
 
-def recipe_unused_text(unused: dict[str, Any]) -> str | None:
-    """The recipe's values the space has no choice for (:meth:`Spec.recipe_unused`), in words."""
-    if not unused:
-        return None
-    what = ", ".join(f"{k}={fmt(v)}" for k, v in unused.items())
-    return f"(the recipe's {what} is not among your choices: the sampler picks {', '.join(unused)} there)"
+def recipe_unused_text(unused: dict[str, Any], overridden: dict[str, Any] | None = None) -> str | None:
+    """How the recipe trials differ from the recipe (:meth:`Spec.recipe_unused`, the parameters
+    the sampler picks; :meth:`Spec.recipe_overridden`, the spec's constants that replace the
+    recipe's values), in words; None when they do not."""
+    parts = []
+    if unused:
+        picks = [
+            f"{k} (the recipe's {fmt(v)} is not among your choices)"
+            if v is not None
+            else f"{k} (not in the recipe)"
+            for k, v in unused.items()
+        ]
+        parts.append(f"the sampler picks {', '.join(picks)}")
+    if overridden:
+        fixed = [f"{k}={fmt(v['spec'])} (the recipe's {fmt(v['given'])})" for k, v in overridden.items()]
+        parts.append(f"your fixed {', '.join(fixed)} stay")
+    return f"(in the recipe trials {'; '.join(parts)})" if parts else None
 
 
 def recipe_text(trial: dict[str, Any]) -> str | None:

@@ -187,4 +187,43 @@ def test_the_recipe_values_the_sampler_picks_instead_are_said(sets, unused):
     spec = load_spec(ROOT / "spaces/det.yaml", sets)
     assert spec.recipe_unused() == unused
     text = S.recipe_unused_text(unused)
-    assert (text is None) == (not unused) and all(f"{k}=" in text for k in unused or {})
+    assert (text is None) == (not unused) and all(f"{k} (the recipe's " in text for k in unused or {})
+
+
+@pytest.mark.parametrize(
+    ("spec", "sets", "unused", "overridden"),
+    [
+        # what the references do besides their hyperparameters: one lr, no clipping, hflip 0.5
+        (
+            "det",
+            [
+                "space.backbone_lr_mult={low: 0.1, high: 1.0, log: true}",
+                "space.aug.hflip={low: 0, high: 0.5}",
+            ],
+            {},
+            {},
+        ),
+        ("det", ["space.aug.scale={low: 0, high: 0.3}"], {"aug.scale": None}, {}),  # the recipe names none
+        ("det", ["space.warmup_epochs=0.3"], {}, {"warmup_epochs": {"spec": 0.3, "given": 0.1}}),
+        ("inst", [], {}, {"optimizer": {"spec": "adamw", "given": "sgd"}}),  # a fixed AdamW stays
+        (
+            "seg",
+            ["space.momentum={low: 0.8, high: 0.99, when: {optimizer: adamw}}"],
+            {},
+            {},
+        ),  # never active there
+    ],
+)
+def test_where_the_recipe_trials_differ_from_the_recipe_is_said(spec, sets, unused, overridden):
+    """The reference trial ran with a sampled backbone_lr_mult and aug.hflip, and under a fixed
+    AdamW, while the header showed only the recipe's values."""
+    from search import study as S
+
+    spec = load_spec(ROOT / f"spaces/{spec}.yaml", sets)
+    assert spec.recipe_unused() == unused
+    assert overridden.items() <= spec.recipe_overridden().items()
+    ref, searched = spec.reference_params(), {d.name for d in spec.search_space.searched}
+    for name, value in {"backbone_lr_mult": 1.0, "aug.hflip": 0.5}.items():
+        assert ref.get(name) == (value if name in searched else None)
+    text = S.recipe_unused_text(spec.recipe_unused(), spec.recipe_overridden()) or ""
+    assert all(k in text for k in [*unused, *overridden])

@@ -456,3 +456,34 @@ def test_extrapolation_judges_against_the_other_trials_curves_as_they_stand_now(
             sched = pickle.loads(pickle.dumps(sched))
         decision = sched.on_trial_result(None, other, {"epoch": 5, "map50": flat[-1]})
         assert decision == expect, (rewrite, old_pickle)
+
+
+class _RayTrial:
+    """What Ray's HyperBand reads of a trial (hashable: its brackets key on the trial)."""
+
+    def __init__(self, tid: str, **config):
+        self.trial_id, self.config, self.status, self.is_saving = tid, config, "RUNNING", False
+
+
+def test_hyperband_halving_never_stops_the_reference():
+    """Ray's HyperBand stopped a bracket's worst trials whatever they were, the reference trial too
+    (README: no scheduler ever stops it). max_t 4, rf 2: Ray fills a bracket of 3 that never
+    halves, then one of 3 that keeps 2 at epoch 2; there the reference is the worst, and goes on."""
+    from search.stopping import RecordingHyperBand
+
+    sched = RecordingHyperBand(time_attr="epoch", max_t=4, reduction_factor=2, reference={"lr": 0.5})
+    sched.set_search_properties("map50", "max")
+    stopped: list[str] = []
+    controller = SimpleNamespace(stop_trial=lambda t: stopped.append(t.trial_id))
+    first = [_RayTrial(f"f{i}", lr=0.01) for i in range(3)]
+    ts = [_RayTrial("a", lr=0.1), _RayTrial("r", lr=0.5), _RayTrial("b", lr=0.2)]
+    for t in first + ts:
+        sched.on_trial_add(controller, t)
+    decisions = {}
+    for t, value in zip(ts, (0.5, 0.0, 0.4), strict=True):
+        decisions[t.trial_id] = sched.on_trial_result(controller, t, {"epoch": 2, "map50": value})
+        if decisions[t.trial_id] == TrialScheduler.PAUSE:
+            t.status = "PAUSED"
+    assert sched.reference_id == "r" and decisions["a"] == decisions["r"] == TrialScheduler.PAUSE
+    assert not stopped and decisions["b"] != STOP, (decisions, stopped)  # the halving kept all 3
+    assert sched.stop_record("r") is None

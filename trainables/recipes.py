@@ -12,7 +12,9 @@ rules are 3-7x apart; ``search.reference_scaling`` can run the recipe at both. T
 
 Parameters a recipe does not name take the choices a careful user makes when fine-tuning by hand:
 the whole network trains (``trainable: all``), the architecture's own activations, losses and
-norm handling. Pure Python: spec validation imports this module.
+norm handling; and what the references do: one lr for every parameter, no gradient clipping,
+horizontal flips at 0.5 and none of this project's other augmentations (the segmentation
+references' random resize has no equal here: ``aug.scale`` is left to the sampler). Pure Python: spec validation imports this module.
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ class Recipe:
             "loss.focal_alpha": 0.25,
             "loss.label_smoothing": 0.0,
             "loss.aux_weight": 0.5,  # the segmentation references' aux loss weight
+            "backbone_lr_mult": 1.0,  # the references: one lr for every parameter, no clipping
+            "grad_clip": 0.0,
+            "aug.hflip": 0.5,  # their "hflip" augmentation, and no other of these
+            "aug.vflip": 0.0,
+            "aug.color": 0.0,
         }
     )
 

@@ -261,12 +261,19 @@ class Spec(_Section):
         return out
 
     def recipe_unused(self) -> dict[str, Any]:
-        """The recipe's categorical values that are not among the space's choices (e.g. ``trainable:
-        all`` when the choices are ``heads``, ``heads_and_top``): the sampler picks those parameters
-        in the recipe trials. Empty when there are no recipe trials."""
+        """The searched parameters the sampler picks in the recipe trials: the recipe's value where
+        it is not among the choices (e.g. ``trainable: all`` when the choices are ``heads``,
+        ``heads_and_top``), None where the recipe names none. Empty without recipe trials."""
         if not self.recipe_trials():
             return {}
         return self.search_space.unprojected(self._recipe_values(self.search.reference_scaling[0]))
+
+    def recipe_overridden(self) -> dict[str, Any]:
+        """The recipe's values that the spec's fixed constants replace in the recipe trials (e.g.
+        ``optimizer: sgd`` under a fixed ``optimizer: adamw``). Empty without recipe trials."""
+        if not self.recipe_trials():
+            return {}
+        return self.search_space.overridden(self._recipe_values(self.search.reference_scaling[0]))
 
     def _recipe(self) -> Any:
         """The family's torchvision recipe, or None when there is none or the reference is off."""
