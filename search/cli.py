@@ -416,7 +416,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(
         f"study {obj['name']} ({obj.get('status')}"
         + ("; its launch or resume process is gone: resume it" if obj.get("process_gone") else "")
-        + f"): {count_text(counts)}, objective {metric} "
+        + f"): {count_text(counts)}"
+        + (" (time budget reached)" if obj.get("budget_reached") else "")
+        + f", objective {metric} "
         f"({obj['mode']}), base model {metric} {S.fmt(obj.get('base_metric'))}, "
         f"updated {obj.get('updated')}"
     )

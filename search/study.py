@@ -374,7 +374,8 @@ def recipe_unused_text(unused: dict[str, Any], overridden: dict[str, Any] | None
 def recipe_text(trial: dict[str, Any]) -> str | None:
     """What a recipe trial is, in words (``status``, ``best``); None for a searched trial."""
     if trial.get("reference"):
-        return "reference trial (the architecture's torchvision recipe)"
+        rule = f", lr scaled to the batch by the {trial['recipe']} rule" if trial.get("recipe") else ""
+        return f"reference trial (the architecture's torchvision recipe{rule})"
     if trial.get("recipe"):
         return f"the torchvision recipe, lr scaled to the batch by the {trial['recipe']} rule"
     return None

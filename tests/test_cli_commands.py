@@ -141,7 +141,9 @@ def test_best_human_and_json(study):
     # the reference trial (the recipe, lr clipped into the space) says so under its row, as in status
     (ref,) = [t for t in ranked if t["reference"]]
     row = next(i for i, ln in enumerate(lines) if ln.split()[1:2] == [ref["id"]])
-    assert lines[row + 3].strip() == "reference trial (the architecture's torchvision recipe)"
+    assert lines[row + 3].strip() == (
+        "reference trial (the architecture's torchvision recipe, lr scaled to the batch by the linear rule)"
+    )
     assert proc.stdout.count("reference trial (the architecture's") == 1
 
 

@@ -434,6 +434,13 @@ def test_time_budget(ray_local, data_dir):
     ot = optuna_trials(data_dir / "runs" / "budget", "budget")
     states = {t.user_attrs["ray_trial_id"]: t.state.name for t in ot}
     assert all(states[t["id"]] == "PRUNED" for t in stopped)
+    shown = subprocess.run(
+        [sys.executable, "-m", "search", "status", "budget", "--output-dir", str(data_dir / "runs")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert "(time budget reached)" in shown.stdout.splitlines()[0], shown.stdout  # as the summary says
 
 
 class ResultOrder(Callback):
