@@ -103,3 +103,21 @@ def test_a_field_of_a_fixed_parameter_is_refused_as_such():
         "is a fixed value (0.3), which has no low" in str(err.value)
         and "space.warmup_epochs={" in err.value.fix
     )
+
+
+@pytest.mark.parametrize(("value", "refused"), [("99", True), ("{low: 1, high: 9}", True), ("5", False)])
+def test_trainable_k_at_most_the_backbones_stages(value, refused):
+    """lraspp's MobileNetV3 has 5 stages: trainable_k 99 trained all 5 and validate said ok."""
+    from search.spec import deep_check, load_spec
+
+    spec = load_spec(ROOT / "spaces/seg.yaml", [f"space.trainable_k={value}"])
+    if not refused:
+        deep_check(spec)
+        return
+    with pytest.raises(SpecError) as err:
+        deep_check(spec)
+    assert (
+        err.value.key == "space.trainable_k"
+        and "has 5 stages" in str(err.value)
+        and "at most 5" in err.value.fix
+    )

@@ -50,6 +50,7 @@ def deep_check(spec: Spec) -> dict[str, Any]:
         ) from None
     _check_activation_scope(spec, arch, model)
     check_trainable_sets(spec, model)
+    _check_trainable_k(spec, model, fam)
     tensors = list(model.parameters())
     return {"parameters": sum(p.numel() for p in tensors), "parameter_tensors": len(tensors)}
 
@@ -128,6 +129,25 @@ def _dim_values(spec: Spec, name: str) -> list[Any]:
     if dim.kind == "fixed":
         return [dim.value]
     return list(dim.choices)
+
+
+def _check_trainable_k(spec: Spec, model: Any, fam: Any) -> None:
+    """``trainable_k`` (backbone stages ``backbone_last_k`` trains) at most the backbone's stage
+    count: above it every stage trains, as at the count, and a range would spend trials on copies."""
+    from trainables import freeze
+
+    dim = spec.search_space.by_name.get("trainable_k")
+    if dim is None or fam is None or not fam.stage_roots:
+        return
+    top = dim.value if dim.kind == "fixed" else dim.high if dim.kind == "int" else max(dim.choices)
+    stages = len(freeze.backbone_stages(model, fam))
+    if isinstance(top, (int, float)) and top > stages:
+        raise SpecError(
+            "space.trainable_k",
+            f"{spec.model.arch}'s backbone has {stages} stages, but trainable_k reaches {top} (above "
+            f"{stages} every stage trains, the same trial as {stages}).",
+            f"use at most {stages}.",
+        )
 
 
 def _check_activation_scope(spec: Spec, arch: str, model: Any) -> None:
