@@ -38,7 +38,7 @@ from search.registry import resolve_spec_weights
 from search.schedulers import make_scheduler, scheduler_label
 from search.searcher import make_searcher, num_samples
 from search.spec import MAX_NAME, NAME, Spec, build_spec, check_weights
-from search.stopping import BudgetStopper
+from search.stopping import BudgetStopper, NoStopping
 from search.study_folder import (
     install_state,
     refuse_elsewhere,
@@ -253,6 +253,11 @@ def resume(
             restart_errored=restart_errored,
         )
         local = tuner._local_tuner  # the restored TunerInternal: swap in this run's callbacks/stopper
+        if (
+            spec.search.scheduler == "hyperband"
+        ):  # its brackets are not saved: restored, they can wait forever
+            local._tune_config.scheduler = NoStopping()
+            print(HYPERBAND_RESUMED, flush=True)
         searcher = local._tune_config.search_alg
         searcher.deadline = deadline
         callbacks = _callbacks(spec, exp_dir, True, previous, extra_callbacks)
@@ -272,6 +277,12 @@ def resume(
         if started:
             _shutdown()
         lock.release()
+
+
+HYPERBAND_RESUMED = (
+    "resume: Ray's HyperBand keeps no bracket state across a restart (a restored bracket can wait "
+    "for ever for trials that ended): the resumed trials run to their last epoch without its halving"
+)
 
 
 def _previous_state(exp_dir: Path, restart_errored: bool) -> dict[str, Any] | None:

@@ -36,6 +36,7 @@ class _Records:
     ``stop_rule`` names the rule of a stop this scheduler made without recording it."""
 
     stop_rule = "scheduler"
+    grouped = False  # compares a trial within its structural group (else with all trials)
 
     def _init_records(self, reference: dict[str, Any] | None) -> None:
         self.reference = dict(reference) if reference else None
@@ -57,7 +58,7 @@ class _Records:
             "epoch": epoch,
             "value": value,
             "cut": cut,
-            "group": group_of(trial.config or {}),
+            "group": group_of(trial.config or {}) if self.grouped else "all trials",
             "rule": rule,
         }
 
@@ -88,6 +89,8 @@ class StratifiedHalving(FIFOScheduler, _Records):
     may still take off) is left to the other rules, and never one on a ``step`` schedule (its drop
     is still ahead).
     """
+
+    grouped = True
 
     def __init__(
         self,

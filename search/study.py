@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from search import guards
+from trainables import params as trial_params
 from trainables.files import better
 
 # Result keys Ray adds to every report: not part of a trial's history.
@@ -219,9 +220,12 @@ STRUCTURAL = ("trainable", "trainable_k", "norm", "activation", "activation_scop
 
 def group_of(config: dict[str, Any]) -> str:
     """The structural group of a trial's parameters, e.g. ``optimizer=sgd,trainable=all``
-    (``all trials`` when the space searches none of them)."""
+    (``all trials`` when the space searches none of them); a key without effect in this
+    configuration (``trainable_k`` unless ``backbone_last_k``, ``activation_scope`` under ``keep``)
+    is left out."""
+    acting = trial_params.in_effect(config)
     keys = sorted(
-        k for k, v in config.items() if k in STRUCTURAL or (k.startswith("loss.") and isinstance(v, str))
+        k for k, v in acting.items() if k in STRUCTURAL or (k.startswith("loss.") and isinstance(v, str))
     )
     return ",".join(f"{k}={config[k]}" for k in keys) or "all trials"
 
@@ -293,6 +297,8 @@ def reference_summary(state: dict[str, Any]) -> dict[str, Any] | None:
     mode = state.get("mode", "max")
     best = best_trial(list(trials), mode)
     value, top = number(ref.get("best_metric")), number((best or {}).get("best_metric"))
+    if ref.get("state") == FAILED:  # diverged or errored: its values compare with nothing
+        value = None
     delta = None
     if value is not None and top is not None:
         delta = top - value if mode == "max" else value - top
@@ -307,6 +313,8 @@ def reference_summary(state: dict[str, Any]) -> dict[str, Any] | None:
 
 def reference_text(ref: dict[str, Any] | None, metric: str) -> str | None:
     """``reference trial (torchvision recipe) ID map50=0.5917; the best is +0.0114 over it``."""
+    if ref and ref.get("state") == FAILED:
+        return f"reference trial (torchvision recipe) {ref['id']} failed: no comparison with it"
     if not ref or number(ref.get("best_metric")) is None:
         return None
     vs = ref.get("best_vs_reference")
@@ -393,7 +401,8 @@ def stop_text(record: dict[str, Any], metric: str) -> str:
     if rule == "extrapolation":
         return f"{where}: cannot catch up, its best recent gain kept up to the last epoch stays below {cut}"
     if rule == "halving":
-        return f"{where}: below the rung's cut {cut} among trials of its group ({group})"
+        among = "all trials" if group == "all trials" else f"trials of its group ({group})"
+        return f"{where}: below the rung's cut {cut} among {among}"
     return f"{where}: the {rule} rule" + (f" (cut {cut})" if record.get("cut") is not None else "")
 
 

@@ -212,6 +212,12 @@ def test_the_recipe_values_the_sampler_picks_instead_are_said(sets, unused):
             {},
             {},
         ),  # never active there
+        (
+            "det",
+            ["space.trainable_k={low: 1, high: 3}", "space.activation_scope=backbone"],
+            {},
+            {},
+        ),  # no effect
     ],
 )
 def test_where_the_recipe_trials_differ_from_the_recipe_is_said(spec, sets, unused, overridden):

@@ -119,6 +119,13 @@ def test_group_of_uses_structural_choices_only():
     assert a == "loss.box=giou,optimizer=sgd,trainable=all"
     assert group_of({"lr": 0.1}) == "all trials"
     assert group_of({"norm": "train", "lr": 1}) != group_of({"norm": "frozen", "lr": 1})
+    # a key without effect there does not split groups (the two recipe trials differed in it)
+    assert group_of({"trainable": "all", "trainable_k": 2}) == group_of(
+        {"trainable": "all", "trainable_k": 3}
+    )
+    assert group_of({"activation": "keep", "activation_scope": "backbone"}) == "activation=keep"
+    last_k = {"trainable": "backbone_last_k", "trainable_k": 2}
+    assert group_of(last_k) != group_of({**last_k, "trainable_k": 3})
 
 
 def _feed(sched, rows):
@@ -267,7 +274,7 @@ def test_recording_asha_records_the_cut_and_spares_the_reference():
     ref = {"lr": 0.5}
     sched = RecordingASHA(time_attr="epoch", max_t=4, grace_period=1, reduction_factor=2, reference=ref)
     sched.set_search_properties("map50", "max")
-    ts = [trial("r", lr=0.5), trial("a", lr=0.1), trial("b", lr=0.2)]
+    ts = [trial("r", lr=0.5), trial("a", lr=0.1, trainable="all"), trial("b", lr=0.2, trainable="heads")]
     for t in ts:
         sched.on_trial_add(None, t)
     out = [
@@ -277,6 +284,7 @@ def test_recording_asha_records_the_cut_and_spares_the_reference():
     assert out[0] == GO and out[2] == STOP  # the reference came first at 0.0: nothing to compare with
     rec = sched.stop_record("b")
     assert rec["rule"] == "halving" and rec["epoch"] == 1 and rec["cut"] > 0.1
+    assert rec["group"] == "all trials"  # Ray's ASHA cuts over every trial, whatever its structure
     # at rung 2 the reference falls below the cut ASHA computes from 'a': it is still not stopped
     assert sched.on_trial_result(None, ts[1], {"epoch": 2, "map50": 0.5}) == GO
     assert sched.on_trial_result(None, ts[0], {"epoch": 2, "map50": 0.0}) == GO

@@ -176,3 +176,19 @@ def test_an_interrupted_run_leaves_no_stand_in_base_and_resume_records_the_plain
     parent = mlc.get_run(parent.info.run_id)
     assert parent.data.metrics["base_map"] == pytest.approx(0.1)
     assert float(parent.data.tags["summary.improvement"]) == pytest.approx(0.3)
+
+
+def test_a_failed_reference_is_said_and_compared_with_nothing():
+    """A diverged reference trial was still "the reference" at its last value, and the best trial
+    was said to be above it (summary, status, best, MLflow's best_vs_reference)."""
+    ref = {"id": "r", "index": 0, "reference": True, "state": S.FAILED, "best_metric": 0.0051}
+    other = {"id": "b", "index": 1, "state": S.COMPLETE, "best_metric": 0.0076}
+    summary = S.reference_summary({"mode": "max", "trials": {"r": ref, "b": other}})
+    assert summary["best_metric"] is None and summary["best_vs_reference"] is None
+    assert (
+        S.reference_text(summary, "map50")
+        == "reference trial (torchvision recipe) r failed: no comparison with it"
+    )
+    ref["state"] = S.COMPLETE
+    summary = S.reference_summary({"mode": "max", "trials": {"r": ref, "b": other}})
+    assert summary["best_vs_reference"] == pytest.approx(0.0025)

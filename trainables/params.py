@@ -175,18 +175,27 @@ def resolve(values: dict[str, Any]) -> dict[str, Any]:
 STEP_ONLY = ("step_epochs", "step_gamma")  # read by the ``step`` schedule alone
 
 
-def in_effect(values: dict[str, Any], task: str) -> dict[str, Any]:
-    """``values`` without the parameters that cannot act on a trial of ``task`` (a record of what a
-    model was trained with): rows for other tasks, another optimizer's own settings, the step
-    schedule's under another schedule."""
+_ACTS_WHEN = {  # parameters that act only beside another's value
+    "trainable_k": lambda v: v.get("trainable", "all") == "backbone_last_k",
+    "activation_scope": lambda v: v.get("activation", "keep") != "keep",
+}
+
+
+def in_effect(values: dict[str, Any], task: str | None = None) -> dict[str, Any]:
+    """``values`` without the parameters that cannot act on a trial of ``task`` (any task: None),
+    e.g. for a record of what a model was trained with: rows for other tasks, another optimizer's
+    own settings, the step schedule's under another schedule, ``trainable_k`` unless
+    ``backbone_last_k`` trains, ``activation_scope`` when no activation is swapped."""
     chosen = optim.OPTIMIZERS.get(values.get("optimizer"))
     others = {n for o in optim.OPTIMIZERS.values() for n in o.uses} - set(chosen.uses if chosen else ())
     out = {}
     for name, value in values.items():
         row = lookup(name)
-        if (row is not None and task not in row.tasks) or name in others:
+        if (row is not None and task is not None and task not in row.tasks) or name in others:
             continue
         if name in STEP_ONLY and values.get("schedule") != "step":
+            continue
+        if name in _ACTS_WHEN and not _ACTS_WHEN[name](values):
             continue
         out[name] = value
     return out

@@ -14,7 +14,8 @@ Parameters a recipe does not name take the choices a careful user makes when fin
 the whole network trains (``trainable: all``), the architecture's own activations, losses and
 norm handling; and what the references do: one lr for every parameter, no gradient clipping,
 horizontal flips at 0.5 and none of this project's other augmentations (the segmentation
-references' random resize has no equal here: ``aug.scale`` is left to the sampler). Pure Python: spec validation imports this module.
+references' random resize has no equal here: ``aug.scale`` is left to the sampler). Pure Python:
+spec validation imports this module.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ class Recipe:
     hand: dict[str, Any] = field(
         default_factory=lambda: {
             "trainable": "all",
+            "trainable_k": 0,  # no effect beside "all": the lowest in the space, not sampled
             "activation": "keep",
+            "activation_scope": "heads",  # no effect beside "keep"
             "norm": "keep",
             "loss.box": "default",
             "loss.cls": "default",

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from search.space import SearchSpace
 from trainables import families
+from trainables import params as trial_params
 from trainables.config import DataSplit, TrialConfig
 
 TASKS = ("detection", "instance_segmentation", "semantic_segmentation")
@@ -266,14 +267,26 @@ class Spec(_Section):
         ``heads_and_top``), None where the recipe names none. Empty without recipe trials."""
         if not self.recipe_trials():
             return {}
-        return self.search_space.unprojected(self._recipe_values(self.search.reference_scaling[0]))
+        return self._acting(
+            self.search_space.unprojected(self._recipe_values(self.search.reference_scaling[0]))
+        )
 
     def recipe_overridden(self) -> dict[str, Any]:
         """The recipe's values that the spec's fixed constants replace in the recipe trials (e.g.
         ``optimizer: sgd`` under a fixed ``optimizer: adamw``). Empty without recipe trials."""
         if not self.recipe_trials():
             return {}
-        return self.search_space.overridden(self._recipe_values(self.search.reference_scaling[0]))
+        return self._acting(
+            self.search_space.overridden(self._recipe_values(self.search.reference_scaling[0]))
+        )
+
+    def _acting(self, names: dict[str, Any]) -> dict[str, Any]:
+        """``names`` without those that have no effect in a recipe trial (``trainable_k`` beside
+        ``trainable: all``, momentum under a fixed AdamW, ...; :func:`trainables.params.in_effect`)."""
+        fixed = {d.name: d.value for d in self.search_space.dims if d.kind == "fixed"}
+        trial = {**names, **self._reference_values(), **fixed}
+        acting = trial_params.in_effect(trial, self.task)
+        return {k: v for k, v in names.items() if k in acting}
 
     def _recipe(self) -> Any:
         """The family's torchvision recipe, or None when there is none or the reference is off."""
@@ -283,6 +296,9 @@ class Spec(_Section):
             return None
         fam = families.family_of(self.model.arch)
         return recipes.recipe_for(fam.name if fam else None)
+
+    def _reference_values(self) -> dict[str, Any]:
+        return self._recipe_values(self.search.reference_scaling[0])
 
     def _recipe_values(self, scaling: str) -> dict[str, Any]:
         """The recipe's values for this spec's batch and epochs, its lr scaled by ``scaling``."""
