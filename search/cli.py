@@ -294,6 +294,7 @@ def _printer(quiet: bool) -> Callable[[dict, Any], None]:
                 "map50",
                 "mask_map",
                 "miou",
+                "fg_miou",
                 "dice",
                 "loss",
                 "lr",
@@ -437,6 +438,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"{'':<42}failed: {t['error']}")
         if note := S.recipe_text(t):
             print(f"{'':<42}{note}")
+        if t.get("background_only"):
+            print(f"{'':<42}{S.BACKGROUND_ONLY}")
         if t.get("stopped"):
             print(f"{'':<42}{stop_text(t['stopped'], metric)}")
     best = obj.get("best")

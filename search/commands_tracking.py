@@ -129,6 +129,8 @@ def cmd_best(args: argparse.Namespace) -> int:
         print(f"{'':>17}checkpoint {t.get('checkpoint') or '-'}")
         if note := S.recipe_text(t):
             print(f"{'':>17}{note}")
+        if t.get("background_only"):
+            print(f"{'':>17}{S.BACKGROUND_ONLY}")
         if t.get("stopped"):
             print(f"{'':>17}{S.stop_text(t['stopped'], metric)}")
     return 0

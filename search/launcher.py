@@ -422,6 +422,8 @@ def print_summary(summary: dict[str, Any], spec: Spec | None = None) -> None:
             f"best trial: {best['id']} {metric}={S.fmt(best['best_metric'])} at epoch "
             f"{best.get('best_epoch')}{delta}"
         )
+        if best.get("background_only"):
+            print(f"  warning: it {S.BACKGROUND_ONLY}")
         ref = S.reference_text(summary.get("reference"), metric)
         if ref:
             print(f"  {ref}")

@@ -323,6 +323,18 @@ def reference_text(ref: dict[str, Any] | None, metric: str) -> str | None:
     )
 
 
+BACKGROUND_ONLY = (
+    "predicts background only at its best epoch (foreground IoU 0): its score is the background's share"
+)
+
+
+def background_only(t: dict[str, Any]) -> bool:
+    """A semantic-segmentation trial whose best epoch predicted background everywhere (``fg_miou``
+    0): its ``miou`` is the background class's IoU over the classes, not a segmenter's."""
+    row = next((r for r in t.get("history") or [] if r.get("epoch") == t.get("best_epoch")), None)
+    return row is not None and number(row.get("fg_miou")) == 0.0
+
+
 def status_object(exp_dir: Path) -> dict[str, Any]:
     """The ``status --json`` object: study.json's fields, trials as a list in the order
     the searcher proposed them (the reference trial first), the best."""
@@ -342,6 +354,7 @@ def status_object(exp_dir: Path) -> dict[str, Any]:
             "params": t.get("params", {}),
             "checkpoint": t.get("checkpoint"),
             **{k: v for k, v in t.items() if k not in first},
+            **({"background_only": True} if background_only(t) else {}),
         }
         for t in trials
     ]

@@ -186,6 +186,10 @@ def test_segmentation_meter_hand_computed():
     assert out["miou"] == pytest.approx((5 / 8 + 3 / 5 + 3 / 4) / 3)
     assert out["pixel_acc"] == pytest.approx(11 / 14)
     assert out["dice"] == pytest.approx((10 / 13 + 6 / 8 + 6 / 7) / 3)
+    assert out["fg_miou"] == pytest.approx((3 / 5 + 3 / 4) / 2)  # classes 1 and 2
+    meter.reset()
+    meter.update(torch.zeros_like(target), target)  # background everywhere: the foreground's IoU is 0
+    assert meter.compute()["fg_miou"] == 0.0 and meter.compute()["miou"] > 0
     meter.reset()
     assert meter.compute()["miou"] == 0.0
     with pytest.raises(ValueError, match="class ids"):

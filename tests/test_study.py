@@ -192,3 +192,24 @@ def test_a_failed_reference_is_said_and_compared_with_nothing():
     ref["state"] = S.COMPLETE
     summary = S.reference_summary({"mode": "max", "trials": {"r": ref, "b": other}})
     assert summary["best_vs_reference"] == pytest.approx(0.0025)
+
+
+def test_a_trial_that_predicts_background_only_is_flagged(tmp_path):
+    """A seg study's best trial was a constant all-background model (miou 0.4324 at every epoch,
+    the background's share) and nothing said so; ``fg_miou`` 0 at its best epoch now does."""
+    rows = [{"epoch": 0, "miou": 0.08, "fg_miou": 0.01}, {"epoch": 1, "miou": 0.4324, "fg_miou": 0.0}]
+    flat = {
+        "id": "f",
+        "index": 0,
+        "state": S.COMPLETE,
+        "best_metric": 0.4324,
+        "best_epoch": 1,
+        "history": rows,
+    }
+    good = {**flat, "id": "g", "index": 1, "best_metric": 0.40, "history": [{"epoch": 1, "fg_miou": 0.2}]}
+    S.write_study(
+        tmp_path, {"metric": "miou", "mode": "max", "status": "finished", "trials": {"f": flat, "g": good}}
+    )
+    status = S.status_object(tmp_path)
+    assert [t.get("background_only") for t in status["trials"]] == [True, None]
+    assert status["best"]["background_only"] and "background only" in S.BACKGROUND_ONLY

@@ -153,7 +153,9 @@ class SegmentationMeter:
     Policy: pixels whose target is ``ignore_index`` are skipped. A class absent from both the
     ground truth and the predictions (TP + FP + FN = 0) has no IoU/Dice: it is reported as -1 in
     ``iou_per_class`` and excluded from ``miou`` and ``dice`` (means over the other classes).
-    Background (class 0) counts as a class. With no counted pixel every metric is 0.
+    Background (class 0) counts as a class in ``miou``; ``fg_miou`` is the mean over the present
+    foreground classes alone (0 for a model that predicts background only; -1 when no foreground
+    class is present at all). With no counted pixel every metric is 0.
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
@@ -179,7 +181,8 @@ class SegmentationMeter:
         self.confusion += counts.reshape(c, c).cpu()
 
     def compute(self) -> dict[str, Any]:
-        """``miou``, ``pixel_acc``, ``dice`` (floats) and ``iou_per_class`` (list, -1 = absent)."""
+        """``miou``, ``fg_miou``, ``pixel_acc``, ``dice`` (floats) and ``iou_per_class`` (list,
+        -1 = absent)."""
         cm = self.confusion.double()
         tp = cm.diag()
         fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
@@ -188,9 +191,11 @@ class SegmentationMeter:
         iou = torch.where(present, tp / (tp + fp + fn).clamp(min=1), torch.full_like(tp, -1.0))
         dice = 2 * tp / (2 * tp + fp + fn).clamp(min=1)
         if total == 0 or not present.any():
-            return {"miou": 0.0, "pixel_acc": 0.0, "dice": 0.0, "iou_per_class": iou.tolist()}
+            return {"miou": 0.0, "fg_miou": 0.0, "pixel_acc": 0.0, "dice": 0.0, "iou_per_class": iou.tolist()}
+        fg = present[1:]
         return {
             "miou": float(iou[present].mean()),
+            "fg_miou": float(iou[1:][fg].mean()) if fg.any() else -1.0,
             "pixel_acc": float(tp.sum() / total),
             "dice": float(dice[present].mean()),
             "iou_per_class": iou.tolist(),

@@ -109,10 +109,13 @@ def train_one_epoch(
     return out
 
 
+SEMANTIC_METRICS = ("miou", "fg_miou", "pixel_acc", "dice")
+
+
 @torch.inference_mode()
 def evaluate(model: Any, loader: Any, index: Any, *, device: torch.device, task: str) -> dict[str, Any]:
     """Metrics on ``loader``: ``map, map50, map75`` (boxes; plus ``mask_map*`` for instance
-    segmentation) via COCOeval, or ``miou, pixel_acc, dice`` for semantic segmentation."""
+    segmentation) via COCOeval, or ``miou, fg_miou, pixel_acc, dice`` for semantic segmentation."""
     model.eval()
     semantic = task == "semantic_segmentation"
     meter = coco_eval.SegmentationMeter(len(index.class_names) + 1) if semantic else None
@@ -130,7 +133,7 @@ def evaluate(model: Any, loader: Any, index: Any, *, device: torch.device, task:
             row |= {"image_id": int(target["image_id"]), "input_size": tuple(image.shape[-2:])}
             predictions.append(row)
     if semantic:
-        return {k: v for k, v in meter.compute().items() if k in ("miou", "pixel_acc", "dice")}
+        return {k: v for k, v in meter.compute().items() if k in SEMANTIC_METRICS}
     box = coco_eval.evaluate_detections(index, predictions, iou_type="bbox")
     metrics = {k: box[k] for k in ("map", "map50", "map75")}
     if task == "instance_segmentation":

@@ -22,7 +22,7 @@ TASKS = ("detection", "instance_segmentation", "semantic_segmentation")
 TASK_METRICS = {
     "detection": ("map", "map50", "map75", "map_small", "map_medium", "map_large", "mar100"),
     "instance_segmentation": ("map", "map50", "map75", "mask_map", "mask_map50", "mask_map75"),
-    "semantic_segmentation": ("miou", "pixel_acc", "dice"),
+    "semantic_segmentation": ("miou", "fg_miou", "pixel_acc", "dice"),
 }
 ENUM_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
