@@ -18,6 +18,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, get_args
@@ -79,7 +80,9 @@ def hub_cache_path(member: WeightsEnum) -> Path:
 def _safe_load(path: Path, what: str, mmap: bool = False) -> Any:
     """``torch.load(weights_only=True)``; any refusal becomes a WeightsError naming the file."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # torch's warnings on a file it then refuses: the error says it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, AttributeError, ModuleNotFoundError) as exc:
         raise WeightsError(
             f"{what} {path} was refused by torch.load(weights_only=True) (it holds more than "

@@ -23,6 +23,7 @@ import pickle
 import re
 import struct
 import time
+import warnings
 import zlib
 from pathlib import Path
 
@@ -461,6 +462,11 @@ def test_checkpoint_code_pickle_refused_on_resume(tmp_path):
     evil.write_bytes(evil.read_bytes()[:100])
     with pytest.raises(checkpoint.CheckpointError, match="cannot be read"):
         checkpoint.load(evil)
+    with warnings.catch_warnings(record=True) as seen, pytest.raises(checkpoint.CheckpointError):
+        warnings.simplefilter("always")
+        evil.write_bytes(pickle.dumps({"format": 1, "model": Evil(str(marker))}, protocol=4))
+        checkpoint.load(evil)  # a plain pickle: torch warned of its protocol before refusing it
+    assert not [w for w in seen if issubclass(w.category, UserWarning)], [str(w.message) for w in seen]
 
 
 def test_checkpoint_wrong_architecture_lists_keys(tmp_path):
