@@ -239,7 +239,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
         guards.check_weights_out(args.weights_out, spec.source)
         check_device(spec.train.device)
         guards.check_output(args.out, inputs, "--out", folder=True)
-        _check_base_weights(spec, args.spec)  # before the trial's folder exists (exit 1, folder left)
+        _check_base_weights(spec, args.spec)  # exit 2 before the trial's folder exists
     finally:
         root.setLevel(shown)
     space = spec.search_space

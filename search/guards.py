@@ -311,7 +311,7 @@ class YamlRefused(ValueError):
 
 @functools.cache
 def _loader_class() -> type:
-    """PyYAML's SafeLoader with YAML 1.2 floats and duplicate keys refused (built once)."""
+    """PyYAML's SafeLoader with YAML 1.2 floats and booleans (built once)."""
     import yaml
 
     class Loader(yaml.SafeLoader):
@@ -326,22 +326,6 @@ def _loader_class() -> type:
         resolvers[:] = [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
     Loader.add_implicit_resolver(_BOOL_TAG, _BOOL_12, list("tTfF"))
 
-    def mapping(loader: Any, node: Any, deep: bool = False) -> Any:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = loader.construct_object(key_node, deep=deep)
-            try:
-                if key in seen:
-                    raise YamlRefused(
-                        f"duplicate key {str(key)[:80]!r} at line {key_node.start_mark.line + 1} "
-                        f"(first at line {seen[key]})"
-                    )
-                seen[key] = key_node.start_mark.line + 1
-            except TypeError:
-                pass  # an unhashable key: the constructor reports it
-        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
     return Loader
 
 
@@ -359,7 +343,7 @@ def load_yaml(text: str) -> Any:
         if node is None:
             return None
         _check_size(node)
-        _check_duplicates(node)
+        _check_duplicates(loader, node)
         try:
             return loader.construct_document(node)
         except ValueError as exc:  # e.g. an integer of more than 4300 digits
@@ -393,9 +377,9 @@ def _check_size(root: Any) -> None:
         raise YamlRefused(f"nested deeper than {MAX_YAML_DEPTH} levels")
 
 
-def _check_duplicates(root: Any) -> None:
-    """A mapping key given twice (YAML would keep the last one silently), named by its dotted key
-    path; each node once (aliases are shared)."""
+def _check_duplicates(loader: Any, root: Any) -> None:
+    """A mapping key given twice (YAML would keep the last one silently; ``1`` and ``0x1`` are one
+    key, ``1`` and ``'1'`` two), named by its dotted key path; each node once (aliases are shared)."""
     seen_nodes: set[int] = set()
     stack: list[tuple[Any, str]] = [(root, "")]
     while stack:
@@ -403,20 +387,21 @@ def _check_duplicates(root: Any) -> None:
         if id(node) in seen_nodes or not isinstance(getattr(node, "value", None), list):
             continue
         seen_nodes.add(id(node))
-        lines: dict[str, int] = {}
+        lines: dict[Any, int] = {}
         for i, item in enumerate(node.value):
             if not isinstance(item, tuple):  # a sequence's item
                 stack.append((item, f"{path}[{i}]"))
                 continue
             key_node, value_node = item
-            name = key_node.value if isinstance(key_node.value, str) else None
-            where = f"{path}.{name}" if path else str(name)
-            if name is not None and name in lines:
-                raise YamlRefused(
-                    f"given twice, at line {lines[name]} and line {key_node.start_mark.line + 1}", key=where
-                )
-            if name is not None:
-                lines[name] = key_node.start_mark.line + 1
+            key = loader.construct_object(key_node, deep=True)
+            where = f"{path}.{key}" if path else str(key)
+            try:
+                if key in lines:
+                    line = key_node.start_mark.line + 1
+                    raise YamlRefused(f"given twice, at line {lines[key]} and line {line}", key=where[:200])
+                lines[key] = key_node.start_mark.line + 1
+            except TypeError:
+                pass  # an unhashable key: the constructor reports it
             stack.append((value_node, where))
 
 

@@ -281,7 +281,7 @@ def resume(
 
 HYPERBAND_RESUMED = (
     "resume: Ray's HyperBand keeps no bracket state across a restart (a restored bracket can wait "
-    "for ever for trials that ended): the resumed trials run to their last epoch without its halving"
+    "for ever for trials that ended): the remaining trials run to their last epoch without its halving"
 )
 
 

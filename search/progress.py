@@ -143,7 +143,9 @@ class StudyState(Callback):
                 "epoch": int(t.get("epochs") or 0),
                 "value": S.number(last.get(self.metric)),
                 "cut": None,
-                "group": group_of(t.get("params") or {}),
+                "group": group_of(t.get("params") or {})
+                if getattr(self.scheduler, "grouped", True)
+                else "all trials",
                 "rule": by,
             }
         return dict(record)

@@ -187,13 +187,13 @@ class SearchSpace:
     def overridden(self, values: dict[str, Any]) -> dict[str, Any]:
         """The ``values`` (e.g. a recipe's) that the space's active fixed constants replace:
         ``{name: {"spec": constant, "given": value}}``."""
-        fixed = {d.name: d.value for d in self.dims if d.kind == "fixed"}
+        chosen = {**{d.name: d.value for d in self.dims if d.kind == "fixed"}, **self.project(values)}
         return {
             d.name: {"spec": d.value, "given": values[d.name]}
             for d in self.dims
             if d.kind == "fixed"
             and d.name in values
-            and self.is_active(d, fixed)
+            and self.is_active(d, chosen)
             and not (values[d.name] == d.value and type(values[d.name]) is type(d.value))
             and not (_numbers(values[d.name], d.value) and float(values[d.name]) == float(d.value))
         }

@@ -280,7 +280,9 @@ class RecordingHyperBand(_Spared, HyperBandScheduler):
         halving = bracket.successive_halving  # Ray's halving, which also stops the paused losers
 
         def sparing(metric: str, metric_op: float) -> tuple[list, list]:
-            return spare_reference(*halving(metric, metric_op), self.reference_id)
+            good, bad = spare_reference(*halving(metric, metric_op), self.reference_id)
+            bracket._n = len(good)  # else Ray's filled() never holds again: later trials join it, unhalved
+            return good, bad
 
         bracket.successive_halving = sparing
         try:

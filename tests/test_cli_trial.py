@@ -102,8 +102,9 @@ def test_trial_json_contract_and_set_space(tmp_path):
 
 
 def test_trial_default_params_are_space_defaults(tmp_path):
-    """(A study's own setting, grace_period above the epochs, does not hold back one trial.)"""
-    spec = _spec(tmp_path, search={"grace_period": 3})
+    """(A study's own settings, grace_period above the epochs and HyperBand below its concurrency,
+    do not hold back one trial.)"""
+    spec = _spec(tmp_path, search={"grace_period": 3, "scheduler": "hyperband", "num_trials": 4})
     proc = _trial(str(spec), "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])

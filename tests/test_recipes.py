@@ -190,34 +190,52 @@ def test_the_recipe_values_the_sampler_picks_instead_are_said(sets, unused):
     assert (text is None) == (not unused) and all(f"{k} (the recipe's " in text for k in unused or {})
 
 
+WARMUP = {"warmup_epochs": {"spec": 0.3, "given": 0.1}}  # det.yaml fixes 0.3; SSDlite's recipe warms up 0.1
+INST = {
+    "optimizer": {"spec": "adamw", "given": "sgd"},  # a fixed AdamW stays
+    "warmup_epochs": {"spec": 0.3, "given": 0.1},
+    "grad_clip": {"spec": 5.0, "given": 0.0},
+    "schedule": {"spec": "cosine", "given": "step"},
+}
+
+
 @pytest.mark.parametrize(
     ("spec", "sets", "unused", "overridden"),
     [
         # what the references do besides their hyperparameters: one lr, no clipping, hflip 0.5
         (
             "det",
-            [
-                "space.backbone_lr_mult={low: 0.1, high: 1.0, log: true}",
-                "space.aug.hflip={low: 0, high: 0.5}",
-            ],
+            ["space.backbone_lr_mult={low: 0.1, high: 1}", "space.aug.hflip={low: 0, high: 0.5}"],
             {},
-            {},
+            WARMUP,
         ),
-        ("det", ["space.aug.scale={low: 0, high: 0.3}"], {"aug.scale": None}, {}),  # the recipe names none
-        ("det", ["space.warmup_epochs=0.3"], {}, {"warmup_epochs": {"spec": 0.3, "given": 0.1}}),
-        ("inst", [], {}, {"optimizer": {"spec": "adamw", "given": "sgd"}}),  # a fixed AdamW stays
-        (
-            "seg",
-            ["space.momentum={low: 0.8, high: 0.99, when: {optimizer: adamw}}"],
-            {},
-            {},
-        ),  # never active there
+        ("seg", ["space.aug.scale={low: 0, high: 0.3}"], {"aug.scale": None}, {}),  # its random resize
+        ("det", ["space.aug.scale={low: 0, high: 0.3}"], {}, WARMUP),  # the detection references: none
+        ("det", ["space.momentum=0.8"], {}, {"momentum": {"spec": 0.8, "given": 0.9}, **WARMUP}),  # when sgd
+        ("inst", [], {}, INST),
+        ("seg", ["space.momentum={low: 0.8, high: 0.99, when: {optimizer: adamw}}"], {}, {}),  # never active
         (
             "det",
             ["space.trainable_k={low: 1, high: 3}", "space.activation_scope=backbone"],
             {},
-            {},
+            WARMUP,
         ),  # no effect
+        (  # it acts when the sampler picks backbone_last_k: the sampler picks it too
+            "det",
+            ["space.trainable={choices: [heads, backbone_last_k]}", "space.trainable_k={low: 1, high: 3}"],
+            {"trainable": "all", "trainable_k": None},
+            WARMUP,
+        ),
+        (  # beta1 acts under the AdamW the sampler must pick
+            "det",
+            [
+                "space.optimizer={choices: [adamw]}",
+                "space.momentum={value: 0.9}",
+                "space.beta1={low: 0.8, high: 0.95}",
+            ],
+            {"optimizer": "sgd", "beta1": None},
+            WARMUP,
+        ),
     ],
 )
 def test_where_the_recipe_trials_differ_from_the_recipe_is_said(spec, sets, unused, overridden):
@@ -227,7 +245,7 @@ def test_where_the_recipe_trials_differ_from_the_recipe_is_said(spec, sets, unus
 
     spec = load_spec(ROOT / f"spaces/{spec}.yaml", sets)
     assert spec.recipe_unused() == unused
-    assert overridden.items() <= spec.recipe_overridden().items()
+    assert spec.recipe_overridden() == overridden
     ref, searched = spec.reference_params(), {d.name for d in spec.search_space.searched}
     for name, value in {"backbone_lr_mult": 1.0, "aug.hflip": 0.5}.items():
         assert ref.get(name) == (value if name in searched else None)

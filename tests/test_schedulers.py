@@ -495,3 +495,6 @@ def test_hyperband_halving_never_stops_the_reference():
     assert sched.reference_id == "r" and decisions["a"] == decisions["r"] == TrialScheduler.PAUSE
     assert not stopped and decisions["b"] != STOP, (decisions, stopped)  # the halving kept all 3
     assert sched.stop_record("r") is None
+    later = _RayTrial("n", lr=0.2)  # the bracket kept one more than Ray's count: it is still full
+    sched.on_trial_add(controller, later)
+    assert sched._trial_info[later][0] is not sched._trial_info[ts[1]][0]

@@ -103,6 +103,12 @@ def test_a_field_of_a_fixed_parameter_is_refused_as_such():
         "is a fixed value (0.3), which has no low" in str(err.value)
         and "space.warmup_epochs={" in err.value.fix
     )
+    dims = load_spec(ROOT / "spaces/det.yaml", ["space.warmup_epochs.value=0.2"]).search_space.by_name
+    assert dims["warmup_epochs"].value == 0.2  # its value and condition can be set
+    dims = load_spec(
+        ROOT / "spaces/det.yaml", ["space.warmup_epochs.when={optimizer: sgd}"]
+    ).search_space.by_name
+    assert (dims["warmup_epochs"].value, dims["warmup_epochs"].when) == (0.3, {"optimizer": ("sgd",)})
 
 
 @pytest.mark.parametrize(("value", "refused"), [("99", True), ("{low: 1, high: 9}", True), ("5", False)])

@@ -181,6 +181,17 @@ _ACTS_WHEN = {  # parameters that act only beside another's value
 }
 
 
+def controller(name: str) -> str | None:
+    """The parameter whose value decides whether ``name`` acts at all (:func:`in_effect`):
+    ``optimizer`` for an optimizer's own settings, ``schedule`` for the step schedule's,
+    ``trainable`` for ``trainable_k``, ``activation`` for ``activation_scope``; else None."""
+    if name in {n for o in optim.OPTIMIZERS.values() for n in o.uses}:
+        return "optimizer"
+    if name in STEP_ONLY:
+        return "schedule"
+    return {"trainable_k": "trainable", "activation_scope": "activation"}.get(name)
+
+
 def in_effect(values: dict[str, Any], task: str | None = None) -> dict[str, Any]:
     """``values`` without the parameters that cannot act on a trial of ``task`` (any task: None),
     e.g. for a record of what a model was trained with: rows for other tasks, another optimizer's

@@ -14,7 +14,7 @@ Parameters a recipe does not name take the choices a careful user makes when fin
 the whole network trains (``trainable: all``), the architecture's own activations, losses and
 norm handling; and what the references do: one lr for every parameter, no gradient clipping,
 horizontal flips at 0.5 and none of this project's other augmentations (the segmentation
-references' random resize has no equal here: ``aug.scale`` is left to the sampler). Pure Python:
+references' random resize has no equal here: their ``aug.scale`` is left to the sampler). Pure Python:
 spec validation imports this module.
 """
 
@@ -43,26 +43,28 @@ class Recipe:
     params: dict[str, Any]
     source: str
     step_at: float | None = None  # multi-step schedules: first drop at this fraction of the epochs
-    hand: dict[str, Any] = field(
-        default_factory=lambda: {
-            "trainable": "all",
-            "trainable_k": 0,  # no effect beside "all": the lowest in the space, not sampled
-            "activation": "keep",
-            "activation_scope": "heads",  # no effect beside "keep"
-            "norm": "keep",
-            "loss.box": "default",
-            "loss.cls": "default",
-            "loss.focal_gamma": 2.0,  # torchvision's sigmoid_focal_loss defaults
-            "loss.focal_alpha": 0.25,
-            "loss.label_smoothing": 0.0,
-            "loss.aux_weight": 0.5,  # the segmentation references' aux loss weight
-            "backbone_lr_mult": 1.0,  # the references: one lr for every parameter, no clipping
-            "grad_clip": 0.0,
-            "aug.hflip": 0.5,  # their "hflip" augmentation, and no other of these
-            "aug.vflip": 0.0,
-            "aug.color": 0.0,
-        }
-    )
+    hand: dict[str, Any] = field(default_factory=lambda: dict(_HAND))
+
+
+_HAND = {  # what a careful user fine-tuning by hand keeps, and what the references do besides
+    "trainable": "all",
+    "activation": "keep",
+    "norm": "keep",
+    "loss.box": "default",
+    "loss.cls": "default",
+    "loss.focal_gamma": 2.0,  # torchvision's sigmoid_focal_loss defaults
+    "loss.focal_alpha": 0.25,
+    "loss.label_smoothing": 0.0,
+    "loss.aux_weight": 0.5,  # the segmentation references' aux loss weight
+    "backbone_lr_mult": 1.0,  # the references: one lr for every parameter, no clipping
+    "grad_clip": 0.0,
+    "aug.hflip": 0.5,  # their "hflip" augmentation, and no other of these
+    "aug.vflip": 0.0,
+    "aug.color": 0.0,
+    "aug.scale": 0.0,  # the detection references: no scale jitter (segmentation: see _SEG_HAND)
+}
+# the segmentation references' random resize (0.5-2x) has no equal here: aug.scale left to the sampler
+_SEG_HAND = {k: v for k, v in _HAND.items() if k != "aug.scale"}
 
 
 _SGD = {"optimizer": "sgd", "momentum": 0.9, "nesterov": False}
@@ -112,18 +114,21 @@ RECIPES: dict[str, Recipe] = {
             32,
             {**_SGD, "lr": 0.02, "weight_decay": 1e-4, "schedule": "cosine", "loss.seg": "ce"},
             f"{_SEG_REF}: DeepLabV3, lr 0.02, batch 4x8, wd 1e-4, poly (here: cosine), aux loss",
+            hand=dict(_SEG_HAND),
         ),
         Recipe(
             "fcn",
             32,
             {**_SGD, "lr": 0.02, "weight_decay": 1e-4, "schedule": "cosine", "loss.seg": "ce"},
             f"{_SEG_REF}: FCN, lr 0.02, batch 4x8, wd 1e-4, poly (here: cosine), aux loss",
+            hand=dict(_SEG_HAND),
         ),
         Recipe(
             "lraspp",
             32,
             {**_SGD, "lr": 0.02, "weight_decay": 1e-6, "schedule": "cosine", "loss.seg": "ce"},
             f"{_SEG_REF}: LR-ASPP MobileNetV3, lr 0.02, batch 4x8, wd 1e-6, poly (here: cosine)",
+            hand=dict(_SEG_HAND),
         ),
     )
 }

@@ -213,6 +213,8 @@ def _check_search(spec: Spec, study: bool = True) -> None:
         raise unknown_name("search.algorithm", s.algorithm, list(SAMPLERS), "search algorithm")
     if s.scheduler not in SCHEDULER_NAMES:
         raise unknown_name("search.scheduler", s.scheduler, SCHEDULER_NAMES, "scheduler")
+    if not study:  # one trial (``trial``): the study's scheduling, grid and reference do not apply
+        return
     _check_reference(spec)
     if s.scheduler == "hyperband" and s.max_concurrent < s.num_trials:
         raise SpecError(
@@ -223,7 +225,7 @@ def _check_search(spec: Spec, study: bool = True) -> None:
             f"set search.max_concurrent: {s.num_trials} (the resources still decide how many run at once), "
             "or use scheduler auto, curve or asha.",
         )
-    if study and s.grace_period > spec.train.epochs:
+    if s.grace_period > spec.train.epochs:
         raise SpecError(
             "search.grace_period",
             f"grace_period <= train.epochs must hold, but got {s.grace_period} > {spec.train.epochs}.",
@@ -363,7 +365,7 @@ def check_data(spec: Spec) -> None:
 
 def check_spec(spec: Spec, study: bool = True) -> None:
     """Every check across sections that needs neither torch nor the data's contents (``study``:
-    also the study's scheduling settings)."""
+    also the study's own: scheduling, grid, reference trial, the trials' GPUs under Ray)."""
     _check_model(spec)
     _check_objective(spec)
     _check_space(spec)

@@ -60,7 +60,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         return key, guards.load_yaml(value) if value.strip() else None
     except guards.YamlRefused as exc:
-        raise SpecError(f"--set {key}", f"value is refused: {exc}.", "give a plain value.") from None
+        where = f"--set {key}" + (f" (its {exc.key})" if exc.key else "")
+        raise SpecError(where, f"value is refused: {exc}.", "give a plain value.") from None
     except yaml.YAMLError:
         raise SpecError(f"--set {key}", f"value {value!r} is not valid YAML.", "quote it.") from None
 
@@ -78,6 +79,9 @@ def apply_override(raw: dict[str, Any], key: str, value: Any) -> None:
             name = ".".join(rest[:cut])
             if name in space and cut < len(rest) and isinstance(space[name], dict):
                 _set_path(space[name], rest[cut:], value, f"space.{name}")
+                return
+            if name in space and cut == len(rest) - 1 and rest[cut] in ("value", "when"):  # a plain constant
+                space[name] = value if rest[cut] == "value" else {"value": space[name], "when": value}
                 return
             if name in space and cut == len(rest) - 1 and rest[cut] in _DIM_FIELDS:
                 raise SpecError(
@@ -112,8 +116,9 @@ def _set_path(node: dict[str, Any], parts: list[str], value: Any, prefix: str) -
 
 def load_spec(path: Path | str, overrides: list[str] | tuple[str, ...] = (), study: bool = True) -> Spec:
     """Load, override and validate a spec file (no torch). Raises SpecError naming the key path.
-    ``study=False`` (the ``trial`` command) skips the checks that only matter to a study's
-    scheduling (``search.grace_period`` against ``train.epochs``)."""
+    ``study=False`` (the ``trial`` command) skips the checks that only matter to a study: its
+    scheduling (``grace_period``, HyperBand's concurrency), grid search, the reference trial and
+    the GPUs Ray gives a trial."""
     path = Path(path)
     raw = read_yaml(path)
     for text in overrides:

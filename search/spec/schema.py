@@ -281,12 +281,17 @@ class Spec(_Section):
         )
 
     def _acting(self, names: dict[str, Any]) -> dict[str, Any]:
-        """``names`` without those that have no effect in a recipe trial (``trainable_k`` beside
-        ``trainable: all``, momentum under a fixed AdamW, ...; :func:`trainables.params.in_effect`)."""
+        """``names`` without those that have no effect in the reference trial (``trainable_k``
+        beside ``trainable: all``, momentum under a fixed AdamW, ...; :func:`trainables.params.in_effect`
+        on its projected and fixed values), unless what decides that is itself left to the sampler."""
         fixed = {d.name: d.value for d in self.search_space.dims if d.kind == "fixed"}
-        trial = {**names, **self._reference_values(), **fixed}
+        trial = trial_params.resolve({**fixed, **(self.reference_params() or {})})
         acting = trial_params.in_effect(trial, self.task)
-        return {k: v for k, v in names.items() if k in acting}
+        return {
+            k: v
+            for k, v in names.items()
+            if k in acting or k not in trial or trial_params.controller(k) in names
+        }
 
     def _recipe(self) -> Any:
         """The family's torchvision recipe, or None when there is none or the reference is off."""
