@@ -91,6 +91,8 @@ def read_spec(exp_dir: Path) -> Spec:
 def _tracking_callbacks(spec: Spec, exp_dir: Path, resume: bool) -> list:
     """The MLflow callback (none when ``SEARCH_NO_MLFLOW=1``)."""
     cb = tracking.make_callback(spec, exp_dir, resume)
+    if cb is not None:
+        cb.expected = num_samples(spec)  # fewer trials at the end: interrupted (as the summary counts)
     return [] if cb is None else [cb]
 
 

@@ -262,6 +262,8 @@ class StudyState(Callback):
         for t in self.state["trials"].values():
             if t["state"] in (S.RUNNING, S.PENDING) and status == "interrupted":
                 t["state"] = S.PAUSED
+            if t.get("trial_dir") and Path(t["trial_dir"]).is_dir():  # a trial stopped mid-epoch: not 0 B
+                t["disk_bytes"] = S.dir_size(Path(t["trial_dir"]))
         self._dirty = False
         self.save(snapshot=True)  # with Ray's last save, at the end of fit
 

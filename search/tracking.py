@@ -107,7 +107,7 @@ class MlflowTracker(_Callback):
         self.uri, self.experiment, self.name = uri, experiment, name
         self.metric, self.mode, self.epochs = metric, mode, int(epochs)
         self.parent_tags, self.parent_params = dict(parent_tags), dict(parent_params)
-        self.resume = resume
+        self.resume, self.expected = resume, 0  # expected: the trials the study makes (the launcher's)
         env_flush = os.environ.get(FLUSH_ENV)
         self.flush_timeout = float(flush_timeout if flush_timeout is not None else env_flush or 60.0)
         self.max_backoff = 15.0  # seconds between retries while the store is down (at most)
@@ -381,9 +381,13 @@ class MlflowTracker(_Callback):
                 continue
             unfinished.append(tid)
             if self.runs.run_id(tid) is not None or tid in self._active:
-                self._log(tid, tags={"interrupted": "true", "search.state": S.PENDING})
+                tags = {**self._study_tags(tid), "interrupted": "true", "search.state": S.PENDING}
+                self._log(tid, tags=tags)  # with search.reference/recipe: it may never have reported
                 self._put(op="status", key=tid, status="KILLED", ts=_now_ms())
             self._active.discard(tid)
+        deadline = getattr(self.study_state, "deadline", None)
+        if len(trials) < self.expected and (deadline is None or time.time() < deadline):
+            unfinished.append("")  # trials not created yet: interrupted, as the launcher counts it
         study = self.runs.data["study"]
         written = self._study()  # the study-state callback's record: states, reference, epoch 0s
         ended = {**written, "status": "interrupted" if unfinished else "finished"}  # as finish() writes

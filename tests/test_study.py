@@ -157,15 +157,28 @@ def test_an_interrupted_run_leaves_no_stand_in_base_and_resume_records_the_plain
     exp_dir.mkdir(parents=True)
     silu = SimpleNamespace(trial_id="a", config={"activation": "silu"}, path="", status="RUNNING")
     plain = SimpleNamespace(trial_id="b", config={"activation": "keep"}, path="", status="PENDING")
-    record = {"id": "a", "index": 0, "params": silu.config, "history": [{"epoch": 0, "map": 0.05}]}
+    record = {
+        "id": "a",
+        "index": 0,
+        "params": silu.config,
+        "history": [{"epoch": 0, "map": 0.05}],
+        "reference": True,
+    }
     S.write_study(exp_dir, {"metric": "map", "mode": "max", "status": "running", "trials": {"a": record}})
     cb = tracking.make_callback(spec, exp_dir, resume=False)
     cb.setup()
     cb.on_trial_result(0, [silu], silu, {"epoch": 0, "map": 0.05})
     cb.on_experiment_end([silu, plain])
     mlc = mlflow_store.client(mlflow_store.tracking_uri(spec))
-    parent = mlc.get_run(json.loads((exp_dir / write_queue.RUNS_FILE).read_text())["runs"]["parent"])
+    runs = json.loads((exp_dir / write_queue.RUNS_FILE).read_text())["runs"]
+    parent = mlc.get_run(runs["parent"])
     assert "base_map" not in parent.data.metrics and parent.data.tags["summary.status"] == "interrupted"
+    killed = mlc.get_run(runs["a"]).data.tags  # an interrupted trial's run says what it is
+    assert (killed["interrupted"], killed["search.state"], killed["search.reference"]) == (
+        "true",
+        "PENDING",
+        "true",
+    )
 
     cb = tracking.make_callback(spec, exp_dir, resume=True)
     cb.setup()
@@ -176,6 +189,12 @@ def test_an_interrupted_run_leaves_no_stand_in_base_and_resume_records_the_plain
     parent = mlc.get_run(parent.info.run_id)
     assert parent.data.metrics["base_map"] == pytest.approx(0.1)
     assert float(parent.data.tags["summary.improvement"]) == pytest.approx(0.3)
+    assert parent.data.tags["summary.status"] == "finished"
+    cb = tracking.make_callback(spec, exp_dir, resume=True)
+    cb.setup()
+    cb.expected = 3  # the study makes 3 trials: ending before the third is an interruption, as status says
+    cb.on_experiment_end([silu, plain])
+    assert mlc.get_run(parent.info.run_id).data.tags["summary.status"] == "interrupted"
 
 
 def test_a_failed_reference_is_said_and_compared_with_nothing():
@@ -213,3 +232,16 @@ def test_a_trial_that_predicts_background_only_is_flagged(tmp_path):
     status = S.status_object(tmp_path)
     assert [t.get("background_only") for t in status["trials"]] == [True, None]
     assert status["best"]["background_only"] and "background only" in S.BACKGROUND_ONLY
+
+
+def test_an_interrupted_study_records_each_trials_disk_use(tmp_path):
+    """A trial stopped by Ctrl-C before its first checkpoint report showed 0 B beside its files."""
+    folder = tmp_path / "trial_t0"
+    (folder / "checkpoint_000000").mkdir(parents=True)
+    (folder / "checkpoint_000000" / "model.pt").write_bytes(b"x" * 1000)
+    state = StudyState(tmp_path, "s", "map50", "max", epochs=4)
+    trial = SimpleNamespace(trial_id="t0", config={"lr": 0.01}, path=str(folder))
+    state.on_trial_start(0, [trial], trial)
+    state.finish("interrupted")
+    t = state.state["trials"]["t0"]
+    assert t["state"] == S.PAUSED and t["disk_bytes"] >= 1000
