@@ -79,8 +79,12 @@ def _check_device(device: str) -> None:
         kind = torch.device(device).type
     except (RuntimeError, ValueError):
         raise BundleError(f"--device: {device!r} is not a torch device; use cpu, cuda, cuda:N, mps") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise BundleError(f"--device: {device!r} but torch sees no CUDA device here; use --device cpu")
+    here = torch.cuda.device_count() if kind == "cuda" and torch.cuda.is_available() else 0
+    if kind == "cuda" and (torch.device(device).index or 0) >= here:
+        raise BundleError(
+            f"--device: {device!r} but torch sees {here} CUDA device(s) here; use --device cpu"
+            + (" or cuda:0" if here else "")
+        )
     if kind == "mps" and not torch.backends.mps.is_available():
         raise BundleError(f"--device: {device!r} but torch sees no MPS device here; use --device cpu")
 

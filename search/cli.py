@@ -176,7 +176,9 @@ def load(args: argparse.Namespace, deep: bool = True, study: bool = True):
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from search.registry import resolve_spec_weights
+    from search.samplers import num_samples
     from search.spec import check_weights, deep_check, load_spec
+    from search.spec.notes import spec_notes
 
     spec = load_spec(args.spec, args.overrides)
     facts: dict[str, Any] = {}
@@ -195,6 +197,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             "space": space.describe(),
             "num_classes": spec.num_classes,
             "class_names": spec.class_names,
+            "notes": spec_notes(spec),
             **facts,
         }
         print(json.dumps(out, indent=2))
@@ -212,9 +215,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"    {dim.name}: {json.dumps(dim.describe(), default=str)}")
     s = spec.search
     print(
-        f"  search: {s.algorithm} + {scheduler_label(s.scheduler)}, {s.num_trials} trials x "
+        f"  search: {s.algorithm} + {scheduler_label(s.scheduler)}, {num_samples(spec)} trials x "
         f"{spec.train.epochs} epochs, {s.max_concurrent} at a time"
     )
+    for note in spec_notes(spec):
+        print(f"  note: {note}")
     return EXIT_OK
 
 

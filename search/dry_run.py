@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from search import study as S
+from search.samplers import num_samples
 from search.schedulers import scheduler_label
-from search.searcher import num_samples
 from search.spec import Spec
+from search.spec.notes import spec_notes
 
 
 def _step_branch(spec: Spec, values: dict[str, Any], out_dir: Path, threads: int) -> dict[str, Any]:
@@ -108,6 +109,7 @@ def dry_run(spec: Spec) -> dict[str, Any]:
         "recipe_trials": [{"scaling": sc, "params": p} for sc, p in spec.recipe_trials()],
         "recipe_unused": spec.recipe_unused(),
         "recipe_overridden": spec.recipe_overridden(),
+        "notes": spec_notes(spec),
     }
 
 
@@ -128,6 +130,8 @@ def print_plan(plan: dict[str, Any]) -> None:
         print(f"  {S.recipe_plan_text(i, r['scaling'], r['params'])}")
     if unused := S.recipe_unused_text(plan["recipe_unused"], plan["recipe_overridden"]):
         print(f"  {unused}")
+    for note in plan["notes"]:
+        print(f"  note: {note}")
     if plan["estimated_s"] is not None:
         print(
             f"estimate: {plan['trial_s'] / 60:.1f} min per full trial, about "

@@ -298,6 +298,8 @@ MAX_YAML_DEPTH = 64
 _BOOL_TAG = "tag:yaml.org,2002:bool"
 _BOOL_12 = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
 _FLOAT_12 = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+_INT_TAG = "tag:yaml.org,2002:int"
+_INT_12 = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
 
 
 class YamlRefused(ValueError):
@@ -322,11 +324,28 @@ def _loader_class() -> type:
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
     # and YAML 1.2's booleans: only true/false; YAML 1.1 also reads yes/no/on/off, so amp: off
     # was False (refused: "input should be 'auto', 'off', ...").
+    # and YAML 1.2's integers: decimal (010 is ten, not YAML 1.1's octal 8), 0o octal, 0x hex;
+    # 0b11, 1_000 and 1:30 (YAML 1.1's base 60) are strings, as in YAML 1.2.
     for resolvers in Loader.yaml_implicit_resolvers.values():  # add_ above made these lists our own
-        resolvers[:] = [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
+        resolvers[:] = [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL_TAG, _INT_TAG)]
     Loader.add_implicit_resolver(_BOOL_TAG, _BOOL_12, list("tTfF"))
+    Loader.add_implicit_resolver(_INT_TAG, _INT_12, list("-+0123456789"))
+    Loader.add_constructor(_INT_TAG, _construct_int_12)
 
     return Loader
+
+
+def _construct_int_12(loader: Any, node: Any) -> int:
+    import yaml
+
+    value = loader.construct_scalar(node)
+    if not _INT_12.match(value):  # an explicit !!int on another form
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{value!r} is not a YAML 1.2 int", node.start_mark
+        )
+    if value.startswith(("0o", "0x")):
+        return int(value[2:], 8 if value[1] == "o" else 16)
+    return int(value, 10)  # ValueError past Python's digit limit: load_yaml says it
 
 
 def load_yaml(text: str) -> Any:

@@ -35,9 +35,11 @@ from search.errors import SpecError, short
 from search.failures import disk_full
 from search.guards import StudyLock, check_output, spec_inputs
 from search.registry import resolve_spec_weights
+from search.samplers import num_samples
 from search.schedulers import make_scheduler, scheduler_label
-from search.searcher import make_searcher, num_samples
+from search.searcher import make_searcher
 from search.spec import MAX_NAME, NAME, Spec, build_spec, check_weights
+from search.spec.notes import spec_notes
 from search.stopping import BudgetStopper, NoStopping
 from search.study_folder import (
     install_state,
@@ -90,9 +92,7 @@ def read_spec(exp_dir: Path) -> Spec:
 
 def _tracking_callbacks(spec: Spec, exp_dir: Path, resume: bool) -> list:
     """The MLflow callback (none when ``SEARCH_NO_MLFLOW=1``)."""
-    cb = tracking.make_callback(spec, exp_dir, resume)
-    if cb is not None:
-        cb.expected = num_samples(spec)  # fewer trials at the end: interrupted (as the summary counts)
+    cb = tracking.make_callback(spec, exp_dir, resume, expected=num_samples(spec))
     return [] if cb is None else [cb]
 
 
@@ -255,9 +255,8 @@ def resume(
             restart_errored=restart_errored,
         )
         local = tuner._local_tuner  # the restored TunerInternal: swap in this run's callbacks/stopper
-        if (
-            spec.search.scheduler == "hyperband"
-        ):  # its brackets are not saved: restored, they can wait forever
+        # HyperBand's brackets are not saved: restored, they can wait forever
+        if spec.search.scheduler == "hyperband":
             local._tune_config.scheduler = NoStopping()
             print(HYPERBAND_RESUMED, flush=True)
         searcher = local._tune_config.search_alg
@@ -361,12 +360,12 @@ def _fit(tuner, spec: Spec, exp_dir: Path, state, searcher, keep_top: int | None
     interrupted = bool(unfinished) or (len(trials) < num_samples(spec) and not budget_hit)
     state.state["budget_reached"] = budget_hit
     state.finish("interrupted" if interrupted else "finished")
-    if keep_top is not None and not interrupted:
+    if keep_top is not None and interrupted:
+        print(f"--keep-top {keep_top}: nothing removed (interrupted; resume with --keep-top)", flush=True)
+    elif keep_top is not None:
         removed = remove_outside_top(state.state, keep_top)
         if removed:
-            if state.durable is not None:  # signed as left (no checkpoint): resume installs this record
-                state.durable.snapshot(state.state, again=True)
-            state.save()
+            state.save(snapshot=True, again=True)  # signed as left: resume installs this record
             print(f"--keep-top {keep_top}: removed the checkpoints of {len(removed)} trial(s)", flush=True)
     summary = summarize(exp_dir)
     summary["mlflow"] = mlflow_hint(spec)
@@ -491,3 +490,5 @@ def _print_header(
         print(f"  {S.recipe_plan_text(i, scaling, params)}", flush=True)
     if recipe_trials and (unused := S.recipe_unused_text(spec.recipe_unused(), spec.recipe_overridden())):
         print(f"  {unused}", flush=True)
+    for note in spec_notes(spec):
+        print(f"  note: {note}", flush=True)

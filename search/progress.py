@@ -91,13 +91,14 @@ class StudyState(Callback):
     def elapsed(self) -> float:
         return self._elapsed0 + (time.time() - self._t0)
 
-    def save(self, snapshot: bool = False) -> None:
+    def save(self, snapshot: bool = False, again: bool = False) -> None:
         """Rewrite study.json; with ``snapshot``, first sign Ray's state saved in this loop step
-        together with this content (search.durable), so study.json is never ahead of it."""
+        together with this content (search.durable), so study.json is never ahead of it;
+        ``again``: sign it although Ray saved nothing since (the study's own record changed)."""
         self.state["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.state["elapsed_s"] = round(self.elapsed(), 1)
         if snapshot and self.durable is not None:
-            self.durable.snapshot(self.state)
+            self.durable.snapshot(self.state, again=again)
             pause_point("study_write")  # test hook: signed, study.json not yet rewritten
         S.write_study(self.exp_dir, self.state)
 

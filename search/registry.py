@@ -47,9 +47,10 @@ def resolve_model_uri(uri: str, tracking: str, cache_dir: Path | None = None) ->
     """
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     cache = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "search" / "registry"
+    root = next(p for p in (cache, *cache.parents) if p.exists() or p == p.parent)  # exists already
     # one cache per tracking store: the same name and version on two stores are different models
     cache = cache / hashlib.sha256(redact(tracking).encode()).hexdigest()[:16]
-    mlc = client(tracking)
+    mlc, tmp = client(tracking), None
     try:
         if uri.startswith("models:/"):
             name, alias, version = _parse_models_uri(uri)
@@ -81,6 +82,7 @@ def resolve_model_uri(uri: str, tracking: str, cache_dir: Path | None = None) ->
     except RegistryError:
         raise
     except Exception as exc:  # noqa: BLE001 - one line for the spec error
+        _remove_new(tmp, root)  # a refused lookup leaves no folder behind
         reason = " ".join(str(exc).split())[:300]
         raise RegistryError(f"cannot resolve {uri} on {redact(tracking)}: {reason}") from None
     rel = (dest / ".source").read_text().strip() if (dest / ".source").is_file() else "."
@@ -95,6 +97,22 @@ def resolve_model_uri(uri: str, tracking: str, cache_dir: Path | None = None) ->
     if len(found) == 1:
         return found[0]
     raise RegistryError(f"{uri} holds no single weights file (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def _remove_new(tmp: Path | None, root: Path) -> None:
+    """Remove a failed download's ``tmp`` folder and the parents made for it, up to ``root``."""
+    import shutil
+
+    if tmp is None:
+        return
+    shutil.rmtree(tmp, ignore_errors=True)
+    for parent in tmp.parents:
+        if parent == root or not parent.is_relative_to(root):
+            break
+        try:
+            parent.rmdir()  # only while empty: another download's files stay
+        except OSError:
+            break
 
 
 def _check_sums(folder: Path, fname: str) -> None:

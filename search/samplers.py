@@ -68,6 +68,7 @@ SAMPLERS: dict[str, Callable[[SamplerArgs], Any]] = {
     "qmc": _qmc,
     "grid": _grid,
 }
+MODEL_BASED = ("tpe", "cmaes", "gp")  # the samplers that start with random trials (n_startup_trials)
 
 
 def make_sampler(
@@ -94,6 +95,13 @@ def make_sampler(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return SAMPLERS[algorithm](SamplerArgs(seed, startup, grid or {}))
+
+
+def num_samples(spec: Any) -> int:
+    """num_trials, capped at the grid size for grid search."""
+    if spec.search.algorithm == "grid":
+        return min(spec.search.num_trials, grid_size(spec.search_space.grid()))
+    return spec.search.num_trials
 
 
 def grid_size(grid: dict[str, list[Any]]) -> int:

@@ -31,7 +31,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from search import study as S
-from search.samplers import grid_size, make_sampler
+from search.samplers import make_sampler
 
 log = logging.getLogger(__name__)
 
@@ -266,10 +266,3 @@ def make_searcher(
     )
     searcher.enqueue_recipes(recipes)
     return searcher
-
-
-def num_samples(spec: Any) -> int:
-    """num_trials, capped at the grid size for grid search."""
-    if spec.search.algorithm == "grid":
-        return min(spec.search.num_trials, grid_size(spec.search_space.grid()))
-    return spec.search.num_trials

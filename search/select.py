@@ -100,6 +100,12 @@ def best(exp_dir: Path, top: int | None = None) -> list[dict[str, Any]]:
     return trials if top is None else trials[: max(0, top)]
 
 
+NO_BASE = (  # why promote has no base metric to compare with
+    "the study has no epoch-0 base metric to compare with (train.eval_base was false, or no trial "
+    "that keeps the base model's activations has reported its epoch 0 yet)"
+)
+
+
 def choose_trial(exp_dir: Path, trial_id: str | None = None) -> dict[str, Any]:
     """The best trial, or trial ``trial_id`` (a full id or a unique suffix such as ``00003``)."""
     trials = ranked_trials(exp_dir)
@@ -110,6 +116,8 @@ def choose_trial(exp_dir: Path, trial_id: str | None = None) -> dict[str, Any]:
     matches = [t for t in trials if t["id"] == trial_id] or [t for t in trials if t["id"].endswith(trial_id)]
     if len(matches) == 1:
         return matches[0]
+    if len(matches) > 1:
+        raise SelectError(f"trial {trial_id!r} is ambiguous: {', '.join(t['id'] for t in matches)}")
     known = [t["id"] for t in trials]
     every = [t.get("id") for t in S.status_object(exp_dir)["trials"]]
     if trial_id in every or [i for i in every if i.endswith(trial_id)]:
@@ -117,8 +125,6 @@ def choose_trial(exp_dir: Path, trial_id: str | None = None) -> dict[str, Any]:
             f"trial {trial_id!r} has no best metric (it diverged, errored or never finished an "
             f"epoch); trials with one: {', '.join(known) or 'none'}"
         )
-    if len(matches) > 1:
-        raise SelectError(f"trial {trial_id!r} is ambiguous: {', '.join(t['id'] for t in matches)}")
     raise SelectError(f"no trial {trial_id!r} in {exp_dir}; trials: {', '.join(every) or 'none'}")
 
 
@@ -265,13 +271,14 @@ def promote(
     value, base = S.number(trial.get("best_metric")), trial.get("study_base_metric")
     beats = value is not None and base is not None and S.better(value, base, mode)
     if not beats and not force:
-        if base is None:
-            why = "the study has no epoch-0 base metric to compare with (train.eval_base was false)"
-        else:
-            why = (
+        why = (
+            NO_BASE
+            if base is None
+            else (
                 f"its best {metric} {S.fmt(value)} (epoch {trial.get('best_epoch')}) does not beat the base "
                 f"model's epoch-0 {metric} {S.fmt(base)}"
             )
+        )
         raise Refused(
             f"refusing to promote trial {trial['id']} as {model}@{alias}: {why}. Pass --force to "
             "register it anyway."

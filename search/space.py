@@ -10,25 +10,20 @@ value (a fixed constant) or a mapping:
 - any of them with ``when: {other: value-or-list}``: the parameter exists only when every named
   parameter is active and takes one of the listed values.
 
-Optuna is imported only when a study is built, so parsing and validation stay fast.
+Parsing (each error named by its key path) is :mod:`search.space_parse`. Optuna is imported only
+when a study is built, so parsing and validation stay fast.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from search.errors import SpecError, short, unknown_name
-from search.space_words import as_bool, bool_words
+from search.errors import SpecError
 
 if TYPE_CHECKING:  # pragma: no cover
     import optuna
-
-KINDS = ("float", "int", "categorical", "fixed")
-_KEYS = {"type", "low", "high", "log", "step", "choices", "value", "when"}
-_SCALAR = (bool, int, float, str, type(None))
 
 
 @dataclass(frozen=True)
@@ -48,9 +43,9 @@ class Dim:
     def can_take(self, value: Any) -> bool:
         """Whether this dimension can ever take ``value`` (used to check ``when`` conditions)."""
         if self.kind == "fixed":
-            return value == self.value
+            return one_of(value, (self.value,))
         if self.kind == "categorical":
-            return any(value == c and type(value) is type(c) for c in self.choices)
+            return one_of(value, self.choices)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
         return self.low <= value <= self.high
@@ -61,10 +56,7 @@ class Dim:
             return self.value
         if self.kind == "categorical":
             return self.choices[0]
-        mid = math.sqrt(self.low * self.high) if self.log else (self.low + self.high) / 2
-        if self.step:
-            mid = self.low + round((mid - self.low) / self.step) * self.step
-        return int(round(mid)) if self.kind == "int" else float(mid)
+        return _snap(self, math.sqrt(self.low * self.high) if self.log else (self.low + self.high) / 2)
 
     def distribution(self) -> optuna.distributions.BaseDistribution | None:
         """The Optuna distribution (None for a fixed constant)."""
@@ -98,7 +90,7 @@ class SearchSpace:
     """Dimensions in dependency order (every ``when`` names an earlier dimension)."""
 
     def __init__(self, dims: list[Dim]):
-        self.dims = _topological(dims)
+        self.dims = topological(dims)
         self.by_name = {d.name: d for d in self.dims}
 
     def __contains__(self, name: str) -> bool:
@@ -108,18 +100,22 @@ class SearchSpace:
     def searched(self) -> list[Dim]:
         return [d for d in self.dims if d.kind != "fixed"]
 
+    def constants(self) -> dict[str, Any]:
+        """The spec's fixed (unsearched) parameters and their values."""
+        return {d.name: d.value for d in self.dims if d.kind == "fixed"}
+
     def never_active(self) -> list[str]:
         """Searched dimensions whose ``when`` names a fixed parameter at a value it does not list
         (e.g. ``step_epochs`` when ``schedule: step`` while ``schedule`` is fixed to ``cosine``)."""
-        fixed = {d.name: d.value for d in self.dims if d.kind == "fixed"}
+        fixed = self.constants()
         return [
             d.name
             for d in self.searched
-            if any(k in fixed and fixed[k] not in allowed for k, allowed in d.when.items())
+            if any(k in fixed and not one_of(fixed[k], allowed) for k, allowed in d.when.items())
         ]
 
     def is_active(self, dim: Dim, values: dict[str, Any]) -> bool:
-        return all(k in values and values[k] in allowed for k, allowed in dim.when.items())
+        return all(k in values and one_of(values[k], allowed) for k, allowed in dim.when.items())
 
     def sample(self, trial: optuna.Trial) -> dict[str, Any]:
         """Suggest every active dimension on an Optuna trial; fixed ones are included as values."""
@@ -161,7 +157,7 @@ class SearchSpace:
         are names the values do not give and inactive conditional dimensions: the sampler, or the
         spec's constant, decides those."""
         out: dict[str, Any] = {}
-        chosen: dict[str, Any] = {d.name: d.value for d in self.dims if d.kind == "fixed"}
+        chosen = self.constants()
         for dim in self.dims:
             if dim.kind == "fixed" or dim.name not in values:
                 continue
@@ -177,7 +173,7 @@ class SearchSpace:
         :meth:`project` cannot keep (not among the choices), or None where ``values`` names none
         (only those that can be active there)."""
         kept = self.project(values)
-        chosen = {**{d.name: d.value for d in self.dims if d.kind == "fixed"}, **kept}
+        chosen = {**self.constants(), **kept}
         return {
             d.name: values.get(d.name)
             for d in self.searched
@@ -187,15 +183,14 @@ class SearchSpace:
     def overridden(self, values: dict[str, Any]) -> dict[str, Any]:
         """The ``values`` (e.g. a recipe's) that the space's active fixed constants replace:
         ``{name: {"spec": constant, "given": value}}``."""
-        chosen = {**{d.name: d.value for d in self.dims if d.kind == "fixed"}, **self.project(values)}
+        chosen = {**self.constants(), **self.project(values)}
         return {
             d.name: {"spec": d.value, "given": values[d.name]}
             for d in self.dims
             if d.kind == "fixed"
             and d.name in values
             and self.is_active(d, chosen)
-            and not (values[d.name] == d.value and type(values[d.name]) is type(d.value))
-            and not (_numbers(values[d.name], d.value) and float(values[d.name]) == float(d.value))
+            and not one_of(values[d.name], (d.value,))
         }
 
     def grid(self) -> dict[str, list[Any]]:
@@ -206,7 +201,7 @@ class SearchSpace:
                 out[dim.name] = list(dim.choices)
             else:
                 n = int(round((dim.high - dim.low) / dim.step))
-                out[dim.name] = [dim.low + i * dim.step for i in range(n + 1)]
+                out[dim.name] = [_snap(dim, dim.low + i * dim.step) for i in range(n + 1)]
         return out
 
     def branch_configs(self) -> list[dict[str, Any]]:
@@ -229,8 +224,11 @@ class SearchSpace:
         pending = list(dim.when.items())
         while pending:
             name, allowed = pending.pop()
-            forced.setdefault(name, allowed[0])
-            pending.extend(self.by_name[name].when.items())
+            parent = self.by_name[name]  # a value it can take (a constant: its own), else no branch
+            if (value := next((a for a in allowed if parent.can_take(a)), None)) is None:
+                return None
+            forced.setdefault(name, value)
+            pending.extend(parent.when.items())
         config = self.defaults(forced)
         return config if config.get(dim.name) == choice else None
 
@@ -250,208 +248,30 @@ def _project_value(dim: Dim, value: Any) -> Any:
         return next((c for c in dim.choices if c == value and type(c) is type(value)), None)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
+    return _snap(dim, value)
+
+
+def _snap(dim: Dim, value: float) -> float | int:
+    """``value`` within ``[low, high]``, on the ``step`` grid (a float without the sum's drift:
+    0.8 + 0.05 is 0.85, not 0.8500000000000001), an int for an int dimension."""
     v = min(max(float(value), dim.low), dim.high)
     if dim.step:
-        v = min(dim.low + round((v - dim.low) / dim.step) * dim.step, dim.high)
+        v = min(float(f"{dim.low + round((v - dim.low) / dim.step) * dim.step:.12g}"), dim.high)
     return int(round(v)) if dim.kind == "int" else float(v)
 
 
-# ---------------------------------------------------------------- parsing and validation
+def one_of(value: Any, options: Any) -> bool:
+    """``value`` is one of ``options``: an equal plain number (1 and 1.0; True is not 1), else equal
+    and of one type. The space's one rule for a value (choices, ``when``, constants)."""
+    key = (float, float(value)) if _number(value) else (type(value), value)
+    return any(key == ((float, float(o)) if _number(o) else (type(o), o)) for o in options)
 
 
-def parse_space(
-    raw: Any, key: str = "space", kind_of: Callable[[str], str | None] | None = None
-) -> SearchSpace:
-    """Parse a spec's ``space`` mapping; raises :class:`SpecError` naming the key path.
-    ``kind_of(name)``: a parameter's own type ("float", "int"; None when unknown), which a range
-    without ``type`` takes (else int when both bounds are integers)."""
-    if raw is None:
-        return SearchSpace([])
-    if not isinstance(raw, dict):
-        raise SpecError(key, f"must be a mapping of parameter name to definition, but got {short(raw)}.")
-    kind_of = kind_of or (lambda name: None)
-    dims = [parse_dim(str(name), body, f"{key}.{name}", kind_of(str(name))) for name, body in raw.items()]
-    _check_conditions(dims, key)
-    return SearchSpace(dims)
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def parse_dim(name: str, body: Any, key: str, own_kind: str | None = None) -> Dim:
-    """One dimension from its YAML body (``own_kind``: the parameter's type, see parse_space)."""
-    if not name or name != name.strip():
-        raise SpecError(key, f"parameter name must be non-empty without spaces, but got {name!r}.")
-    if own_kind == "bool":  # nesterov: no (YAML 1.2 reads the word as a string)
-        body = bool_words(body)
-    if isinstance(body, _SCALAR):
-        return Dim(name, "fixed", value=body)
-    if isinstance(body, list):
-        raise SpecError(
-            key, f"a bare list is ambiguous, got {short(body)}.", f"write {{choices: {short(body)}}}."
-        )
-    if not isinstance(body, dict):
-        raise SpecError(key, f"must be a value or a mapping, but got {short(body)}.")
-    extra = set(body) - _KEYS
-    if extra:
-        raise unknown_name(f"{key}.{sorted(extra)[0]}", sorted(extra)[0], _KEYS, "key", is_key=True)
-    when = _parse_when(body.get("when"), f"{key}.when")
-    kind = _kind(body, key, own_kind)
-    if kind == "fixed":
-        if "value" not in body:
-            raise SpecError(key, "type fixed needs a value.", "add value: X.")
-        return Dim(name, "fixed", value=_scalar(body["value"], f"{key}.value"), when=when)
-    if kind == "categorical":
-        return Dim(name, "categorical", choices=_choices(body.get("choices"), f"{key}.choices"), when=when)
-    return _numeric(name, kind, body, key, when)
-
-
-def _kind(body: dict[str, Any], key: str, own_kind: str | None = None) -> str:
-    kind = body.get("type")
-    if kind is not None:
-        if kind not in KINDS:
-            raise unknown_name(f"{key}.type", kind, KINDS, "type")
-        return kind
-    if "choices" in body:
-        return "categorical"
-    if "value" in body:
-        return "fixed"
-    if "low" in body or "high" in body:
-        ints = all(
-            isinstance(body.get(b), int) and not isinstance(body.get(b), bool) for b in ("low", "high")
-        )
-        step = body.get("step")
-        ints = ints and (step is None or isinstance(step, int))
-        if own_kind in ("float", "int"):  # grad_clip: {low: 1, high: 10} is a float range
-            return "int" if own_kind == "int" and ints else "float"
-        return "int" if ints and not body.get("log") else "float"
-    raise SpecError(key, "cannot tell the parameter's type.", "give low/high, choices, value, or type.")
-
-
-def _numeric(name: str, kind: str, body: dict[str, Any], key: str, when: dict) -> Dim:
-    for bound in ("low", "high"):
-        if bound not in body:
-            raise SpecError(key, f"a {kind} parameter needs {bound}.", f"add {bound}: <number>.")
-        value, at = body[bound], f"{key}.{bound}"
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise SpecError(
-                at, f"must be a finite number, but got {short(value)}.", "write a number, e.g. 1.0e-3."
-            )
-        if kind == "int" and not float(value).is_integer():
-            why, fix = (
-                f"an int parameter needs integer bounds, but got {value!r}.",
-                "use whole numbers or type: float.",
-            )
-            raise SpecError(at, why, fix)
-    low, high = body["low"], body["high"]
-    log = as_bool(body.get("log", False), f"{key}.log")
-    step = body.get("step")
-    if low >= high:
-        raise SpecError(
-            key,
-            f"low < high must hold, but got low={low!r} and high={high!r}.",
-            "swap them, or use a fixed value for a single value.",
-        )
-    if log and low <= 0:
-        raise SpecError(
-            f"{key}.low",
-            f"low > 0 must hold when log is true, but got low={low!r}.",
-            "use a positive low, or set log: false.",
-        )
-    if step is not None:
-        if isinstance(step, bool) or not isinstance(step, (int, float)) or not step > 0:
-            raise SpecError(
-                f"{key}.step", f"step > 0 must hold, but got step={short(step)}.", "use a positive step."
-            )
-        if log:
-            raise SpecError(f"{key}.step", "step cannot be combined with log: true.", "drop one of them.")
-        if kind == "int" and not float(step).is_integer():
-            raise SpecError(
-                f"{key}.step",
-                f"an int parameter needs an integer step, but got {step!r}.",
-                "use a whole-number step, or type: float.",
-            )
-        _check_step_divides(low, high, step, key)
-    if kind == "int":
-        low, high = int(low), int(high)
-        step = int(step) if step is not None else None
-    else:
-        low, high = float(low), float(high)
-        step = float(step) if step is not None else None
-    return Dim(name, kind, low=low, high=high, log=log, step=step, when=when)
-
-
-def _scalar(value: Any, key: str) -> Any:
-    if not isinstance(value, _SCALAR):
-        raise SpecError(key, f"must be a number, string, boolean or null, but got {short(value)}.")
-    return value
-
-
-def _choices(raw: Any, key: str) -> tuple[Any, ...]:
-    if not isinstance(raw, list) or not raw:
-        raise SpecError(
-            key, f"choices must be a non-empty list, but got {short(raw)}.", "list at least one value."
-        )
-    for i, item in enumerate(raw):
-        _scalar(item, f"{key}[{i}]")
-    seen: list[Any] = []
-    for item in raw:
-        if any(item == s and (type(item) is type(s) or _numbers(item, s)) for s in seen):
-            raise SpecError(
-                key, f"choices must be distinct, but {item!r} appears twice.", "remove the duplicate."
-            )
-        seen.append(item)
-    return tuple(raw)
-
-
-def _numbers(a: Any, b: Any) -> bool:
-    """Both plain numbers (1 and 1.0 are one choice; True and 1 are not)."""
-    return all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
-
-
-def _parse_when(raw: Any, key: str) -> dict[str, tuple[Any, ...]]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict) or not raw:
-        raise SpecError(
-            key,
-            f"must be a mapping of parameter to value(s), but got {short(raw)}.",
-            "write e.g. when: {optimizer: sgd}.",
-        )
-    out = {}
-    for name, values in raw.items():
-        values = values if isinstance(values, list) else [values]
-        if not values:
-            raise SpecError(f"{key}.{name}", "lists no value, so the parameter could never be active.")
-        out[str(name)] = tuple(_scalar(v, f"{key}.{name}") for v in values)
-    return out
-
-
-def _check_conditions(dims: list[Dim], key: str) -> None:
-    by_name = {d.name: d for d in dims}
-    for dim in dims:
-        for name, allowed in dim.when.items():
-            where = f"{key}.{dim.name}.when.{name}"
-            if name == dim.name:
-                raise SpecError(where, "a parameter cannot depend on itself.")
-            if name not in by_name:
-                raise unknown_name(where, name, by_name, "parameter in when")
-            other = by_name[name]
-            possible = [v for v in allowed if other.can_take(v)]
-            # A fixed parent (often pinned with --set) simply leaves the parameter inactive.
-            if not possible and other.kind != "fixed":
-                can = (
-                    list(other.choices)
-                    if other.kind == "categorical"
-                    else ([other.value] if other.kind == "fixed" else f"[{other.low}, {other.high}]")
-                )
-                raise SpecError(
-                    where,
-                    f"{name} can never take {short(list(allowed))} (it takes {can}), so "
-                    f"{dim.name} would never be active.",
-                    f"use a value {name} can take.",
-                )
-    _topological(dims, key)
-
-
-def _topological(dims: list[Dim], key: str = "space") -> list[Dim]:
+def topological(dims: list[Dim], key: str = "space") -> list[Dim]:
     """Order so that conditions come first; a cycle is a :class:`SpecError`."""
     by_name = {d.name: d for d in dims}
     order: list[Dim] = []
@@ -477,18 +297,3 @@ def _topological(dims: list[Dim], key: str = "space") -> list[Dim]:
     for dim in dims:
         visit(dim, [])
     return order
-
-
-def _check_step_divides(low: float, high: float, step: float, key: str) -> None:
-    """``high - low`` a whole number of steps: else ``high`` is never sampled (Optuna lowers it
-    with a warning) and the range validate prints is not the one searched."""
-    n = (high - low) / step
-    if abs(n - round(n)) > 1e-9 * max(1.0, abs(n)) or round(n) < 1:
-        top = low + math.floor(n + 1e-9) * step
-        fix = f"set high: {top:g} (low + a whole number of steps)" if top > low else "use a smaller step"
-        raise SpecError(
-            f"{key}.step",
-            f"high - low must be a whole number of steps (at least one), but got low={low!r}, "
-            f"high={high!r}, step={step!r}.",
-            f"{fix}.",
-        )

@@ -249,7 +249,12 @@ class _Spared(_Records):
 
 
 class RecordingASHA(_Spared, ASHAScheduler):
-    """Ray's ASHA (one bracket), recording the rung cut of each stop."""
+    """Ray's ASHA (one bracket), recording the rung cut of each stop. A trial that reaches
+    ``max_t`` ends on its own (Ray's default STOPs it there, which recorded a halving and could
+    end the trial's process before it wrote ``trial.json`` and checked the base weights)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **{"stop_last_trials": False, **kwargs})
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         decision = self._spare(trial, super().on_trial_result(tune_controller, trial, result))

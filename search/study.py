@@ -324,13 +324,15 @@ def reference_text(ref: dict[str, Any] | None, metric: str) -> str | None:
 
 
 BACKGROUND_ONLY = (
-    "predicts background only at its best epoch (foreground IoU 0): its score is the background's share"
+    "found no foreground at its best epoch (foreground IoU 0: background only, or foreground in the "
+    "wrong places): its score is the background's share"
 )
 
 
 def background_only(t: dict[str, Any]) -> bool:
-    """A semantic-segmentation trial whose best epoch predicted background everywhere (``fg_miou``
-    0): its ``miou`` is the background class's IoU over the classes, not a segmenter's."""
+    """A semantic-segmentation trial whose best epoch found no foreground pixel right (``fg_miou`` 0:
+    background everywhere, or foreground only where there is none): its ``miou`` is the background
+    class's IoU over the classes, not a segmenter's."""
     row = next((r for r in t.get("history") or [] if r.get("epoch") == t.get("best_epoch")), None)
     return row is not None and number(row.get("fg_miou")) == 0.0
 

@@ -17,8 +17,7 @@ of :mod:`search.mlflow_store`:
   (``failure_reason`` tag, ``traceback.txt`` artifact), KILLED when the study was interrupted.
 
 Resume: the run map (``mlflow_runs.json``) and the ``search.run_key`` tag name the runs, so a restored
-study continues the SAME runs (RUNNING again, then closed), and replayed epochs are logged once.
-"""
+study continues the SAME runs (RUNNING again, then closed), and replayed epochs are logged once."""
 
 from __future__ import annotations
 
@@ -101,13 +100,14 @@ class MlflowTracker(_Callback):
         parent_tags: dict[str, str],
         parent_params: dict[str, str],
         resume: bool = False,
+        expected: int = 0,
         flush_timeout: float | None = None,
     ):
         self.exp_dir = Path(exp_dir)
         self.uri, self.experiment, self.name = uri, experiment, name
         self.metric, self.mode, self.epochs = metric, mode, int(epochs)
         self.parent_tags, self.parent_params = dict(parent_tags), dict(parent_params)
-        self.resume, self.expected = resume, 0  # expected: the trials the study makes (the launcher's)
+        self.resume, self.expected = resume, expected  # expected: the trials the study makes
         env_flush = os.environ.get(FLUSH_ENV)
         self.flush_timeout = float(flush_timeout if flush_timeout is not None else env_flush or 60.0)
         self.max_backoff = 15.0  # seconds between retries while the store is down (at most)
@@ -478,9 +478,9 @@ class MlflowTracker(_Callback):
         }
 
 
-def make_callback(spec: Any, exp_dir: Path, resume: bool) -> MlflowTracker | None:
-    """The study's MLflow tracker (None when ``SEARCH_NO_MLFLOW=1``). Checks the store first
-    (:func:`~search.mlflow_store.check_tracking`: SpecError on ``tracking.uri``)."""
+def make_callback(spec: Any, exp_dir: Path, resume: bool, expected: int = 0) -> MlflowTracker | None:
+    """The study's MLflow tracker (None when ``SEARCH_NO_MLFLOW=1``; ``expected``: the trials the study
+    makes, fewer at the end = interrupted). Checks the store first (SpecError on ``tracking.uri``)."""
     if os.environ.get(DISABLE_ENV) == "1":
         return None
     check_tracking(spec)
@@ -496,4 +496,5 @@ def make_callback(spec: Any, exp_dir: Path, resume: bool) -> MlflowTracker | Non
         parent_tags=tags,
         parent_params=flatten_params(params),
         resume=resume,
+        expected=expected,
     )

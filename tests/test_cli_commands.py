@@ -370,6 +370,7 @@ def test_predict_min_score_out_of_range_is_bad_input(study, bundle):
     [
         ("not-an-image", ["notes.txt", "not an image"]),
         ("device", ["--device", "'tpu'", "cpu"]),
+        ("cuda-index", ["--device", "'cuda:99'", "CUDA device(s) here", "cpu"]),
         ("out-holds-other-files", ["--out", "not an earlier predict's"]),
         ("folder", ["a folder, not an image file"]),
     ],
@@ -383,6 +384,7 @@ def test_predict_bad_image_or_device_is_bad_input(study, bundle, tmp_path, case,
     args = {
         "not-an-image": [str(text)],
         "device": [str(study["images"][0]), "--device", "tpu"],
+        "cuda-index": [str(study["images"][0]), "--device", "cuda:99"],
         "out-holds-other-files": [str(study["images"][0])],
         "folder": [str(study["images"][0].parent)],
     }[case]

@@ -246,3 +246,24 @@ def test_mask_map_matches_cocoeval_run_directly(split):
     assert 0.0 < m["map"] < 1.0
     for key, i in {"map": 0, "map50": 1, "map75": 2}.items():
         assert m[key] == pytest.approx(ref.stats[i], abs=1e-12), key
+
+
+@pytest.mark.parametrize("task", ["detection", "instance_segmentation"])
+def test_evaluate_reports_every_objective_the_spec_accepts(split, task):
+    """Each of the task's objectives (spec.TASK_METRICS) is in what a trial's evaluation returns."""
+    from search.spec import TASK_METRICS
+    from trainables import engine
+
+    path, root = split
+    index = load_coco(path, root, task=task)
+
+    class Model(torch.nn.Module):
+        def forward(self, images):
+            out = {"boxes": torch.tensor([[10.0, 10, 50, 40]]), "labels": torch.tensor([1])}
+            out |= {"scores": torch.tensor([0.9]), "masks": torch.ones(1, 1, *images[0].shape[-2:])}
+            return [out for _ in images]
+
+    loader = [([torch.zeros(3, 100, 100)], [{"image_id": 1}]), ([torch.zeros(3, 80, 100)], [{"image_id": 2}])]
+    metrics = engine.evaluate(Model(), loader, index, device=torch.device("cpu"), task=task)
+    assert set(TASK_METRICS[task]) <= set(metrics), set(TASK_METRICS[task]) - set(metrics)
+    assert metrics["map50"] > 0 and metrics["mar100"] > 0

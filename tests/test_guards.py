@@ -392,6 +392,17 @@ def test_booleans_are_yaml_1_2s(text, value):
     assert guards.load_yaml(f"a: {text}") == {"a": value}
 
 
+@pytest.mark.parametrize(
+    "text, value",
+    [("010", 10), ("-7", -7), ("+3", 3), ("0o17", 15), ("0x1F", 31), ("1:30", "1:30"), ("0b11", "0b11")]
+    + [("1_000", "1_000"), ("1e-4", 1e-4), ("1.5", 1.5)],
+)
+def test_integers_are_yaml_1_2s(text, value):
+    """010 is ten (YAML 1.1 read octal 8: ``seed: 010`` became 8), 1:30 is no base-60 number."""
+    loaded = guards.load_yaml(f"a: {text}")["a"]
+    assert loaded == value and type(loaded) is type(value)
+
+
 def test_amp_off_and_a_yes_for_a_bool_key_load():
     spec = load_spec(DET, ["train.amp=off", "train.eval_base=no"])
     assert spec.train.amp == "off" and spec.train.eval_base is False  # pydantic reads 'no' as False

@@ -104,7 +104,7 @@ def test_study_search_states(tmp_path):
     import optuna
 
     from search.searcher import StudySearch, journal_storage, load_study
-    from search.space import parse_space
+    from search.space_parse import parse_space
 
     space = parse_space({"lr": {"low": 1e-3, "high": 1e-1, "log": True}, "optimizer": "sgd"})
     journal = tmp_path / "optuna.journal"
@@ -230,10 +230,11 @@ def test_dry_run(data_dir, capsys):
         data_dir,
         "dry",
         {"optimizer": {"choices": ["sgd", "adamw"]}, "lr": 0.01},
-        {"algorithm": "tpe", "num_trials": 4},
+        {"algorithm": "tpe", "num_trials": 4, "n_startup_trials": 4},
     )
     assert main(["launch", str(spec), "--dry-run"]) == 0
     out = capsys.readouterr().out
+    assert "  note: search.n_startup_trials 4 >= search.num_trials 4: every trial" in out
     assert "2 branch configuration(s)" in out and "plan: 4 trials x 2 epochs, 2 at a time" in out
     assert "estimate:" in out and '"optimizer": "adamw"' in out
     # what the launch would run: the search and the reference trial (sgd, the recipe's optimizer)

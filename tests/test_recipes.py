@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from search.space import parse_space
+from search.space_parse import parse_space
 from search.spec import load_spec
 from trainables import families, recipes
 

@@ -221,6 +221,10 @@ def test_promote_registers_alias_and_lineage(study, capsys):
     assert sha256_file(other) == sha256_file(weights)
     with pytest.raises(registry.RegistryError, match="cannot resolve models:/tiny-det@nope"):
         registry.resolve_model_uri("models:/tiny-det@nope", uri, cache_dir=study["root"] / "cache")
+    fresh = study["root"] / "fresh-cache"  # a run that does not exist: no folder left behind
+    with pytest.raises(registry.RegistryError, match="cannot resolve runs:/0123456789abcdef/bundle"):
+        registry.resolve_model_uri("runs:/0123456789abcdef/bundle", uri, cache_dir=fresh)
+    assert not fresh.exists()
     # a spec with it as base: validate resolves it as launch does (it once said the "weights file
     # 'models:/tiny-det@champion' does not exist" while launch --dry-run accepted it)
     path = write_spec(study["root"], "tiny-next")
@@ -445,3 +449,24 @@ def test_lineage_without_an_mlflow_parent_comes_from_the_spec(tmp_path):
     backbone.write_bytes(b"weights")
     spec.model.weights, spec.model.weights_backbone = None, str(backbone)
     assert facts.base_weights_sha256(spec) == f"backbone:{sha256_file(backbone)}"
+
+
+def test_a_trial_suffix_shared_by_two_scored_trials_is_ambiguous(tmp_path):
+    ids = ["t_00001", "t_00011", "t_00002"]
+    trials = {
+        i: {
+            "id": i,
+            "index": n,
+            "params": {},
+            "state": S.COMPLETE,
+            "best_metric": 0.1 * (n + 1),
+            "best_epoch": 1,
+        }
+        for n, i in enumerate(ids)
+    }
+    S.write_study(tmp_path, {"metric": "map", "mode": "max", "status": "finished", "trials": trials})
+    with pytest.raises(select.SelectError, match="'1' is ambiguous: t_00011, t_00001"):
+        select.choose_trial(tmp_path, "1")  # both have a best metric: not "has no best metric"
+    assert select.choose_trial(tmp_path, "00011")["id"] == "t_00011"
+    with pytest.raises(select.SelectError, match="no trial '3'"):
+        select.choose_trial(tmp_path, "3")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from search.errors import SpecError, did_you_mean
-from search.space import parse_space
-from search.spec import build_spec
+from search.space_parse import parse_space
+from search.spec import build_spec, load_spec
 from tests.test_spec import ROOT, spec_dict
 
 
@@ -60,6 +60,10 @@ def test_an_int_range_with_a_fractional_step_names_the_step():
     with pytest.raises(SpecError) as err:
         build_spec(spec_dict(**{"space.step_epochs": {"low": 1, "high": 4, "step": 1.5}}), ROOT)
     assert "fractional step" in err.value.message and "whole-number step" in err.value.fix
+    with pytest.raises(SpecError) as err:  # whole bounds written as floats: not "a fractional step"
+        build_spec(spec_dict(**{"space.step_epochs": {"low": 1.0, "high": 4.0}}), ROOT)
+    assert "low 1.0 and high 4.0 written as floats" in err.value.message
+    assert err.value.fix == "write low: 1, high: 4."
 
 
 def test_did_you_mean_ignores_case():
@@ -127,3 +131,55 @@ def test_trainable_k_at_most_the_backbones_stages(value, refused):
         and "has 5 stages" in str(err.value)
         and "at most 5" in err.value.fix
     )
+
+
+def test_when_compares_values_as_the_choices_do():
+    """1 and 1.0 are one value in a when, as in choices; True is not 1."""
+    space = parse_space(
+        {"momentum": {"choices": [0.5, 1.0]}, "nesterov": {"choices": [True, False], "when": {"momentum": 1}}}
+    )
+    nesterov = space.by_name["nesterov"]
+    assert space.is_active(nesterov, {"momentum": 1.0}) and not space.is_active(nesterov, {"momentum": True})
+    with pytest.raises(SpecError, match="flag can never take"):
+        parse_space({"flag": {"choices": [True, False]}, "p": {"choices": [1, 2], "when": {"flag": 1}}})
+
+
+def test_grid_points_and_defaults_sit_on_the_step_without_float_drift():
+    space = parse_space(
+        {"lr": {"low": 0.1, "high": 0.3, "step": 0.1}, "momentum": {"low": 0.8, "high": 0.95, "step": 0.05}}
+    )
+    assert space.grid() == {"lr": [0.1, 0.2, 0.3], "momentum": [0.8, 0.85, 0.9, 0.95]}
+    assert space.defaults() == {"lr": 0.2, "momentum": 0.85}
+    assert space.project({"momentum": 0.9, "lr": 1.0}) == {"momentum": 0.9, "lr": 0.3}
+
+
+def test_grid_search_refuses_a_parameter_that_acts_only_in_one_branch():
+    sets = ["search.algorithm=grid", "search.reference_trial=false"]
+    branch = "momentum: {low: 0.8, high: 0.9, step: 0.05, when: {optimizer: sgd}}"
+    with pytest.raises(SpecError) as err:
+        load_spec(
+            ROOT / "spaces/det.yaml", [*sets, f"space={{optimizer: {{choices: [sgd, adamw]}}, {branch}}}"]
+        )
+    assert (
+        err.value.key == "space.momentum.when" and "when optimizer is sgd would repeat" in err.value.message
+    )
+    spec = load_spec(ROOT / "spaces/det.yaml", [*sets, f"space={{optimizer: sgd, {branch}}}"])  # always acts
+    assert spec.search_space.grid() == {"momentum": [0.8, 0.85, 0.9]}
+
+
+def test_branches_keep_a_fixed_parent_and_force_only_values_it_can_take():
+    """The dry run's branches: a branch under a fixed parent's other value is never built (the
+    study runs the constant); a when listing a value the parent cannot take forces one it can."""
+    space = parse_space(
+        {"optimizer": "adamw", "nesterov": {"choices": [True, False], "when": {"optimizer": "sgd"}}}
+    )
+    assert space.branch_configs() == [{"optimizer": "adamw"}]
+    space = parse_space(
+        {
+            "optimizer": {"choices": ["sgd", "adamw"]},
+            "nesterov": {"choices": [True, False], "when": {"optimizer": ["lion", "sgd"]}},
+        }
+    )
+    configs = space.branch_configs()
+    assert {c["optimizer"] for c in configs} == {"sgd", "adamw"}
+    assert {c.get("nesterov") for c in configs} >= {True, False}

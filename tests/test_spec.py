@@ -14,7 +14,7 @@ import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from search.errors import SpecError
-from search.space import parse_space
+from search.space_parse import parse_space
 from search.spec import apply_override, build_spec, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]

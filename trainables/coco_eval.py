@@ -23,7 +23,7 @@ from pycocotools.cocoeval import COCOeval
 
 from trainables.coco import CocoIndex, ImageRecord
 
-_STAT_KEYS = {"map": 0, "map50": 1, "map75": 2, "map_small": 3, "map_medium": 4, "map_large": 5, "mar100": 8}
+BOX_METRICS = {"map": 0, "map50": 1, "map75": 2, "map_small": 3, "map_medium": 4, "map_large": 5, "mar100": 8}
 
 
 def evaluate_detections(
@@ -40,7 +40,7 @@ def evaluate_detections(
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    out: dict[str, Any] = {k: float(evaluator.stats[i]) for k, i in _STAT_KEYS.items()}
+    out: dict[str, Any] = {k: float(evaluator.stats[i]) for k, i in BOX_METRICS.items()}
     out["ap_per_class"] = _ap_per_class(index, evaluator)
     return out
 
@@ -139,7 +139,7 @@ def _ap_per_class(index: CocoIndex, evaluator: COCOeval) -> dict[str, float]:
 
 
 def _empty_metrics(index: CocoIndex, predictions: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {k: 0.0 for k in _STAT_KEYS}
+    out: dict[str, Any] = {k: 0.0 for k in BOX_METRICS}
     ids = {int(p["image_id"]) for p in predictions} or {r.id for r in index.images}
     present = {a.label for r in index.images if r.id in ids for a in r.anns if not a.iscrowd}
     names = index.class_names

@@ -114,8 +114,8 @@ SEMANTIC_METRICS = ("miou", "fg_miou", "pixel_acc", "dice")
 
 @torch.inference_mode()
 def evaluate(model: Any, loader: Any, index: Any, *, device: torch.device, task: str) -> dict[str, Any]:
-    """Metrics on ``loader``: ``map, map50, map75`` (boxes; plus ``mask_map*`` for instance
-    segmentation) via COCOeval, or ``miou, fg_miou, pixel_acc, dice`` for semantic segmentation."""
+    """Metrics on ``loader``: ``map, map50, map75, map_small, map_medium, map_large, mar100``
+    (boxes; plus ``mask_map, mask_map50, mask_map75`` for instance segmentation) via COCOeval, or ``miou, fg_miou, pixel_acc, dice`` for semantic segmentation."""
     model.eval()
     semantic = task == "semantic_segmentation"
     meter = coco_eval.SegmentationMeter(len(index.class_names) + 1) if semantic else None
@@ -135,7 +135,7 @@ def evaluate(model: Any, loader: Any, index: Any, *, device: torch.device, task:
     if semantic:
         return {k: v for k, v in meter.compute().items() if k in SEMANTIC_METRICS}
     box = coco_eval.evaluate_detections(index, predictions, iou_type="bbox")
-    metrics = {k: box[k] for k in ("map", "map50", "map75")}
+    metrics = {k: box[k] for k in coco_eval.BOX_METRICS}
     if task == "instance_segmentation":
         segm = coco_eval.evaluate_detections(index, predictions, iou_type="segm")
         metrics |= {f"mask_{k}": segm[k] for k in ("map", "map50", "map75")}

@@ -175,9 +175,9 @@ def resolve(values: dict[str, Any]) -> dict[str, Any]:
 STEP_ONLY = ("step_epochs", "step_gamma")  # read by the ``step`` schedule alone
 
 
-_ACTS_WHEN = {  # parameters that act only beside another's value
-    "trainable_k": lambda v: v.get("trainable", "all") == "backbone_last_k",
-    "activation_scope": lambda v: v.get("activation", "keep") != "keep",
+_ACTS_WHEN = {  # parameters that act only beside another's value: (that parameter, when it acts)
+    "trainable_k": ("trainable", lambda v: v.get("trainable", "all") == "backbone_last_k"),
+    "activation_scope": ("activation", lambda v: v.get("activation", "keep") != "keep"),
 }
 
 
@@ -189,7 +189,7 @@ def controller(name: str) -> str | None:
         return "optimizer"
     if name in STEP_ONLY:
         return "schedule"
-    return {"trainable_k": "trainable", "activation_scope": "activation"}.get(name)
+    return _ACTS_WHEN[name][0] if name in _ACTS_WHEN else None
 
 
 def in_effect(values: dict[str, Any], task: str | None = None) -> dict[str, Any]:
@@ -206,7 +206,7 @@ def in_effect(values: dict[str, Any], task: str | None = None) -> dict[str, Any]
             continue
         if name in STEP_ONLY and values.get("schedule") != "step":
             continue
-        if name in _ACTS_WHEN and not _ACTS_WHEN[name](values):
+        if name in _ACTS_WHEN and not _ACTS_WHEN[name][1](values):
             continue
         out[name] = value
     return out

@@ -163,12 +163,12 @@ def _check_space(spec: Spec) -> None:
                 "use choices: [...] or a fixed value.",
             )
         if dim.kind == "float" and row.kind == "int":
-            whole = all(float(v).is_integer() for v in (dim.low, dim.high))
-            what, fix = (
-                ("a fractional step", "use a whole-number step")
-                if whole
-                else ("float bounds", "use integer low/high")
-            )
+            what, fix = ("float bounds", "use integer low/high")
+            if all(float(v).is_integer() for v in (dim.low, dim.high)):
+                what = f"low {dim.low!r} and high {dim.high!r} written as floats"
+                fix = f"write low: {int(dim.low)}, high: {int(dim.high)}"
+                if dim.step is not None and not float(dim.step).is_integer():
+                    what, fix = ("a fractional step", "use a whole-number step")
             raise SpecError(key, f"{dim.name} is an integer parameter, but got {what}.", f"{fix}.")
 
 
@@ -239,6 +239,16 @@ def _check_search(spec: Spec, study: bool = True) -> None:
                     f"grid search needs a finite grid with a stated spacing, but this {dim.kind} has "
                     "no step.",
                     "add step: or use choices:.",
+                )
+        space, fixed = spec.search_space, spec.search_space.constants()
+        for dim in space.searched:
+            if dim.when and not (all(k in fixed for k in dim.when) and space.is_active(dim, fixed)):
+                when = " and ".join(f"{k} is {' or '.join(map(str, v))}" for k, v in dim.when.items())
+                raise SpecError(
+                    f"space.{dim.name}.when",
+                    "grid search runs every combination of the searched values, so a parameter that "
+                    f"acts only when {when} would repeat the other trials' configurations.",
+                    f"fix space.{dim.name} (or drop its when), or use another search.algorithm.",
                 )
         points = 1
         for values in spec.search_space.grid().values():

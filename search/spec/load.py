@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from search import guards
 from search.errors import SpecError, did_you_mean, short
-from search.space import parse_space
+from search.space_parse import parse_space
 from search.spec.checks import check_data, check_spec
 from search.spec.schema import ENUM_NAME, FIX, Spec
 

@@ -7,6 +7,7 @@ Names of plug-in families are not listed here: they are checked against their ta
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -169,10 +170,12 @@ class SearchSection(_Section):
                 raise ValueError(
                     f"must be seconds or a duration like 90s, 10m, 2h, but got {v!r}{FIX}write e.g. 45m."
                 )
-            return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+            seconds = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+            if seconds > 0:
+                return seconds
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf):
             raise ValueError(
-                f"must be a positive number of seconds, but got {v!r}{FIX}write e.g. 2700 or 45m."
+                f"must be a positive, finite number of seconds, but got {v!r}{FIX}write e.g. 2700 or 45m."
             )
         return v
 
@@ -284,8 +287,7 @@ class Spec(_Section):
         """``names`` without those that have no effect in the reference trial (``trainable_k``
         beside ``trainable: all``, momentum under a fixed AdamW, ...; :func:`trainables.params.in_effect`
         on its projected and fixed values), unless what decides that is itself left to the sampler."""
-        fixed = {d.name: d.value for d in self.search_space.dims if d.kind == "fixed"}
-        trial = trial_params.resolve({**fixed, **(self.reference_params() or {})})
+        trial = trial_params.resolve({**self.search_space.constants(), **(self.reference_params() or {})})
         acting = trial_params.in_effect(trial, self.task)
         return {
             k: v
@@ -301,9 +303,6 @@ class Spec(_Section):
             return None
         fam = families.family_of(self.model.arch)
         return recipes.recipe_for(fam.name if fam else None)
-
-    def _reference_values(self) -> dict[str, Any]:
-        return self._recipe_values(self.search.reference_scaling[0])
 
     def _recipe_values(self, scaling: str) -> dict[str, Any]:
         """The recipe's values for this spec's batch and epochs, its lr scaled by ``scaling``."""

@@ -15,9 +15,9 @@ def test_checkpoint_code_pickle_refused_on_resume(tmp_path):
     """A Ray checkpoint replaced by a code-running pickle: the trial's resume refuses it, naming it."""
     import torch
 
-    from tests.tinydata import make_tiny_coco
+    from tests.tinydata import make_tiny_coco, trial_config
     from trainables import checkpoint
-    from trainables.config import DataSplit, TrialConfig
+    from trainables.config import DataSplit
     from trainables.params import resolve
     from trainables.trial import run_trial
 
@@ -25,18 +25,7 @@ def test_checkpoint_code_pickle_refused_on_resume(tmp_path):
     evil = tmp_path / "latest.pt"
     torch.save({"format": 1, "model": Evil(str(marker))}, evil)  # torch.save's own pickle format
     images, ann = make_tiny_coco(tmp_path / "data", n_images=4, size=64)
-    cfg = TrialConfig(
-        task="detection",
-        arch="ssdlite320_mobilenet_v3_large",
-        train=DataSplit(images, ann),
-        val=DataSplit(images, ann),
-        out_dir=tmp_path / "out",
-        image_size=64,
-        epochs=1,
-        batch_size=2,
-        device="cpu",
-        metric="map50",
-    )
+    cfg = trial_config(DataSplit(images, ann), tmp_path / "out", image_size=64, epochs=1, metric="map50")
     with pytest.raises(checkpoint.CheckpointError, match="refused by torch.load") as err:
         run_trial(cfg, resolve({}), resume_from=evil)
     assert str(evil) in str(err.value) and "\n" not in str(err.value)
@@ -55,8 +44,9 @@ def test_checkpoint_wrong_architecture_lists_keys(tmp_path):
     """A full checkpoint of another architecture: missing and unexpected keys, no unpickling surprise."""
     import torchvision
 
+    from tests.tinydata import trial_config
     from trainables import checkpoint
-    from trainables.config import DataSplit, TrialConfig
+    from trainables.config import DataSplit
     from trainables.params import resolve
 
     model = torchvision.models.resnet18(weights=None)
@@ -72,16 +62,7 @@ def test_checkpoint_wrong_architecture_lists_keys(tmp_path):
         trainable_only=False,
     )
     assert checkpoint.load(path)["epoch"] == 1
-    split = DataSplit(tmp_path, tmp_path)
-    cfg = TrialConfig(
-        task="detection",
-        arch="ssdlite320_mobilenet_v3_large",
-        train=split,
-        val=split,
-        out_dir=tmp_path,
-        image_size=64,
-        device="cpu",
-    )
+    cfg = trial_config(DataSplit(tmp_path, tmp_path), tmp_path, image_size=64)
     with pytest.raises(RuntimeError) as err:
         checkpoint.load_trained(cfg, resolve({}), 3, path)
     text = str(err.value)

@@ -123,6 +123,8 @@ EXTRA = [
     _case("space-not-mapping", {"space": ["lr"]}, "space", "mapping"),
     _case("seed-negative", {"train.seed": -1}, "train.seed", "greater than or equal"),
     _case("time-budget-negative", {"search.time_budget": -5}, "search.time_budget", "positive"),
+    _case("time-budget-zero-text", {"search.time_budget": "0s"}, "search.time_budget", "positive"),
+    _case("time-budget-nan", {"search.time_budget": float("nan")}, "search.time_budget", "finite"),
     _case("n-startup-negative", {"search.n_startup_trials": -1}, "search.n_startup_trials", "greater than"),
     _case("lr-fixed-text", {"space.lr": "fast"}, "space.lr", "fast"),
     # missing or unusable files

@@ -1,0 +1,218 @@
+"""Parsing a spec's ``space`` mapping into a :class:`~search.space.SearchSpace`: each error a
+:class:`SpecError` naming its key path (the forms are listed in :mod:`search.space`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from search.errors import SpecError, short, unknown_name
+from search.space import Dim, SearchSpace, one_of, topological
+from search.space_words import as_bool, bool_words
+
+KINDS = ("float", "int", "categorical", "fixed")
+_KEYS = {"type", "low", "high", "log", "step", "choices", "value", "when"}
+_SCALAR = (bool, int, float, str, type(None))
+
+
+def parse_space(
+    raw: Any, key: str = "space", kind_of: Callable[[str], str | None] | None = None
+) -> SearchSpace:
+    """Parse a spec's ``space`` mapping; raises :class:`SpecError` naming the key path.
+    ``kind_of(name)``: a parameter's own type ("float", "int"; None when unknown), which a range
+    without ``type`` takes (else int when both bounds are integers)."""
+    if raw is None:
+        return SearchSpace([])
+    if not isinstance(raw, dict):
+        raise SpecError(key, f"must be a mapping of parameter name to definition, but got {short(raw)}.")
+    kind_of = kind_of or (lambda name: None)
+    dims = [parse_dim(str(name), body, f"{key}.{name}", kind_of(str(name))) for name, body in raw.items()]
+    _check_conditions(dims, key)
+    return SearchSpace(dims)
+
+
+def parse_dim(name: str, body: Any, key: str, own_kind: str | None = None) -> Dim:
+    """One dimension from its YAML body (``own_kind``: the parameter's type, see parse_space)."""
+    if not name or name != name.strip():
+        raise SpecError(key, f"parameter name must be non-empty without spaces, but got {name!r}.")
+    if own_kind == "bool":  # nesterov: no (YAML 1.2 reads the word as a string)
+        body = bool_words(body)
+    if isinstance(body, _SCALAR):
+        return Dim(name, "fixed", value=body)
+    if isinstance(body, list):
+        raise SpecError(
+            key, f"a bare list is ambiguous, got {short(body)}.", f"write {{choices: {short(body)}}}."
+        )
+    if not isinstance(body, dict):
+        raise SpecError(key, f"must be a value or a mapping, but got {short(body)}.")
+    extra = set(body) - _KEYS
+    if extra:
+        raise unknown_name(f"{key}.{sorted(extra)[0]}", sorted(extra)[0], _KEYS, "key", is_key=True)
+    when = _parse_when(body.get("when"), f"{key}.when")
+    kind = _kind(body, key, own_kind)
+    if kind == "fixed":
+        if "value" not in body:
+            raise SpecError(key, "type fixed needs a value.", "add value: X.")
+        return Dim(name, "fixed", value=_scalar(body["value"], f"{key}.value"), when=when)
+    if kind == "categorical":
+        return Dim(name, "categorical", choices=_choices(body.get("choices"), f"{key}.choices"), when=when)
+    return _numeric(name, kind, body, key, when)
+
+
+def _kind(body: dict[str, Any], key: str, own_kind: str | None = None) -> str:
+    kind = body.get("type")
+    if kind is not None:
+        if kind not in KINDS:
+            raise unknown_name(f"{key}.type", kind, KINDS, "type")
+        return kind
+    if "choices" in body:
+        return "categorical"
+    if "value" in body:
+        return "fixed"
+    if "low" in body or "high" in body:
+        ints = all(
+            isinstance(body.get(b), int) and not isinstance(body.get(b), bool) for b in ("low", "high")
+        )
+        step = body.get("step")
+        ints = ints and (step is None or isinstance(step, int))
+        if own_kind in ("float", "int"):  # grad_clip: {low: 1, high: 10} is a float range
+            return "int" if own_kind == "int" and ints else "float"
+        return "int" if ints and not body.get("log") else "float"
+    raise SpecError(key, "cannot tell the parameter's type.", "give low/high, choices, value, or type.")
+
+
+def _numeric(name: str, kind: str, body: dict[str, Any], key: str, when: dict) -> Dim:
+    for bound in ("low", "high"):
+        if bound not in body:
+            raise SpecError(key, f"a {kind} parameter needs {bound}.", f"add {bound}: <number>.")
+        value, at = body[bound], f"{key}.{bound}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise SpecError(
+                at, f"must be a finite number, but got {short(value)}.", "write a number, e.g. 1.0e-3."
+            )
+        if kind == "int" and not float(value).is_integer():
+            why, fix = (
+                f"an int parameter needs integer bounds, but got {value!r}.",
+                "use whole numbers or type: float.",
+            )
+            raise SpecError(at, why, fix)
+    low, high = body["low"], body["high"]
+    log = as_bool(body.get("log", False), f"{key}.log")
+    step = body.get("step")
+    if low >= high:
+        raise SpecError(
+            key,
+            f"low < high must hold, but got low={low!r} and high={high!r}.",
+            "swap them, or use a fixed value for a single value.",
+        )
+    if log and low <= 0:
+        raise SpecError(
+            f"{key}.low",
+            f"low > 0 must hold when log is true, but got low={low!r}.",
+            "use a positive low, or set log: false.",
+        )
+    if step is not None:
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or not step > 0:
+            raise SpecError(
+                f"{key}.step", f"step > 0 must hold, but got step={short(step)}.", "use a positive step."
+            )
+        if log:
+            raise SpecError(f"{key}.step", "step cannot be combined with log: true.", "drop one of them.")
+        if kind == "int" and not float(step).is_integer():
+            raise SpecError(
+                f"{key}.step",
+                f"an int parameter needs an integer step, but got {step!r}.",
+                "use a whole-number step, or type: float.",
+            )
+        _check_step_divides(low, high, step, key)
+    if kind == "int":
+        low, high = int(low), int(high)
+        step = int(step) if step is not None else None
+    else:
+        low, high = float(low), float(high)
+        step = float(step) if step is not None else None
+    return Dim(name, kind, low=low, high=high, log=log, step=step, when=when)
+
+
+def _scalar(value: Any, key: str) -> Any:
+    if not isinstance(value, _SCALAR):
+        raise SpecError(key, f"must be a number, string, boolean or null, but got {short(value)}.")
+    return value
+
+
+def _choices(raw: Any, key: str) -> tuple[Any, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise SpecError(
+            key, f"choices must be a non-empty list, but got {short(raw)}.", "list at least one value."
+        )
+    for i, item in enumerate(raw):
+        _scalar(item, f"{key}[{i}]")
+    seen: list[Any] = []
+    for item in raw:
+        if one_of(item, seen):
+            raise SpecError(
+                key, f"choices must be distinct, but {item!r} appears twice.", "remove the duplicate."
+            )
+        seen.append(item)
+    return tuple(raw)
+
+
+def _parse_when(raw: Any, key: str) -> dict[str, tuple[Any, ...]]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not raw:
+        raise SpecError(
+            key,
+            f"must be a mapping of parameter to value(s), but got {short(raw)}.",
+            "write e.g. when: {optimizer: sgd}.",
+        )
+    out = {}
+    for name, values in raw.items():
+        values = values if isinstance(values, list) else [values]
+        if not values:
+            raise SpecError(f"{key}.{name}", "lists no value, so the parameter could never be active.")
+        out[str(name)] = tuple(_scalar(v, f"{key}.{name}") for v in values)
+    return out
+
+
+def _check_conditions(dims: list[Dim], key: str) -> None:
+    by_name = {d.name: d for d in dims}
+    for dim in dims:
+        for name, allowed in dim.when.items():
+            where = f"{key}.{dim.name}.when.{name}"
+            if name == dim.name:
+                raise SpecError(where, "a parameter cannot depend on itself.")
+            if name not in by_name:
+                raise unknown_name(where, name, by_name, "parameter in when")
+            other = by_name[name]
+            possible = [v for v in allowed if other.can_take(v)]
+            # A fixed parent (often pinned with --set) simply leaves the parameter inactive.
+            if not possible and other.kind != "fixed":
+                can = (
+                    list(other.choices)
+                    if other.kind == "categorical"
+                    else ([other.value] if other.kind == "fixed" else f"[{other.low}, {other.high}]")
+                )
+                raise SpecError(
+                    where,
+                    f"{name} can never take {short(list(allowed))} (it takes {can}), so "
+                    f"{dim.name} would never be active.",
+                    f"use a value {name} can take.",
+                )
+    topological(dims, key)
+
+
+def _check_step_divides(low: float, high: float, step: float, key: str) -> None:
+    """``high - low`` a whole number of steps: else ``high`` is never sampled (Optuna lowers it
+    with a warning) and the range validate prints is not the one searched."""
+    n = (high - low) / step
+    if abs(n - round(n)) > 1e-9 * max(1.0, abs(n)) or round(n) < 1:
+        top = low + math.floor(n + 1e-9) * step
+        fix = f"set high: {top:g} (low + a whole number of steps)" if top > low else "use a smaller step"
+        raise SpecError(
+            f"{key}.step",
+            f"high - low must be a whole number of steps (at least one), but got low={low!r}, "
+            f"high={high!r}, step={step!r}.",
+            f"{fix}.",
+        )

@@ -1,0 +1,41 @@
+"""Settings that are valid but do nothing in this spec: one line each, said by ``validate``, the
+dry run and the launch header (they refuse nothing: a ``--set`` that turns the reference trial
+off should not have to clear its scaling rules too)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from search.samplers import MODEL_BASED, grid_size
+
+
+def spec_notes(spec: Any) -> list[str]:
+    """One line per setting without effect: the recipe's lr scaling rules without a recipe
+    trial, a start-up as long as the study (a model-based sampler that never models), a start-up
+    given to a sampler without one, more trials than the grid has points."""
+    s = spec.search
+    out = []
+    if s.reference_scaling != ["linear"] and not spec.recipe_trials():
+        why = "the recipe sets none of the searched parameters"
+        if s.reference_trial is False:
+            why = "search.reference_trial is false"
+        elif s.algorithm == "grid":
+            why = "grid search takes no recipe trial"
+        elif spec._recipe() is None:
+            why = f"{spec.model.arch} has no reference recipe"
+        out.append(f"search.reference_scaling {s.reference_scaling} has no effect: {why}.")
+    given = s.n_startup_trials is not None
+    if given and s.algorithm in MODEL_BASED and s.n_startup_trials >= s.num_trials:
+        out.append(
+            f"search.n_startup_trials {s.n_startup_trials} >= search.num_trials {s.num_trials}: every "
+            f"trial is a random start-up (or recipe) trial, so {s.algorithm} never proposes one from a "
+            "model (this is random search)."
+        )
+    elif given and s.algorithm not in MODEL_BASED:
+        out.append(f"search.n_startup_trials has no effect: {s.algorithm} has no start-up trials.")
+    if s.algorithm == "grid" and (points := grid_size(spec.search_space.grid())) < s.num_trials:
+        out.append(
+            f"search.num_trials {s.num_trials}: the grid has {points} point(s), so the study runs "
+            f"{points} trials."
+        )
+    return out

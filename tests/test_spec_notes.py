@@ -1,0 +1,80 @@
+"""Settings that are valid but do nothing: one note each, said by validate, the dry run and launch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from search.cli import main
+from search.spec import load_spec
+from search.spec.notes import spec_notes
+
+ROOT = Path(__file__).resolve().parents[1]
+DET, SEG = ROOT / "spaces/det.yaml", ROOT / "spaces/seg.yaml"
+GRID = "space={lr: {choices: [0.01, 0.02]}, optimizer: {choices: [sgd, adamw]}}"
+
+
+@pytest.mark.parametrize(
+    ("spec", "sets", "said"),
+    [
+        (SEG, [], []),
+        (SEG, ["search.n_startup_trials=2"], []),  # a start-up shorter than the study
+        (SEG, ["search.reference_trial=false"], []),  # the default rule: nothing to say
+        (
+            SEG,
+            ["search.reference_trial=false", "search.reference_scaling=[linear, sqrt]"],
+            ["search.reference_scaling ['linear', 'sqrt'] has no effect: search.reference_trial is false."],
+        ),
+        (
+            DET,
+            ["search.algorithm=grid", GRID, "search.num_trials=4", "search.reference_scaling=[sqrt]"],
+            ["search.reference_scaling ['sqrt'] has no effect: grid search takes no recipe trial."],
+        ),
+        (
+            SEG,
+            ["search.num_trials=4", "search.n_startup_trials=4"],
+            [
+                "search.n_startup_trials 4 >= search.num_trials 4: every trial is a random start-up (or "
+                "recipe) trial, so tpe never proposes one from a model (this is random search)."
+            ],
+        ),
+        (SEG, ["search.algorithm=gp", "search.num_trials=4", "search.n_startup_trials=3"], []),
+        (
+            SEG,
+            ["search.algorithm=qmc", "search.n_startup_trials=3"],
+            ["search.n_startup_trials has no effect: qmc has no start-up trials."],
+        ),
+        (
+            DET,
+            ["search.algorithm=grid", GRID, "search.num_trials=9"],
+            ["search.num_trials 9: the grid has 4 point(s), so the study runs 4 trials."],
+        ),
+        (DET, ["search.algorithm=grid", GRID, "search.num_trials=4"], []),
+    ],
+)
+def test_a_setting_without_effect_is_noted(spec, sets, said):
+    assert spec_notes(load_spec(spec, sets)) == said
+
+
+def test_validate_says_the_notes_in_text_and_json(capsys):
+    sets = ["--set", "search.algorithm=random", "--set", "search.n_startup_trials=3"]
+    assert main(["validate", str(SEG), "--quick", *sets]) == 0
+    text = capsys.readouterr().out
+    assert "  note: search.n_startup_trials has no effect: random has no start-up trials.\n" in text
+    assert main(["validate", str(SEG), "--quick", "--json", *sets]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["notes"] == ["search.n_startup_trials has no effect: random has no start-up trials."]
+    assert main(["validate", str(SEG), "--quick", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["notes"] == []
+
+
+def test_the_launch_header_says_the_notes(tmp_path, capsys):
+    from search.launcher import _print_header
+
+    spec = load_spec(DET, ["search.algorithm=grid", GRID, "search.num_trials=9"])
+    _print_header(spec, tmp_path, {"nodes": 1, "hosts": ["here"]})
+    out = capsys.readouterr().out
+    assert "grid + auto (curve), 4 trials x" in out
+    assert "  note: search.num_trials 9: the grid has 4 point(s), so the study runs 4 trials.\n" in out
