@@ -226,6 +226,24 @@ def lock_holder_alive(exp_dir: Path) -> bool | None:
     return True
 
 
+def lock_held(exp_dir: Path) -> bool:
+    """Whether a launch or resume holds the study's lock now (a non-blocking shared ``flock``
+    on it fails: no guess from a pid, which may be reused or belong to a process done with it)."""
+    import fcntl
+
+    try:
+        fd = os.open(Path(exp_dir) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's shared lock
+    return False
+
+
 class StudyLock:
     """An exclusive ``fcntl`` lock on ``<exp>/.search.lock`` for the life of a launch or resume.
 
@@ -233,8 +251,8 @@ class StudyLock:
     releases it when the process ends, however it ends), so a stale file never blocks.
     """
 
-    def __init__(self, exp_dir: Path):
-        self.path = Path(exp_dir) / LOCK_FILE
+    def __init__(self, exp_dir: Path, fix: str = "wait for it to end, or launch with --name NEW_NAME."):
+        self.path, self.fix = Path(exp_dir) / LOCK_FILE, fix
         self._fd: int | None = None
         self.created: list[Path] = []  # what acquire() created: the lock file, then new folders
 
@@ -261,7 +279,7 @@ class StudyLock:
                 "experiment folder",
                 f"{str(self.path.parent)!r} is in use by another launch or resume "
                 f"({holder or 'unknown holder'}).",
-                "wait for it to end, or launch with --name NEW_NAME.",
+                self.fix,
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)

@@ -15,14 +15,16 @@ codes (:class:`ClusterError` is a user error).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +36,12 @@ from search.cluster import check_connected, check_reachable, connect
 from search.errors import SpecError, short
 from search.failures import disk_full
 from search.guards import StudyLock, check_output, spec_inputs
+from search.launch_text import mlflow_hint, print_header, print_summary
 from search.registry import resolve_spec_weights
 from search.samplers import num_samples
-from search.schedulers import make_scheduler, scheduler_label
+from search.schedulers import make_scheduler
 from search.searcher import make_searcher
 from search.spec import MAX_NAME, NAME, Spec, build_spec, check_weights
-from search.spec.notes import spec_notes
 from search.stopping import BudgetStopper, NoStopping
 from search.study_folder import (
     install_state,
@@ -50,6 +52,9 @@ from search.study_folder import (
 from search.worker import ERROR_MARK, TEST_FAIL_ENV, train_trial
 
 log = logging.getLogger(__name__)
+
+
+RUNNING_FIX = "wait for it to end (status shows it), then resume if it was interrupted."
 
 
 def preflight(spec: Spec, address: str | None, weights: bool = True) -> None:
@@ -172,7 +177,7 @@ def launch(
         state.state["budget_s"] = budget
         state.state["num_trials"] = num_samples(spec)
         state.save()
-        _print_header(spec, exp_dir, cluster, recipe_trials)
+        print_header(spec, exp_dir, cluster, recipe_trials)
         tuner = tune.Tuner(
             _trainable(spec, exp_dir),
             tune_config=tune.TuneConfig(
@@ -235,7 +240,7 @@ def resume(
     spec = read_spec(exp_dir)
     refuse_elsewhere(spec, exp_dir)
     preflight(spec, address, weights=False)
-    lock = StudyLock(exp_dir).acquire()
+    lock = StudyLock(exp_dir, fix=RUNNING_FIX).acquire()
     started = False
     try:
         install_state(exp_dir, trust_folder)  # before anything starts: a refusal leaves it all as it was
@@ -272,7 +277,7 @@ def resume(
         run_config.stop = BudgetStopper(deadline)
         state.state["resumed"] = int(state.state.get("resumed") or 0) + 1
         state.save()
-        _print_header(spec, exp_dir, cluster, resumed=True)
+        print_header(spec, exp_dir, cluster, resumed=True)
         return _fit(tuner, spec, exp_dir, state, searcher, keep_top)
     finally:
         if started:
@@ -332,15 +337,29 @@ def _shutdown() -> None:
         pass
 
 
-def _fit(tuner, spec: Spec, exp_dir: Path, state, searcher, keep_top: int | None) -> dict[str, Any]:
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    """While Ray Tune runs, SIGTERM (``kill``, ``timeout``, a pod's deletion) is one Ctrl-C: Tune
+    stops gracefully, state saved, exit 130 (Ray's own handler aborted the driver with a C++ dump)."""
     try:
-        with durable.durable_controller(state.durable):
+        old = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    except ValueError:  # not the main thread (a test's launch): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _fit(tuner, spec: Spec, exp_dir: Path, state, searcher, keep_top: int | None) -> dict[str, Any]:
+    again = resume_command(exp_dir, keep_top)
+    try:
+        with durable.durable_controller(state.durable), _sigterm_as_ctrl_c():
             tuner.fit()
     except KeyboardInterrupt:  # a second Ctrl-C: Ray stops at once; the last checkpoints remain
         state.finish("interrupted")
-        print(
-            f"\nstopped immediately. Resume with:\n  {resume_command(exp_dir)}", file=sys.stderr, flush=True
-        )
+        print(f"\nstopped immediately. Resume with:\n  {again}", file=sys.stderr, flush=True)
         raise
     except Exception as exc:
         full = disk_full(exc)
@@ -352,7 +371,7 @@ def _fit(tuner, spec: Spec, exp_dir: Path, state, searcher, keep_top: int | None
             pass  # still full: study.json keeps the last state it could write
         raise DiskFull(
             f"{full.strerror or full} ({full.filename or exp_dir}): the study stopped; its saved state and "
-            f"checkpoints are kept. Free some space, then resume with: {resume_command(exp_dir)}"
+            f"checkpoints are kept. Free some space, then resume with: {again}"
         ) from None
     trials = state.state["trials"]
     unfinished = [t for t in trials.values() if t["state"] not in S.FINISHED_STATES]
@@ -370,6 +389,7 @@ def _fit(tuner, spec: Spec, exp_dir: Path, state, searcher, keep_top: int | None
     summary = summarize(exp_dir)
     summary["mlflow"] = mlflow_hint(spec)
     summary["interrupted"] = interrupted
+    summary["resume_command"] = again if interrupted else None
     summary["budget_reached"] = budget_hit
     print_summary(summary, spec)
     return summary
@@ -387,55 +407,6 @@ def summarize(exp_dir: Path) -> dict[str, Any]:
     out["counts"] = counts
     out["experiment_dir"] = str(exp_dir)
     return out
-
-
-def mlflow_hint(spec: Spec) -> str:
-    """How to open the study's MLflow records."""
-    uri = mlflow_store.tracking_uri(spec)
-    if uri.split(":", 1)[0].lower() in ("http", "https"):
-        return f"open {uri} (experiment {spec.tracking.experiment or spec.name})"
-    return f"python -m search ui {spec.experiment_dir}"
-
-
-def print_summary(summary: dict[str, Any], spec: Spec | None = None) -> None:
-    exp_dir = summary["experiment_dir"]
-    print("", flush=True)
-    print(
-        f"study {summary['name']}: {summary['status']}, {S.count_text(summary['counts'])}"
-        + (" (time budget reached)" if summary.get("budget_reached") else "")
-    )
-    print(f"{'trial':<13} {'state':<10} {'epochs':>6} {'best':>9}  {'disk':>9}  checkpoint")
-    for t in summary["trials"]:
-        best = t.get("best_metric")
-        print(
-            f"{t['id']:<13} {t['state']:<10} {t.get('epochs', 0):>6} "
-            f"{S.fmt(best):>9}  "
-            f"{S.human_bytes(t.get('disk_bytes')):>9}  {t.get('checkpoint') or '-'}"
-            + (f"  [{t['error']}]" if t.get("error") else "")
-        )
-    best, base = summary.get("best"), summary.get("base_metric")
-    metric = summary["metric"]
-    if best:
-        delta = ""
-        if isinstance(base, (int, float)) and isinstance(best["best_metric"], (int, float)):
-            delta = f" vs base model (epoch 0) {S.fmt(base)} ({S.fmt(best['best_metric'] - base, sign=True)})"
-        print(
-            f"best trial: {best['id']} {metric}={S.fmt(best['best_metric'])} at epoch "
-            f"{best.get('best_epoch')}{delta}"
-        )
-        if best.get("background_only"):
-            print(f"  warning: it {S.BACKGROUND_ONLY}")
-        ref = S.reference_text(summary.get("reference"), metric)
-        if ref:
-            print(f"  {ref}")
-        print(f"  params: {json.dumps(best.get('params', {}), default=str)}")
-        print(f"  checkpoint: {best.get('checkpoint')}")
-    else:
-        print("no trial produced a result.")
-    print(f"status: python -m search status {exp_dir}")
-    print(f"MLflow: {summary['mlflow']}")
-    if summary.get("interrupted"):
-        print(f"\ninterrupted: state saved. Resume with:\n  {resume_command(Path(exp_dir))}", flush=True)
 
 
 def remove_outside_top(state: dict[str, Any], k: int) -> list[str]:
@@ -461,34 +432,3 @@ def remove_outside_top(state: dict[str, Any], k: int) -> list[str]:
             t["disk_bytes"] = S.dir_size(trial_dir)
             removed.append(t["id"])
     return removed
-
-
-def _print_header(
-    spec: Spec,
-    exp_dir: Path,
-    cluster: dict[str, Any],
-    recipe_trials: Sequence[tuple[str, dict[str, Any]]] = (),
-    resumed: bool = False,
-) -> None:
-    s = spec.search
-    what = "resuming" if resumed else "launching"
-    budget = f", time budget {s.time_budget:.0f}s" if s.time_budget else ""
-    print(
-        f"{what} study {spec.name}: {s.algorithm} + {scheduler_label(s.scheduler)}, "
-        f"{num_samples(spec)} trials x "
-        f"{spec.train.epochs} epochs, {s.max_concurrent} at a time ({spec.resources.cpu:g} CPU"
-        f"{f', {spec.resources.gpu:g} GPU' if spec.resources.gpu else ''} each){budget}; "
-        f"objective {spec.objective.metric} ({spec.objective.mode})",
-        flush=True,
-    )
-    print(
-        f"  experiment folder: {exp_dir}  (cluster: {cluster['nodes']} node(s) on {len(cluster['hosts'])} "
-        f"host(s))",
-        flush=True,
-    )
-    for i, (scaling, params) in enumerate(recipe_trials):
-        print(f"  {S.recipe_plan_text(i, scaling, params)}", flush=True)
-    if recipe_trials and (unused := S.recipe_unused_text(spec.recipe_unused(), spec.recipe_overridden())):
-        print(f"  {unused}", flush=True)
-    for note in spec_notes(spec):
-        print(f"  note: {note}", flush=True)

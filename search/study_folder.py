@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from search import durable
+from search import durable, guards
 from search import study as S
 from search.errors import SpecError
 
@@ -23,16 +23,19 @@ class ExperimentExists(Exception):
     """``launch`` into a folder that already holds a study (use ``resume`` or ``--name``)."""
 
 
-def resume_command(exp_dir: Path) -> str:
-    return f"python -m search resume {exp_dir}"
+def resume_command(exp_dir: Path, keep_top: int | None = None) -> str:
+    keep = f" --keep-top {keep_top}" if keep_top is not None else ""
+    return f"python -m search resume {exp_dir}{keep}"
 
 
 def refuse_existing(exp_dir: Path) -> None:
     """:class:`ExperimentExists` when ``exp_dir`` already holds a study (launch never overwrites)."""
     if (exp_dir / S.STUDY_FILE).exists() or (exp_dir / "tuner.pkl").exists():
+        then = f"Resume it with '{resume_command(exp_dir)}'"
+        if guards.lock_held(exp_dir):  # its launch or resume runs now: a resume would be refused
+            then = "A launch or resume of it is running now"
         raise ExperimentExists(
-            f"experiment folder {exp_dir} already holds a study. Resume it with "
-            f"'{resume_command(exp_dir)}', or launch with --name NEW_NAME."
+            f"experiment folder {exp_dir} already holds a study. {then}, or launch with --name NEW_NAME."
         )
 
 

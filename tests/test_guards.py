@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from search import guards
+from search import study as S
 from search.errors import SpecError
 from search.spec import load_spec
 from tests.tinydata import make_tiny_coco, write_tiny_spec
@@ -113,6 +114,27 @@ def test_second_launch_of_a_study_exits_2_naming_the_holder(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "in use by another launch or resume" in done.stderr and f"pid {os.getpid()}" in done.stderr
     assert not (exp / "study.json").exists()
+
+
+def test_a_held_or_unbegun_folder_says_what_to_do(tmp_path, monkeypatch):
+    """A resume refused by the lock is not told to launch with --name; a launch into a running
+    study is not told to resume it; a folder a killed preflight left (the lock alone) is said so."""
+    from search import study_folder
+    from search.launcher import RUNNING_FIX
+
+    exp = tmp_path / "runs" / "held"
+    lock = guards.StudyLock(exp).acquire()
+    try:
+        with pytest.raises(guards.StudyLocked) as err:
+            guards.StudyLock(exp, fix=RUNNING_FIX).acquire()  # another descriptor: refused as a process
+        assert err.value.fix == RUNNING_FIX and "--name" not in str(err.value)
+        with pytest.raises(S.ExperimentNotFound, match="holds no study: its launch stopped before"):
+            S.resolve_experiment(exp)
+        (exp / S.STUDY_FILE).write_text("{}")
+        with pytest.raises(study_folder.ExperimentExists, match="A launch or resume of it is running now"):
+            study_folder.refuse_existing(exp)
+    finally:
+        lock.release()
 
 
 # ---------------------------------------------------------------- input that would hurt

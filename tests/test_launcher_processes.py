@@ -116,6 +116,40 @@ def test_sigint_then_resume(data_dir):
     assert sorted(t.user_attrs["ray_trial_id"] for t in ot) == sorted(state["trials"])
 
 
+def test_sigterm_stops_as_one_ctrl_c_and_the_resume_command_keeps_keep_top(data_dir):
+    """``kill``/``timeout``/a pod's deletion send SIGTERM: it stops the study gracefully (it was
+    Ray's C++ dump and exit 1 or 134), and the printed resume command carries ``--keep-top``."""
+    path = write_spec(
+        data_dir,
+        "sigterm",
+        {"optimizer": "sgd", "lr": {"low": 1e-3, "high": 3e-2, "log": True}},
+        {"algorithm": "random", "scheduler": "none", "num_trials": 2, "max_concurrent": 1},
+    )
+    exp_dir = data_dir / "runs" / "sigterm"
+    cmd = [sys.executable, "-m", "search", "launch", str(path), "--keep-top", "1"]
+    proc = subprocess.Popen(
+        cmd, cwd=data_dir, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            state = S.read_study(exp_dir) if (exp_dir / S.STUDY_FILE).exists() else {}
+            if any(t.get("epochs", 0) >= 1 for t in state.get("trials", {}).values()):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "the study ended before the first epoch was reported"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "SIGTERM received" not in err, err[-3000:]
+    assert f"Resume with:\n  python -m search resume {exp_dir} --keep-top 1\n" in out
+    assert "--keep-top 1: nothing removed (interrupted; resume with --keep-top)" in out
+    assert S.read_study(exp_dir)["status"] == "interrupted"
+
+
 # ---------------------------------------------------------------- a real 2-node cluster on this machine
 
 

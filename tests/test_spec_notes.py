@@ -71,10 +71,10 @@ def test_validate_says_the_notes_in_text_and_json(capsys):
 
 
 def test_the_launch_header_says_the_notes(tmp_path, capsys):
-    from search.launcher import _print_header
+    from search.launch_text import print_header
 
     spec = load_spec(DET, ["search.algorithm=grid", GRID, "search.num_trials=9"])
-    _print_header(spec, tmp_path, {"nodes": 1, "hosts": ["here"]})
+    print_header(spec, tmp_path, {"nodes": 1, "hosts": ["here"]})
     out = capsys.readouterr().out
     assert "grid + auto (curve), 4 trials x" in out
     assert "  note: search.num_trials 9: the grid has 4 point(s), so the study runs 4 trials.\n" in out

@@ -1,0 +1,98 @@
+"""What ``launch`` and ``resume`` print: the header (the search, the recipe trials, the notes)
+and the end-of-study summary."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from search import mlflow_store
+from search import study as S
+from search.samplers import num_samples
+from search.schedulers import scheduler_label
+from search.spec import Spec
+from search.spec.notes import spec_notes
+from search.study_folder import resume_command
+
+
+def mlflow_hint(spec: Spec) -> str:
+    """How to open the study's MLflow records."""
+    uri = mlflow_store.tracking_uri(spec)
+    if uri.split(":", 1)[0].lower() in ("http", "https"):
+        return f"open {uri} (experiment {spec.tracking.experiment or spec.name})"
+    return f"python -m search ui {spec.experiment_dir}"
+
+
+def print_summary(summary: dict[str, Any], spec: Spec | None = None) -> None:
+    exp_dir = summary["experiment_dir"]
+    print("", flush=True)
+    print(
+        f"study {summary['name']}: {summary['status']}, {S.count_text(summary['counts'])}"
+        + (" (time budget reached)" if summary.get("budget_reached") else "")
+    )
+    print(f"{'trial':<13} {'state':<10} {'epochs':>6} {'best':>9}  {'disk':>9}  checkpoint")
+    for t in summary["trials"]:
+        best = t.get("best_metric")
+        print(
+            f"{t['id']:<13} {t['state']:<10} {t.get('epochs', 0):>6} "
+            f"{S.fmt(best):>9}  "
+            f"{S.human_bytes(t.get('disk_bytes')):>9}  {t.get('checkpoint') or '-'}"
+            + (f"  [{t['error']}]" if t.get("error") else "")
+        )
+    best, base = summary.get("best"), summary.get("base_metric")
+    metric = summary["metric"]
+    if best:
+        delta = ""
+        if isinstance(base, (int, float)) and isinstance(best["best_metric"], (int, float)):
+            delta = f" vs base model (epoch 0) {S.fmt(base)} ({S.fmt(best['best_metric'] - base, sign=True)})"
+        print(
+            f"best trial: {best['id']} {metric}={S.fmt(best['best_metric'])} at epoch "
+            f"{best.get('best_epoch')}{delta}"
+        )
+        if best.get("background_only"):
+            print(f"  warning: it {S.BACKGROUND_ONLY}")
+        ref = S.reference_text(summary.get("reference"), metric)
+        if ref:
+            print(f"  {ref}")
+        print(f"  params: {json.dumps(best.get('params', {}), default=str)}")
+        print(f"  checkpoint: {best.get('checkpoint')}")
+    else:
+        print("no trial produced a result.")
+    print(f"status: python -m search status {exp_dir}")
+    print(f"MLflow: {summary['mlflow']}")
+    if summary.get("interrupted"):
+        again = summary.get("resume_command") or resume_command(Path(exp_dir))
+        print(f"\ninterrupted: state saved. Resume with:\n  {again}", flush=True)
+
+
+def print_header(
+    spec: Spec,
+    exp_dir: Path,
+    cluster: dict[str, Any],
+    recipe_trials: Sequence[tuple[str, dict[str, Any]]] = (),
+    resumed: bool = False,
+) -> None:
+    s = spec.search
+    what = "resuming" if resumed else "launching"
+    budget = f", time budget {s.time_budget:.0f}s" if s.time_budget else ""
+    print(
+        f"{what} study {spec.name}: {s.algorithm} + {scheduler_label(s.scheduler)}, "
+        f"{num_samples(spec)} trials x "
+        f"{spec.train.epochs} epochs, {s.max_concurrent} at a time ({spec.resources.cpu:g} CPU"
+        f"{f', {spec.resources.gpu:g} GPU' if spec.resources.gpu else ''} each){budget}; "
+        f"objective {spec.objective.metric} ({spec.objective.mode})",
+        flush=True,
+    )
+    print(
+        f"  experiment folder: {exp_dir}  (cluster: {cluster['nodes']} node(s) on {len(cluster['hosts'])} "
+        f"host(s))",
+        flush=True,
+    )
+    for i, (scaling, params) in enumerate(recipe_trials):
+        print(f"  {S.recipe_plan_text(i, scaling, params)}", flush=True)
+    if recipe_trials and (unused := S.recipe_unused_text(spec.recipe_unused(), spec.recipe_overridden())):
+        print(f"  {unused}", flush=True)
+    for note in spec_notes(spec):
+        print(f"  note: {note}", flush=True)
