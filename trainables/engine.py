@@ -115,7 +115,8 @@ SEMANTIC_METRICS = ("miou", "fg_miou", "pixel_acc", "dice")
 @torch.inference_mode()
 def evaluate(model: Any, loader: Any, index: Any, *, device: torch.device, task: str) -> dict[str, Any]:
     """Metrics on ``loader``: ``map, map50, map75, map_small, map_medium, map_large, mar100``
-    (boxes; plus ``mask_map, mask_map50, mask_map75`` for instance segmentation) via COCOeval, or ``miou, fg_miou, pixel_acc, dice`` for semantic segmentation."""
+    (boxes; plus ``mask_map, mask_map50, mask_map75`` for instance segmentation) via COCOeval,
+    or ``miou, fg_miou, pixel_acc, dice`` for semantic segmentation."""
     model.eval()
     semantic = task == "semantic_segmentation"
     meter = coco_eval.SegmentationMeter(len(index.class_names) + 1) if semantic else None
