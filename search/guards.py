@@ -10,6 +10,7 @@ import functools
 import os
 import re
 import socket
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -361,7 +362,9 @@ def _construct_int_12(loader: Any, node: Any) -> int:
         raise yaml.constructor.ConstructorError(
             None, None, f"{value!r} is not a YAML 1.2 int", node.start_mark
         )
-    if value.startswith(("0o", "0x")):
+    if value.startswith(("0o", "0x")):  # Python limits only base 10: the same cap for these
+        if len(value) > sys.get_int_max_str_digits():
+            raise ValueError(f"Exceeds the limit ({sys.get_int_max_str_digits()} digits) for an integer")
         return int(value[2:], 8 if value[1] == "o" else 16)
     return int(value, 10)  # ValueError past Python's digit limit: load_yaml says it
 

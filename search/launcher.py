@@ -158,7 +158,7 @@ def launch(
     started = False
     new_store = mlflow_store.new_default_store(spec)
     try:
-        refuse_existing(exp_dir)  # again under the lock: another launch may have won the race
+        refuse_existing(exp_dir, ours=True)  # again under the lock: another launch may have won the race
         mlflow_store.warm_up(spec)  # MLflow's import and store creation overlap ray.init
         address = address or spec.resources.address
         started = connect(address)
@@ -341,8 +341,15 @@ def _shutdown() -> None:
 def _sigterm_as_ctrl_c() -> Iterator[None]:
     """While Ray Tune runs, SIGTERM (``kill``, ``timeout``, a pod's deletion) is one Ctrl-C: Tune
     stops gracefully, state saved, exit 130 (Ray's own handler aborted the driver with a C++ dump)."""
+
+    def as_ctrl_c(*_: Any) -> None:
+        if callable(signal.getsignal(signal.SIGINT)):  # Tune's handler: stop gracefully
+            signal.raise_signal(signal.SIGINT)
+        else:  # SIGINT ignored (a background job of a script): a Ctrl-C, raised here
+            raise KeyboardInterrupt
+
     try:
-        old = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+        old = signal.signal(signal.SIGTERM, as_ctrl_c)
     except ValueError:  # not the main thread (a test's launch): leave signals alone
         yield
         return

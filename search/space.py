@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from search.errors import SpecError
@@ -211,7 +212,7 @@ class SearchSpace:
             if dim.kind != "categorical":
                 continue
             for choice in dim.choices:
-                if any(c.get(dim.name) == choice for c in configs):
+                if any(dim.name in c and one_of(c[dim.name], (choice,)) for c in configs):
                     continue
                 config = self._forced(dim, choice)
                 if config is not None:
@@ -225,12 +226,13 @@ class SearchSpace:
         while pending:
             name, allowed = pending.pop()
             parent = self.by_name[name]  # a value it can take (a constant: its own), else no branch
-            if (value := next((a for a in allowed if parent.can_take(a)), None)) is None:
+            takes = [a for a in allowed if parent.can_take(a)]
+            if not takes:
                 return None
-            forced.setdefault(name, value)
+            forced.setdefault(name, takes[0])
             pending.extend(parent.when.items())
         config = self.defaults(forced)
-        return config if config.get(dim.name) == choice else None
+        return config if dim.name in config and one_of(config[dim.name], (choice,)) else None
 
     def describe(self) -> dict[str, Any]:
         return {d.name: d.describe() for d in self.dims}
@@ -245,7 +247,7 @@ class SearchSpace:
 def _project_value(dim: Dim, value: Any) -> Any:
     """One value projected into ``dim`` (None: it cannot be, the sampler chooses)."""
     if dim.kind == "categorical":
-        return next((c for c in dim.choices if c == value and type(c) is type(value)), None)
+        return next((c for c in dim.choices if one_of(value, (c,))), None)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return _snap(dim, value)
@@ -255,8 +257,9 @@ def _snap(dim: Dim, value: float) -> float | int:
     """``value`` within ``[low, high]``, on the ``step`` grid (a float without the sum's drift:
     0.8 + 0.05 is 0.85, not 0.8500000000000001), an int for an int dimension."""
     v = min(max(float(value), dim.low), dim.high)
-    if dim.step:
-        v = min(float(f"{dim.low + round((v - dim.low) / dim.step) * dim.step:.12g}"), dim.high)
+    if dim.step:  # low + k * step in decimal, as the spec writes them
+        k = round((v - dim.low) / dim.step)
+        v = min(float(Decimal(repr(dim.low)) + k * Decimal(repr(dim.step))), dim.high)
     return int(round(v)) if dim.kind == "int" else float(v)
 
 

@@ -249,16 +249,17 @@ class _Spared(_Records):
 
 
 class RecordingASHA(_Spared, ASHAScheduler):
-    """Ray's ASHA (one bracket), recording the rung cut of each stop. A trial that reaches
-    ``max_t`` ends on its own (Ray's default STOPs it there, which recorded a halving and could
-    end the trial's process before it wrote ``trial.json`` and checked the base weights)."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **{"stop_last_trials": False, **kwargs})
+    """Ray's ASHA (one bracket), recording the rung cut of each stop. A trial's last epoch
+    (``max_t``) is never a stop: the trial ends on its own. Ray STOPs it there (always by default,
+    else when a rung sits at ``max_t``: epochs 8, grace 1, factor 2), which recorded a halving of
+    a finished trial and could end its process before it wrote ``trial.json`` and checked the base
+    weights (Ray's cleanup does not wait for the trial's thread)."""
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-        decision = self._spare(trial, super().on_trial_result(tune_controller, trial, result))
         value, epoch = number(result.get(self._metric)), _epoch(result)
+        if epoch is not None and epoch >= self._max_t:
+            return TrialScheduler.CONTINUE
+        decision = self._spare(trial, super().on_trial_result(tune_controller, trial, result))
         if decision != TrialScheduler.STOP or value is None or epoch is None:
             return decision
         bracket = self._trial_info.get(trial.trial_id)

@@ -101,10 +101,12 @@ def resolve_experiment(name: str | Path, output_dir: Path | None = None) -> Path
         if cand.is_dir() and ((cand / STUDY_FILE).is_file() or (cand / SPEC_FILE).is_file()):
             return cand.resolve()
     for cand in candidates:
-        if (cand / guards.LOCK_FILE).is_file():  # the lock alone: stopped in the checks before it began
+        if (cand / guards.LOCK_FILE).is_file():  # the lock alone: a launch starting, or killed then
             raise ExperimentNotFound(
-                f"{cand} holds no study: its launch stopped before the study began (nothing to resume "
-                "or show). Launch the spec again."
+                f"{cand} holds no study yet: its launch is starting (Ray and the cluster check); wait."
+                if guards.lock_held(cand)
+                else f"{cand} holds no study: its launch stopped before the study began (nothing to "
+                "resume or show). Launch the spec again."
             )
     tried = ", ".join(str(c) for c in dict.fromkeys(candidates))
     raise ExperimentNotFound(

@@ -28,11 +28,12 @@ def resume_command(exp_dir: Path, keep_top: int | None = None) -> str:
     return f"python -m search resume {exp_dir}{keep}"
 
 
-def refuse_existing(exp_dir: Path) -> None:
-    """:class:`ExperimentExists` when ``exp_dir`` already holds a study (launch never overwrites)."""
+def refuse_existing(exp_dir: Path, ours: bool = False) -> None:
+    """:class:`ExperimentExists` when ``exp_dir`` already holds a study (launch never overwrites;
+    ``ours``: this process holds the folder's lock, so the one that wrote it has ended)."""
     if (exp_dir / S.STUDY_FILE).exists() or (exp_dir / "tuner.pkl").exists():
         then = f"Resume it with '{resume_command(exp_dir)}'"
-        if guards.lock_held(exp_dir):  # its launch or resume runs now: a resume would be refused
+        if not ours and guards.lock_held(exp_dir):  # its launch or resume runs now: a resume would be refused
             then = "A launch or resume of it is running now"
         raise ExperimentExists(
             f"experiment folder {exp_dir} already holds a study. {then}, or launch with --name NEW_NAME."

@@ -118,7 +118,7 @@ def test_second_launch_of_a_study_exits_2_naming_the_holder(tmp_path):
 
 def test_a_held_or_unbegun_folder_says_what_to_do(tmp_path, monkeypatch):
     """A resume refused by the lock is not told to launch with --name; a launch into a running
-    study is not told to resume it; a folder a killed preflight left (the lock alone) is said so."""
+    study is not told to resume it; a folder holding the lock alone is a launch starting or killed."""
     from search import study_folder
     from search.launcher import RUNNING_FIX
 
@@ -128,13 +128,18 @@ def test_a_held_or_unbegun_folder_says_what_to_do(tmp_path, monkeypatch):
         with pytest.raises(guards.StudyLocked) as err:
             guards.StudyLock(exp, fix=RUNNING_FIX).acquire()  # another descriptor: refused as a process
         assert err.value.fix == RUNNING_FIX and "--name" not in str(err.value)
-        with pytest.raises(S.ExperimentNotFound, match="holds no study: its launch stopped before"):
-            S.resolve_experiment(exp)
+        with pytest.raises(S.ExperimentNotFound, match="holds no study yet: its launch is starting"):
+            S.resolve_experiment(exp)  # the lock alone, held: a launch between lock and spec.yaml
         (exp / S.STUDY_FILE).write_text("{}")
         with pytest.raises(study_folder.ExperimentExists, match="A launch or resume of it is running now"):
             study_folder.refuse_existing(exp)
+        with pytest.raises(study_folder.ExperimentExists, match="Resume it with"):
+            study_folder.refuse_existing(exp, ours=True)  # the launch's own check under its lock
     finally:
         lock.release()
+    (exp / S.STUDY_FILE).unlink()
+    with pytest.raises(S.ExperimentNotFound, match="holds no study: its launch stopped before"):
+        S.resolve_experiment(exp)  # the lock alone, released: a launch killed before its spec.yaml
 
 
 # ---------------------------------------------------------------- input that would hurt
@@ -159,6 +164,7 @@ def _spec_text(extra: str) -> str:
         ),
         ("deep: " + "[" * 3000 + "]" * 3000 + "\n", "nested deeper"),
         ("huge: " + "9" * 5000 + "\n", "cannot be read"),
+        ("huge: 0o" + "7" * 5000 + "\n", "cannot be read"),  # Python limits base 10 only
     ],
 )
 def test_yaml_that_would_hurt_is_refused_fast(tmp_path, text, words):

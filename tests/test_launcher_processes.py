@@ -150,6 +150,28 @@ def test_sigterm_stops_as_one_ctrl_c_and_the_resume_command_keeps_keep_top(data_
     assert S.read_study(exp_dir)["status"] == "interrupted"
 
 
+def test_sigterm_is_a_ctrl_c_even_when_sigint_is_ignored():
+    """A background job of a script runs with SIGINT ignored: SIGTERM must still stop the study
+    (it raised a SIGINT nobody heard), and the handlers are put back after."""
+    from search.launcher import _sigterm_as_ctrl_c
+
+    heard, before = [], (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    try:
+        signal.signal(signal.SIGINT, lambda *_: heard.append("int"))
+        with _sigterm_as_ctrl_c():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+        assert heard == ["int"]  # Tune's SIGINT handler is what a SIGTERM reaches
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with pytest.raises(KeyboardInterrupt), _sigterm_as_ctrl_c():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        assert signal.getsignal(signal.SIGTERM) is before[1]
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+
+
 # ---------------------------------------------------------------- a real 2-node cluster on this machine
 
 

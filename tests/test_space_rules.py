@@ -60,10 +60,14 @@ def test_an_int_range_with_a_fractional_step_names_the_step():
     with pytest.raises(SpecError) as err:
         build_spec(spec_dict(**{"space.step_epochs": {"low": 1, "high": 4, "step": 1.5}}), ROOT)
     assert "fractional step" in err.value.message and "whole-number step" in err.value.fix
-    with pytest.raises(SpecError) as err:  # whole bounds written as floats: not "a fractional step"
-        build_spec(spec_dict(**{"space.step_epochs": {"low": 1.0, "high": 4.0}}), ROOT)
-    assert "low 1.0 and high 4.0 written as floats" in err.value.message
-    assert err.value.fix == "write low: 1, high: 4."
+    for body, fix in [  # whole numbers written as floats, or type: float: not "a fractional step"
+        ({"low": 1.0, "high": 4.0}, "write low: 1, high: 4 without type: float."),
+        ({"type": "float", "low": 1, "high": 4}, "write low: 1, high: 4 without type: float."),
+        ({"low": 1, "high": 5, "step": 2.0}, "write low: 1, high: 5, step: 2 without type: float."),
+    ]:
+        with pytest.raises(SpecError) as err:
+            build_spec(spec_dict(**{"space.step_epochs": body}), ROOT)
+        assert "a float range" in err.value.message and err.value.fix == fix
 
 
 def test_did_you_mean_ignores_case():
@@ -165,6 +169,11 @@ def test_grid_search_refuses_a_parameter_that_acts_only_in_one_branch():
     )
     spec = load_spec(ROOT / "spaces/det.yaml", [*sets, f"space={{optimizer: sgd, {branch}}}"])  # always acts
     assert spec.search_space.grid() == {"momentum": [0.8, 0.85, 0.9]}
+    every = (
+        "space={optimizer: {choices: [sgd, adamw]}, "
+        "lr: {choices: [0.1, 0.2], when: {optimizer: [sgd, adamw]}}}"
+    )
+    assert load_spec(ROOT / "spaces/det.yaml", [*sets, every]).search_space.grid()["lr"] == [0.1, 0.2]
 
 
 def test_branches_keep_a_fixed_parent_and_force_only_values_it_can_take():

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from search.errors import SpecError, did_you_mean, unknown_name
+from search.space import one_of
 from search.spec.schema import ENUM_NAME, MAX_GRID, TASK_METRICS, Spec, is_registry_uri
 from trainables import families, params
 
@@ -165,8 +166,13 @@ def _check_space(spec: Spec) -> None:
         if dim.kind == "float" and row.kind == "int":
             what, fix = ("float bounds", "use integer low/high")
             if all(float(v).is_integer() for v in (dim.low, dim.high)):
-                what = f"low {dim.low!r} and high {dim.high!r} written as floats"
-                fix = f"write low: {int(dim.low)}, high: {int(dim.high)}"
+                ints = ", ".join(
+                    f"{k}: {int(v)}"
+                    for k, v in (("low", dim.low), ("high", dim.high), ("step", dim.step))
+                    if v is not None
+                )
+                what = "a float range (a bound or step with a decimal point, or type: float)"
+                fix = f"write {ints} without type: float"
                 if dim.step is not None and not float(dim.step).is_integer():
                     what, fix = ("a fractional step", "use a whole-number step")
             raise SpecError(key, f"{dim.name} is an integer parameter, but got {what}.", f"{fix}.")
@@ -240,9 +246,9 @@ def _check_search(spec: Spec, study: bool = True) -> None:
                     "no step.",
                     "add step: or use choices:.",
                 )
-        space, fixed = spec.search_space, spec.search_space.constants()
+        space = spec.search_space
         for dim in space.searched:
-            if dim.when and not (all(k in fixed for k in dim.when) and space.is_active(dim, fixed)):
+            if _may_not_act(space, dim):
                 when = " and ".join(f"{k} is {' or '.join(map(str, v))}" for k, v in dim.when.items())
                 raise SpecError(
                     f"space.{dim.name}.when",
@@ -265,6 +271,17 @@ def _check_search(spec: Spec, study: bool = True) -> None:
             "grid search needs at least one searched parameter.",
             "add a parameter with choices or a stepped range to space.",
         )
+
+
+def _may_not_act(space: Any, dim: Any) -> bool:
+    """Whether ``dim``'s ``when`` can fail in some trial: a parent that is conditional itself, or
+    can take a value the condition does not list (a constant: its own value)."""
+    for name, allowed in dim.when.items():
+        parent = space.by_name[name]
+        values = [parent.value] if parent.kind == "fixed" else list(parent.choices)
+        if parent.when or parent.kind in ("float", "int") or not all(one_of(v, allowed) for v in values):
+            return True
+    return False
 
 
 def _check_trial_device(spec: Spec) -> None:

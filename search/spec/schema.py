@@ -171,7 +171,7 @@ class SearchSection(_Section):
                     f"must be seconds or a duration like 90s, 10m, 2h, but got {v!r}{FIX}write e.g. 45m."
                 )
             seconds = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-            if seconds > 0:
+            if 0 < seconds < math.inf:
                 return seconds
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf):
             raise ValueError(

@@ -125,6 +125,7 @@ EXTRA = [
     _case("time-budget-negative", {"search.time_budget": -5}, "search.time_budget", "positive"),
     _case("time-budget-zero-text", {"search.time_budget": "0s"}, "search.time_budget", "positive"),
     _case("time-budget-nan", {"search.time_budget": float("nan")}, "search.time_budget", "finite"),
+    _case("time-budget-inf-text", {"search.time_budget": "9" * 400 + "s"}, "search.time_budget", "finite"),
     _case("n-startup-negative", {"search.n_startup_trials": -1}, "search.n_startup_trials", "greater than"),
     _case("lr-fixed-text", {"space.lr": "fast"}, "space.lr", "fast"),
     # missing or unusable files
