@@ -14,6 +14,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from trainables import coco_eval
 from trainables.coco import load_coco
 from trainables.coco_eval import SegmentationMeter, build_cocoeval, evaluate_detections
 
@@ -108,6 +109,24 @@ def test_perfect_predictions_score_one(split, iou_type):
     assert set(m) >= {"map", "map50", "map75", "map_small", "map_medium", "map_large", "mar100"}
 
 
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_a_background_label_is_dropped_not_fatal(split, iou_type):
+    """Label 0 (a sigmoid head's background column) is no class: left out, the rest evaluated."""
+    idx = load_coco(*split, task="instance_segmentation")
+    preds = []
+    for p in _perfect(idx):
+        h, w = p["input_size"]
+        extra = {"boxes": [[1.0, 1.0, 9.0, 9.0]], "labels": [0], "scores": [0.99]}
+        mask = torch.zeros(1, 1, h, w)
+        mixed = _pred(p["image_id"], extra["boxes"], extra["labels"], extra["scores"], (h, w), mask)
+        both = ("boxes", "labels", "scores", "masks")
+        preds.append({k: torch.cat([mixed[k], p[k]]) if k in both else p[k] for k in p})
+    want = evaluate_detections(idx, _perfect(idx), iou_type=iou_type)
+    assert evaluate_detections(idx, preds, iou_type=iou_type) == want
+    compact = [coco_eval.compact_prediction(idx, p) for p in preds]
+    assert evaluate_detections(idx, compact, iou_type=iou_type) == want
+
+
 def test_matches_cocoeval_run_directly(split):
     ann, root = split
     idx = load_coco(ann, root)
@@ -196,8 +215,9 @@ def test_segmentation_meter_hand_computed():
         meter.update(torch.tensor([4]), torch.tensor([0]))
 
 
-def test_mask_map_matches_cocoeval_run_directly(split):
-    """Mask mAP (iou_type segm) on hand-made masks equals pycocotools' COCOeval on the same RLEs."""
+def test_mask_map_matches_cocoeval_run_directly(split, monkeypatch):
+    """Mask mAP (iou_type segm) on hand-made masks equals pycocotools' COCOeval on the same RLEs,
+    also from the compact predictions evaluation keeps (RLEs, masks resized a chunk at a time)."""
     from pycocotools import mask as mask_utils
 
     ann, root = split
@@ -246,6 +266,10 @@ def test_mask_map_matches_cocoeval_run_directly(split):
     assert 0.0 < m["map"] < 1.0
     for key, i in {"map": 0, "map50": 1, "map75": 2}.items():
         assert m[key] == pytest.approx(ref.stats[i], abs=1e-12), key
+    monkeypatch.setattr(coco_eval, "MASK_CHUNK", 2)
+    compact = [coco_eval.compact_prediction(idx, p) for p in preds]
+    assert all("masks" not in p and len(p["rles"]) == len(p["scores"]) for p in compact)
+    assert evaluate_detections(idx, compact, iou_type="segm") == m
 
 
 @pytest.mark.parametrize("task", ["detection", "instance_segmentation"])

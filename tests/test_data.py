@@ -326,3 +326,26 @@ def test_bundled_demo_data_loads():
     ds = CocoDetection(idx, build_transforms("detection", False, 320, resolve({})), limit=2)
     image, target = ds[0]
     assert image.shape[0] == 3 and max(image.shape[-2:]) == 320 and target["boxes"].shape[1] == 4
+
+
+class _Draws(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> tuple[int, float]:
+        return i, float(torch.rand(()))  # the index and an augmentation's random draw
+
+
+def test_worker_loader_resumes_with_the_same_order_and_draws():
+    """A trial resumed from the loader generator's saved state (after epoch 1) sees epoch 2's
+    batches as the uninterrupted trial does, also with worker processes."""
+    from trainables.trial import _generators
+
+    loader = make_loader(_Draws(), 2, shuffle=True, workers=1, seed=0)
+    list(loader)
+    saved = [g.get_state() for g in _generators(loader)]
+    epoch2 = list(loader)
+    again = make_loader(_Draws(), 2, shuffle=True, workers=1, seed=0)
+    for g, state in zip(_generators(again), saved, strict=True):
+        g.set_state(state)
+    assert list(again) == epoch2

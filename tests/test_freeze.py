@@ -99,6 +99,9 @@ def test_backbone_last_k_edges():
     hn = set(freeze.apply_trainable(model, fam, "heads+neck").trainable_names)
     big = set(freeze.apply_trainable(model, fam, "backbone_last_k", k=99).trainable_names)
     assert k0 == hn and big == set(_names(model))
+    count = len(freeze.backbone_stages(model, fam))
+    for k in (count, count + 1, 2 * count - 1):  # above the count: every stage, as at it
+        assert set(freeze.apply_trainable(model, fam, "backbone_last_k", k=k).trainable_names) == big, k
     k2 = freeze.apply_trainable(model, fam, "backbone_last_k", k=2).trainable_names
     assert any(n.startswith("backbone.body.layer3.") for n in k2)
     assert not any(n.startswith("backbone.body.layer2.") for n in k2)

@@ -8,6 +8,7 @@ weights are tested against an empty temporary torch hub cache.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import math
 import os
@@ -178,6 +179,22 @@ def test_builder_kwargs_are_honoured():
     assert max(images.tensors.shape[-2:]) <= 128  # not upscaled to 800
     with pytest.raises(ValueError, match="num_classes"):
         models.build_model(config("retinanet_resnet50_fpn", num_classes=5), P.resolve({}), NUM_CLASSES)
+
+
+def test_rcnn_like_input_is_the_data_image_size_unless_kwargs_size_it():
+    """README: data.image_size is the network input's long side. R-CNN, RetinaNet and FCOS would
+    resize it to torchvision's short side 800 again: they keep the data's size instead."""
+    cfg = dataclasses.replace(config("retinanet_resnet50_fpn"), model_kwargs={}, image_size=96)
+    model, _ = models.build_model(cfg, P.resolve({}), NUM_CLASSES)
+    image = torch.rand(3, 72, 96)  # long side 96, as the data pipeline gives it
+    model.eval()
+    assert tuple(model.transform([image])[0].image_sizes[0]) == (72, 96)
+    assert tuple(model.transform([torch.rand(3, 300, 400)])[0].image_sizes[0]) == (72, 96)
+    model.train()
+    jittered = torch.rand(3, 90, 120)  # training keeps the data's scale jitter
+    assert tuple(model.transform([jittered])[0].image_sizes[0]) == (90, 120)
+    model, _ = build("retinanet_resnet50_fpn", min_size=120, max_size=128)
+    assert model.transform.min_size == (120,) and not model.transform._skip_resize
 
 
 def test_unknown_architecture_is_refused():

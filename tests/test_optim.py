@@ -91,6 +91,14 @@ def test_only_trainable_and_no_decay_on_norm_and_bias():
             assert (g["weight_decay"] == 0.0) == no_decay, names[id(p)]
 
 
+def test_nesterov_at_momentum_0_is_plain_sgd():
+    """Both values are legal alone; together torch refuses them. Nesterov at momentum 0 is SGD."""
+    opt, _ = optim.build_optimizer(Tiny(), P.resolve({"momentum": 0.0, "nesterov": True}), FAMILY)
+    assert all(g["momentum"] == 0.0 and g["nesterov"] is False for g in opt.param_groups)
+    opt, _ = optim.build_optimizer(Tiny(), P.resolve({"momentum": 0.5, "nesterov": True}), FAMILY)
+    assert all(g["nesterov"] is True for g in opt.param_groups)
+
+
 def test_nothing_trainable_is_an_error():
     model = Tiny().requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable"):
@@ -151,6 +159,9 @@ def test_cosine_without_warmup_starts_at_lr():
             {"loss.dice_weight"},
             {"loss.weight.loss_mask"},
         ),
+        ({"loss.seg": "ce"}, "semantic_segmentation", {"loss.dice_weight"}, {"loss.label_smoothing"}),
+        ({"loss.seg": "dice"}, "semantic_segmentation", {"loss.dice_weight", "loss.label_smoothing"}, set()),
+        ({"loss.seg": "ce+dice"}, "semantic_segmentation", set(), {"loss.dice_weight", "loss.seg"}),
     ],
 )
 def test_in_effect_drops_what_cannot_act_on_the_trial(set_, task, gone, kept):

@@ -169,6 +169,18 @@ def test_every_loss_row_changes_the_computed_loss(arch, kind, value):
         assert torch.allclose(same[term], default[term], rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["retinanet", "fcos"])
+def test_focal_settings_act_under_the_default_cls_loss(name):
+    """RetinaNet's and FCOS's own loss is focal at 2, 0.25: other loss.focal_* values act under
+    loss.cls default as under loss.cls focal (else searching them would repeat one trial)."""
+    arch, term = CHEAP[name], families.FAMILIES[name].cls_term
+    tuned = {"loss.focal_gamma": 1.0, "loss.focal_alpha": 0.5}
+    default, under_default = _losses_with(arch, {}), _losses_with(arch, tuned)
+    assert not torch.allclose(under_default[term], default[term], rtol=1e-4, atol=0)
+    explicit = _losses_with(arch, {"loss.cls": "focal", **tuned})
+    assert torch.allclose(under_default[term], explicit[term], rtol=1e-6)
+
+
 def test_rcnn_native_classifier_is_reproduced():
     arch = CHEAP["fasterrcnn"]
     default = _losses_with(arch, {})

@@ -313,3 +313,62 @@ def test_base_weights_file_changed_is_an_error(coco_dir, base_file, tmp_path):
     assert str(wfile) in str(err.value) and seen == [1]
     assert sha256_file(wfile) != sha  # the file really changed (no hash was faked)
     assert not (tmp_path / "out" / "trial.json").exists()  # no result recorded
+
+
+def test_trainable_only_checkpoint_keeps_a_random_frozen_part(coco_dir, tmp_path):
+    """ImageNet backbone file + heads only: ssdlite's extra feature layers start random and stay
+    frozen. The checkpoint must hold them, so that loading it gives one model whatever the RNG."""
+    import torchvision
+
+    torch.manual_seed(5)
+    backbone = tmp_path / "mnv3.pth"
+    torch.save(torchvision.models.mobilenet_v3_large().state_dict(), backbone)
+    params = P.resolve({"lr": 0.01, "trainable": "heads"})
+    cfg = _cfg(coco_dir, tmp_path / "run", weights_backbone=str(backbone), epochs=1, eval_base=False)
+    run_trial(cfg, params)
+    path = tmp_path / "run" / "checkpoints" / "latest.pt"
+    ckpt = checkpoint.load(path)
+    assert ckpt["trainable_only"] is True
+    assert any(k.startswith("backbone.extra.") for k in ckpt["model"])  # frozen, random: kept
+    assert not any(k.startswith("backbone.features.0.") for k in ckpt["model"])  # from the file
+    models = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        models.append(checkpoint.load_trained(cfg, params, 3, path).state_dict())
+    a, b = models
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_a_trials_model_dies_with_its_run(coco_dir, tmp_path):
+    """No reference cycle keeps the model (and its device memory) alive after a trial's run."""
+    import gc
+    import weakref
+
+    from trainables import families, trial
+
+    def build() -> weakref.ref:
+        run = trial._Run(
+            cfg=_cfg(coco_dir, tmp_path),
+            params=P.resolve({}),
+            report=None,
+            device=torch.device("cpu"),
+            amp_dtype=None,
+            ckpt_dir=tmp_path,
+            files={},
+            shas={},
+            train_index=None,
+            val_index=None,
+            train_loader=[],
+            val_loader=None,
+            num_classes=3,
+            family=families.family_of(ARCH),
+        )
+        trial._build_model(run)
+        return weakref.ref(run.model)
+
+    gc.disable()
+    try:
+        ref = build()
+        assert ref() is None
+    finally:
+        gc.enable()

@@ -13,6 +13,8 @@ A trial keeps two files in ``out_dir/checkpoints/``: ``latest.pt`` (every epoch)
     ``requires_grad=True``, or that owns no parameter itself (e.g. a BatchNorm without affine
     parameters, FrozenBatchNorm2d) while its parent module has a trainable parameter. This is a
     superset of what :func:`trainables.freeze.train_mode` lets change in training.
+  * the frozen tensors named by ``save(keep=...)``: those a rebuild from the base does not give
+    back (a randomly initialised neck or head left frozen; see ``trainables.trial``).
 Everything else (frozen parameters, buffers of frozen modules such as frozen norms, which
 ``train_mode`` keeps in eval so they never change) equals the base weights, identified by
 ``base_sha256`` (of the weights file: a given path or an enum's hub-cache file; None for a random
@@ -121,13 +123,21 @@ def save(
     base_sha256: str | None,
     rng: bool = True,
     trainable_only: bool = True,
+    keep: tuple[str, ...] = (),
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint atomically (``path.tmp`` in the same folder, fsync, ``os.replace``).
 
-    ``extra`` holds plain data the caller needs to resume (history, best so far, ...).
+    ``extra`` holds plain data the caller needs to resume (history, best so far, ...); ``keep``
+    names frozen tensors a trainable-only checkpoint stores as well.
     """
     path = Path(path)
+    if trainable_only:
+        weights = trainable_state(model)
+        full = model.state_dict()
+        weights.update({k: full[k].detach().clone() for k in keep if k not in weights})
+    else:
+        weights = model.state_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "format": FORMAT,
@@ -136,7 +146,7 @@ def save(
         "params": dict(params),
         "base_sha256": base_sha256,
         "trainable_only": bool(trainable_only),
-        "model": trainable_state(model) if trainable_only else model.state_dict(),
+        "model": weights,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": rng_state() if rng else None,

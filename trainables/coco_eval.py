@@ -87,7 +87,21 @@ def _empty_results(index: CocoIndex) -> Any:
     return dt
 
 
+def _without_background(pred: dict[str, Any]) -> dict[str, Any]:
+    """``pred`` without label 0: a sigmoid head's background column (RetinaNet, FCOS) can score
+    above the threshold, and it is no class to evaluate."""
+    keep = torch.as_tensor(pred["labels"]).reshape(-1) != 0
+    if bool(keep.all()):
+        return pred
+    per_box = ("boxes", "scores", "labels", "masks")
+    out = {k: (torch.as_tensor(v)[keep] if k in per_box else v) for k, v in pred.items()}
+    if "rles" in pred:
+        out["rles"] = [r for r, k in zip(pred["rles"], keep.tolist(), strict=True) if k]
+    return out
+
+
 def _to_coco_results(index: CocoIndex, rec: ImageRecord, pred: dict[str, Any], iou_type: str) -> list[dict]:
+    pred = _without_background(pred)
     scores = torch.as_tensor(pred["scores"]).detach().float().cpu().reshape(-1)
     labels = torch.as_tensor(pred["labels"]).detach().cpu().reshape(-1).tolist()
     cats = []
@@ -112,20 +126,42 @@ def _rescale_boxes(boxes: Any, rec: ImageRecord, in_h: int, in_w: int) -> list[l
     return b.tolist()
 
 
+MASK_CHUNK = 8  # masks resized at once: bounds the float copy at the original resolution
+
+
+def compact_prediction(index: CocoIndex, pred: dict[str, Any]) -> dict[str, Any]:
+    """``pred`` with its soft masks replaced by their RLEs at the original image size (``rles``):
+    what evaluation keeps per image instead of N float masks at the input size."""
+    if "masks" not in pred:
+        return pred
+    rec = next((r for r in index.images if r.id == int(pred["image_id"])), None)
+    if rec is None:
+        raise ValueError(f"prediction for image id {pred['image_id']} not in {index.annotations_path}")
+    out = {k: v for k, v in pred.items() if k != "masks"}
+    out["rles"] = _encode_masks(pred, rec)
+    return out
+
+
 def _encode_masks(pred: dict[str, Any], rec: ImageRecord) -> list[dict[str, Any]]:
+    if "rles" in pred:
+        return list(pred["rles"])
     if "masks" not in pred:
         raise ValueError(f"image id {rec.id}: iou_type 'segm' needs 'masks' in the predictions")
-    probs = torch.as_tensor(pred["masks"]).detach().float().cpu()
+    probs = torch.as_tensor(pred["masks"]).detach().cpu()
     if probs.numel() == 0:
         return []
     probs = probs.reshape(probs.shape[0], 1, *probs.shape[-2:])
-    if tuple(probs.shape[-2:]) != (rec.height, rec.width):
-        probs = torch.nn.functional.interpolate(
-            probs, size=(rec.height, rec.width), mode="bilinear", align_corners=False
-        )
-    binary = (probs[:, 0] > 0.5).numpy().astype(np.uint8)
-    rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
-    return [dict(r, counts=r["counts"].decode("ascii")) for r in rles]
+    out: list[dict[str, Any]] = []
+    for start in range(0, probs.shape[0], MASK_CHUNK):
+        chunk = probs[start : start + MASK_CHUNK].float()
+        if tuple(chunk.shape[-2:]) != (rec.height, rec.width):
+            chunk = torch.nn.functional.interpolate(
+                chunk, size=(rec.height, rec.width), mode="bilinear", align_corners=False
+            )
+        binary = (chunk[:, 0] > 0.5).numpy().astype(np.uint8)
+        rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+        out += [dict(r, counts=r["counts"].decode("ascii")) for r in rles]
+    return out
 
 
 def _ap_per_class(index: CocoIndex, evaluator: COCOeval) -> dict[str, float]:

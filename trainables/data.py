@@ -259,11 +259,15 @@ def make_loader(
 ) -> DataLoader:
     """A DataLoader with a seeded generator (order and worker seeds repeat for the same ``seed``).
 
-    With ``workers > 0`` decoding runs in persistent worker processes (two batches prefetched
-    each); with 0 it runs in the caller and transforms draw from the global torch RNG. Nothing
-    is pinned unless ``pin_memory`` (only worth it for a CUDA device). Shuffled (training)
-    loaders drop a last partial batch when the split holds more than one batch, as torchvision's
-    detection references do: a batch of one image breaks BatchNorm on 1x1 feature maps.
+    With ``workers > 0`` decoding runs in worker processes (two batches prefetched each), started
+    again each epoch for a shuffled loader: each epoch then draws its worker seeds from the
+    generator, so that a trial resumed from the generator's saved state sees the same order and
+    augmentations as one never interrupted (persistent workers would draw them once, at the
+    first epoch, and a resumed process at its own first); with 0 it runs in the caller and
+    transforms draw from the global torch RNG. Nothing is pinned unless ``pin_memory`` (only worth
+    it for a CUDA device). Shuffled (training) loaders drop a last partial batch when the split
+    holds more than one batch, as torchvision's detection references do: a batch of one image
+    breaks BatchNorm on 1x1 feature maps.
     """
     generator = torch.Generator()
     generator.manual_seed(seed)
@@ -276,7 +280,7 @@ def make_loader(
         collate_fn=collate,
         generator=generator,
         worker_init_fn=_seed_worker if workers > 0 else None,
-        persistent_workers=workers > 0,
+        persistent_workers=workers > 0 and not shuffle,
         prefetch_factor=2 if workers > 0 else None,
         pin_memory=pin_memory,
     )

@@ -132,7 +132,7 @@ def evaluate(model: Any, loader: Any, index: Any, *, device: torch.device, task:
         for image, target, pred in zip(images, targets, outputs, strict=True):
             row = {k: v.cpu() for k, v in pred.items()}
             row |= {"image_id": int(target["image_id"]), "input_size": tuple(image.shape[-2:])}
-            predictions.append(row)
+            predictions.append(coco_eval.compact_prediction(index, row))  # masks as RLEs at once
     if semantic:
         return {k: v for k, v in meter.compute().items() if k in SEMANTIC_METRICS}
     box = coco_eval.evaluate_detections(index, predictions, iou_type="bbox")

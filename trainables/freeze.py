@@ -136,7 +136,8 @@ def _backbone_last_k(model: nn.Module, family: Family, names: list[str], k: int)
     if k < 0:
         raise ValueError(f"trainable_k must be >= 0, got {k}")
     stages = backbone_stages(model, family)
-    last = tuple(p for stage in (stages[len(stages) - k :] if k else []) for p in stage)
+    chosen = stages[max(0, len(stages) - k) :] if k else []  # k above the count: every stage
+    last = tuple(p for stage in chosen for p in stage)
     return [n for n in names if family.part(n) in ("heads", "neck") or (last and n.startswith(last))]
 
 

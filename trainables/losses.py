@@ -17,7 +17,7 @@ Box offsets are decoded in float32 (bf16/fp16 autocast would round the decoded c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -219,6 +219,9 @@ def apply_losses(model: nn.Module, family: Family, params: dict[str, Any]) -> di
     choice the family does not list (validation should have rejected it earlier).
     """
     choice = LossChoice.from_params(params)
+    tuned = (choice.gamma, choice.alpha) != (2.0, 0.25)  # torchvision's own focal loss is fixed there
+    if choice.cls == "default" and family.default_cls == "focal" and tuned:
+        choice = replace(choice, cls="focal")
     checks = (("loss.box", choice.box, family.box_losses), ("loss.cls", choice.cls, family.cls_losses))
     for key, value, allowed in checks:
         if value != "default" and value not in allowed:

@@ -81,6 +81,19 @@ def _kwargs(model_kwargs: dict[str, Any] | None, family: Family | None = None) -
     return kwargs
 
 
+RESIZING_FAMILIES = ("fasterrcnn", "maskrcnn", "retinanet", "fcos")  # GeneralizedRCNNTransform
+
+
+def _input_size(kwargs: dict[str, Any], family: Family, image_size: int) -> dict[str, Any]:
+    """R-CNN, RetinaNet and FCOS resize every image again (short side 800, long side at most 1333
+    by default): unless ``kwargs`` sizes them, the network input is what the data made of it
+    (long side ``data.image_size``; training keeps the scale jitter) and inference sizes an image
+    the same way."""
+    if family.name in RESIZING_FAMILIES and not {"min_size", "max_size"} & set(kwargs):
+        return kwargs | {"min_size": image_size, "max_size": image_size, "_skip_resize": True}
+    return kwargs
+
+
 def _composed(
     arch: str,
     family: Family,
@@ -229,7 +242,7 @@ def build_model(
     """
     arch = cfg.arch
     family = _family(arch)
-    kwargs = _kwargs(cfg.model_kwargs, family)
+    kwargs = _input_size(_kwargs(cfg.model_kwargs, family), family, cfg.image_size)
     info: dict[str, Any] = {
         "arch": arch,
         "family": family.name,

@@ -40,9 +40,9 @@ class Optimizer:
 def _sgd(groups: list[dict[str, Any]], lr: float, params: dict[str, Any]) -> Any:
     import torch
 
-    return torch.optim.SGD(
-        groups, lr=lr, momentum=float(params["momentum"]), nesterov=bool(params["nesterov"])
-    )
+    momentum = float(params["momentum"])  # Nesterov at momentum 0 is plain SGD (torch refuses it)
+    nesterov = bool(params["nesterov"]) and momentum > 0
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
 
 
 def _adamw(groups: list[dict[str, Any]], lr: float, params: dict[str, Any]) -> Any:

@@ -178,13 +178,16 @@ STEP_ONLY = ("step_epochs", "step_gamma")  # read by the ``step`` schedule alone
 _ACTS_WHEN = {  # parameters that act only beside another's value: (that parameter, when it acts)
     "trainable_k": ("trainable", lambda v: v.get("trainable", "all") == "backbone_last_k"),
     "activation_scope": ("activation", lambda v: v.get("activation", "keep") != "keep"),
+    "loss.dice_weight": ("loss.seg", lambda v: v.get("loss.seg", "ce") == "ce+dice"),
+    "loss.label_smoothing": ("loss.seg", lambda v: v.get("loss.seg", "ce") in ("ce", "ce+dice")),
 }
 
 
 def controller(name: str) -> str | None:
     """The parameter whose value decides whether ``name`` acts at all (:func:`in_effect`):
     ``optimizer`` for an optimizer's own settings, ``schedule`` for the step schedule's,
-    ``trainable`` for ``trainable_k``, ``activation`` for ``activation_scope``; else None."""
+    ``trainable`` for ``trainable_k``, ``activation`` for ``activation_scope``, ``loss.seg`` for
+    ``loss.dice_weight`` and ``loss.label_smoothing``; else None."""
     if name in {n for o in optim.OPTIMIZERS.values() for n in o.uses}:
         return "optimizer"
     if name in STEP_ONLY:
@@ -196,7 +199,8 @@ def in_effect(values: dict[str, Any], task: str | None = None) -> dict[str, Any]
     """``values`` without the parameters that cannot act on a trial of ``task`` (any task: None),
     e.g. for a record of what a model was trained with: rows for other tasks, another optimizer's
     own settings, the step schedule's under another schedule, ``trainable_k`` unless
-    ``backbone_last_k`` trains, ``activation_scope`` when no activation is swapped."""
+    ``backbone_last_k`` trains, ``activation_scope`` when no activation is swapped, the dice weight
+    unless ``loss.seg`` is ``ce+dice``, label smoothing unless it has a cross-entropy term."""
     chosen = optim.OPTIMIZERS.get(values.get("optimizer"))
     others = {n for o in optim.OPTIMIZERS.values() for n in o.uses} - set(chosen.uses if chosen else ())
     out = {}

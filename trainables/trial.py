@@ -127,6 +127,7 @@ class _Run:
     groups_log: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     base_sha: str | None = None
     trainable_only: bool = False
+    keep_frozen: tuple[str, ...] = ()  # frozen tensors a rebuild does not give back: checkpoints keep them
     gens: list[torch.Generator] = dataclasses.field(default_factory=list)
     # progress
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
@@ -169,9 +170,9 @@ def _prepare(cfg: TrialConfig, params: dict[str, Any], report: Report) -> _Run:
 
 def _build_model(run: _Run) -> None:
     """The model (frozen as the trainable set says) and how to rebuild its starting state."""
-    cfg, params, family = run.cfg, run.params, run.family
+    cfg, params, family, num_classes = run.cfg, run.params, run.family, run.num_classes
     build_rng = torch.random.get_rng_state()  # random head initialisations: rebuild() repeats them
-    model, run.build = models.build_model(cfg, params, run.num_classes)
+    model, run.build = models.build_model(cfg, params, num_classes)
     frep = freeze.apply_trainable(
         model, family, params["trainable"], params["trainable_k"], cfg.trainable_sets
     )
@@ -180,7 +181,7 @@ def _build_model(run: _Run) -> None:
         rng = torch.random.get_rng_state()
         torch.random.set_rng_state(build_rng)
         try:
-            again, _ = models.build_model(cfg, params, run.num_classes)
+            again, _ = models.build_model(cfg, params, num_classes)
         finally:
             torch.random.set_rng_state(rng)
         freeze.apply_trainable(again, family, params["trainable"], params["trainable_k"], cfg.trainable_sets)
@@ -198,7 +199,26 @@ def _build_model(run: _Run) -> None:
         frep.frozen_tensors,
     )
     run.model, run.rebuild = model, rebuild
+    if not cfg.keep_full_checkpoint and (cfg.weights or cfg.weights_backbone):
+        run.keep_frozen = _not_from_base(model, lambda: models.build_model(cfg, params, num_classes)[0])
     run.counts = {"trainable_params": n_train, "frozen_params": n_frozen}
+
+
+def _not_from_base(model: torch.nn.Module, build: Callable[[], torch.nn.Module]) -> tuple[str, ...]:
+    """The frozen tensors that a rebuild from the base weights does not give back.
+
+    A second build from the random state that follows the first differs from it exactly where the
+    initialisation is random (a new neck or head): when such a part is frozen, a trainable-only
+    checkpoint must store it, or ``load_trained``, ``export`` and bundles would rebuild another one.
+    """
+    trained = checkpoint.trainable_state(model)
+    with torch.random.fork_rng(devices=[]):
+        twin = build().state_dict()
+    return tuple(
+        k
+        for k, t in model.state_dict().items()
+        if k not in trained and k in twin and (t.shape != twin[k].shape or not torch.equal(t, twin[k]))
+    )
 
 
 def _build_optimizer(run: _Run) -> None:
@@ -309,6 +329,7 @@ def _save_latest(run: _Run, epoch: int, row: dict[str, Any]) -> Path:
         params=run.params,
         base_sha256=run.base_sha,
         trainable_only=run.trainable_only,
+        keep=run.keep_frozen,
         extra=extra,
     )
 
