@@ -235,10 +235,11 @@ def _model_yaml(
     cfg: Any, ckpt_path: Path, ckpt: dict, info: dict, model: Any, class_names: list[str], study: dict | None
 ) -> dict[str, Any]:
     """The content of ``model.yaml`` (before the rebuild check and the files)."""
+    from trainables import models
     from trainables import params as P
 
     num_classes = len(class_names) + 1
-    kwargs = dict(cfg.model_kwargs)
+    kwargs = models.inference_kwargs(cfg)  # with the input size the trial's model was built with
     if getattr(model, "aux_classifier", None) is not None:
         kwargs["aux_loss"] = True
     structure = describe_structure(model, cfg.arch, num_classes, kwargs)

@@ -6,6 +6,7 @@ composed spec validates and runs a short trial. CPU, one torch thread (:mod:`tes
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from pathlib import Path
 
@@ -164,3 +165,27 @@ def test_bundled_composed_spec_runs_a_short_trial(tmp_path, hub, mobilenet_v2_fi
     assert meta["arch"] == "fasterrcnn" and meta["builder"] == "search"
     loaded, _ = bundle.load_bundle(tmp_path / "bundle")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("arch", "kwargs", "builder"),
+    [
+        ("fasterrcnn_mobilenet_v3_large_320_fpn", {}, "torchvision"),
+        ("fasterrcnn", {"compose": {"backbone": "mobilenet_v3_small"}}, "search"),
+    ],
+)
+def test_a_bundle_rebuilds_the_trial_models_input_size(arch, kwargs, builder):
+    """R-CNN-like models take data.image_size as their input: model.yaml's builder_kwargs carry
+    it, so that the bundle's model resizes an image as the trial's did (not to 800 or 320)."""
+    from search import bundle, bundle_load
+    from tests.test_models import config
+    from trainables import models
+
+    cfg = dataclasses.replace(config(arch), model_kwargs=kwargs, image_size=96)
+    trial_model, info = models.build_model(cfg, P.resolve({}), 3)
+    meta = bundle._model_yaml(cfg, Path("best.pt"), {"params": {}}, info, trial_model, ["a", "b"], None)
+    assert meta["builder"] == builder and "_skip_resize" not in meta["builder_kwargs"]
+    loaded = bundle_load.build(meta)
+    for model in (trial_model, loaded):
+        model.eval()
+        assert model.transform([torch.rand(3, 300, 400)])[0].image_sizes[0] == (72, 96)

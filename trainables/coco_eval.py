@@ -129,12 +129,16 @@ def _rescale_boxes(boxes: Any, rec: ImageRecord, in_h: int, in_w: int) -> list[l
 MASK_CHUNK = 8  # masks resized at once: bounds the float copy at the original resolution
 
 
-def compact_prediction(index: CocoIndex, pred: dict[str, Any]) -> dict[str, Any]:
+def compact_prediction(
+    index: CocoIndex, pred: dict[str, Any], records: dict[int, ImageRecord] | None = None
+) -> dict[str, Any]:
     """``pred`` with its soft masks replaced by their RLEs at the original image size (``rles``):
-    what evaluation keeps per image instead of N float masks at the input size."""
+    what evaluation keeps per image instead of N float masks at the input size. ``records``:
+    ``index.images`` by id (made once per evaluation; else looked up here)."""
     if "masks" not in pred:
         return pred
-    rec = next((r for r in index.images if r.id == int(pred["image_id"])), None)
+    records = records if records is not None else {r.id: r for r in index.images}
+    rec = records.get(int(pred["image_id"]))
     if rec is None:
         raise ValueError(f"prediction for image id {pred['image_id']} not in {index.annotations_path}")
     out = {k: v for k, v in pred.items() if k != "masks"}

@@ -94,6 +94,15 @@ def _input_size(kwargs: dict[str, Any], family: Family, image_size: int) -> dict
     return kwargs
 
 
+def inference_kwargs(cfg: TrialConfig) -> dict[str, Any]:
+    """The builder keyword arguments that give a trial's model in inference: the spec's, with the
+    input size that :func:`build_model` adds (what a bundle records)."""
+    family = _family(cfg.arch)
+    kwargs = _input_size(_kwargs(cfg.model_kwargs, family), family, cfg.image_size)
+    kwargs.pop("_skip_resize", None)  # training only
+    return kwargs
+
+
 def _composed(
     arch: str,
     family: Family,

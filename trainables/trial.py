@@ -211,12 +211,14 @@ def _not_from_base(model: torch.nn.Module, build: Callable[[], torch.nn.Module])
     initialisation is random (a new neck or head): when such a part is frozen, a trainable-only
     checkpoint must store it, or ``load_trained``, ``export`` and bundles would rebuild another one.
     """
-    trained = checkpoint.trainable_state(model)
+    trained, ours = checkpoint.trainable_state(model).keys(), model.state_dict()
+    if not ours.keys() - trained:
+        return ()  # nothing frozen: no second build
     with torch.random.fork_rng(devices=[]):
         twin = build().state_dict()
     return tuple(
         k
-        for k, t in model.state_dict().items()
+        for k, t in ours.items()
         if k not in trained and k in twin and (t.shape != twin[k].shape or not torch.equal(t, twin[k]))
     )
 
