@@ -32,6 +32,7 @@ import pickle
 import random
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,27 +45,35 @@ FORMAT = 1
 LATEST, BEST = "latest.pt", "best.pt"
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors a trainable-only checkpoint keeps (see the module docstring)."""
-    out: dict[str, torch.Tensor] = {}
+def _trainable_items(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) of what a trainable-only checkpoint keeps (see the module docstring): the
+    parameters that train and the persistent buffers of every module with one."""
     modules = dict(model.named_modules())
     for mname, module in modules.items():
         own = list(module.named_parameters(recurse=False))
         prefix = f"{mname}." if mname else ""
-        for name, p in own:
-            if p.requires_grad:
-                out[prefix + name] = p.detach().clone()
+        yield from ((prefix + name, p) for name, p in own if p.requires_grad)
         if own:
             live = any(p.requires_grad for _, p in own)
         else:
             parent = modules[mname.rpartition(".")[0]] if mname else module
             live = any(p.requires_grad for p in parent.parameters())
-        if not live:
-            continue
-        for name, b in module.named_buffers(recurse=False):
-            if b is not None and name not in module._non_persistent_buffers_set:
-                out[prefix + name] = b.detach().clone()
-    return out
+        if live:
+            yield from (
+                (prefix + name, b)
+                for name, b in module.named_buffers(recurse=False)
+                if b is not None and name not in module._non_persistent_buffers_set
+            )
+
+
+def trainable_keys(model: torch.nn.Module) -> list[str]:
+    """The state-dict keys of :func:`trainable_state`, nothing copied."""
+    return [k for k, _ in _trainable_items(model)]
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a trainable-only checkpoint keeps, as detached copies."""
+    return {k: t.detach().clone() for k, t in _trainable_items(model)}
 
 
 def rng_state() -> dict[str, Any]:

@@ -36,6 +36,7 @@ import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, NamedTuple
 
@@ -107,6 +108,11 @@ class CocoIndex:
     def num_classes(self) -> int:
         """K + 1 (background included)."""
         return len(self.class_names) + 1
+
+    @cached_property
+    def by_id(self) -> dict[int, ImageRecord]:
+        """``images`` by image id (built once)."""
+        return {r.id: r for r in self.images}
 
 
 def load_coco(annotations: Path, images: Path, *, task: str = "detection") -> CocoIndex:

@@ -56,13 +56,10 @@ def build_cocoeval(
             f"{index.annotations_path}: iou_type 'segm' needs a segmentation on every "
             "annotation (load the split with task='instance_segmentation')"
         )
-    records = {r.id: r for r in index.images}
     results: list[dict[str, Any]] = []
     img_ids: set[int] = set()
     for pred in predictions:
-        rec = records.get(int(pred["image_id"]))
-        if rec is None:
-            raise ValueError(f"prediction for image id {pred['image_id']} not in {index.annotations_path}")
+        rec = _record(index, pred)
         img_ids.add(rec.id)
         results += _to_coco_results(index, rec, pred, iou_type)
     if not img_ids:
@@ -129,21 +126,21 @@ def _rescale_boxes(boxes: Any, rec: ImageRecord, in_h: int, in_w: int) -> list[l
 MASK_CHUNK = 8  # masks resized at once: bounds the float copy at the original resolution
 
 
-def compact_prediction(
-    index: CocoIndex, pred: dict[str, Any], records: dict[int, ImageRecord] | None = None
-) -> dict[str, Any]:
+def compact_prediction(index: CocoIndex, pred: dict[str, Any]) -> dict[str, Any]:
     """``pred`` with its soft masks replaced by their RLEs at the original image size (``rles``):
-    what evaluation keeps per image instead of N float masks at the input size. ``records``:
-    ``index.images`` by id (made once per evaluation; else looked up here)."""
+    what evaluation keeps per image instead of N float masks at the input size."""
     if "masks" not in pred:
         return pred
-    records = records if records is not None else {r.id: r for r in index.images}
-    rec = records.get(int(pred["image_id"]))
+    out = {k: v for k, v in pred.items() if k != "masks"}
+    out["rles"] = _encode_masks(pred, _record(index, pred))
+    return out
+
+
+def _record(index: CocoIndex, pred: dict[str, Any]) -> ImageRecord:
+    rec = index.by_id.get(int(pred["image_id"]))
     if rec is None:
         raise ValueError(f"prediction for image id {pred['image_id']} not in {index.annotations_path}")
-    out = {k: v for k, v in pred.items() if k != "masks"}
-    out["rles"] = _encode_masks(pred, rec)
-    return out
+    return rec
 
 
 def _encode_masks(pred: dict[str, Any], rec: ImageRecord) -> list[dict[str, Any]]:

@@ -121,7 +121,6 @@ def evaluate(model: Any, loader: Any, index: Any, *, device: torch.device, task:
     semantic = task == "semantic_segmentation"
     meter = coco_eval.SegmentationMeter(len(index.class_names) + 1) if semantic else None
     predictions: list[dict[str, Any]] = []
-    records = {r.id: r for r in index.images} if not semantic else {}
     pause_point("evaluate")  # test hook: the first evaluation of a trial is its epoch 0
     for images, targets in loader:
         if semantic:
@@ -133,7 +132,7 @@ def evaluate(model: Any, loader: Any, index: Any, *, device: torch.device, task:
         for image, target, pred in zip(images, targets, outputs, strict=True):
             row = {k: v.cpu() for k, v in pred.items()}
             row |= {"image_id": int(target["image_id"]), "input_size": tuple(image.shape[-2:])}
-            predictions.append(coco_eval.compact_prediction(index, row, records))  # masks: RLEs now
+            predictions.append(coco_eval.compact_prediction(index, row))  # masks: RLEs now
     if semantic:
         return {k: v for k, v in meter.compute().items() if k in SEMANTIC_METRICS}
     box = coco_eval.evaluate_detections(index, predictions, iou_type="bbox")

@@ -84,21 +84,22 @@ def _kwargs(model_kwargs: dict[str, Any] | None, family: Family | None = None) -
 RESIZING_FAMILIES = ("fasterrcnn", "maskrcnn", "retinanet", "fcos")  # GeneralizedRCNNTransform
 
 
-def _input_size(kwargs: dict[str, Any], family: Family, image_size: int) -> dict[str, Any]:
-    """R-CNN, RetinaNet and FCOS resize every image again (short side 800, long side at most 1333
-    by default): unless ``kwargs`` sizes them, the network input is what the data made of it
-    (long side ``data.image_size``; training keeps the scale jitter) and inference sizes an image
-    the same way."""
+def _builder_kwargs(cfg: TrialConfig, family: Family) -> dict[str, Any]:
+    """The spec's ``model.kwargs`` for the builder, sized. R-CNN, RetinaNet and FCOS resize every
+    image again (short side 800, long side at most 1333 by default): unless the kwargs size them,
+    the network input is what the data made of it (long side ``data.image_size``; training keeps
+    the scale jitter) and inference sizes an image the same way."""
+    kwargs = _kwargs(cfg.model_kwargs, family)
     if family.name in RESIZING_FAMILIES and not {"min_size", "max_size"} & set(kwargs):
-        return kwargs | {"min_size": image_size, "max_size": image_size, "_skip_resize": True}
+        size = cfg.image_size
+        return kwargs | {"min_size": size, "max_size": size, "_skip_resize": True}
     return kwargs
 
 
 def inference_kwargs(cfg: TrialConfig) -> dict[str, Any]:
     """The builder keyword arguments that give a trial's model in inference: the spec's, with the
     input size that :func:`build_model` adds (what a bundle records)."""
-    family = _family(cfg.arch)
-    kwargs = _input_size(_kwargs(cfg.model_kwargs, family), family, cfg.image_size)
+    kwargs = _builder_kwargs(cfg, _family(cfg.arch))
     kwargs.pop("_skip_resize", None)  # training only
     return kwargs
 
@@ -251,7 +252,7 @@ def build_model(
     """
     arch = cfg.arch
     family = _family(arch)
-    kwargs = _input_size(_kwargs(cfg.model_kwargs, family), family, cfg.image_size)
+    kwargs = _builder_kwargs(cfg, family)
     info: dict[str, Any] = {
         "arch": arch,
         "family": family.name,

@@ -211,7 +211,7 @@ def _not_from_base(model: torch.nn.Module, build: Callable[[], torch.nn.Module])
     initialisation is random (a new neck or head): when such a part is frozen, a trainable-only
     checkpoint must store it, or ``load_trained``, ``export`` and bundles would rebuild another one.
     """
-    trained, ours = checkpoint.trainable_state(model).keys(), model.state_dict()
+    trained, ours = set(checkpoint.trainable_keys(model)), model.state_dict()
     if not ours.keys() - trained:
         return ()  # nothing frozen: no second build
     with torch.random.fork_rng(devices=[]):
