@@ -104,12 +104,7 @@ def events(exp_dir: Path, metric: str) -> list[dict]:
             if int(r.get("epoch", 0)) < 1:
                 continue
             v = r.get(metric)
-            ok = (
-                isinstance(v, (int, float))
-                and not isinstance(v, bool)
-                and math.isfinite(v)
-                and not r.get("diverged")
-            )
+            ok = _finite(v) and not r.get("diverged")
             rows.append(
                 {
                     "trial": f.parent.name,
@@ -130,6 +125,15 @@ def reach(rows: list[dict], target: float, mode: str) -> int | None:
         ):
             return i
     return None
+
+
+def _finite(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _gain(value: float, over: float, mode: str) -> float:
+    """How much ``value`` is better than ``over`` (negative: worse), whichever way is better."""
+    return value - over if mode == "max" else over - value
 
 
 def best(rows: list[dict], mode: str) -> float | None:
@@ -213,7 +217,8 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, work: Path) -> dict:
         states[t["state"]] = states.get(t["state"], 0) + 1
     trial_curves = curves(exp, metric)
     ref = [t for t in trial_curves.values() if t["reference"]]
-    ref_best = best([{"value": v} for v in ref[0]["curve"].values() if v is not None], mode) if ref else None
+    ref_vals = [v for e, v in ref[0]["curve"].items() if e >= 1 and _finite(v)] if ref else []
+    ref_best = best([{"value": v} for v in ref_vals], mode) if ref else None  # trained epochs only
     print(
         f"  seed {seed} {arm}: rc {rc}, wall {wall:.0f}s, {len(rows)} trial-epochs, best {metric} "
         f"{best(rows, mode)}, reference {ref_best}, trials {states}",
@@ -243,7 +248,7 @@ def seed_row(seed: int, res: dict[str, dict], tol: float) -> dict:
     """Per seed: R* (random_full's best), and per arm its best, reach of R* - tol, totals."""
     r = res["random_full"]
     mode, target = r["mode"], r["best"]
-    row: dict = {"seed": seed, "target": target, "arms": {}}
+    row: dict = {"seed": seed, "target": target, "mode": mode, "arms": {}}
     for arm, a in res.items():
         goal = None if target is None else (target - tol if mode == "max" else target + tol)
         reach_at = reach(a["events"], goal, mode) if goal is not None else None
@@ -252,7 +257,7 @@ def seed_row(seed: int, res: dict[str, dict], tol: float) -> dict:
             "reach": reach_at,
             "reach_vs_full": (reach_at / r["trial_epochs"]) if reach_at else math.inf,
             "total": a["trial_epochs"],
-            "gap": None if a["best"] is None or target is None else a["best"] - target,
+            "gap": None if a["best"] is None or target is None else _gain(a["best"], target, mode),
             "reference_best": a.get("reference_best"),
         }
     return row
@@ -264,8 +269,10 @@ def verdict(rows: list[dict], arm: str, tol: float) -> dict:
 
     fr = [s["arms"][arm]["reach_vs_full"] for s in rows]
     gaps = [s["arms"][arm]["gap"] for s in rows]
-    refs = [
-        (s["arms"][arm]["best"] or 0) >= (s["arms"][arm]["reference_best"] or -math.inf) - 1e-12 for s in rows
+    refs = [  # holds by construction when the reference trial ran: it is one of the arm's trials
+        (a := s["arms"][arm])["reference_best"] is None
+        or (a["best"] is not None and _gain(a["best"], a["reference_best"], s.get("mode", "max")) >= -1e-12)
+        for s in rows
     ]
     med = statistics.median(fr) if fr else math.inf
     return {

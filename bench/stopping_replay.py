@@ -37,11 +37,12 @@ METRIC = "objective"
 
 
 def rules(epochs: int, reference: dict | None) -> dict[str, Any]:
-    """name -> a fresh scheduler, as ``search.schedulers`` builds them for an 8-epoch spec
-    (grace period 1, reduction factor 2, rungs at 2 and 4: ``rungs_for(8, 1, 2, 0.3)``)."""
+    """name -> a fresh scheduler, as ``search.schedulers`` builds them for the demo specs (grace
+    period 1, reduction factor 2, warm-up 0.3 epochs: rungs at 2 and 4 for 8 epochs)."""
+    from search.schedulers import rungs_for
     from search.stopping import NoStopping, RecordingASHA, StratifiedHalving
 
-    rungs = (max(1, epochs // 4), max(2, epochs // 2))
+    rungs = rungs_for(epochs, 1, 2, 0.3)
 
     def asha() -> Any:
         s = RecordingASHA(
@@ -86,8 +87,22 @@ def replay(trials: list[dict], scheduler: Any, epochs: int, slots: int) -> list[
     return reports
 
 
+def _created(record: dict) -> Any:
+    """Sort key of a study's trials in creation order: the reference trial first (it is enqueued
+    first), then by start time (first report's timestamp minus its ``time_total_s``; whole seconds,
+    ties in recorded order). study.json's own order put the reference second before 889c834."""
+    start: dict[str, float] = {}
+    for e in record.get("events") or []:
+        tid = e["trial"].removeprefix("trial_")
+        start[tid] = min(start.get(tid, float("inf")), e["t"][0] - e["t"][1])
+    return lambda t: (not t["reference"], start.get(t["id"], float("inf")))
+
+
 def studies(path: Path) -> list[dict]:
     data = json.loads(path.read_text())
+    modes = {r["mode"] for raw in data["raw"] for r in raw.values()}
+    if modes != {"max"}:
+        raise SystemExit(f"{path}: the replay scores a maximised objective, but the records say {modes}")
     out = []
     for seed, raw in zip(data["seeds"], data["raw"], strict=True):  # raw: one {arm: result} per seed
         for arm, r in raw.items():
@@ -100,6 +115,7 @@ def studies(path: Path) -> list[dict]:
                 }
                 for tid, c in r["curves"].items()
             ]
+            trials.sort(key=_created(r))
             full = all(len(t["curve"]) >= data["args"]["epochs"] for t in trials)
             out.append(
                 {"seed": seed["seed"], "arm": arm, "target": seed["target"], "trials": trials, "full": full}
