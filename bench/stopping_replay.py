@@ -18,7 +18,16 @@ in every replay (its later epochs are unknown): only studies whose trials all ra
 (random_full, and the studies of ``none``) replay every rule fairly; the others are listed for
 completeness. No Ray, no training: runs in seconds.
 
+Two what-if rules, replay-only (not in the product), ask whether stopping harder would pay:
+``curve_lr`` bounds a curve by its best recent gain per unit of learning rate times the cosine
+schedule's learning rate still ahead (tighter than ``curve``'s constant gain per epoch), and
+``curve_early`` judges curves (collapse and extrapolation) from the first rung on instead of half
+the epochs. ``--with-reference`` puts the reference trial recorded in the same seed (the first arm
+of the file that has one; it is never stopped, so its curve is whole) first into every study
+that has none: random search's proposals as the default study would start them.
+
 Run: python bench/stopping_replay.py [RESULTS.json ...] [--rules none,asha,stratified,curve]
+     [--with-reference]
 (default: the newest bench/results/search_efficiency-{det,seg}-*.json)
 """
 
@@ -26,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
 from types import SimpleNamespace
@@ -43,6 +53,7 @@ def rules(epochs: int, reference: dict | None) -> dict[str, Any]:
     from search.stopping import NoStopping, RecordingASHA, StratifiedHalving
 
     rungs = rungs_for(epochs, 1, 2, 0.3)
+    what_if = _what_if()
 
     def asha() -> Any:
         s = RecordingASHA(
@@ -58,7 +69,35 @@ def rules(epochs: int, reference: dict | None) -> dict[str, Any]:
         "curve": lambda: StratifiedHalving(
             METRIC, "max", epochs, rungs, reference=reference, extrapolate=True
         ),
+        "curve_lr": lambda: what_if(METRIC, "max", epochs, rungs, reference=reference, extrapolate=True),
+        "curve_early": lambda: StratifiedHalving(
+            METRIC, "max", epochs, rungs, reference=reference, extrapolate=True, collapse_from=rungs[0]
+        ),
     }
+
+
+def _what_if() -> type:
+    """``curve`` with the cosine schedule's learning rate in its bound (``curve_lr``, above)."""
+    from search.stopping import StratifiedHalving
+
+    class CurveLr(StratifiedHalving):
+        def _out_of_reach(self, trial: Any, curve: dict[int, float], epoch: int) -> float | None:
+            if epoch < self.collapse_from:
+                return None
+            best = self._best(v for t, v in self._tops.items() if t != trial.trial_id)
+            if best is None or max(curve.values()) - curve[min(curve)] < self.rise * abs(best):
+                return None
+
+            def lr(e: int) -> float:  # the cosine schedule's lr in the middle of epoch e
+                return 0.5 * (1 + math.cos(math.pi * (e - 0.5) / self.epochs))
+
+            per_lr = [
+                (curve[e] - curve[e - 1]) / lr(e) for e in (epoch - 1, epoch) if e - 1 in curve and e in curve
+            ]
+            ahead = sum(lr(e) for e in range(epoch + 1, self.epochs + 1))
+            return best if curve[epoch] + max([0.0, *per_lr]) * ahead < best else None
+
+    return CurveLr
 
 
 def replay(trials: list[dict], scheduler: Any, epochs: int, slots: int) -> list[float]:
@@ -98,13 +137,23 @@ def _created(record: dict) -> Any:
     return lambda t: (not t["reference"], start.get(t["id"], float("inf")))
 
 
-def studies(path: Path) -> list[dict]:
+def studies(path: Path, with_reference: bool = False) -> list[dict]:
     data = json.loads(path.read_text())
     modes = {r["mode"] for raw in data["raw"] for r in raw.values()}
     if modes != {"max"}:
         raise SystemExit(f"{path}: the replay scores a maximised objective, but the records say {modes}")
     out = []
     for seed, raw in zip(data["seeds"], data["raw"], strict=True):  # raw: one {arm: result} per seed
+        ref = None  # the seed's recorded reference trial, for --with-reference
+        for r in raw.values():
+            ref = ref or next(
+                (
+                    {"id": t, "params": c["params"], "curve": c["curve"]}
+                    for t, c in r["curves"].items()
+                    if c["reference"]
+                ),
+                None,
+            )
         for arm, r in raw.items():
             trials = [
                 {
@@ -116,6 +165,12 @@ def studies(path: Path) -> list[dict]:
                 for tid, c in r["curves"].items()
             ]
             trials.sort(key=_created(r))
+            if with_reference and ref and not any(t["reference"] for t in trials):
+                curve = {int(e): v for e, v in ref["curve"].items() if int(e) >= 1 and v is not None}
+                trials.insert(
+                    0, {"id": f"ref-{ref['id']}", "params": ref["params"], "reference": True, "curve": curve}
+                )
+                arm += "+reference"
             full = all(len(t["curve"]) >= data["args"]["epochs"] for t in trials)
             out.append(
                 {"seed": seed["seed"], "arm": arm, "target": seed["target"], "trials": trials, "full": full}
@@ -128,6 +183,9 @@ def main() -> None:
     ap.add_argument("results", nargs="*", type=Path)
     ap.add_argument("--rules", default="none,asha,stratified,curve")
     ap.add_argument("--tolerance", type=float, default=0.005)
+    ap.add_argument(
+        "--with-reference", action="store_true", help="the seed's reference trial first in every study"
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     paths = args.results or [
@@ -142,7 +200,7 @@ def main() -> None:
         epochs, slots, task = data["args"]["epochs"], data["args"]["concurrent"], data["args"]["task"]
         print(f"\n{task}: {path.name}, {epochs} epochs, {slots} at a time")
         print(f"{'seed':>4} {'arm':14} {'all ran':7} " + " ".join(f"{n:>22}" for n in names))
-        for st in studies(path):
+        for st in studies(path, args.with_reference):
             ref = next((t["params"] for t in st["trials"] if t["reference"]), None)
             cells = []
             for name in names:

@@ -170,6 +170,7 @@ def launch(
         searcher = make_searcher(spec, exp_dir, deadline, recipe_trials)
         reference = recipe_trials[0][1] if recipe_trials else None
         scheduler = make_scheduler(spec)
+        searcher.scheduler = scheduler  # asked why a trial stopped (what Optuna is told)
         callbacks = _callbacks(spec, exp_dir, False, None, extra_callbacks)
         state = callbacks[0]
         state.searcher, state.scheduler, state.deadline = searcher, scheduler, deadline
@@ -269,7 +270,7 @@ def resume(
         callbacks = _callbacks(spec, exp_dir, True, previous, extra_callbacks)
         state = callbacks[0]
         state.searcher, state.deadline = searcher, deadline
-        state.scheduler = local._tune_config.scheduler
+        state.scheduler = searcher.scheduler = local._tune_config.scheduler
         if previous and hasattr(state.scheduler, "restore_history"):  # Ray saved none of its state
             state.scheduler.restore_history(previous["trials"].values())
         run_config = local.get_run_config()

@@ -9,7 +9,11 @@ base-model evaluation, then 1..epochs):
   the ``diverged`` report, are skipped);
 - a trial that ran all epochs is COMPLETE with its best-epoch value (epochs >= 1, by mode);
 - a trial that stopped before its last epoch (scheduler or time budget) is PRUNED, keeping its
-  intermediate values;
+  intermediate values, except one the scheduler stopped by a rule in :data:`VALUE_RULES` (its
+  ``stop_record``): the learning-curve extrapolation stops a trial that has learned and cannot
+  catch up, after half the epochs, so its best value so far stands for its result: COMPLETE with
+  that value (user attribute ``stopped`` = the rule), where PRUNED would rank it behind every
+  finished trial;
 - a diverged trial (``diverged: 1``) or one that raised is FAIL.
 
 Each Optuna trial carries the user attribute ``ray_trial_id``. The study lives in a
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +39,9 @@ from search import study as S
 from search.samplers import make_sampler
 
 log = logging.getLogger(__name__)
+
+# Scheduler stop rules whose trial Optuna is told as COMPLETE with its best value (module docstring).
+VALUE_RULES = ("extrapolation",)
 
 
 def journal_storage(path: Path) -> optuna.storages.BaseStorage:
@@ -54,14 +62,17 @@ class StudySearch(OptunaSearch):
 
     ``epochs`` is the number of training epochs of a full trial. ``deadline`` (a ``time.time()``
     value, or None) makes :meth:`suggest` return FINISHED once passed: no new trial starts after
-    the time budget. It is runtime state: :meth:`restore` keeps the value set by the launcher.
+    the time budget. ``scheduler`` (set by the launcher) is the study's scheduler, asked why it
+    stopped a trial. Both are runtime state: :meth:`restore` keeps the values set by the launcher,
+    and pickles leave the scheduler out (Ray pickles it on its own).
     """
 
-    _RUNTIME = ("deadline",)
+    _RUNTIME = ("deadline", "scheduler")
 
     def __init__(self, *args: Any, epochs: int, deadline: float | None = None, **kwargs: Any):
         self.epochs = int(epochs)
         self.deadline = deadline
+        self.scheduler: Any = None
         self._steps: dict[str, list[int]] = {}
         self._best: dict[str, tuple[float, int]] = {}
         self._last_epoch: dict[str, int] = {}
@@ -201,9 +212,10 @@ class StudySearch(OptunaSearch):
             self._note(trial_id, result)
         best = self._best.get(trial_id)
         last = self._last_epoch.get(trial_id, -1)
+        stopped = self._value_stop(trial_id) if last < self.epochs else None
         if error or trial_id in self._diverged or (result or {}).get("diverged"):
             state, value = TrialState.FAIL, None
-        elif last >= self.epochs and best is not None:
+        elif best is not None and (last >= self.epochs or stopped):
             state, value = TrialState.COMPLETE, best[0]
         elif self._steps.get(trial_id):
             state, value = TrialState.PRUNED, None
@@ -212,6 +224,8 @@ class StudySearch(OptunaSearch):
         try:
             if best is not None:
                 ot_trial.set_user_attr("best_epoch", best[1])
+            if state == TrialState.COMPLETE and stopped:
+                ot_trial.set_user_attr("stopped", stopped)
             ot_trial.set_user_attr(
                 "outcome",
                 "error" if error else "diverged" if trial_id in self._diverged else state.name.lower(),
@@ -223,6 +237,19 @@ class StudySearch(OptunaSearch):
         if state == TrialState.FAIL:
             self._failed.add(trial_id)
         self._completed_trials.add(trial_id)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "scheduler": None}
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:  # as OptunaSearch.save, without the runtime scheduler
+            pickle.dump(self.__getstate__(), f)
+
+    def _value_stop(self, trial_id: str) -> str | None:
+        """The scheduler's stop rule for the trial when it is one of :data:`VALUE_RULES`, else None."""
+        record = getattr(self.scheduler, "stop_record", lambda _: None)(trial_id)
+        rule = (record or {}).get("rule")
+        return rule if rule in VALUE_RULES else None
 
     def restore(self, checkpoint_path: str) -> None:
         keep = {k: getattr(self, k, None) for k in self._RUNTIME}

@@ -1,0 +1,126 @@
+"""The searcher alone (no Ray trials): what Optuna is told of each trial, and of the scheduler's stops."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import optuna
+from ray.tune.schedulers import TrialScheduler
+
+from search.searcher import StudySearch, journal_storage, load_study
+from search.space_parse import parse_space
+from search.stopping import StratifiedHalving
+
+
+def study_search(journal, name: str, epochs: int, fixed: dict | None = None) -> StudySearch:
+    """A random-sampling searcher over lr (and ``fixed`` constants) on a journal file, objective map."""
+    space = parse_space({"lr": {"low": 1e-3, "high": 1e-1, "log": True}, **(fixed or {})})
+    return StudySearch(
+        space=space.define_by_run,
+        metric="map",
+        mode="max",
+        sampler=optuna.samplers.RandomSampler(seed=0),
+        study_name=name,
+        storage=journal_storage(journal),
+        epochs=epochs,
+    )
+
+
+def test_study_search_states(tmp_path):
+    journal = tmp_path / "optuna.journal"
+
+    def searcher():
+        return study_search(journal, "u", 3, {"optimizer": "sgd"})
+
+    s = searcher()
+    configs = {tid: s.suggest(tid) for tid in "abcde"}
+    for config in configs.values():
+        assert config["optimizer"] == "sgd" and 1e-3 <= config["lr"] <= 1e-1
+    values = [0.0, 0.3, 0.5, 0.4]
+    for epoch, v in enumerate(values[:3]):
+        s.on_trial_result("a", {"epoch": epoch, "map": v})
+    s.on_trial_complete("a", {"epoch": 3, "map": values[3]})  # finished: best epoch, not last
+    s.on_trial_result("b", {"epoch": 0, "map": 0.0})
+    s.on_trial_complete("b", {"epoch": 1, "map": 0.1})  # stopped by the scheduler at epoch 1
+    s.on_trial_result("c", {"epoch": 0, "map": 0.0})
+    s.on_trial_complete("c", {"epoch": 1, "map": float("-inf"), "diverged": 1})
+    s.on_trial_result("d", {"epoch": 0, "map": 0.0})
+    s.on_trial_complete("d", error=True)
+    s.on_trial_result("e", {"epoch": 0, "map": 0.0})
+    # a hard stop: the searcher's checkpoint misses an Optuna trial asked after it
+    ckpt = tmp_path / "searcher.pkl"
+    s.save(str(ckpt))
+    f_config = s.suggest("f")
+    f_number = s.optuna_number("f")
+    restored = searcher()
+    restored.deadline = 123.0
+    restored.restore(str(ckpt))
+    assert restored.deadline == 123.0  # runtime state kept
+    assert restored.suggest("g") == "FINISHED"  # past the deadline: no new trial
+    restored.deadline = None
+    assert restored.set_max_concurrency(1) and restored.suggest("g") is None  # "e" still runs
+    restored.set_max_concurrency(0)
+    # the orphan "f" (asked after the checkpoint) is the next suggestion: same params, same number
+    assert restored.suggest("f2") == f_config and restored.optuna_number("f2") == f_number
+    assert restored.suggest("h") != f_config and restored.optuna_number("h") == f_number + 1
+    # resume --restart-errored: Ray reruns the errored "d" as a new trial id with d's config; it gets
+    # a fresh Optuna trial with the same params
+    flat_config = {f"config/{k}": v for k, v in configs["d"].items()}
+    for epoch, v in enumerate([0.0, 0.2, 0.3]):
+        restored.on_trial_result("d2", {"epoch": epoch, "map": v, **flat_config})
+    restored.on_trial_complete("d2", {"epoch": 3, "map": 0.25, **flat_config})
+
+    study = load_study(journal, "u")
+    by_id = {t.user_attrs["ray_trial_id"]: t for t in study.trials if "restarted_from" not in t.user_attrs}
+    S_ = optuna.trial.TrialState
+    (again,) = [t for t in study.trials if "restarted_from" in t.user_attrs]
+    assert again.user_attrs["restarted_from"] == by_id["d"].number and again.params == by_id["d"].params
+    assert again.state == S_.COMPLETE and again.value == 0.3 and again.user_attrs["ray_trial_id"] == "d2"
+    assert by_id["a"].state == S_.COMPLETE and by_id["a"].value == 0.5
+    assert by_id["a"].user_attrs["best_epoch"] == 2
+    assert by_id["a"].intermediate_values == {0: 0.0, 1: 0.3, 2: 0.5, 3: 0.4}
+    assert by_id["b"].state == S_.PRUNED and by_id["b"].intermediate_values == {0: 0.0, 1: 0.1}
+    assert by_id["c"].state == S_.FAIL and by_id["c"].intermediate_values == {0: 0.0}
+    assert by_id["d"].state == S_.FAIL
+    assert by_id["e"].state == S_.RUNNING  # unfinished: resume continues it
+    assert "f" not in by_id and by_id["f2"].number == f_number and by_id["f2"].state == S_.RUNNING
+    assert len(study.trials) == f_number + 3  # f2 (the orphan, adopted), h, and d's restart
+
+
+def test_a_trial_the_extrapolation_rule_stopped_is_told_complete_with_its_value(tmp_path):
+    """Optuna ranks a PRUNED trial behind every finished one; a trial stopped because its learned
+    curve cannot catch up reaches it as COMPLETE with its best value, a collapsed one as PRUNED."""
+    journal = tmp_path / "optuna.journal"
+    s = study_search(journal, "x", 8)
+    s.scheduler = StratifiedHalving("map", "max", 8, (2, 4), extrapolate=True)
+    curves = {
+        "won": [0.0, 0.3, 0.5, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6],
+        "plateau": [0.0, 0.1, 0.3, 0.38, 0.40, 0.41, 0.41, 0.41, 0.41],  # cannot reach 0.6
+        "collapsed": [0.3, 0.5, 0.4, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1],  # below its epoch 0 from epoch 4
+    }
+    stopped_at = {}
+    for tid, curve in curves.items():
+        trial = SimpleNamespace(trial_id=tid, config=s.suggest(tid))
+        s.scheduler.on_trial_add(None, trial)
+        for epoch, value in enumerate(curve):
+            result = {"epoch": epoch, "map": value}
+            s.on_trial_result(tid, result)
+            if s.scheduler.on_trial_result(None, trial, result) == TrialScheduler.STOP or epoch == 8:
+                s.on_trial_complete(tid, result)
+                stopped_at[tid] = epoch
+                break
+    assert stopped_at == {"won": 8, "plateau": 5, "collapsed": 4}
+    by_id = {t.user_attrs["ray_trial_id"]: t for t in load_study(journal, "x").trials}
+    S_ = optuna.trial.TrialState
+    assert by_id["won"].state == S_.COMPLETE and by_id["won"].value == 0.6
+    assert by_id["plateau"].state == S_.COMPLETE and by_id["plateau"].value == 0.41
+    assert by_id["plateau"].user_attrs["stopped"] == "extrapolation"
+    assert by_id["collapsed"].state == S_.PRUNED and "stopped" not in by_id["collapsed"].user_attrs
+    assert s.outcome("plateau") == "COMPLETE" and s.outcome("collapsed") == "PRUNED"
+    # the scheduler is runtime state: not in the searcher's checkpoint, kept across restore
+    ckpt = tmp_path / "searcher.pkl"
+    s.save(str(ckpt))
+    assert b"StratifiedHalving" not in ckpt.read_bytes()
+    scheduler = s.scheduler
+    s.restore(str(ckpt))
+    assert s.scheduler is scheduler
