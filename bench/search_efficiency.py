@@ -18,6 +18,9 @@ number of trials, epochs, concurrency and seed (``search.seed`` and ``train.seed
                added to it (3 at 8 trials: the two recipe trials and one random trial)
   curve_s3     as curve with TPE's start-up at 3 trials (search.n_startup_trials=3): at 8 trials the
                reference plus 2 random ones, where the default's 2 count the reference as one
+  random_other random search as random_full with another sampler seed (search.seed = seed + 10007;
+               train.seed the same): how far a second random search of the same size lands from
+               R*, the noise floor of the targets below
   hyperband    as auto with search.scheduler=hyperband (Ray's synchronous HyperBand) and
                search.max_concurrent = trials (the CPUs still run 2 at a time; the spec refuses
                hyperband with fewer: Ray halves a bracket only once all its trials exist). The
@@ -63,6 +66,12 @@ import _common as C  # noqa: I001  (puts the repo root on sys.path)
 
 ARMS = {
     "random_full": ["search.algorithm=random", "search.scheduler=none", "search.reference_trial=false"],
+    "random_other": [
+        "search.algorithm=random",
+        "search.scheduler=none",
+        "search.reference_trial=false",
+        "search.seed={other_seed}",
+    ],
     "asha_tpe": [
         "search.algorithm=tpe",
         "search.scheduler=asha",
@@ -87,6 +96,7 @@ ARMS = {
         "search.n_startup_trials=3",
     ],
 }
+OTHER_SEED = 10_007  # random_other's sampler seed, added to the seed
 TASKS = {
     "det": {"spec": "spaces/det.yaml", "data": "../shared/data/bccd", "ann": "instances_{}.json"},
     "seg": {"spec": "spaces/seg.yaml", "data": None, "ann": None},
@@ -185,7 +195,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, work: Path) -> dict:
         f"output_dir={work}",
         "resources.cpu=1",
         *([f"data.image_size={args.image_size}"] if args.image_size else []),
-        *(s.format(trials=args.trials) for s in ARMS[arm]),
+        *(s.format(trials=args.trials, other_seed=seed + OTHER_SEED) for s in ARMS[arm]),
         *args.set,
         *(args.arm_set if arm == args.tag_arm else []),
     ]
@@ -218,7 +228,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, work: Path) -> dict:
     trial_curves = curves(exp, metric)
     ref = [t for t in trial_curves.values() if t["reference"]]
     ref_vals = [v for e, v in ref[0]["curve"].items() if e >= 1 and _finite(v)] if ref else []
-    ref_best = best([{"value": v} for v in ref_vals], mode) if ref else None  # trained epochs only
+    ref_best = best([{"value": v} for v in ref_vals], mode)  # trained epochs only; None without one
     print(
         f"  seed {seed} {arm}: rc {rc}, wall {wall:.0f}s, {len(rows)} trial-epochs, best {metric} "
         f"{best(rows, mode)}, reference {ref_best}, trials {states}",

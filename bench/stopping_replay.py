@@ -81,21 +81,15 @@ def _what_if() -> type:
     from search.stopping import StratifiedHalving
 
     class CurveLr(StratifiedHalving):
-        def _out_of_reach(self, trial: Any, curve: dict[int, float], epoch: int) -> float | None:
-            if epoch < self.collapse_from:
-                return None
-            best = self._best(v for t, v in self._tops.items() if t != trial.trial_id)
-            if best is None or max(curve.values()) - curve[min(curve)] < self.rise * abs(best):
-                return None
-
+        def _bound(self, score: dict[int, float], epoch: int) -> float:
             def lr(e: int) -> float:  # the cosine schedule's lr in the middle of epoch e
                 return 0.5 * (1 + math.cos(math.pi * (e - 0.5) / self.epochs))
 
             per_lr = [
-                (curve[e] - curve[e - 1]) / lr(e) for e in (epoch - 1, epoch) if e - 1 in curve and e in curve
+                (score[e] - score[e - 1]) / lr(e) for e in (epoch - 1, epoch) if e - 1 in score and e in score
             ]
             ahead = sum(lr(e) for e in range(epoch + 1, self.epochs + 1))
-            return best if curve[epoch] + max([0.0, *per_lr]) * ahead < best else None
+            return score[epoch] + max([0.0, *per_lr]) * ahead
 
     return CurveLr
 

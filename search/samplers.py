@@ -86,15 +86,18 @@ def make_sampler(
     model still sees as many random, varied trials."""
     if algorithm not in SAMPLERS:
         raise ValueError(f"search.algorithm must be one of {', '.join(SAMPLERS)}, but got {algorithm!r}")
-    if n_startup is not None:
-        startup = n_startup
-    else:
-        startup = max(2, min(10, num_trials // 3)) + max(0, recipe_trials - 1)
+    startup = startup_size(num_trials, recipe_trials) if n_startup is None else n_startup
     import optuna
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return SAMPLERS[algorithm](SamplerArgs(seed, startup, grid or {}))
+
+
+def startup_size(num_trials: int, recipe_trials: int = 0) -> int:
+    """The default random start-up of :func:`make_sampler`: a third of the trials (2 to 10), plus
+    the recipe trials after the reference."""
+    return max(2, min(10, num_trials // 3)) + max(0, recipe_trials - 1)
 
 
 def num_samples(spec: Any) -> int:

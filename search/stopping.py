@@ -222,9 +222,13 @@ class StratifiedHalving(FIFOScheduler, _Records):
         score = {e: sign * v for e, v in curve.items()}
         if max(score.values()) - score[min(score)] < self.rise * abs(best):
             return None  # not started learning yet: a flat start may still take off
+        return best if self._bound(score, epoch) < sign * best else None
+
+    def _bound(self, score: dict[int, float], epoch: int) -> float:
+        """The optimistic final score of a curve (``score``: epoch -> value, larger is better): its
+        best gain per epoch of the last two epochs, continued to the last epoch."""
         gains = [score[e] - score[e - 1] for e in (epoch - 1, epoch) if e in score and e - 1 in score]
-        bound = score[epoch] + (self.epochs - epoch) * max([0.0, *gains])
-        return best if bound < sign * best else None
+        return score[epoch] + (self.epochs - epoch) * max([0.0, *gains])
 
     def debug_string(self) -> str:
         return f"StratifiedHalving: rungs {self.rungs}, {len(self._records)} stopped"
