@@ -6,8 +6,10 @@ settings over many seeds in seconds, on a surrogate: each proposed configuration
 curve of a recorded trial (every trial that ran all epochs in
 ``bench/results/search_efficiency*-TASK-*.json`` with the benchmark's own settings) that made the
 same categorical choices and is among the ``--k`` nearest in the numeric parameters (each scaled
-to [0, 1] over its range, in log where the space is log), drawn at random (the same draw for the same configuration in the same seed): the spread among
-neighbours stands in for the run-to-run noise of a real trial.
+to [0, 1] over its range, in log where the space is log), drawn at random, the same draw for the
+same configuration in the same seed: the spread among neighbours stands in for the run-to-run
+noise of a real trial, and random search and TPE's random start-up share their first proposals'
+curves as real studies of one seed do.
 
 Each simulated study runs the real sampler (Optuna, as ``search.samplers`` builds it, or the
 arm's variant) over the spec's real space (``SearchSpace.sample``) and, where the arm stops
@@ -15,14 +17,18 @@ trials, the real scheduler (``search.stopping``, rule ``curve``), two trials at 
 per trial per step (as ``stopping_replay.py``), the recipe's reference trial enqueued first.
 Optuna is told what the product's searcher tells it: COMPLETE with the best value for a trial that
 ran every epoch or that a ``VALUE_RULES`` rule stopped, PRUNED with its intermediate values
-otherwise. ``random_full`` (random search, no stopping, no reference, the same seed) gives R*.
-Per arm: the median over seeds of reach / (trials x epochs) of R* - tol, and in how many seeds the
-arm ended below R* - 0.01.
+otherwise. ``random_full`` (random search, no stopping, no reference, the same seed) gives R*;
+with ``--independent`` random search with another sampler seed (``random_other``) gives it, so
+that no arm shares proposals with the baseline (``random_full`` is then a second random search:
+the noise floor). Per arm: the median over seeds of reach / (trials x epochs) of R* - tol, the
+share of seeds with reach <= 1/3, in how many seeds the arm ended below R* - 0.01, and P(met|n):
+the chance that n seeds drawn from these meet issue 13's reach and quality targets together.
 
 The surrogate only knows curves someone recorded, near configurations someone tried: it ranks
 settings for a real run to check (``search_efficiency.py``); it measures nothing by itself.
 
 Run: python bench/sampler_screen.py --task det [--trials 16] [--seeds 0-39] [--arms curve,...]
+     [--independent] [--k 3] [--json OUT]
 """
 
 from __future__ import annotations
