@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -242,8 +241,13 @@ class StudySearch(OptunaSearch):
         return {**self.__dict__, "scheduler": None}
 
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:  # as OptunaSearch.save, without the runtime scheduler
-            pickle.dump(self.__getstate__(), f)
+        """Ray's own save (a pickle of ``__dict__``, which bypasses ``__getstate__``), without the
+        runtime scheduler."""
+        scheduler, self.scheduler = self.scheduler, None
+        try:
+            super().save(checkpoint_path)
+        finally:
+            self.scheduler = scheduler
 
     def _value_stop(self, trial_id: str) -> str | None:
         """The scheduler's stop rule for the trial when it is one of :data:`VALUE_RULES`, else None."""
