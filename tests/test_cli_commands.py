@@ -174,7 +174,8 @@ def test_best_says_why_a_trial_stopped(study, tmp_path):
 
 def test_status_of_a_study_whose_process_is_gone(study, tmp_path):
     """study.json says running but the process its lock file names has ended (killed): status
-    says interrupted, and that the process is gone (it said "running" for ever)."""
+    says interrupted, and that the process is gone (it said "running" for ever); and running while
+    a resume holds the lock of an interrupted study (before Ray's run marks it running)."""
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
     exp_dir = edited_study_copy(
         study["exp_dir"], tmp_path / "runs" / NAME, lambda state: state.update(status="running")
@@ -187,6 +188,16 @@ def test_status_of_a_study_whose_process_is_gone(study, tmp_path):
     assert text.startswith(f"study {NAME} (interrupted; its launch or resume process is gone"), text
     (exp_dir / ".search.lock").write_text(f"host {socket.gethostname()} pid {os.getpid()}\n")  # alive
     assert ok_json(search("status", NAME, *where, "--json", cwd=tmp_path))["status"] == "running"
+    from search import study as S
+    from search.guards import StudyLock
+
+    S.write_study(exp_dir, S.read_study(exp_dir) | {"status": "interrupted"})
+    assert ok_json(search("status", NAME, *where, "--json", cwd=tmp_path))["status"] == "interrupted"
+    lock = StudyLock(exp_dir).acquire()  # a resume, seconds before Ray's run starts
+    try:
+        assert ok_json(search("status", NAME, *where, "--json", cwd=tmp_path))["status"] == "running"
+    finally:
+        lock.release()
 
 
 def test_best_top_zero_is_bad_input(study):
