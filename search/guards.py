@@ -211,20 +211,31 @@ class StudyLocked(SpecError):
 def lock_holder_alive(exp_dir: Path) -> bool | None:
     """Whether the process the study's lock file names (:class:`StudyLock`) still runs: True or
     False for a process on this host, None when that cannot be told (no file, another host)."""
-    try:
-        text = (Path(exp_dir) / LOCK_FILE).read_text()
-    except OSError:
-        return None
-    found = re.fullmatch(r"host (\S+) pid (\d+)\s*", text)
-    if not found or found.group(1) != socket.gethostname():
+    holder = _holder(exp_dir)
+    if holder is None or holder[0] != socket.gethostname():
         return None
     try:
-        os.kill(int(found.group(2)), 0)
+        os.kill(holder[1], 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True  # another user's process
     return True
+
+
+def _holder(exp_dir: Path) -> tuple[str, int] | None:
+    """(host, pid) that the study's lock file names, or None."""
+    try:
+        text = (Path(exp_dir) / LOCK_FILE).read_text()
+    except OSError:
+        return None
+    found = re.fullmatch(r"host (\S+) pid (\d+)\s*", text)
+    return (found.group(1), int(found.group(2))) if found else None
+
+
+def held_elsewhere(exp_dir: Path) -> bool:
+    """Whether a launch or resume other than this process holds the study's lock now."""
+    return lock_held(exp_dir) and _holder(exp_dir) != (socket.gethostname(), os.getpid())
 
 
 def lock_held(exp_dir: Path) -> bool:

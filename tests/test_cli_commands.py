@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from search import local_server
+from search import study as S
+from search.guards import StudyLock
 from tests.tinydata import edited_study_copy, make_tiny_coco, write_tiny_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,8 +152,6 @@ def test_best_human_and_json(study):
 def test_best_says_why_a_trial_stopped(study, tmp_path):
     """A stopped trial's row in ``best`` carries the same words as in ``status`` (study.json as the
     launcher writes it, one trial marked stopped by the halving rule)."""
-    from search import study as S
-
     tid, t = sorted(S.read_study(study["exp_dir"])["trials"].items())[0]
     value = t["history"][-1]["map50"]
     t["state"] = S.PRUNED
@@ -188,14 +188,12 @@ def test_status_of_a_study_whose_process_is_gone(study, tmp_path):
     assert text.startswith(f"study {NAME} (interrupted; its launch or resume process is gone"), text
     (exp_dir / ".search.lock").write_text(f"host {socket.gethostname()} pid {os.getpid()}\n")  # alive
     assert ok_json(search("status", NAME, *where, "--json", cwd=tmp_path))["status"] == "running"
-    from search import study as S
-    from search.guards import StudyLock
-
     S.write_study(exp_dir, S.read_study(exp_dir) | {"status": "interrupted"})
     assert ok_json(search("status", NAME, *where, "--json", cwd=tmp_path))["status"] == "interrupted"
     lock = StudyLock(exp_dir).acquire()  # a resume, seconds before Ray's run starts
-    try:
+    try:  # running for another process; the holder's own summary (launcher.summarize) as written
         assert ok_json(search("status", NAME, *where, "--json", cwd=tmp_path))["status"] == "running"
+        assert S.status_object(exp_dir)["status"] == "interrupted"
     finally:
         lock.release()
 
