@@ -27,8 +27,8 @@ the chance that n seeds drawn from these meet issue 13's reach and quality targe
 The surrogate only knows curves someone recorded, near configurations someone tried: it ranks
 settings for a real run to check (``search_efficiency.py``); it measures nothing by itself.
 
-Run: python bench/sampler_screen.py --task det [--trials 16] [--seeds 0-39] [--arms curve,...]
-     [--independent] [--k 3] [--json OUT]
+Run: python bench/sampler_screen.py [RESULTS.json ...] --task det [--trials 16] [--seeds 0-39]
+     [--arms curve,...] [--independent] [--k 3] [--json OUT]
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ from typing import Any
 import _common as C  # noqa: I001  (puts the repo root on sys.path)
 import stopping_replay as R
 
-SETTINGS = {"epochs": 8, "limit_train": 96, "limit_val": 32, "image_size": None}  # the benchmark's
+# the benchmark's settings (search_efficiency.py's defaults): the records whose trials are comparable
+SETTINGS = {"epochs": 8, "limit_train": 96, "limit_val": 32, "image_size": None, "spec": None, "data": None}
+SETTINGS |= {"set": [], "arm_set": []}
 
 
 def _tpe(**kw: Any) -> Callable[[int, int], Any]:
@@ -100,12 +102,14 @@ ARMS: dict[str, tuple[Callable[[int, int], Any], bool, bool, int | None]] = {
 }
 
 
-def recorded(task: str) -> list[dict]:
-    """Every distinct recorded trial of ``task`` that ran all epochs with the benchmark's settings."""
+def recorded(task: str, paths: list[Path]) -> list[dict]:
+    """Every distinct recorded trial of ``task`` in the results files ``paths`` (default: every
+    ``bench/results/search_efficiency*-TASK-*.json``) that ran all epochs with the benchmark's
+    settings."""
     seen, out = set(), []
-    for path in sorted((C.ROOT / "bench/results").glob(f"search_efficiency*-{task}-*.json")):
+    for path in paths or sorted((C.ROOT / "bench/results").glob(f"search_efficiency*-{task}-*.json")):
         data = json.loads(path.read_text())
-        if any(data["args"].get(k) != v for k, v in SETTINGS.items()):
+        if data["args"].get("task") != task or any(data["args"].get(k) != v for k, v in SETTINGS.items()):
             continue
         for raw in data["raw"]:
             for r in raw.values():
@@ -207,7 +211,7 @@ def world_of(args: argparse.Namespace) -> SimpleNamespace:
     spec = load_spec(
         C.ROOT / SE.TASKS[args.task]["spec"], [f"train.epochs={SETTINGS['epochs']}"], study=False
     )
-    trials = recorded(args.task)
+    trials = recorded(args.task, args.results)
     return SimpleNamespace(
         space=spec.search_space,
         reference=spec.reference_params(),
@@ -288,6 +292,7 @@ def _seeds(text: str) -> list[int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", nargs="*", type=Path, help="results files of the surrogate (default: all)")
     ap.add_argument("--task", choices=("det", "seg"), default="det")
     ap.add_argument("--trials", type=int, default=16)
     ap.add_argument("--concurrent", type=int, default=2)
