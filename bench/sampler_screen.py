@@ -45,6 +45,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import _common as C  # noqa: I001  (puts the repo root on sys.path)
+import search_efficiency as SE
 import stopping_replay as R
 
 # the benchmark's settings (search_efficiency.py's defaults): the records whose trials are comparable
@@ -74,10 +75,11 @@ def _product(algorithm: str) -> Callable[[int, int], Any]:
 
 
 def _random_other(seed: int, startup: int) -> Any:
-    """Random search drawing other configurations than ``random_full`` in the same seed."""
+    """Random search drawing other configurations than ``random_full`` in the same seed (the
+    sampler seed of search_efficiency.py's arm ``random_other``)."""
     import optuna
 
-    return optuna.samplers.RandomSampler(seed=seed + 10_007)
+    return optuna.samplers.RandomSampler(seed=seed + SE.OTHER_SEED)
 
 
 def _gamma(share: float) -> Callable[[int], int]:
@@ -114,7 +116,7 @@ def recorded(task: str, paths: list[Path]) -> list[dict]:
         for raw in data["raw"]:
             for r in raw.values():
                 for c in r["curves"].values():
-                    curve = {int(e): v for e, v in c["curve"].items() if int(e) >= 1 and v is not None}
+                    curve = R.trained(c["curve"])
                     if len(curve) < SETTINGS["epochs"] or not c["params"]:
                         continue
                     key = json.dumps([c["params"], sorted(curve.items())], sort_keys=True)
@@ -204,8 +206,6 @@ def simulate(arm: str, seed: int, world: SimpleNamespace) -> list[float] | None:
 
 def world_of(args: argparse.Namespace) -> SimpleNamespace:
     """The task's spec (as search_efficiency.py runs it), its reference trial and the surrogate."""
-    import search_efficiency as SE
-
     from search.spec.load import load_spec
 
     spec = load_spec(

@@ -66,12 +66,6 @@ import _common as C  # noqa: I001  (puts the repo root on sys.path)
 
 ARMS = {
     "random_full": ["search.algorithm=random", "search.scheduler=none", "search.reference_trial=false"],
-    "random_other": [
-        "search.algorithm=random",
-        "search.scheduler=none",
-        "search.reference_trial=false",
-        "search.seed={other_seed}",
-    ],
     "asha_tpe": [
         "search.algorithm=tpe",
         "search.scheduler=asha",
@@ -97,6 +91,7 @@ ARMS = {
     ],
 }
 OTHER_SEED = 10_007  # random_other's sampler seed, added to the seed
+ARMS["random_other"] = [*ARMS["random_full"], "search.seed={other_seed}"]
 TASKS = {
     "det": {"spec": "spaces/det.yaml", "data": "../shared/data/bccd", "ann": "instances_{}.json"},
     "seg": {"spec": "spaces/seg.yaml", "data": None, "ann": None},

@@ -120,6 +120,11 @@ def replay(trials: list[dict], scheduler: Any, epochs: int, slots: int) -> list[
     return reports
 
 
+def trained(curve: dict) -> dict[int, float]:
+    """A recorded curve's trained epochs (epoch >= 1, as ints) with a value."""
+    return {int(e): v for e, v in curve.items() if int(e) >= 1 and v is not None}
+
+
 def _created(record: dict) -> Any:
     """Sort key of a study's trials in creation order: the reference trial first (it is enqueued
     first), then by start time (first report's timestamp minus its ``time_total_s``; whole seconds,
@@ -154,13 +159,13 @@ def studies(path: Path, with_reference: bool = False) -> list[dict]:
                     "id": tid,
                     "params": c["params"] or {},
                     "reference": c["reference"],
-                    "curve": {int(e): v for e, v in c["curve"].items() if int(e) >= 1 and v is not None},
+                    "curve": trained(c["curve"]),
                 }
                 for tid, c in r["curves"].items()
             ]
             trials.sort(key=_created(r))
             if with_reference and ref and not any(t["reference"] for t in trials):
-                curve = {int(e): v for e, v in ref["curve"].items() if int(e) >= 1 and v is not None}
+                curve = trained(ref["curve"])
                 trials.insert(
                     0, {"id": f"ref-{ref['id']}", "params": ref["params"], "reference": True, "curve": curve}
                 )
