@@ -31,19 +31,26 @@ def _random(a: SamplerArgs) -> Any:
     return optuna.samplers.RandomSampler(seed=a.seed)
 
 
-def _cmaes(a: SamplerArgs) -> Any:
+def _independent(a: SamplerArgs) -> dict[str, Any]:
+    """What CMA-ES and GP do with parameters outside their joint space (those that exist only
+    beside another's value, e.g. ``momentum`` only with SGD): TPE samples them, without a warning
+    per parameter and trial in the log."""
     import optuna
 
     fallback = optuna.samplers.TPESampler(seed=a.seed, n_startup_trials=a.startup, constant_liar=True)
-    return optuna.samplers.CmaEsSampler(
-        seed=a.seed, n_startup_trials=a.startup, independent_sampler=fallback, warn_independent_sampling=False
-    )
+    return {"independent_sampler": fallback, "warn_independent_sampling": False}
+
+
+def _cmaes(a: SamplerArgs) -> Any:
+    import optuna
+
+    return optuna.samplers.CmaEsSampler(seed=a.seed, n_startup_trials=a.startup, **_independent(a))
 
 
 def _gp(a: SamplerArgs) -> Any:
     import optuna
 
-    return optuna.samplers.GPSampler(seed=a.seed, n_startup_trials=a.startup)
+    return optuna.samplers.GPSampler(seed=a.seed, n_startup_trials=a.startup, **_independent(a))
 
 
 def _qmc(a: SamplerArgs) -> Any:

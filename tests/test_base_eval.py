@@ -170,6 +170,20 @@ def test_activation_swap_is_another_base(split, tmp_path, monkeypatch):
     assert counter.calls == 4 and len(list(shared.glob("*.json"))) == 2
 
 
+def test_trials_that_differ_only_in_their_losses_share_the_base(split, tmp_path, monkeypatch):
+    """SSDlite's loss swap (a subclass with its own ``compute_loss``) changes training, not evaluation."""
+    counter = _Counting(monkeypatch)
+    shared = tmp_path / "base_eval"
+    losses = ({}, {"loss.cls": "focal", "loss.focal_gamma": 1.0}, {"loss.box": "giou"})
+    runs = [
+        run_trial(_cfg(split, tmp_path / str(i), base_eval_dir=shared, epochs=1), {"lr": 0.01, **chosen})
+        for i, chosen in enumerate(losses)
+    ]
+    assert counter.calls == 4 and len(list(shared.glob("*.json"))) == 1  # one base, three epochs
+    assert len({r["base_metric"] for r in runs}) == 1
+    assert runs[1]["build"]["losses"]["cls"] == "focal" and runs[2]["build"]["losses"]["box"] == "giou"
+
+
 def test_trial_trains_without_waiting_while_another_evaluates(split, tmp_path, monkeypatch):
     """The lock is held (by this live process, as a concurrent trial would): the trial trains at
     once, and picks the base metrics up after its first epoch when the holder has stored them."""

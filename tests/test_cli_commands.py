@@ -285,6 +285,7 @@ def test_export_json_bundle(study, bundle):
     params = meta["params"]  # what acted on this detector: no segmentation loss, no other optimizer's
     other = {"sgd": "beta1", "adamw": "momentum"}[params["optimizer"]]
     assert "loss.seg" not in params and other not in params and "lr" in params
+    assert "loss.focal_gamma" not in params  # SSDlite's own loss (loss.cls default) is cross-entropy
 
 
 def test_export_human_without_torchscript(study):

@@ -171,3 +171,23 @@ def test_in_effect_drops_what_cannot_act_on_the_trial(set_, task, gone, kept):
     got = P.in_effect(values, task)
     assert not gone & set(got) and kept <= set(got)
     assert all(got[k] == values[k] for k in got) and {"lr", "optimizer", "trainable"} <= set(got)
+
+
+@pytest.mark.parametrize(
+    ("set_", "task", "default_cls", "acts"),
+    [
+        ({}, "detection", "ce", False),  # R-CNN, SSD: loss.cls default is their own cross-entropy
+        ({"loss.cls": "ce"}, "detection", "focal", False),
+        ({}, "detection", "focal", True),  # RetinaNet, FCOS: their own loss is the focal loss
+        ({}, "detection", None, True),  # the model's own loss not known: kept
+        ({"loss.cls": "focal"}, "instance_segmentation", "ce", True),
+        ({"loss.cls": "focal"}, "semantic_segmentation", None, False),
+        ({"loss.seg": "focal"}, "semantic_segmentation", None, True),
+        ({"loss.seg": "ce", "loss.cls": "ce"}, None, None, False),
+    ],
+)
+def test_focal_settings_act_only_where_a_focal_loss_computes(set_, task, default_cls, acts):
+    got = P.in_effect(P.resolve(set_), task, default_cls)
+    assert {name in got for name in P.FOCAL} == {acts}
+    decides = "loss.seg" if task == "semantic_segmentation" else "loss.cls"
+    assert P.controller("loss.focal_gamma", task) == decides

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from types import SimpleNamespace
 
 import optuna
+import pytest
 from ray.tune.schedulers import TrialScheduler
 
+from search.samplers import make_sampler
 from search.searcher import StudySearch, journal_storage, load_study
 from search.space_parse import parse_space
 from search.stopping import StratifiedHalving
@@ -124,3 +128,26 @@ def test_a_trial_the_extrapolation_rule_stopped_is_told_complete_with_its_value(
     scheduler = s.scheduler
     s.restore(str(ckpt))
     assert s.scheduler is scheduler
+
+
+@pytest.mark.parametrize("algorithm", ["gp", "cmaes"])
+def test_model_based_samplers_leave_conditional_parameters_to_tpe_quietly(algorithm):
+    """``momentum`` exists only beside SGD: GP and CMA-ES leave it to TPE, and say nothing per trial."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("optuna")
+    logger.addHandler(handler)
+
+    def objective(trial):
+        sgd = trial.suggest_categorical("optimizer", ["sgd", "adamw"]) == "sgd"
+        lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+        return -abs(math.log10(lr) + 2) + (trial.suggest_float("momentum", 0.8, 0.99) if sgd else 0.9)
+
+    try:
+        study = optuna.create_study(direction="maximize", sampler=make_sampler(algorithm, 0, 6, 2))
+        study.optimize(objective, n_trials=6)
+    finally:
+        logger.removeHandler(handler)
+    assert len(study.trials) == 6 and any("momentum" in t.params for t in study.trials[2:])
+    assert not [r.getMessage() for r in records if "independent" in r.getMessage()]

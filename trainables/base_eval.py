@@ -3,7 +3,8 @@
 Every trial of a study starts from the same base model unless a searched parameter changes what
 is built (an activation swap, say), so evaluating it once per distinct starting model is enough.
 The cache is a folder of ``<key>.json`` files. The key is a sha256 over everything the evaluation
-reads: the model's module structure and every tensor of its state as built and frozen (random
+reads: the model's module structure (a class that changes only the training losses counts as the
+torchvision class it extends) and every tensor of its state as built and frozen (random
 head initialisations and swaps included), the validation split (annotation file hash, image root,
 image limit), image size, batch size, task and device type. Two trials with the same key would
 compute the same metrics, so the second reads the first's.
@@ -33,7 +34,7 @@ from typing import Any
 
 import torch
 
-from trainables import engine
+from trainables import engine, losses
 from trainables.config import TrialConfig
 from trainables.files import plain, sha256_file
 
@@ -46,7 +47,7 @@ STALE_AFTER_S = 120.0  # a lock not rewritten for this long has lost its holder
 def model_key(model: torch.nn.Module, cfg: TrialConfig, device: torch.device) -> str:
     """sha256 of the model as it will be evaluated plus the evaluation settings (module docstring)."""
     h = hashlib.sha256()
-    h.update(repr(model).encode())
+    h.update(losses.evaluation_repr(model).encode())  # the training losses change no evaluation
     for name, tensor in model.state_dict().items():
         t = tensor.detach()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())

@@ -248,6 +248,19 @@ def apply_losses(model: nn.Module, family: Family, params: dict[str, Any]) -> di
     return applied
 
 
+TRAINING_ONLY = (RoIHeadsWithLosses, RetinaNetClsHeadWithLosses, FCOSHeadWithLosses, SSDWithLosses)
+
+
+def evaluation_repr(model: nn.Module) -> str:
+    """``repr(model)`` with each of :data:`TRAINING_ONLY` named as the torchvision class it
+    extends: in evaluation they run that class's forward, so a model that differs only in its
+    training losses evaluates the same (what the base-evaluation cache keys on)."""
+    text = repr(model)
+    for cls in TRAINING_ONLY:
+        text = text.replace(f"{cls.__name__}(", f"{cls.__bases__[0].__name__}(")
+    return text
+
+
 def _swap_class(module: nn.Module, cls: type, choice: LossChoice) -> None:
     if not isinstance(module, cls.__mro__[1]):
         raise TypeError(f"expected a {cls.__mro__[1].__name__}, got {type(module).__name__}")

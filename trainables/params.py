@@ -174,6 +174,7 @@ def resolve(values: dict[str, Any]) -> dict[str, Any]:
 
 STEP_ONLY = ("step_epochs", "step_gamma")  # read by the ``step`` schedule alone
 
+FOCAL = ("loss.focal_gamma", "loss.focal_alpha")  # act only where a focal loss computes
 
 _ACTS_WHEN = {  # parameters that act only beside another's value: (that parameter, when it acts)
     "trainable_k": ("trainable", lambda v: v.get("trainable", "all") == "backbone_last_k"),
@@ -183,24 +184,44 @@ _ACTS_WHEN = {  # parameters that act only beside another's value: (that paramet
 }
 
 
-def controller(name: str) -> str | None:
+def controller(name: str, task: str | None = None) -> str | None:
     """The parameter whose value decides whether ``name`` acts at all (:func:`in_effect`):
     ``optimizer`` for an optimizer's own settings, ``schedule`` for the step schedule's,
     ``trainable`` for ``trainable_k``, ``activation`` for ``activation_scope``, ``loss.seg`` for
-    ``loss.dice_weight`` and ``loss.label_smoothing``; else None."""
+    ``loss.dice_weight`` and ``loss.label_smoothing``, ``loss.cls`` (``loss.seg`` on a semantic
+    ``task``) for ``loss.focal_*``; else None."""
     if name in {n for o in optim.OPTIMIZERS.values() for n in o.uses}:
         return "optimizer"
     if name in STEP_ONLY:
         return "schedule"
+    if name in FOCAL:
+        return "loss.seg" if task == "semantic_segmentation" else "loss.cls"
     return _ACTS_WHEN[name][0] if name in _ACTS_WHEN else None
 
 
-def in_effect(values: dict[str, Any], task: str | None = None) -> dict[str, Any]:
+def focal_acts(values: dict[str, Any], task: str | None = None, default_cls: str | None = None) -> bool:
+    """Whether ``loss.focal_*`` act on a trial: under ``loss.seg: focal`` (semantic), under
+    ``loss.cls: focal``, or under ``loss.cls: default`` on a model whose own classification loss is
+    focal (``default_cls``, :attr:`trainables.families.Family.default_cls`: RetinaNet, FCOS) or
+    not known (None). So not on an R-CNN or SSD trial that keeps its own cross-entropy."""
+    seg = values.get("loss.seg", "ce") == "focal"
+    cls = values.get("loss.cls", "default")
+    det = cls == "focal" or (cls == "default" and default_cls in (None, "focal"))
+    if task is None:
+        return seg or det
+    return seg if task == "semantic_segmentation" else det
+
+
+def in_effect(
+    values: dict[str, Any], task: str | None = None, default_cls: str | None = None
+) -> dict[str, Any]:
     """``values`` without the parameters that cannot act on a trial of ``task`` (any task: None),
     e.g. for a record of what a model was trained with: rows for other tasks, another optimizer's
     own settings, the step schedule's under another schedule, ``trainable_k`` unless
     ``backbone_last_k`` trains, ``activation_scope`` when no activation is swapped, the dice weight
-    unless ``loss.seg`` is ``ce+dice``, label smoothing unless it has a cross-entropy term."""
+    unless ``loss.seg`` is ``ce+dice``, label smoothing unless it has a cross-entropy term, the
+    focal loss's settings unless a focal loss computes (:func:`focal_acts`; ``default_cls``: the
+    model's own classification loss, None when not known)."""
     chosen = optim.OPTIMIZERS.get(values.get("optimizer"))
     others = {n for o in optim.OPTIMIZERS.values() for n in o.uses} - set(chosen.uses if chosen else ())
     out = {}
@@ -211,6 +232,8 @@ def in_effect(values: dict[str, Any], task: str | None = None) -> dict[str, Any]
         if name in STEP_ONLY and values.get("schedule") != "step":
             continue
         if name in _ACTS_WHEN and not _ACTS_WHEN[name][1](values):
+            continue
+        if name in FOCAL and not focal_acts(values, task, default_cls):
             continue
         out[name] = value
     return out

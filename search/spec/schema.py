@@ -288,11 +288,12 @@ class Spec(_Section):
         beside ``trainable: all``, momentum under a fixed AdamW, ...; :func:`trainables.params.in_effect`
         on its projected and fixed values), unless what decides that is itself left to the sampler."""
         trial = trial_params.resolve({**self.search_space.constants(), **(self.reference_params() or {})})
-        acting = trial_params.in_effect(trial, self.task)
+        fam = families.family_of(self.model.arch)
+        acting = trial_params.in_effect(trial, self.task, fam.default_cls if fam else None)
         return {
             k: v
             for k, v in names.items()
-            if k in acting or k not in trial or trial_params.controller(k) in names
+            if k in acting or k not in trial or trial_params.controller(k, self.task) in names
         }
 
     def _recipe(self) -> Any:
