@@ -320,7 +320,8 @@ def main() -> None:
     arms = [a for a in args.arms.split(",") if a]
     if unknown := [a for a in arms if a not in ARMS]:
         ap.error(f"--arms: {unknown} not among {sorted(ARMS)}")
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-se-"))
+    # absolute: the launcher reads a relative output_dir from the spec's folder, not from here
+    work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="bench-se-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"machine: {C.machine()}", flush=True)
     print(
