@@ -237,10 +237,8 @@ def _model_yaml(
     """The content of ``model.yaml`` (before the rebuild check and the files)."""
     from trainables import models
     from trainables import params as P
-    from trainables.families import family_of
 
     num_classes = len(class_names) + 1
-    fam = family_of(cfg.arch)
     kwargs = models.inference_kwargs(cfg)  # with the input size the trial's model was built with
     if getattr(model, "aux_classifier", None) is not None:
         kwargs["aux_loss"] = True
@@ -269,7 +267,7 @@ def _model_yaml(
             else {k: v for k, v in params.items() if k.startswith("loss.")},
             "trainable": params.get("trainable"),
         },
-        "params": P.in_effect(params, cfg.task, fam.default_cls if fam else None),  # what acted on this model
+        "params": P.in_effect(params, cfg.task, cfg.arch),  # what acted on this model
         "checkpoint": {
             "path": str(ckpt_path),
             "epoch": ckpt.get("epoch"),

@@ -174,20 +174,22 @@ def test_in_effect_drops_what_cannot_act_on_the_trial(set_, task, gone, kept):
 
 
 @pytest.mark.parametrize(
-    ("set_", "task", "default_cls", "acts"),
+    ("set_", "task", "arch", "acts"),
     [
-        ({}, "detection", "ce", False),  # R-CNN, SSD: loss.cls default is their own cross-entropy
-        ({"loss.cls": "ce"}, "detection", "focal", False),
-        ({}, "detection", "focal", True),  # RetinaNet, FCOS: their own loss is the focal loss
+        ({}, "detection", "ssdlite320_mobilenet_v3_large", False),  # loss.cls default: its own CE
+        ({}, "detection", "fasterrcnn_resnet50_fpn", False),
+        ({"loss.cls": "ce"}, "detection", "retinanet_resnet50_fpn", False),
+        ({}, "detection", "retinanet_resnet50_fpn", True),  # RetinaNet, FCOS: their own loss is focal
+        ({}, "detection", "fcos", True),  # a composed arch: its family's own loss
         ({}, "detection", None, True),  # the model's own loss not known: kept
-        ({"loss.cls": "focal"}, "instance_segmentation", "ce", True),
+        ({"loss.cls": "focal"}, "instance_segmentation", "maskrcnn_resnet50_fpn", True),
         ({"loss.cls": "focal"}, "semantic_segmentation", None, False),
         ({"loss.seg": "focal"}, "semantic_segmentation", None, True),
         ({"loss.seg": "ce", "loss.cls": "ce"}, None, None, False),
     ],
 )
-def test_focal_settings_act_only_where_a_focal_loss_computes(set_, task, default_cls, acts):
-    got = P.in_effect(P.resolve(set_), task, default_cls)
+def test_focal_settings_act_only_where_a_focal_loss_computes(set_, task, arch, acts):
+    got = P.in_effect(P.resolve(set_), task, arch)
     assert {name in got for name in P.FOCAL} == {acts}
     decides = "loss.seg" if task == "semantic_segmentation" else "loss.cls"
     assert P.controller("loss.focal_gamma", task) == decides

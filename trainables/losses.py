@@ -29,7 +29,7 @@ from torchvision.models.detection.ssd import SSD
 
 from trainables.families import Family
 from trainables.loss_table import BOX_TABLE, CLS_TABLE, IGNORE_INDEX, SEG_TABLE
-from trainables.params import LOSS_WEIGHT_PREFIX
+from trainables.params import LOSS_WEIGHT_PREFIX, focal_acts
 
 
 @dataclass(frozen=True)
@@ -227,7 +227,7 @@ def apply_losses(model: nn.Module, family: Family, params: dict[str, Any]) -> di
         if value != "default" and value not in allowed:
             raise ValueError(f"{family.name} cannot use {key} {value!r}; it accepts {['default', *allowed]}")
     applied = {"box": choice.box, "cls": choice.cls}
-    if choice.cls == "focal" or (choice.cls == "default" and family.default_cls == "focal"):
+    if focal_acts({"loss.cls": choice.cls}, family.task, family.default_cls):
         applied |= {"focal_gamma": choice.gamma, "focal_alpha": choice.alpha}
     if choice.box == "default" and choice.cls == "default":
         return applied

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainables import activations, loss_table, norms, optim
-from trainables.families import SCOPES
+from trainables.families import SCOPES, family_of
 from trainables.recipes import LOSS_WEIGHT_PREFIX  # the one definition (recipes imports no torch)
 
 
@@ -212,16 +212,16 @@ def focal_acts(values: dict[str, Any], task: str | None = None, default_cls: str
     return seg if task == "semantic_segmentation" else det
 
 
-def in_effect(
-    values: dict[str, Any], task: str | None = None, default_cls: str | None = None
-) -> dict[str, Any]:
+def in_effect(values: dict[str, Any], task: str | None = None, arch: str | None = None) -> dict[str, Any]:
     """``values`` without the parameters that cannot act on a trial of ``task`` (any task: None),
     e.g. for a record of what a model was trained with: rows for other tasks, another optimizer's
     own settings, the step schedule's under another schedule, ``trainable_k`` unless
     ``backbone_last_k`` trains, ``activation_scope`` when no activation is swapped, the dice weight
     unless ``loss.seg`` is ``ce+dice``, label smoothing unless it has a cross-entropy term, the
-    focal loss's settings unless a focal loss computes (:func:`focal_acts`; ``default_cls``: the
-    model's own classification loss, None when not known)."""
+    focal loss's settings unless a focal loss computes (:func:`focal_acts`, with the own
+    classification loss of ``arch``'s family; not known without ``arch``)."""
+    family = family_of(arch) if arch else None
+    default_cls = family.default_cls if family else None
     chosen = optim.OPTIMIZERS.get(values.get("optimizer"))
     others = {n for o in optim.OPTIMIZERS.values() for n in o.uses} - set(chosen.uses if chosen else ())
     out = {}

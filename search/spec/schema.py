@@ -288,8 +288,7 @@ class Spec(_Section):
         beside ``trainable: all``, momentum under a fixed AdamW, ...; :func:`trainables.params.in_effect`
         on its projected and fixed values), unless what decides that is itself left to the sampler."""
         trial = trial_params.resolve({**self.search_space.constants(), **(self.reference_params() or {})})
-        fam = families.family_of(self.model.arch)
-        acting = trial_params.in_effect(trial, self.task, fam.default_cls if fam else None)
+        acting = trial_params.in_effect(trial, self.task, self.model.arch)
         return {
             k: v
             for k, v in names.items()
