@@ -46,7 +46,9 @@ from the fluorescence base). No base evaluation (``train.eval_base=false``).
 Run: python bench/search_efficiency.py [--task det|seg] [--seeds 0,1,2] [--trials 8] [--epochs 8]
      [--limit-train 96] [--limit-val 32] [--arms random_full,asha_tpe,auto] [--set KEY=VALUE ...]
 An arm whose study already finished in ``--work`` is read, not rerun (same settings!); so is an
-arm recorded for the seed in ``--reuse JSON`` (an earlier run's ``--json``); a variant of one arm:
+arm recorded for the seed in ``--reuse JSON`` (an earlier run's ``--json``); with ``--reuse-prefix``
+a recorded random_full of more trials counts as its first ``--trials`` trials (random search with
+one seed proposes the same configurations in the same order); a variant of one arm:
 --tag-arm auto --tag -x --arm-set search.grace_period=2.
 """
 
@@ -144,6 +146,29 @@ def _gain(value: float, over: float, mode: str) -> float:
 def best(rows: list[dict], mode: str) -> float | None:
     vals = [r["value"] for r in rows if r["value"] is not None]
     return (max(vals) if mode == "max" else min(vals)) if vals else None
+
+
+def first_trials(record: dict, n: int) -> dict:
+    """A recorded random_full arm cut to its first ``n`` trials (creation order): random search with
+    one seed proposes the same configurations in the same order, and a trial with the same
+    ``train.seed`` trains to the same curve (the 16-trial records' random_full curves equal the
+    32-trial ones' first 16, value for value), so this is that seed's random search at ``n`` trials."""
+    keep = list(record["curves"])[:n]
+    if len(keep) < n:
+        raise ValueError(f"the record holds {len(keep)} trials, fewer than the {n} asked for")
+    names = {f"trial_{k}" for k in keep}
+    rows = [r for r in record["events"] if r["trial"] in names]
+    states: dict[str, int] = {}
+    for k in keep:
+        states[record["curves"][k]["state"]] = states.get(record["curves"][k]["state"], 0) + 1
+    return record | {
+        "events": rows,
+        "trial_epochs": len(rows),
+        "best": best(rows, record["mode"]),
+        "curves": {k: record["curves"][k] for k in keep},
+        "states": states,
+        "derived": f"the first {n} of the {len(record['curves'])} trials of the reused record",
+    }
 
 
 def curves(exp_dir: Path, metric: str) -> dict[str, dict]:
@@ -290,6 +315,42 @@ def verdict(rows: list[dict], arm: str, tol: float) -> dict:
     }
 
 
+def reused(args: argparse.Namespace) -> dict[tuple[int, str], dict]:
+    """``--reuse``: an earlier run's records of the same settings, (seed, arm) -> its record."""
+    if not args.reuse:
+        return {}
+    raw_before = json.loads(Path(args.reuse).read_text())["raw"]
+    recorded = {(a["seed"], arm): a for res in raw_before for arm, a in res.items()}
+    if args.reuse_prefix:
+        recorded |= {
+            key: first_trials(a, args.trials)
+            for key, a in recorded.items()
+            if key[1] == "random_full" and len(a["curves"]) > args.trials
+        }
+    return recorded
+
+
+def report(rows: list[dict], verdicts: dict[str, dict]) -> None:
+    """The per-seed table and each arm's verdict, on stdout."""
+    print(
+        f"{'seed':>4} {'arm':<12} {'best':>7} {'gap':>8} {'reach':>6} {'total':>6} "
+        f"{'reach/full':>10} {'ref':>7}"
+    )
+    for s in rows:
+        for arm, a in s["arms"].items():
+            print(
+                f"{s['seed']:>4} {arm:<12} {a['best'] or float('nan'):>7.4f} {a['gap'] or 0.0:>+8.4f} "
+                f"{str(a['reach']):>6} {a['total']:>6} {a['reach_vs_full']:>10.3f} "
+                f"{(a['reference_best'] if a['reference_best'] is not None else float('nan')):>7.4f}"
+            )
+    for arm, v in verdicts.items():
+        print(
+            f"VERDICT {arm}: median reach/full {v['median_reach_vs_full']:.3f} (<= 0.333: "
+            f"{v['reach_target_met']}), worst gap {v['worst_gap']} (>= -0.01: {v['gap_target_met']}), "
+            f">= reference in every seed: {v['reference_target_met']} -> {'met' if v['met'] else 'miss'}"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", choices=sorted(TASKS), default="det")
@@ -311,11 +372,13 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="work folder; finished arms there are read, not rerun")
     ap.add_argument("--json", default=None)
     ap.add_argument("--reuse", default=None, metavar="JSON", help="read the arms recorded there, not rerun")
+    ap.add_argument(
+        "--reuse-prefix",
+        action="store_true",
+        help="a reused random_full with more trials than --trials counts as its first --trials trials",
+    )
     args = ap.parse_args()
-    recorded = {}
-    if args.reuse:  # an earlier run's records of the same settings: (seed, arm) -> its record
-        raw_before = json.loads(Path(args.reuse).read_text())["raw"]
-        recorded = {(a["seed"], arm): a for res in raw_before for arm, a in res.items()}
+    recorded = reused(args)
 
     arms = [a for a in args.arms.split(",") if a]
     if unknown := [a for a in arms if a not in ARMS]:
@@ -352,23 +415,7 @@ def main() -> None:
         },
     )
     print(f"machine at end: loadavg {C.machine()['loadavg']}; total wall {time.time() - t_start:.0f}s")
-    print(
-        f"{'seed':>4} {'arm':<12} {'best':>7} {'gap':>8} {'reach':>6} {'total':>6} "
-        f"{'reach/full':>10} {'ref':>7}"
-    )
-    for s in rows:
-        for arm, a in s["arms"].items():
-            print(
-                f"{s['seed']:>4} {arm:<12} {a['best'] or float('nan'):>7.4f} {a['gap'] or 0.0:>+8.4f} "
-                f"{str(a['reach']):>6} {a['total']:>6} {a['reach_vs_full']:>10.3f} "
-                f"{(a['reference_best'] if a['reference_best'] is not None else float('nan')):>7.4f}"
-            )
-    for arm, v in verdicts.items():
-        print(
-            f"VERDICT {arm}: median reach/full {v['median_reach_vs_full']:.3f} (<= 0.333: "
-            f"{v['reach_target_met']}), worst gap {v['worst_gap']} (>= -0.01: {v['gap_target_met']}), "
-            f">= reference in every seed: {v['reference_target_met']} -> {'met' if v['met'] else 'miss'}"
-        )
+    report(rows, verdicts)
 
 
 if __name__ == "__main__":
