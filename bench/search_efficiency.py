@@ -62,6 +62,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import _common as C  # noqa: I001  (puts the repo root on sys.path)
@@ -158,15 +159,12 @@ def first_trials(record: dict, n: int) -> dict:
         raise ValueError(f"the record holds {len(keep)} trials, fewer than the {n} asked for")
     names = {f"trial_{k}" for k in keep}
     rows = [r for r in record["events"] if r["trial"] in names]
-    states: dict[str, int] = {}
-    for k in keep:
-        states[record["curves"][k]["state"]] = states.get(record["curves"][k]["state"], 0) + 1
     return record | {
         "events": rows,
         "trial_epochs": len(rows),
         "best": best(rows, record["mode"]),
         "curves": {k: record["curves"][k] for k in keep},
-        "states": states,
+        "states": dict(Counter(record["curves"][k]["state"] for k in keep)),
         "derived": f"the first {n} of the {len(record['curves'])} trials of the reused record",
     }
 
@@ -242,9 +240,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, work: Path) -> dict:
     study = json.loads((exp / "study.json").read_text()) if (exp / "study.json").is_file() else {}
     metric, mode = study.get("metric", "map50"), study.get("mode", "max")
     rows = events(exp, metric)
-    states: dict[str, int] = {}
-    for t in study.get("trials", {}).values():
-        states[t["state"]] = states.get(t["state"], 0) + 1
+    states = dict(Counter(t["state"] for t in study.get("trials", {}).values()))
     trial_curves = curves(exp, metric)
     ref = [t for t in trial_curves.values() if t["reference"]]
     ref_vals = [v for e, v in ref[0]["curve"].items() if e >= 1 and _finite(v)] if ref else []
