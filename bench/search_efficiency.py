@@ -188,7 +188,8 @@ def data_sets(args: argparse.Namespace) -> list[str]:
     """The data overrides of a task: BCCD from ../shared for det; the spec's own data for seg."""
     if args.task == "seg" and not args.data:
         return []
-    data = Path(args.data or TASKS[args.task]["data"]).resolve()
+    # a --data the caller typed is relative to their directory; the default to the repository's
+    data = Path(args.data).resolve() if args.data else (C.ROOT / TASKS[args.task]["data"]).resolve()
     return [
         f"data.train.images={data / 'images'}",
         f"data.train.annotations={data / 'annotations/instances_train.json'}",
@@ -217,7 +218,8 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, work: Path) -> dict:
         *args.set,
         *(args.arm_set if arm == args.tag_arm else []),
     ]
-    cmd = [sys.executable, "-m", "search", "launch", args.spec or TASKS[args.task]["spec"], "--name", name]
+    spec = Path(args.spec).resolve() if args.spec else C.ROOT / TASKS[args.task]["spec"]  # cwd below: ROOT
+    cmd = [sys.executable, "-m", "search", "launch", str(spec), "--name", name]
     for s in sets:
         cmd += ["--set", s]
     log = work / f"{name}.log"
@@ -351,7 +353,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", choices=sorted(TASKS), default="det")
     ap.add_argument("--spec", default=None, help="default: the task's demo spec")
-    ap.add_argument("--data", default=None, help="det default: ../shared/data/bccd; seg: the spec's data")
+    ap.add_argument(
+        "--data", default=None, help="det default: ../shared/data/bccd beside the repository; seg: the spec's"
+    )
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--trials", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=8)

@@ -133,11 +133,14 @@ class StratifiedHalving(FIFOScheduler, _Records):
     def restore_history(self, trials: Any) -> None:
         """``resume``: Ray saves no scheduler state (the one it restores is as the launch made it),
         so the curves, rung values and the reference trial come back from study.json's trial
-        records (``id``, ``params``, ``history``, ``reference``); no decision is taken again."""
+        records (``id``, ``params``, ``history``, ``reference``), and so do the records of the stops
+        it made (``stopped``); no decision is taken again."""
         for t in trials:
             tid = t.get("id")
             if t.get("reference") and self.reference_id is None:
                 self.reference_id = tid
+            if t.get("stopped_by") == "scheduler" and isinstance(t.get("stopped"), dict):
+                self._records.setdefault(tid, dict(t["stopped"]))
             curve = self._curves.setdefault(tid, {})
             for row in t.get("history") or []:
                 epoch, value = _epoch(row), number(row.get(self._metric))

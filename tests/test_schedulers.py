@@ -172,10 +172,12 @@ def test_resume_restores_the_curves_the_launch_had_seen():
     and the rungs come back from study.json's records, so a resumed study stops what the
     uninterrupted one would have (the reference's epoch 4 was reported before the interruption)."""
     ref_params = {"lr": 0.01, "trainable": "all"}
+    stop = {"epoch": 2, "value": 0.0, "cut": 0.3, "group": "trainable=all", "rule": "halving"}
     records = [
         {"id": "r", "reference": True, "params": ref_params, "history": [{"epoch": 4, "map50": 0.40}]},
         {"id": "p", "params": {"lr": 0.02, "trainable": "all"}, "history": [{"epoch": 2, "map50": 0.30}]},
         {"id": "q", "params": {"lr": 0.03, "trainable": "all"}, "history": [{"epoch": 2, "map50": 0.32}]},
+        {"id": "z", "params": {"lr": 0.9, "trainable": "all"}, "stopped_by": "scheduler", "stopped": stop},
     ]
     bad, low = trial("b", lr=0.3, trainable="all"), trial("l", lr=0.2, trainable="all")
     for restored in (False, True):
@@ -183,6 +185,7 @@ def test_resume_restores_the_curves_the_launch_had_seen():
         if restored:
             sched.restore_history(records)
         assert sched.reference_id == ("r" if restored else None)
+        assert sched.stop_record("z") == (stop if restored else None)  # a stop made before it
         # 'l' is the third of its group at rung 2 only with the restored values; 'b' collapses
         # (below half the reference's 0.40 at epoch 4) only when the reference's curve is known
         want = [STOP, STOP] if restored else [GO, GO]

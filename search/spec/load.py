@@ -122,11 +122,60 @@ def load_spec(path: Path | str, overrides: list[str] | tuple[str, ...] = (), stu
     path = Path(path)
     raw = read_yaml(path)
     for text in overrides:
-        apply_override(raw, *parse_override(text))
+        key, value = parse_override(text)
+        apply_override(raw, key, from_cwd(key, value))
     try:
         return build_spec(raw, path.resolve().parent, source=path, study=study)
     except SpecError as err:
         raise err.with_source(str(path)) from None
+
+
+# The spec's path keys. A relative path in the file resolves against the file's folder (in
+# build_spec); one given with --set, like any path typed on a command line, against the current
+# directory (here, before the file's folder is applied).
+PATH_KEYS = (
+    "output_dir",
+    "data.train.images",
+    "data.train.annotations",
+    "data.val.images",
+    "data.val.annotations",
+    "model.weights",
+    "model.weights_backbone",
+)
+
+
+def from_cwd(key: str, value: Any) -> Any:
+    """An override's value with its relative paths made absolute against the current directory:
+    ``--set output_dir=runs`` run from ``~/w`` means ``~/w/runs`` whatever folder the spec is in.
+    A section given whole (``--set data.val={images: v, annotations: v.json}``) has its path keys
+    made absolute too; weight names, URIs and ``none`` stay as written."""
+    for path_key in PATH_KEYS:
+        if path_key == key:
+            return _absolute(path_key, value)
+        if not path_key.startswith(key + "."):
+            continue
+        *parents, leaf = path_key[len(key) + 1 :].split(".")
+        node = value
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            node[leaf] = _absolute(path_key, node[leaf])
+    return value
+
+
+def _absolute(path_key: str, value: Any) -> Any:
+    if not isinstance(value, str) or not value.strip():
+        return value
+    if path_key.startswith("model.") and not _is_file(value):
+        return value
+    return value if Path(value).is_absolute() else str(Path.cwd() / value)
+
+
+def _is_file(weights: str) -> bool:
+    """Whether a ``model.weights``/``weights_backbone`` value names a file (not ``none``, a weight
+    enum name or a URI)."""
+    text = weights.strip()
+    return not (text.lower() == "none" or ENUM_NAME.fullmatch(text) or "://" in text or ":/" in text)
 
 
 def build_spec(raw: dict[str, Any], base: Path, source: Path | None = None, study: bool = True) -> Spec:
@@ -223,6 +272,6 @@ def _resolve_paths(spec: Spec, base: Path) -> None:
         split.annotations = (base / split.annotations).resolve()
     for attr in ("weights", "weights_backbone"):
         value = getattr(spec.model, attr)
-        if value is not None and not ENUM_NAME.fullmatch(value) and "://" not in value and ":/" not in value:
+        if value is not None and _is_file(value):
             setattr(spec.model, attr, str((base / value).resolve()))
     spec.output_dir = (base / spec.output_dir).resolve()

@@ -1,0 +1,99 @@
+"""Where a spec's relative paths resolve: a path in the file against the file's folder, a path given
+with ``--set`` against the current directory (README, "Spec reference")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from search.spec import load_spec
+from search.spec.load import from_cwd
+
+ROOT = Path(__file__).resolve().parents[1]
+BCCD = ROOT / "spaces" / "data" / "bccd"
+ANN = "data/bccd/annotations"
+
+
+@pytest.fixture
+def spec_file(tmp_path: Path) -> Path:
+    """A detection spec in its own folder whose paths are all relative to that folder."""
+    folder = tmp_path / "specs"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "bccd").symlink_to(BCCD, target_is_directory=True)
+    raw = {
+        "name": "paths",
+        "task": "detection",
+        "model": {"arch": "ssdlite320_mobilenet_v3_large", "weights": "none"},
+        "data": {
+            split: {"images": "data/bccd/images", "annotations": f"{ANN}/instances_{split}.json"}
+            for split in ("train", "val")
+        },
+        "output_dir": "runs",
+        "space": {"lr": {"low": 1e-4, "high": 1e-1, "log": True}},
+    }
+    path = folder / "det.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    (tmp_path / "cwd").mkdir()
+    return path
+
+
+def test_paths_in_the_file_resolve_against_its_folder(spec_file, monkeypatch):
+    monkeypatch.chdir(spec_file.parent.parent / "cwd")
+    spec = load_spec(spec_file)
+    folder = spec_file.parent.resolve()
+    assert spec.output_dir == folder / "runs"
+    assert spec.data.val.images == (folder / "data/bccd/images").resolve()
+
+
+@pytest.mark.parametrize(
+    ("override", "attr", "expected"),
+    [
+        ("output_dir=mine", "output_dir", "{cwd}/mine"),
+        ("output_dir=../elsewhere", "output_dir", "{tmp}/elsewhere"),
+        ("output_dir={tmp}/abs", "output_dir", "{tmp}/abs"),
+        ("data.val.images=bccd/images", "data.val.images", "{bccd}/images"),
+        (
+            "data.val={images: bccd/images, annotations: bccd/annotations/instances_val.json}",
+            "data.val.annotations",
+            "{bccd}/annotations/instances_val.json",
+        ),
+    ],
+)
+def test_paths_given_with_set_resolve_against_the_current_directory(
+    spec_file, monkeypatch, override, attr, expected
+):
+    tmp = spec_file.parent.parent
+    cwd = tmp / "cwd"
+    (cwd / "bccd").symlink_to(BCCD, target_is_directory=True)
+    monkeypatch.chdir(cwd)
+    spec = load_spec(spec_file, [override.replace("{tmp}", str(tmp))])
+    value = spec
+    for part in attr.split("."):
+        value = getattr(value, part)
+    where = {"cwd": str(cwd.resolve()), "tmp": str(tmp.resolve()), "bccd": str(BCCD.resolve())}
+    assert Path(value) == Path(expected.format(**where)).resolve()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("model.weights", "DEFAULT", "DEFAULT"),
+        ("model.weights", "none", "none"),
+        ("model.weights", "models:/det/3", "models:/det/3"),
+        ("model.weights_backbone", "https://example.org/w.pth", "https://example.org/w.pth"),
+        ("model.weights", "base.pt", "{cwd}/base.pt"),
+        ("model", {"arch": "x", "weights": "b/base.pt"}, {"arch": "x", "weights": "{cwd}/b/base.pt"}),
+        ("train.epochs", 3, 3),
+        ("name", "runs", "runs"),
+    ],
+)
+def test_from_cwd_touches_only_path_keys_and_files(tmp_path, monkeypatch, key, value, expected):
+    monkeypatch.chdir(tmp_path)
+    out = from_cwd(key, value)
+    if isinstance(expected, dict):
+        expected = {k: v.format(cwd=tmp_path) for k, v in expected.items()}
+    elif isinstance(expected, str):
+        expected = expected.format(cwd=tmp_path)
+    assert out == expected
