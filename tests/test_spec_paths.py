@@ -40,11 +40,18 @@ def spec_file(tmp_path: Path) -> Path:
 
 
 def test_paths_in_the_file_resolve_against_its_folder(spec_file, monkeypatch):
+    raw = yaml.safe_load(spec_file.read_text())
+    spec_file.write_text(yaml.safe_dump({**raw, "tracking": {"uri": "sqlite:///store/mlflow.db"}}))
     monkeypatch.chdir(spec_file.parent.parent / "cwd")
     spec = load_spec(spec_file)
     folder = spec_file.parent.resolve()
     assert spec.output_dir == folder / "runs"
     assert spec.data.val.images == (folder / "data/bccd/images").resolve()
+    # a relative sqlite store too: resume, best and ui may run from another directory
+    assert spec.tracking.uri == f"sqlite:///{folder}/store/mlflow.db"
+    assert load_spec(spec_file, ["tracking.uri=sqlite:///here.db"]).tracking.uri == (
+        f"sqlite:///{Path.cwd()}/here.db"
+    )
 
 
 @pytest.mark.parametrize(
@@ -85,6 +92,11 @@ def test_paths_given_with_set_resolve_against_the_current_directory(
         ("model.weights_backbone", "https://example.org/w.pth", "https://example.org/w.pth"),
         ("model.weights", "base.pt", "{cwd}/base.pt"),
         ("model", {"arch": "x", "weights": "b/base.pt"}, {"arch": "x", "weights": "{cwd}/b/base.pt"}),
+        ("tracking.uri", "sqlite:///m.db", "sqlite:///{cwd}/m.db"),
+        ("tracking.uri", "sqlite:////abs/m.db", "sqlite:////abs/m.db"),
+        ("tracking.uri", "sqlite:///:memory:", "sqlite:///:memory:"),
+        ("tracking.uri", "http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+        ("tracking", {"uri": "sqlite:///s/m.db"}, {"uri": "sqlite:///{cwd}/s/m.db"}),
         ("train.epochs", 3, 3),
         ("name", "runs", "runs"),
     ],

@@ -141,6 +141,7 @@ PATH_KEYS = (
     "data.val.annotations",
     "model.weights",
     "model.weights_backbone",
+    "tracking.uri",  # a relative sqlite:/// store
 )
 
 
@@ -166,9 +167,26 @@ def from_cwd(key: str, value: Any) -> Any:
 def _absolute(path_key: str, value: Any) -> Any:
     if not isinstance(value, str) or not value.strip():
         return value
+    if path_key == "tracking.uri":
+        return sqlite_against(value, Path.cwd())
     if path_key.startswith("model.") and not _is_file(value):
         return value
     return value if Path(value).is_absolute() else str(Path.cwd() / value)
+
+
+SQLITE = "sqlite:///"
+
+
+def sqlite_against(uri: str | None, base: Path) -> str | None:
+    """``sqlite:///mlflow.db`` (a relative file) as ``sqlite:////<base>/mlflow.db``: a study's store
+    must not depend on the directory a later command (``resume``, ``best``, ``ui``) runs in. Other
+    URIs (an absolute sqlite file, ``:memory:``, a server) stay as written."""
+    if not uri or not uri.startswith(SQLITE):
+        return uri
+    rest = uri[len(SQLITE) :]
+    if not rest or rest.startswith("/") or rest.startswith(":memory:"):
+        return uri
+    return SQLITE + str((base / rest).resolve())
 
 
 def _is_file(weights: str) -> bool:
@@ -275,3 +293,4 @@ def _resolve_paths(spec: Spec, base: Path) -> None:
         if value is not None and _is_file(value):
             setattr(spec.model, attr, str((base / value).resolve()))
     spec.output_dir = (base / spec.output_dir).resolve()
+    spec.tracking.uri = sqlite_against(spec.tracking.uri, base)
