@@ -130,9 +130,9 @@ def load_spec(path: Path | str, overrides: list[str] | tuple[str, ...] = (), stu
         raise err.with_source(str(path)) from None
 
 
-# The spec's path keys. A relative path in the file resolves against the file's folder (in
-# build_spec); one given with --set, like any path typed on a command line, against the current
-# directory (here, before the file's folder is applied).
+# The spec's path keys, one list for both rules: a relative path in the file resolves against the
+# file's folder (_resolve_paths); one given with --set, like any path typed on a command line,
+# against the current directory (from_cwd, before the file's folder is applied).
 PATH_KEYS = (
     "output_dir",
     "data.train.images",
@@ -167,11 +167,18 @@ def from_cwd(key: str, value: Any) -> Any:
 def _absolute(path_key: str, value: Any) -> Any:
     if not isinstance(value, str) or not value.strip():
         return value
+    return _against(path_key, value, Path.cwd())
+
+
+def _against(path_key: str, value: str | Path, base: Path) -> str | Path:
+    """The value of one of :data:`PATH_KEYS` with a relative path made absolute against ``base``
+    (the same type back); weight names, URIs and ``none`` as they are."""
     if path_key == "tracking.uri":
-        return sqlite_against(value, Path.cwd())
-    if path_key.startswith("model.") and not _is_file(value):
+        return sqlite_against(str(value), base)
+    if path_key.startswith("model.") and not _is_file(str(value)):
         return value
-    return value if Path(value).is_absolute() else str(Path.cwd() / value)
+    path = (base / value).resolve()
+    return path if isinstance(value, Path) else str(path)
 
 
 SQLITE = "sqlite:///"
@@ -285,12 +292,11 @@ def _fields_at(loc: list[str]) -> list[str]:
 
 
 def _resolve_paths(spec: Spec, base: Path) -> None:
-    for split in (spec.data.train, spec.data.val):
-        split.images = (base / split.images).resolve()
-        split.annotations = (base / split.annotations).resolve()
-    for attr in ("weights", "weights_backbone"):
-        value = getattr(spec.model, attr)
-        if value is not None and _is_file(value):
-            setattr(spec.model, attr, str((base / value).resolve()))
-    spec.output_dir = (base / spec.output_dir).resolve()
-    spec.tracking.uri = sqlite_against(spec.tracking.uri, base)
+    for path_key in PATH_KEYS:
+        *parents, leaf = path_key.split(".")
+        node = spec
+        for part in parents:
+            node = getattr(node, part)
+        value = getattr(node, leaf)
+        if value is not None:
+            setattr(node, leaf, _against(path_key, value, base))
