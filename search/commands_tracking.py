@@ -328,8 +328,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
             ValueError(f"port {port} on 127.0.0.1 is in use or invalid; pass another --port (0 = any).")
         )
     extra: list[str] = []
-    if uri.startswith("sqlite:///"):
-        art = Path(uri[len("sqlite:///") :]).parent / mlflow_store.ARTIFACTS_DIR
+    if (db := mlflow_store.sqlite_file(uri)) is not None:
+        art = db.parent / mlflow_store.ARTIFACTS_DIR
         extra = ["--no-serve-artifacts", "--default-artifact-root", art.resolve().as_uri()]
     log_path = folder / "mlflow-ui.log"
     url = f"http://{local_server.HOST}:{port}"

@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from search.errors import SpecError
+from search.spec.schema import SQLITE, sqlite_file
 from search.study import SPEC_FILE
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def default_db(output_dir: Path) -> Path:
 
 
 def default_uri(output_dir: Path) -> str:
-    return f"sqlite:///{default_db(output_dir)}"
+    return f"{SQLITE}{default_db(output_dir)}"
 
 
 def experiment_name(spec: Any) -> str:
@@ -67,10 +68,8 @@ def redact(uri: str) -> str:
 def artifact_location(uri: str, name: str) -> str | None:
     """Where a new experiment keeps its artifacts: ``<db folder>/mlartifacts/<name>`` for a SQLite
     store; None (the server's default) otherwise."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///") :])
-        return (db.parent / ARTIFACTS_DIR / name).resolve().as_uri()
-    return None
+    db = sqlite_file(uri)
+    return None if db is None else (db.parent / ARTIFACTS_DIR / name).resolve().as_uri()
 
 
 def client(uri: str) -> Any:
@@ -222,10 +221,10 @@ def check_tracking(spec: Any, timeout: float = CHECK_TIMEOUT_S) -> None:
     uri = tracking_uri(spec)
     if os.environ.get(DISABLE_ENV) == "1":
         return
-    if uri.startswith("sqlite:///"):
+    if (db := sqlite_file(uri)) is not None:
         # the folder can be made, and is made only for the check (a launch refused later leaves
         # nothing; the launch's lock makes it for good)
-        folder = Path(uri[len("sqlite:///") :]).parent
+        folder = db.parent
         missing = [p for p in (folder, *folder.parents) if not p.exists()]
         try:
             folder.mkdir(parents=True, exist_ok=True)

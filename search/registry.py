@@ -12,7 +12,7 @@ from typing import Any
 
 from search.errors import SpecError
 from search.mlflow_store import client, redact, tracking_uri
-from search.spec.schema import is_registry_uri
+from search.spec.schema import is_registry_uri, sqlite_file
 from search.write_queue import clean_key
 from trainables.files import sha256_file
 
@@ -140,7 +140,7 @@ def resolve_spec_weights(spec: Any) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     for attr in uris:
         uri = getattr(spec.model, attr)
-        if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
+        if (db := sqlite_file(store)) is not None and not db.is_file():
             raise SpecError(
                 f"model.{attr}",
                 f"cannot resolve {uri}: the tracking store {store} does not exist.",

@@ -15,7 +15,7 @@ from search import guards
 from search.errors import SpecError, did_you_mean, short
 from search.space_parse import parse_space
 from search.spec.checks import check_data, check_spec
-from search.spec.schema import ENUM_NAME, FIX, Spec
+from search.spec.schema import ENUM_NAME, FIX, SQLITE, Spec
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -179,9 +179,6 @@ def _against(path_key: str, value: str | Path, base: Path) -> str | Path:
         return value
     path = (base / value).resolve()
     return path if isinstance(value, Path) else str(path)
-
-
-SQLITE = "sqlite:///"
 
 
 def sqlite_against(uri: str | None, base: Path) -> str | None:

@@ -34,6 +34,14 @@ def is_registry_uri(value: str | None) -> bool:
     return bool(value) and str(value).startswith(REGISTRY_SCHEMES)
 
 
+SQLITE = "sqlite:///"  # a SQLite store's URI: SQLITE + its file (absolute: a 4th slash)
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The file of a SQLite store's URI, as written; None for any other store."""
+    return Path(uri[len(SQLITE) :]) if uri.startswith(SQLITE) else None
+
+
 MAX_NAME = 100
 # a validator's ValueError says "<rule>, but got <value>{FIX}<fix>"; the loader splits the fix off
 FIX = " | fix: "
