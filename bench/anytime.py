@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import _common as C  # noqa: I001  (puts the repo root on sys.path)
+from search_efficiency import gain
 
 FRACTIONS = (0.125, 0.25, 1 / 3, 0.5, 1.0)
 Group = tuple[str, int, int]  # task, trials, validation images (--limit-val)
@@ -57,13 +58,6 @@ def at(curve: list[float | None], n: int) -> float | None:
     if n < 1 or not curve:
         return None
     return curve[min(n, len(curve)) - 1]
-
-
-def gain(value: float | None, over: float | None, mode: str) -> float | None:
-    """How much ``value`` is better than ``over`` (negative: worse); None when either is missing."""
-    if value is None or over is None:
-        return None
-    return value - over if mode == "max" else over - value
 
 
 def load(paths: list[Path]) -> dict[Group, dict[int, dict[str, dict]]]:

@@ -139,8 +139,11 @@ def _finite(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _gain(value: float, over: float, mode: str) -> float:
-    """How much ``value`` is better than ``over`` (negative: worse), whichever way is better."""
+def gain(value: float | None, over: float | None, mode: str) -> float | None:
+    """How much ``value`` is better than ``over`` (negative: worse), whichever way is better; None
+    when either is missing."""
+    if value is None or over is None:
+        return None
     return value - over if mode == "max" else over - value
 
 
@@ -285,7 +288,7 @@ def seed_row(seed: int, res: dict[str, dict], tol: float) -> dict:
             "reach": reach_at,
             "reach_vs_full": (reach_at / r["trial_epochs"]) if reach_at else math.inf,
             "total": a["trial_epochs"],
-            "gap": None if a["best"] is None or target is None else _gain(a["best"], target, mode),
+            "gap": gain(a["best"], target, mode),
             "reference_best": a.get("reference_best"),
         }
     return row
@@ -299,7 +302,7 @@ def verdict(rows: list[dict], arm: str, tol: float) -> dict:
     gaps = [s["arms"][arm]["gap"] for s in rows]
     refs = [  # holds by construction when the reference trial ran: it is one of the arm's trials
         (a := s["arms"][arm])["reference_best"] is None
-        or (a["best"] is not None and _gain(a["best"], a["reference_best"], s.get("mode", "max")) >= -1e-12)
+        or (a["best"] is not None and gain(a["best"], a["reference_best"], s.get("mode", "max")) >= -1e-12)
         for s in rows
     ]
     med = statistics.median(fr) if fr else math.inf
