@@ -35,29 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import _common as C  # noqa: I001  (puts the repo root on sys.path)
-from search_efficiency import gain
+from search_efficiency import best, gain
 
 FRACTIONS = (0.125, 0.25, 1 / 3, 0.5, 1.0)
 Group = tuple[str, int, int]  # task, trials, validation images (--limit-val)
-
-
-def best_so_far(events: list[dict], mode: str) -> list[float | None]:
-    """Entry i: the best value among the first i + 1 reports (None until a finite one came)."""
-    out: list[float | None] = []
-    top = None
-    for r in events:
-        v = r.get("value")
-        if v is not None and (top is None or (v > top if mode == "max" else v < top)):
-            top = v
-        out.append(top)
-    return out
-
-
-def at(curve: list[float | None], n: int) -> float | None:
-    """The best among the first ``n`` trial-epochs (an arm that spent fewer keeps its last best)."""
-    if n < 1 or not curve:
-        return None
-    return curve[min(n, len(curve)) - 1]
 
 
 def load(paths: list[Path]) -> dict[Group, dict[int, dict[str, dict]]]:
@@ -89,9 +70,9 @@ def cell(
             continue
         mode = full["mode"]
         n = max(1, math.floor(fraction * full["trial_epochs"] + 1e-9))  # "within 1/3" of 64: 21
-        mine = at(best_so_far(rec["events"], mode), n)
+        mine = best(rec["events"][:n], mode)  # an arm that spent fewer keeps its final best
         gaps.append(gain(mine, full["best"], mode))
-        versus.append(gain(mine, at(best_so_far(other["events"], mode), n), mode))
+        versus.append(gain(mine, best(other["events"][:n], mode), mode))
         n_used.append(n)
     known = [g for g in gaps if g is not None]
     vs = [v for v in versus if v is not None]

@@ -35,11 +35,17 @@ def _file(path: Path, task: str, trials: int, raw: list[dict]) -> Path:
     return path
 
 
-def test_best_so_far_and_at_follow_the_mode_and_keep_an_ended_arms_best():
-    assert A.best_so_far(_record("x", 0, [None, 0.2, 0.1, 0.5])["events"], "max") == [None, 0.2, 0.2, 0.5]
-    curve = A.best_so_far(_record("x", 0, [0.9, 1.2, 0.4], "min")["events"], "min")
-    assert curve == [0.9, 0.9, 0.4]
-    assert (A.at(curve, 0), A.at(curve, 2), A.at(curve, 10)) == (None, 0.9, 0.4)
+def test_the_best_of_a_prefix_follows_the_mode_and_keeps_an_ended_arms_best():
+    # anytime.py reads the best so far as search_efficiency's best() of the first n reports
+    events = _record("x", 0, [None, 0.2, 0.1, 0.5])["events"]
+    assert [A.best(events[:n], "max") for n in (1, 2, 3, 4)] == [None, 0.2, 0.2, 0.5]
+    events = _record("x", 0, [0.9, 1.2, 0.4], "min")["events"]
+    assert [A.best(events[:n], "min") for n in (1, 2, 3)] == [0.9, 0.9, 0.4]
+    assert (A.best(events[:0], "min"), A.best(events[:2], "min"), A.best(events[:10], "min")) == (
+        None,
+        0.9,
+        0.4,
+    )
     assert A.gain(0.4, 0.9, "min") == pytest.approx(0.5) and A.gain(None, 0.9, "max") is None
 
 
