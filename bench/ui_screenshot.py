@@ -44,14 +44,14 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=C.ROOT / "docs" / "mlflow-ui.png")
     args = ap.parse_args()
 
-    from search import write_queue
+    from search import run_map
     from tests import test_ui_browser as B
 
     if B.CHROMIUM is None:
         print("chromium is not installed: apt-get install -y chromium", file=sys.stderr)
         return 1
     exp_dir = args.study.resolve()
-    runs = json.loads((exp_dir / write_queue.RUNS_FILE).read_text())["runs"]
+    runs = json.loads((exp_dir / run_map.RUNS_FILE).read_text())["runs"]
     children = sorted(k for k in runs if k != "parent")
     with tempfile.TemporaryDirectory(prefix="ui-shot-") as tmp:
         metric = json.loads((exp_dir / "study.json").read_text())["metric"]

@@ -16,8 +16,8 @@ from ray.tune import Callback
 
 from search import study as S
 from search.failures import failure_reason
+from search.run_map import RUNS_FILE
 from search.study import group_of
-from search.write_queue import RUNS_FILE
 from trainables.testhooks import pause_point
 
 

@@ -81,6 +81,7 @@ class StudySearch(OptunaSearch):
         self.max_concurrent = 0
         self.reference_id: str | None = None
         self._orphans: list[int] = []  # Optuna trial ids asked but never saved in Ray's state
+        self._replaces: dict[str, str] = {}  # Ray trial id -> the lost Ray trial id of its orphan
         super().__init__(*args, **kwargs)
 
     def enqueue_recipes(self, trials: list[tuple[str, dict[str, Any]]]) -> None:
@@ -111,7 +112,10 @@ class StudySearch(OptunaSearch):
             return None
         orphans = getattr(self, "_orphans", [])
         if trial_id not in self._ot_trials and orphans:  # its parameters, under the same Optuna number
-            self._ot_trials[trial_id] = optuna.Trial(self._ot_study, orphans.pop(0))
+            orphan = self._ot_trials[trial_id] = optuna.Trial(self._ot_study, orphans.pop(0))
+            lost = orphan.user_attrs.get("ray_trial_id")
+            if lost and lost != trial_id:
+                self.__dict__.setdefault("_replaces", {})[trial_id] = lost
         config = super().suggest(trial_id)
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None and isinstance(config, dict):
@@ -126,6 +130,12 @@ class StudySearch(OptunaSearch):
     def optuna_number(self, trial_id: str) -> int | None:
         t = self._ot_trials.get(trial_id)
         return None if t is None else t.number
+
+    def replaces(self, trial_id: str) -> str | None:
+        """The Ray trial id this trial stands in for: a trial the killed driver had started (its
+        Optuna trial asked, maybe its MLflow run opened) that Ray's saved state never held, re-run
+        here with the same parameters and Optuna number. None for every other trial."""
+        return getattr(self, "_replaces", {}).get(trial_id)
 
     def outcome(self, trial_id: str) -> str | None:
         """COMPLETE / PRUNED / FAIL once told, else None."""

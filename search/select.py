@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from search import facts, mlflow_store, write_queue
+from search import facts, mlflow_store, run_map, write_queue
 from search import study as S
 
 DEFAULT_ALIAS = "champion"
@@ -81,7 +81,7 @@ def ranked_trials(exp_dir: Path) -> list[dict[str, Any]]:
     mode = status.get("mode", "max")
     base = base_metric(status)
     ref = status.get("reference") or {}
-    runs = write_queue.read_runs(exp_dir).get("runs", {})
+    runs = run_map.read_runs(exp_dir).get("runs", {})
     out = []
     for t in S.ranked(status["trials"], mode):
         row = dict(t)
@@ -161,7 +161,7 @@ def provenance(exp_dir: Path, trial: dict[str, Any], spec: Any = None) -> dict[s
     sha256, dataset fingerprint (and git commit). The sha and fingerprint come from the study's
     parent run (as recorded at launch) or, without one, from the spec."""
     status = S.read_study(exp_dir)
-    runs = write_queue.read_runs(exp_dir)
+    runs = run_map.read_runs(exp_dir)
     known: dict[str, str] = {}
     parent = runs.get("runs", {}).get("parent")
     if parent:
@@ -286,7 +286,7 @@ def promote(
     run_id = trial.get("run_id")
     if not run_id:
         raise SelectError(
-            f"trial {trial['id']} has no MLflow run in {exp_dir / write_queue.RUNS_FILE}: the study was "
+            f"trial {trial['id']} has no MLflow run in {exp_dir / run_map.RUNS_FILE}: the study was "
             "not recorded in MLflow, so there is no run to register from"
         )
     uri, _ = write_queue.recorded_store(exp_dir)

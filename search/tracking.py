@@ -17,7 +17,8 @@ of :mod:`search.mlflow_store`:
   (``failure_reason`` tag, ``traceback.txt`` artifact), KILLED when the study was interrupted.
 
 Resume: the run map (``mlflow_runs.json``) and the ``search.run_key`` tag name the runs, so a restored
-study continues the SAME runs (RUNNING again, then closed), and replayed epochs are logged once."""
+study continues the SAME runs (RUNNING again, then closed), and replayed epochs are logged once. A
+trial Ray's saved state never held is re-run as a new trial (``StudySearch.replaces``) in its run."""
 
 from __future__ import annotations
 
@@ -42,11 +43,11 @@ from search.mlflow_store import (
     short_reason,
     tracking_uri,
 )
+from search.run_map import RunMap
 from search.study import SPACE_FILE, SPEC_FILE
 from search.write_queue import (
     MAX_TAG_VALUE,
     PENDING_FILE,
-    RunMap,
     WriteQueue,
     flatten_params,
     metric_values,
@@ -174,6 +175,11 @@ class MlflowTracker(_Callback):
             "search.trial_dir": str(getattr(trial, "path", "")),
             "search.state": S.RUNNING,
         }
+        searcher = getattr(self.study_state, "searcher", None)
+        lost = None if reopened else getattr(searcher, "replaces", lambda _: None)(tid)
+        if lost:  # it re-runs a trial the killed driver had started: that trial's run is its run
+            self.runs.data["trials"].pop(lost, None)
+            self._put(op="adopt_run", key=tid, old=lost, tags={**tags, "search.rerun_of": lost})
         self._put(
             op="open_run",
             key=tid,
@@ -306,16 +312,9 @@ class MlflowTracker(_Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         st = self.runs.trial(trial.trial_id)
         if st.get("diverged") is not None:
-            epoch = st["diverged"]
-            self._close_trial(
-                trial,
-                "FAILED",
-                {
-                    "failure_reason": f"diverged: non-finite loss in epoch {epoch}",
-                    "diverged": "true",
-                    **self._study_tags(trial.trial_id),
-                },
-            )
+            reason = f"diverged: non-finite loss in epoch {st['diverged']}"
+            tags = {"failure_reason": reason, "diverged": "true", **self._study_tags(trial.trial_id)}
+            self._close_trial(trial, "FAILED", tags)
             return
         last = st.get("last_epoch")
         tags = {}

@@ -17,18 +17,17 @@ import os
 import re
 import threading
 import time
-import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any
 
 from search.mlflow_store import client, get_or_create_experiment, redact, short_reason, study_tracking, warmed
+from search.run_map import RunMap, read_runs
 from search.study import RAY_KEYS, atomic_write_text, number
 from trainables.testhooks import pause_point
 
 log = logging.getLogger(__name__)
 
-RUNS_FILE = "mlflow_runs.json"
 PENDING_FILE = "mlflow_pending.jsonl"
 # MLflow limits (mlflow.utils.validation): key length, param value length, batch sizes.
 MAX_KEY, MAX_PARAM_VALUE, MAX_TAG_VALUE = 250, 6000, 8000
@@ -101,58 +100,6 @@ def metric_values(result: dict[str, Any], prefix: str = "") -> dict[str, float]:
         if num is not None:
             out[clean_key(f"{prefix}{k}")] = num
     return out
-
-
-class RunMap:
-    """``<exp>/mlflow_runs.json``: experiment, parent and trial run ids and the tracker's progress
-    (per-trial best so far, finished count). Thread-safe; every change is written atomically."""
-
-    def __init__(self, exp_dir: Path):
-        self.path = Path(exp_dir) / RUNS_FILE
-        self.lock = threading.RLock()
-        self.data: dict[str, Any] = {}
-        if self.path.is_file():
-            try:
-                self.data = json.loads(self.path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                log.warning("ignoring unreadable %s", self.path)
-        self.data.setdefault("runs", {})  # key ("parent" or a trial id) -> run id
-        self.data.setdefault("trials", {})  # trial id -> {best, best_epoch, last_epoch, done}
-        self.data.setdefault("study", {"finished": 0, "best": None, "best_trial": None, "base": None})
-        if "uid" not in self.data:  # names this study's runs (tag search.run_key): on disk before any run
-            self.data["uid"] = uuid.uuid4().hex[:12]
-            self.save()
-
-    def save(self) -> None:
-        with self.lock:
-            text = json.dumps(self.data, indent=1, default=str)
-            atomic_write_text(self.path, text)
-
-    def run_id(self, key: str) -> str | None:
-        with self.lock:
-            return self.data["runs"].get(key)
-
-    def set_run(self, key: str, run_id: str) -> None:
-        with self.lock:
-            self.data["runs"][key] = run_id
-            self.save()
-
-    def trial(self, trial_id: str) -> dict[str, Any]:
-        with self.lock:
-            return self.data["trials"].setdefault(
-                trial_id, {"best": None, "best_epoch": None, "last_epoch": None, "done": False}
-            )
-
-
-def read_runs(exp_dir: Path) -> dict[str, Any]:
-    """The parsed ``mlflow_runs.json`` of an experiment ({} when the study was not tracked)."""
-    path = Path(exp_dir) / RUNS_FILE
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
 
 
 class _Transient(Exception):
@@ -347,6 +294,8 @@ class WriteQueue:
         mlc, kind, key = self._mlc(), op["op"], op.get("key")
         if kind == "open_run":
             self._open_run(op)
+        elif kind == "adopt_run":
+            self._adopt_run(op)
         elif kind == "log":
             run_id = self._run_id(key)
             metrics = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in op.get("metrics", [])]
@@ -438,6 +387,29 @@ class WriteQueue:
         run = mlc.create_run(exp_id, start_time=op.get("ts"), tags=tags, run_name=op.get("name"))
         pause_point("mlflow_create")  # test hook: the run exists, the run map does not name it yet
         self.runs.set_run(key, run.info.run_id)
+
+    def _adopt_run(self, op: dict[str, Any]) -> None:
+        """Give ``key`` the run of ``old``: a trial a killed driver had started (its run created,
+        maybe named in the run map, maybe only by its ``search.run_key`` tag) that Ray's saved state
+        never held, so that ``resume`` re-runs it as ``key`` (same parameters and Optuna number).
+        The run is renamed and re-tagged (``op["tags"]``); without one, ``key`` gets a new run."""
+        from mlflow.entities import RunTag
+
+        mlc, key, old = self._mlc(), op["key"], op["old"]
+        if self.runs.run_id(key) is not None:
+            return
+        uid = self.runs.data["uid"]
+        run_id = self.runs.run_id(old)
+        if run_id is None:
+            query = f"tags.`search.run_key` = '{uid}:{old}'"
+            found = mlc.search_runs([self._exp_id()], query, max_results=1)
+            if not found:
+                return
+            run_id = found[0].info.run_id
+        tags = {**op.get("tags", {}), "search.run_key": f"{uid}:{key}"}
+        mlc.update_run(run_id, name=key)
+        mlc.log_batch(run_id, tags=[RunTag(k, v[:MAX_TAG_VALUE]) for k, v in tags.items()])
+        self.runs.move_run(old, key, run_id)
 
 
 def _is_transient(exc: BaseException) -> bool:

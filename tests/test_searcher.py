@@ -67,6 +67,7 @@ def test_study_search_states(tmp_path):
     # the orphan "f" (asked after the checkpoint) is the next suggestion: same params, same number
     assert restored.suggest("f2") == f_config and restored.optuna_number("f2") == f_number
     assert restored.suggest("h") != f_config and restored.optuna_number("h") == f_number + 1
+    assert restored.replaces("f2") == "f" and restored.replaces("h") is None  # for the MLflow run of "f"
     # resume --restart-errored: Ray reruns the errored "d" as a new trial id with d's config; it gets
     # a fresh Optuna trial with the same params
     flat_config = {f"config/{k}": v for k, v in configs["d"].items()}

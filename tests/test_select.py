@@ -19,7 +19,7 @@ import torch
 import yaml
 from ray.tune import Callback
 
-from search import facts, mlflow_store, registry, select, write_queue
+from search import facts, mlflow_store, registry, run_map, select
 from search import study as S
 from search.cli import main
 from tests.tinydata import edited_study_copy, make_tiny_coco, write_tiny_spec
@@ -76,7 +76,7 @@ def study(ray_local, tmp_path_factory):
     t0 = time.time()
     first = launch(spec, extra_callbacks=[InterruptOnce()])
     exp_dir = root / "runs" / "tiny"
-    runs_before = json.loads((exp_dir / write_queue.RUNS_FILE).read_text())["runs"]
+    runs_before = json.loads((exp_dir / run_map.RUNS_FILE).read_text())["runs"]
     mlc = mlflow_store.client(mlflow_store.default_uri(root / "runs"))
     statuses_before = {k: mlc.get_run(v).info.status for k, v in runs_before.items()}
     t1 = time.time()
@@ -109,7 +109,7 @@ def test_runs_after_interrupt_and_resume(study):
     assert study["statuses_before"]["parent"] == "KILLED"
     exp = mlc.get_experiment_by_name("tiny")
     every = mlc.search_runs([exp.experiment_id], "", max_results=100)
-    runs = json.loads((exp_dir / write_queue.RUNS_FILE).read_text())["runs"]
+    runs = json.loads((exp_dir / run_map.RUNS_FILE).read_text())["runs"]
     parent = mlc.get_run(runs["parent"])
     kids = _children(mlc, exp.experiment_id, parent.info.run_id)
     assert len(every) == 5 and len(kids) == 4  # 1 parent + 4 nested children, no duplicates
@@ -156,7 +156,7 @@ def test_best_json(study, capsys):
     assert main(["best", str(exp_dir), "--json", "--top", "3"]) == 0
     rows = json.loads(capsys.readouterr().out)
     status_ids = {t["id"] for t in S.status_object(exp_dir)["trials"]}
-    runs = json.loads((exp_dir / write_queue.RUNS_FILE).read_text())["runs"]
+    runs = json.loads((exp_dir / run_map.RUNS_FILE).read_text())["runs"]
     assert 1 <= len(rows) <= 3 and {r["id"] for r in rows} <= status_ids
     values = [r["best_metric"] for r in rows]
     assert values == sorted(values, reverse=True)
@@ -192,7 +192,7 @@ def test_promote_registers_alias_and_lineage(study, capsys):
         assert mv.tags.get(key), key
     assert mv.tags["study"] == "tiny" and mv.tags["trial"] == top["id"] and mv.tags["metric"] == "map50"
     parent_tags = mlc.get_run(
-        json.loads((exp_dir / write_queue.RUNS_FILE).read_text())["runs"]["parent"]
+        json.loads((exp_dir / run_map.RUNS_FILE).read_text())["runs"]["parent"]
     ).data.tags
     assert mv.tags["dataset_fingerprint"] == parent_tags["dataset_fingerprint"]
     assert mv.tags["base_weights_sha256"] == parent_tags["base_weights_sha256"] == "none"

@@ -148,7 +148,7 @@ def test_an_interrupted_run_leaves_no_stand_in_base_and_resume_records_the_plain
     """Interrupted before a trial that keeps the base model reported epoch 0: MLflow got the
     activation-swapped trial's epoch 0 as ``base_map`` and kept it after resume (status showed the
     real one). Now no base until a plain trial reports; the resumed run records that one."""
-    from search import mlflow_store, tracking, write_queue
+    from search import mlflow_store, run_map, tracking
     from search.spec import load_spec
     from tests.test_tracking import write_spec
 
@@ -170,7 +170,7 @@ def test_an_interrupted_run_leaves_no_stand_in_base_and_resume_records_the_plain
     cb.on_trial_result(0, [silu], silu, {"epoch": 0, "map": 0.05})
     cb.on_experiment_end([silu, plain])
     mlc = mlflow_store.client(mlflow_store.tracking_uri(spec))
-    runs = json.loads((exp_dir / write_queue.RUNS_FILE).read_text())["runs"]
+    runs = json.loads((exp_dir / run_map.RUNS_FILE).read_text())["runs"]
     parent = mlc.get_run(runs["parent"])
     assert "base_map" not in parent.data.metrics and parent.data.tags["summary.status"] == "interrupted"
     killed = mlc.get_run(runs["a"]).data.tags  # an interrupted trial's run says what it is

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from ray.tune import Callback
 
-from search import local_server, mlflow_store, tracking, write_queue
+from search import local_server, mlflow_store, run_map, tracking, write_queue
 from search.errors import SpecError
 from search.spec import load_spec
 from tests.mlflow_server import start_server, stop_server
@@ -189,7 +189,7 @@ def test_parent_and_nested_children(toy_study):
     mlc = mlflow_store.client(mlflow_store.tracking_uri(spec))
     exp = mlc.get_experiment_by_name("toy")
     assert exp.artifact_location == (Path(spec.output_dir) / "mlartifacts" / "toy").resolve().as_uri()
-    runs_file = json.loads((exp_dir / write_queue.RUNS_FILE).read_text())
+    runs_file = json.loads((exp_dir / run_map.RUNS_FILE).read_text())
     parent = mlc.get_run(runs_file["runs"]["parent"])
     assert parent.info.status == "FINISHED" and parent.info.run_name == "toy"
     for tag in (
@@ -270,7 +270,7 @@ def test_resume_continues_the_same_runs(ray_local, tmp_path):
     run_toy(spec, exp_dir, configs, [cb, Interrupt(2)], stop=None)
     mlc = mlflow_store.client(mlflow_store.tracking_uri(spec))
     exp_id = mlc.get_experiment_by_name("resumable").experiment_id
-    first = json.loads((exp_dir / write_queue.RUNS_FILE).read_text())["runs"]
+    first = json.loads((exp_dir / run_map.RUNS_FILE).read_text())["runs"]
     parent = mlc.get_run(first["parent"])
     assert parent.info.status == "KILLED" and parent.data.tags.get("interrupted") == "true"
     before = children(mlc, exp_id, first["parent"])
@@ -279,7 +279,7 @@ def test_resume_continues_the_same_runs(ray_local, tmp_path):
 
     cb2 = tracking.make_callback(spec, exp_dir, resume=True)
     run_toy(spec, exp_dir, configs, [cb2], restore=True)
-    after_map = json.loads((exp_dir / write_queue.RUNS_FILE).read_text())["runs"]
+    after_map = json.loads((exp_dir / run_map.RUNS_FILE).read_text())["runs"]
     assert after_map["parent"] == first["parent"]
     assert {k: v for k, v in after_map.items() if k in first} == first  # the same runs continued
     all_runs = mlc.search_runs([exp_id], "", max_results=100)
@@ -434,7 +434,7 @@ def test_real_server_outage(ray_local, tmp_path):
         assert cb.report["unwritten"] == 0, cb.report
         mlc = mlflow_store.client(uri)
         exp_id = mlc.get_experiment_by_name("remote").experiment_id
-        parent_id = json.loads((exp_dir / write_queue.RUNS_FILE).read_text())["runs"]["parent"]
+        parent_id = json.loads((exp_dir / run_map.RUNS_FILE).read_text())["runs"]["parent"]
         kids = children(mlc, exp_id, parent_id)
         assert len(kids) == 2 and all(k.info.status == "FINISHED" for k in kids)
         assert mlc.get_run(parent_id).info.status == "FINISHED"
@@ -458,7 +458,7 @@ def test_real_server_outage(ray_local, tmp_path):
         proxy.up()
         assert write_queue.replay_pending(exp2) == {"written": cb2.report["unwritten"], "left": 0}
         assert not (exp2 / write_queue.PENDING_FILE).exists()
-        parent2 = json.loads((exp2 / write_queue.RUNS_FILE).read_text())["runs"]["parent"]
+        parent2 = json.loads((exp2 / run_map.RUNS_FILE).read_text())["runs"]["parent"]
         exp2_id = mlc.get_experiment_by_name("remote2").experiment_id
         kid = children(mlc, exp2_id, parent2)[0]
         assert kid.info.status == "FINISHED" and mlc.get_run(parent2).info.status == "FINISHED"

@@ -10,7 +10,7 @@ import socket
 
 import pytest
 
-from search import facts, local_server, mlflow_store, write_queue
+from search import facts, local_server, mlflow_store, run_map, write_queue
 from search.errors import SpecError
 from search.spec import load_spec
 from tests.test_tracking import write_spec
@@ -124,7 +124,7 @@ def test_check_tracking_unreachable_server_fails_fast(tmp_path):
 
 
 def test_write_queue_keeps_unwritten_records_when_store_is_down(tmp_path):
-    runs = write_queue.RunMap(tmp_path)
+    runs = run_map.RunMap(tmp_path)
     uri = f"http://127.0.0.1:{local_server.free_port()}"
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     queue = write_queue.WriteQueue(
@@ -161,7 +161,7 @@ def test_lost_answer_to_create_run_makes_no_duplicate(tmp_path):
                 raise ConnectionError("connection reset while reading the answer")
             return run
 
-    runs = write_queue.RunMap(tmp_path)
+    runs = run_map.RunMap(tmp_path)
     queue = write_queue.WriteQueue(uri, "lost", runs, tmp_path / write_queue.PENDING_FILE, backoff=0.05)
     queue._client = LosesFirstAnswer()
     queue.start()

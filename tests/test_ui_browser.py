@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from search import tracking, write_queue
+from search import run_map, tracking
 from search.spec import load_spec
 from tests.test_tracking import run_toy, write_spec
 
@@ -242,7 +242,7 @@ def test_mlflow_ui_lists_nested_trial_runs(ray_local, tmp_path):
     cb = tracking.make_callback(spec, exp_dir, resume=False)
     run_toy(spec, exp_dir, [{"kind": k} for k in ("ok", "stop", "error", "diverge")], [cb])
     children = sorted(
-        k for k in json.loads((exp_dir / write_queue.RUNS_FILE).read_text())["runs"] if k != "parent"
+        k for k in json.loads((exp_dir / run_map.RUNS_FILE).read_text())["runs"] if k != "parent"
     )
     assert len(children) == 4
 

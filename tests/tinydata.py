@@ -139,11 +139,11 @@ def edited_study_copy(exp_dir: Path, dest: Path, edit: Callable[[dict], None]) -
     launcher writes it after ``edit(state)`` changed it (a study that would take epochs to reach)."""
     import shutil
 
+    from search import run_map
     from search import study as S
-    from search import write_queue
 
     dest.mkdir(parents=True)
-    for name in (S.SPEC_FILE, write_queue.RUNS_FILE):
+    for name in (S.SPEC_FILE, run_map.RUNS_FILE):
         shutil.copy(Path(exp_dir) / name, dest / name)
     state = S.read_study(exp_dir)
     edit(state)
