@@ -351,13 +351,8 @@ class MlflowTracker(_Callback):
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         tries = int(getattr(trial, "num_failures", 0) or 0)
         self.runs.trial(trial.trial_id)["replay"] = True  # its retry repeats epochs since its checkpoint
-        self._log(
-            trial.trial_id,
-            tags={
-                "retries": str(tries),
-                "last_error": (failure_reason(trial) or "")[:MAX_TAG_VALUE],
-            },
-        )
+        said = {"retries": str(tries), "last_error": (failure_reason(trial) or "")[:MAX_TAG_VALUE]}
+        self._log(trial.trial_id, tags=said)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         if self.runs is None or self.queue is None:
@@ -384,6 +379,13 @@ class MlflowTracker(_Callback):
                 self._log(tid, tags=tags)  # with search.reference/recipe: it may never have reported
                 self._put(op="status", key=tid, status="KILLED", ts=_now_ms())
             self._active.discard(tid)
+        # a trial a killed driver had started and no trial re-ran (the time budget ran out first): its
+        # Optuna trial stays RUNNING for a later resume; its run ends KILLED like any unfinished one
+        known = {t.trial_id for t in trials}
+        for tid, st in list(self.runs.data["trials"].items()):
+            if tid not in known and not st.get("done") and self.runs.run_id(tid) is not None:
+                self._log(tid, tags={"interrupted": "true", "search.state": S.PENDING})
+                self._put(op="status", key=tid, status="KILLED", ts=_now_ms())
         deadline = getattr(self.study_state, "deadline", None)
         if len(trials) < self.expected and (deadline is None or time.time() < deadline):
             unfinished.append("")  # trials not created yet: interrupted, as the launcher counts it
@@ -394,24 +396,19 @@ class MlflowTracker(_Callback):
         if not study.get("base_plain") and base != study.get("base"):
             study["base"] = base
             if base is not None:
-                self._log(
-                    "parent", metrics={f"base_{self.metric}": base}, step=0, tags={"base_metric": repr(base)}
-                )
+                said = {"base_metric": repr(base)}
+                self._log("parent", metrics={f"base_{self.metric}": base}, step=0, tags=said)
         summary = self._summary(trials, unfinished, written)
-        self._put(
-            op="text", key="parent", text=json.dumps(summary, indent=1, default=str), file="summary.json"
-        )
+        text = json.dumps(summary, indent=1, default=str)
+        self._put(op="text", key="parent", text=text, file="summary.json")
         tags = {f"summary.{k}": text_value(v) for k, v in summary.items() if not isinstance(v, dict)}
         every = {k: summary["trials"].get(k, 0) for k in S.STATES}  # 0s replace a resumed run's old counts
         tags.update({f"summary.trials.{k}": str(v) for k, v in every.items()})
         tags.update({f"search.trials.{k}": str(v) for k, v in every.items()})
         if unfinished:
             tags["interrupted"] = "true"
-        ref = {
-            k: summary[k]
-            for k in (f"reference_{self.metric}", "best_vs_reference")
-            if summary.get(k) is not None
-        }
+        names = (f"reference_{self.metric}", "best_vs_reference")
+        ref = {k: summary[k] for k in names if summary.get(k) is not None}
         self._log("parent", tags=tags, **({"metrics": ref, "step": 0} if ref else {}))
         self._put(op="status", key="parent", status="KILLED" if unfinished else "FINISHED", ts=_now_ms())
         self.runs.save()

@@ -5,6 +5,7 @@ searcher; the tracker driven without Ray, as the launcher's callbacks would)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,17 +13,15 @@ import pytest
 from mlflow.entities import ViewType
 
 from search import mlflow_store, run_map, tracking
+from search.searcher import load_study
 from search.spec import load_spec
 from tests.test_searcher import study_search
 from tests.test_tracking import EPOCHS, write_spec
 
 
-@pytest.mark.parametrize("named", [True, False], ids=["in-the-run-map", "by-its-run-key-only"])
-def test_a_trial_lost_in_a_kill_is_rerun_in_the_run_it_had(tmp_path, named):
-    """SIGKILLed after the tracker opened a new trial's run (named in the run map, or only by its
-    ``search.run_key`` tag when the kill came before the map was saved) and before Ray saved that
-    trial: resume re-runs its Optuna trial as a new Ray trial, which takes the run over (renamed,
-    re-tagged, closed) instead of leaving it RUNNING for ever beside a second run."""
+def _killed_after_a_trial_started(tmp_path):
+    """A study whose driver was SIGKILLed after the tracker opened trial "lost"'s run and before Ray
+    saved that trial (the searcher's checkpoint predates it); returns what resume starts from."""
     spec = load_spec(write_spec(tmp_path, name="lost"))
     exp_dir = Path(spec.output_dir) / spec.name
     exp_dir.mkdir(parents=True)
@@ -37,41 +36,77 @@ def test_a_trial_lost_in_a_kill_is_rerun_in_the_run_it_had(tmp_path, named):
         cb.on_trial_start(0, [kept], trial)
     cb.on_trial_result(0, [kept], lost, {"epoch": 0, "map": 0.05})
     assert cb.queue.close(30) == []  # then the kill: nothing ended
-    runs_file = exp_dir / run_map.RUNS_FILE
-    lost_run = json.loads(runs_file.read_text())["runs"]["lost"]
-    if not named:
-        data = json.loads(runs_file.read_text())
-        del data["runs"]["lost"]
-        runs_file.write_text(json.dumps(data))
-
     restored = study_search(journal, "lost", EPOCHS)
     restored.restore(str(ckpt))
-    again = SimpleNamespace(trial_id="again", config=restored.suggest("again"), path="", status="RUNNING")
-    assert again.config == lost.config and restored.replaces("again") == "lost"
-    cb = tracking.make_callback(spec, exp_dir, resume=True)
-    cb.study_state = SimpleNamespace(searcher=restored, state={"trials": {}}, deadline=None)
+    runs_file = exp_dir / run_map.RUNS_FILE
+    lost_run = json.loads(runs_file.read_text())["runs"]["lost"]
+    return SimpleNamespace(
+        spec=spec,
+        exp_dir=exp_dir,
+        runs_file=runs_file,
+        searcher=restored,
+        kept=kept,
+        lost=lost,
+        lost_run=lost_run,
+    )
+
+
+def _resume(w, trials: list) -> dict:
+    """The resumed run's tracker over ``trials`` (each reports every epoch and finishes); returns
+    every run of the study's experiment by trial id (the parent under "parent")."""
+    cb = tracking.make_callback(w.spec, w.exp_dir, resume=True)
+    cb.study_state = SimpleNamespace(searcher=w.searcher, state={"trials": {}}, deadline=w.searcher.deadline)
     cb.setup()
-    trials = [kept, again]
     for trial in trials:
         for epoch in range(EPOCHS + 1):
             cb.on_trial_result(0, trials, trial, {"epoch": epoch, "map": 0.1 * epoch})
         cb.on_trial_complete(0, trials, trial)
     cb.on_experiment_end(trials)
-
-    mlc = mlflow_store.client(mlflow_store.tracking_uri(spec))
+    mlc = mlflow_store.client(mlflow_store.tracking_uri(w.spec))
     exp_id = mlc.get_experiment_by_name("lost").experiment_id
     every = mlc.search_runs([exp_id], "", run_view_type=ViewType.ALL, max_results=100)
-    assert [r.info.status for r in every] == ["FINISHED"] * 3  # the parent and one run per trial
-    kids = {r.data.tags["search.trial_id"]: r for r in every if "mlflow.parentRunId" in r.data.tags}
-    assert sorted(kids) == ["again", "kept"]
-    rerun = kids["again"]
-    assert (rerun.info.run_id, rerun.info.run_name, rerun.data.tags["search.rerun_of"]) == (
-        lost_run,
-        "again",
-        "lost",
+    return {r.data.tags.get("search.trial_id", "parent"): r for r in every}, mlc
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["in-the-run-map", "by-its-run-key-only"])
+def test_a_trial_lost_in_a_kill_is_rerun_in_the_run_it_had(tmp_path, named):
+    """SIGKILLed after the tracker opened a new trial's run (named in the run map, or only by its
+    ``search.run_key`` tag when the kill came before the map was saved) and before Ray saved that
+    trial: resume re-runs its Optuna trial as a new Ray trial, which takes the run over (renamed,
+    re-tagged, closed) instead of leaving it RUNNING for ever beside a second run."""
+    w = _killed_after_a_trial_started(tmp_path)
+    if not named:
+        data = json.loads(w.runs_file.read_text())
+        del data["runs"]["lost"]
+        w.runs_file.write_text(json.dumps(data))
+    again = SimpleNamespace(trial_id="again", config=w.searcher.suggest("again"), path="", status="RUNNING")
+    assert again.config == w.lost.config and w.searcher.replaces("again") == "lost"
+    runs, mlc = _resume(w, [w.kept, again])
+    assert sorted(runs) == ["again", "kept", "parent"]  # one run per trial, the lost one's reused
+    assert [r.info.status for r in runs.values()] == ["FINISHED"] * 3
+    rerun = runs["again"]
+    assert (rerun.info.run_id, rerun.info.run_name) == (w.lost_run, "again")
+    assert rerun.data.tags["search.rerun_of"] == "lost" and rerun.data.tags["search.run_key"].endswith(
+        ":again"
     )
-    assert rerun.data.tags["search.run_key"].endswith(":again")
-    assert sorted(m.step for m in mlc.get_metric_history(lost_run, "map")) == list(range(EPOCHS + 1))
-    assert rerun.data.params["lr"] == str(lost.config["lr"])
-    runs = json.loads(runs_file.read_text())
-    assert runs["runs"]["again"] == lost_run and "lost" not in runs["runs"] and "lost" not in runs["trials"]
+    assert sorted(m.step for m in mlc.get_metric_history(w.lost_run, "map")) == list(range(EPOCHS + 1))
+    assert rerun.data.params["lr"] == str(w.lost.config["lr"])
+    recorded = json.loads(w.runs_file.read_text())
+    assert recorded["runs"]["again"] == w.lost_run
+    assert "lost" not in recorded["runs"] and "lost" not in recorded["trials"]
+
+
+def test_a_lost_trial_the_time_budget_leaves_unrun_ends_killed(tmp_path):
+    """The same kill, but the resumed study's time budget is spent before any new trial starts: the
+    lost trial's run ends KILLED and ``interrupted`` (its Optuna trial stays RUNNING for a later
+    resume), not RUNNING for ever."""
+    w = _killed_after_a_trial_started(tmp_path)
+    w.searcher.deadline = time.time() - 1
+    assert w.searcher.suggest("again") == "FINISHED"
+    runs, _ = _resume(w, [w.kept])
+    assert sorted(runs) == ["kept", "lost", "parent"]
+    assert (runs["kept"].info.status, runs["parent"].info.status) == ("FINISHED", "FINISHED")
+    assert runs["lost"].info.status == "KILLED" and runs["lost"].data.tags["interrupted"] == "true"
+    assert runs["lost"].data.tags["search.state"] == "PENDING"
+    journal = load_study(w.exp_dir / "optuna.journal", "lost").trials
+    assert [t.state.name for t in journal if t.user_attrs.get("ray_trial_id") == "lost"] == ["RUNNING"]
