@@ -130,6 +130,9 @@ class StudyState(Callback):
             t["reference"] = getattr(self.searcher, "reference_id", None) == trial.trial_id
         if t.get("recipe") is None and hasattr(self.searcher, "recipe_of"):
             t["recipe"] = self.searcher.recipe_of(trial.trial_id)
+        lost = getattr(self.searcher, "replaces", lambda _: None)(trial.trial_id)
+        if lost:  # it re-runs a trial a killed driver had started (MLflow: tag search.rerun_of)
+            t["rerun_of"] = lost
         return t
 
     def _stop_record(self, trial: Any, t: dict[str, Any], by: str) -> dict[str, Any]:

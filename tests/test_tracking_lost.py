@@ -13,6 +13,7 @@ import pytest
 from mlflow.entities import ViewType
 
 from search import mlflow_store, run_map, tracking
+from search.progress import StudyState
 from search.searcher import load_study
 from search.spec import load_spec
 from tests.test_searcher import study_search
@@ -81,6 +82,9 @@ def test_a_trial_lost_in_a_kill_is_rerun_in_the_run_it_had(tmp_path, named):
         w.runs_file.write_text(json.dumps(data))
     again = SimpleNamespace(trial_id="again", config=w.searcher.suggest("again"), path="", status="RUNNING")
     assert again.config == w.lost.config and w.searcher.replaces("again") == "lost"
+    study = StudyState(w.exp_dir, "lost", "map", "max", epochs=EPOCHS)
+    study.searcher = w.searcher
+    assert study.entry(again)["rerun_of"] == "lost" and "rerun_of" not in study.entry(w.kept)  # status --json
     runs, mlc = _resume(w, [w.kept, again])
     assert sorted(runs) == ["again", "kept", "parent"]  # one run per trial, the lost one's reused
     assert [r.info.status for r in runs.values()] == ["FINISHED"] * 3
