@@ -374,18 +374,15 @@ class MlflowTracker(_Callback):
                     unfinished.append(tid)  # never started: the study is not complete
                 continue
             unfinished.append(tid)
-            if self.runs.run_id(tid) is not None or tid in self._active:
-                tags = {**self._study_tags(tid), "interrupted": "true", "search.state": S.PENDING}
-                self._log(tid, tags=tags)  # with search.reference/recipe: it may never have reported
-                self._put(op="status", key=tid, status="KILLED", ts=_now_ms())
+            if self.runs.run_id(tid) is not None or tid in self._active:  # study tags: it may not
+                self._kill(tid, self._study_tags(tid))  # have reported, so say reference/recipe here
             self._active.discard(tid)
         # a trial a killed driver had started and no trial re-ran (the time budget ran out first): its
         # Optuna trial stays RUNNING for a later resume; its run ends KILLED like any unfinished one
         known = {t.trial_id for t in trials}
         for tid, st in list(self.runs.data["trials"].items()):
             if tid not in known and not st.get("done") and self.runs.run_id(tid) is not None:
-                self._log(tid, tags={"interrupted": "true", "search.state": S.PENDING})
-                self._put(op="status", key=tid, status="KILLED", ts=_now_ms())
+                self._kill(tid, {})
         deadline = getattr(self.study_state, "deadline", None)
         if len(trials) < self.expected and (deadline is None or time.time() < deadline):
             unfinished.append("")  # trials not created yet: interrupted, as the launcher counts it
@@ -412,6 +409,11 @@ class MlflowTracker(_Callback):
         self._log("parent", tags=tags, **({"metrics": ref, "step": 0} if ref else {}))
         self._put(op="status", key="parent", status="KILLED" if unfinished else "FINISHED", ts=_now_ms())
         self.runs.save()
+
+    def _kill(self, tid: str, tags: dict[str, str]) -> None:
+        """End an unfinished trial's run KILLED, tagged ``interrupted`` and PENDING (and ``tags``)."""
+        self._log(tid, tags={**tags, "interrupted": "true", "search.state": S.PENDING})
+        self._put(op="status", key=tid, status="KILLED", ts=_now_ms())
 
     def _final_report(self, left: list[dict[str, Any]]) -> None:
         self.report = {

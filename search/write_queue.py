@@ -373,20 +373,27 @@ class WriteQueue:
                         mlc.delete_tag(run_id, name)
                 return
             log.warning("MLflow run %s of %s is gone; starting a new one", run_id, key)
-        exp_id = self._exp_id()
-        tags = dict(op.get("tags", {}))
-        run_key = f"{self.runs.data['uid']}:{key}"
-        tags["search.run_key"] = run_key
+        tags = {**op.get("tags", {}), "search.run_key": self._run_key(key)}
         if op.get("parent"):
             tags["mlflow.parentRunId"] = self._run_id(op["parent"])
         # an earlier attempt (or a process killed before it saved the run map) may have created it
-        found = mlc.search_runs([exp_id], f"tags.`search.run_key` = '{run_key}'", max_results=1)
-        if found:
-            self.runs.set_run(key, found[0].info.run_id)
+        found = self._tagged_run(key)
+        if found is not None:
+            self.runs.set_run(key, found)
             return
-        run = mlc.create_run(exp_id, start_time=op.get("ts"), tags=tags, run_name=op.get("name"))
+        run = mlc.create_run(self._exp_id(), start_time=op.get("ts"), tags=tags, run_name=op.get("name"))
         pause_point("mlflow_create")  # test hook: the run exists, the run map does not name it yet
         self.runs.set_run(key, run.info.run_id)
+
+    def _run_key(self, key: str) -> str:
+        """The ``search.run_key`` tag of ``key``'s run: this study's uid and the key."""
+        return f"{self.runs.data['uid']}:{key}"
+
+    def _tagged_run(self, key: str) -> str | None:
+        """The id of the active run tagged with ``key``'s run key, if one exists."""
+        query = f"tags.`search.run_key` = '{self._run_key(key)}'"
+        found = self._mlc().search_runs([self._exp_id()], query, max_results=1)
+        return found[0].info.run_id if found else None
 
     def _adopt_run(self, op: dict[str, Any]) -> None:
         """Give ``key`` the run of ``old``: a trial a killed driver had started (its run created,
@@ -398,15 +405,10 @@ class WriteQueue:
         mlc, key, old = self._mlc(), op["key"], op["old"]
         if self.runs.run_id(key) is not None:
             return
-        uid = self.runs.data["uid"]
-        run_id = self.runs.run_id(old)
+        run_id = self.runs.run_id(old) or self._tagged_run(old)
         if run_id is None:
-            query = f"tags.`search.run_key` = '{uid}:{old}'"
-            found = mlc.search_runs([self._exp_id()], query, max_results=1)
-            if not found:
-                return
-            run_id = found[0].info.run_id
-        tags = {**op.get("tags", {}), "search.run_key": f"{uid}:{key}"}
+            return
+        tags = {**op.get("tags", {}), "search.run_key": self._run_key(key)}
         mlc.update_run(run_id, name=key)
         mlc.log_batch(run_id, tags=[RunTag(k, v[:MAX_TAG_VALUE]) for k, v in tags.items()])
         self.runs.move_run(old, key, run_id)

@@ -8,6 +8,7 @@ import json
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from mlflow.entities import ViewType
@@ -52,9 +53,9 @@ def _killed_after_a_trial_started(tmp_path):
     )
 
 
-def _resume(w, trials: list) -> dict:
+def _resume(w, trials: list) -> tuple[dict, Any]:
     """The resumed run's tracker over ``trials`` (each reports every epoch and finishes); returns
-    every run of the study's experiment by trial id (the parent under "parent")."""
+    every run of the study's experiment by trial id (the parent under "parent"), and the client."""
     cb = tracking.make_callback(w.spec, w.exp_dir, resume=True)
     cb.study_state = SimpleNamespace(searcher=w.searcher, state={"trials": {}}, deadline=w.searcher.deadline)
     cb.setup()
