@@ -292,6 +292,11 @@ class WriteQueue:
         from mlflow.entities import Metric, Param, RunTag
 
         mlc, kind, key = self._mlc(), op["op"], op.get("key")
+        if op.get("find") and self.runs.run_id(key) is None:  # a run a killed driver may have made
+            found = self._tagged_run(key)  # before it saved the run map: found by its run key or none
+            if found is None:
+                return
+            self.runs.set_run(key, found)
         if kind == "open_run":
             self._open_run(op)
         elif kind == "adopt_run":

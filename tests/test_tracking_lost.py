@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from mlflow.entities import ViewType
 
-from search import mlflow_store, run_map, tracking
+from search import mlflow_store, run_map, tracking, write_queue
 from search.progress import StudyState
 from search.searcher import load_study
 from search.spec import load_spec
@@ -21,9 +21,10 @@ from tests.test_searcher import study_search
 from tests.test_tracking import EPOCHS, write_spec
 
 
-def _killed_after_a_trial_started(tmp_path):
+def _killed_after_a_trial_started(tmp_path, named: bool = True):
     """A study whose driver was SIGKILLed after the tracker opened trial "lost"'s run and before Ray
-    saved that trial (the searcher's checkpoint predates it); returns what resume starts from."""
+    saved that trial (the searcher's checkpoint predates it); returns what resume starts from.
+    ``named=False``: the kill came before the run map named that run (only its run key tag does)."""
     spec = load_spec(write_spec(tmp_path, name="lost"))
     exp_dir = Path(spec.output_dir) / spec.name
     exp_dir.mkdir(parents=True)
@@ -41,7 +42,9 @@ def _killed_after_a_trial_started(tmp_path):
     restored = study_search(journal, "lost", EPOCHS)
     restored.restore(str(ckpt))
     runs_file = exp_dir / run_map.RUNS_FILE
-    lost_run = json.loads(runs_file.read_text())["runs"]["lost"]
+    data = json.loads(runs_file.read_text())
+    lost_run = data["runs"]["lost"] if named else data["runs"].pop("lost")
+    runs_file.write_text(json.dumps(data))
     return SimpleNamespace(
         spec=spec,
         exp_dir=exp_dir,
@@ -76,11 +79,7 @@ def test_a_trial_lost_in_a_kill_is_rerun_in_the_run_it_had(tmp_path, named):
     ``search.run_key`` tag when the kill came before the map was saved) and before Ray saved that
     trial: resume re-runs its Optuna trial as a new Ray trial, which takes the run over (renamed,
     re-tagged, closed) instead of leaving it RUNNING for ever beside a second run."""
-    w = _killed_after_a_trial_started(tmp_path)
-    if not named:
-        data = json.loads(w.runs_file.read_text())
-        del data["runs"]["lost"]
-        w.runs_file.write_text(json.dumps(data))
+    w = _killed_after_a_trial_started(tmp_path, named)
     again = SimpleNamespace(trial_id="again", config=w.searcher.suggest("again"), path="", status="RUNNING")
     assert again.config == w.lost.config and w.searcher.replaces("again") == "lost"
     study = StudyState(w.exp_dir, "lost", "map", "max", epochs=EPOCHS)
@@ -101,17 +100,23 @@ def test_a_trial_lost_in_a_kill_is_rerun_in_the_run_it_had(tmp_path, named):
     assert "lost" not in recorded["runs"] and "lost" not in recorded["trials"]
 
 
-def test_a_lost_trial_the_time_budget_leaves_unrun_ends_killed(tmp_path):
+@pytest.mark.parametrize("named", [True, False], ids=["in-the-run-map", "by-its-run-key-only"])
+def test_a_lost_trial_the_time_budget_leaves_unrun_ends_killed(tmp_path, named):
     """The same kill, but the resumed study's time budget is spent before any new trial starts: the
     lost trial's run ends KILLED and ``interrupted`` (its Optuna trial stays RUNNING for a later
-    resume), not RUNNING for ever."""
-    w = _killed_after_a_trial_started(tmp_path)
+    resume), not RUNNING for ever; found by its run key when the run map does not name it."""
+    w = _killed_after_a_trial_started(tmp_path, named)
+    data = json.loads(w.runs_file.read_text())  # and one killed before the writer made its run
+    data["trials"]["ghost"] = {"best": None, "best_epoch": None, "last_epoch": None, "done": False}
+    w.runs_file.write_text(json.dumps(data))
     w.searcher.deadline = time.time() - 1
     assert w.searcher.suggest("again") == "FINISHED"
     runs, _ = _resume(w, [w.kept])
     assert sorted(runs) == ["kept", "lost", "parent"]
     assert (runs["kept"].info.status, runs["parent"].info.status) == ("FINISHED", "FINISHED")
     assert runs["lost"].info.status == "KILLED" and runs["lost"].data.tags["interrupted"] == "true"
-    assert runs["lost"].data.tags["search.state"] == "PENDING"
+    assert runs["lost"].data.tags["search.state"] == "PENDING" and runs["lost"].info.run_id == w.lost_run
+    assert json.loads(w.runs_file.read_text())["runs"]["lost"] == w.lost_run  # a later resume finds it
+    assert not (w.exp_dir / write_queue.PENDING_FILE).exists()  # no record rejected for the ghost
     journal = load_study(w.exp_dir / "optuna.journal", "lost").trials
     assert [t.state.name for t in journal if t.user_attrs.get("ray_trial_id") == "lost"] == ["RUNNING"]
