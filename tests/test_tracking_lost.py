@@ -120,3 +120,9 @@ def test_a_lost_trial_the_time_budget_leaves_unrun_ends_killed(tmp_path, named):
     assert not (w.exp_dir / write_queue.PENDING_FILE).exists()  # no record rejected for the ghost
     journal = load_study(w.exp_dir / "optuna.journal", "lost").trials
     assert [t.state.name for t in journal if t.user_attrs.get("ray_trial_id") == "lost"] == ["RUNNING"]
+    w.searcher.deadline = None  # resumed again, with time: the lost trial re-runs in that run
+    again = SimpleNamespace(trial_id="again", config=w.searcher.suggest("again"), path="", status="RUNNING")
+    runs, _ = _resume(w, [again])
+    assert sorted(runs) == ["again", "kept", "parent"] and runs["again"].info.run_id == w.lost_run
+    assert runs["again"].info.status == "FINISHED" and "interrupted" not in runs["again"].data.tags
+    assert runs["again"].info.run_name == "again" and runs["again"].data.tags["search.rerun_of"] == "lost"
