@@ -373,9 +373,9 @@ class MlflowTracker(_Callback):
                 if str(trial.status) not in ("TERMINATED", "ERROR"):
                     unfinished.append(tid)  # never started: the study is not complete
                 continue
-            unfinished.append(tid)
-            if self.runs.run_id(tid) is not None or tid in self._active:  # study tags: it may not
-                self._kill(tid, self._study_tags(tid))  # have reported, so say reference/recipe here
+            unfinished.append(tid)  # study tags: it may not have reported, so say reference/recipe here
+            find = self.runs.run_id(tid) is None and tid not in self._active  # a killed driver's run?
+            self._kill(tid, self._study_tags(tid), find=find)
             self._active.discard(tid)
         # a trial a killed driver had started and no trial re-ran (the time budget ran out first): its
         # Optuna trial stays RUNNING for a later resume; its run (if any, maybe only tagged) ends KILLED

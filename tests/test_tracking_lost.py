@@ -56,13 +56,14 @@ def _killed_after_a_trial_started(tmp_path, named: bool = True):
     )
 
 
-def _resume(w, trials: list) -> tuple[dict, Any]:
-    """The resumed run's tracker over ``trials`` (each reports every epoch and finishes); returns
-    every run of the study's experiment by trial id (the parent under "parent"), and the client."""
+def _resume(w, trials: list, run: bool = True) -> tuple[dict, Any]:
+    """The resumed run's tracker over ``trials`` (each reports every epoch and finishes, unless not
+    ``run``: the study ends before they restart); returns every run of the study's experiment by
+    trial id (the parent under "parent"), and the client."""
     cb = tracking.make_callback(w.spec, w.exp_dir, resume=True)
     cb.study_state = SimpleNamespace(searcher=w.searcher, state={"trials": {}}, deadline=w.searcher.deadline)
     cb.setup()
-    for trial in trials:
+    for trial in trials if run else []:
         for epoch in range(EPOCHS + 1):
             cb.on_trial_result(0, trials, trial, {"epoch": epoch, "map": 0.1 * epoch})
         cb.on_trial_complete(0, trials, trial)
@@ -126,3 +127,17 @@ def test_a_lost_trial_the_time_budget_leaves_unrun_ends_killed(tmp_path, named):
     assert sorted(runs) == ["again", "kept", "parent"] and runs["again"].info.run_id == w.lost_run
     assert runs["again"].info.status == "FINISHED" and "interrupted" not in runs["again"].data.tags
     assert runs["again"].info.run_name == "again" and runs["again"].data.tags["search.rerun_of"] == "lost"
+
+
+def test_a_saved_trial_whose_run_the_map_never_named_ends_killed(tmp_path):
+    """A trial Ray did save, its run created but not named in the run map when the driver was
+    killed, and a resume whose time budget ends before Ray restarts it: that run ends KILLED too."""
+    w = _killed_after_a_trial_started(tmp_path, named=False)
+    data = json.loads(w.runs_file.read_text())
+    kept_run = data["runs"].pop("kept")
+    w.runs_file.write_text(json.dumps(data))
+    w.searcher.deadline = time.time() - 1
+    runs, _ = _resume(w, [w.kept], run=False)
+    assert sorted(runs) == ["kept", "lost", "parent"] and runs["kept"].info.run_id == kept_run
+    assert [runs[k].info.status for k in ("kept", "lost", "parent")] == ["KILLED"] * 3
+    assert runs["kept"].data.tags["interrupted"] == "true" == runs["parent"].data.tags["interrupted"]
