@@ -374,15 +374,14 @@ class MlflowTracker(_Callback):
                     unfinished.append(tid)  # never started: the study is not complete
                 continue
             unfinished.append(tid)  # study tags: it may not have reported, so say reference/recipe here
-            find = self.runs.run_id(tid) is None and tid not in self._active  # a killed driver's run?
-            self._kill(tid, self._study_tags(tid), find=find)
+            self._kill(tid, self._study_tags(tid))
             self._active.discard(tid)
         # a trial a killed driver had started and no trial re-ran (the time budget ran out first): its
         # Optuna trial stays RUNNING for a later resume; its run (if any, maybe only tagged) ends KILLED
         known = {t.trial_id for t in trials}
         for tid, st in list(self.runs.data["trials"].items()):
             if tid not in known and not st.get("done"):
-                self._kill(tid, {}, find=self.runs.run_id(tid) is None)
+                self._kill(tid, {})
         deadline = getattr(self.study_state, "deadline", None)
         if len(trials) < self.expected and (deadline is None or time.time() < deadline):
             unfinished.append("")  # trials not created yet: interrupted, as the launcher counts it
@@ -410,11 +409,13 @@ class MlflowTracker(_Callback):
         self._put(op="status", key="parent", status="KILLED" if unfinished else "FINISHED", ts=_now_ms())
         self.runs.save()
 
-    def _kill(self, tid: str, tags: dict[str, str], find: bool = False) -> None:
-        """End an unfinished trial's run KILLED, ``interrupted``, PENDING (``find``: by its run key)."""
-        extra = {"find": True} if find else {}
-        self._put(op="log", key=tid, tags={**tags, "interrupted": "true", "search.state": S.PENDING}, **extra)
-        self._put(op="status", key=tid, status="KILLED", ts=_now_ms(), **extra)
+    def _kill(self, tid: str, tags: dict[str, str]) -> None:
+        """End an unfinished trial's run KILLED, ``interrupted``, PENDING; a run neither named in the
+        run map nor opened here (a killed driver's) is looked up by its run key, if it exists."""
+        find = self.runs.run_id(tid) is None and tid not in self._active
+        said = {**tags, "interrupted": "true", "search.state": S.PENDING}
+        self._put(op="log", key=tid, tags=said, find=find)
+        self._put(op="status", key=tid, status="KILLED", ts=_now_ms(), find=find)
 
     def _final_report(self, left: list[dict[str, Any]]) -> None:
         self.report = {

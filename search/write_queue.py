@@ -292,11 +292,8 @@ class WriteQueue:
         from mlflow.entities import Metric, Param, RunTag
 
         mlc, kind, key = self._mlc(), op["op"], op.get("key")
-        if op.get("find") and self.runs.run_id(key) is None:  # a run a killed driver may have made
-            found = self._tagged_run(key)  # before it saved the run map: found by its run key or none
-            if found is None:
-                return
-            self.runs.set_run(key, found)
+        if op.get("find") and self.runs.run_id(key) is None and self._tagged_run(key) is None:
+            return  # a run a killed driver may have made before it saved the run map: there is none
         if kind == "open_run":
             self._open_run(op)
         elif kind == "adopt_run":
@@ -382,9 +379,7 @@ class WriteQueue:
         if op.get("parent"):
             tags["mlflow.parentRunId"] = self._run_id(op["parent"])
         # an earlier attempt (or a process killed before it saved the run map) may have created it
-        found = self._tagged_run(key)
-        if found is not None:
-            self.runs.set_run(key, found)
+        if self._tagged_run(key) is not None:
             return
         run = mlc.create_run(self._exp_id(), start_time=op.get("ts"), tags=tags, run_name=op.get("name"))
         pause_point("mlflow_create")  # test hook: the run exists, the run map does not name it yet
@@ -395,10 +390,14 @@ class WriteQueue:
         return f"{self.runs.data['uid']}:{key}"
 
     def _tagged_run(self, key: str) -> str | None:
-        """The id of the active run tagged with ``key``'s run key, if one exists."""
+        """The id of the active run tagged with ``key``'s run key, if one exists (then named in the
+        run map as ``key``'s: a run the map lacked because a killed driver never saved it)."""
         query = f"tags.`search.run_key` = '{self._run_key(key)}'"
         found = self._mlc().search_runs([self._exp_id()], query, max_results=1)
-        return found[0].info.run_id if found else None
+        if not found:
+            return None
+        self.runs.set_run(key, found[0].info.run_id)
+        return found[0].info.run_id
 
     def _adopt_run(self, op: dict[str, Any]) -> None:
         """Give ``key`` the run of ``old``: a trial a killed driver had started (its run created,
