@@ -132,6 +132,16 @@ def test_semantic_split_without_any_mask_is_refused(tmp_path):
         load_coco(ann, root, task="semantic_segmentation")
 
 
+def test_a_dropped_box_without_mask_does_not_count_against_the_masks(tmp_path):
+    """A degenerate box without a segmentation is dropped as degenerate only: it counted as a
+    box-only annotation too, so a split whose one kept annotation has a mask was refused."""
+    anns = [_ann(1, 1, 3, [10, 10, 40, 30], segmentation=SQUARE), _ann(2, 1, 7, [5, 5, 0.5, 4])]
+    ann, root = make_split(tmp_path, anns=anns)
+    sem = load_coco(ann, root, task="semantic_segmentation")
+    assert sem.stats["annotations"] == 1 and sem.stats["degenerate"] == 1
+    assert sem.stats["no_segmentation"] == 0
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -219,6 +229,23 @@ def test_exif_orientation_applied_and_size_checked(tmp_path):
     with pytest.raises(DatasetError, match="decoded size 60x100") as err:
         CocoDetection(load_coco(ann, root), None)[0]
     assert str(root / "rot.jpg") in str(err.value)
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".tif", ".png"])
+def test_missing_size_read_from_header_after_orientation(tmp_path, suffix):
+    """Pillow's TIFF reader already reports the oriented size; the header read turned it back."""
+    raw = Image.new("RGB", (40, 20), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 40 x 20, shown 20 x 40
+    root = tmp_path / "images"
+    root.mkdir()
+    raw.save(root / f"rot{suffix}", exif=exif.tobytes())
+    images = [{"id": 1, "file_name": f"rot{suffix}"}]
+    ann, _ = make_split(tmp_path, images=images, anns=[_ann(1, 1, 3, [0, 0, 10, 10])])
+    idx = load_coco(ann, root)
+    assert (idx.images[0].width, idx.images[0].height) == (20, 40)
+    image, _ = CocoDetection(idx, None)[0]
+    assert image.shape == (3, 40, 20)
 
 
 def test_missing_size_read_from_header(tmp_path):

@@ -210,12 +210,21 @@ def image_size_from_file(path: Path) -> tuple[int, int]:
 
     try:
         with Image.open(path) as img:
-            w, h = img.size
+            w, h = _stored_size(img)
             check_pixels(w, h, str(path))
             orientation = img.getexif().get(0x0112, 1)
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(f"{path}: cannot read image header: {e}") from e
     return (h, w) if orientation in _EXIF_TRANSPOSED else (w, h)
+
+
+def _stored_size(img: Any) -> tuple[int, int]:
+    """(width, height) as stored, before EXIF orientation: Pillow's TIFF reader already reports the
+    oriented size in ``img.size`` (and turns the pixels on load), so read its dimension tags."""
+    tags = getattr(img, "tag_v2", None)
+    if img.format == "TIFF" and tags is not None and 256 in tags and 257 in tags:
+        return int(tags[256]), int(tags[257])  # ImageWidth, ImageLength
+    return img.size
 
 
 # --- internals ---------------------------------------------------------------------------------
@@ -346,8 +355,6 @@ def _sanitise(raw, rec: ImageRecord, label: int, task: str, stats: Counter, wher
     if segm is None and task == "instance_segmentation":
         stats["no_segmentation"] += 1
         return None
-    if segm is None and task == "semantic_segmentation" and not iscrowd:
-        stats["no_segmentation"] += 1  # kept: its box marks ignored pixels (data.semantic_mask)
     bbox = raw.get("bbox")
     if bbox is None and segm is not None:
         from pycocotools import mask as mask_utils
@@ -367,6 +374,8 @@ def _sanitise(raw, rec: ImageRecord, label: int, task: str, stats: Counter, wher
         return None
     if box != (x, y, x + w, y + h):
         stats["clipped"] += 1
+    if segm is None and task == "semantic_segmentation" and not iscrowd:
+        stats["no_segmentation"] += 1  # kept: its box marks ignored pixels (data.semantic_mask)
     return Ann(label, box, iscrowd, segm)
 
 
