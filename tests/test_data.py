@@ -146,6 +146,8 @@ def test_a_dropped_box_without_mask_does_not_count_against_the_masks(tmp_path):
     ("change", "message"),
     [
         (lambda d: d["annotations"][0].update(category_id=99), "annotation id 1: unknown category id 99"),
+        (lambda d: d["annotations"][0].update(category_id=[3]), r"id 1: unknown category id \[3\]"),
+        (lambda d: d["annotations"][0].update(category_id={"id": 3}), "annotation id 1: unknown category id"),
         (lambda d: d["images"][1].update(id=1), "duplicate image id 1"),
         (lambda d: d["annotations"][1].update(id=1), "duplicate annotation id 1"),
         (lambda d: d["annotations"][0].update(image_id=42), "annotation id 1: points to missing image id 42"),
@@ -173,6 +175,14 @@ def test_truncated_json_names_file_and_position(tmp_path):
     ann, root = make_split(tmp_path)
     ann.write_text(ann.read_text()[:57])
     with pytest.raises(DatasetError, match=r"invalid JSON at line 1 column \d+") as err:
+        load_coco(ann, root)
+    assert str(ann) in str(err.value)
+
+
+def test_json_integer_python_will_not_read_names_the_file(tmp_path):
+    ann, root = make_split(tmp_path)
+    ann.write_text(ann.read_text().replace('"id": 1,', '"id": ' + "9" * 5000 + ",", 1))
+    with pytest.raises(DatasetError, match="cannot read JSON: Exceeds the limit") as err:
         load_coco(ann, root)
     assert str(ann) in str(err.value)
 

@@ -234,6 +234,7 @@ INVALID = [
     ("unknown-top-key", {"trian": {"epochs": 2}}, "trian", "did you mean 'train'"),
     ("unknown-train-key", {"train.epoch": 2}, "train.epoch", "did you mean 'epochs'"),
     ("epochs-zero", {"train.epochs": 0}, "train.epochs", "greater than or equal"),
+    ("reduction-factor-inf", {"search.reduction_factor": float("inf")}, "search.reduction_factor", "finite"),
     ("epochs-text", {"train.epochs": "three"}, "train.epochs", "integer"),
     ("batch-negative", {"train.batch_size": -1}, "train.batch_size", "greater than or equal"),
     ("bad-amp", {"train.amp": "fp8"}, "train.amp", "fp16"),

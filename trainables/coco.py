@@ -241,6 +241,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise DatasetError(
             f"{path}: invalid JSON at line {e.lineno} column {e.colno} (char {e.pos}): {e.msg}"
         ) from e
+    except (ValueError, RecursionError) as e:  # an integer of more than 4300 digits; deep nesting
+        raise DatasetError(f"{path}: cannot read JSON: {str(e).splitlines()[0][:200]}") from e
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: top level must be an object with images/annotations/categories")
     for key in ("images", "annotations", "categories"):
@@ -335,7 +337,8 @@ def _annotations(data, path, by_id, cat_to_label, task, stats) -> list[dict[str,
         rec = by_id.get(raw.get("image_id")) if _is_int(raw.get("image_id")) else None
         if rec is None:
             raise DatasetError(f"{where}: points to missing image id {raw.get('image_id')!r}")
-        if raw.get("category_id") not in cat_to_label:
+        cid = raw.get("category_id")
+        if not isinstance(cid, (int, float)) or isinstance(cid, bool) or cid not in cat_to_label:
             raise DatasetError(f"{where}: unknown category id {raw.get('category_id')!r}")
         ann = _sanitise(raw, rec, cat_to_label[raw["category_id"]], task, stats, where)
         if ann is None:

@@ -227,6 +227,7 @@ _FIX = {
     "int_parsing": "use a whole number.",
     "int_from_float": "use a whole number.",
     "float_parsing": "use a number.",
+    "finite_number": "use a finite number.",
     "bool_parsing": "use true or false.",
     "greater_than_equal": "raise the value.",
     "greater_than": "raise the value.",
@@ -244,8 +245,9 @@ _FIX = {
 
 
 def _from_pydantic(exc: ValidationError) -> SpecError:
-    err = exc.errors(include_url=False)[0]
-    loc = [str(p) for p in err["loc"]]
+    # the deepest error: in a union ("a list, or a list of lists") the member that got furthest
+    err = max(exc.errors(include_url=False), key=lambda e: len(e["loc"]))
+    loc = [str(p) for p in err["loc"] if "[" not in str(p)]  # no union tags ("list[float]")
     key = ".".join(loc)
     value = err.get("input")
     kind = err["type"]

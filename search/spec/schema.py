@@ -50,7 +50,7 @@ SEED_LIMIT = 2**32  # numpy's and Optuna's seeds are 32-bit
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class ModelSection(_Section):
