@@ -11,15 +11,16 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from search import study as S
 from search.commands import Command, add_name_args, register
-from search.errors import BadInput, SpecError
+from search.errors import BadInput, SpecError, did_you_mean
 from search.schedulers import scheduler_label
 
 EXIT_OK, EXIT_RUNTIME, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -28,6 +29,39 @@ EXIT_OK, EXIT_RUNTIME, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 # Exceptions from search.launcher / search.study that are user errors (exit 2), matched by name so
 # that this module imports neither Ray nor the launcher for the other commands.
 _USER_ERRORS = {"ClusterError", "ExperimentExists", "ExperimentNotFound", "StudyFileError"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's refusals as ONE line (exit 2) naming the command, the rule and the fix (argparse
+    prints its usage and the error: 2 to 4 lines); ``--help`` is argparse's own."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("search").strip()
+        where, help_of = (f"{command}: ", f"{command} ") if command else ("", "")
+        fix = f"see python -m search {help_of}--help."
+        if re.match(r"argument COMMAND: invalid choice: ", message):
+            value = re.search(r"invalid choice: '([^']*)'", message)
+            valid = list(self._subcommands().choices)
+            name = value.group(1) if value else ""
+            message = f"unknown command {name!r}.{did_you_mean(name, valid)}"
+            fix = f"use one of: {', '.join(valid)} (python -m search --help)."
+        text = message.strip() if message.strip().endswith((".", "?")) else f"{message.strip()}."
+        self.exit(EXIT_BAD_INPUT, f"error: {where}{' '.join(text.split())} Fix: {fix}\n")
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:
+        """Unknown options are refused by the command's parser, with the closest option it has."""
+        known, extra = self.parse_known_args(args, namespace)
+        if extra:
+            command = getattr(known, "command", None)
+            parser = self._subcommands().choices.get(command, self) if command else self
+            options = [o for o in parser._option_string_actions if o.startswith("--")]
+            first = next((e.partition("=")[0] for e in extra if e.startswith("-")), "")
+            close = did_you_mean(first, options) if first else ""
+            parser.error(f"unrecognized arguments: {' '.join(extra)}.{close}")
+        return known
+
+    def _subcommands(self) -> argparse._SubParsersAction:
+        return next(a for a in self._actions if isinstance(a, argparse._SubParsersAction))
 
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
@@ -109,14 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of every command in :data:`COMMANDS` and ``commands_tracking.COMMANDS``."""
     from search.commands_tracking import COMMANDS as RESULT_COMMANDS  # best, promote, export, predict, ui
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="search",
         description="Hyperparameter search for fine-tuning torchvision detection and segmentation models.",
     )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="also print MLflow's, Ray's and this tool's INFO logs"
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     register(sub, {**COMMANDS, **RESULT_COMMANDS})
     return parser
 
@@ -285,28 +319,15 @@ def _threads(cpu: float) -> int:
     return max(1, int(cpu))
 
 
+# the metrics of a trial's progress lines
+_SHOWN = frozenset("epoch map map50 mask_map miou fg_miou dice loss lr epoch_seconds diverged".split())
+
+
 def _printer(quiet: bool) -> Callable[[dict, Any], None]:
     def report(metrics: dict, checkpoint: Any = None) -> None:
         if quiet:
             return
-        shown = {
-            k: (round(v, 4) if isinstance(v, float) else v)
-            for k, v in metrics.items()
-            if k
-            in (
-                "epoch",
-                "map",
-                "map50",
-                "mask_map",
-                "miou",
-                "fg_miou",
-                "dice",
-                "loss",
-                "lr",
-                "epoch_seconds",
-                "diverged",
-            )
-        }
+        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items() if k in _SHOWN}
         print(f"  {shown}", file=sys.stderr, flush=True)
 
     return report

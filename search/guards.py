@@ -334,11 +334,13 @@ _INT_12 = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
 
 class YamlRefused(ValueError):
     """A YAML document refused before it is used: duplicate keys, alias bombs, deep nesting.
-    ``key``: the dotted key path it concerns, when there is one (a duplicate key)."""
+    ``key``: the dotted key path it concerns, when there is one (a duplicate key); ``fix``: the fix,
+    when the refusal has its own."""
 
-    def __init__(self, message: str, key: str | None = None):
+    def __init__(self, message: str, key: str | None = None, fix: str | None = None):
         super().__init__(message)
         self.key = key
+        self.fix = fix
 
 
 @functools.cache
@@ -381,9 +383,9 @@ def _construct_int_12(loader: Any, node: Any) -> int:
 
 
 def load_yaml(text: str) -> Any:
-    """``yaml.safe_load`` that refuses duplicate mapping keys, documents whose aliases expand to more
-    than :data:`MAX_YAML_NODES` nodes (a "billion laughs"), nesting deeper than
-    :data:`MAX_YAML_DEPTH`, and integers too long to convert. Raises :class:`YamlRefused` (with the
+    """``yaml.safe_load`` that refuses duplicate mapping keys, merge keys (``<<``), documents whose
+    aliases expand to more than :data:`MAX_YAML_NODES` nodes (a "billion laughs"), nesting deeper
+    than :data:`MAX_YAML_DEPTH`, and integers too long to convert. Raises :class:`YamlRefused` (with the
     line) or ``yaml.YAMLError``; never builds or prints the expanded value."""
     loader = _loader_class()(text)
     try:
@@ -428,9 +430,13 @@ def _check_size(root: Any) -> None:
         raise YamlRefused(f"nested deeper than {MAX_YAML_DEPTH} levels")
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 def _check_duplicates(loader: Any, root: Any) -> None:
     """A mapping key given twice (YAML would keep the last one silently; ``1`` and ``0x1`` are one
-    key, ``1`` and ``'1'`` two), named by its dotted key path; each node once (aliases are shared)."""
+    key, ``1`` and ``'1'`` two), named by its dotted key path; each node once (aliases are shared).
+    A merge key (``<<``, YAML 1.1 only) is refused too: YAML 1.2, as specs are read, has none."""
     seen_nodes: set[int] = set()
     stack: list[tuple[Any, str]] = [(root, "")]
     while stack:
@@ -444,6 +450,14 @@ def _check_duplicates(loader: Any, root: Any) -> None:
                 stack.append((item, f"{path}[{i}]"))
                 continue
             key_node, value_node = item
+            if key_node.tag == _MERGE_TAG:  # PyYAML (YAML 1.1) merges; YAML 1.2 has no merge key
+                line = key_node.start_mark.line + 1
+                raise YamlRefused(
+                    f"uses a YAML merge key (<<) at line {line}; merge keys are not supported (specs are "
+                    "read as YAML 1.2, which has none)",
+                    key=path[:200] or None,
+                    fix="write the keys out in this mapping (an alias *name still repeats a whole value).",
+                )
             key = loader.construct_object(key_node, deep=True)
             where = f"{path}.{key}" if path else str(key)
             try:

@@ -25,7 +25,11 @@ def parse_space(
     if raw is None:
         return SearchSpace([])
     if not isinstance(raw, dict):
-        raise SpecError(key, f"must be a mapping of parameter name to definition, but got {short(raw)}.")
+        raise SpecError(
+            key,
+            f"must be a mapping of parameter name to definition, but got {short(raw)}.",
+            "write e.g. space: {lr: {low: 1.0e-4, high: 1.0e-2}}.",
+        )
     kind_of = kind_of or (lambda name: None)
     dims = [parse_dim(str(name), body, f"{key}.{name}", kind_of(str(name))) for name, body in raw.items()]
     _check_conditions(dims, key)
@@ -35,7 +39,11 @@ def parse_space(
 def parse_dim(name: str, body: Any, key: str, own_kind: str | None = None) -> Dim:
     """One dimension from its YAML body (``own_kind``: the parameter's type, see parse_space)."""
     if not name or name != name.strip():
-        raise SpecError(key, f"parameter name must be non-empty without spaces, but got {name!r}.")
+        raise SpecError(
+            key,
+            f"parameter name must be non-empty without spaces, but got {name!r}.",
+            "write the name without surrounding spaces, e.g. lr.",
+        )
     if own_kind == "bool":  # nesterov: no (YAML 1.2 reads the word as a string)
         body = bool_words(body)
     if isinstance(body, _SCALAR):
@@ -45,19 +53,46 @@ def parse_dim(name: str, body: Any, key: str, own_kind: str | None = None) -> Di
             key, f"a bare list is ambiguous, got {short(body)}.", f"write {{choices: {short(body)}}}."
         )
     if not isinstance(body, dict):
-        raise SpecError(key, f"must be a value or a mapping, but got {short(body)}.")
+        raise SpecError(
+            key,
+            f"must be a value or a mapping, but got {short(body)}.",
+            "write a fixed value, or {low: ..., high: ...} or {choices: [...]}.",
+        )
     extra = set(body) - _KEYS
     if extra:
         raise unknown_name(f"{key}.{sorted(extra)[0]}", sorted(extra)[0], _KEYS, "key", is_key=True)
+    _check_one_form(body, key)
     when = _parse_when(body.get("when"), f"{key}.when")
     kind = _kind(body, key, own_kind)
     if kind == "fixed":
         if "value" not in body:
             raise SpecError(key, "type fixed needs a value.", "add value: X.")
-        return Dim(name, "fixed", value=_scalar(body["value"], f"{key}.value"), when=when)
+        value = _scalar(body["value"], f"{key}.value", "write one plain value, e.g. value: 0.01.")
+        return Dim(name, "fixed", value=value, when=when)
     if kind == "categorical":
         return Dim(name, "categorical", choices=_choices(body.get("choices"), f"{key}.choices"), when=when)
     return _numeric(name, kind, body, key, when)
+
+
+# The three forms of a definition (besides type and when): a parameter takes exactly one.
+_FORMS = {"value": ("value",), "choices": ("choices",), "low/high": ("low", "high", "step", "log")}
+
+
+def _check_one_form(body: dict[str, Any], key: str) -> None:
+    """``{low: 0.001, high: 0.01, value: 0.5}`` was fixed at 0.5 (outside its range) without a word:
+    one of the forms won silently; a definition mixing them is refused."""
+    given = {form: [f for f in fields if f in body] for form, fields in _FORMS.items()}
+    given = {form: fields for form, fields in given.items() if fields}
+    if len(given) < 2:
+        return
+    named = [", ".join(fields) for fields in given.values()]
+    raise SpecError(
+        key,
+        "a parameter must have exactly one form (value fixes it; choices or low/high search it), "
+        f"but got {' and '.join(named)}.",
+        f"keep one form: remove {' or remove '.join(named)} (--set {key}=X replaces the whole "
+        "definition with the fixed value X).",
+    )
 
 
 def _kind(body: dict[str, Any], key: str, own_kind: str | None = None) -> str:
@@ -135,9 +170,9 @@ def _numeric(name: str, kind: str, body: dict[str, Any], key: str, when: dict) -
     return Dim(name, kind, low=low, high=high, log=log, step=step, when=when)
 
 
-def _scalar(value: Any, key: str) -> Any:
+def _scalar(value: Any, key: str, fix: str) -> Any:
     if not isinstance(value, _SCALAR):
-        raise SpecError(key, f"must be a number, string, boolean or null, but got {short(value)}.")
+        raise SpecError(key, f"must be a number, string, boolean or null, but got {short(value)}.", fix)
     return value
 
 
@@ -147,7 +182,7 @@ def _choices(raw: Any, key: str) -> tuple[Any, ...]:
             key, f"choices must be a non-empty list, but got {short(raw)}.", "list at least one value."
         )
     for i, item in enumerate(raw):
-        _scalar(item, f"{key}[{i}]")
+        _scalar(item, f"{key}[{i}]", "list plain values, e.g. choices: [sgd, adamw] (no nested lists).")
     seen: list[Any] = []
     for item in raw:
         if one_of(item, seen):
@@ -171,8 +206,13 @@ def _parse_when(raw: Any, key: str) -> dict[str, tuple[Any, ...]]:
     for name, values in raw.items():
         values = values if isinstance(values, list) else [values]
         if not values:
-            raise SpecError(f"{key}.{name}", "lists no value, so the parameter could never be active.")
-        out[str(name)] = tuple(_scalar(v, f"{key}.{name}") for v in values)
+            raise SpecError(
+                f"{key}.{name}",
+                "lists no value, so the parameter could never be active.",
+                f"list the value(s) of {name} it acts under, e.g. {name}: [a, b], or drop {name} from when.",
+            )
+        fix = f"list plain values, e.g. {name}: [a, b]."
+        out[str(name)] = tuple(_scalar(v, f"{key}.{name}", fix) for v in values)
     return out
 
 
@@ -182,7 +222,11 @@ def _check_conditions(dims: list[Dim], key: str) -> None:
         for name, allowed in dim.when.items():
             where = f"{key}.{dim.name}.when.{name}"
             if name == dim.name:
-                raise SpecError(where, "a parameter cannot depend on itself.")
+                raise SpecError(
+                    where,
+                    "a parameter cannot depend on itself.",
+                    f"drop {name} from its own when (a when names other parameters).",
+                )
             if name not in by_name:
                 raise unknown_name(where, name, by_name, "parameter in when")
             other = by_name[name]

@@ -1,7 +1,10 @@
 """Search-space rules a user writing a spec meets: a step that divides the range, choices distinct
-by value, boolean words, and the one-line errors' fixes and did-you-means."""
+by value, boolean words, one form per parameter, and the one-line errors' fixes and did-you-means
+(the command line's own included)."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 
@@ -21,11 +24,22 @@ from tests.test_spec import ROOT, spec_dict
         ({"choices": [1, 2, 1.0]}, "space.p.choices", "1.0 appears twice"),
         ({"type": "int", "low": 1.5, "high": 4}, "space.p.low", "or type: float"),
         ({"low": "abc", "high": 4}, "space.p.low", "write a number"),
+        ({"choices": [["sgd"]]}, "space.p.choices[0]", "list plain values"),
+        ({"value": [1]}, "space.p.value", "write one plain value"),
+        ({"low": 0.1, "high": 0.2, "when": {"p": 0.1}}, "space.p.when.p", "drop p from its own when"),
+        ({"low": 0.1, "high": 0.2, "when": {"q": []}}, "space.p.when.q", "drop q from when"),
+        ({"low": 0.1, "high": 0.2, "when": {"q": [[1]]}}, "space.p.when.q", "list plain values"),
+        # one form per parameter: value won over low/high (0.5, outside the range) and over choices
+        ({"low": 0.001, "high": 0.01, "value": 0.5}, "space.p", "but got value and low, high."),
+        ({"choices": ["sgd", "adamw"], "value": "rmsprop"}, "space.p", "but got value and choices."),
+        ({"choices": [1, 2], "low": 1, "high": 2}, "space.p", "keep one form: remove choices or"),
+        ({"value": 1, "step": 1}, "space.p", "exactly one form"),
+        ("x", "space", "write e.g. space:"),  # the space itself is not a mapping
     ],
 )
 def test_space_entries_refused_with_a_fix(body, key, words):
     with pytest.raises(SpecError) as err:
-        parse_space({"p": body})
+        parse_space({"p": body} if key != "space" else body)
     assert err.value.key == key and words in str(err.value) and err.value.fix
 
 
@@ -119,6 +133,35 @@ def test_a_field_of_a_fixed_parameter_is_refused_as_such():
     assert (dims["warmup_epochs"].value, dims["warmup_epochs"].when) == (0.3, {"optimizer": ("sgd",)})
 
 
+@pytest.mark.parametrize(
+    ("sets", "name", "expected"),
+    [  # README: --set space.lr=X fixes a range (keeping its when); space.lr.low=X edits one field
+        (["space.lr=0.01"], "lr", {"type": "fixed", "value": 0.01}),
+        (["space.lr.value=0.02"], "lr", {"type": "fixed", "value": 0.02}),  # fixes it, no mixed form
+        (["space.lr.low=0.001"], "lr", {"type": "float", "low": 0.001, "high": 0.03, "log": True}),
+        (["space.momentum=0.9"], "momentum", {"type": "fixed", "value": 0.9, "when": {"optimizer": ["sgd"]}}),
+        (
+            ["space.momentum.value=0.9"],
+            "momentum",
+            {"type": "fixed", "value": 0.9, "when": {"optimizer": ["sgd"]}},
+        ),
+        (
+            ["space.momentum=0.9", "space.momentum.low=0.1"],
+            "momentum",
+            "is a fixed value (0.9), which has no low",
+        ),
+        (["space.lr={low: 0.001, high: 0.01, value: 0.5}"], "lr", "but got value and low, high."),
+    ],
+)
+def test_set_fixes_edits_or_refuses_a_parameter(sets, name, expected):
+    if isinstance(expected, str):
+        with pytest.raises(SpecError, match=re.escape(expected)) as err:
+            load_spec(ROOT / "spaces/det.yaml", sets)
+        assert err.value.fix
+        return
+    assert load_spec(ROOT / "spaces/det.yaml", sets).search_space.by_name[name].describe() == expected
+
+
 @pytest.mark.parametrize(("value", "refused"), [("99", True), ("{low: 1, high: 9}", True), ("5", False)])
 def test_trainable_k_at_most_the_backbones_stages(value, refused):
     """lraspp's MobileNetV3 has 5 stages: trainable_k 99 trained all 5 and validate said ok."""
@@ -192,3 +235,40 @@ def test_branches_keep_a_fixed_parent_and_force_only_values_it_can_take():
     configs = space.branch_configs()
     assert {c["optimizer"] for c in configs} == {"sgd", "adamw"}
     assert {c.get("nesterov") for c in configs} >= {True, False}
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [  # argparse printed its usage and the error: 2 to 4 lines
+        (
+            ["validate", "--quik", "s.yaml"],
+            "error: validate: unrecognized arguments: --quik. Did you mean '--quick'? "
+            "Fix: see python -m search validate --help.",
+        ),
+        (
+            ["launch", "s.yaml", "--keep-top", "abc"],
+            "error: launch: argument --keep-top: invalid int value: 'abc'. "
+            "Fix: see python -m search launch --help.",
+        ),
+        (["frob"], "error: unknown command 'frob'. Fix: use one of: validate, trial, launch, status,"),
+        (["bst"], "error: unknown command 'bst'. Did you mean 'best'? Fix: use one of: validate,"),
+        ([], "error: the following arguments are required: COMMAND. Fix: see python -m search --help."),
+        (["status", "x", "--output-dir"], "error: status: argument --output-dir: expected one argument."),
+    ],
+)
+def test_command_line_errors_are_one_line(capsys, argv, line):
+    from search import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and err.startswith(line), err
+
+
+def test_help_is_argparses_own(capsys):
+    from search import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["launch", "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and out.startswith("usage: search launch [-h]") and "--keep-top K" in out

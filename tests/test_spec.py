@@ -378,20 +378,22 @@ def test_invalid_cases_are_distinct_breakages_of_a_valid_spec():
     assert len(sections) >= 8, sorted(sections)
 
 
-def test_invalid_yaml_and_missing_file(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("name: [unclosed\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "search", "validate", str(bad)], capture_output=True, text=True, cwd=ROOT
-    )
-    assert proc.returncode == 2 and "at line" in proc.stderr and len(proc.stderr.splitlines()) == 1
-    proc = subprocess.run(
-        [sys.executable, "-m", "search", "validate", str(tmp_path / "nope.yaml")],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 2 and "does not exist" in proc.stderr
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("name: [unclosed\n", "is not valid YAML at line 2"),
+        (None, "does not exist"),
+        ("b: &b {seed: 3}\ntrain:\n  <<: *b\n", "train: uses a YAML merge key (<<) at line 3"),
+        ("train: {<<: {seed: 3}, epochs: 2}\n", "Fix: write the keys out"),
+    ],
+)
+def test_unreadable_spec_file_is_one_line(tmp_path, text, words):  # << : YAML 1.1 only, refused
+    path = tmp_path / "spec.yaml"
+    if text is not None:
+        path.write_text(text)
+    cmd = [sys.executable, "-m", "search", "validate", str(path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and words in proc.stderr, proc.stderr
 
 
 def test_bad_set_override(tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from search.errors import SpecError
 from search.spec import load_spec
 from search.spec.load import from_cwd
 
@@ -109,3 +110,23 @@ def test_from_cwd_touches_only_path_keys_and_files(tmp_path, monkeypatch, key, v
     elif isinstance(expected, str):
         expected = expected.format(cwd=tmp_path)
     assert out == expected
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "words", "fix"),
+    [  # said "input is not a valid path for <class 'pathlib.Path'>, but got None." without a fix
+        ("output_dir=null", "output_dir", "must be a path, but got null.", "write a path"),
+        ("data.train.images=null", "data.train.images", "must be a path, but got null.", "write a path"),
+        # said "does not exist" of a path that exists but is the other kind
+        ("data.train.images={ann}", "data.train.images", "is a file, but a folder of images", "folder"),
+        ("data.val.annotations={bccd}", "data.val.annotations", "is a folder, but a COCO JSON", "JSON"),
+        ("model.weights={bccd}", "model.weights", "is a folder, but a weights file is needed", "inside"),
+        ("data.val.images={bccd}/none", "data.val.images", "does not exist", "folder"),
+    ],
+)
+def test_a_bad_path_says_what_it_is_and_the_fix(spec_file, override, key, words, fix):
+    ann = BCCD / ANN.removeprefix("data/bccd/") / "instances_train.json"
+    with pytest.raises(SpecError) as err:
+        load_spec(spec_file, [override.format(bccd=BCCD, ann=ann)])
+    assert err.value.key == key and words in err.value.message and fix in err.value.fix, str(err.value)
+    assert "<class" not in str(err.value)

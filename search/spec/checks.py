@@ -340,29 +340,42 @@ def _check_reference(spec: Spec) -> None:
 
 
 def _check_files(spec: Spec) -> None:
+    """The data paths and a weights file exist and are of the right kind (a file given as the image
+    folder said "does not exist" though it exists)."""
     for split_name in ("train", "val"):
         split = getattr(spec.data, split_name)
         if not split.images.is_dir():
             raise SpecError(
                 f"data.{split_name}.images",
-                f"image folder {str(split.images)!r} does not exist.",
+                f"image folder {str(split.images)!r} {_kind_text(split.images, 'a folder of images')}",
                 "point it at the folder that file_name entries are relative to.",
             )
         if not split.annotations.is_file():
             raise SpecError(
                 f"data.{split_name}.annotations",
-                f"annotation file {str(split.annotations)!r} does not exist.",
+                f"annotation file {str(split.annotations)!r} "
+                f"{_kind_text(split.annotations, 'a COCO JSON file')}",
                 "point it at a COCO JSON file.",
             )
     for attr in ("weights", "weights_backbone"):
         value = getattr(spec.model, attr)
         resolved_later = is_registry_uri(value)  # by the preflight (search.registry)
         if value and not resolved_later and not ENUM_NAME.fullmatch(value) and not Path(value).is_file():
+            inside = " (the weights file inside that folder)" if Path(value).is_dir() else ""
             raise SpecError(
                 f"model.{attr}",
-                f"weights file {value!r} does not exist.",
-                "use a torchvision enum name (e.g. DEFAULT), an existing file, or none.",
+                f"weights file {value!r} {_kind_text(Path(value), 'a weights file')}",
+                f"use a torchvision enum name (e.g. DEFAULT), an existing file{inside}, or none.",
             )
+
+
+def _kind_text(path: Path, needed: str) -> str:
+    """Why ``path`` is not the ``needed`` kind: it does not exist, or it is the other kind."""
+    if path.is_dir():
+        return f"is a folder, but {needed} is needed."
+    if path.exists():
+        return f"is {'a file' if path.is_file() else 'not a regular file'}, but {needed} is needed."
+    return "does not exist."
 
 
 def check_data(spec: Spec) -> None:

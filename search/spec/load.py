@@ -27,6 +27,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         raw = guards.load_yaml(path.read_text(encoding="utf-8"))
     except guards.YamlRefused as exc:
+        if exc.fix:  # e.g. a merge key (<<): the refusal says its own fix
+            raise SpecError(exc.key or "<file>", f"{exc}.", exc.fix, str(path)) from None
         if exc.key:  # a duplicate key: YAML would have kept the last one silently
             raise SpecError(exc.key, f"is {exc}.", "keep one of them.", str(path)) from None
         raise SpecError("<file>", f"is refused: {exc}.", "fix the YAML.", str(path)) from None
@@ -61,7 +63,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         return key, guards.load_yaml(value) if value.strip() else None
     except guards.YamlRefused as exc:
         where = f"--set {key}" + (f" (its {exc.key})" if exc.key else "")
-        raise SpecError(where, f"value is refused: {exc}.", "give a plain value.") from None
+        raise SpecError(where, f"value is refused: {exc}.", exc.fix or "give a plain value.") from None
     except yaml.YAMLError:
         raise SpecError(f"--set {key}", f"value {value!r} is not valid YAML.", "quote it.") from None
 
@@ -69,26 +71,35 @@ def parse_override(text: str) -> tuple[str, Any]:
 def apply_override(raw: dict[str, Any], key: str, value: Any) -> None:
     """Set a dotted ``key`` in the raw mapping. Under ``space.`` the longest existing (or the
     whole) parameter name wins: ``space.loss.box=giou`` fixes ``loss.box``, while
-    ``space.lr.low=0.001`` edits ``lr``'s bound."""
+    ``space.lr.low=0.001`` edits ``lr``'s bound (``space.lr.value=X`` fixes it, as ``space.lr=X``)."""
     parts = key.split(".")
     if parts[0] == "space" and len(parts) > 1:
         space = raw.get("space") if isinstance(raw.get("space"), dict) else {}
         raw["space"] = space
         rest = parts[1:]
         for cut in range(len(rest), 0, -1):
-            name = ".".join(rest[:cut])
-            if name in space and cut < len(rest) and isinstance(space[name], dict):
-                _set_path(space[name], rest[cut:], value, f"space.{name}")
+            name, field = ".".join(rest[:cut]), rest[cut:]
+            if name not in space or not field:
+                continue
+            node = space[name]
+            if field == ["value"]:  # fixes it, as space.lr=X does (not a value beside low/high)
+                when = node.get("when") if isinstance(node, dict) else None
+                space[name] = value if when is None else {"value": value, "when": when}
                 return
-            if name in space and cut == len(rest) - 1 and rest[cut] in ("value", "when"):  # a plain constant
-                space[name] = value if rest[cut] == "value" else {"value": space[name], "when": value}
+            if field == ["when"] and not isinstance(node, dict):  # a plain constant
+                space[name] = {"value": node, "when": value}
                 return
-            if name in space and cut == len(rest) - 1 and rest[cut] in _DIM_FIELDS:
+            fixed = not isinstance(node, dict) or "value" in node
+            if fixed and len(field) == 1 and field[0] in _DIM_FIELDS:
+                shown = node.get("value") if isinstance(node, dict) else node
                 raise SpecError(
                     f"--set {key}",
-                    f"space.{name} is a fixed value ({short(space[name])}), which has no {rest[cut]}.",
+                    f"space.{name} is a fixed value ({short(shown)}), which has no {field[0]}.",
                     f"set the whole parameter, e.g. --set 'space.{name}={{low: ..., high: ...}}'.",
                 )
+            if isinstance(node, dict):
+                _set_path(node, field, value, f"space.{name}")
+                return
         name = ".".join(rest)
         old = space.get(name)
         keeps_when = isinstance(old, dict) and "when" in old and not isinstance(value, dict)
@@ -241,7 +252,10 @@ _FIX = {
     "int_type": "write a whole number.",
     "float_type": "write a number.",
     "bool_type": "write true or false.",
+    "path_type": "write a path, e.g. runs or data/images (quote it if YAML reads it as a number).",
 }
+# pydantic's own wording where it names Python types, as the spec's reader words it
+_MSG = {"path_type": "must be a path"}
 
 
 def _from_pydantic(exc: ValidationError) -> SpecError:
@@ -261,13 +275,14 @@ def _from_pydantic(exc: ValidationError) -> SpecError:
         )
     if kind == "missing":
         return SpecError(key, "is required but missing.", _FIX["missing"])
-    msg, _, fix = err["msg"].removeprefix("Value error, ").partition(FIX)
+    msg, _, fix = _MSG.get(kind, err["msg"]).removeprefix("Value error, ").partition(FIX)
     msg = msg[0].lower() + msg[1:] if msg else msg
     fix = fix or _FIX.get(kind)
     if kind == "string_type" and isinstance(value, (bool, int, float)):
         what = "true/false" if isinstance(value, bool) else "a number"
         fix = f"quote it as written ({loc[-1]}: '...'; in --set: {key}=\"'...'\"): YAML reads it as {what}."
-    return SpecError(key, f"{msg}, but got {short(value)}." if "but got" not in msg else msg + ".", fix)
+    got = "null" if value is None else short(value)  # YAML's word for None
+    return SpecError(key, f"{msg}, but got {got}." if "but got" not in msg else msg + ".", fix)
 
 
 def _param_kind(name: str) -> str | None:
