@@ -363,6 +363,8 @@ def build_bundle(
     not exist or be empty; written whole or not at all); returns the model.yaml content.
     ``key_env``: encrypt the weights under the secret in this environment variable."""
     out_dir = Path(out_dir)
+    if out_dir.is_symlink():  # a link to a folder: the bundle goes there (replacing the link's
+        out_dir = out_dir.resolve()  # target, not the link, by the rename below)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise BundleError(f"--out {out_dir} exists and is not empty: choose a new folder")
     model, ckpt, info = trial_model(cfg, Path(ckpt_path), len(class_names) + 1)

@@ -130,9 +130,26 @@ def verify(folder: str | Path, required: tuple[str, ...] = ("model.yaml",)) -> d
 def read_meta(folder: str | Path) -> dict[str, Any]:
     import yaml
 
-    meta = yaml.safe_load((Path(folder) / "model.yaml").read_text(encoding="utf-8"))
+    try:
+        meta = yaml.safe_load((Path(folder) / "model.yaml").read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{folder}/model.yaml is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{folder}/model.yaml is not a {FORMAT} file")
+    pre = meta.get("preprocessing")
+    fields = {
+        "arch": isinstance(meta.get("arch"), str),
+        "task": meta.get("task") in ("detection", "instance_segmentation", "semantic_segmentation"),
+        "num_classes": isinstance(meta.get("num_classes"), int) and meta["num_classes"] >= 2,
+        "class_names": isinstance(meta.get("class_names"), list),
+        "preprocessing.image_size": isinstance(pre, dict)
+        and isinstance(pre.get("image_size"), int)
+        and pre["image_size"] > 0,
+        "preprocessing.resize": isinstance(pre, dict) and pre.get("resize") in ("square", "long_side"),
+    }
+    bad = [k for k, ok in fields.items() if not ok]
+    if bad:
+        raise ValueError(f"{folder}/model.yaml: {bad[0]} is missing or invalid: export the bundle again")
     return meta
 
 
@@ -207,11 +224,13 @@ def load_bundle(
     import torch
 
     folder = Path(folder)
+    listed = verify(folder) if check else None  # model.yaml matches its sha256 before it is parsed
     meta = read_meta(folder)
     weights_file = _plain_name(str(meta.get("weights_file", "weights.pt")), "model.yaml weights_file")
-    if check:
-        verify(folder, ("model.yaml", weights_file))
-        meta = read_meta(folder)  # as verified
+    if listed is not None and weights_file not in listed:
+        raise ValueError(
+            f"bundle file {folder / weights_file} has no sha256 in SHA256SUMS: refusing to load it"
+        )
     model = build(meta)
     data = weights_bytes(folder, meta, weights_file, key_env)
     state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -269,6 +288,9 @@ def preprocess(image: Any, meta: dict[str, Any]) -> Any:
     size = int(pre["image_size"])
     if pre["resize"] == "square":
         return F.resize(image, [size, size], antialias=True)
+    h, w = image.shape[-2:]
+    if min(h, w) * size < max(h, w):  # the short side would be 0 px (e.g. 5000 x 1): keep 1
+        return F.resize(image, [size, 1] if h > w else [1, size], antialias=True)
     return F.resize(image, size=None, max_size=size, antialias=True)
 
 

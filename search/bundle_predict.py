@@ -4,6 +4,9 @@ annotated images and mask PNGs."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +61,20 @@ def _check_out(out_dir: Path | None) -> list[Path]:
 
 
 def _check_images(images: list[Path]) -> None:
-    """Every file is an image PIL can identify (its header only), before the model loads."""
+    """Every file is an image PIL can identify (its header only) of at most the project's pixel
+    limit, before the model loads."""
     from PIL import Image, UnidentifiedImageError
+
+    from trainables.coco import DatasetError, check_pixels
 
     for path in images:
         try:
-            with Image.open(path):
-                pass
+            with Image.open(path) as img:
+                check_pixels(*img.size, str(path))
+        except DatasetError as exc:
+            raise BundleError(str(exc)) from None
+        except Image.DecompressionBombError as exc:
+            raise BundleError(f"{path}: {exc}") from None
         except (UnidentifiedImageError, OSError) as exc:
             raise BundleError(
                 f"{path} is not an image this tool can read ({type(exc).__name__}); pass PNG, JPEG, TIFF "
@@ -118,54 +128,107 @@ def predict_files(
         model, meta = load_bundle(bundle_dir, device=device, key_env=key_env)
     except ValueError as exc:
         raise BundleError(str(exc)) from None
-    if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        for old in replaced:  # an earlier predict's images: what stays is what predictions.json lists
-            old.unlink(missing_ok=True)
-    results = []
-    for i, path in enumerate(images):
-        r = bundle_load.predict(model, meta, path, min_score=min_score)
-        entry = {k: r[k] for k in ("image", "width", "height", "input_size")}
-        stem = (
-            f"{i:03d}_{Path(path).stem}"
-            if len({Path(p).stem for p in images}) < len(images)
-            else Path(path).stem
-        )
-        if meta["task"] == "semantic_segmentation":
-            mask = r["mask"]
-            counts = mask.flatten().bincount(minlength=meta["num_classes"]).tolist()
-            names = ["background", *meta["class_names"]]
-            entry["pixels"] = {
-                names[k] if k < len(names) else str(k): int(c) for k, c in enumerate(counts) if c
-            }
-            if out_dir is not None:
-                entry["mask"] = str(_save_class_map(mask, Path(out_dir) / f"{stem}.mask.png"))
-                entry["annotated"] = str(
-                    _annotate_semantic(path, mask, Path(out_dir) / f"{stem}.annotated.png")
-                )
-        else:
-            entry["detections"] = r["detections"]
-            if out_dir is not None:
-                masks = r.get("masks")
-                if masks is not None:
-                    entry["masks"] = [
-                        str(_save_binary(m, Path(out_dir) / f"{stem}.mask{k}.png"))
-                        for k, m in enumerate(masks)
-                    ]
-                entry["annotated"] = str(
-                    _annotate(path, r["detections"], masks, Path(out_dir) / f"{stem}.annotated.png")
-                )
-        results.append(entry)
-    out = {
+    stems = _stems(images)
+    if out_dir is None:
+        results = [
+            _predict_one(model, meta, path, stem, min_score, None)
+            for path, stem in zip(images, stems, strict=True)
+        ]
+        return _summary(bundle_dir, meta, min_score, results)
+    out_dir = Path(out_dir)
+    _check_free(out_dir, [f"{stem}.annotated.png" for stem in stems], replaced)  # before the work
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".predict-", dir=out_dir))
+    try:
+        outputs = (stage, out_dir)
+        results = [
+            _predict_one(model, meta, p, stem, min_score, outputs)
+            for p, stem in zip(images, stems, strict=True)
+        ]
+        out = _summary(bundle_dir, meta, min_score, results)
+        (stage / PREDICTIONS).write_text(json.dumps(out, indent=1))
+        _commit(stage, out_dir, replaced)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
+    return out
+
+
+def _stems(images: list[Path]) -> list[str]:
+    """Output file stems: the image's, numbered when two images share a stem."""
+    unique = len({Path(p).stem for p in images}) == len(images)
+    return [Path(p).stem if unique else f"{i:03d}_{Path(p).stem}" for i, p in enumerate(images)]
+
+
+def _summary(bundle_dir: Path, meta: dict[str, Any], min_score: float, results: list) -> dict[str, Any]:
+    return {
         "bundle": str(bundle_dir.resolve()),
         "task": meta["task"],
         "arch": meta["arch"],
         "min_score": min_score,
         "images": results,
     }
-    if out_dir is not None:
-        (Path(out_dir) / PREDICTIONS).write_text(json.dumps(out, indent=1))
-    return out
+
+
+def _predict_one(
+    model: Any, meta: dict[str, Any], path: Path, stem: str, min_score: float, outputs: tuple | None
+) -> dict[str, Any]:
+    """One image's entry; with ``outputs = (stage, out_dir)`` its PNGs are written to ``stage`` and
+    the entry names them as they will be in ``out_dir``."""
+    try:
+        r = bundle_load.predict(model, meta, path, min_score=min_score)
+    except (OSError, SyntaxError) as exc:  # PIL: a truncated or corrupt image body
+        raise BundleError(f"{path}: cannot decode the image ({type(exc).__name__}: {exc})") from None
+    entry = {k: r[k] for k in ("image", "width", "height", "input_size")}
+
+    def write(name: str, save: Any, *args: Any) -> str:
+        save(*args, outputs[0] / name)
+        return str(outputs[1] / name)
+
+    if meta["task"] == "semantic_segmentation":
+        mask = r["mask"]
+        counts = mask.flatten().bincount(minlength=meta["num_classes"]).tolist()
+        names = ["background", *meta["class_names"]]
+        entry["pixels"] = {names[k] if k < len(names) else str(k): int(c) for k, c in enumerate(counts) if c}
+        if outputs is not None:
+            entry["mask"] = write(f"{stem}.mask.png", _save_class_map, mask)
+            entry["annotated"] = write(f"{stem}.annotated.png", _annotate_semantic, path, mask)
+        return entry
+    entry["detections"] = r["detections"]
+    if outputs is not None:
+        masks = r.get("masks")
+        if masks is not None:
+            entry["masks"] = [write(f"{stem}.mask{k}.png", _save_binary, m) for k, m in enumerate(masks)]
+        entry["annotated"] = write(f"{stem}.annotated.png", _annotate, path, r["detections"], masks)
+    return entry
+
+
+def _check_free(out_dir: Path, names: list[str], replaced: list[Path]) -> None:
+    """No output name is taken in ``out_dir`` by something other than an earlier predict's output."""
+    ours = {p.name for p in replaced} | {PREDICTIONS}
+    foreign = [n for n in names if n not in ours and os.path.lexists(out_dir / n)]
+    if foreign:
+        raise BundleError(
+            f"--out {out_dir}: {foreign[0]} is there and is not listed in its {PREDICTIONS} (not an "
+            "earlier predict's output): move it away or choose a new folder"
+        )
+
+
+def _commit(stage: Path, out_dir: Path, replaced: list[Path]) -> None:
+    """Move the staged outputs into ``out_dir``: refuse (before moving anything) a name that is
+    there and is not an earlier predict's output (a user's file, or a link that could point
+    anywhere), then drop the earlier predict's outputs and move ours in (a rename replaces a link
+    itself, never what it points at)."""
+    names = sorted(p.name for p in stage.iterdir())
+    _check_free(out_dir, names, replaced)
+    for old in replaced:  # an earlier predict's images: what stays is what predictions.json lists
+        old.unlink(missing_ok=True)
+    for name in names:
+        os.replace(stage / name, out_dir / name)
 
 
 def _save_binary(mask: Any, path: Path) -> Path:

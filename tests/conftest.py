@@ -66,3 +66,6 @@ def shared_file(relative: str) -> Path:
 def mobilenet_v2_file() -> Path:
     """The shared ImageNet MobileNetV2 weights (``torchvision`` ``MobileNet_V2_Weights.IMAGENET1K_V1``)."""
     return shared_file(MOBILENET_V2)
+
+
+from tests.cli_study import cli_bundle, cli_study  # noqa: E402,F401  (session fixtures)

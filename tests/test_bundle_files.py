@@ -1,0 +1,102 @@
+"""``export`` and ``predict`` against what a user's folders and files may hold: predict's ``--out``
+writes only its own outputs (never through a link, never over a file an earlier predict did not
+list), an image it cannot decode or that is too large is bad input that leaves ``--out`` as it
+was, a bundle's model.yaml is checked against its sha256 before it is parsed, and export's
+``--out`` may be a link to an empty folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import yaml
+from PIL import Image
+
+from tests.cli_study import NAME, ok_json, one_error_line, search
+
+
+def _predict(bundle, *args, cwd, **env):
+    return search("predict", str(bundle[0]), *map(str, args), cwd=cwd, **env)
+
+
+def test_out_never_writes_through_a_link_or_over_a_file_it_did_not_list(cli_study, cli_bundle, tmp_path):
+    image, root = cli_study["images"][0], cli_study["root"]
+    dest = tmp_path / "pred"
+    assert _predict(cli_bundle, image, "--out", dest, cwd=root).returncode == 0
+    before = (dest / "predictions.json").read_bytes()
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"the user's")
+    other = cli_study["images"][1]
+    (dest / f"{other.stem}.annotated.png").symlink_to(victim)  # not listed in predictions.json
+    one_error_line(_predict(cli_bundle, other, "--out", dest, cwd=root), other.stem, "not listed")
+    assert victim.read_bytes() == b"the user's" and (dest / f"{other.stem}.annotated.png").is_symlink()
+    assert (dest / "predictions.json").read_bytes() == before
+    (dest / f"{other.stem}.annotated.png").unlink()
+    (dest / f"{other.stem}.annotated.png").write_bytes(b"mine")  # a plain file of the user's
+    one_error_line(_predict(cli_bundle, other, "--out", dest, cwd=root), other.stem, "not listed")
+    assert (dest / f"{other.stem}.annotated.png").read_bytes() == b"mine"
+    listed = dest / f"{image.stem}.annotated.png"
+    listed.unlink()
+    listed.symlink_to(victim)  # a name the earlier predict listed, now a link: the link is replaced
+    assert _predict(cli_bundle, image, "--out", dest, cwd=root).returncode == 0
+    assert victim.read_bytes() == b"the user's" and not listed.is_symlink()
+    assert sorted(p.name for p in dest.iterdir() if p.name.startswith(".")) == []  # no staging left
+
+
+def test_an_undecodable_or_too_large_image_is_bad_input_and_out_stays(cli_study, cli_bundle, tmp_path):
+    image, root = cli_study["images"][0], cli_study["root"]
+    dest = tmp_path / "pred"
+    assert _predict(cli_bundle, image, "--out", dest, cwd=root).returncode == 0
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(image.read_bytes()[:-40])
+    proc = _predict(cli_bundle, image, truncated, "--out", dest, cwd=root)
+    one_error_line(proc, str(truncated), "cannot decode")
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+    one_error_line(_predict(cli_bundle, truncated, "--out", tmp_path / "new", cwd=root), "cannot decode")
+    assert not (tmp_path / "new").exists()
+    proc = _predict(cli_bundle, image, cwd=root, SEARCH_MAX_PIXELS="100")
+    one_error_line(proc, str(image), "exceeds the limit of 100", "SEARCH_MAX_PIXELS")
+
+
+def test_a_one_pixel_wide_image_predicts(cli_study, cli_bundle, tmp_path):
+    """The long side resized to the bundle's size made the short side 0 px (exit 1, torch error)."""
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (1, 900), (120, 30, 60)).save(thin)
+    pred = ok_json(_predict(cli_bundle, thin, "--json", cwd=cli_study["root"]))
+    entry = pred["images"][0]
+    assert (entry["width"], entry["height"]) == (1, 900) and min(entry["input_size"]) == 1
+
+
+def test_model_yaml_is_checked_before_it_is_parsed(cli_study, cli_bundle, tmp_path):
+    image, root = cli_study["images"][0], cli_study["root"]
+    broken = tmp_path / "broken"
+    shutil.copytree(cli_bundle[0], broken)
+    with (broken / "model.yaml").open("a") as f:
+        f.write("bad: [unclosed\n")  # not YAML, and not what SHA256SUMS says
+    one_error_line(search("predict", str(broken), str(image), cwd=root), "model.yaml", "sha256")
+    resummed = tmp_path / "resummed"  # model.yaml without arch, its sum made to match
+    shutil.copytree(cli_bundle[0], resummed)
+    meta = yaml.safe_load((resummed / "model.yaml").read_text())
+    del meta["arch"]
+    (resummed / "model.yaml").write_text(yaml.safe_dump(meta))
+    sums = (resummed / "SHA256SUMS").read_text().splitlines()
+    digest = hashlib.sha256((resummed / "model.yaml").read_bytes()).hexdigest()
+    (resummed / "SHA256SUMS").write_text(
+        "\n".join(f"{digest}  model.yaml" if line.endswith("  model.yaml") else line for line in sums) + "\n"
+    )
+    one_error_line(search("predict", str(resummed), str(image), cwd=root), "model.yaml", "arch")
+    assert json.loads((cli_bundle[0] / "metrics.json").read_text())  # the original is untouched
+
+
+def test_export_into_a_link_to_an_empty_folder(cli_study, tmp_path):
+    """The bundle was built, then the rename over the link failed (exit 1, NotADirectoryError)."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    where = cli_study["where"]
+    proc = search(
+        "export", NAME, *where, "--out", str(tmp_path / "link"), "--no-torchscript", cwd=cli_study["root"]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "empty" / "weights.pt").is_file()
