@@ -43,6 +43,23 @@ def default_uri(output_dir: Path) -> str:
     return f"{SQLITE}{default_db(output_dir)}"
 
 
+def store_moved_here(recorded_uri: str, spec_uri: str, exp_dir: Path) -> bool:
+    """Whether a study folder whose spec names no store (``spec_uri`` is the default) recorded the
+    default store of the folder it ran in, and now lies (moved or copied with its output folder)
+    beside a default store of its own, which is then its store: the default store moves with the
+    output folder."""
+    ran, here = sqlite_file(recorded_uri), default_db(Path(exp_dir).resolve().parent)
+    if ran is None or spec_uri != f"{SQLITE}{here}":
+        return False
+    return ran.name == DB_FILE and ran.resolve() != here and here.is_file()
+
+
+def missing_sqlite(uri: str) -> Path | None:
+    """The file of a SQLite store that is not there (MLflow would create an empty one), or None."""
+    path = sqlite_file(uri)
+    return path if path is not None and not path.is_file() else None
+
+
 def experiment_name(spec: Any) -> str:
     return getattr(getattr(spec, "tracking", None), "experiment", None) or spec.name
 

@@ -167,6 +167,8 @@ def provenance(exp_dir: Path, trial: dict[str, Any], spec: Any = None) -> dict[s
     if parent:
         try:
             uri, _ = write_queue.recorded_store(exp_dir)
+            if mlflow_store.missing_sqlite(uri):  # reading it would create an empty store
+                raise FileNotFoundError(uri)
             tags = mlflow_store.client(uri).get_run(parent).data.tags
             known = {
                 k: tags[k] for k in ("base_weights_sha256", "dataset_fingerprint", "git_commit") if k in tags
@@ -249,6 +251,18 @@ def check_registry_names(model: str, alias: str) -> None:
         )
 
 
+def _registry_store(exp_dir: Path) -> tuple[str, Any]:
+    """The study's store and its client; a SQLite store that is not there is refused (MLflow
+    would create an empty one, without the study's runs)."""
+    uri, _ = write_queue.recorded_store(exp_dir)
+    if gone := mlflow_store.missing_sqlite(uri):
+        raise SelectError(
+            f"the study's MLflow store {gone} is not there (its runs are in it): move the study back "
+            f"with its output folder, or copy {mlflow_store.DB_FILE} beside the study folder"
+        )
+    return uri, mlflow_store.client(uri)
+
+
 def promote(
     exp_dir: Path,
     model: str,
@@ -289,8 +303,7 @@ def promote(
             f"trial {trial['id']} has no MLflow run in {exp_dir / run_map.RUNS_FILE}: the study was "
             "not recorded in MLflow, so there is no run to register from"
         )
-    uri, _ = write_queue.recorded_store(exp_dir)
-    mlc = mlflow_store.client(uri)
+    uri, mlc = _registry_store(exp_dir)
     tags = lineage(exp_dir, trial)
     if force and not beats:
         tags["forced"] = "true"

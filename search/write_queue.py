@@ -21,7 +21,15 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from search.mlflow_store import client, get_or_create_experiment, redact, short_reason, study_tracking, warmed
+from search.mlflow_store import (
+    client,
+    get_or_create_experiment,
+    redact,
+    short_reason,
+    store_moved_here,
+    study_tracking,
+    warmed,
+)
 from search.run_map import RunMap, read_runs
 from search.study import RAY_KEYS, atomic_write_text, number
 from trainables.testhooks import pause_point
@@ -446,11 +454,13 @@ def _is_transient(exc: BaseException) -> bool:
 
 def recorded_store(exp_dir: Path) -> tuple[str, str]:
     """(tracking URI, experiment) a study's records went to: the run map's (credentials come from
-    the environment), else its ``spec.yaml``'s (:func:`~search.mlflow_store.study_tracking`)."""
+    the environment), else its ``spec.yaml``'s (:func:`~search.mlflow_store.study_tracking`); for
+    a folder moved or copied with its default store, the store beside it."""
     uri, experiment = study_tracking(exp_dir)
     recorded = read_runs(exp_dir)
-    if recorded.get("tracking_uri") and "***@" not in recorded["tracking_uri"]:
-        uri = recorded["tracking_uri"]
+    then = recorded.get("tracking_uri")
+    if then and "***@" not in then and not store_moved_here(then, uri, exp_dir):
+        uri = then
     return uri, recorded.get("experiment") or experiment
 
 
