@@ -150,8 +150,9 @@ def read_study(exp_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+        # NaN/Infinity (never written: json_safe makes them null) read as null, so --json stays JSON
+        state = json.loads(path.read_text(encoding="utf-8"), parse_constant=lambda _: None)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise StudyFileError(
             f"{path} is not a valid study file ({' '.join(str(exc).split())[:120]})."
         ) from None
@@ -160,6 +161,7 @@ def read_study(exp_dir: Path) -> dict[str, Any]:
         raise StudyFileError(
             f"{path} is not a valid study file (not a study.json mapping with 'trials', each a mapping)."
         )
+    _check_trials(trials, path)
     here = Path(exp_dir).resolve()
     for tid, t in trials.items():
         if t.get("state") in _LEGACY:
@@ -168,6 +170,37 @@ def read_study(exp_dir: Path) -> dict[str, Any]:
                 t.setdefault("failure", failure)
         _rebase(t, here, f"trial_{tid}")
     return state
+
+
+# a trial record's fields that the commands read, and their JSON types when not null
+_TRIAL_FIELDS: dict[str, tuple[type, ...]] = {
+    **dict.fromkeys(("index", "epochs", "best_epoch"), (int,)),
+    **dict.fromkeys(("state", "checkpoint", "latest_checkpoint", "trial_dir", "run_id"), (str,)),
+    **dict.fromkeys(("params", "stopped"), (dict,)),
+    **{"best_metric": (int, float), "history": (list,)},
+}
+
+
+def _check_trials(trials: dict[str, Any], path: Path) -> None:
+    """Each trial record names itself (or not at all: its key) and has its fields' types (a
+    hand-edited file made status and best fail with a TypeError or KeyError)."""
+    for tid, t in trials.items():
+        bad = "id" if t.setdefault("id", tid) != tid else None
+        for key, types in _TRIAL_FIELDS.items():
+            value = t.get(key)
+            if (
+                bad is None
+                and value is not None
+                and (isinstance(value, bool) or not isinstance(value, types))
+            ):
+                bad = key
+        if bad is None and any(not isinstance(r, dict) for r in t.get("history") or []):
+            bad = "history"
+        if bad is not None:
+            raise StudyFileError(
+                f"{path} is not a valid study file (trial {str(tid)[:40]!r}: its {bad!r} is "
+                f"{str(t.get(bad))[:40]!r}, not what the launcher writes)."
+            )
 
 
 _PATH_KEYS = ("trial_dir", "checkpoint", "latest_checkpoint")
