@@ -61,6 +61,7 @@ def test_paths_in_the_file_resolve_against_its_folder(spec_file, monkeypatch):
         ("output_dir=mine", "output_dir", "{cwd}/mine"),
         ("output_dir=../elsewhere", "output_dir", "{tmp}/elsewhere"),
         ("output_dir={tmp}/abs", "output_dir", "{tmp}/abs"),
+        ("output_dir=~/home-runs", "output_dir", "{tmp}/home-runs"),  # HOME is {tmp}: a shell's ~
         ("data.val.images=bccd/images", "data.val.images", "{bccd}/images"),
         (
             "data.val={images: bccd/images, annotations: bccd/annotations/instances_val.json}",
@@ -76,6 +77,7 @@ def test_paths_given_with_set_resolve_against_the_current_directory(
     cwd = tmp / "cwd"
     (cwd / "bccd").symlink_to(BCCD, target_is_directory=True)
     monkeypatch.chdir(cwd)
+    monkeypatch.setenv("HOME", str(tmp))
     spec = load_spec(spec_file, [override.replace("{tmp}", str(tmp))])
     value = spec
     for part in attr.split("."):

@@ -188,7 +188,7 @@ def _against(path_key: str, value: str | Path, base: Path) -> str | Path:
         return sqlite_against(str(value), base)
     if path_key.startswith("model.") and not _is_file(str(value)):
         return value
-    path = (base / value).resolve()
+    path = (base / Path(value).expanduser()).resolve()  # ~/runs: the home folder's, as in a shell
     return path if isinstance(value, Path) else str(path)
 
 
