@@ -467,7 +467,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if t.get("background_only"):
             print(f"{'':<42}{S.BACKGROUND_ONLY}")
         if t.get("stopped"):
-            print(f"{'':<42}{stop_text(t['stopped'], metric)}")
+            print(f"{'':<42}{stop_text(t['stopped'], metric, obj.get('mode', 'max'))}")
     best = obj.get("best")
     if best:
         print(

@@ -52,7 +52,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="encrypt the weights (AES-256-GCM) under the secret in the variable named by --key-env",
     )
-    p.add_argument("--key-env", default=None, metavar="NAME", help="environment variable holding the secret")
+    p.add_argument("--key-env", default=None, metavar="VAR", help="environment variable holding the secret")
     p.add_argument("--json", action="store_true", help="print model.yaml's content as JSON")
 
 
@@ -65,11 +65,11 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--min-score", type=float, default=0.3, help="drop detections below this score (default 0.3)"
     )
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps (default cpu)")
     p.add_argument(
         "--key-env",
         default=None,
-        metavar="NAME",
+        metavar="VAR",
         help="environment variable holding an encrypted bundle's secret (default: the one model.yaml names)",
     )
     p.add_argument("--json", action="store_true", help="print the predictions as one JSON object")
@@ -132,7 +132,7 @@ def cmd_best(args: argparse.Namespace) -> int:
         if t.get("background_only"):
             print(f"{'':>17}{S.BACKGROUND_ONLY}")
         if t.get("stopped"):
-            print(f"{'':>17}{S.stop_text(t['stopped'], metric)}")
+            print(f"{'':>17}{S.stop_text(t['stopped'], metric, st.get('mode', 'max'))}")
     return 0
 
 
@@ -158,7 +158,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     print(f"registered {out['model']} version {out['version']} as {out['uri']}{forced}")
     print(
         f"  trial {out['trial']} (run {out['run_id']}): {out['metric']}={S.fmt(out['value'])}, base "
-        f"{S.fmt(out['base_metric'])}, improvement {S.fmt(out['improvement'])}"
+        f"{S.fmt(out['base_metric'])}, improvement {S.fmt(out['improvement'], sign=True)}"
     )
     print(f"  source {out['source']} on {out['tracking_uri']}")
     print(f"  fine-tune from it with  model.weights: {out['uri']}")

@@ -3,7 +3,6 @@ and the end-of-study summary."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,9 @@ def print_summary(summary: dict[str, Any], spec: Spec | None = None) -> None:
     if best:
         delta = ""
         if isinstance(base, (int, float)) and isinstance(best["best_metric"], (int, float)):
-            delta = f" vs base model (epoch 0) {S.fmt(base)} ({S.fmt(best['best_metric'] - base, sign=True)})"
+            value = best["best_metric"]
+            gain = value - base if summary.get("mode", "max") == "max" else base - value  # + = better
+            delta = f" vs base model (epoch 0) {S.fmt(base)} ({S.fmt(gain, sign=True)})"
         print(
             f"best trial: {best['id']} {metric}={S.fmt(best['best_metric'])} at epoch "
             f"{best.get('best_epoch')}{delta}"
@@ -56,7 +57,7 @@ def print_summary(summary: dict[str, Any], spec: Spec | None = None) -> None:
         ref = S.reference_text(summary.get("reference"), metric)
         if ref:
             print(f"  {ref}")
-        print(f"  params: {json.dumps(best.get('params', {}), default=str)}")
+        print(f"  params: {' '.join(f'{k}={S.fmt(v)}' for k, v in best.get('params', {}).items())}")
         print(f"  checkpoint: {best.get('checkpoint')}")
     else:
         print("no trial produced a result.")

@@ -362,7 +362,7 @@ class Progress(Callback):
         if t:
             self._line(t, t["state"].lower())
             if t.get("stopped"):
-                self._print(f"    {S.stop_text(t['stopped'], self.study.metric)}")
+                self._print(f"    {S.stop_text(t['stopped'], self.study.metric, self.study.mode)}")
             self.table()
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

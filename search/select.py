@@ -76,7 +76,9 @@ def improvement(value: float | None, base: float | None, mode: str) -> float | N
 def ranked_trials(exp_dir: Path) -> list[dict[str, Any]]:
     """Trials ranked by best-epoch objective (best first; diverged/errored and unscored left out),
     each a ``status --json`` trial object plus ``epoch`` (= best_epoch), ``run_id`` (None when
-    untracked), ``base_metric`` (the study's, see module docstring) and ``improvement``."""
+    untracked), ``study_base_metric`` (the study's, see module docstring), ``improvement`` over it,
+    ``reference_metric`` and ``vs_reference``; the trial object's own ``base_metric`` stays: its
+    own model's epoch-0 score (a trial that swaps activations starts from another model)."""
     status = S.status_object(exp_dir)
     mode = status.get("mode", "max")
     base = base_metric(status)

@@ -447,20 +447,22 @@ def recipe_text(trial: dict[str, Any]) -> str | None:
     return None
 
 
-def stop_text(record: dict[str, Any], metric: str) -> str:
-    """Why a trial stopped early, in words (the progress line, ``status``)."""
+def stop_text(record: dict[str, Any], metric: str, mode: str = "max") -> str:
+    """Why a trial stopped early, in words (the progress line, ``status``, ``best``); ``mode``: the
+    objective's, so that a minimised metric's trial is said to be above its cut."""
     value, cut = fmt(record.get("value")), fmt(record.get("cut"))
+    below = "below" if mode == "max" else "above"
     where = f"stopped at epoch {record.get('epoch')} with {metric} {value}"
     rule, group = record.get("rule"), record.get("group")
     if rule == "time_budget":
         return f"{where}: the time budget ran out"
     if rule == "collapse":
-        return f"{where}: collapsed, below {cut} (its own start, or half the reference trial's value then)"
+        return f"{where}: collapsed, {below} {cut} (its own start, or half the reference trial's value then)"
     if rule == "extrapolation":
-        return f"{where}: cannot catch up, its best recent gain kept up to the last epoch stays below {cut}"
+        return f"{where}: cannot catch up, its best recent gain kept up to the last epoch stays {below} {cut}"
     if rule == "halving":
         among = "all trials" if group == "all trials" else f"trials of its group ({group})"
-        return f"{where}: below the rung's cut {cut} among {among}"
+        return f"{where}: {below} the rung's cut {cut} among {among}"
     return f"{where}: the {rule} rule" + (f" (cut {cut})" if record.get("cut") is not None else "")
 
 

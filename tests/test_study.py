@@ -244,3 +244,21 @@ def test_an_interrupted_study_records_each_trials_disk_use(tmp_path):
     state.finish("interrupted")
     t = state.state["trials"]["t0"]
     assert t["state"] == S.PAUSED and t["disk_bytes"] >= 1000
+
+
+@pytest.mark.parametrize(("mode", "side", "gain"), [("max", "below", "+0.2000"), ("min", "above", "-0.2000")])
+def test_what_a_minimised_objective_reads(mode, side, gain, capsys):
+    """For objective.mode min a stopped trial is above its cut (the words said below), and the
+    summary's gain over the base is base - best, as best and MLflow have it (it printed best - base)."""
+    from search.launch_text import print_summary
+
+    record = {"epoch": 2, "value": 0.9, "cut": 0.7, "group": "all trials", "rule": "halving"}
+    assert f": {side} the rung's cut 0.7000 among all trials" in S.stop_text(record, "loss", mode)
+    for rule in ("collapse", "extrapolation"):
+        assert f"{side} 0.7000" in S.stop_text({**record, "rule": rule}, "loss", mode)
+    best = {"id": "b", "best_metric": 0.7, "best_epoch": 2, "params": {"lr": 0.0031249999999999997}}
+    summary = {"experiment_dir": "x", "name": "s", "status": "finished", "counts": {S.COMPLETE: 1}}
+    summary |= {"trials": [], "metric": "loss", "mode": mode, "best": best, "base_metric": 0.5, "mlflow": "-"}
+    print_summary(summary)
+    out = capsys.readouterr().out
+    assert f"vs base model (epoch 0) 0.5000 ({gain})" in out and "params: lr=0.003125" in out
