@@ -176,14 +176,13 @@ def read_study(exp_dir: Path) -> dict[str, Any]:
 _TRIAL_FIELDS: dict[str, tuple[type, ...]] = {
     **dict.fromkeys(("index", "epochs", "best_epoch"), (int,)),
     **dict.fromkeys(("state", "checkpoint", "latest_checkpoint", "trial_dir", "run_id"), (str,)),
-    **dict.fromkeys(("params", "stopped"), (dict,)),
-    **{"best_metric": (int, float), "history": (list,)},
+    **dict.fromkeys(("params", "stopped"), (dict,)) | {"best_metric": (int, float), "history": (list,)},
 }
 
 
 def _check_trials(trials: dict[str, Any], path: Path) -> None:
-    """Each trial record names itself (or not at all: its key) and has its fields' types (a
-    hand-edited file made status and best fail with a TypeError or KeyError)."""
+    """Each trial names itself (or not: its key) and has its fields' types (a hand-edited file made
+    status and best fail with a TypeError)."""
     for tid, t in trials.items():
         bad = "id" if t.setdefault("id", tid) != tid else None
         for key, types in _TRIAL_FIELDS.items():
@@ -448,8 +447,7 @@ def recipe_text(trial: dict[str, Any]) -> str | None:
 
 
 def stop_text(record: dict[str, Any], metric: str, mode: str = "max") -> str:
-    """Why a trial stopped early, in words (the progress line, ``status``, ``best``); ``mode``: the
-    objective's, so that a minimised metric's trial is said to be above its cut."""
+    """Why a trial stopped early, in words (progress line, ``status``, ``best``; ``mode`` min: above)."""
     value, cut = fmt(record.get("value")), fmt(record.get("cut"))
     below = "below" if mode == "max" else "above"
     where = f"stopped at epoch {record.get('epoch')} with {metric} {value}"
