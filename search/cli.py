@@ -430,6 +430,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         status_object,
         stop_text,
     )
+    from search.study_folder import gone_text
 
     exp_dir = resolve_experiment(args.name, args.output_dir)
     obj = status_object(exp_dir)
@@ -442,7 +443,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         counts[t["state"]] = counts.get(t["state"], 0) + 1
     print(
         f"study {obj['name']} ({obj.get('status')}"
-        + ("; its launch or resume process is gone: resume it" if obj.get("process_gone") else "")
+        + (f"; {gone_text(exp_dir)}" if obj.get("process_gone") else "")
         + f"): {count_text(counts)}"
         + (" (time budget reached)" if obj.get("budget_reached") else "")
         + f", objective {metric} "

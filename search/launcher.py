@@ -35,7 +35,7 @@ from search import study as S
 from search.cluster import check_connected, check_reachable, connect
 from search.errors import SpecError, short
 from search.failures import disk_full
-from search.guards import StudyLock, check_output, spec_inputs
+from search.guards import StudyLock, check_output, lock_held, spec_inputs
 from search.launch_text import mlflow_hint, print_header, print_summary
 from search.registry import resolve_spec_weights
 from search.samplers import num_samples
@@ -45,9 +45,11 @@ from search.spec import MAX_NAME, NAME, Spec, build_spec, check_weights
 from search.stopping import BudgetStopper, NoStopping
 from search.study_folder import (
     install_state,
+    never_started,
     refuse_elsewhere,
     refuse_existing,
     resume_command,
+    start_over,
 )
 from search.worker import ERROR_MARK, TEST_FAIL_ENV, train_trial
 
@@ -159,6 +161,7 @@ def launch(
     new_store = mlflow_store.new_default_store(spec)
     try:
         refuse_existing(exp_dir, ours=True)  # again under the lock: another launch may have won the race
+        start_over(exp_dir)  # a launch of it stopped before its first trial was saved
         mlflow_store.warm_up(spec)  # MLflow's import and store creation overlap ray.init
         address = address or spec.resources.address
         started = connect(address)
@@ -236,6 +239,12 @@ def resume(
     from ray import tune
 
     exp_dir = Path(exp_dir).resolve()
+    if never_started(exp_dir) and not lock_held(exp_dir):
+        raise SpecError(
+            "resume",
+            f"{exp_dir}: its launch stopped before its first trial was saved, so there is nothing to resume.",
+            "launch the spec again (the same launch command): it starts this study over.",
+        )
     if not (exp_dir / "tuner.pkl").is_file():
         raise FileNotFoundError(f"{exp_dir} holds no Ray experiment state (tuner.pkl): nothing to resume.")
     spec = read_spec(exp_dir)

@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import fnmatch
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +30,84 @@ def resume_command(exp_dir: Path, keep_top: int | None = None) -> str:
     return f"python -m search resume {exp_dir}{keep}"
 
 
+# What a launch writes in its experiment folder before its first trial is saved (and later).
+LAUNCH_FILES = (
+    *(S.SPEC_FILE, S.STUDY_FILE, "space.json", "tuner.pkl", "optuna.journal*", "mlflow_runs.json"),
+    *("mlflow_pending.jsonl", ".validate_storage_marker", "base_eval", "experiment_state-*.json"),
+    *("search_gen_state-*.json", "searcher-state-*.pkl", "basic-variant-state-*.json", "trial_*"),
+    *(durable.STATE_DIR, guards.LOCK_FILE),
+)
+
+
+def never_started(exp_dir: Path) -> bool:
+    """A launch that stopped (Ctrl-C, SIGTERM, SIGKILL) before Ray's state was first saved and
+    signed, which happens when its first trial is added: no signed snapshot, no trial in
+    study.json, no checkpoint, and nothing in the folder a launch does not write. Nothing in it
+    can be resumed; ``launch`` starts it over (:func:`start_over`)."""
+    exp_dir = Path(exp_dir)
+    if (
+        not exp_dir.is_dir()
+        or not (exp_dir / S.SPEC_FILE).is_file()
+        or any(exp_dir.glob("trial_*/checkpoint_*"))
+    ):
+        return False
+    names = [p.name for p in exp_dir.iterdir()]
+    if any(not any(fnmatch.fnmatchcase(n, pattern) for pattern in LAUNCH_FILES) for n in names):
+        return False
+    try:
+        if durable.current_snapshot(exp_dir) is not None:
+            return False
+        return not S.read_study(exp_dir).get("trials")
+    except (durable.UntrustedState, S.StudyFileError):
+        return False
+
+
+def start_over(exp_dir: Path) -> bool:
+    """Clear a study that :func:`never_started` (the caller holds its lock): its MLflow runs that
+    the stop left RUNNING end KILLED, and every file the launch wrote goes. True when it did."""
+    if not never_started(exp_dir):
+        return False
+    _end_left_runs(exp_dir)
+    for path in Path(exp_dir).iterdir():
+        if path.name != guards.LOCK_FILE:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    print(
+        f"{exp_dir}: its launch stopped before its first trial was saved (nothing to resume): starting over"
+    )
+    return True
+
+
+def _end_left_runs(exp_dir: Path) -> None:
+    from search import mlflow_store, run_map, write_queue
+
+    runs = run_map.read_runs(exp_dir).get("runs") or {}
+    if not runs:
+        return
+    try:
+        uri, _ = write_queue.recorded_store(exp_dir)
+        if mlflow_store.missing_sqlite(uri):
+            return
+        mlc = mlflow_store.client(uri)
+        for run_id in runs.values():
+            if mlc.get_run(run_id).info.status == "RUNNING":
+                mlc.set_terminated(run_id, "KILLED")
+    except Exception as exc:  # noqa: BLE001 - best effort: the new launch records anew
+        log.warning("could not end the stopped launch's MLflow runs: %s", exc)
+
+
+def gone_text(exp_dir: Path) -> str:
+    """What ``status`` says of a study whose launch or resume process is gone."""
+    if never_started(exp_dir):
+        return "its launch stopped before its first trial was saved: launch it again (it starts over)"
+    return "its launch or resume process is gone: resume it"
+
+
 def refuse_existing(exp_dir: Path, ours: bool = False) -> None:
     """:class:`ExperimentExists` when ``exp_dir`` already holds a study (launch never overwrites;
-    ``ours``: this process holds the folder's lock, so the one that wrote it has ended)."""
+    ``ours``: this process holds the folder's lock, so the one that wrote it has ended). A study
+    that :func:`never_started` is not refused: the launch starts it over."""
+    if never_started(exp_dir):
+        return
     if (exp_dir / S.STUDY_FILE).exists() or (exp_dir / "tuner.pkl").exists():
         then = f"Resume it with '{resume_command(exp_dir)}'"
         if not ours and guards.lock_held(exp_dir):  # its launch or resume runs now: a resume would be refused

@@ -1,0 +1,89 @@
+"""A launch stopped (Ctrl-C, SIGTERM, SIGKILL) before Ray's state was first saved and signed, which
+happens when its first trial is added: its folder held study.json (and perhaps an empty tuner.pkl)
+but nothing resumable, so ``launch`` refused it as an existing study, ``resume`` failed (exit 1, or
+exit 2 asking for --trust-folder) and the name was lost. Now ``launch`` starts it over, ``resume``
+and ``status`` say so."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from search import durable
+from search import study as S
+from search.study_folder import gone_text, never_started
+from tests.tinydata import make_tiny_coco, write_tiny_spec
+
+
+def _stopped_launch(folder: Path) -> Path:
+    """The files of a launch stopped in its first second (as a SIGKILL after tuner.pkl left them)."""
+    folder.mkdir(parents=True)
+    (folder / S.SPEC_FILE).write_text("name: s\n")
+    S.write_study(folder, S.new_study("s", "map50", "max"))
+    for name in ("tuner.pkl", "optuna.journal", "space.json", ".validate_storage_marker"):
+        (folder / name).write_bytes(b"")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda f: None, True),
+        (lambda f: (f / durable.STATE_DIR / ".1.tmp").mkdir(parents=True), True),  # a snapshot half made
+        (
+            lambda f: (f / durable.STATE_DIR).mkdir() or (f / durable.STATE_DIR / "current").write_text("1"),
+            False,
+        ),
+        (
+            lambda f: S.write_study(f, S.new_study("s", "map50", "max") | {"trials": {"t": {"id": "t"}}}),
+            False,
+        ),
+        (lambda f: (f / "trial_t" / "checkpoint_000000").mkdir(parents=True), False),
+        (lambda f: (f / "notes.txt").write_text("mine"), False),  # not a file a launch writes
+        (lambda f: (f / S.SPEC_FILE).unlink(), False),
+    ],
+    ids=["stopped", "half-snapshot", "snapshot", "a-trial", "a-checkpoint", "user-file", "no-spec"],
+)
+def test_never_started(tmp_path, change, expected):
+    folder = _stopped_launch(tmp_path / "s")
+    change(folder)
+    assert never_started(folder) is expected
+    words = "launch it again" if expected else "resume it"
+    assert words in gone_text(folder)
+
+
+def test_a_stopped_launch_starts_over_and_resume_says_so(ray_local, tmp_path, monkeypatch, capsys):
+    from ray import tune
+
+    from search.errors import SpecError
+    from search.launcher import launch, resume
+    from search.spec import load_spec
+
+    make_tiny_coco(tmp_path / "data", n_images=4, size=64)
+    search = {"algorithm": "random", "scheduler": "none", "num_trials": 1, "max_concurrent": 1}
+    path = write_tiny_spec(tmp_path, "early", space={"lr": 0.01}, search=search, epochs=1)
+    monkeypatch.setenv("SEARCH_NO_MLFLOW", "1")
+
+    class Stopped(tune.Tuner):
+        def __init__(self, *args, **kwargs):
+            raise KeyboardInterrupt  # Ctrl-C after study.json, before Ray's first save
+
+    monkeypatch.setattr(tune, "Tuner", Stopped)
+    with pytest.raises(KeyboardInterrupt):
+        launch(load_spec(path))
+    exp_dir = tmp_path / "runs" / "early"
+    assert (exp_dir / S.STUDY_FILE).is_file() and never_started(exp_dir)
+    with pytest.raises(SpecError, match="nothing to resume") as err:
+        resume(exp_dir)
+    assert "launch the spec again" in str(err.value)
+    monkeypatch.undo()
+    monkeypatch.setenv("SEARCH_NO_MLFLOW", "1")
+    capsys.readouterr()
+    summary = launch(load_spec(path))
+    assert "starting over" in capsys.readouterr().out
+    assert summary["status"] == "finished" and summary["counts"] == {S.COMPLETE: 1}
+    assert not never_started(exp_dir) and json.loads((exp_dir / S.STUDY_FILE).read_text())["trials"]
+    assert os.environ.get("SEARCH_NO_MLFLOW") == "1"
