@@ -452,7 +452,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     print(f"{'trial':<13} {'state':<10} {'epochs':>6} {'best':>9} {'disk':>9}  params / checkpoint")
     for t in obj["trials"]:
-        params = " ".join(f"{k}={S.fmt(v)}" for k, v in t.get("params", {}).items())
+        params = S.params_text(t.get("params", {}))
         print(
             f"{t['id']:<13} {t['state']:<10} {t.get('epochs', 0):>6} {S.fmt(t.get('best_metric')):>9} "
             f"{human_bytes(t.get('disk_bytes')):>9}  {params}"

@@ -124,7 +124,7 @@ def cmd_best(args: argparse.Namespace) -> int:
             f"{S.fmt(t.get('epoch')):>5} {S.fmt(imp, sign=True):>8}  "
             f"{t.get('run_id') or '-'}"
         )
-        params = " ".join(f"{k}={S.fmt(v)}" for k, v in t.get("params", {}).items())
+        params = S.params_text(t.get("params", {}))
         print(f"{'':>17}{params}")
         print(f"{'':>17}checkpoint {t.get('checkpoint') or '-'}")
         if note := S.recipe_text(t):

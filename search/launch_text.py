@@ -57,7 +57,7 @@ def print_summary(summary: dict[str, Any], spec: Spec | None = None) -> None:
         ref = S.reference_text(summary.get("reference"), metric)
         if ref:
             print(f"  {ref}")
-        print(f"  params: {' '.join(f'{k}={S.fmt(v)}' for k, v in best.get('params', {}).items())}")
+        print(f"  params: {S.params_text(best.get('params', {}))}")
         print(f"  checkpoint: {best.get('checkpoint')}")
     else:
         print("no trial produced a result.")

@@ -48,8 +48,9 @@ def store_moved_here(recorded_uri: str, spec_uri: str, exp_dir: Path) -> bool:
     default store of the folder it ran in, and now lies (moved or copied with its output folder)
     beside a default store of its own, which is then its store: the default store moves with the
     output folder."""
-    ran, here = sqlite_file(recorded_uri), default_db(Path(exp_dir).resolve().parent)
-    if ran is None or spec_uri != f"{SQLITE}{here}":
+    parent = Path(exp_dir).resolve().parent
+    ran, here = sqlite_file(recorded_uri), default_db(parent)
+    if ran is None or spec_uri != default_uri(parent):
         return False
     return ran.name == DB_FILE and ran.resolve() != here and here.is_file()
 

@@ -181,18 +181,14 @@ _TRIAL_FIELDS: dict[str, tuple[type, ...]] = {
 
 
 def _check_trials(trials: dict[str, Any], path: Path) -> None:
-    """Each trial names itself (or not: its key) and has its fields' types (a hand-edited file made
-    status and best fail with a TypeError)."""
+    """Each trial names itself (or not: its key) and has the field types the launcher writes."""
     for tid, t in trials.items():
-        bad = "id" if t.setdefault("id", tid) != tid else None
-        for key, types in _TRIAL_FIELDS.items():
-            value = t.get(key)
-            if (
-                bad is None
-                and value is not None
-                and (isinstance(value, bool) or not isinstance(value, types))
-            ):
-                bad = key
+        wrong = (
+            k
+            for k, types in _TRIAL_FIELDS.items()
+            if t.get(k) is not None and (isinstance(t[k], bool) or not isinstance(t[k], types))
+        )
+        bad = "id" if t.setdefault("id", tid) != tid else next(wrong, None)
         if bad is None and any(not isinstance(r, dict) for r in t.get("history") or []):
             bad = "history"
         if bad is not None:
@@ -412,9 +408,8 @@ def status_object(exp_dir: Path) -> dict[str, Any]:
 
 def recipe_plan_text(i: int, scaling: str, params: dict[str, Any]) -> str:
     """The i-th recipe trial (0: the reference) as the launch header and the dry run say it."""
-    shown = " ".join(f"{k}={fmt(v)}" for k, v in params.items())
     what = "the reference (torchvision's recipe for this architecture" if i == 0 else "the recipe (again"
-    return f"trial {i + 1} is {what}, lr scaled to the batch by the {scaling} rule): {shown}"
+    return f"trial {i + 1} is {what}, lr scaled to the batch by the {scaling} rule): {params_text(params)}"
 
 
 def recipe_unused_text(unused: dict[str, Any], overridden: dict[str, Any] | None = None) -> str | None:
@@ -462,6 +457,11 @@ def stop_text(record: dict[str, Any], metric: str, mode: str = "max") -> str:
         among = "all trials" if group == "all trials" else f"trials of its group ({group})"
         return f"{where}: {below} the rung's cut {cut} among {among}"
     return f"{where}: the {rule} rule" + (f" (cut {cut})" if record.get("cut") is not None else "")
+
+
+def params_text(params: dict[str, Any]) -> str:
+    """A trial's parameters as ``k=v`` words, numbers as :func:`fmt` writes them."""
+    return " ".join(f"{k}={fmt(v)}" for k, v in params.items())
 
 
 def fmt(value: Any, digits: int = 4, sign: bool = False) -> str:

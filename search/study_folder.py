@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from search import durable, guards
+from search import durable, guards, mlflow_store, run_map, write_queue
 from search import study as S
 from search.errors import SpecError
 
@@ -32,10 +32,9 @@ def resume_command(exp_dir: Path, keep_top: int | None = None) -> str:
 
 # What a launch writes in its experiment folder before its first trial is saved (and later).
 LAUNCH_FILES = (
-    *(S.SPEC_FILE, S.STUDY_FILE, "space.json", "tuner.pkl", "optuna.journal*", "mlflow_runs.json"),
-    *("mlflow_pending.jsonl", ".validate_storage_marker", "base_eval", "experiment_state-*.json"),
-    *("search_gen_state-*.json", "searcher-state-*.pkl", "basic-variant-state-*.json", "trial_*"),
-    *(durable.STATE_DIR, guards.LOCK_FILE),
+    *(S.SPEC_FILE, S.STUDY_FILE, S.SPACE_FILE, f"{S.JOURNAL_FILE}*", S.BASE_EVAL_DIR, "trial_*"),
+    *(run_map.RUNS_FILE, write_queue.PENDING_FILE, durable.STATE_DIR, guards.LOCK_FILE),
+    *(*durable.RAY_STATE, "basic-variant-state-*.json", ".validate_storage_marker"),
 )
 
 
@@ -78,8 +77,6 @@ def start_over(exp_dir: Path) -> bool:
 
 
 def _end_left_runs(exp_dir: Path) -> None:
-    from search import mlflow_store, run_map, write_queue
-
     runs = run_map.read_runs(exp_dir).get("runs") or {}
     if not runs:
         return

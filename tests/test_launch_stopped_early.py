@@ -7,7 +7,6 @@ and ``status`` say so."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -86,4 +85,3 @@ def test_a_stopped_launch_starts_over_and_resume_says_so(ray_local, tmp_path, mo
     assert "starting over" in capsys.readouterr().out
     assert summary["status"] == "finished" and summary["counts"] == {S.COMPLETE: 1}
     assert not never_started(exp_dir) and json.loads((exp_dir / S.STUDY_FILE).read_text())["trials"]
-    assert os.environ.get("SEARCH_NO_MLFLOW") == "1"

@@ -221,9 +221,11 @@ def image_size_from_file(path: Path) -> tuple[int, int]:
 def _stored_size(img: Any) -> tuple[int, int]:
     """(width, height) as stored, before EXIF orientation: Pillow's TIFF reader already reports the
     oriented size in ``img.size`` (and turns the pixels on load), so read its dimension tags."""
+    from PIL.TiffImagePlugin import IMAGELENGTH, IMAGEWIDTH
+
     tags = getattr(img, "tag_v2", None)
-    if img.format == "TIFF" and tags is not None and 256 in tags and 257 in tags:
-        return int(tags[256]), int(tags[257])  # ImageWidth, ImageLength
+    if img.format == "TIFF" and tags is not None and IMAGEWIDTH in tags and IMAGELENGTH in tags:
+        return int(tags[IMAGEWIDTH]), int(tags[IMAGELENGTH])
     return img.size
 
 
