@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from search.errors import SpecError
+from search.spec.schema import sqlite_file
 
 # a query parameter whose lower-cased name holds one of these carries a secret (X-Amz-Signature,
 # X-Amz-Credential, Azure's sig, api_key, access_token, ...)
@@ -84,6 +85,24 @@ def check_spec_outputs(spec: Any) -> None:
     # not whether it is writable: every command reads a study's spec, also from a read-only copy
     check_output(spec.output_dir, inputs, "output_dir", folder=True, writable=False)
     check_output(spec.output_dir / spec.name, inputs, "name", folder=True, writable=False)
+    store, folder = _local_store(spec.tracking.uri)
+    check_output(store, inputs, "tracking.uri", folder=folder, writable=False)
+
+
+def _local_store(uri: str | None) -> tuple[Path | None, bool]:
+    """The file (SQLite) or folder (``file:`` or a plain path: a file store) that a tracking URI
+    writes on this machine, with whether it is a folder; None for a server or database."""
+    if not uri:
+        return None, False  # the default store, <output_dir>/mlflow.db, checked with output_dir
+    if (db := sqlite_file(uri)) is not None:
+        return db, False
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return None, False
+    if parts.scheme in ("", "file"):
+        return Path(parts.path or uri), True
+    return None, False
 
 
 def check_output(

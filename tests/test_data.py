@@ -386,3 +386,28 @@ def test_worker_loader_resumes_with_the_same_order_and_draws():
     for g, state in zip(_generators(again), saved, strict=True):
         g.set_state(state)
     assert list(again) == epoch2
+
+
+@pytest.mark.parametrize(
+    "spoil,said",
+    [
+        (lambda p: p.write_text("not an image"), "cannot read image header"),
+        (lambda p: Image.new("RGB", (100, 80)).save(p, format="PNG"), "header says 100x80"),
+    ],
+    ids=["not-an-image", "other-size"],
+)
+def test_validate_reads_every_image_header(tmp_path, spoil, said):
+    """An image file that is no image, or not the annotations' size, is refused by validate (and by
+    launch's checks), not by the first epoch; ``--quick`` reads no image."""
+    from tests.tinydata import make_tiny_coco, write_tiny_spec
+
+    images, _ = make_tiny_coco(tmp_path / "data", n_images=4, size=100)
+    spoil(images / "img_002.png")
+    spec = write_tiny_spec(tmp_path, "hdr", space={"lr": 0.01}, search={"num_trials": 1}, epochs=1)
+    cmd = [sys.executable, "-m", "search", "validate", str(spec)]
+    full = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert full.returncode == 2, full.stderr
+    line = full.stderr.strip()
+    assert "data.train: " in line and str(images / "img_002.png") in line and said in line, line
+    quick = subprocess.run([*cmd, "--quick"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert quick.returncode == 0, quick.stderr

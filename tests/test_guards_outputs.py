@@ -113,6 +113,31 @@ def test_output_dir_onto_the_images_is_refused():
     assert err.value.key == "output_dir"
 
 
+DATA = ROOT / "spaces/data/bccd"
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        f"sqlite:///{DATA / 'annotations/mlflow.db'}",  # beside the annotation files
+        f"sqlite:///{DATA / 'images/runs/mlflow.db'}",  # below the image folder
+        f"file://{DATA / 'images/mlruns'}",  # a file store there
+        str(DATA / "annotations"),  # a plain path is a file store too
+        f"sqlite:///{ROOT / 'spaces/base/mlflow.db'}",  # beside the base weights
+    ],
+)
+def test_a_local_tracking_store_among_the_inputs_is_refused(uri):
+    """A SQLite or file store is written where tracking.uri says: not among the data or weights."""
+    with pytest.raises(SpecError) as err:
+        load_spec(DET, [f"tracking.uri={uri}"])
+    assert err.value.key == "tracking.uri" and "read-only" in str(err.value)
+
+
+@pytest.mark.parametrize("uri", [f"sqlite:///{DATA / 'mlflow.db'}", "http://127.0.0.1:5000"])
+def test_a_tracking_store_outside_the_inputs_loads(uri):
+    assert load_spec(DET, [f"tracking.uri={uri}"]).tracking.uri == uri
+
+
 def test_name_flag_onto_the_images_is_refused():
     """``launch --name images`` with output_dir the data folder: the study would have been written
     into the image folder (--name replaced the name after the spec's output checks)."""

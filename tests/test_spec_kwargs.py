@@ -104,6 +104,28 @@ def test_model_kwargs_refused(arch, kwargs, key, text):
         assert len(str(err.value).splitlines()) == 1
 
 
+KWARGS_MISTYPED = [
+    # (arch, kwargs, key, words): values the build took without a word and a forward pass failed on
+    ("ssdlite320_mobilenet_v3_large", {"topk_candidates": "abc"}, "topk_candidates", "takes an integer"),
+    ("ssdlite320_mobilenet_v3_large", {"score_thresh": True}, "score_thresh", "takes a number"),
+    ("ssdlite320_mobilenet_v3_large", {"width_mult": "x"}, "width_mult", "takes a number"),
+    ("retinanet_resnet50_fpn", {"image_mean": [0.5, "a", 0.5]}, "image_mean", "a list of numbers"),
+    ("fasterrcnn_mobilenet_v3_large_320_fpn", {"min_size": 320.5}, "min_size", "an integer or a list"),
+    ("fasterrcnn", {"box_detections_per_img": 1.5}, "box_detections_per_img", "takes an integer"),
+    ("deeplabv3_mobilenet_v3_large", {"aux_loss": "yes"}, "aux_loss", "a boolean or null"),
+]
+
+
+@pytest.mark.parametrize("arch,kwargs,key,words", KWARGS_MISTYPED, ids=[c[2] for c in KWARGS_MISTYPED])
+def test_model_kwargs_of_the_wrong_type_refused(arch, kwargs, key, words):
+    from search.spec import deep_check
+
+    with pytest.raises(SpecError) as err:
+        deep_check(_kwargs_spec(arch, kwargs))
+    assert err.value.key == f"model.kwargs.{key}" and words in err.value.message, str(err.value)
+    assert "torchvision's default is" in err.value.fix and len(str(err.value).splitlines()) == 1
+
+
 KWARGS_ACCEPTED = [
     # (arch, kwargs, {module attribute path: value the skeleton must show}: the key is really used)
     (
@@ -130,6 +152,12 @@ KWARGS_ACCEPTED = [
     ("lraspp_mobilenet_v3_large", {"aux_loss": False}, {}),
     ("deeplabv3_mobilenet_v3_large", {"aux_loss": True}, {}),
     ("fasterrcnn", {"min_size": 128, "box_nms_thresh": 0.4}, {"roi_heads.nms_thresh": 0.4}),
+    # a number where a float is declared, a list of sizes where min_size's default is an int
+    (
+        "retinanet_resnet50_fpn",
+        {"score_thresh": 0, "min_size": [256, 288]},
+        {"transform.min_size": [256, 288]},
+    ),
 ]
 
 
@@ -224,6 +252,18 @@ def test_accepted_kwargs_conformance_every_arch():
             assert {"min_size", "max_size", "image_mean"} & accepted, arch
         assert builder_kwargs.ignored_kwargs(arch, dict.fromkeys(accepted)) == [], arch
         assert builder_kwargs.ignored_kwargs(arch, {"no_such_key": 1}) == ["no_such_key"], arch
+        # torchvision's own defaults pass the type check, and a string where it has a number does not
+        sigs = builder_kwargs._chain_signatures(arch)
+        defaults = {
+            k: p.default
+            for k in accepted
+            for p in [next((s.parameters[k] for s in sigs if k in s.parameters), None)]
+            if p is not None and p.default is not p.empty
+        }
+        assert builder_kwargs.mistyped_kwarg(arch, defaults) is None, arch
+        numeric = [k for k, v in defaults.items() if type(v) in (int, float)]
+        if fam.task != families.SEMANTIC:
+            assert builder_kwargs.mistyped_kwarg(arch, {numeric[0]: "x"})[0] == numeric[0], arch
     assert builder_kwargs.accepted_kwargs("resnet50") is None
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
+import typing
 from typing import Any
 
 from torch import nn
@@ -40,6 +42,9 @@ _SET_BY_CHAIN: dict[str, tuple[str, ...]] = {
 # Keys a builder pops from its ``**kwargs`` itself (torchvision 0.29: lraspp refuses aux_loss=True).
 _POPPED_KWARGS: dict[str, tuple[str, ...]] = {"lraspp_mobilenet_v3_large": ("aux_loss",)}
 # The head class of each composed detection family (trainables.compose_build.assemble).
+# Types the chain accepts beyond its first link's annotation or default: GeneralizedRCNNTransform
+# takes a list of min_size values (one drawn per training image), as torchvision's references use.
+_LOOSER_TYPES: dict[str, Any] = {"min_size": int | list[int]}
 _COMPOSED_HEADS: dict[str, type[nn.Module]] = {
     "fasterrcnn": FasterRCNN,
     "maskrcnn": MaskRCNN,
@@ -162,3 +167,86 @@ def ignored_kwargs(arch: str, model_kwargs: dict[str, Any] | None) -> list[str]:
     fam = family_of(arch)
     refused = {*RESERVED_KWARGS, compose.COMPOSE_KEY, *(compose.RESERVED if fam.composed else ())}
     return [k for k in (model_kwargs or {}) if k not in chain[1] and k not in refused]
+
+
+def _chain_signatures(arch: str) -> list[inspect.Signature]:
+    """The signatures along ``arch``'s builder chain, first link first (the builder, its class and
+    bases, the transform; ssdlite's backbone config), for the types of the kwargs they receive."""
+    from torchvision.models import mobilenetv3
+
+    fam = family_of(arch)
+    links: list[Any] = []
+    if fam.composed:
+        cls = _COMPOSED_HEADS.get(fam.name)
+    else:
+        links.append(get_model_builder(arch))
+        cls = inspect.signature(links[0]).return_annotation
+    if isinstance(cls, type) and issubclass(cls, nn.Module):
+        links += [b.__init__ for b in cls.__mro__ if issubclass(b, nn.Module) and "__init__" in b.__dict__]
+        links.append(GeneralizedRCNNTransform.__init__)
+    if arch in _BACKBONE_KWARGS:
+        links.append(mobilenetv3._mobilenet_v3_conf)
+    return [inspect.signature(fn) for fn in links]
+
+
+_NOUNS = {bool: "boolean", int: "integer", float: "number", str: "string"}
+
+
+def _type_words(kind: Any) -> str | None:
+    """``kind`` (an annotation, or the type of a default) in words; None when not checked here
+    (modules, callables, enums, Any)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        words = [_type_words(a) for a in args if a is not type(None)]
+        return None if None in words else " or ".join(words) + (" or null" if type(None) in args else "")
+    if origin in (list, tuple) or kind in (list, tuple):
+        items = {a for a in args if a is not Ellipsis}
+        if len(items) > 1 or (items and next(iter(items)) not in _NOUNS):
+            return None
+        count = f"{len(args)} " if origin is tuple and Ellipsis not in args and args else ""
+        return f"a list of {count}{_NOUNS[next(iter(items))] + 's' if items else 'values'}"
+    if kind not in _NOUNS:
+        return None
+    return f"{'an' if _NOUNS[kind][0] in 'aeiou' else 'a'} {_NOUNS[kind]}"
+
+
+def _fits(value: Any, kind: Any) -> bool:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if kind is type(None):
+        return value is None
+    if origin in (list, tuple) or kind in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis and len(value) != len(args):
+            return False
+        return not args or all(_fits(v, args[0]) for v in value)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind) if kind in (bool, str) else True
+
+
+def mistyped_kwarg(arch: str, model_kwargs: dict[str, Any] | None) -> tuple[str, str, Any] | None:
+    """The first of ``model_kwargs`` whose value is not of the type that the first link of the
+    chain taking it declares (its annotation, else its default's type): ``(key, type in words,
+    default)``; None when all fit or the chain is unknown. (``topk_candidates: abc`` was built
+    without a word and failed in the first forward pass.)"""
+    if _kwargs_chain(arch) is None:
+        return None
+    sigs = _chain_signatures(arch)
+    for key, value in (model_kwargs or {}).items():
+        links = [s.parameters[key] for s in sigs if key in s.parameters]
+        # RetinaNet's image_mean=None says nothing; the transform's annotation does
+        p = next((p for p in links if p.annotation is not p.empty or p.default not in (None, p.empty)), None)
+        if p is None:
+            continue
+        kind = _LOOSER_TYPES.get(key, p.annotation if p.annotation is not p.empty else type(p.default))
+        if links[0].default is None:  # FasterRCNN's image_mean=None: the transform's then
+            kind = kind | None
+        words = _type_words(kind)
+        if words is not None and not _fits(value, kind):
+            return key, words, links[0].default if links[0].default is not p.empty else None
+    return None

@@ -28,7 +28,14 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from trainables.coco import CocoIndex, DatasetError, ImageRecord, check_pixels, segmentation_to_rle
+from trainables.coco import (
+    CocoIndex,
+    DatasetError,
+    ImageRecord,
+    check_pixels,
+    image_size_from_file,
+    segmentation_to_rle,
+)
 from trainables.loss_table import IGNORE_INDEX  # semantic masks: pixels that count for nothing
 
 _SEMANTIC = "semantic_segmentation"
@@ -76,6 +83,25 @@ def _check_size(rec: ImageRecord, image: torch.Tensor) -> None:
             f"{rec.path}: decoded size {w}x{h} (after EXIF orientation) differs from the annotations' "
             f"width x height {rec.width}x{rec.height} (image id {rec.id}); fix the JSON or the image"
         )
+
+
+def check_image_files(records: list[ImageRecord], threads: int = 8) -> None:
+    """Read every record's image header (not its pixels): a file that is no image, or whose size
+    (after EXIF orientation) is not the annotations' width x height, raises :class:`DatasetError`
+    naming it, as the first epoch's load would have, hours into a study."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(rec: ImageRecord) -> None:
+        w, h = image_size_from_file(rec.path)
+        if (w, h) != (rec.width, rec.height):
+            raise DatasetError(
+                f"{rec.path}: its header says {w}x{h} (after EXIF orientation), but the annotations' "
+                f"width x height is {rec.width}x{rec.height} (image id {rec.id}); fix the JSON or the image"
+            )
+
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in pool.map(one, records):
+            pass
 
 
 class _IndexDataset(Dataset):

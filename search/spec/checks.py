@@ -383,6 +383,7 @@ def check_data(spec: Spec) -> None:
     from trainables import coco
 
     names = None
+    spec._images = []
     for split_name in ("train", "val"):
         split = getattr(spec.data, split_name)
         try:
@@ -391,6 +392,7 @@ def check_data(spec: Spec) -> None:
             raise SpecError(
                 f"data.{split_name}", str(exc), "fix the dataset or point at another file."
             ) from None
+        spec._images += [(split_name, rec) for rec in index.images]
         if names is None:
             names = index.class_names
         elif index.class_names != names:

@@ -13,7 +13,8 @@ from trainables import families, params
 
 def deep_check(spec: Spec) -> dict[str, Any]:
     """Checks that import torch/torchvision: builder and weight enum names, model.kwargs names (none
-    that the builder chain would ignore silently), freeze patterns.
+    that the builder chain would ignore silently) and types, freeze patterns, the image files'
+    headers.
 
     Returns facts found on the way (parameter count, matched patterns) for ``validate``.
     """
@@ -51,6 +52,7 @@ def deep_check(spec: Spec) -> dict[str, Any]:
     _check_activation_scope(spec, arch, model)
     check_trainable_sets(spec, model)
     _check_trainable_k(spec, model, fam)
+    _check_image_files(spec)
     tensors = list(model.parameters())
     return {"parameters": sum(p.numel() for p in tensors), "parameter_tensors": len(tensors)}
 
@@ -174,12 +176,32 @@ def _check_activation_scope(spec: Spec, arch: str, model: Any) -> None:
             )
 
 
+def _check_image_files(spec: Spec) -> None:
+    """Each image the annotations list is an image of their width x height (its header read, as
+    the first epoch would decode it): a non-image or a wrong size fails here, not hours in."""
+    from trainables.coco import DatasetError
+    from trainables.data import check_image_files
+
+    for split in ("train", "val"):
+        try:
+            check_image_files([rec for s, rec in spec._images if s == split])
+        except DatasetError as exc:
+            raise SpecError(f"data.{split}", str(exc), "fix the dataset or point at another file.") from None
+
+
 def _check_kwargs(arch: str, kwargs: dict[str, Any]) -> None:
     """model.kwargs that the builder chain would swallow with ``**kwargs`` and ignore silently."""
     from trainables import builder_kwargs
 
     ignored = builder_kwargs.ignored_kwargs(arch, kwargs)
     if not ignored:
+        if (wrong := builder_kwargs.mistyped_kwarg(arch, kwargs)) is not None:
+            key, words, default = wrong
+            raise SpecError(
+                f"model.kwargs.{key}",
+                f"{arch}'s {key!r} takes {words}, but got {kwargs[key]!r}.",
+                f"give {words} (torchvision's default is {default!r}).",
+            )
         return
     key, valid = ignored[0], sorted(builder_kwargs.accepted_kwargs(arch) or ())
     shown = ", ".join(valid) if len(valid) <= 40 else ", ".join(valid[:40]) + ", ..."

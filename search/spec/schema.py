@@ -218,6 +218,7 @@ class Spec(_Section):
     _source: Path | None = PrivateAttr(default=None)
     _num_classes: int = PrivateAttr(default=0)
     _class_names: list[str] = PrivateAttr(default_factory=list)
+    _images: list[Any] = PrivateAttr(default_factory=list)  # both splits' ImageRecords (check_data)
 
     @field_validator("name")
     @classmethod
