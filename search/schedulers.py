@@ -47,6 +47,8 @@ def _warmup(spec: Any) -> float:
     dim = spec.search_space.by_name.get("warmup_epochs")
     if dim is None:
         return 0.0
+    if dim.kind == "categorical":  # the longest warm-up any trial may have
+        return max(float(c) for c in dim.choices)
     return float(dim.value if dim.kind == "fixed" else dim.high)
 
 

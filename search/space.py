@@ -49,7 +49,9 @@ class Dim:
             return one_of(value, self.choices)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
-        return self.low <= value <= self.high
+        if not self.low <= value <= self.high or (self.kind == "int" and value != int(value)):
+            return False
+        return not self.step or math.isclose(_snap(self, value), value, rel_tol=1e-9, abs_tol=1e-12)
 
     def default(self) -> Any:
         """The value used when a trial runs without search: log/linear midpoint, first choice."""

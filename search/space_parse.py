@@ -236,7 +236,7 @@ def _check_conditions(dims: list[Dim], key: str) -> None:
                 can = (
                     list(other.choices)
                     if other.kind == "categorical"
-                    else ([other.value] if other.kind == "fixed" else f"[{other.low}, {other.high}]")
+                    else ([other.value] if other.kind == "fixed" else _range_words(other))
                 )
                 raise SpecError(
                     where,
@@ -245,6 +245,12 @@ def _check_conditions(dims: list[Dim], key: str) -> None:
                     f"use a value {name} can take.",
                 )
     topological(dims, key)
+
+
+def _range_words(dim: Any) -> str:
+    """The values a range dimension takes, in words: ``integers in [1, 3]``, ``[1, 10] in steps of 3``."""
+    what = "integers in " if dim.kind == "int" and not dim.step else ""
+    return f"{what}[{dim.low}, {dim.high}]" + (f" in steps of {dim.step}" if dim.step else "")
 
 
 def _check_step_divides(low: float, high: float, step: float, key: str) -> None:

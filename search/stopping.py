@@ -2,7 +2,8 @@
 for the table and the rules). Every class here offers ``stop_record(trial_id)``: ``{"epoch",
 "value", "cut", "group", "rule"}`` for a trial it stopped, else None. With ``reference`` given, the
 first trial added whose parameters are the reference trial's (``reference``: the
-projected recipe, enqueued first) is never stopped. Matching by parameters, not by order, keeps
+projected recipe, enqueued first; its conditional parameters that the trial lacks aside) is never
+stopped. Matching by parameters, not by order, keeps
 this true after ``resume``, when Ray re-adds the trials to a scheduler restored from the tuner file.
 """
 
@@ -46,7 +47,10 @@ class _Records:
     def _note_added(self, trial: Any) -> None:
         if self.reference and self.reference_id is None:
             config = trial.config or {}
-            if all(config.get(k) == v for k, v in self.reference.items()):
+            # a conditional parameter of the recipe is absent where the sampler left its condition
+            # false (the recipe's trainable not among the choices, say): match on the others
+            given = [k for k in self.reference if k in config]
+            if given and all(config[k] == self.reference[k] for k in given):
                 self.reference_id = trial.trial_id
 
     def stop_record(self, trial_id: str) -> dict[str, Any] | None:
@@ -322,6 +326,10 @@ class RecordingMedian(_Spared, MedianStoppingRule):
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         decision = self._spare(trial, super().on_trial_result(tune_controller, trial, result))
+        if trial.trial_id == self.reference_id:
+            # Ray noted it as stopped before _spare: its next result asserted a soft stop, and its
+            # later values were left out of the other trials' medians
+            self._stopped_trials.discard(trial)
         value, epoch = number(result.get(self._metric)), _epoch(result)
         if decision == TrialScheduler.STOP and value is not None and epoch is not None:
             self._record(trial, epoch, value, None, "median")

@@ -317,7 +317,7 @@ INVALID = [
         "hyperband-limited",
         {"search.scheduler": "hyperband", "search.num_trials": 8, "search.max_concurrent": 2},
         "search.max_concurrent",
-        "max_concurrent >= num_trials must hold, but got 2 < 8",
+        "max_concurrent >= the number of trials must hold, but got 2 < 8",
     ),
     ("scaling-unknown", {"search.reference_scaling": ["cube"]}, "search.reference_scaling[0]", "sqrt"),
     ("scaling-twice", {"search.reference_scaling": ["sqrt", "sqrt"]}, "search.reference_scaling[1]", "once"),

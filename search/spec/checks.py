@@ -134,6 +134,13 @@ def _check_objective(spec: Spec) -> None:
     metrics = TASK_METRICS[spec.task]
     if spec.objective.metric not in metrics:
         raise unknown_name("objective.metric", spec.objective.metric, metrics, f"metric for task {spec.task}")
+    if spec.objective.mode != "max":  # every metric of TASK_METRICS is better higher
+        raise SpecError(
+            "objective.mode",
+            f"{spec.objective.mode!r}, but {spec.objective.metric} is better higher (as every metric here "
+            "is), so the search would look for the worst model.",
+            "use mode: max.",
+        )
 
 
 def _check_space(spec: Spec) -> None:
@@ -222,15 +229,6 @@ def _check_search(spec: Spec, study: bool = True) -> None:
     if not study:  # one trial (``trial``): the study's scheduling, grid and reference do not apply
         return
     _check_reference(spec)
-    if s.scheduler == "hyperband" and s.max_concurrent < s.num_trials:
-        raise SpecError(
-            "search.max_concurrent",
-            "scheduler 'hyperband' (Ray's synchronous HyperBand) halves a bracket only once all its "
-            f"trials exist, so max_concurrent >= num_trials must hold, but got {s.max_concurrent} < "
-            f"{s.num_trials} (it would stop no trial; measured, BENCHMARKS.md §3).",
-            f"set search.max_concurrent: {s.num_trials} (the resources still decide how many run at once), "
-            "or use scheduler auto, curve or asha.",
-        )
     if s.grace_period > spec.train.epochs:
         raise SpecError(
             "search.grace_period",
@@ -238,38 +236,60 @@ def _check_search(spec: Spec, study: bool = True) -> None:
             "lower grace_period or raise train.epochs.",
         )
     if s.algorithm == "grid":
-        for dim in spec.search_space.searched:
-            if dim.kind in ("float", "int") and dim.step is None:
-                raise SpecError(
-                    f"space.{dim.name}",
-                    f"grid search needs a finite grid with a stated spacing, but this {dim.kind} has "
-                    "no step.",
-                    "add step: or use choices:.",
-                )
-        space = spec.search_space
-        for dim in space.searched:
-            if _may_not_act(space, dim):
-                when = " and ".join(f"{k} is {' or '.join(map(str, v))}" for k, v in dim.when.items())
-                raise SpecError(
-                    f"space.{dim.name}.when",
-                    "grid search runs every combination of the searched values, so a parameter that "
-                    f"acts only when {when} would repeat the other trials' configurations.",
-                    f"fix space.{dim.name} (or drop its when), or use another search.algorithm.",
-                )
-        points = 1
-        for values in spec.search_space.grid().values():
-            points *= max(1, len(values))
-            if points > MAX_GRID:
-                raise SpecError(
-                    "space",
-                    f"the grid has more than {MAX_GRID:,} points (a grid must be small enough to run whole).",
-                    "use fewer choices or a larger step, or another search.algorithm.",
-                )
-    if s.algorithm == "grid" and not spec.search_space.searched:
+        _check_grid(spec)
+    _check_hyperband(spec)
+
+
+def _check_grid(spec: Spec) -> None:
+    """A grid is finite, small enough to run whole, and has no parameter that acts only sometimes."""
+    for dim in spec.search_space.searched:
+        if dim.kind in ("float", "int") and dim.step is None:
+            raise SpecError(
+                f"space.{dim.name}",
+                f"grid search needs a finite grid with a stated spacing, but this {dim.kind} has no step.",
+                "add step: or use choices:.",
+            )
+    space = spec.search_space
+    for dim in space.searched:
+        if _may_not_act(space, dim):
+            when = " and ".join(f"{k} is {' or '.join(map(str, v))}" for k, v in dim.when.items())
+            raise SpecError(
+                f"space.{dim.name}.when",
+                "grid search runs every combination of the searched values, so a parameter that "
+                f"acts only when {when} would repeat the other trials' configurations.",
+                f"fix space.{dim.name} (or drop its when), or use another search.algorithm.",
+            )
+    points = 1
+    for values in spec.search_space.grid().values():
+        points *= max(1, len(values))
+        if points > MAX_GRID:
+            raise SpecError(
+                "space",
+                f"the grid has more than {MAX_GRID:,} points (a grid must be small enough to run whole).",
+                "use fewer choices or a larger step, or another search.algorithm.",
+            )
+    if not spec.search_space.searched:
         raise SpecError(
             "search.algorithm",
             "grid search needs at least one searched parameter.",
             "add a parameter with choices or a stepped range to space.",
+        )
+
+
+def _check_hyperband(spec: Spec) -> None:
+    """Ray's HyperBand halves a bracket only once all its trials exist: all must exist at once."""
+    from search.samplers import num_samples
+
+    s = spec.search
+    trials = num_samples(spec)  # a grid runs no more trials than its points
+    if s.scheduler == "hyperband" and s.max_concurrent < trials:
+        raise SpecError(
+            "search.max_concurrent",
+            "scheduler 'hyperband' (Ray's synchronous HyperBand) halves a bracket only once all its "
+            f"trials exist, so max_concurrent >= the number of trials must hold, but got {s.max_concurrent} "
+            f"< {trials} (it would stop no trial; measured, BENCHMARKS.md §3).",
+            f"set search.max_concurrent: {trials} (the resources still decide how many run at once), "
+            "or use scheduler auto, curve or asha.",
         )
 
 
