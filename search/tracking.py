@@ -10,15 +10,15 @@ of :mod:`search.mlflow_store`:
   versions, seeds, base weights sha256 and dataset fingerprint (:mod:`search.facts`);
   ``base_<metric>`` (the base model's epoch-0 metrics); ``best_<metric>`` stepped by the number of
   finished trials; a final ``summary.json`` and ``summary.*``/``search.trials.*`` tags;
-- one nested child run per trial (tag ``mlflow.parentRunId``): the sampled params under their
-  spec names, per-epoch metrics with ``step = epoch`` (Ray's bookkeeping keys are left out),
-  ``best_<metric>`` and ``best_epoch``; status FINISHED (``stopped_early=true`` and
-  ``stopped_at_epoch`` when stopped early), FAILED for diverged/errored trials
-  (``failure_reason`` tag, ``traceback.txt`` artifact), KILLED when the study was interrupted.
+- one nested child run per trial (tag ``mlflow.parentRunId``): the sampled params under their spec
+  names, per-epoch metrics with ``step = epoch`` (Ray's bookkeeping keys are left out),
+  ``best_<metric>`` and ``best_epoch``; status FINISHED (``stopped_early=true`` and ``stopped_at_epoch``
+  when stopped early), FAILED for diverged/errored trials (``failure_reason`` tag, ``traceback.txt``
+  artifact), KILLED when the study was interrupted.
 
 Resume: the run map (``mlflow_runs.json``) and the ``search.run_key`` tag name the runs, so a restored
-study continues the SAME runs (RUNNING again, then closed), and replayed epochs are logged once. A
-trial Ray's saved state never held is re-run as a new trial (``StudySearch.replaces``) in its run."""
+study continues the SAME runs (RUNNING again, then closed), and replayed epochs are logged once. A trial
+Ray's saved state never held is re-run as a new trial (``StudySearch.replaces``) in its run."""
 
 from __future__ import annotations
 
@@ -62,6 +62,8 @@ except ImportError:  # pragma: no cover - ray is a dependency
 log = logging.getLogger(__name__)
 
 FLUSH_ENV = "SEARCH_MLFLOW_FLUSH_S"  # seconds to wait for the queue at the end of a study
+# a trial run's tags of its last ending, cleared when it runs again
+_ENDINGS = ["stopped_early", "stopped_at_epoch", "failure_reason", "interrupted", "diverged"]
 
 
 def _now_ms() -> int:
@@ -152,6 +154,7 @@ class MlflowTracker(_Callback):
             params=params or {},
             tags=tags or {},
             once=key != "parent" and (self.resume or bool(self.runs.trial(key).get("replay"))),
+            same=key == "parent",  # its step-0 figures, said at each end: a value once (a new one wins)
         )
 
     def _open_trial(self, trial: Any) -> None:
@@ -181,13 +184,7 @@ class MlflowTracker(_Callback):
             self.runs.data["trials"].pop(lost, None)
             self._put(op="adopt_run", key=tid, old=lost, tags={**tags, "search.rerun_of": lost})
         self._put(
-            op="open_run",
-            key=tid,
-            name=tid,
-            parent="parent",
-            ts=_now_ms(),
-            tags=tags,
-            reopen_clear=["stopped_early", "stopped_at_epoch", "failure_reason", "interrupted", "diverged"],
+            op="open_run", key=tid, name=tid, parent="parent", ts=_now_ms(), tags=tags, reopen_clear=_ENDINGS
         )
         if not reopened:
             self._log(tid, params=flatten_params(dict(trial.config or {})))
@@ -276,8 +273,9 @@ class MlflowTracker(_Callback):
             for k in ("trainable_params", "frozen_params")
             if S.number(result.get(k)) is not None
         }
-        if counts:
+        if counts and not st.get("counts"):  # the same at every report: once per run
             self._log(tid, metrics=counts, step=0)
+            st["counts"] = True
         if result.get("diverged"):
             st["diverged"] = epoch
             losses = {k: v for k, v in metric_values(result).items() if k != self.metric}
@@ -431,11 +429,12 @@ class MlflowTracker(_Callback):
         if left:
             log.warning(
                 "MLflow: %d records could not be written to %s (%s); they are kept in %s and written "
-                "on the next resume of this study (or with search.tracking.replay_pending)",
+                "by the next resume of this study (python -m search resume %s; also once it has finished)",
                 len(left),
                 redact(self.uri),
                 short_reason(self.queue.last_error or "rejected"),
                 self.exp_dir / PENDING_FILE,
+                self.exp_dir,
             )
         else:
             log.info(

@@ -148,6 +148,7 @@ class WriteQueue:
         self._client: Any = None
         self._experiment_id: str | None = None
         self._logged: dict[tuple[str, str], set[int]] = {}  # (run id, metric) -> steps in the store
+        self._points: dict[tuple[str, str], set[tuple[int, float]]] = {}  # the same, with values
         self.thread = threading.Thread(target=self._loop, name="mlflow-writer", daemon=True)
 
     # -- producer side
@@ -311,6 +312,8 @@ class WriteQueue:
             metrics = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in op.get("metrics", [])]
             if op.get("once"):
                 metrics = self._not_logged(run_id, metrics)
+            if op.get("same"):
+                metrics = self._not_repeated(run_id, metrics)
             params = [Param(k, v) for k, v in op.get("params", {}).items()]
             tags = [RunTag(k, v[:MAX_TAG_VALUE]) for k, v in op.get("tags", {}).items()]
             if (
@@ -360,6 +363,20 @@ class WriteQueue:
                 steps = self._logged[(run_id, m.key)] = {h.step for h in history}
             if m.step not in steps:
                 steps.add(m.step)
+                out.append(m)
+        return out
+
+    def _not_repeated(self, run_id: str, metrics: list) -> list:
+        """The metrics whose (step, value) the run does not hold yet (the parent's end figures,
+        written by a launch and again by a replay of its pending records or by a resume)."""
+        out = []
+        for m in metrics:
+            points = self._points.get((run_id, m.key))
+            if points is None:
+                history = self._mlc().get_metric_history(run_id, m.key)
+                points = self._points[(run_id, m.key)] = {(h.step, h.value) for h in history}
+            if (m.step, m.value) not in points:
+                points.add((m.step, m.value))
                 out.append(m)
         return out
 

@@ -58,6 +58,9 @@ def write_spec(tmp: Path, name: str = "toy", **extra) -> Path:
     return path
 
 
+COUNTS = {"trainable_params": 1000, "frozen_params": 10}  # as a trial reports them at every epoch
+
+
 def toy_trainable(config: dict) -> None:
     """Reports epoch 0 (base), then epochs 1..EPOCHS with a checkpoint; ``kind`` picks a fate."""
     import shutil
@@ -70,7 +73,7 @@ def toy_trainable(config: dict) -> None:
     if ckpt is not None:
         start = json.loads((Path(ckpt.path) / "state.json").read_text())["epoch"] + 1
     else:
-        tune.report({"epoch": 0, "map": 0.1, "map50": 0.2, "base_metric": 0.1})
+        tune.report({"epoch": 0, "map": 0.1, "map50": 0.2, "base_metric": 0.1, **COUNTS})
     for epoch in range(start, EPOCHS + 1):
         time.sleep(float(config.get("sleep", 0.05)))
         gate = config.get("gate")
@@ -101,6 +104,7 @@ def toy_trainable(config: dict) -> None:
                 "epoch_seconds": 0.05,
                 "images_per_s": 80.0,
                 "ap_per_class": {"red": value, "blue": value / 2},
+                **COUNTS,
             },
             checkpoint=tune.Checkpoint.from_directory(str(folder)),
         )
@@ -242,6 +246,10 @@ def test_parent_and_nested_children(toy_study):
         "done",
     }
     assert not noise & set(ok.data.metrics)
+    for key in ok.data.metrics:  # one point per step: the parameter counts once, at step 0
+        steps = [m.step for m in mlc.get_metric_history(ok.info.run_id, key)]
+        assert len(steps) == len(set(steps)), (key, steps)
+    assert [m.step for m in mlc.get_metric_history(ok.info.run_id, "trainable_params")] == [0]
     assert not [k for k in ok.data.metrics if k.startswith("config")]
 
     stop = by_kind["stop"]

@@ -172,3 +172,26 @@ def test_lost_answer_to_create_run_makes_no_duplicate(tmp_path):
     found = real.search_runs([exp_id], "")
     assert len(found) == 1 and found[0].info.run_id == runs.run_id("parent")
     assert found[0].info.status == "FINISHED"
+
+
+def test_the_parents_figures_said_again_are_written_once_per_value(tmp_path):
+    """A launch's end writes the parent's step-0 figures (reference, best vs reference); a replay of
+    its pending records, or a resume's end, says them again: the same value once, a new one added
+    (MLflow shows the newest)."""
+    uri = mlflow_store.default_uri(tmp_path)
+    runs = run_map.RunMap(tmp_path)
+    queue = write_queue.WriteQueue(uri, "again", runs, tmp_path / write_queue.PENDING_FILE, backoff=0.05)
+    queue.start()
+    queue.put({"op": "open_run", "key": "parent", "name": "p", "tags": {}})
+    for value, ts in ((0.25, 1), (0.25, 2), (0.5, 3), (0.5, 4)):
+        queue.put({"op": "log", "key": "parent", "metrics": [["reference_map", value, ts, 0]], "same": True})
+    queue.put({"op": "log", "key": "parent", "metrics": [["best_map", 0.5, 5, 1]], "same": True})
+    queue.put({"op": "log", "key": "parent", "metrics": [["best_map", 0.5, 6, 2]], "same": True})
+    assert queue.close(timeout=20) == []
+    mlc = mlflow_store.client(uri)
+    run_id = runs.run_id("parent")
+    points = [(m.step, m.value) for m in mlc.get_metric_history(run_id, "reference_map")]
+    assert (
+        sorted(points) == [(0, 0.25), (0, 0.5)] and mlc.get_run(run_id).data.metrics["reference_map"] == 0.5
+    )
+    assert len(mlc.get_metric_history(run_id, "best_map")) == 2  # other steps are other points
