@@ -94,3 +94,37 @@ def test_norm_is_a_searchable_parameter_and_build_model_applies_it(tmp_path):
     model, info = models.build_model(cfg, params.resolve({"norm": "frozen"}), 4)
     assert info["norm"] == "frozen" and info["norms_replaced"] > 0
     assert not any(type(m) is nn.BatchNorm2d for m in model.modules())
+
+
+def test_a_set_over_norm_parameters_selects_nothing_there_under_frozen():
+    """A custom set written for BatchNorm parameters, in a study that searches norm: the frozen
+    trials' norms hold buffers, so the pattern selects nothing there (the trial died with 'matches
+    no parameter name'); a pattern that matches nothing at all is still refused."""
+    m = net()
+    apply_norm(m, "frozen")
+    sets = {"s": ["0.*", "1.*"]}  # conv 0, and BatchNorm 1 (a FrozenBatchNorm2d now)
+    rep = freeze.apply_trainable(m, None, "s", custom_sets=sets)
+    assert [n for n, p in m.named_parameters() if p.requires_grad] == ["0.weight", "0.bias"], rep
+    with pytest.raises(ValueError, match="'9.*' matches no parameter name"):
+        freeze.apply_trainable(m, None, "s", custom_sets={"s": ["0.*", "9.*"]})
+
+
+@pytest.mark.parametrize(("norm", "refused"), [("frozen", True), ("{choices: [frozen, train]}", False)])
+def test_validate_refuses_a_norm_pattern_that_no_trial_can_train(norm, refused):
+    from search.errors import SpecError
+    from search.spec import deep_check
+
+    spec = load_spec(
+        ROOT / "spaces/det.yaml",
+        [
+            'model.trainable_sets={s: ["head.*", "backbone.features.0.0.1.*"]}',
+            "space.trainable=s",
+            f"space.norm={norm}",
+        ],
+    )
+    if not refused:
+        deep_check(spec)
+        return
+    with pytest.raises(SpecError) as err:
+        deep_check(spec)
+    assert err.value.key == "model.trainable_sets.s" and "norm: frozen" in err.value.message

@@ -80,6 +80,19 @@ def test_checkpoint_trainable_only_atomic_weights_only(tmp_path):
     assert set(full["model"]) == set(model.state_dict())
 
 
+def test_a_trainable_only_checkpoint_is_refused_as_weights(tmp_path):
+    """As model.weights a trial's checkpoint of its trained tensors only gave a model whose frozen
+    part was random (validate said ok); a full checkpoint is a state_dict like any other."""
+    from trainables.weights import WeightsError, load_state_file
+
+    model = TwoPart()
+    with pytest.raises(WeightsError, match="holds only its trained tensors") as err:
+        load_state_file(_save(tmp_path / "heads.pt", model))
+    assert "--weights-out" in err.value.fix
+    full = load_state_file(_save(tmp_path / "full.pt", model, trainable_only=False))
+    assert set(full) == set(model.state_dict())
+
+
 def test_checkpoint_restore_model_and_rng(tmp_path):
     src = TwoPart()
     src.head[1].running_mean.fill_(0.25)
@@ -127,6 +140,31 @@ def test_diverged_raised_before_step():
         engine.train_one_epoch(model, loader, opt, sched, device=torch.device("cpu"), params=P.resolve({}))
     assert info.value.step == 0 and "loss" in info.value.losses
     assert torch.equal(model.w.detach(), torch.ones(2)) and model.w.grad is None
+
+
+class Quadratic(nn.Module):
+    """A detection-like model with a finite loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2))
+
+    def forward(self, images, targets):
+        return {"loss_a": (self.w**2).sum()}
+
+
+def test_the_epochs_lr_is_the_one_its_steps_used():
+    """A step schedule that drops after each epoch of 2 steps: epoch 1 trained at 0.1 throughout
+    (it said 0.01, the lr the scheduler had set for the next step); a cosine epoch does not say 0."""
+    model = Quadratic()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 ** (s // 2))
+    loader = [([torch.zeros(3, 8, 8)], [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0).long()}])] * 2
+    rows = [
+        engine.train_one_epoch(model, loader, opt, sched, device=torch.device("cpu"), params=P.resolve({}))
+        for _ in range(2)
+    ]
+    assert [r["lr"] for r in rows] == pytest.approx([0.1, 0.01])
 
 
 # --- run_trial --------------------------------------------------------------------------------

@@ -64,12 +64,14 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """Train one pass over ``loader``; the scheduler steps once per iteration.
 
-    Returns the mean of every loss term and of the weighted ``loss``, ``lr`` (first group, at the
-    end), ``epoch_seconds`` and ``images_per_s``. Raises :class:`Diverged` on a non-finite loss.
+    Returns the mean of every loss term and of the weighted ``loss``, ``lr`` (first group, that of
+    the epoch's last step: not the next step's, which the scheduler has set by then),
+    ``epoch_seconds`` and ``images_per_s``. Raises :class:`Diverged` on a non-finite loss.
     """
     freeze.train_mode(model)
     sums: dict[str, float] = defaultdict(float)
     n_steps = n_images = 0
+    lr = optimizer.param_groups[0]["lr"]
     t0 = time.perf_counter()
     for step, (images, targets) in enumerate(loader):
         images, targets = _to(device, images, targets)
@@ -93,6 +95,7 @@ def train_one_epoch(
             scaler.update()
         else:
             optimizer.step()
+        lr = optimizer.param_groups[0]["lr"]  # the lr this step used
         scheduler.step()
         for k, v in values.items():
             sums[k] += v
@@ -101,10 +104,10 @@ def train_one_epoch(
         if n_steps == 1:
             pause_point("mid_epoch")  # test hook (trainables/testhooks.py)
         if log_every and step % log_every == 0:
-            log.info("step %d loss %.4f lr %.3g", step, values["loss"], optimizer.param_groups[0]["lr"])
+            log.info("step %d loss %.4f lr %.3g", step, values["loss"], lr)
     seconds = time.perf_counter() - t0
     out = {k: v / max(1, n_steps) for k, v in sums.items()}
-    out |= {"lr": optimizer.param_groups[0]["lr"], "epoch_seconds": seconds}
+    out |= {"lr": lr, "epoch_seconds": seconds}
     out["images_per_s"] = n_images / seconds if seconds > 0 else 0.0
     return out
 

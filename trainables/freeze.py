@@ -47,16 +47,17 @@ class FreezeReport:
     trainable_names: tuple[str, ...]
 
 
-def match(names: Sequence[str], globs: Iterable[str]) -> list[str]:
+def match(names: Sequence[str], globs: Iterable[str], fixed: Sequence[str] = ()) -> list[str]:
     """Names matched by any glob, in ``names`` order.
 
-    Raises ValueError naming the first glob that matches nothing, with a hint of similar names.
+    Raises ValueError naming the first glob that matches nothing, with a hint of similar names;
+    a glob that matches only ``fixed`` names (tensors that can never train) is no error.
     """
     names = list(names)
     hit: set[str] = set()
     for glob in globs:
         found = [n for n in names if fnmatch.fnmatchcase(n, glob)]
-        if not found:
+        if not found and not any(fnmatch.fnmatchcase(n, glob) for n in fixed):
             raise ValueError(f"pattern {glob!r} matches no parameter name{_hint(glob, names)}")
         hit.update(found)
     return [n for n in names if n in hit]
@@ -180,10 +181,19 @@ def apply_trainable(
     A custom set of that name wins over a preset. Raises ValueError for an unknown name, a glob
     that matches nothing, or a selection that trains nothing.
     """
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
     custom_sets = custom_sets or {}
     params = dict(model.named_parameters())
     if name in custom_sets:
-        chosen = match(list(params), custom_sets[name])
+        # a set written for BatchNorm parameters that norm: frozen (or the base) made buffers
+        fixed = [
+            f"{path}.{b}"
+            for path, m in model.named_modules()
+            if isinstance(m, FrozenBatchNorm2d)
+            for b in ("weight", "bias")
+        ]
+        chosen = match(list(params), custom_sets[name], fixed)
     elif family is None:
         if name != "all":
             raise ValueError(f"freeze preset {name!r} needs an architecture family; without one use 'all'")

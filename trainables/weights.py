@@ -40,7 +40,12 @@ MIN_MATCH_FRACTION = 0.5
 
 
 class WeightsError(Exception):
-    """Base weights that cannot be used: not cached, unreadable, unsafe or not fitting the model."""
+    """Base weights that cannot be used: not cached, unreadable, unsafe or not fitting the model.
+    ``fix``: what to do instead, where the generic advice does not fit."""
+
+    def __init__(self, message: str, fix: str | None = None) -> None:
+        super().__init__(message)
+        self.fix = fix
 
 
 def is_enum_name(value: str) -> bool:
@@ -118,7 +123,8 @@ def cached_weights(member: WeightsEnum, what: str = "weights") -> tuple[Path, st
 
 
 def load_state_file(path: str | Path, what: str = "weights file") -> dict[str, torch.Tensor]:
-    """A state_dict from a file: plain, or the ``model`` entry of our checkpoint dict.
+    """A state_dict from a file: plain, or the ``model`` entry of our checkpoint dict (a full one:
+    a trainable-only checkpoint lacks the frozen tensors).
 
     Raises WeightsError when the file is missing, refused by ``weights_only`` or holds no tensors.
     """
@@ -127,6 +133,13 @@ def load_state_file(path: str | Path, what: str = "weights file") -> dict[str, t
         raise WeightsError(f"{what} {path} does not exist")
     obj = _safe_load(path, what)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        if obj.get("trainable_only") is True:
+            raise WeightsError(
+                f"{what} {path} is a trial's checkpoint that holds only its trained tensors (the frozen "
+                "ones are its own base's), so the rest of a model built from it would stay random",
+                "use full weights: `python -m search trial ... --weights-out FILE`, an export's weights, "
+                "or a checkpoint of train.keep_full_checkpoint: true.",
+            )
         obj = obj["model"]
     if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
         raise WeightsError(

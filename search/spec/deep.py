@@ -54,7 +54,11 @@ def deep_check(spec: Spec) -> dict[str, Any]:
     _check_trainable_k(spec, model, fam)
     _check_image_files(spec)
     tensors = list(model.parameters())
-    return {"parameters": sum(p.numel() for p in tensors), "parameter_tensors": len(tensors)}
+    facts = {"parameters": sum(p.numel() for p in tensors), "parameter_tensors": len(tensors)}
+    if spec.model.trainable_sets and set(_dim_values(spec, "norm")) == {"frozen"}:
+        # every trial's BatchNorm parameters become buffers (a trial matches its sets after that)
+        check_trainable_sets(spec, model, "the model with norm: frozen", frozen_norms=True)
+    return facts
 
 
 def check_weights(spec: Spec) -> None:
@@ -79,29 +83,33 @@ def check_weights(spec: Spec) -> None:
         raise SpecError(
             key,
             " ".join(str(exc).split()),
-            "use a weights file of this architecture, an enum whose file is in the torch hub cache, or none.",
+            exc.fix
+            or "use a weights file of this architecture, an enum whose file is in the torch hub cache, or none.",
         ) from None
     check_trainable_sets(spec, model, f"the model built from {key}")
 
 
-def check_trainable_sets(spec: Spec, model: Any, built: str = "") -> None:
+def check_trainable_sets(spec: Spec, model: Any, built: str = "", frozen_norms: bool = False) -> None:
     """Every pattern of every ``model.trainable_sets`` entry matches a parameter of ``model``
     (``built`` says which model that is, for the message). :func:`deep_check` runs it on the
     weightless skeleton; the launcher runs it again on the model built from the base weights, where
-    BatchNorm layers saved from FrozenBatchNorm2d hold buffers, not parameters."""
+    BatchNorm layers saved from FrozenBatchNorm2d hold buffers, not parameters (``frozen_norms``:
+    every BatchNorm2d counts as one, as ``norm: frozen`` makes them)."""
     import fnmatch
 
+    from torch import nn
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     from trainables import freeze
 
-    names = [n for n, _ in model.named_parameters()]
+    frozen = (FrozenBatchNorm2d, nn.BatchNorm2d) if frozen_norms else (FrozenBatchNorm2d,)
     frozen_bn = [
         f"{path}.{b}" if path else b
         for path, module in model.named_modules()
-        if isinstance(module, FrozenBatchNorm2d)
-        for b, _ in module.named_buffers(recurse=False)
+        if isinstance(module, frozen)
+        for b in ("weight", "bias", "running_mean", "running_var")
     ]
+    names = [n for n, _ in model.named_parameters() if n not in frozen_bn]
     for set_name, globs in spec.model.trainable_sets.items():
         key = f"model.trainable_sets.{set_name}"
         for glob in globs:
@@ -111,8 +119,9 @@ def check_trainable_sets(spec: Spec, model: Any, built: str = "") -> None:
                 raise SpecError(
                     key,
                     f"pattern {glob!r} matches only FrozenBatchNorm2d statistics in {built or 'the model'}; "
-                    "the pretrained model keeps those fixed (buffers, not parameters).",
-                    "drop the BatchNorm pattern (those layers stay frozen) or match conv/linear layers.",
+                    "they are fixed there (buffers, not parameters).",
+                    "drop the BatchNorm pattern (those layers stay frozen), match conv/linear layers, or "
+                    "let them train with space.norm: train or affine.",
                 )
         try:
             freeze.match(names, list(globs))
