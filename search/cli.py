@@ -281,19 +281,20 @@ def cmd_trial(args: argparse.Namespace) -> int:
         _check_base_weights(spec, args.spec)  # exit 2 before the trial's folder exists
     finally:
         root.setLevel(shown)
-    space = spec.search_space
-    chosen = space.defaults()
+    chosen = spec.search_space.defaults()
     out = args.out or spec.experiment_dir / "local" / time.strftime("%Y%m%d-%H%M%S")
-    cfg = spec.trial_config(out_dir=out.resolve(), threads=_threads(spec.resources.cpu))
+    cfg = spec.trial_config(out_dir=out.resolve(), threads=max(1, int(spec.resources.cpu)))
     _progress = _printer(args.json)
     result = run_trial(cfg, trial_params.resolve(chosen), report=_progress)
     if args.weights_out and result.get("status") == "ok":
+        from search.spec.notes import weights_note
         from trainables.checkpoint import load_trained, save_weights
 
         model = load_trained(
             cfg, trial_params.resolve(chosen), spec.num_classes + 1, Path(result["checkpoint"])
         )
         result["weights_out"] = str(save_weights(model, args.weights_out, half=args.half))
+        result["weights_note"] = weights_note(trial_params.resolve(chosen))  # what a state_dict cannot say
     if args.json:
         print(json.dumps(result, default=str))
     else:
@@ -313,10 +314,6 @@ def _check_base_weights(spec: Any, source: Path) -> None:
             check_weights(spec)
     except SpecError as err:
         raise err.with_source(str(source)) from None
-
-
-def _threads(cpu: float) -> int:
-    return max(1, int(cpu))
 
 
 # the metrics of a trial's progress lines
@@ -341,6 +338,8 @@ def _print_trial(result: dict, metric: str) -> None:
     print(f"checkpoint: {result.get('checkpoint')}")
     if result.get("weights_out"):
         print(f"weights written: {result['weights_out']}")
+        if result.get("weights_note"):
+            print(f"note: {result['weights_note']}")
 
 
 def cmd_launch(args: argparse.Namespace) -> int:

@@ -89,6 +89,7 @@ def test_trial_json_contract_and_set_space(tmp_path):
     assert Path(out["checkpoint"]).is_file()
     state = torch.load(base, weights_only=True)
     assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
+    assert out["weights_note"] is None  # activation keep: nothing the state_dict lacks
 
     # the written weights are a valid base for the next trial, and that base stays untouched
     digest = hashlib.sha256(base.read_bytes()).hexdigest()

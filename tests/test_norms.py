@@ -128,3 +128,23 @@ def test_validate_refuses_a_norm_pattern_that_no_trial_can_train(norm, refused):
     with pytest.raises(SpecError) as err:
         deep_check(spec)
     assert err.value.key == "model.trainable_sets.s" and "norm: frozen" in err.value.message
+
+
+def test_a_batch_of_one_image_through_a_1x1_norm_trains():
+    """SSDlite's last extra layers and DeepLabV3's image pooling meet a 1x1 map: with one image
+    per batch (batch_size 1, or a last batch of one) training raised at step 0. Under the guard
+    that norm uses its running statistics for that input; larger inputs train as before."""
+    from trainables.norms import one_value_guard
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(4)).train()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        m(torch.rand(1, 3, 8, 8))
+    with one_value_guard(m):
+        out = m(torch.rand(1, 3, 8, 8))
+        out.sum().backward()
+        assert m[2].training and torch.equal(m[2].running_mean, torch.zeros(4))  # not updated
+        assert m[2].weight.grad is not None
+        m(torch.rand(2, 3, 8, 8))  # two values per channel: batch statistics, as before
+        assert not torch.equal(m[2].running_mean, torch.zeros(4))
+    assert not m[2]._forward_hooks and not m[2]._forward_pre_hooks

@@ -78,3 +78,12 @@ def test_the_launch_header_says_the_notes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "grid + auto (curve), 4 trials x" in out
     assert "  note: search.num_trials 9: the grid has 4 point(s), so the study runs 4 trials.\n" in out
+
+
+def test_weights_out_says_the_activation_a_state_dict_cannot_hold():
+    from search.spec.notes import weights_note
+    from trainables import params
+
+    assert weights_note(params.resolve({})) is None
+    note = weights_note(params.resolve({"activation": "silu"}))
+    assert "space.activation: silu and space.activation_scope: heads" in note

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from trainables import coco_eval, freeze, losses
+from trainables import coco_eval, freeze, losses, norms
 from trainables.testhooks import pause_point
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,8 @@ def train_one_epoch(
     t0 = time.perf_counter()
     for step, (images, targets) in enumerate(loader):
         images, targets = _to(device, images, targets)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+        with autocast, norms.one_value_guard(model):  # a batch of one image: see one_value_guard
             loss_dict = _loss_dict(model, images, targets, params)
             loss = losses.weighted_total(loss_dict, params)
         values = {k: float(v.detach()) for k, v in loss_dict.items()} | {"loss": float(loss.detach())}

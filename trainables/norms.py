@@ -17,7 +17,8 @@ No torch import at module level (validation imports the table through :mod:`trai
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -108,3 +109,33 @@ def apply_norm(model: nn.Module, mode: str) -> int:
         setattr(model.get_submodule(parent_path) if parent_path else model, child, new)
         changed += 1
     return changed
+
+
+@contextmanager
+def one_value_guard(model: nn.Module) -> Iterator[None]:
+    """While active, a training BatchNorm that gets one value per channel (a batch of one image
+    reaching a 1x1 map: SSDlite's last extra layers, DeepLabV3's image pooling) normalises that
+    input with its running statistics, as in eval mode, instead of raising "Expected more than 1
+    value per channel when training"; its affine parameters still get their gradient."""
+    from torch import nn
+
+    def before(module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        if module.training and x.dim() > 1 and x.numel() == x.shape[1]:
+            module.training = False
+            module._one_value = True
+
+    def after(module: nn.Module, args: tuple, out: object) -> None:
+        if getattr(module, "_one_value", False):
+            module.training = True
+            del module._one_value
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            handles += [m.register_forward_pre_hook(before), m.register_forward_hook(after)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

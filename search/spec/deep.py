@@ -84,7 +84,8 @@ def check_weights(spec: Spec) -> None:
             key,
             " ".join(str(exc).split()),
             exc.fix
-            or "use a weights file of this architecture, an enum whose file is in the torch hub cache, or none.",
+            or "use a weights file of this architecture, an enum whose file is in the torch hub "
+            "cache, or none.",
         ) from None
     check_trainable_sets(spec, model, f"the model built from {key}")
 

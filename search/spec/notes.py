@@ -39,3 +39,17 @@ def spec_notes(spec: Any) -> list[str]:
             f"{points} trials."
         )
     return out
+
+
+def weights_note(params: dict[str, Any]) -> str | None:
+    """What a weights file written from a trial of ``params`` (resolved) cannot say itself: its
+    activation swap (a state_dict has no activation modules), which a spec using it as a base must
+    repeat, else it evaluates another model than the one trained. None when there is nothing to say."""
+    activation, scope = params.get("activation", "keep"), params.get("activation_scope")
+    if activation == "keep":
+        return None
+    return (
+        f"these weights were trained with activation {activation!r} in scope {scope!r}, which a "
+        "state_dict does not record: a spec that uses them as model.weights should fix "
+        f"space.activation: {activation} and space.activation_scope: {scope}."
+    )
