@@ -375,6 +375,22 @@ def test_backbone_file_must_fit_the_trunk(tmp_path):
         build("fcos", weights="DEFAULT", backbone="mobilenet_v3_small")
 
 
+def test_densenets_published_key_names_load_as_torchvision_loads_them(tmp_path):
+    """torchvision's densenet*.pth files name "denselayer1.norm.1.weight" what the model calls
+    "denselayer1.norm1.weight" (its enum loader renames them); the file was refused."""
+    torch.manual_seed(3)
+    state = get_model("densenet121", weights=None).state_dict()
+    published = {
+        re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v for k, v in state.items()
+    }
+    assert "features.denseblock1.denselayer1.norm.1.weight" in published
+    torch.save(published, tmp_path / "densenet121.pth")
+    model, _ = build("fasterrcnn", weights_backbone=tmp_path / "densenet121.pth", backbone="densenet121")
+    got = model.backbone.body.state_dict()
+    key = next(k for k in got if k.endswith("denselayer1.norm1.weight"))
+    assert torch.equal(got[key], state[f"features.{key}"])
+
+
 def test_composed_file_weights_load_then_predictors_are_replaced(tmp_path):
     settings = {"backbone": "mobilenet_v3_small", "fpn_channels": 64}
     torch.manual_seed(1)

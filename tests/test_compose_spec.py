@@ -91,6 +91,13 @@ def test_spec_semantic_composition_rules():
     raw["model"] = {"arch": "deeplabv3", "backbone": "resnet18", "anchor_sizes": [[32]]}
     with pytest.raises(SpecError, match="model.anchor_sizes: applies to detection"):
         build_spec(raw, ROOT)
+    # an aux unit without aux_loss was dropped without a word (and loss.aux_weight did nothing)
+    fcn = ["model.arch=fcn", "model.backbone=resnet18", "model.weights=none", "space.trainable=heads"]
+    fcn.append("model.feature_layers=[layer2, layer4]")
+    with pytest.raises(SpecError) as err:
+        deep_check(load_spec(ROOT / "spaces/seg.yaml", fcn))
+    assert err.value.key == "model.feature_layers" and "aux_loss is not true" in err.value.message
+    deep_check(load_spec(ROOT / "spaces/seg.yaml", [*fcn, "model.kwargs={aux_loss: true}"]))
 
 
 @pytest.mark.parametrize(
@@ -102,6 +109,9 @@ def test_spec_semantic_composition_rules():
         ({"feature_layers": ["8", "3", "12"]}, "model.feature_layers", "forward order"),
         ({"weights_backbone": "IMAGENET1K_V9"}, "model.weights_backbone", "MobileNet_V3_Small_Weights"),
         ({"kwargs": {"rpn_anchor_generator": 1}}, "model.kwargs", "must not set"),
+        # FCOS's GroupNorm(32, C): torch's own words said model.kwargs
+        ({"arch": "fcos", "fpn_channels": 100}, "model.fpn_channels", "GroupNorm(32, C)"),
+        ({"arch": "fcos", "fpn": False, "feature_layers": ["8"]}, "model.feature_layers", "C = 48"),
     ],
 )
 def test_spec_deep_errors(model, key, text):

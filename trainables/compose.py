@@ -327,20 +327,9 @@ def plan(arch: str, family: Family, settings: Settings, aux: bool = False) -> Pl
         k = default_feature_layer_count(family, fpn)
         layers = tuple(g[-1].name for g in groups[-k:])
     if semantic:
-        if len(layers) > 2:
-            raise ComposeError(
-                "model.feature_layers", f"{arch} takes [out] or [aux, out], but got {list(layers)}"
-            )
-        if aux and len(layers) == 1:
-            out_group = next(i for i, g in enumerate(groups) if any(u.name == layers[0] for u in g))
-            if out_group == 0:
-                raise ComposeError(
-                    "model.feature_layers", f"no unit before {layers[0]!r} to feed the aux head"
-                )
-            layers = (groups[out_group - 1][-1].name, layers[0])
-        elif not aux:
-            layers = layers[-1:]
+        layers = _semantic_layers(arch, groups, layers, aux)
     chosen = [by_name[n] for n in layers]
+    _check_group_norm(family, fpn, s, chosen)
     sizes = ratios = None
     if not semantic:
         problem = anchor_problem(
@@ -369,6 +358,45 @@ def plan(arch: str, family: Family, settings: Settings, aux: bool = False) -> Pl
         aspect_ratios=ratios,
         aux=semantic and aux,
     )
+
+
+def _semantic_layers(arch: str, groups: list[list[Unit]], layers: tuple[str, ...], aux: bool) -> tuple:
+    """``[out]`` or ``[aux, out]``: the aux unit defaults to the last of the group before out's; one
+    listed without ``aux_loss`` would be dropped without a word (and loss.aux_weight do nothing)."""
+    if len(layers) > 2:
+        raise ComposeError(
+            "model.feature_layers", f"{arch} takes [out] or [aux, out], but got {list(layers)}"
+        )
+    if not aux and len(layers) == 2:
+        raise ComposeError(
+            "model.feature_layers",
+            f"{list(layers)} names an aux unit, but model.kwargs.aux_loss is not true, so the aux head "
+            "would not exist; set model.kwargs.aux_loss: true, or list only the out unit",
+        )
+    if aux and len(layers) == 1:
+        out_group = next(i for i, g in enumerate(groups) if any(u.name == layers[0] for u in g))
+        if out_group == 0:
+            raise ComposeError("model.feature_layers", f"no unit before {layers[0]!r} to feed the aux head")
+        layers = (groups[out_group - 1][-1].name, layers[0])
+    return layers
+
+
+def _check_group_norm(family: Family, fpn: bool, s: Settings, chosen: list[Unit]) -> None:
+    """FCOS's head normalises with GroupNorm(32, C): its input channels (fpn_channels, or the one
+    feature map's) must be a multiple of 32 (torch said "num_channels must be divisible by
+    num_groups", which read as a model.kwargs fault)."""
+    if family.name != "fcos":
+        return
+    channels = s.fpn_channels if fpn else chosen[-1].channels
+    if channels % 32:
+        key = "model.fpn_channels" if fpn else "model.feature_layers"
+        where = "fpn_channels" if fpn else f"the feature map of {chosen[-1].name!r}"
+        raise ComposeError(
+            key,
+            f"fcos's head normalises with GroupNorm(32, C), but {where} gives C = {channels}, not a "
+            "multiple of 32; use fpn: true with fpn_channels a multiple of 32 (256 by default), or "
+            "another feature layer",
+        )
 
 
 def _anchors(family: Family, fpn: bool, chosen: list[Unit], s: Settings):

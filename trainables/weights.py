@@ -186,8 +186,17 @@ def load_matching(model: nn.Module, state: dict[str, torch.Tensor], path: Path) 
     return {"matched": len(matched), "missing": missing, "unexpected": unexpected, "mismatched": mismatched}
 
 
+# torchvision.models.densenet._load_state_dict: "denselayer1.norm.1.weight" is "denselayer1.norm1.weight"
+_DENSE_OLD = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
+
+
 def load_trunk(p: Plan, clf: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Load a classifier state_dict file into ``clf``: every trunk tensor in use must be there."""
+    """Load a classifier state_dict file into ``clf``: every trunk tensor in use must be there
+    (DenseNet's published files name them as before torchvision 0.3: renamed as its loader does)."""
+    if p.settings.backbone.startswith("densenet"):
+        state = {_DENSE_OLD.sub(r"\1\2", k): v for k, v in state.items()}
     own = clf.state_dict()
     keys = trunk_state_keys(p, clf)
     missing = [k for k in keys if k not in state]
