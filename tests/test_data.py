@@ -267,6 +267,18 @@ def test_missing_size_read_from_header(tmp_path):
     assert (idx.images[1].width, idx.images[1].height) == (100, 80) and idx.stats["size_from_file"] == 1
 
 
+def test_a_png_header_is_read_without_its_pixels(tmp_path):
+    """Pillow's PNG getexif() decoded the whole image (validate reads every header): a PNG cut
+    short after its header still gives its size; decoding it names the file."""
+    from trainables.coco import image_size_from_file
+
+    Image.new("RGB", (300, 200), (9, 99, 199)).save(tmp_path / "full.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "full.png").read_bytes()[:80])
+    assert image_size_from_file(tmp_path / "cut.png") == (300, 200)
+    with pytest.raises(DatasetError, match="cannot decode image"):
+        read_image(tmp_path / "cut.png")
+
+
 # --- datasets, masks, transforms, loaders --------------------------------------------------------
 def _square_mask() -> np.ndarray:
     m = np.zeros((100, 100), dtype=np.uint8, order="F")

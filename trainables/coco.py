@@ -212,7 +212,11 @@ def image_size_from_file(path: Path) -> tuple[int, int]:
         with Image.open(path) as img:
             w, h = _stored_size(img)
             check_pixels(w, h, str(path))
-            orientation = img.getexif().get(0x0112, 1)
+            # Pillow's PNG getexif() decodes the pixels to look for an eXIf chunk after them (1 ms for
+            # 256 px, seconds for a large image): the header's chunks only (one after the pixels is
+            # applied when the image is decoded, whose size check then names the file)
+            png_without = img.format == "PNG" and "exif" not in img.info
+            orientation = 1 if png_without else img.getexif().get(0x0112, 1)
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(f"{path}: cannot read image header: {e}") from e
     return (h, w) if orientation in _EXIF_TRANSPOSED else (w, h)

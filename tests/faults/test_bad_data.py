@@ -5,9 +5,10 @@ with a message naming the file.
 Refused by ``validate`` (exit 2, one line naming the annotations or image file): missing image file,
 truncated JSON, non-UTF-8 JSON, duplicate image/annotation ids, unknown category id, annotation
 on a missing image, non-finite box, bad width, empty split, no usable annotation, file_name
-escaping the image root (relative and absolute), an image too large to decode (header only).
-Refused by ``trial`` when decoding (exit 1, the image file named): corrupt bytes, a size that
-differs from the JSON, an image too large to decode.
+escaping the image root (relative and absolute), an image too large to decode (header only);
+without ``--quick``, which reads every image's header: corrupt bytes, a size that differs from the
+JSON, an image too large to decode. Refused by ``trial`` when decoding (exit 1, the image file
+named): pixels cut short after a sound header.
 Handled (one ``trial`` over one dataset holding all of them, exit 0): box partly outside the image
 (clipped), box fully outside and zero-area box (degenerate), crowd, negative image, missing
 width/height (read from the header), grayscale / RGBA / palette / 16-bit PNGs (converted to RGB),
@@ -171,17 +172,18 @@ REFUSED_BY_VALIDATE = [
     ),
 ]
 
-REFUSED_BY_TRIAL = [
+# refused by validate without --quick (and so by trial and launch), which reads every image's header
+REFUSED_BY_HEADERS = [
     (
         "corrupt-image-bytes",
         lambda d, r, f: (r / "img_1.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 40),
-        "cannot decode image",
+        "cannot read image header",
         "image:img_1.png",
     ),
     (
         "size-differs-from-json",
         lambda d, r, f: _png(r / "img_1.png", size=(80, 64)),
-        "decoded size 80x64",
+        "header says 80x64",
         "image:img_1.png",
     ),
     (
@@ -189,6 +191,14 @@ REFUSED_BY_TRIAL = [
         "huge-image-decoded",
         lambda d, r, f: _bomb_png(r / "img_1.png", 8000, 8000),
         "exceeds the limit of 40,000,000",
+        "image:img_1.png",
+    ),
+]
+REFUSED_BY_TRIAL = [
+    (  # a sound header, then the pixels cut short: only decoding finds it
+        "truncated-pixels",
+        lambda d, r, f: (r / "img_1.png").write_bytes((r / "img_1.png").read_bytes()[:80]),
+        "cannot decode image",
         "image:img_1.png",
     ),
 ]
@@ -314,6 +324,10 @@ def batch(tmp_path_factory):
         spec, ann, root = _make_case(top / f"v{i:02d}", cid, change)
         where[cid] = (ann, root)
         cases.append({"id": cid, "argv": ["validate", str(spec), "--quick"], "cwd": str(spec.parent)})
+    for i, (cid, change, _, _) in enumerate(REFUSED_BY_HEADERS):
+        spec, ann, root = _make_case(top / f"h{i:02d}", cid, change)
+        where[cid] = (ann, root)
+        cases.append({"id": cid, "argv": ["validate", str(spec)], "cwd": str(spec.parent)})
     for i, (cid, change, _, _) in enumerate(REFUSED_BY_TRIAL):
         spec, ann, root = _make_case(top / f"t{i:02d}", cid, change)
         where[cid] = (ann, root)
@@ -358,7 +372,11 @@ def _named(kind: str, ann: Path, root: Path) -> str:
     return str(ann) if kind == "json" else str(root / kind.split(":", 1)[1])
 
 
-@pytest.mark.parametrize("case", REFUSED_BY_VALIDATE, ids=[c[0] for c in REFUSED_BY_VALIDATE])
+@pytest.mark.parametrize(
+    "case",
+    REFUSED_BY_VALIDATE + REFUSED_BY_HEADERS,
+    ids=[c[0] for c in REFUSED_BY_VALIDATE + REFUSED_BY_HEADERS],
+)
 def test_dataset_refused_by_validate(batch, case):
     results, where, _ = batch
     cid, _, text, named = case
@@ -395,9 +413,9 @@ def test_at_least_12_dataset_kinds(batch):
     """A sample, not a count: the refused kinds end in at least 12 different refusals (each one's
     last stderr line, its own files masked), so the ids are not one check renamed."""
     results, where, _ = batch
-    assert len(REFUSED_BY_VALIDATE) + len(REFUSED_BY_TRIAL) + len(HANDLED) >= 12
+    assert len(REFUSED_BY_VALIDATE) + len(REFUSED_BY_HEADERS) + len(REFUSED_BY_TRIAL) + len(HANDLED) >= 12
     refusals: dict[str, list[str]] = {}
-    for cid, *_ in REFUSED_BY_VALIDATE + REFUSED_BY_TRIAL:
+    for cid, *_ in REFUSED_BY_VALIDATE + REFUSED_BY_HEADERS + REFUSED_BY_TRIAL:
         lines = [ln for ln in results[cid]["stderr"].splitlines() if ln.strip()]
         ann, root = where[cid]
         text = (lines[-1] if lines else "<no stderr>").replace(str(ann), "<ann>").replace(str(root), "<root>")

@@ -179,7 +179,13 @@ EXTRA = [
         "does not compose",
     ),
     _case("builder-kwarg-reserved", {"model.kwargs": {"num_classes": 5}}, "model.kwargs", "num_classes"),
-    _case("builder-kwarg-bad-value", {"model.kwargs": {"width_mult": "x"}}, "model.kwargs", "rejects"),
+    _case(
+        "builder-kwarg-bad-value",
+        {"model.kwargs": {"width_mult": "x"}},
+        "model.kwargs.width_mult",
+        "a number",
+    ),
+    _case("builder-kwarg-clash", {"model.kwargs": {"min_size": 320}}, "model.kwargs", "rejects"),
     _case(
         "activation-scope-without-activations",
         {
