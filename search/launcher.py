@@ -331,7 +331,7 @@ def _run_config(spec: Spec, exp_dir: Path, callbacks: list, deadline: float | No
         # num_to_keep=1 with a score: Ray keeps the best checkpoint and, always, the latest one
         checkpoint_config=tune.CheckpointConfig(
             num_to_keep=1,
-            checkpoint_score_attribute=spec.objective.metric,
+            checkpoint_score_attribute=S.CHECKPOINT_RANK,  # the first of tied epochs (search.worker)
             checkpoint_score_order=spec.objective.mode,
         ),
         failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),

@@ -115,19 +115,20 @@ def choose_trial(exp_dir: Path, trial_id: str | None = None) -> dict[str, Any]:
         if not trials:
             raise SelectError(f"{exp_dir}: no trial has a best metric yet (nothing finished an epoch)")
         return trials[0]
-    matches = [t for t in trials if t["id"] == trial_id] or [t for t in trials if t["id"].endswith(trial_id)]
-    if len(matches) == 1:
-        return matches[0]
+    # among every trial: a suffix that also names an errored one is ambiguous, not the ranked one
+    every = [str(t.get("id")) for t in S.status_object(exp_dir)["trials"]]
+    matches = [i for i in every if i == trial_id] or [i for i in every if i.endswith(trial_id)]
     if len(matches) > 1:
-        raise SelectError(f"trial {trial_id!r} is ambiguous: {', '.join(t['id'] for t in matches)}")
-    known = [t["id"] for t in trials]
-    every = [t.get("id") for t in S.status_object(exp_dir)["trials"]]
-    if trial_id in every or [i for i in every if i.endswith(trial_id)]:
+        raise SelectError(f"trial {trial_id!r} is ambiguous: {', '.join(matches)}")
+    if not matches:
+        raise SelectError(f"no trial {trial_id!r} in {exp_dir}; trials: {', '.join(every) or 'none'}")
+    chosen = next((t for t in trials if t["id"] == matches[0]), None)
+    if chosen is None:
         raise SelectError(
-            f"trial {trial_id!r} has no best metric (it diverged, errored or never finished an "
-            f"epoch); trials with one: {', '.join(known) or 'none'}"
+            f"trial {matches[0]!r} has no best metric (it diverged, errored or never finished an "
+            f"epoch); trials with one: {', '.join(t['id'] for t in trials) or 'none'}"
         )
-    raise SelectError(f"no trial {trial_id!r} in {exp_dir}; trials: {', '.join(every) or 'none'}")
+    return chosen
 
 
 def _checkpoint(trial: dict[str, Any]) -> Path:

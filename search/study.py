@@ -16,7 +16,7 @@ from typing import Any
 
 from search import guards
 from trainables import params as trial_params
-from trainables.files import better
+from trainables.files import better  # noqa: F401 (S.better: the one rule every surface uses)
 
 # Result keys Ray adds to every report: not part of a trial's history.
 RAY_KEYS = frozenset(
@@ -42,8 +42,10 @@ RAY_KEYS = frozenset(
         "should_checkpoint",
         "experiment_id",
         "node_id",
+        "checkpoint_rank",  # ours: what Ray keeps a trial's checkpoint by (search.worker)
     }
 )
+CHECKPOINT_RANK = "checkpoint_rank"
 
 STUDY_FILE = "study.json"
 SPEC_FILE = "spec.yaml"
@@ -305,20 +307,17 @@ def study_base_metric(state: dict[str, Any]) -> float | None:
 
 
 def best_trial(trials: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
-    """The trial with the best ``best_metric`` (diverged/errored trials never win)."""
-    best = None
-    for t in trials:
-        if t.get("state") == FAILED or number(t.get("best_metric")) is None:
-            continue
-        if best is None or better(number(t["best_metric"]), number(best["best_metric"]), mode):
-            best = t
-    return best
+    """The trial with the best ``best_metric`` (diverged/errored trials never win; a tie: the first)."""
+    top = ranked(trials, mode)
+    return top[0] if top else None
 
 
 def ranked(trials: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
-    """Trials with a best metric, best first (diverged/errored excluded)."""
+    """Trials with a best metric, best first (diverged/errored excluded); a tie goes to the first
+    proposed (``index``), whatever order ``trials`` come in (the tracker's finish order, say)."""
     scored = [t for t in trials if t.get("state") != FAILED and number(t.get("best_metric")) is not None]
-    return sorted(scored, key=lambda t: number(t["best_metric"]), reverse=mode == "max")
+    sign = -1 if mode == "max" else 1
+    return sorted(scored, key=lambda t: (sign * number(t["best_metric"]), t.get("index", 0), t.get("id", "")))
 
 
 def reference_summary(state: dict[str, Any]) -> dict[str, Any] | None:

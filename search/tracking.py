@@ -62,8 +62,7 @@ except ImportError:  # pragma: no cover - ray is a dependency
 log = logging.getLogger(__name__)
 
 FLUSH_ENV = "SEARCH_MLFLOW_FLUSH_S"  # seconds to wait for the queue at the end of a study
-# a trial run's tags of its last ending, cleared when it runs again
-_ENDINGS = ["stopped_early", "stopped_at_epoch", "failure_reason", "interrupted", "diverged"]
+_ENDINGS = ["stopped_early", "stopped_at_epoch", "failure_reason", "interrupted", "diverged"]  # rerun: drop
 
 
 def _now_ms() -> int:
@@ -133,7 +132,6 @@ class MlflowTracker(_Callback):
         self.__dict__.update(state)
         self._init_runtime()
 
-    # -- helpers
     def _put(self, **op: Any) -> None:
         if self.queue is not None:
             self.queue.put(op)
@@ -396,6 +394,7 @@ class MlflowTracker(_Callback):
         text = json.dumps(summary, indent=1, default=str)
         self._put(op="text", key="parent", text=text, file="summary.json")
         tags = {f"summary.{k}": text_value(v) for k, v in summary.items() if not isinstance(v, dict)}
+        tags.update({"best_trial": summary["best_trial"]} if summary["best_trial"] else {})  # (finish order)
         every = {k: summary["trials"].get(k, 0) for k in S.STATES}  # 0s replace a resumed run's old counts
         tags.update({f"summary.trials.{k}": str(v) for k, v in every.items()})
         tags.update({f"search.trials.{k}": str(v) for k, v in every.items()})
@@ -446,7 +445,8 @@ class MlflowTracker(_Callback):
             )
 
     def _summary(self, trials: list, unfinished: list[str], written: dict[str, Any]) -> dict[str, Any]:
-        """The parent's summary; ``written`` is study.json as the study-state callback left it."""
+        """The parent's summary; ``written`` is study.json as the study-state callback left it (a tie
+        for best goes to the first proposed trial, as in status)."""
         study = self.runs.data["study"]
         known = written.get("trials", {})
         states: dict[str, int] = {}
@@ -455,6 +455,7 @@ class MlflowTracker(_Callback):
             if trial.trial_id in unfinished:  # resume continues it
                 state = S.PENDING
             states[state] = states.get(state, 0) + 1
+        best_id = (S.best_trial(list(known.values()), self.mode) or {}).get("id") or study.get("best_trial")
         best, base = study.get("best"), study.get("base")
         improvement = None
         if best is not None and base is not None:
@@ -467,8 +468,8 @@ class MlflowTracker(_Callback):
             "status": "interrupted" if unfinished else "finished",
             "metric": self.metric,
             "mode": self.mode,
-            "best_trial": study.get("best_trial"),
-            "best_run_id": self.runs.run_id(study.get("best_trial") or ""),
+            "best_trial": best_id,
+            "best_run_id": self.runs.run_id(best_id or ""),
             f"best_{self.metric}": best,
             f"base_{self.metric}": base,
             "improvement": improvement,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import sys
@@ -91,7 +92,7 @@ def train_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     from ray import tune
 
     from trainables import params as P
-    from trainables.trial import run_trial
+    from trainables.trial import NEW_BEST, run_trial
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # "Checkpoint successfully created" per epoch
     sys.unraisablehook = _quiet_exit_in_callbacks
@@ -118,12 +119,17 @@ def train_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         out = _scalars(metrics)
+        new_best = bool(out.pop(NEW_BEST, False))
         out["node_id"] = node_id
         if fail and out.get("epoch", 0) >= 1:
             raise RuntimeError(f"{TEST_FAIL_ENV} matched {setup['fail_when']!r} (test hook)")
         if checkpoint_dir is None:
             tune.report(out)
             return
+        # Ray keeps the best-ranked checkpoint, the later of a tie: only a strictly better epoch
+        # (the one best_epoch names) ranks by its value, the others rank below any
+        worst = -math.inf if cfg.mode == "max" else math.inf
+        out[S.CHECKPOINT_RANK] = out.get(cfg.metric, worst) if new_best else worst
         stage = work.parent / "persist" / f"epoch_{int(out.get('epoch', 0)):04d}"
         shutil.rmtree(stage, ignore_errors=True)
         stage.mkdir(parents=True)

@@ -465,8 +465,27 @@ def test_a_trial_suffix_shared_by_two_scored_trials_is_ambiguous(tmp_path):
         for n, i in enumerate(ids)
     }
     S.write_study(tmp_path, {"metric": "map", "mode": "max", "status": "finished", "trials": trials})
-    with pytest.raises(select.SelectError, match="'1' is ambiguous: t_00011, t_00001"):
+    with pytest.raises(select.SelectError, match="'1' is ambiguous: t_00001, t_00011"):
         select.choose_trial(tmp_path, "1")  # both have a best metric: not "has no best metric"
     assert select.choose_trial(tmp_path, "00011")["id"] == "t_00011"
     with pytest.raises(select.SelectError, match="no trial '3'"):
         select.choose_trial(tmp_path, "3")
+    # a suffix that also names an errored trial is ambiguous too (the scored one was taken)
+    trials["t_00001"].update(state=S.FAILED)
+    S.write_study(tmp_path, {"metric": "map", "mode": "max", "status": "finished", "trials": trials})
+    with pytest.raises(select.SelectError, match="'1' is ambiguous: t_00001, t_00011"):
+        select.choose_trial(tmp_path, "1")
+    with pytest.raises(select.SelectError, match="'t_00001' has no best metric"):
+        select.choose_trial(tmp_path, "00001")
+
+
+def test_a_tie_for_best_goes_to_the_first_proposed_trial_everywhere(tmp_path):
+    """ranked/best_trial broke ties by the order trials were listed (the tracker's: finish order;
+    --keep-top's: study.json's), so the summary or --keep-top could pick another trial than status."""
+    trials = [
+        {"id": i, "index": n, "state": S.COMPLETE, "best_metric": 0.6 if n else 0.5}
+        for n, i in enumerate(["a", "b", "c"])
+    ]
+    shuffled = [trials[2], trials[0], trials[1]]
+    assert [t["id"] for t in S.ranked(shuffled, "max")] == ["b", "c", "a"]
+    assert S.best_trial(shuffled, "max")["id"] == "b"

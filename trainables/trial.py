@@ -25,6 +25,7 @@ from trainables.config import TrialConfig
 from trainables.files import better, plain, sha256_file
 
 log = logging.getLogger(__name__)
+NEW_BEST = "new_best"  # an epoch report's flag: its checkpoint is the best so far (run_trial)
 
 Report = Callable[[dict[str, Any], "Path | None"], None]
 TIMING_KEYS = ("epoch_seconds", "images_per_s")
@@ -298,7 +299,7 @@ def _epochs(run: _Run) -> None:
         latest = _save_latest(run, epoch, row)
         if is_best:
             checkpoint.copy(latest, run.ckpt_dir / checkpoint.BEST)
-        run.report({**row, **run.counts}, run.ckpt_dir)
+        run.report({**row, **run.counts, NEW_BEST: is_best}, run.ckpt_dir)
 
 
 def _report_diverged(run: _Run, epoch: int, exc: engine.Diverged) -> None:
@@ -391,8 +392,10 @@ def run_trial(
     """Train and evaluate one configuration; return (and write to ``out_dir/trial.json``) the result.
 
     ``report(metrics, checkpoint_dir)`` is called after the base evaluation (epoch 0, when
-    ``cfg.eval_base``; checkpoint_dir None) and after every epoch. A non-finite loss ends the trial
-    with status ``diverged`` (reported with ``diverged: 1`` and the objective at its worst value).
+    ``cfg.eval_base``; checkpoint_dir None) and after every epoch, whose ``NEW_BEST`` says whether
+    its checkpoint is the trial's best so far (strictly better: a tie keeps the earlier epoch). A
+    non-finite loss ends the trial with status ``diverged`` (reported with ``diverged: 1`` and the
+    objective at its worst value).
     ``resume_from`` (a checkpoint file or folder) continues a trial from its ``latest.pt``.
     """
     params = P.resolve(params)
