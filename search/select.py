@@ -73,13 +73,14 @@ def improvement(value: float | None, base: float | None, mode: str) -> float | N
     return value - base if mode == "max" else base - value
 
 
-def ranked_trials(exp_dir: Path) -> list[dict[str, Any]]:
+def ranked_trials(exp_dir: Path, status: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Trials ranked by best-epoch objective (best first; diverged/errored and unscored left out),
     each a ``status --json`` trial object plus ``epoch`` (= best_epoch), ``run_id`` (None when
     untracked), ``study_base_metric`` (the study's, see module docstring), ``improvement`` over it,
     ``reference_metric`` and ``vs_reference``; the trial object's own ``base_metric`` stays: its
-    own model's epoch-0 score (a trial that swaps activations starts from another model)."""
-    status = S.status_object(exp_dir)
+    own model's epoch-0 score (a trial that swaps activations starts from another model).
+    ``status``: the study's ``status_object``, when the caller has read it."""
+    status = status or S.status_object(exp_dir)
     mode = status.get("mode", "max")
     base = base_metric(status)
     ref = status.get("reference") or {}
@@ -110,13 +111,14 @@ NO_BASE = (  # why promote has no base metric to compare with
 
 def choose_trial(exp_dir: Path, trial_id: str | None = None) -> dict[str, Any]:
     """The best trial, or trial ``trial_id`` (a full id or a unique suffix such as ``00003``)."""
-    trials = ranked_trials(exp_dir)
+    status = S.status_object(exp_dir)
+    trials = ranked_trials(exp_dir, status)
     if trial_id is None:
         if not trials:
             raise SelectError(f"{exp_dir}: no trial has a best metric yet (nothing finished an epoch)")
         return trials[0]
     # among every trial: a suffix that also names an errored one is ambiguous, not the ranked one
-    every = [str(t.get("id")) for t in S.status_object(exp_dir)["trials"]]
+    every = [str(t.get("id")) for t in status["trials"]]
     matches = [i for i in every if i == trial_id] or [i for i in every if i.endswith(trial_id)]
     if len(matches) > 1:
         raise SelectError(f"trial {trial_id!r} is ambiguous: {', '.join(matches)}")

@@ -147,8 +147,8 @@ class WriteQueue:
         self._busy = False
         self._client: Any = None
         self._experiment_id: str | None = None
-        self._logged: dict[tuple[str, str], set[int]] = {}  # (run id, metric) -> steps in the store
-        self._points: dict[tuple[str, str], set[tuple[int, float]]] = {}  # the same, with values
+        # (run id, metric, with values) -> the steps, or (step, value) points, in the store
+        self._logged: dict[tuple[str, str, bool], set[Any]] = {}
         self.thread = threading.Thread(target=self._loop, name="mlflow-writer", daemon=True)
 
     # -- producer side
@@ -310,10 +310,10 @@ class WriteQueue:
         elif kind == "log":
             run_id = self._run_id(key)
             metrics = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in op.get("metrics", [])]
-            if op.get("once"):
-                metrics = self._not_logged(run_id, metrics)
-            if op.get("same"):
-                metrics = self._not_repeated(run_id, metrics)
+            if op.get("once"):  # a resumed trial replays epochs the killed run had logged
+                metrics = self._not_logged(run_id, metrics, with_value=False)
+            if op.get("same"):  # the parent's end figures, said again by a pending replay or a resume
+                metrics = self._not_logged(run_id, metrics, with_value=True)
             params = [Param(k, v) for k, v in op.get("params", {}).items()]
             tags = [RunTag(k, v[:MAX_TAG_VALUE]) for k, v in op.get("tags", {}).items()]
             if (
@@ -352,31 +352,19 @@ class WriteQueue:
         else:  # pragma: no cover - ops are made in this module
             raise ValueError(f"unknown op {kind!r}")
 
-    def _not_logged(self, run_id: str, metrics: list) -> list:
-        """The metrics whose step the run does not hold yet (a resumed trial replays the epochs
-        after its last saved checkpoint, some of which the killed run had already logged)."""
+    def _not_logged(self, run_id: str, metrics: list, with_value: bool) -> list:
+        """The metrics whose step (``with_value``: whose step and value) the run does not hold yet,
+        read from the store once per run and metric."""
         out = []
         for m in metrics:
-            steps = self._logged.get((run_id, m.key))
-            if steps is None:
+            seen = self._logged.get((run_id, m.key, with_value))
+            if seen is None:
                 history = self._mlc().get_metric_history(run_id, m.key)
-                steps = self._logged[(run_id, m.key)] = {h.step for h in history}
-            if m.step not in steps:
-                steps.add(m.step)
-                out.append(m)
-        return out
-
-    def _not_repeated(self, run_id: str, metrics: list) -> list:
-        """The metrics whose (step, value) the run does not hold yet (the parent's end figures,
-        written by a launch and again by a replay of its pending records or by a resume)."""
-        out = []
-        for m in metrics:
-            points = self._points.get((run_id, m.key))
-            if points is None:
-                history = self._mlc().get_metric_history(run_id, m.key)
-                points = self._points[(run_id, m.key)] = {(h.step, h.value) for h in history}
-            if (m.step, m.value) not in points:
-                points.add((m.step, m.value))
+                seen = {(h.step, h.value) if with_value else h.step for h in history}
+                self._logged[(run_id, m.key, with_value)] = seen
+            point = (m.step, m.value) if with_value else m.step
+            if point not in seen:
+                seen.add(point)
                 out.append(m)
         return out
 

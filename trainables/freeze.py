@@ -47,6 +47,21 @@ class FreezeReport:
     trainable_names: tuple[str, ...]
 
 
+def frozen_norm_tensors(model: nn.Module, every_norm: bool = False) -> list[str]:
+    """The state-dict names of the norm layers that never train: each FrozenBatchNorm2d's weight,
+    bias and statistics (buffers, not parameters); with ``every_norm`` each BatchNorm2d's too, as
+    ``norm: frozen`` makes them."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    kinds = (FrozenBatchNorm2d, nn.BatchNorm2d) if every_norm else (FrozenBatchNorm2d,)
+    return [
+        f"{path}.{b}" if path else b
+        for path, m in model.named_modules()
+        if isinstance(m, kinds)
+        for b in ("weight", "bias", "running_mean", "running_var")
+    ]
+
+
 def match(names: Sequence[str], globs: Iterable[str], fixed: Sequence[str] = ()) -> list[str]:
     """Names matched by any glob, in ``names`` order.
 
@@ -181,18 +196,11 @@ def apply_trainable(
     A custom set of that name wins over a preset. Raises ValueError for an unknown name, a glob
     that matches nothing, or a selection that trains nothing.
     """
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
     custom_sets = custom_sets or {}
     params = dict(model.named_parameters())
     if name in custom_sets:
         # a set written for BatchNorm parameters that norm: frozen (or the base) made buffers
-        fixed = [
-            f"{path}.{b}"
-            for path, m in model.named_modules()
-            if isinstance(m, FrozenBatchNorm2d)
-            for b in ("weight", "bias")
-        ]
+        fixed = [n for n in frozen_norm_tensors(model) if n.endswith((".weight", ".bias"))]
         chosen = match(list(params), custom_sets[name], fixed)
     elif family is None:
         if name != "all":

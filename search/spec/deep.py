@@ -98,19 +98,11 @@ def check_trainable_sets(spec: Spec, model: Any, built: str = "", frozen_norms: 
     every BatchNorm2d counts as one, as ``norm: frozen`` makes them)."""
     import fnmatch
 
-    from torch import nn
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
     from trainables import freeze
 
-    frozen = (FrozenBatchNorm2d, nn.BatchNorm2d) if frozen_norms else (FrozenBatchNorm2d,)
-    frozen_bn = [
-        f"{path}.{b}" if path else b
-        for path, module in model.named_modules()
-        if isinstance(module, frozen)
-        for b in ("weight", "bias", "running_mean", "running_var")
-    ]
-    names = [n for n, _ in model.named_parameters() if n not in frozen_bn]
+    frozen_bn = freeze.frozen_norm_tensors(model, every_norm=frozen_norms)
+    fixed = set(frozen_bn)
+    names = [n for n, _ in model.named_parameters() if n not in fixed]
     for set_name, globs in spec.model.trainable_sets.items():
         key = f"model.trainable_sets.{set_name}"
         for glob in globs:
