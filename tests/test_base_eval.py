@@ -135,7 +135,7 @@ def test_second_trial_reads_the_first_trials_base_evaluation(split, tmp_path, mo
     assert counter.calls == 8 and _strip(c["history"]) == _strip(a["history"])
 
 
-def test_claiming_trial_trains_first_and_evaluates_its_starting_weights_after(split, tmp_path, monkeypatch):
+def test_claiming_trial_evaluates_its_starting_weights_before_it_trains(split, tmp_path, monkeypatch):
     calls = []
     real_train, real_eval = engine.train_one_epoch, engine.evaluate
     monkeypatch.setattr(
@@ -148,8 +148,8 @@ def test_claiming_trial_trains_first_and_evaluates_its_starting_weights_after(sp
         {"lr": 0.01},
         report=lambda m, d: reports.append((m["epoch"], d is not None)),
     )
-    # the first step comes before any evaluation; epoch 0 is still reported first, without checkpoint
-    assert calls == ["train", "eval", "eval", "train", "eval"]
+    # the base is evaluated (and stored) before the first step, reported first, without checkpoint
+    assert calls == ["eval", "train", "eval", "train", "eval"]
     assert reports == [(0, False), (1, True), (2, True)]
     monkeypatch.setattr(engine, "train_one_epoch", real_train)
     monkeypatch.setattr(engine, "evaluate", real_eval)
@@ -219,6 +219,37 @@ def test_trial_trains_without_waiting_while_another_evaluates(split, tmp_path, m
     assert _strip(b["history"]) == _strip(ref["history"])  # epoch 0 row in its place, training unchanged
 
 
+def test_trial_waits_at_its_first_report_for_the_holders_epoch_0(split, tmp_path, monkeypatch):
+    """The holder stores the base metrics only after this trial evaluated its first trained epoch:
+    the trial waits for them, so that epoch 0 is reported before epoch 1 (a scheduler may stop a
+    trial at its first trained report, and it would never report epoch 0 then)."""
+    shared = tmp_path / "base_eval"
+    holder = BaseEvalCache(shared)
+    real_key, real_eval, box = base_eval.model_key, engine.evaluate, {}
+
+    def key(model, c, device):
+        box["k"] = real_key(model, c, device)
+        assert holder.claim(box["k"]) is True  # "the other trial" is evaluating it
+        return box["k"]
+
+    def evaluate(*args, **kwargs):  # this trial's epoch-1 evaluation: the holder stores 1 s later
+        out = real_eval(*args, **kwargs)
+        if "timer" not in box:
+            box["timer"] = threading.Timer(1.0, lambda: holder.put(box["k"], {"map": 0.25, "map50": 0.5}))
+            box["timer"].start()
+        return out
+
+    monkeypatch.setattr(base_eval, "model_key", key)
+    monkeypatch.setattr(engine, "evaluate", evaluate)
+    reports = []
+    got = run_trial(
+        _cfg(split, tmp_path / "w", base_eval_dir=shared), {"lr": 0.01}, report=lambda m, d: reports.append(m)
+    )
+    assert [r["epoch"] for r in reports] == [0, 1, 2]
+    assert reports[0]["map"] == 0.25 and got["base_metric"] == reports[0]["base_metric"] == 0.25
+    assert [r["epoch"] for r in got["history"]] == [0, 1, 2]
+
+
 def test_holder_that_fails_releases_the_lock(split, tmp_path, monkeypatch):
     shared = tmp_path / "base_eval"
 
@@ -282,9 +313,9 @@ def _hold_lock(shared, key: str) -> subprocess.Popen:
 
 
 def test_trial_evaluates_the_base_itself_when_the_holder_dies(split, tmp_path, monkeypatch):
-    """The holder dies after this trial's first epoch: at its next report the trial claims the key,
-    rebuilds its starting weights (same key), evaluates them and stores the result; its training
-    trajectory is the same as a trial's that never shared."""
+    """The holder dies during this trial's first epoch: at its first report the trial claims the
+    key, rebuilds its starting weights (same key), evaluates them and stores the result; its
+    training trajectory is the same as a trial's that never shared."""
     shared = tmp_path / "base_eval"
     ref = run_trial(_cfg(split, tmp_path / "ref", epochs=3), {"lr": 0.01})
     counter = _Counting(monkeypatch)
@@ -296,24 +327,28 @@ def test_trial_evaluates_the_base_itself_when_the_holder_dies(split, tmp_path, m
             box["holder"] = _hold_lock(shared, k)
         return k
 
+    real_train = engine.train_one_epoch
+
+    def train(*args, **kwargs):  # the holder dies while this trial trains its first epoch
+        out = real_train(*args, **kwargs)
+        box["holder"].kill()
+        box["holder"].wait()
+        return out
+
     monkeypatch.setattr(base_eval, "model_key", key)
+    monkeypatch.setattr(engine, "train_one_epoch", train)
     reports = []
-
-    def report(metrics, ckpt_dir):
-        reports.append(metrics)
-        if metrics["epoch"] == 1:  # the holder dies during this trial's epoch 2
-            box["holder"].kill()
-            box["holder"].wait()
-
     try:
         got = run_trial(
-            _cfg(split, tmp_path / "b", base_eval_dir=shared, epochs=3), {"lr": 0.01}, report=report
+            _cfg(split, tmp_path / "b", base_eval_dir=shared, epochs=3),
+            {"lr": 0.01},
+            report=lambda m, d: reports.append(m),
         )
     finally:
         box["holder"].kill()
-    assert [r["epoch"] for r in reports] == [1, 0, 2, 3]  # epoch 0 as soon as it was evaluated
+    assert [r["epoch"] for r in reports] == [0, 1, 2, 3]  # epoch 0 evaluated here, reported first
     assert counter.calls == 4  # 3 epochs and the base, once
-    assert reports[1]["base_metric"] == ref["base_metric"] == got["base_metric"] is not None
+    assert reports[0]["base_metric"] == ref["base_metric"] == got["base_metric"] is not None
     assert _strip(got["history"]) == _strip(ref["history"])  # the rebuild drew no training randomness
     (stored,) = shared.glob("*.json")
     assert BaseEvalCache(shared).get(stored.stem)["map"] == ref["history"][0]["map"]

@@ -9,8 +9,11 @@ head initialisations and swaps included), the validation split (annotation file 
 image limit), image size, batch size, task and device type. Two trials with the same key would
 compute the same metrics, so the second reads the first's.
 
-While one trial evaluates a key it holds ``<key>.lock`` (created with ``O_EXCL``). Another trial
-that finds the lock does not wait: it trains and picks the result up later (:meth:`get`). The
+While one trial evaluates a key it holds ``<key>.lock`` (created with ``O_EXCL``); it evaluates
+before it trains, as a trial without the cache does. Another trial that finds the lock trains at
+once and, at its first report, waits for the stored result (:meth:`get`): the holder started first
+and evaluated first, so the result is normally there already, and epoch 0 is always reported
+before any trained epoch (a scheduler may stop a trial at its first trained report). The
 holder's thread rewrites the lock's time every :data:`HEARTBEAT_S` while the claiming thread
 lives. A lock whose process is gone (same host) or whose time is older than
 :data:`STALE_AFTER_S` (a holder that died on another host, or a torn lock file by its mtime) is
@@ -206,12 +209,11 @@ class BaseEval:
     """A trial's epoch-0 evaluation of its starting model.
 
     Without ``cfg.base_eval_dir`` it evaluates at once (:attr:`metrics`). With one
-    (:mod:`trainables.base_eval`), a stored result is used at once; the trial that claims the model's
-    key keeps a copy of the starting tensors (one model's worth of memory on its device), trains
-    without waiting and evaluates that copy at its first report (:meth:`collect`): the trajectory is
-    the same, as evaluation draws no random numbers. A trial whose key another trial has claimed
-    polls the store at each report instead; when that claim goes stale (its trial died), it claims
-    the key itself and evaluates ``rebuild()``'s starting weights, if their key matches.
+    (:mod:`trainables.base_eval`), a stored result is used at once, and the trial that claims the
+    model's key evaluates at once and stores the result. A trial whose key another trial has claimed
+    trains, and at its first report waits for the store (:meth:`wait_collect`); when that claim goes
+    stale (its trial died), it claims the key itself and evaluates ``rebuild()``'s starting weights,
+    if their key matches (the trajectory is the same, as evaluation draws no random numbers).
     """
 
     def __init__(
@@ -238,9 +240,14 @@ class BaseEval:
             log.info("base model evaluation shared from %s", self.cache.folder)
             self.metrics = cached
         elif self.cache.claim(self.key):
-            self._initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            try:
+                self.metrics = evaluate_metrics(cfg, model, loader, index, device)
+            except BaseException:
+                self.cache.release(self.key)
+                raise
+            self.cache.put(self.key, plain(self.metrics))
         else:
-            log.info("another trial is evaluating this base model; training without waiting")
+            log.info("another trial is evaluating this base model; training meanwhile")
 
     def collect(self, model: torch.nn.Module) -> dict[str, Any] | None:
         """At a report after training started: the epoch-0 metrics once known, else None."""
@@ -262,8 +269,8 @@ class BaseEval:
 
     def wait_collect(self, model: torch.nn.Module, timeout: float = 900.0, poll: float = 0.5) -> dict | None:
         """:meth:`collect`, waiting (up to ``timeout`` s) while another live trial evaluates the
-        base model: for a trial at its last report (it diverged, or ran its last epoch), so that
-        its epoch 0 is still reported before its last row. None when nobody can deliver it."""
+        base model, so that epoch 0 is reported before the trial's first trained epoch (a scheduler
+        may stop the trial there). None when nobody can deliver it."""
         deadline = time.monotonic() + timeout
         while True:
             got = self.collect(model)

@@ -289,9 +289,8 @@ def _epochs(run: _Run) -> None:
             break
         metrics = base_eval.evaluate_metrics(cfg, run.model, run.val_loader, run.val_index, run.device)
         row = {"epoch": epoch, **metrics, **stats}
-        if run.base is not None:  # by the last epoch, wait for it: every trial reports its epoch 0
-            base = run.base.wait_collect if epoch == cfg.epochs else run.base.collect
-            _report_base(run, base(run.model))
+        if run.base is not None:  # another trial evaluates it: epoch 0 comes before any trained epoch
+            _report_base(run, run.base.wait_collect(run.model))
         run.history.append(row)
         is_best = better(metrics[cfg.metric], run.best_metric, cfg.mode)
         if is_best:
@@ -307,7 +306,7 @@ def _report_diverged(run: _Run, epoch: int, exc: engine.Diverged) -> None:
     log.warning("epoch %d diverged: %s", epoch, exc)
     run.status, run.diverged = "diverged", {"epoch": epoch, "step": exc.step, "losses": exc.losses}
     worst = -math.inf if run.cfg.mode == "max" else math.inf
-    if run.base is not None:  # its last report: wait for epoch 0 if another trial is on it
+    if run.base is not None:  # its first report too, maybe: epoch 0 comes first
         _report_base(run, run.base.wait_collect(run.model))
     row = {"epoch": epoch, "diverged": 1, run.cfg.metric: worst, "step": exc.step, **exc.losses}
     run.report({**row, **run.counts}, None)
