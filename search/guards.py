@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from search.errors import SpecError
 from search.spec.schema import sqlite_file
+from trainables.files import pid_alive
 
 # a query parameter whose lower-cased name holds one of these carries a secret (X-Amz-Signature,
 # X-Amz-Credential, Azure's sig, api_key, access_token, ...)
@@ -233,13 +234,7 @@ def lock_holder_alive(exp_dir: Path) -> bool | None:
     holder = _holder(exp_dir)
     if holder is None or holder[0] != socket.gethostname():
         return None
-    try:
-        os.kill(holder[1], 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
+    return pid_alive(holder[1])
 
 
 def _holder(exp_dir: Path) -> tuple[str, int] | None:

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 from search.errors import SpecError
 from search.spec.schema import SQLITE, sqlite_file
 from search.study import SPEC_FILE
+from trainables.files import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +92,49 @@ def artifact_location(uri: str, name: str) -> str | None:
 
 
 def client(uri: str) -> Any:
-    """An ``MlflowClient`` on ``uri`` for tracking and the model registry."""
+    """An ``MlflowClient`` on ``uri`` for tracking and the model registry (a SQLite store that does
+    not exist yet is made whole first: :func:`make_sqlite_store`)."""
     from mlflow import MlflowClient
 
+    if (db := sqlite_file(uri)) is not None:
+        make_sqlite_store(db)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+CREATING = ".creating"  # the suffix of a SQLite store still being made (make_sqlite_store)
+
+
+def make_sqlite_store(db: Path) -> None:
+    """Create a missing SQLite store whole or not at all. MLflow makes its tables in seconds of
+    migrations; a process killed meanwhile left a store MLflow then refused for good ("table ...
+    already exists"). The tables are made in a hidden file beside it, which is then linked into
+    place unless another process made the store first. Leftovers of killed makers are removed."""
+    folder = db.parent
+    for left in folder.glob(f".{db.name}.*{CREATING}") if folder.is_dir() else ():
+        pid = left.name.removesuffix(CREATING).rsplit(".", 2)[-2]
+        if not (pid.isdigit() and pid_alive(int(pid))):
+            left.unlink(missing_ok=True)
+    if db.exists() or not folder.is_dir():
+        return  # no folder: MLflow's own error says so
+    from mlflow import MlflowClient
+
+    tmp = folder / f".{db.name}.{os.getpid()}.{threading.get_ident()}{CREATING}"
+    try:
+        maker = MlflowClient(tracking_uri=f"{SQLITE}{tmp}")
+        maker.search_experiments(max_results=1)  # makes every table (the registry's too)
+        engine = getattr(getattr(maker._tracking_client, "store", None), "engine", None)
+        if engine is not None:
+            engine.dispose()
+        try:
+            os.link(tmp, db)
+        except FileExistsError:
+            pass  # another process made it first: it is whole too
+        except OSError:  # a file system without hard links: in place, as MLflow would
+            if not db.exists():
+                os.replace(tmp, db)
+    finally:
+        for extra in ("", "-journal"):
+            tmp.with_name(tmp.name + extra).unlink(missing_ok=True)
 
 
 _WARMING: dict[str, threading.Thread] = {}  # uri -> thread creating the local store (warm_up)

@@ -195,3 +195,37 @@ def test_the_parents_figures_said_again_are_written_once_per_value(tmp_path):
         sorted(points) == [(0, 0.25), (0, 0.5)] and mlc.get_run(run_id).data.metrics["reference_map"] == 0.5
     )
     assert len(mlc.get_metric_history(run_id, "best_map")) == 2  # other steps are other points
+
+
+_KILLED_MAKER = """
+import os, signal, sys
+import mlflow.store.db.utils as u
+from search import mlflow_store
+
+def upgrade(engine):  # the first tables exist, the migrations have not run: killed here
+    os.kill(os.getpid(), signal.SIGKILL)
+
+u._upgrade_db = upgrade
+mlflow_store.client(sys.argv[1]).search_experiments()
+"""
+
+
+def test_a_store_being_made_when_its_process_is_killed_is_not_left_half_made(tmp_path):
+    """MLflow makes a SQLite store's tables in seconds of migrations; a launch SIGKILLed meanwhile
+    left a store that MLflow then refused for good. Now the store appears whole or not at all,
+    and the next client makes it (removing the killed maker's leftover)."""
+    import subprocess
+    import sys
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    killed = subprocess.run([sys.executable, "-c", _KILLED_MAKER, uri], env=env, capture_output=True)
+    assert killed.returncode == -9, killed.stderr.decode()[-500:]
+    assert not db.exists() and len(list(tmp_path.glob(".mlflow.db.*.creating"))) == 1
+    mlc = mlflow_store.client(uri)
+    exp = mlflow_store.get_or_create_experiment(mlc, "study", uri)
+    run = mlc.create_run(exp)
+    mlc.log_metric(run.info.run_id, "map50", 0.5)
+    assert mlc.get_run(run.info.run_id).data.metrics == {"map50": 0.5}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]  # the leftover is gone

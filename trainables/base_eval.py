@@ -39,7 +39,7 @@ import torch
 
 from trainables import engine, losses
 from trainables.config import TrialConfig
-from trainables.files import plain, sha256_file
+from trainables.files import pid_alive, plain, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +67,6 @@ def model_key(model: torch.nn.Module, cfg: TrialConfig, device: torch.device) ->
     }
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class BaseEvalCache:
@@ -154,7 +144,7 @@ class BaseEvalCache:
             return age > STALE_AFTER_S
         if age > STALE_AFTER_S:
             return True
-        return holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1)))
+        return holder.get("host") == socket.gethostname() and not pid_alive(int(holder.get("pid", -1)))
 
     def pending(self, key: str) -> bool:
         """Whether a live process holds ``key``'s claim (its result may still come)."""

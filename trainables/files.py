@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -47,3 +48,14 @@ def better(a: float | None, b: float | None, mode: str) -> bool:
     if b is None:
         return True
     return a > b if mode == "max" else a < b
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
