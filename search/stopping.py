@@ -91,7 +91,8 @@ class StratifiedHalving(FIFOScheduler, _Records):
     learning curve). Only curves that have already improved on their first value by ``rise`` times
     that best value are judged, so a trial that has not started learning yet (a flat start that
     may still take off) is left to the other rules, and never one on a ``step`` schedule (its drop
-    is still ahead).
+    is still ahead), nor one whose best trained epoch is already at least as good as that
+    best value (the study's leader has nobody to catch up with).
     """
 
     grouped = True
@@ -223,8 +224,9 @@ class StratifiedHalving(FIFOScheduler, _Records):
         if (trial.config or {}).get("schedule") in DROPS_AHEAD:
             return None
         best = self._best(v for t, v in self._tops.items() if t != trial.trial_id)
-        if best is None:
-            return None
+        own = self._best(v for e, v in curve.items() if e >= 1)
+        if best is None or not self._worse(own, best):
+            return None  # nobody to catch up with: it leads (or shares the lead)
         sign = 1.0 if self._mode == "max" else -1.0
         score = {e: sign * v for e, v in curve.items()}
         if max(score.values()) - score[min(score)] < self.rise * abs(best):

@@ -213,6 +213,9 @@ LEADER = [0.01, 0.05, 0.30, 0.55, 0.58, 0.59, 0.60, 0.60]  # epochs 1..8 of the 
         ([0.05, 0.25, 0.38, 0.40, 0.41, 0.41, 0.41, 0.41], {"schedule": "step"}, None),
         # as good as the leader: never stopped
         ([0.01, 0.06, 0.31, 0.55, 0.58, 0.59, 0.60, 0.61], {}, None),
+        # the study's leader, falling back: at 5 its bound 0.50 + 3 * 0.02 is below the other's
+        # 0.58, but its own best (0.60 at epoch 4) is not: it has nobody to catch up with
+        ([0.02, 0.30, 0.58, 0.60, 0.50, 0.49, 0.49, 0.49], {}, None),
     ],
 )
 def test_extrapolation_stops_only_risen_flattened_curves_that_cannot_catch_up(curve, config, stop_at):
