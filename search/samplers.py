@@ -15,6 +15,7 @@ class SamplerArgs(NamedTuple):
     seed: int
     startup: int  # random start-up trials (TPE, CMA-ES, GP)
     grid: dict[str, list[Any]]  # grid search only: parameter -> values
+    joint: dict[str, Any]  # QMC only: the unconditional parameters' Optuna distributions
 
 
 def _tpe(a: SamplerArgs) -> Any:
@@ -54,9 +55,9 @@ def _gp(a: SamplerArgs) -> Any:
 
 
 def _qmc(a: SamplerArgs) -> Any:
-    import optuna
+    from search.qmc_sampler import FixedSpaceQMC
 
-    return optuna.samplers.QMCSampler(seed=a.seed, scramble=True)
+    return FixedSpaceQMC(a.joint, seed=a.seed, scramble=True)
 
 
 def _grid(a: SamplerArgs) -> Any:
@@ -85,12 +86,14 @@ def make_sampler(
     n_startup: int | None,
     grid: dict[str, list[Any]] | None = None,
     recipe_trials: int = 0,
+    joint: dict[str, Any] | None = None,
 ) -> Any:
     """The seeded Optuna sampler of ``search.algorithm``; start-up trials sized to the budget
     (a third of the trials, 2 to 10) unless ``n_startup`` is given. Optuna counts enqueued trials
     as start-up: the reference trial is one of them, the ``recipe_trials`` after it (the recipe
     at other lr scalings, which differ from it in the lr only) are added, so that TPE's first
-    model still sees as many random, varied trials."""
+    model still sees as many random, varied trials. ``joint``: QMC's space (the unconditional
+    parameters' distributions, :meth:`search.space.SearchSpace.joint`)."""
     if algorithm not in SAMPLERS:
         raise ValueError(f"search.algorithm must be one of {', '.join(SAMPLERS)}, but got {algorithm!r}")
     startup = startup_size(num_trials, recipe_trials) if n_startup is None else n_startup
@@ -98,7 +101,7 @@ def make_sampler(
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return SAMPLERS[algorithm](SamplerArgs(seed, startup, grid or {}))
+        return SAMPLERS[algorithm](SamplerArgs(seed, startup, grid or {}, joint or {}))
 
 
 def startup_size(num_trials: int, recipe_trials: int = 0) -> int:

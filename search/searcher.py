@@ -293,7 +293,9 @@ def make_searcher(
     sampler's start-up."""
     s, space = spec.search, spec.search_space
     grid = space.grid() if s.algorithm == "grid" else None
-    sampler = make_sampler(s.algorithm, s.seed, s.num_trials, s.n_startup_trials, grid, len(recipes))
+    sampler = make_sampler(
+        s.algorithm, s.seed, s.num_trials, s.n_startup_trials, grid, len(recipes), space.joint()
+    )
     storage = journal_storage(exp_dir / S.JOURNAL_FILE)
     searcher = StudySearch(
         space=space.define_by_run,

@@ -103,6 +103,10 @@ class SearchSpace:
     def searched(self) -> list[Dim]:
         return [d for d in self.dims if d.kind != "fixed"]
 
+    def joint(self) -> dict[str, Any]:
+        """The Optuna distributions of the searched parameters every trial has (no ``when``)."""
+        return {d.name: d.distribution() for d in self.searched if not d.when}
+
     def constants(self) -> dict[str, Any]:
         """The spec's fixed (unsearched) parameters and their values."""
         return {d.name: d.value for d in self.dims if d.kind == "fixed"}

@@ -152,3 +152,32 @@ def test_model_based_samplers_leave_conditional_parameters_to_tpe_quietly(algori
         logger.removeHandler(handler)
     assert len(study.trials) == 6 and any("momentum" in t.params for t in study.trials[2:])
     assert not [r.getMessage() for r in records if "independent" in r.getMessage()]
+
+
+def test_qmc_never_restarts_its_sequence_when_the_first_finished_trial_lacks_a_conditional():
+    """An audit saw QMC repeat a trial: Optuna's QMCSampler took its space from the first finished
+    trial (an AdamW one, without ``momentum``), which differed from the running trials' union, so
+    its point count started again and the next trial got an earlier trial's lr. With the spec's
+    unconditional parameters as its fixed space, every proposal is a new point."""
+    space = parse_space(
+        {
+            "optimizer": {"choices": ["sgd", "adamw"]},
+            "lr": {"low": 1e-4, "high": 1e-1, "log": True},
+            "weight_decay": {"low": 1e-6, "high": 1e-3, "log": True},
+            "momentum": {"low": 0.8, "high": 0.99, "when": {"optimizer": "sgd"}},
+        }
+    )
+    sampler = make_sampler("qmc", 0, 8, None, None, 1, space.joint())
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    study.enqueue_trial({"optimizer": "sgd", "lr": 0.02, "weight_decay": 1e-4, "momentum": 0.9})
+    running = [study.ask() for _ in range(2)]  # the reference and the first proposal
+    for t in running:
+        space.sample(t)
+    lrs = [running[1].params["lr"]]
+    study.tell(running[1], state=optuna.trial.TrialState.PRUNED)  # finishes first, reference still runs
+    for _ in range(4):
+        t = study.ask()
+        space.sample(t)
+        lrs.append(t.params["lr"])
+        study.tell(t, 0.5)
+    assert len({round(v, 12) for v in lrs}) == len(lrs), lrs
