@@ -431,18 +431,6 @@ def test_hyperband_halves_its_bracket_when_every_trial_exists(ray_local, tmp_pat
             assert t["state"] == S.COMPLETE and t["epochs"] == 4
 
 
-def test_a_scheduler_pickled_before_extrapolation_existed_still_resumes():
-    import pickle
-
-    sched = StratifiedHalving("map50", "max", epochs=8, rungs=(2, 4), reference=None)
-    old = pickle.loads(pickle.dumps(sched))
-    for name in ("extrapolate", "rise"):
-        del old.__dict__[name]  # as a tuner.pkl written by the previous version holds it
-    restored = pickle.loads(pickle.dumps(old))
-    assert restored.extrapolate is False and restored.rise == 0.25
-    assert restored.on_trial_result(None, trial("a", lr=0.1), {"epoch": 2, "map50": 0.3}) == GO
-
-
 def test_extrapolation_judges_against_the_other_trials_curves_as_they_stand_now():
     """The best another trial has reported is kept per trial as its curve stands: a curve rewritten
     by a resumed trial (an epoch reported again from an earlier checkpoint) counts as rewritten,

@@ -135,3 +135,15 @@ def test_mode_min_is_refused_every_metric_is_better_higher():
         load_spec(DET, ["objective.mode=min"])
     assert err.value.key == "objective.mode" and "better higher" in err.value.message
     assert err.value.fix == "use mode: max."
+
+
+def test_a_scheduler_pickled_before_extrapolation_existed_still_resumes():
+    import pickle
+
+    sched = StratifiedHalving("map50", "max", epochs=8, rungs=(2, 4), reference=None)
+    old = pickle.loads(pickle.dumps(sched))
+    for name in ("extrapolate", "rise"):
+        del old.__dict__[name]  # as a tuner.pkl written by the previous version holds it
+    restored = pickle.loads(pickle.dumps(old))
+    assert restored.extrapolate is False and restored.rise == 0.25
+    assert restored.on_trial_result(None, trial("a", lr=0.1), {"epoch": 2, "map50": 0.3}) == GO
