@@ -126,8 +126,9 @@ DATA = ROOT / "spaces/data/bccd"
         f"sqlite:///{ROOT / 'spaces/base/mlflow.db'}",  # beside the base weights
     ],
 )
-def test_a_local_tracking_store_among_the_inputs_is_refused(uri):
+def test_a_local_tracking_store_among_the_inputs_is_refused(uri, monkeypatch):
     """A SQLite or file store is written where tracking.uri says: not among the data or weights."""
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow refuses a file store without it
     with pytest.raises(SpecError) as err:
         load_spec(DET, [f"tracking.uri={uri}"])
     assert err.value.key == "tracking.uri" and "read-only" in str(err.value)
@@ -136,6 +137,34 @@ def test_a_local_tracking_store_among_the_inputs_is_refused(uri):
 @pytest.mark.parametrize("uri", [f"sqlite:///{DATA / 'mlflow.db'}", "http://127.0.0.1:5000"])
 def test_a_tracking_store_outside_the_inputs_loads(uri):
     assert load_spec(DET, [f"tracking.uri={uri}"]).tracking.uri == uri
+
+
+@pytest.mark.parametrize(
+    ("uri", "opt_in", "refused"),
+    [
+        ("file:///tmp/mlruns", None, True),  # MLflow's file store refuses every record by default
+        ("/tmp/mlruns", None, True),  # a plain path is a file store
+        ("file:mlruns", "false", True),
+        ("file:///tmp/mlruns", "true", False),  # the user opted in as MLflow says
+        ("/tmp/mlruns", "1", False),
+        ("sqlite:////tmp/m.db", None, False),
+        ("postgresql://u@db.example/mlflow", None, False),
+        ("databricks", None, False),
+    ],
+)
+def test_a_file_tracking_store_needs_mlflows_opt_in(uri, opt_in, refused, monkeypatch):
+    """An audit's launch with a file: store exited 0 with every record refused by MLflow (its file
+    store is in maintenance mode): now exit 2 naming the fix, unless MLFLOW_ALLOW_FILE_STORE is set."""
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    if opt_in is not None:
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", opt_in)
+    if not refused:
+        assert load_spec(DET, [f"tracking.uri={uri}"]).tracking.uri == uri
+        return
+    with pytest.raises(SpecError) as err:
+        load_spec(DET, [f"tracking.uri={uri}"])
+    assert err.value.key == "tracking.uri" and "MLFLOW_ALLOW_FILE_STORE=true" in str(err.value)
+    assert "sqlite:///" in str(err.value)
 
 
 def test_name_flag_onto_the_images_is_refused():

@@ -8,6 +8,7 @@ Names of plug-in families are not listed here: they are checked against their ta
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -46,6 +47,7 @@ MAX_NAME = 100
 # a validator's ValueError says "<rule>, but got <value>{FIX}<fix>"; the loader splits the fix off
 FIX = " | fix: "
 MAX_GRID = 10_000
+FILE_STORE_ENV = "MLFLOW_ALLOW_FILE_STORE"  # MLflow's opt-in to its file store
 SEED_LIMIT = 2**32  # numpy's and Optuna's seeds are 32-bit
 
 
@@ -197,6 +199,21 @@ class ResourcesSection(_Section):
 class TrackingSection(_Section):
     uri: str | None = None
     experiment: str | None = None
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        """MLflow's file store (a folder, ``file:``) refuses every record unless the user opts in."""
+        if v is None or v.startswith(SQLITE) or os.environ.get(FILE_STORE_ENV, "").lower() in ("true", "1"):
+            return v
+        scheme = v.split("://", 1)[0].lower() if "://" in v else ("file" if v.startswith("file:") else "")
+        if scheme in ("", "file") and v.split(":", 1)[0] != "databricks":  # MLflow's bare "databricks"
+            raise ValueError(
+                f"must be a store MLflow writes, but got {v!r}: MLflow's file store (a folder, file:) refuses "
+                f"every record now (maintenance mode){FIX}use sqlite:///<folder>/mlflow.db (or leave it "
+                f"unset for <output_dir>/mlflow.db), or set {FILE_STORE_ENV}=true to keep the file store."
+            )
+        return v
 
 
 class Spec(_Section):
