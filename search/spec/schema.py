@@ -209,9 +209,9 @@ class TrackingSection(_Section):
         scheme = v.split("://", 1)[0].lower() if "://" in v else ("file" if v.startswith("file:") else "")
         if scheme in ("", "file") and v.split(":", 1)[0] != "databricks":  # MLflow's bare "databricks"
             raise ValueError(
-                f"must be a store MLflow writes, but got {v!r}: MLflow's file store (a folder, file:) refuses "
-                f"every record now (maintenance mode){FIX}use sqlite:///<folder>/mlflow.db (or leave it "
-                f"unset for <output_dir>/mlflow.db), or set {FILE_STORE_ENV}=true to keep the file store."
+                f"must be a store MLflow writes, but got {v!r}: MLflow's file store (a folder, file:) "
+                f"refuses every record now (maintenance mode){FIX}use sqlite:///<folder>/mlflow.db (or leave "
+                f"it unset for <output_dir>/mlflow.db), or set {FILE_STORE_ENV}=true to keep the file store."
             )
         return v
 
