@@ -27,6 +27,15 @@ GRID = "space={lr: {choices: [0.01, 0.02]}, optimizer: {choices: [sgd, adamw]}}"
             ["search.reference_trial=false", "search.reference_scaling=[linear, sqrt]"],
             ["search.reference_scaling ['linear', 'sqrt'] has no effect: search.reference_trial is false."],
         ),
+        (DET, ["search.reference_scaling=[linear, sqrt]"], []),  # two recipe trials: both run
+        (
+            DET,  # the lr fixed: the sqrt rule's recipe trial is the linear one's, so it was dropped silently
+            ["space.lr.value=0.005", "search.reference_scaling=[linear, sqrt]"],
+            [
+                "search.reference_scaling ['sqrt']: no trial of its own, as its recipe trial would be "
+                "that of ['linear'] (the lr fixed, or clipped to the same bound)."
+            ],
+        ),
         (
             DET,
             ["search.algorithm=grid", GRID, "search.num_trials=4", "search.reference_scaling=[sqrt]"],

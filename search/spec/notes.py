@@ -11,8 +11,9 @@ from search.samplers import MODEL_BASED, grid_size
 
 def spec_notes(spec: Any) -> list[str]:
     """One line per setting without effect: the recipe's lr scaling rules without a recipe
-    trial, a start-up as long as the study (a model-based sampler that never models), a start-up
-    given to a sampler without one, more trials than the grid has points."""
+    trial (or a rule whose recipe trial repeats another's), a start-up as long as the study (a
+    model-based sampler that never models), a start-up given to a sampler without one, more
+    trials than the grid has points."""
     s = spec.search
     out = []
     if s.reference_scaling != ["linear"] and not spec.recipe_trials():
@@ -24,6 +25,12 @@ def spec_notes(spec: Any) -> list[str]:
         elif spec._recipe() is None:
             why = f"{spec.model.arch} has no reference recipe"
         out.append(f"search.reference_scaling {s.reference_scaling} has no effect: {why}.")
+    elif (kept := [rule for rule, _ in spec.recipe_trials()]) and len(kept) < len(s.reference_scaling):
+        dropped = [rule for rule in s.reference_scaling if rule not in kept]
+        out.append(
+            f"search.reference_scaling {dropped}: no trial of its own, as its recipe trial would be that "
+            f"of {kept} (the lr fixed, or clipped to the same bound)."
+        )
     given = s.n_startup_trials is not None
     if given and s.algorithm in MODEL_BASED and s.n_startup_trials >= s.num_trials:
         out.append(
