@@ -272,19 +272,27 @@ class RecordingASHA(_Spared, ASHAScheduler):
         value, epoch = number(result.get(self._metric)), _epoch(result)
         if epoch is not None and epoch >= self._max_t:
             return TrialScheduler.CONTINUE
+        bracket = self._trial_info.get(trial.trial_id)
+        rung = self._deciding_rung(bracket, trial.trial_id, epoch)  # before Ray records the value
         decision = self._spare(trial, super().on_trial_result(tune_controller, trial, result))
         if decision != TrialScheduler.STOP or value is None or epoch is None:
             return decision
-        bracket = self._trial_info.get(trial.trial_id)
-        cut = None
-        for milestone, recorded in getattr(bracket, "_rungs", []):
-            if epoch >= milestone and trial.trial_id in recorded:
-                others = {k: v for k, v in recorded.items() if k != trial.trial_id}
-                c = bracket.cutoff(others) if others else None
-                cut = None if c is None else float(c) * self._metric_op
-                break
-        self._record(trial, epoch, value, cut, "halving")
+        c = bracket.cutoff(rung) if rung else None
+        self._record(trial, epoch, value, None if c is None else float(c) * self._metric_op, "halving")
         return decision
+
+    def _deciding_rung(self, bracket: Any, trial_id: str, epoch: float | None) -> dict[str, float] | None:
+        """A copy of the values of the rung Ray's bracket judges this result against, as Ray finds
+        it: the highest rung at or below the epoch that does not hold the trial yet (after a resume
+        from an earlier checkpoint, a lower rung than one it is in); None when none is judged."""
+        if epoch is None:
+            return None
+        for milestone, recorded in getattr(bracket, "_rungs", []):  # highest first
+            if epoch >= milestone and trial_id in recorded and not self._stop_last_trials:
+                return None
+            if epoch >= milestone and trial_id not in recorded:
+                return dict(recorded)
+        return None
 
 
 class RecordingHyperBand(_Spared, HyperBandScheduler):

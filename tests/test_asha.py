@@ -4,7 +4,7 @@ is never a stop (the rung cut and the reference's sparing: tests/test_schedulers
 from __future__ import annotations
 
 from search.stopping import RecordingASHA
-from tests.test_schedulers import GO, trial
+from tests.test_schedulers import GO, STOP, trial
 
 
 def test_recording_asha_never_stops_a_trial_at_its_last_epoch():
@@ -21,3 +21,19 @@ def test_recording_asha_never_stops_a_trial_at_its_last_epoch():
         ] == [GO, GO]
     assert sched.on_trial_result(None, a, {"epoch": 4, "map50": 0.9}) == GO
     assert sched.on_trial_result(None, b, {"epoch": 4, "map50": 0.5}) == GO and sched.stop_record("b") is None
+
+
+def test_a_resumed_trials_stop_records_the_cut_of_the_rung_that_judged_it():
+    """An audit: a trial resumed from its epoch-1 checkpoint reported epoch 2 (alone in that rung),
+    then epoch 3, where Ray judged it at rung 1 (its epoch-1 value was lost with the old scheduler)
+    against b's 0.00495 and stopped it; the record said no cut, from rung 2."""
+    sched = RecordingASHA(time_attr="epoch", max_t=4, grace_period=1, reduction_factor=2, reference=None)
+    sched.set_search_properties("map50", "max")
+    a, b = trial("a", lr=0.1), trial("b", lr=0.2)
+    for t in (a, b):
+        sched.on_trial_add(None, t)
+    assert sched.on_trial_result(None, b, {"epoch": 1, "map50": 0.00495}) == GO
+    assert sched.on_trial_result(None, a, {"epoch": 2, "map50": 0.01}) == GO  # alone in rung 2
+    assert sched.on_trial_result(None, a, {"epoch": 3, "map50": 0.0}) == STOP
+    record = sched.stop_record("a")
+    assert record["epoch"] == 3 and record["value"] == 0.0 and record["cut"] == 0.00495
