@@ -33,6 +33,7 @@ import yaml
 from search import durable, mlflow_store, tracking
 from search import study as S
 from search.cluster import check_connected, check_reachable, connect
+from search.cluster import shutdown as cluster_shutdown
 from search.errors import SpecError, short
 from search.failures import disk_full
 from search.guards import StudyLock, check_output, lock_held, spec_inputs
@@ -339,10 +340,8 @@ def _run_config(spec: Spec, exp_dir: Path, callbacks: list, deadline: float | No
 
 
 def _shutdown() -> None:
-    import ray
-
     try:
-        ray.shutdown()
+        cluster_shutdown()
     except Exception:  # noqa: BLE001 - best effort at exit
         pass
 

@@ -116,19 +116,29 @@ def test_sigint_then_resume(data_dir):
     assert sorted(t.user_attrs["ray_trial_id"] for t in ot) == sorted(state["trials"])
 
 
-def test_sigterm_stops_as_one_ctrl_c_and_the_resume_command_keeps_keep_top(data_dir):
+@pytest.mark.parametrize("group", [False, True], ids=["the-launch", "its-process-group"])
+def test_sigterm_stops_as_one_ctrl_c_and_the_resume_command_keeps_keep_top(data_dir, group):
     """``kill``/``timeout``/a pod's deletion send SIGTERM: it stops the study gracefully (it was
-    Ray's C++ dump and exit 1 or 134), and the printed resume command carries ``--keep-top``."""
+    Ray's C++ dump and exit 1 or 134), and the printed resume command carries ``--keep-top``.
+    ``timeout`` (systemd, Slurm) signals every process of the launch, Ray's GCS and raylet too:
+    they block SIGTERM as Ray blocks SIGINT in them (the launch hung a minute, then exit 1)."""
+    name = "sigterm-group" if group else "sigterm"
     path = write_spec(
         data_dir,
-        "sigterm",
+        name,
         {"optimizer": "sgd", "lr": {"low": 1e-3, "high": 3e-2, "log": True}},
         {"algorithm": "random", "scheduler": "none", "num_trials": 2, "max_concurrent": 1},
     )
-    exp_dir = data_dir / "runs" / "sigterm"
+    exp_dir = data_dir / "runs" / name
     cmd = [sys.executable, "-m", "search", "launch", str(path), "--keep-top", "1"]
     proc = subprocess.Popen(
-        cmd, cwd=data_dir, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd,
+        cwd=data_dir,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=group,
     )
     try:
         deadline = time.time() + 180
@@ -138,7 +148,10 @@ def test_sigterm_stops_as_one_ctrl_c_and_the_resume_command_keeps_keep_top(data_
                 break
             time.sleep(0.5)
         assert proc.poll() is None, "the study ended before the first epoch was reported"
-        proc.send_signal(signal.SIGTERM)
+        if group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
