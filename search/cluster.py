@@ -132,8 +132,8 @@ def _sigterm_blocked() -> Iterator[None]:
     mask, as Ray blocks SIGINT in them: a SIGTERM sent to every process of the launch (``timeout``
     signals its process group; systemd and Slurm a job's processes) reaches the launch alone,
     which stops the study gracefully, instead of also killing Ray's GCS and raylet under it
-    (the launch then hung a minute and died, exit 1, without saving). ``ray.shutdown`` still
-    ends those processes (SIGKILL after a second)."""
+    (the launch then hung a minute and died, exit 1, without saving). :func:`shutdown` ends
+    those processes with SIGKILL."""
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return

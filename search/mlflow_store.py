@@ -7,10 +7,12 @@ variables; user:password parts of URIs are redacted (:func:`redact`) in every me
 
 from __future__ import annotations
 
+import glob
 import importlib.metadata
 import logging
 import os
 import re
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -108,9 +110,10 @@ def make_sqlite_store(db: Path) -> None:
     """Create a missing SQLite store whole or not at all. MLflow makes its tables in seconds of
     migrations; a process killed meanwhile left a store MLflow then refused for good ("table ...
     already exists"). The tables are made in a hidden file beside it, which is then linked into
-    place unless another process made the store first. Leftovers of killed makers are removed."""
-    folder = db.parent
-    for left in folder.glob(f".{db.name}.*{CREATING}") if folder.is_dir() else ():
+    place unless another process made the store first. Leftovers of killed makers on this host
+    are removed."""
+    folder, host = db.parent, socket.gethostname()
+    for left in folder.glob(f".{db.name}.{glob.escape(host)}.*{CREATING}") if folder.is_dir() else ():
         pid = left.name.removesuffix(CREATING).rsplit(".", 2)[-2]
         if not (pid.isdigit() and pid_alive(int(pid))):
             left.unlink(missing_ok=True)
@@ -118,7 +121,7 @@ def make_sqlite_store(db: Path) -> None:
         return  # no folder: MLflow's own error says so
     from mlflow import MlflowClient
 
-    tmp = folder / f".{db.name}.{os.getpid()}.{threading.get_ident()}{CREATING}"
+    tmp = folder / f".{db.name}.{host}.{os.getpid()}.{threading.get_ident()}{CREATING}"
     try:
         maker = MlflowClient(tracking_uri=f"{SQLITE}{tmp}")
         maker.search_experiments(max_results=1)  # makes every table (the registry's too)
