@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from ray.tune.schedulers import (
@@ -348,10 +348,23 @@ class RecordingMedian(_Spared, MedianStoppingRule):
 
 class BudgetStopper(Stopper):
     """Ray stopper for the time budget: after ``deadline`` each running trial stops at its next
-    report (right after its epoch checkpoint); the searcher starts no new trial."""
+    report (right after its epoch checkpoint); the searcher starts no new trial.
+
+    Ray saves its stopper with the experiment's state and, on ``resume``, restores it over the one
+    the resume passes: a restored stopper takes the deadline of this process's run (the last one
+    made here), not the launch's, which passed while the study was down and stopped every trial
+    at its first report."""
+
+    _run: ClassVar[dict[str, float | None]] = {}  # "deadline": this process's run's
 
     def __init__(self, deadline: float | None):
         self.deadline = deadline
+        BudgetStopper._run["deadline"] = deadline
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if "deadline" in self._run:
+            self.deadline = self._run["deadline"]
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
         return self.deadline is not None and time.time() >= self.deadline
