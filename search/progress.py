@@ -104,7 +104,7 @@ class StudyState(Callback):
 
     def entry(self, trial: Any) -> dict[str, Any]:
         trials = self.state["trials"]
-        t = trials.get(trial.trial_id)
+        t = trials.get(trial.trial_id) or self._restarted_here(trial.trial_id)
         if t is None:
             t = trials[trial.trial_id] = {
                 "id": trial.trial_id,
@@ -181,12 +181,28 @@ class StudyState(Callback):
             self.entry(each)  # first), not as they happen to start: two start in the same second
         t = self.entry(trial)
         t["state"] = S.RUNNING
-        t.pop("failure", None)  # a restarted trial
+        if t.pop("failure", None) is not None and t.get("error"):  # a restarted trial: not failed now
+            t["last_error"], t["error"] = t["error"], None
         self._changed()
         pause_point("trial_start")  # test hook: a trial started, Ray has not saved that yet
 
+    def _restarted_here(self, trial_id: str) -> dict[str, Any] | None:
+        """``resume --restart-errored`` set the errored trials aside (``restarted_errored``), as
+        Ray restarts them under new ids; one that Ray continues under its own id from its
+        checkpoint (a worker that died) comes back with its history, no longer failed."""
+        aside = self.state.get("restarted_errored") or []
+        t = next((r for r in aside if r.get("id") == trial_id), None)
+        if t is None:
+            return None
+        aside.remove(t)
+        t.update(state=S.PENDING, optuna_number=None)  # on_trial_start clears its failure
+        self.state["trials"][trial_id] = t
+        return t
+
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         t = self.entry(trial)
+        if self.searcher is not None:  # a trial restarted under its own id is a new Optuna trial
+            t["optuna_number"] = self.searcher.optuna_number(trial.trial_id)
         t["state"] = S.RUNNING
         epoch = result.get("epoch")
         if result.get("node_id"):
@@ -242,7 +258,7 @@ class StudyState(Callback):
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         t = self.entry(trial)
         t["retries"] = int(t.get("retries") or 0) + 1
-        t["error"] = failure_reason(trial)
+        t["last_error"] = failure_reason(trial)  # MLflow's tag too; "error" is a failed trial's only
         t["state"] = S.PENDING
         self._changed()
 
@@ -376,7 +392,7 @@ class Progress(Callback):
         t = self.study.state["trials"].get(trial.trial_id)
         if t:
             self._print(
-                f"[{_clock(self.study.elapsed())}] trial {t['id']} failed ({t.get('error')}); "
+                f"[{_clock(self.study.elapsed())}] trial {t['id']} failed ({t.get('last_error')}); "
                 "retrying from its last checkpoint"
             )
 

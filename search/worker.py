@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +85,9 @@ def train_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     Works in the trial's local working directory; each epoch's ``latest.pt`` is handed to Ray as
     the checkpoint (Ray copies it to the experiment folder). A diverged trial returns normally.
     ``search.max_failures`` retries are for a worker that died (killed, out of memory, node lost):
-    an exception raised by the trial itself is written to ``<exp>/trial_<id>/.trial_error``, and
-    Ray's retry of that trial raises :class:`TrialError` at once instead of training again.
+    an exception raised by the trial itself is written to ``<exp>/trial_<id>/.trial_error`` (its
+    traceback), and Ray's retry of that trial raises :class:`TrialError` at once instead of training
+    again, with that traceback in its message (its last exception line is the one users read).
     """
     import ray
     import torch
@@ -106,8 +108,9 @@ def train_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     mark = None
     if setup.get("exp_dir"):
         mark = Path(setup["exp_dir"]) / f"trial_{tune.get_context().get_trial_id()}" / ERROR_MARK
-        if mark.is_file():
-            raise TrialError(f"not retried (retries are for workers that died): {mark.read_text().strip()}")
+        if mark.is_file():  # its traceback as it raised it, so that error.txt and MLflow keep it
+            why = "not retried (retries are for workers that died); it raised:\n"
+            raise TrialError(why + mark.read_text())
 
     resume_from = None
     checkpoint = tune.get_checkpoint()
@@ -142,7 +145,7 @@ def train_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     except Exception as exc:
         if mark is not None and not type(exc).__module__.startswith("ray") and disk_full(exc) is None:
             mark.parent.mkdir(parents=True, exist_ok=True)
-            S.atomic_write_text(mark, f"{type(exc).__name__}: {' '.join(str(exc).split())[:1000]}")
+            S.atomic_write_text(mark, "".join(traceback.format_exception(exc))[-20000:])
         raise
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
     if torch.cuda.is_available():

@@ -186,7 +186,8 @@ def grid_study(ray_local, data_dir):
         data_dir,
         "grid",
         {"optimizer": "sgd", "lr": {"choices": LRS}},
-        {"algorithm": "grid", "scheduler": "asha", "num_trials": 10, "max_failures": 0},
+        # a retry for a worker that died: the trial that raises is not run again (search.worker)
+        {"algorithm": "grid", "scheduler": "asha", "num_trials": 10, "max_failures": 1},
     )
     old = {k: os.environ.get(k) for k in ("SEARCH_TEST_FAIL_WHEN", "SEARCH_NO_MLFLOW")}
     os.environ.update(SEARCH_TEST_FAIL_WHEN="lr=0.03", SEARCH_NO_MLFLOW="1")
@@ -220,6 +221,10 @@ def test_grid_study_states(grid_study):
         and trials[0.03]["failure"] == S.ERROR
         and "test hook" in trials[0.03]["error"]
     )
+    # Ray's retry did not train again, and what users read is the trial's own error, not the retry's
+    raised = (Path(trials[0.03]["trial_dir"]) / "error.txt").read_text()
+    assert "not retried (retries are for workers that died)" in raised
+    assert trials[0.03]["error"].startswith("RuntimeError: SEARCH_TEST_FAIL_WHEN"), trials[0.03]["error"]
     optuna_by_id = {t.user_attrs["ray_trial_id"]: t for t in optuna_trials(exp_dir, "grid")}
     assert len(optuna_by_id) == len(optuna_trials(exp_dir, "grid")) == 5
     TS = optuna.trial.TrialState

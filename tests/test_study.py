@@ -262,3 +262,25 @@ def test_what_a_minimised_objective_reads(mode, side, gain, capsys):
     print_summary(summary)
     out = capsys.readouterr().out
     assert f"vs base model (epoch 0) 0.5000 ({gain})" in out and "params: lr=0.003125" in out
+
+
+def test_a_trial_ray_continues_under_its_own_id_after_restart_errored_keeps_its_history(tmp_path):
+    """``resume --restart-errored`` sets the errored trials aside, as Ray restarts them under new
+    ids; a trial whose worker died Ray continued under its own id from its epoch-1 checkpoint, and
+    study.json showed epochs [2, 3] only, the failed record aside, the old Optuna number."""
+    old = {"id": "w", "index": 0, "state": S.FAILED, "failure": S.ERROR, "error": "RayActorError: dead"}
+    rows = [{"epoch": 0, "map50": 0.1}, {"epoch": 1, "map50": 0.2}]
+    old.update(params={"lr": 0.01}, epochs=1, history=rows, optuna_number=1)
+    previous = {**S.new_study("s", "map50", "max"), "trials": {}, "restarted_errored": [old]}
+    state = StudyState(tmp_path, "s", "map50", "max", epochs=3, previous=previous)
+    state.searcher = SimpleNamespace(optuna_number=lambda tid: 4, outcome=lambda tid: "COMPLETE")  # reopened
+    trial = SimpleNamespace(trial_id="w", config={"lr": 0.01}, path=None)
+    state.on_trial_start(0, [trial], trial)
+    for epoch, value in ((2, 0.3), (3, 0.35)):
+        state.on_trial_result(0, [trial], trial, {"epoch": epoch, "map50": value})
+    state.on_trial_complete(0, [trial], trial)
+    t = state.state["trials"]["w"]
+    assert [r["epoch"] for r in t["history"]] == [0, 1, 2, 3] and t["state"] == S.COMPLETE
+    assert (t["error"], t.get("failure"), t["optuna_number"]) == (None, None, 4)
+    assert t["last_error"] == "RayActorError: dead"
+    assert state.state["restarted_errored"] == []

@@ -161,6 +161,7 @@ def test_fault3_worker_sigkilled_mid_epoch(world, study_a, tmp_path, record_prop
     state = a["state"]
     t = state["trials"][a["killed"]["trial"]]
     assert t["state"] == S.COMPLETE and t["epochs"] == 3 and t["retries"] == 1, t
+    assert t["error"] is None and t["last_error"], t  # no error on a COMPLETE trial; its retry's cause kept
     assert [r["epoch"] for r in t["history"]] == [0, 1, 2, 3]
     rows = results_of(t)
     before = [r["epoch"] for r in rows if r["pid"] == a["killed"]["pid"]]
