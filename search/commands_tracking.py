@@ -90,7 +90,8 @@ def cmd_best(args: argparse.Namespace) -> int:
     from search import select
 
     if args.top is not None and args.top < 1:
-        raise _bad_input(ValueError(f"--top must be >= 1, but got {args.top}."))
+        why = f"--top must be >= 1, but got {args.top}. Fix: --top 1 or more, or leave it out (every trial)."
+        raise _bad_input(ValueError(why))
     try:
         exp_dir = select.find_experiment(args.name, args.output_dir)
         trials = select.best(exp_dir, args.top)

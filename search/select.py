@@ -137,7 +137,10 @@ def _checkpoint(trial: dict[str, Any]) -> Path:
     ckpt = trial.get("checkpoint")
     if not ckpt or not Path(ckpt).exists():
         why = " (removed by --keep-top)" if trial.get("checkpoints_removed") else ""
-        raise SelectError(f"trial {trial['id']} has no checkpoint on disk{why}: {ckpt or 'none recorded'}")
+        raise SelectError(
+            f"trial {trial['id']} has no checkpoint on disk{why}: {ckpt or 'none recorded'}. Fix: name a "
+            "trial that has one with --trial (`best` lists them: checkpoint not '-')."
+        )
     path = Path(ckpt)
     if path.is_dir():
         for name in (S.MODEL_FILE, "best.pt", "checkpoints/best.pt", "latest.pt"):
