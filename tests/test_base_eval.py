@@ -312,6 +312,19 @@ def _hold_lock(shared, key: str) -> subprocess.Popen:
     return holder
 
 
+def _holder_dies_in_training(monkeypatch, box: dict) -> None:
+    """``box["holder"]`` (a :func:`_hold_lock` process) is killed at the end of each training epoch."""
+    real_train = engine.train_one_epoch
+
+    def train(*args, **kwargs):
+        out = real_train(*args, **kwargs)
+        box["holder"].kill()
+        box["holder"].wait()
+        return out
+
+    monkeypatch.setattr(engine, "train_one_epoch", train)
+
+
 def test_trial_evaluates_the_base_itself_when_the_holder_dies(split, tmp_path, monkeypatch):
     """The holder dies during this trial's first epoch: at its first report the trial claims the
     key, rebuilds its starting weights (same key), evaluates them and stores the result; its
@@ -327,16 +340,8 @@ def test_trial_evaluates_the_base_itself_when_the_holder_dies(split, tmp_path, m
             box["holder"] = _hold_lock(shared, k)
         return k
 
-    real_train = engine.train_one_epoch
-
-    def train(*args, **kwargs):  # the holder dies while this trial trains its first epoch
-        out = real_train(*args, **kwargs)
-        box["holder"].kill()
-        box["holder"].wait()
-        return out
-
     monkeypatch.setattr(base_eval, "model_key", key)
-    monkeypatch.setattr(engine, "train_one_epoch", train)
+    _holder_dies_in_training(monkeypatch, box)  # during this trial's first epoch
     reports = []
     try:
         got = run_trial(
@@ -373,16 +378,8 @@ def test_rebuild_that_differs_or_fails_is_not_evaluated(split, tmp_path, monkeyp
         box["holder"] = _hold_lock(shared, k)
         return k
 
-    real_train = engine.train_one_epoch
-
-    def train(*args, **kwargs):  # the holder dies while the trial trains its (last) epoch
-        out = real_train(*args, **kwargs)
-        box["holder"].kill()
-        box["holder"].wait()
-        return out
-
     monkeypatch.setattr(base_eval, "model_key", key)
-    monkeypatch.setattr(engine, "train_one_epoch", train)
+    _holder_dies_in_training(monkeypatch, box)  # during the trial's (last) epoch
     try:
         got = run_trial(_cfg(split, tmp_path / "b", base_eval_dir=shared, epochs=1), {"lr": 0.01})
     finally:
