@@ -40,6 +40,15 @@ def _ann(aid, image_id, cat, bbox, **kw):
     return {"id": aid, "image_id": image_id, "category_id": cat, "bbox": bbox, "iscrowd": 0, **kw}
 
 
+def _rle(h: int, w: int, short: bool = False) -> dict:
+    """A compressed RLE of an h x w mask (``short``: of a 20x20 one, with the size h x w claimed)."""
+    from pycocotools import mask as mask_utils
+
+    m = np.zeros((20, 20) if short else (h, w), np.uint8, order="F")  # short: 20 x 20 = 400 pixels
+    m[5:15, 5:15] = 1
+    return {"size": [h, w], "counts": mask_utils.encode(m)["counts"].decode()}
+
+
 def make_split(tmp_path: Path, anns=None, images=None, cats=None, name="train.json"):
     """Three images (two annotated 100x100 + 100x80, one negative); returns (json path, image root)."""
     root = tmp_path / "images"
@@ -155,6 +164,10 @@ def test_a_dropped_box_without_mask_does_not_count_against_the_masks(tmp_path):
         (lambda d: d["images"][0].update(file_name="/etc/passwd"), "escapes the image root"),
         (lambda d: d["images"][0].update(file_name="gone.png"), "missing image file"),
         (lambda d: d["annotations"][0].update(segmentation={"size": [5, 5], "counts": "0"}), "RLE size"),
+        # compressed counts for a 20x20 mask on a 100x100 image: pycocotools decoded it to noise
+        (lambda d: d["annotations"][0].update(segmentation=_rle(100, 100, short=True)), "summing to 400"),
+        (lambda d: d["annotations"][0].update(segmentation=_rle(100, 100) | {"counts": "a b"}), "no COCO RLE"),
+        (lambda d: d["images"].append({**d["images"][0], "id": 9}), "image ids 1 and 9 are the same file"),
         (lambda d: d.update(images=[], annotations=[]), "the split has no image"),
         (lambda d: d.update(annotations=[]), "no usable annotation"),
     ],

@@ -40,6 +40,8 @@ from functools import cached_property
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, NamedTuple
 
+from trainables import rle
+
 log = logging.getLogger("trainables.data")
 
 TASKS = ("detection", "instance_segmentation", "semantic_segmentation")
@@ -290,6 +292,7 @@ def _safe_relpath(file_name: Any, path: Path, image_id: int) -> str:
 def _images(data: dict[str, Any], path: Path, root: Path, stats: Counter) -> list[ImageRecord]:
     records: list[ImageRecord] = []
     seen: set[int] = set()
+    files: dict[Path, int] = {}
     missing: list[str] = []
     for im in data["images"]:
         iid = im.get("id") if isinstance(im, dict) else None
@@ -300,6 +303,11 @@ def _images(data: dict[str, Any], path: Path, root: Path, stats: Counter) -> lis
         seen.add(iid)
         file_name = _safe_relpath(im.get("file_name"), path, iid)
         img_path = root / file_name
+        if (first := files.setdefault(img_path.resolve(), iid)) != iid:  # e.g. two COCO files merged
+            raise DatasetError(
+                f"{path}: image ids {first} and {iid} are the same file {file_name!r}: each would be scored "
+                "against part of its objects (and train the rest as background); list it once, with them all"
+            )
         if not img_path.resolve().is_relative_to(root):  # a symlink out of the image folder
             raise DatasetError(
                 f"{path}: image id {iid}: {file_name!r} resolves to {str(img_path.resolve())!r}, outside the "
@@ -420,6 +428,13 @@ def _check_segmentation(segm: Any, rec: ImageRecord, stats: Counter, where: str)
                 )
             return segm
         if isinstance(counts, (str, bytes)):
+            runs = rle.string_counts(counts)
+            if runs is None or min(runs, default=0) < 0 or sum(runs) != rec.height * rec.width:
+                got = f"{len(runs)} runs summing to {sum(runs)}" if runs else "text that is no COCO RLE"
+                raise DatasetError(
+                    f"{where}: compressed RLE counts must hold non-negative runs summing to height x width "
+                    f"= {rec.height * rec.width} (image {rec.file_name}), got {got}"
+                )
             return segm
     raise DatasetError(f"{where}: unsupported segmentation {str(segm)[:120]}")
 
