@@ -166,7 +166,7 @@ def test_a_dropped_box_without_mask_does_not_count_against_the_masks(tmp_path):
         (lambda d: d["annotations"][0].update(segmentation={"size": [5, 5], "counts": "0"}), "RLE size"),
         # compressed counts for a 20x20 mask on a 100x100 image: pycocotools decoded it to noise
         (lambda d: d["annotations"][0].update(segmentation=_rle(100, 100, short=True)), "summing to 400"),
-        (lambda d: d["annotations"][0].update(segmentation=_rle(100, 100) | {"counts": "a b"}), "no COCO RLE"),
+        (lambda d: d["annotations"][0].update(segmentation=_rle(100, 100) | {"counts": "a b"}), "no COCO"),
         (lambda d: d["images"].append({**d["images"][0], "id": 9}), "image ids 1 and 9 are the same file"),
         (lambda d: d.update(images=[], annotations=[]), "the split has no image"),
         (lambda d: d.update(annotations=[]), "no usable annotation"),

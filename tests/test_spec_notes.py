@@ -96,3 +96,22 @@ def test_weights_out_says_the_activation_a_state_dict_cannot_hold():
     assert weights_note(params.resolve({})) is None
     note = weights_note(params.resolve({"activation": "silu"}))
     assert "space.activation: silu and space.activation_scope: heads" in note
+
+
+def test_a_class_the_train_split_never_annotates_is_noted(tmp_path, capsys):
+    """An audit: a class with no training annotation (or a category no annotation uses) passed
+    validate without a word; the model never learns it while its val objects count in the metric."""
+    data = json.loads((ROOT / "spaces/data/bccd/annotations/instances_train.json").read_text())
+    data["annotations"] = [a for a in data["annotations"] if a["category_id"] != 3]  # no Platelets
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps(data))
+    images = ROOT / "spaces/data/bccd/images"
+    sets = ["--set", f"data.train.annotations={train}", "--set", f"data.train.images={images}"]
+    assert main(["validate", str(DET), "--quick", "--json", *sets]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert notes == [
+        "data.train annotates no object of class(es) ['Platelets']: no trial learns them, and their "
+        "objects in the val split (if any) count against every trial."
+    ]
+    assert main(["validate", str(DET), "--quick", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["notes"] == []

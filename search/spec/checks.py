@@ -415,6 +415,7 @@ def check_data(spec: Spec) -> None:
         spec._images += [(split_name, rec) for rec in index.images]
         if names is None:
             names = index.class_names
+            spec._untrained = [c for c, n in coco.summarize(index)["per_class"].items() if not n]
         elif index.class_names != names:
             raise SpecError(
                 "data.val.annotations",

@@ -1,6 +1,7 @@
-"""Settings that are valid but do nothing in this spec: one line each, said by ``validate``, the
-dry run and the launch header (they refuse nothing: a ``--set`` that turns the reference trial
-off should not have to clear its scaling rules too)."""
+"""Settings that are valid but do nothing in this spec (or data that will not train what it
+names): one line each, said by ``validate``, the dry run and the launch header (they refuse
+nothing: a ``--set`` that turns the reference trial off should not have to clear its scaling
+rules too)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ def spec_notes(spec: Any) -> list[str]:
     """One line per setting without effect: the recipe's lr scaling rules without a recipe
     trial (or a rule whose recipe trial repeats another's), a start-up as long as the study (a
     model-based sampler that never models), a start-up given to a sampler without one, more
-    trials than the grid has points."""
+    trials than the grid has points; and a class the training split never annotates."""
     s = spec.search
     out = []
     if s.reference_scaling != ["linear"] and not spec.recipe_trials():
@@ -44,6 +45,11 @@ def spec_notes(spec: Any) -> list[str]:
         out.append(
             f"search.num_trials {s.num_trials}: the grid has {points} point(s), so the study runs "
             f"{points} trials."
+        )
+    if untrained := getattr(spec, "_untrained", None):
+        out.append(
+            f"data.train annotates no object of class(es) {untrained}: no trial learns them, and their "
+            "objects in the val split (if any) count against every trial."
         )
     return out
 

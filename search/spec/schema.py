@@ -235,6 +235,7 @@ class Spec(_Section):
     _source: Path | None = PrivateAttr(default=None)
     _num_classes: int = PrivateAttr(default=0)
     _class_names: list[str] = PrivateAttr(default_factory=list)
+    _untrained: list[str] = PrivateAttr(default_factory=list)  # classes the train split never annotates
     _images: list[Any] = PrivateAttr(default_factory=list)  # both splits' ImageRecords (check_data)
 
     @field_validator("name")
