@@ -186,6 +186,13 @@ class StudyState(Callback):
         self._changed()
         pause_point("trial_start")  # test hook: a trial started, Ray has not saved that yet
 
+    def _renumbered(self, t: dict[str, Any]) -> None:
+        """The trial's Optuna number as the searcher has it now: a trial restarted after an error
+        (``resume --restart-errored``) is a new Optuna trial, under its own id or a new one."""
+        number = self.searcher.optuna_number(t["id"]) if self.searcher is not None else None
+        if number is not None:
+            t["optuna_number"] = number
+
     def _restarted_here(self, trial_id: str) -> dict[str, Any] | None:
         """``resume --restart-errored`` set the errored trials aside (``restarted_errored``), as
         Ray restarts them under new ids; one that Ray continues under its own id from its
@@ -201,8 +208,7 @@ class StudyState(Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         t = self.entry(trial)
-        if self.searcher is not None:  # a trial restarted under its own id is a new Optuna trial
-            t["optuna_number"] = self.searcher.optuna_number(trial.trial_id)
+        self._renumbered(t)
         t["state"] = S.RUNNING
         epoch = result.get("epoch")
         if result.get("node_id"):
@@ -242,6 +248,7 @@ class StudyState(Callback):
             t["stopped"] = self._stop_record(trial, t, t["stopped_by"])
         if self.searcher is not None:
             t["optuna_state"] = self.searcher.outcome(trial.trial_id)
+        self._renumbered(t)
         self._changed()
         pause_point("trial_complete")  # test hook: Optuna was told, Ray has not saved the end yet
 
