@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from search.errors import SpecError
-from search.spec.schema import sqlite_file
+from search.spec.schema import file_store, sqlite_file
 from trainables.files import pid_alive
 
 # a query parameter whose lower-cased name holds one of these carries a secret (X-Amz-Signature,
@@ -97,13 +97,8 @@ def _local_store(uri: str | None) -> tuple[Path | None, bool]:
         return None, False  # the default store, <output_dir>/mlflow.db, checked with output_dir
     if (db := sqlite_file(uri)) is not None:
         return db, False
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return None, False
-    if parts.scheme in ("", "file"):
-        return Path(parts.path or uri), True
-    return None, False
+    folder = file_store(uri)
+    return folder, folder is not None
 
 
 def check_output(

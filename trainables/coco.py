@@ -303,14 +303,15 @@ def _images(data: dict[str, Any], path: Path, root: Path, stats: Counter) -> lis
         seen.add(iid)
         file_name = _safe_relpath(im.get("file_name"), path, iid)
         img_path = root / file_name
-        if (first := files.setdefault(img_path.resolve(), iid)) != iid:  # e.g. two COCO files merged
+        resolved = img_path.resolve()
+        if (first := files.setdefault(resolved, iid)) != iid:  # e.g. two COCO files merged
             raise DatasetError(
                 f"{path}: image ids {first} and {iid} are the same file {file_name!r}: each would be scored "
                 "against part of its objects (and train the rest as background); list it once, with them all"
             )
-        if not img_path.resolve().is_relative_to(root):  # a symlink out of the image folder
+        if not resolved.is_relative_to(root):  # a symlink out of the image folder
             raise DatasetError(
-                f"{path}: image id {iid}: {file_name!r} resolves to {str(img_path.resolve())!r}, outside the "
+                f"{path}: image id {iid}: {file_name!r} resolves to {str(resolved)!r}, outside the "
                 f"image root {str(root)!r} (symlinks are followed)"
             )
         if not img_path.is_file():

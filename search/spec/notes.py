@@ -46,7 +46,7 @@ def spec_notes(spec: Any) -> list[str]:
             f"search.num_trials {s.num_trials}: the grid has {points} point(s), so the study runs "
             f"{points} trials."
         )
-    if untrained := getattr(spec, "_untrained", None):
+    if untrained := spec._untrained:
         out.append(
             f"data.train annotates no object of class(es) {untrained}: no trial learns them, and their "
             "objects in the val split (if any) count against every trial."

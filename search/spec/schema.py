@@ -12,6 +12,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
@@ -41,6 +42,18 @@ SQLITE = "sqlite:///"  # a SQLite store's URI: SQLITE + its file (absolute: a 4t
 def sqlite_file(uri: str) -> Path | None:
     """The file of a SQLite store's URI, as written; None for any other store."""
     return Path(uri[len(SQLITE) :]) if uri.startswith(SQLITE) else None
+
+
+def file_store(uri: str) -> Path | None:
+    """The folder of an MLflow file store's URI (``file:`` or a plain path), as written; None for
+    any other store (MLflow's bare ``databricks`` is no path)."""
+    if uri.split(":", 1)[0] == "databricks":
+        return None
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return None
+    return Path(parts.path or uri) if parts.scheme in ("", "file") else None
 
 
 MAX_NAME = 100
@@ -204,10 +217,8 @@ class TrackingSection(_Section):
     @classmethod
     def _uri(cls, v: str | None) -> str | None:
         """MLflow's file store (a folder, ``file:``) refuses every record unless the user opts in."""
-        if v is None or v.startswith(SQLITE) or os.environ.get(FILE_STORE_ENV, "").lower() in ("true", "1"):
-            return v
-        scheme = v.split("://", 1)[0].lower() if "://" in v else ("file" if v.startswith("file:") else "")
-        if scheme in ("", "file") and v.split(":", 1)[0] != "databricks":  # MLflow's bare "databricks"
+        opted_in = os.environ.get(FILE_STORE_ENV, "").lower() in ("true", "1")
+        if v is not None and not opted_in and file_store(v) is not None:
             raise ValueError(
                 f"must be a store MLflow writes, but got {v!r}: MLflow's file store (a folder, file:) "
                 f"refuses every record now (maintenance mode){FIX}use sqlite:///<folder>/mlflow.db (or leave "
