@@ -232,12 +232,20 @@ def _torchscript(model: Any, inputs: list[Any], task: str, eager_out: Any, path:
 
 
 def _model_yaml(
-    cfg: Any, ckpt_path: Path, ckpt: dict, info: dict, model: Any, class_names: list[str], study: dict | None
+    cfg: Any,
+    ckpt_path: Path,
+    ckpt: dict,
+    info: dict,
+    model: Any,
+    classes: tuple[list[str], list[int] | None],
+    study: dict | None,
 ) -> dict[str, Any]:
     """The content of ``model.yaml`` (before the rebuild check and the files)."""
     from trainables import models
     from trainables import params as P
 
+    class_names, category_ids = classes
+    unit = "label" if cfg.task != "semantic_segmentation" else "mask value"
     num_classes = len(class_names) + 1
     kwargs = models.inference_kwargs(cfg)  # with the input size the trial's model was built with
     if getattr(model, "aux_classifier", None) is not None:
@@ -252,9 +260,9 @@ def _model_yaml(
         "builder_kwargs": kwargs,
         "num_classes": num_classes,
         "class_names": list(class_names),
-        "labels": "0 = background; label i = class_names[i - 1]"
-        if cfg.task != "semantic_segmentation"
-        else "mask value 0 = background; value i = class_names[i - 1]",
+        **({"category_ids": list(category_ids)} if category_ids else {}),
+        "labels": f"{unit} 0 = background; {unit} i = class_names[i - 1]"
+        + (", whose COCO category id is category_ids[i - 1]" if category_ids else ""),
         "preprocessing": preprocessing(cfg),
         "weights_file": WEIGHTS_FILE,
         "frozen_batchnorm": structure["frozen_batchnorm"],
@@ -358,17 +366,21 @@ def build_bundle(
     study: dict[str, Any] | None = None,
     torchscript: bool = True,
     key_env: str | None = None,
+    category_ids: list[int] | None = None,
 ) -> dict[str, Any]:
     """Write the bundle of ``ckpt_path`` (a trial checkpoint of ``cfg``) into ``out_dir`` (must
     not exist or be empty; written whole or not at all); returns the model.yaml content.
-    ``key_env``: encrypt the weights under the secret in this environment variable."""
+    ``key_env``: encrypt the weights under the secret in this environment variable; ``category_ids``:
+    the dataset's COCO category id of each class (recorded, and given with each prediction)."""
     out_dir = Path(out_dir)
     if out_dir.is_symlink():  # a link to a folder: the bundle goes there (replacing the link's
         out_dir = out_dir.resolve()  # target, not the link, by the rename below)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise BundleError(f"--out {out_dir} exists and is not empty: choose a new folder")
     model, ckpt, info = trial_model(cfg, Path(ckpt_path), len(class_names) + 1)
-    meta = _model_yaml(cfg, Path(ckpt_path), ckpt, info, model, class_names, study)
+    if category_ids is not None and len(category_ids) != len(class_names):
+        raise BundleError(f"{len(category_ids)} category ids for {len(class_names)} classes")
+    meta = _model_yaml(cfg, Path(ckpt_path), ckpt, info, model, (class_names, category_ids), study)
     rebuilt, inputs, eager = _rebuild_checked(cfg, model, meta)
 
     def ts(path: Path) -> dict[str, Any]:

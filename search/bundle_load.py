@@ -142,6 +142,12 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
         "task": meta.get("task") in ("detection", "instance_segmentation", "semantic_segmentation"),
         "num_classes": isinstance(meta.get("num_classes"), int) and meta["num_classes"] >= 2,
         "class_names": isinstance(meta.get("class_names"), list),
+        "category_ids": "category_ids" not in meta  # bundles before category ids have none
+        or (
+            isinstance(meta["category_ids"], list)
+            and all(isinstance(c, int) for c in meta["category_ids"])
+            and len(meta["category_ids"]) == len(meta.get("class_names") or [])
+        ),
         "preprocessing.image_size": isinstance(pre, dict)
         and isinstance(pre.get("image_size"), int)
         and pre["image_size"] > 0,
@@ -316,9 +322,10 @@ def run(model: Any, meta: dict[str, Any], images: list[Any]) -> list[dict[str, A
 def predict(model: Any, meta: dict[str, Any], path: str | Path, min_score: float = 0.0) -> dict[str, Any]:
     """One image end to end; coordinates and masks in the ORIGINAL image's pixels.
 
-    Detection: ``{"detections": [{"label", "class", "score", "box": [x1, y1, x2, y2]}], "masks":
-    [H x W bool tensor per detection] (instance segmentation)}``; semantic segmentation:
-    ``{"mask": H x W int64 class map}``. Also ``width``, ``height``, ``input_size``.
+    Detection: ``{"detections": [{"label", "class", "category_id", "score", "box": [x1, y1, x2, y2]}],
+    "masks": [H x W bool tensor per detection] (instance segmentation)}``, ``category_id`` the
+    dataset's COCO id of the class (None in a bundle that does not record them); semantic
+    segmentation: ``{"mask": H x W int64 class map}``. Also ``width``, ``height``, ``input_size``.
     """
     import torch
     import torch.nn.functional as TF
@@ -329,6 +336,7 @@ def predict(model: Any, meta: dict[str, Any], path: str | Path, min_score: float
     ih, iw = x.shape[-2:]
     out = run(model, meta, [x])[0]
     names = ["__background__", *meta["class_names"]]
+    ids = [None, *meta.get("category_ids", [None] * len(meta["class_names"]))]  # the dataset's COCO ids
     result: dict[str, Any] = {
         "image": str(path),
         "width": int(w),
@@ -347,6 +355,7 @@ def predict(model: Any, meta: dict[str, Any], path: str | Path, min_score: float
         {
             "label": int(lab),
             "class": names[int(lab)] if int(lab) < len(names) else str(int(lab)),
+            "category_id": ids[int(lab)] if int(lab) < len(ids) else None,
             "score": float(sc),
             "box": [float(v) for v in box],
         }

@@ -227,7 +227,14 @@ def export(
         "history": trial.get("history", []),
     }
     return build_bundle(
-        cfg, ckpt, spec.class_names, Path(out_dir), study=info, torchscript=torchscript, key_env=key_env
+        cfg,
+        ckpt,
+        spec.class_names,
+        Path(out_dir),
+        study=info,
+        torchscript=torchscript,
+        key_env=key_env,
+        category_ids=spec.category_ids,
     )
 
 

@@ -76,18 +76,44 @@ def test_model_yaml_is_checked_before_it_is_parsed(cli_study, cli_bundle, tmp_pa
     with (broken / "model.yaml").open("a") as f:
         f.write("bad: [unclosed\n")  # not YAML, and not what SHA256SUMS says
     one_error_line(search("predict", str(broken), str(image), cwd=root), "model.yaml", "sha256")
-    resummed = tmp_path / "resummed"  # model.yaml without arch, its sum made to match
-    shutil.copytree(cli_bundle[0], resummed)
-    meta = yaml.safe_load((resummed / "model.yaml").read_text())
-    del meta["arch"]
-    (resummed / "model.yaml").write_text(yaml.safe_dump(meta))
-    sums = (resummed / "SHA256SUMS").read_text().splitlines()
-    digest = hashlib.sha256((resummed / "model.yaml").read_bytes()).hexdigest()
-    (resummed / "SHA256SUMS").write_text(
-        "\n".join(f"{digest}  model.yaml" if line.endswith("  model.yaml") else line for line in sums) + "\n"
-    )
+    resummed = _edited(cli_bundle[0], tmp_path / "resummed", lambda meta: meta.pop("arch"))
     one_error_line(search("predict", str(resummed), str(image), cwd=root), "model.yaml", "arch")
     assert json.loads((cli_bundle[0] / "metrics.json").read_text())  # the original is untouched
+
+
+def _detections(bundle, image, root):
+    out = ok_json(_predict((bundle,), image, "--min-score", "0", "--json", cwd=root))
+    return out["images"][0]["detections"]
+
+
+def _edited(bundle, dst, edit):
+    """A copy of ``bundle`` whose model.yaml ``edit`` changed, its sum made to match."""
+    shutil.copytree(bundle, dst)
+    meta = yaml.safe_load((dst / "model.yaml").read_text())
+    edit(meta)
+    (dst / "model.yaml").write_text(yaml.safe_dump(meta))
+    sums = (dst / "SHA256SUMS").read_text().splitlines()
+    digest = hashlib.sha256((dst / "model.yaml").read_bytes()).hexdigest()
+    (dst / "SHA256SUMS").write_text(
+        "\n".join(f"{digest}  model.yaml" if line.endswith("  model.yaml") else line for line in sums) + "\n"
+    )
+    return dst
+
+
+def test_detections_name_the_datasets_category_ids(cli_study, cli_bundle, tmp_path):
+    """Predictions gave label and class name only: a user's COCO category ids (tinydata's are 3
+    and 7) were lost. A bundle from before category ids predicts with ``category_id`` None; one
+    whose ids do not fit its classes is refused."""
+    image, root = cli_study["images"][0], cli_study["root"]
+    meta = yaml.safe_load((cli_bundle[0] / "model.yaml").read_text())
+    assert meta["category_ids"] == [3, 7] and "category_ids[i - 1]" in meta["labels"]
+    dets = _detections(cli_bundle[0], image, root)
+    assert dets and {(d["class"], d["category_id"]) for d in dets} <= {("red", 3), ("blue", 7)}
+    older = _edited(cli_bundle[0], tmp_path / "older", lambda m: m.pop("category_ids"))
+    dets = _detections(older, image, root)
+    assert dets and {d["category_id"] for d in dets} == {None}
+    short = _edited(cli_bundle[0], tmp_path / "short", lambda m: m.update(category_ids=[3]))
+    one_error_line(search("predict", str(short), str(image), cwd=root), "model.yaml", "category_ids")
 
 
 def test_export_into_a_link_to_an_empty_folder(cli_study, tmp_path):

@@ -293,6 +293,7 @@ def test_export_predict_matches_the_trials_evaluation(study, tmp_path, capsys):
     assert meta["rebuild_check"]["max_abs_diff"] <= 1e-5
     on_disk = yaml.safe_load((out / "model.yaml").read_text())
     assert on_disk["class_names"] == ["red", "blue"] and on_disk["num_classes"] == 3
+    assert on_disk["category_ids"] == [3, 7]  # tinydata's ids, not 1..K
     assert on_disk["preprocessing"]["image_size"] == 96 and on_disk["params"]["lr"] == top["params"]["lr"]
     bundle.verify(out)
     assert main(["export", str(exp_dir), "--out", str(out)]) == 2  # not empty: refused
@@ -323,6 +324,8 @@ def test_export_predict_matches_the_trials_evaluation(study, tmp_path, capsys):
         assert got.shape == expect.shape
         assert torch.allclose(got, expect, atol=1e-3)
         assert [d["label"] for d in entry["detections"]] == pred["labels"].tolist()
+        named = {(d["class"], d["category_id"]) for d in entry["detections"]}
+        assert named <= {("red", 3), ("blue", 7)} and named, entry["detections"]
         assert torch.allclose(
             torch.tensor([d["score"] for d in entry["detections"]]), pred["scores"], atol=1e-5
         )

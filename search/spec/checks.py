@@ -402,7 +402,7 @@ def check_data(spec: Spec) -> None:
     """The annotation files load as COCO for the task, and both splits name the same classes."""
     from trainables import coco
 
-    names = None
+    names = ids = None
     spec._images = []
     for split_name in ("train", "val"):
         split = getattr(spec.data, split_name)
@@ -414,7 +414,7 @@ def check_data(spec: Spec) -> None:
             ) from None
         spec._images += [(split_name, rec) for rec in index.images]
         if names is None:
-            names = index.class_names
+            names, ids = index.class_names, index.cat_ids
             spec._untrained = [c for c, n in coco.summarize(index)["per_class"].items() if not n]
         elif index.class_names != names:
             raise SpecError(
@@ -423,6 +423,7 @@ def check_data(spec: Spec) -> None:
                 "use the same categories in both splits.",
             )
     spec._class_names = list(names or [])
+    spec._category_ids = list(ids or [])
     spec._num_classes = len(spec._class_names)
 
 

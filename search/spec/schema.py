@@ -246,6 +246,7 @@ class Spec(_Section):
     _source: Path | None = PrivateAttr(default=None)
     _num_classes: int = PrivateAttr(default=0)
     _class_names: list[str] = PrivateAttr(default_factory=list)
+    _category_ids: list[int] = PrivateAttr(default_factory=list)  # the train split's, in class order
     _untrained: list[str] = PrivateAttr(default_factory=list)  # classes the train split never annotates
     _images: list[Any] = PrivateAttr(default_factory=list)  # both splits' ImageRecords (check_data)
 
@@ -277,6 +278,11 @@ class Spec(_Section):
     @property
     def class_names(self) -> list[str]:
         return list(self._class_names)
+
+    @property
+    def category_ids(self) -> list[int]:
+        """The COCO category id of each class (``class_names``' order: label i is ``[i - 1]``)."""
+        return list(self._category_ids)
 
     @property
     def experiment_dir(self) -> Path:
