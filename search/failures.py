@@ -10,6 +10,14 @@ from pathlib import Path
 from typing import Any
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+ERROR_MARK = ".trial_error"  # in <exp>/trial_<id>/: the error a trial's own code raised
+
+
+def raised_itself(exp_dir: Path, trial_id: str) -> bool:
+    """Whether the trial's own code raised (:mod:`search.worker` marked it): Ray restarts it under
+    ``search.max_failures`` like a worker that died, but that restart only fails at once, so
+    it is no retry to count or announce."""
+    return (Path(exp_dir) / f"trial_{trial_id}" / ERROR_MARK).is_file()
 
 
 def error_text(trial: Any) -> str:

@@ -15,7 +15,7 @@ from typing import Any, TextIO
 from ray.tune import Callback
 
 from search import study as S
-from search.failures import failure_reason
+from search.failures import failure_reason, raised_itself
 from search.run_map import RUNS_FILE
 from search.study import group_of
 from trainables.testhooks import pause_point
@@ -257,12 +257,15 @@ class StudyState(Callback):
         self._checkpoints(trial, t)
         t["state"], t["failure"] = S.FAILED, S.ERROR
         t["error"] = failure_reason(trial)
-        t["retries"] = max(0, int(getattr(trial, "num_failures", 1)) - 1)
+        if not raised_itself(self.exp_dir, trial.trial_id):
+            t["retries"] = max(0, int(getattr(trial, "num_failures", 1)) - 1)
         if self.searcher is not None:
             t["optuna_state"] = self.searcher.outcome(trial.trial_id)
         self._changed()
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if raised_itself(self.exp_dir, trial.trial_id):  # no retry: its restart fails at once
+            return
         t = self.entry(trial)
         t["retries"] = int(t.get("retries") or 0) + 1
         t["last_error"] = failure_reason(trial)  # MLflow's tag too; "error" is a failed trial's only
@@ -332,7 +335,7 @@ class Progress(Callback):
         for name in self.key_params:
             if name in t.get("params", {}):
                 v = t["params"][name]
-                out.append(f"{name}={S.fmt(v, 3)}")
+                out.append(f"{name}={S.fmt(v)}")  # as status and best print them
         return " ".join(out)
 
     def _line(self, t: dict[str, Any], what: str, result: dict[str, Any] | None = None) -> None:
@@ -372,8 +375,8 @@ class Progress(Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         t = self.study.state["trials"].get(trial.trial_id)
-        if t:
-            self._line(t, "started")
+        if t and not raised_itself(self.study.exp_dir, trial.trial_id):  # (Ray's restart of a
+            self._line(t, "started")  # trial that raised only fails: its error line follows)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         t = self.study.state["trials"].get(trial.trial_id)
@@ -397,7 +400,7 @@ class Progress(Callback):
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         t = self.study.state["trials"].get(trial.trial_id)
-        if t:
+        if t and not raised_itself(self.study.exp_dir, trial.trial_id):
             self._print(
                 f"[{_clock(self.study.elapsed())}] trial {t['id']} failed ({t.get('last_error')}); "
                 "retrying from its last checkpoint"

@@ -32,7 +32,7 @@ from typing import Any
 
 from search import study as S
 from search.facts import parent_record, trial_tags
-from search.failures import error_line, error_text, failure_reason
+from search.failures import error_line, error_text, failure_reason, raised_itself
 from search.mlflow_store import (
     DISABLE_ENV,
     check_tracking,
@@ -276,7 +276,7 @@ class MlflowTracker(_Callback):
             st["counts"] = True
         if result.get("diverged"):
             st["diverged"] = epoch
-            losses = {k: v for k, v in metric_values(result).items() if k != self.metric}
+            losses = {k: v for k, v in metric_values(result, finite=False).items() if k != self.metric}
             self._log(tid, metrics=losses, step=epoch, tags={"diverged": "true"})
             self.runs.save()
             return
@@ -345,10 +345,11 @@ class MlflowTracker(_Callback):
 
     @_locked
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        tries = int(getattr(trial, "num_failures", 0) or 0)
+        if raised_itself(self.exp_dir, trial.trial_id):  # no retry: its restart fails at once
+            return
         self.runs.trial(trial.trial_id)["replay"] = True  # its retry repeats epochs since its checkpoint
-        said = {"retries": str(tries), "last_error": (failure_reason(trial) or "")[:MAX_TAG_VALUE]}
-        self._log(trial.trial_id, tags=said)
+        tries, why = int(getattr(trial, "num_failures", 0) or 0), failure_reason(trial) or ""
+        self._log(trial.trial_id, tags={"retries": str(tries), "last_error": why[:MAX_TAG_VALUE]})
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         if self.runs is None or self.queue is None:
@@ -436,12 +437,9 @@ class MlflowTracker(_Callback):
                 self.exp_dir,
             )
         else:
+            where = (redact(self.uri), self.experiment, self.runs.run_id("parent"))
             log.info(
-                "MLflow: %d records written to %s (experiment %s, parent run %s)",
-                self.queue.written,
-                redact(self.uri),
-                self.experiment,
-                self.runs.run_id("parent"),
+                "MLflow: %d records written to %s (experiment %s, parent run %s)", self.queue.written, *where
             )
 
     def _summary(self, trials: list, unfinished: list[str], written: dict[str, Any]) -> dict[str, Any]:

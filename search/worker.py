@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from search import study as S
-from search.failures import disk_full
+from search.failures import ERROR_MARK, disk_full
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +27,6 @@ TEST_FAIL_ENV = "SEARCH_TEST_FAIL_WHEN"  # test hook: "param>value" / "param<val
 
 class TrialError(RuntimeError):
     """A retry of a trial whose own code raised: not run again (it would fail the same way)."""
-
-
-ERROR_MARK = ".trial_error"  # in <exp>/trial_<id>/: the error a trial's own code raised
 
 
 def _fail_hook(rule: str | None, params: dict[str, Any]) -> bool:

@@ -94,17 +94,20 @@ NOISE_KEYS = RAY_KEYS | frozenset(
 )
 
 
-def metric_values(result: dict[str, Any], prefix: str = "") -> dict[str, float]:
+def metric_values(result: dict[str, Any], prefix: str = "", finite: bool = True) -> dict[str, float]:
     """The finite numeric entries of a trial result that are real metrics (no Ray bookkeeping);
-    nested dicts (e.g. per-class AP) become ``outer/inner``."""
+    nested dicts (e.g. per-class AP) become ``outer/inner``. ``finite=False`` keeps NaN and
+    infinities too (a diverged step's losses: MLflow stores NaN, and infinity as the largest float)."""
     out: dict[str, float] = {}
     for k, v in result.items():
         if not prefix and k in NOISE_KEYS:
             continue
         if isinstance(v, dict):
-            out.update(metric_values(v, f"{prefix}{k}/"))
+            out.update(metric_values(v, f"{prefix}{k}/", finite))
             continue
         num = number(v)
+        if num is None and not finite and isinstance(v, float):
+            num = v
         if num is not None:
             out[clean_key(f"{prefix}{k}")] = num
     return out

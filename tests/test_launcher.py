@@ -6,6 +6,8 @@ Tiny on purpose: 6 images of 100 px at image_size 96, ssdlite320 with random wei
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import socket
@@ -193,8 +195,10 @@ def grid_study(ray_local, data_dir):
     os.environ.update(SEARCH_TEST_FAIL_WHEN="lr=0.03", SEARCH_NO_MLFLOW="1")
     try:
         t0 = time.time()
-        summary = launch(load_spec(path))
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            summary = launch(load_spec(path))
         took = time.time() - t0
+        summary["printed"] = printed.getvalue()
     finally:
         for k, v in old.items():
             if v is None:
@@ -225,6 +229,12 @@ def test_grid_study_states(grid_study):
     raised = (Path(trials[0.03]["trial_dir"]) / "error.txt").read_text()
     assert "not retried (retries are for workers that died)" in raised
     assert trials[0.03]["error"].startswith("RuntimeError: SEARCH_TEST_FAIL_WHEN"), trials[0.03]["error"]
+    # nor is it called a retry: its progress said "retrying from its last checkpoint", started it
+    # again and counted retries 1, though it had no checkpoint and never trained again
+    said = [ln for ln in summary["printed"].splitlines() if f" {trials[0.03]['id']} " in ln]
+    assert [ln.split()[4] for ln in said if ln.startswith("[")] == ["started", "result", "error"], said
+    assert not trials[0.03]["retries"] and not trials[0.03].get("last_error"), trials[0.03]
+    assert said[0].endswith("| lr=0.03000"), said[0]  # 4 digits, as status and best print it (was 3)
     optuna_by_id = {t.user_attrs["ray_trial_id"]: t for t in optuna_trials(exp_dir, "grid")}
     assert len(optuna_by_id) == len(optuna_trials(exp_dir, "grid")) == 5
     TS = optuna.trial.TrialState

@@ -7,6 +7,7 @@ the launcher integration test (a real 4-trial study on a tiny COCO set) lives at
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -196,16 +197,9 @@ def test_parent_and_nested_children(toy_study):
     runs_file = json.loads((exp_dir / run_map.RUNS_FILE).read_text())
     parent = mlc.get_run(runs_file["runs"]["parent"])
     assert parent.info.status == "FINISHED" and parent.info.run_name == "toy"
-    for tag in (
-        "git_commit",
-        "version.torch",
-        "version.mlflow",
-        "seed",
-        "base_weights_sha256",
-        "dataset_fingerprint",
-    ):
+    for tag in ("git_commit", "version.torch", "version.mlflow", "seed", "base_weights_sha256"):
         assert parent.data.tags.get(tag), tag
-    assert parent.data.tags["base_weights_sha256"] == "none"
+    assert parent.data.tags["base_weights_sha256"] == "none" and parent.data.tags.get("dataset_fingerprint")
     assert parent.data.params["arch"] == "ssdlite320_mobilenet_v3_large"
     assert parent.data.metrics["base_map"] == pytest.approx(0.1)
     best_hist = mlc.get_metric_history(parent.info.run_id, "best_map")
@@ -223,28 +217,11 @@ def test_parent_and_nested_children(toy_study):
     hist = mlc.get_metric_history(ok.info.run_id, "map")
     assert [m.step for m in hist] == [0, 1, 2, 3]
     assert ok.data.metrics["best_map"] == pytest.approx(0.5) and ok.data.metrics["best_epoch"] == 2
-    for key in (
-        "loss",
-        "loss_classifier",
-        "lr",
-        "epoch_seconds",
-        "images_per_s",
-        "map50",
-        "ap_per_class/red",
-    ):
+    keys = ("loss", "loss_classifier", "lr", "epoch_seconds", "images_per_s", "map50", "ap_per_class/red")
+    for key in keys:
         assert key in ok.data.metrics, key
-    noise = {
-        "pid",
-        "time_total_s",
-        "training_iteration",
-        "timestamp",
-        "time_this_iter_s",
-        "base_metric",
-        "epoch",
-        "iterations_since_restore",
-        "time_since_restore",
-        "done",
-    }
+    noise = {"pid", "time_total_s", "training_iteration", "timestamp", "time_this_iter_s", "base_metric"}
+    noise |= {"epoch", "iterations_since_restore", "time_since_restore", "done"}
     assert not noise & set(ok.data.metrics)
     for key in ok.data.metrics:  # one point per step: the parameter counts once, at step 0
         steps = [m.step for m in mlc.get_metric_history(ok.info.run_id, key)]
@@ -266,6 +243,11 @@ def test_parent_and_nested_children(toy_study):
     div = by_kind["diverge"]
     assert div.info.status == "FAILED" and div.data.tags["failure_reason"].startswith("diverged")
     assert not [r for r in kids + [parent] if r.info.status == "RUNNING"]
+    # README: the losses of the step that diverged are the run's metrics (NaN was dropped as not finite)
+    losses = {m.step: m.value for m in mlc.get_metric_history(div.info.run_id, "loss")}
+    assert losses[1] == 1.0 and math.isnan(losses[2]), losses
+    # its objective's -inf is the worst value put in, not a measurement
+    assert 2 not in {m.step for m in mlc.get_metric_history(div.info.run_id, "map")}
 
 
 @pytest.mark.slow  # the quick suite proves resume through the launcher (tests/test_select.py)
