@@ -436,3 +436,43 @@ def test_validate_reads_every_image_header(tmp_path, spoil, said):
     assert "data.train: " in line and str(images / "img_002.png") in line and said in line, line
     quick = subprocess.run([*cmd, "--quick"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert quick.returncode == 0, quick.stderr
+
+
+def test_semantic_metrics_are_scored_at_each_images_own_size(tmp_path):
+    """A trial scored semantic masks at the network's square input (every image weighing the
+    same, masks resized nearest), while ``predict`` delivers them at the image's own size: with
+    images of mixed sizes the recorded miou was not the deployed model's. A model that says class
+    1 everywhere must score the pixels of the original masks."""
+    from tests.tinydata import trial_config
+    from trainables import engine
+    from trainables import trial as T
+    from trainables.config import DataSplit
+    from trainables.data import semantic_mask
+
+    images = [
+        {"id": 1, "file_name": "wide.png", "width": 200, "height": 100},
+        {"id": 2, "file_name": "small.png", "width": 40, "height": 40},
+    ]
+    root = tmp_path / "images"
+    root.mkdir()
+    for im in images:
+        _png(root / im["file_name"], (im["width"], im["height"]))
+    square = [[10, 10, 30, 10, 30, 30, 10, 30]]
+    anns = [_ann(i, i, 3, [10, 10, 20, 20], segmentation=square) for i in (1, 2)]
+    split = DataSplit(images=root, annotations=make_split(tmp_path, anns=anns, images=images)[0])
+    task, arch = "semantic_segmentation", "lraspp_mobilenet_v3_large"
+    cfg = trial_config(split, tmp_path / "out", task=task, arch=arch, image_size=32, metric="miou")
+    _, index, _, loader = T._build_data(cfg, {})
+
+    class ClassOne(torch.nn.Module):
+        def forward(self, x):
+            logits = torch.zeros(x.shape[0], 3, *x.shape[-2:])
+            logits[:, 1] = 1.0
+            return {"out": logits}
+
+    got = engine.evaluate(ClassOne(), loader, index, device=torch.device("cpu"), task=cfg.task)
+    fg = sum(int((semantic_mask(rec) == 1).sum()) for rec in index.images)
+    pixels = sum(rec.width * rec.height for rec in index.images)
+    assert fg >= 2 * 300 and pixels == 200 * 100 + 40 * 40
+    assert got["fg_miou"] == pytest.approx(fg / pixels) and got["pixel_acc"] == pytest.approx(fg / pixels)
+    assert got["miou"] == pytest.approx(fg / pixels / 2)  # background present, never predicted: IoU 0

@@ -65,6 +65,8 @@ def model_key(model: torch.nn.Module, cfg: TrialConfig, device: torch.device) ->
         "batch_size": cfg.batch_size,
         "device": device.type,
     }
+    if cfg.task == "semantic_segmentation":  # since masks are scored at the image's size, not the input's
+        settings["scored_at"] = "image size"
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()
 

@@ -179,17 +179,28 @@ class CocoSemantic(_IndexDataset):
     Annotations are painted in file order (a later one wins where they overlap). Crowd regions and
     the boxes of annotations without segmentation become 255 where no segmented, non-crowd
     annotation labels the pixel (a known class is kept, an unknown region is ignored).
+    ``full_masks`` (evaluation): the transforms resize the image alone and the mask keeps the
+    image's own size, where predictions are scored (as ``predict`` delivers them).
     """
 
-    def __init__(self, index: CocoIndex, transforms: Callable | None, limit: int | None = None) -> None:
+    def __init__(
+        self,
+        index: CocoIndex,
+        transforms: Callable | None,
+        limit: int | None = None,
+        full_masks: bool = False,
+    ) -> None:
         super().__init__(index, transforms, limit)
+        self.full_masks = full_masks
         if len(index.class_names) >= IGNORE_INDEX:
             raise DatasetError(f"{index.annotations_path}: semantic masks hold at most 254 classes")
 
     def __getitem__(self, i: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
         rec, image = self._load(i)
         mask = tv_tensors.Mask(torch.from_numpy(semantic_mask(rec)))
-        if self.transforms is not None:
+        if self.transforms is not None and self.full_masks:
+            image = self.transforms(image)
+        elif self.transforms is not None:
             image, mask = self.transforms(image, mask)
         return image, mask
 

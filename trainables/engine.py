@@ -34,14 +34,28 @@ class Diverged(RuntimeError):
 
 
 def _to(device: torch.device, images: list, targets: list) -> tuple[Any, Any]:
-    images = [im.to(device, non_blocking=True) for im in images]
     if targets and isinstance(targets[0], dict):
+        images = [im.to(device, non_blocking=True) for im in images]
         targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
         return images, targets
-    batch = (torch.stack(images) - _MEAN.to(device)) / _STD.to(device)
-    if device.type == "cuda":
-        batch = batch.contiguous(memory_format=torch.channels_last)
-    return batch, torch.stack([t.to(device) for t in targets])
+    return _semantic_batch(device, images), torch.stack([t.to(device) for t in targets])
+
+
+def _semantic_batch(device: torch.device, images: list) -> torch.Tensor:
+    batch = torch.stack([im.to(device, non_blocking=True) for im in images])
+    batch = (batch - _MEAN.to(device)) / _STD.to(device)
+    return batch.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else batch
+
+
+def _score_semantic(meter: Any, logits: torch.Tensor, masks: list) -> None:
+    """Each image's class map at its mask's size (the image's own, from an evaluation loader): its
+    logits upsampled bilinearly, then the top class, as ``predict`` makes the masks it delivers."""
+    for one, mask in zip(logits, masks, strict=True):
+        if one.shape[-2:] != mask.shape[-2:]:
+            one = torch.nn.functional.interpolate(
+                one[None], size=tuple(mask.shape[-2:]), mode="bilinear", align_corners=False
+            )[0]
+        meter.update(one.argmax(0).cpu(), mask.cpu())
 
 
 def _loss_dict(model: Any, images: Any, targets: Any, params: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -120,7 +134,8 @@ SEMANTIC_METRICS = ("miou", "fg_miou", "pixel_acc", "dice")
 def evaluate(model: Any, loader: Any, index: Any, *, device: torch.device, task: str) -> dict[str, Any]:
     """Metrics on ``loader``: ``map, map50, map75, map_small, map_medium, map_large, mar100``
     (boxes; plus ``mask_map, mask_map50, mask_map75`` for instance segmentation) via COCOeval,
-    or ``miou, fg_miou, pixel_acc, dice`` for semantic segmentation."""
+    or ``miou, fg_miou, pixel_acc, dice`` for semantic segmentation, over the pixels of the masks
+    as the loader gives them (a trial's: each image's own size, see :func:`_score_semantic`)."""
     model.eval()
     semantic = task == "semantic_segmentation"
     meter = coco_eval.SegmentationMeter(len(index.class_names) + 1) if semantic else None
@@ -128,9 +143,7 @@ def evaluate(model: Any, loader: Any, index: Any, *, device: torch.device, task:
     pause_point("evaluate")  # test hook: the first evaluation of a trial is its epoch 0
     for images, targets in loader:
         if semantic:
-            batch, masks = _to(device, images, targets)
-            out = model(batch)["out"]
-            meter.update(out.argmax(1).cpu(), masks.cpu())
+            _score_semantic(meter, model(_semantic_batch(device, images))["out"], targets)
             continue
         outputs = model([im.to(device) for im in images])
         for image, target, pred in zip(images, targets, outputs, strict=True):

@@ -83,7 +83,7 @@ def _build_data(cfg: TrialConfig, params: dict[str, Any]) -> tuple[Any, Any, Any
     for index, train, limit in ((train_index, True, cfg.limit_train), (val_index, False, cfg.limit_val)):
         tf = data.build_transforms(cfg.task, train, cfg.image_size, params)
         if cfg.task == "semantic_segmentation":
-            ds = data.CocoSemantic(index, tf, limit=limit)
+            ds = data.CocoSemantic(index, tf, limit=limit, full_masks=not train)  # scored at full size
         else:
             ds = data.CocoDetection(index, tf, with_masks=cfg.task == "instance_segmentation", limit=limit)
         loaders.append(
