@@ -184,11 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         if os.environ.get("SEARCH_DEBUG"):
             raise
-        print(
-            f"error: {type(exc).__name__}: {' '.join(str(exc).split())} (set SEARCH_DEBUG=1 for the "
-            "traceback)",
-            file=sys.stderr,
-        )
+        why = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        print(f"error: {why} (set SEARCH_DEBUG=1 for the traceback)", file=sys.stderr)
         return EXIT_RUNTIME
 
 
@@ -417,7 +414,11 @@ def _finish(summary: dict, as_json: bool) -> int:
         print(json.dumps(summary, default=str))
     if summary.get("interrupted"):
         return EXIT_INTERRUPTED
-    return EXIT_OK if summary.get("best") is not None else EXIT_RUNTIME
+    if summary.get("best") is not None:
+        return EXIT_OK
+    why = S.count_text(summary.get("counts") or {})  # every trial failed: a runtime failure's one line
+    print(f"error: no trial produced a result ({why})", file=sys.stderr)
+    return EXIT_RUNTIME
 
 
 def cmd_status(args: argparse.Namespace) -> int:

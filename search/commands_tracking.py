@@ -161,6 +161,11 @@ def cmd_promote(args: argparse.Namespace) -> int:
         f"  trial {out['trial']} (run {out['run_id']}): {out['metric']}={S.fmt(out['value'])}, base "
         f"{S.fmt(out['base_metric'])}, improvement {S.fmt(out['improvement'], sign=True)}"
     )
+    if out["previous_version"] not in (None, out["version"]):
+        print(f"  {out['model']}@{out['alias']} pointed at version {out['previous_version']} before")
+    if out["study_best"]:
+        top = out["study_best"]
+        print(f"  note: not the study's best trial ({top['trial']}: {out['metric']}={S.fmt(top['value'])})")
     print(f"  source {out['source']} on {out['tracking_uri']}")
     print(f"  fine-tune from it with  model.weights: {out['uri']}")
     return 0

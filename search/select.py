@@ -325,12 +325,7 @@ def promote(
     with tempfile.TemporaryDirectory(prefix="promote-") as tmp:
         meta = export(exp_dir, Path(tmp) / "bundle", trial["id"], torchscript=torchscript)
         mlc.log_artifacts(run_id, str(Path(tmp) / "bundle"), "bundle")
-    try:
-        mlc.get_registered_model(model)
-    except Exception as exc:  # noqa: BLE001 - RESOURCE_DOES_NOT_EXIST: create it
-        if getattr(exc, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        mlc.create_registered_model(model, description=f"fine-tuned {meta['arch']} from search studies")
+    _registered(mlc, model, meta["arch"])
     description = (
         f"study {tags['study']} trial {trial['id']}: {metric}={value} at epoch {trial.get('best_epoch')} "
         f"(base {base}, improvement {trial.get('improvement')})"
@@ -338,7 +333,10 @@ def promote(
     version = mlc.create_model_version(
         model, source=f"runs:/{run_id}/bundle", run_id=run_id, tags=tags, description=description
     )
+    previous = _alias_version(mlc, model, alias)
     mlc.set_registered_model_alias(model, alias, version.version)
+    top = best(exp_dir, 1)[0]  # --trial may name another: said, not refused
+    study_best = None if top["id"] == trial["id"] else {"trial": top["id"], "value": top.get("best_metric")}
     mlc.set_tag(run_id, "registered_model", f"{model}/{version.version}")
     return {
         "model": model,
@@ -353,6 +351,28 @@ def promote(
         "base_metric": base,
         "improvement": trial.get("improvement"),
         "forced": bool(force and not beats),
+        "previous_version": previous,  # the alias's version before (None: a new alias)
+        "study_best": study_best,  # the study's best trial when it is not this one
         "tags": tags,
         "tracking_uri": mlflow_store.redact(uri),
     }
+
+
+def _registered(mlc: Any, model: str, arch: str) -> None:
+    """The registered model ``model``, made when it does not exist."""
+    try:
+        mlc.get_registered_model(model)
+    except Exception as exc:  # noqa: BLE001 - RESOURCE_DOES_NOT_EXIST: create it
+        if getattr(exc, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        mlc.create_registered_model(model, description=f"fine-tuned {arch} from search studies")
+
+
+def _alias_version(mlc: Any, model: str, alias: str) -> int | None:
+    """The version ``model@alias`` names now, None when the alias is new."""
+    try:
+        return int(mlc.get_model_version_by_alias(model, alias).version)
+    except Exception as exc:  # noqa: BLE001 - RESOURCE_DOES_NOT_EXIST / INVALID_PARAMETER_VALUE: none
+        if getattr(exc, "error_code", None) not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        return None

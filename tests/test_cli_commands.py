@@ -441,3 +441,15 @@ def test_resume_json_is_one_object(study):
     again = json.loads(proc.stdout)
     assert again["name"] == NAME and again["best"]["id"] == study["summary"]["best"]["id"]
     assert "resuming study" in proc.stderr
+
+
+def test_a_study_without_any_result_ends_with_one_error_line(capsys):
+    """Every trial failed: exit 1 had only the summary's "no trial produced a result." on stdout,
+    not the one stderr line README gives a runtime failure."""
+    from search.cli import _finish
+
+    assert _finish({"best": None, "counts": {"FAILED": 2}, "interrupted": False}, as_json=False) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["error: no trial produced a result (2 trials: 2 failed)"], err
+    assert _finish({"best": {"id": "a"}, "counts": {"COMPLETE": 1}}, as_json=False) == 0
+    assert not capsys.readouterr().err

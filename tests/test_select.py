@@ -160,17 +160,9 @@ def test_best_json(study, capsys):
     assert 1 <= len(rows) <= 3 and {r["id"] for r in rows} <= status_ids
     values = [r["best_metric"] for r in rows]
     assert values == sorted(values, reverse=True)
+    keys = {"id", "state", "epochs", "best_metric", "params", "checkpoint", "run_id", "improvement"}
     for r in rows:
-        assert {
-            "id",
-            "state",
-            "epochs",
-            "best_metric",
-            "params",
-            "checkpoint",
-            "run_id",
-            "improvement",
-        } <= set(r)
+        assert keys <= set(r)
         assert r["run_id"] == runs[r["id"]] and r["epoch"] == r["best_epoch"]
         assert r["improvement"] == pytest.approx(r["best_metric"] - r["study_base_metric"])
     assert main(["best", "tiny", "--output-dir", str(exp_dir.parent)]) == 0
@@ -186,6 +178,7 @@ def test_promote_registers_alias_and_lineage(study, capsys):
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["forced"] is (not beats) and out["trial"] == top["id"] and out["alias"] == "champion"
+    assert out["previous_version"] is None and out["study_best"] is None  # a new alias; the best trial
     mv = mlc.get_model_version_by_alias("tiny-det", "champion")
     assert int(mv.version) == out["version"] == 1 and mv.run_id == top["run_id"]
     for key in ("study", "trial", "run_id", "base_weights_sha256", "dataset_fingerprint", "metric", "map50"):
@@ -250,6 +243,16 @@ def test_promote_registers_alias_and_lineage(study, capsys):
 
     model, info = build_model(cfg, P.resolve({}), num_classes=3)
     assert info["missing"] == [] and info["sha256"] == sha256_file(weights)
+
+
+def test_promote_says_when_the_alias_moves_to_another_than_the_best(study, capsys):
+    """``promote --trial`` moved ``champion`` from the study's best to a worse trial without a word."""
+    exp_dir, ranked = study["exp_dir"], select.best(study["exp_dir"])
+    where = ["promote", str(exp_dir), "--model", "tiny-moved", "--force"]
+    assert main(where) == 0 and main([*where, "--trial", ranked[1]["id"]]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-moved@champion pointed at version 1 before" in out
+    assert f"note: not the study's best trial ({ranked[0]['id']}: map50=" in out
 
 
 def test_promote_refuses_a_regression(study, tmp_path, capsys):
