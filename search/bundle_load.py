@@ -347,7 +347,8 @@ def predict(model: Any, meta: dict[str, Any], path: str | Path, min_score: float
         logits = TF.interpolate(out["logits"][None], size=(h, w), mode="bilinear", align_corners=False)[0]
         result["mask"] = logits.argmax(0)
         return result
-    keep = out["scores"] >= min_score
+    keep = (out["scores"] >= min_score) & (out["labels"] != 0)  # as evaluated: label 0 (a sigmoid
+    # head's background column, RetinaNet/FCOS) is no class, and trials never scored it
     scale = torch.tensor([w / iw, h / ih, w / iw, h / ih])
     boxes = out["boxes"][keep] * scale
     labels, scores = out["labels"][keep], out["scores"][keep]

@@ -39,6 +39,7 @@ def print_summary(summary: dict[str, Any], spec: Spec | None = None) -> None:
             f"{S.fmt(best):>9}  "
             f"{S.human_bytes(t.get('disk_bytes')):>9}  {t.get('checkpoint') or '-'}"
             + (f"  [{t['error']}]" if t.get("error") else "")
+            + ("  [diverged: a non-finite loss]" if t.get("failure") == S.DIVERGED else "")
         )
     best, base = summary.get("best"), summary.get("base_metric")
     metric = summary["metric"]

@@ -126,3 +126,32 @@ def test_export_into_a_link_to_an_empty_folder(cli_study, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "link").is_symlink() and (tmp_path / "empty" / "weights.pt").is_file()
+
+
+def test_predict_drops_the_background_label_as_evaluation_does(tmp_path):
+    """A sigmoid head's background column (RetinaNet, FCOS) can score above the threshold:
+    evaluation drops label 0, and predict delivered it as class "__background__"."""
+    import torch
+
+    from search import bundle_load
+
+    class Heads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, images):
+            box = torch.tensor([[1.0, 1.0, 8.0, 8.0]])
+            out = {
+                "boxes": box.repeat(3, 1),
+                "labels": torch.tensor([0, 1, 2]),
+                "scores": torch.tensor([0.9, 0.8, 0.7]),
+            }
+            return [out for _ in images]
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (20, 10), (10, 20, 30)).save(image)
+    meta = {"task": "detection", "class_names": ["red", "blue"], "category_ids": [3, 7]}
+    meta["preprocessing"] = {"image_size": 20, "resize": "long_side"}
+    dets = bundle_load.predict(Heads(), meta, image, min_score=0.0)["detections"]
+    assert [(d["label"], d["class"], d["category_id"]) for d in dets] == [(1, "red", 3), (2, "blue", 7)]

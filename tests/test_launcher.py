@@ -235,6 +235,8 @@ def test_grid_study_states(grid_study):
     assert [ln.split()[4] for ln in said if ln.startswith("[")] == ["started", "result", "error"], said
     assert not trials[0.03]["retries"] and not trials[0.03].get("last_error"), trials[0.03]
     assert said[0].endswith("| lr=0.03000"), said[0]  # 4 digits, as status and best print it (was 3)
+    rows = [ln for ln in summary["printed"].splitlines() if ln.startswith(trials[1e20]["id"])]
+    assert rows and rows[-1].endswith("[diverged: a non-finite loss]"), rows  # the summary said no reason
     optuna_by_id = {t.user_attrs["ray_trial_id"]: t for t in optuna_trials(exp_dir, "grid")}
     assert len(optuna_by_id) == len(optuna_trials(exp_dir, "grid")) == 5
     TS = optuna.trial.TrialState
