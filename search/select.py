@@ -335,7 +335,7 @@ def promote(
     )
     previous = _alias_version(mlc, model, alias)
     mlc.set_registered_model_alias(model, alias, version.version)
-    top = best(exp_dir, 1)[0]  # --trial may name another: said, not refused
+    top = (best(exp_dir, 1) or [trial])[0]  # --trial may name another: said, not refused
     study_best = None if top["id"] == trial["id"] else {"trial": top["id"], "value": top.get("best_metric")}
     mlc.set_tag(run_id, "registered_model", f"{model}/{version.version}")
     return {
