@@ -11,16 +11,15 @@ import contextlib
 import json
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from search import study as S
-from search.commands import Command, add_name_args, register
-from search.errors import BadInput, SpecError, did_you_mean
+from search.commands import Command, Parser, add_name_args, register
+from search.errors import BadInput, SpecError
 from search.schedulers import scheduler_label
 
 EXIT_OK, EXIT_RUNTIME, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -29,39 +28,6 @@ EXIT_OK, EXIT_RUNTIME, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 # Exceptions from search.launcher / search.study that are user errors (exit 2), matched by name so
 # that this module imports neither Ray nor the launcher for the other commands.
 _USER_ERRORS = {"ClusterError", "ExperimentExists", "ExperimentNotFound", "StudyFileError"}
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse's refusals as ONE line (exit 2) naming the command, the rule and the fix (argparse
-    prints its usage and the error: 2 to 4 lines); ``--help`` is argparse's own."""
-
-    def error(self, message: str) -> NoReturn:
-        command = self.prog.removeprefix("search").strip()
-        where, help_of = (f"{command}: ", f"{command} ") if command else ("", "")
-        fix = f"see python -m search {help_of}--help."
-        if re.match(r"argument COMMAND: invalid choice: ", message):
-            value = re.search(r"invalid choice: '([^']*)'", message)
-            valid = list(self._subcommands().choices)
-            name = value.group(1) if value else ""
-            message = f"unknown command {name!r}.{did_you_mean(name, valid)}"
-            fix = f"use one of: {', '.join(valid)} (python -m search --help)."
-        text = message.strip() if message.strip().endswith((".", "?")) else f"{message.strip()}."
-        self.exit(EXIT_BAD_INPUT, f"error: {where}{' '.join(text.split())} Fix: {fix}\n")
-
-    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:
-        """Unknown options are refused by the command's parser, with the closest option it has."""
-        known, extra = self.parse_known_args(args, namespace)
-        if extra:
-            command = getattr(known, "command", None)
-            parser = self._subcommands().choices.get(command, self) if command else self
-            options = [o for o in parser._option_string_actions if o.startswith("--")]
-            first = next((e.partition("=")[0] for e in extra if e.startswith("-")), "")
-            close = did_you_mean(first, options) if first else ""
-            parser.error(f"unrecognized arguments: {' '.join(extra)}.{close}")
-        return known
-
-    def _subcommands(self) -> argparse._SubParsersAction:
-        return next(a for a in self._actions if isinstance(a, argparse._SubParsersAction))
 
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
@@ -278,6 +244,10 @@ def cmd_trial(args: argparse.Namespace) -> int:
         _check_base_weights(spec, args.spec)  # exit 2 before the trial's folder exists
     finally:
         root.setLevel(shown)
+    from search.spec.notes import spec_notes
+
+    for note in spec_notes(spec, study=False):  # the base weights' and the data's (one trial: no study)
+        print(f"note: {note}", file=sys.stderr)
     chosen = spec.search_space.defaults()
     out = args.out or spec.experiment_dir / "local" / time.strftime("%Y%m%d-%H%M%S")
     cfg = spec.trial_config(out_dir=out.resolve(), threads=max(1, int(spec.resources.cpu)))

@@ -115,3 +115,27 @@ def test_a_class_the_train_split_never_annotates_is_noted(tmp_path, capsys):
     ]
     assert main(["validate", str(DET), "--quick", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["notes"] == []
+
+
+def test_val_images_that_are_train_images_are_noted(capsys):
+    """An audit: data.val the training file itself (or a file holding train images) passed without
+    a word; the objective then scores images the trials train on."""
+    train = load_spec(DET).data.train
+    sets = ["--set", f"data.val.annotations={train.annotations}", "--set", f"data.val.images={train.images}"]
+    assert main(["validate", str(DET), "--quick", "--json", *sets]) == 0
+    (note,) = json.loads(capsys.readouterr().out)["notes"]
+    n = len(json.loads(Path(train.annotations).read_text())["images"])
+    assert note.startswith(f"data.val shares {n} of its {n} images with data.train (e.g. "), note
+
+
+def test_base_weights_that_leave_tensors_random_are_noted(capsys):
+    """An audit: a base file that fits the model only in part (here the demo's Mask R-CNN file for
+    an FPN of 64 channels, not its 256) passed validate, trial and launch without a word, its FPN
+    random: epoch 0 was not the file's model. The class predictors, replaced anyway, are not counted."""
+    inst = ROOT / "spaces/inst.yaml"
+    assert main(["validate", str(inst), "--json", "--set", "model.fpn_channels=64"]) == 0
+    (note,) = json.loads(capsys.readouterr().out)["notes"]
+    assert note.startswith("model.weights leaves ") and "'backbone.fpn.inner_blocks.0.0.weight'" in note
+    assert "predictor" not in note.split("random")[1], note
+    assert main(["validate", str(inst), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["notes"] == []

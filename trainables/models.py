@@ -191,7 +191,7 @@ def _from_file(
         nc = pre_nc or num_classes
         model = get_model(arch, weights=None, weights_backbone=None, num_classes=nc, **kwargs)
     info["frozen_batchnorm"] = len(frozen_bn_like_file(model, state))
-    info.update(load_matching(model, state, path))
+    info.update(load_matching(model, state, path, family.predictors))
     return model, pre_nc
 
 

@@ -163,9 +163,15 @@ def frozen_bn_like_file(model: nn.Module, state: dict[str, torch.Tensor]) -> lis
     return changed
 
 
-def load_matching(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
+def load_matching(
+    model: nn.Module, state: dict[str, torch.Tensor], path: Path, predictors: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Load the tensors of ``state`` that fit ``model`` by name and shape; refuses a file where
-    fewer than :data:`MIN_MATCH_FRACTION` of the model's keys fit. Returns the match counts."""
+    fewer than :data:`MIN_MATCH_FRACTION` of the model's keys fit. Returns the match counts, and as
+    ``unfit`` the model's tensors the file does not give outside the class ``predictors`` (globs,
+    replaced for the data's classes anyway): they stay random, so the model is not the file's."""
+    import fnmatch
+
     own = model.state_dict()
     matched = [k for k in own if k in state and state[k].shape == own[k].shape]
     mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
@@ -183,7 +189,18 @@ def load_matching(model: nn.Module, state: dict[str, torch.Tensor], path: Path) 
         subset = OrderedDict(subset)
         subset._metadata = meta  # type: ignore[attr-defined]
     model.load_state_dict(subset, strict=False)
-    return {"matched": len(matched), "missing": missing, "unexpected": unexpected, "mismatched": mismatched}
+    unfit = [
+        k
+        for k in missing + mismatched
+        if not k.endswith("num_batches_tracked") and not any(fnmatch.fnmatchcase(k, g) for g in predictors)
+    ]
+    return {
+        "matched": len(matched),
+        "missing": missing,
+        "unexpected": unexpected,
+        "mismatched": mismatched,
+        "unfit": unfit,
+    }
 
 
 # torchvision.models.densenet._load_state_dict: "denselayer1.norm.1.weight" is "denselayer1.norm1.weight"

@@ -422,6 +422,10 @@ def check_data(spec: Spec) -> None:
                 f"categories {index.class_names} differ from the training split's {names}.",
                 "use the same categories in both splits.",
             )
+    train = {Path(rec.path).resolve() for split, rec in spec._images if split == "train"}
+    spec._shared = sorted(
+        str(rec.path) for split, rec in spec._images if split == "val" and Path(rec.path).resolve() in train
+    )
     spec._class_names = list(names or [])
     spec._category_ids = list(ids or [])
     spec._num_classes = len(spec._class_names)

@@ -78,7 +78,7 @@ def check_weights(spec: Spec) -> None:
     try:
         with warnings.catch_warnings():  # e.g. torch's pickle-protocol warning before a refusal
             warnings.simplefilter("ignore")
-            model, _ = models.build_model(cfg, P.resolve({}), spec.num_classes + 1)
+            model, info = models.build_model(cfg, P.resolve({}), spec.num_classes + 1)
     except WeightsError as exc:
         raise SpecError(
             key,
@@ -87,6 +87,7 @@ def check_weights(spec: Spec) -> None:
             or "use a weights file of this architecture, an enum whose file is in the torch hub "
             "cache, or none.",
         ) from None
+    spec._unfit = (list(info.get("unfit") or []), len(model.state_dict()))  # said as a note
     check_trainable_sets(spec, model, f"the model built from {key}")
 
 

@@ -10,11 +10,37 @@ from typing import Any
 from search.samplers import MODEL_BASED, grid_size
 
 
-def spec_notes(spec: Any) -> list[str]:
+def spec_notes(spec: Any, study: bool = True) -> list[str]:
     """One line per setting without effect: the recipe's lr scaling rules without a recipe
     trial (or a rule whose recipe trial repeats another's), a start-up as long as the study (a
     model-based sampler that never models), a start-up given to a sampler without one, more
-    trials than the grid has points; and a class the training split never annotates."""
+    trials than the grid has points (``study``: these four); base weights that leave tensors random
+    (after :func:`~search.spec.check_weights`); val images that are train images; and a class the
+    training split never annotates."""
+    out = _study_notes(spec) if study else []
+    unfit, tensors = spec._unfit
+    if unfit:
+        out.append(
+            f"model.weights leaves {len(unfit)} of the model's {tensors} tensors outside the class "
+            f"predictors random (not in the file, or of another shape there, e.g. {unfit[:3]}): the "
+            "trials start from another model than the file's (check model.* settings such as "
+            "fpn_channels against the file's)."
+        )
+    if shared := spec._shared:
+        val = sum(1 for split, _ in spec._images if split == "val")
+        out.append(
+            f"data.val shares {len(shared)} of its {val} images with data.train (e.g. {shared[:2]}): the "
+            "objective scores images the trials train on, so it overrates them and ranks by memory."
+        )
+    if untrained := spec._untrained:
+        out.append(
+            f"data.train annotates no object of class(es) {untrained}: no trial learns them, and their "
+            "objects in the val split (if any) count against every trial."
+        )
+    return out
+
+
+def _study_notes(spec: Any) -> list[str]:
     s = spec.search
     out = []
     if s.reference_scaling != ["linear"] and not spec.recipe_trials():
@@ -45,11 +71,6 @@ def spec_notes(spec: Any) -> list[str]:
         out.append(
             f"search.num_trials {s.num_trials}: the grid has {points} point(s), so the study runs "
             f"{points} trials."
-        )
-    if untrained := spec._untrained:
-        out.append(
-            f"data.train annotates no object of class(es) {untrained}: no trial learns them, and their "
-            "objects in the val split (if any) count against every trial."
         )
     return out
 

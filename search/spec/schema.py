@@ -248,7 +248,11 @@ class Spec(_Section):
     _class_names: list[str] = PrivateAttr(default_factory=list)
     _category_ids: list[int] = PrivateAttr(default_factory=list)  # the train split's, in class order
     _untrained: list[str] = PrivateAttr(default_factory=list)  # classes the train split never annotates
+    _unfit: tuple[list[str], int] = PrivateAttr(
+        default=([], 0)
+    )  # base tensors the file lacks (check_weights)
     _images: list[Any] = PrivateAttr(default_factory=list)  # both splits' ImageRecords (check_data)
+    _shared: list[str] = PrivateAttr(default_factory=list)  # val images that are train images too
 
     @field_validator("name")
     @classmethod
