@@ -17,11 +17,16 @@ _SCALAR = (bool, int, float, str, type(None))
 
 
 def parse_space(
-    raw: Any, key: str = "space", kind_of: Callable[[str], str | None] | None = None
+    raw: Any,
+    key: str = "space",
+    kind_of: Callable[[str], str | None] | None = None,
+    conditions: bool = True,
 ) -> SearchSpace:
     """Parse a spec's ``space`` mapping; raises :class:`SpecError` naming the key path.
     ``kind_of(name)``: a parameter's own type ("float", "int"; None when unknown), which a range
-    without ``type`` takes (else int when both bounds are integers)."""
+    without ``type`` takes (else int when both bounds are integers). ``conditions=False`` leaves
+    the values of :func:`check_conditions` to the caller, after it has checked each parameter's own
+    (a misspelt choice is then named as such, not as a ``when`` that cannot hold)."""
     if raw is None:
         return SearchSpace([])
     if not isinstance(raw, dict):
@@ -32,7 +37,7 @@ def parse_space(
         )
     kind_of = kind_of or (lambda name: None)
     dims = [parse_dim(str(name), body, f"{key}.{name}", kind_of(str(name))) for name, body in raw.items()]
-    _check_conditions(dims, key)
+    check_conditions(dims, key, values=conditions)
     return SearchSpace(dims)
 
 
@@ -216,7 +221,8 @@ def _parse_when(raw: Any, key: str) -> dict[str, tuple[Any, ...]]:
     return out
 
 
-def _check_conditions(dims: list[Dim], key: str) -> None:
+def check_conditions(dims: list[Dim], key: str, values: bool = True) -> None:
+    """Each ``when`` names another parameter (``values``: and a value it can take); no cycles."""
     by_name = {d.name: d for d in dims}
     for dim in dims:
         for name, allowed in dim.when.items():
@@ -230,6 +236,15 @@ def _check_conditions(dims: list[Dim], key: str) -> None:
             if name not in by_name:
                 raise unknown_name(where, name, by_name, "parameter in when")
             other = by_name[name]
+            if not values:
+                continue
+            if other.kind == "float" and not other.step:
+                raise SpecError(
+                    where,
+                    f"{name} is a continuous range, which takes {short(list(allowed))} with probability "
+                    f"0, so {dim.name} would almost never be active.",
+                    f"condition on a parameter with choices (or give {name} a step or choices).",
+                )
             possible = [v for v in allowed if other.can_take(v)]
             # A fixed parent (often pinned with --set) simply leaves the parameter inactive.
             if not possible and other.kind != "fixed":

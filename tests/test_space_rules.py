@@ -272,3 +272,23 @@ def test_help_is_argparses_own(capsys):
         cli.main(["launch", "--help"])
     out = capsys.readouterr().out
     assert exc.value.code == 0 and out.startswith("usage: search launch [-h]") and "--keep-top K" in out
+
+
+def test_a_misspelt_choice_is_named_before_the_when_that_depends_on_it():
+    """``optimizer: {choices: [sgd, adam]}`` beside ``beta2: {when: {optimizer: adamw}}`` said
+    "optimizer can never take ['adamw']", steering the user to edit the when; the typo itself is
+    what to name."""
+    beta2 = "space.beta2={low: 0.9, high: 0.999, when: {optimizer: adamw}}"
+    with pytest.raises(SpecError) as err:
+        load_spec(ROOT / "spaces/det.yaml", ["space.optimizer={choices: [sgd, adam]}", beta2])
+    assert err.value.key == "space.optimizer" and "Did you mean 'adamw'" in str(err.value), str(err.value)
+
+
+def test_a_when_on_one_point_of_a_continuous_range_is_refused():
+    """``when: {lr: 0.001}`` with lr a range: never (probability 0) active, accepted silently."""
+    lr = {"low": 1e-4, "high": 1e-2}
+    with pytest.raises(SpecError) as err:
+        parse_space({"lr": lr, "p": {"low": 0.1, "high": 0.2, "when": {"lr": 0.001}}})
+    assert err.value.key == "space.p.when.lr" and "continuous range" in str(err.value) and err.value.fix
+    stepped = {"low": 0.1, "high": 0.3, "step": 0.1}  # a stepped range takes its points
+    parse_space({"w": stepped, "p": {"low": 0.1, "high": 0.2, "when": {"w": 0.2}}})

@@ -10,6 +10,7 @@ from typing import Any
 
 from search.errors import SpecError, did_you_mean, unknown_name
 from search.space import one_of
+from search.space_parse import check_conditions
 from search.spec.schema import ENUM_NAME, MAX_GRID, TASK_METRICS, Spec, is_registry_uri
 from trainables import families, params
 
@@ -437,6 +438,7 @@ def check_spec(spec: Spec, study: bool = True) -> None:
     _check_model(spec)
     _check_objective(spec)
     _check_space(spec)
+    check_conditions(spec.search_space.dims, "space")
     _check_search(spec, study)
     if study:
         _check_trial_device(spec)

@@ -223,7 +223,7 @@ def build_spec(raw: dict[str, Any], base: Path, source: Path | None = None, stud
         ) from None
     _resolve_paths(spec, base)
     spec._source = source
-    spec._space = parse_space(spec.space, kind_of=_param_kind)
+    spec._space = parse_space(spec.space, kind_of=_param_kind, conditions=False)  # check_spec: after values
     check_spec(spec, study)
     guards.check_uri_secrets(spec.tracking.uri)
     guards.check_spec_outputs(spec)
