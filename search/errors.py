@@ -29,8 +29,8 @@ class SpecError(ValueError):
             "" if self.key == FILE_KEY else f"{self.key or 'spec'}: "
         )  # a whole-file error: the file names it
         text = f"{where}{key}{self.message}"
-        if self.fix:
-            text += f" Fix: {self.fix}"
+        if self.fix:  # the message a sentence of its own (a dataset's "unknown category id 7 Fix:")
+            text += ("" if text.rstrip().endswith((".", "?", "!")) else ".") + f" Fix: {self.fix}"
         return " ".join(text.split())  # one line, whatever the parts held
 
     def with_source(self, source: str) -> SpecError:

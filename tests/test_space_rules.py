@@ -292,3 +292,22 @@ def test_a_when_on_one_point_of_a_continuous_range_is_refused():
     assert err.value.key == "space.p.when.lr" and "continuous range" in str(err.value) and err.value.fix
     stepped = {"low": 0.1, "high": 0.3, "step": 0.1}  # a stepped range takes its points
     parse_space({"w": stepped, "p": {"low": 0.1, "high": 0.2, "when": {"w": 0.2}}})
+
+
+def test_an_error_line_has_one_fix_after_a_full_sentence():
+    """A dataset's message ended without a period ("unknown category id 7 Fix: ...") or carried a
+    fix of its own before the spec's ("...; fix the JSON or the image Fix: fix the dataset ...")."""
+    from trainables.coco import DatasetError
+    from trainables.data import check_image_files
+
+    assert SpecError("data.train", "unknown category id 7", "fix it.").line() == (
+        "data.train: unknown category id 7. Fix: fix it."
+    )
+    assert SpecError("k", "is wrong (see x).", "fix it.").line() == "k: is wrong (see x). Fix: fix it."
+
+    class Rec:
+        path, width, height, id = ROOT / "spaces/data/bccd/images/BloodImage_00000.jpg", 1, 2, 1
+
+    with pytest.raises(DatasetError) as err:
+        check_image_files([Rec()])
+    assert "fix" not in str(err.value).lower() and err.value.fix.startswith("fix the JSON's width")

@@ -41,6 +41,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, NamedTuple
 
 from trainables import rle
+from trainables.files import DatasetError  # (here since the start: importers use coco.DatasetError)
 
 log = logging.getLogger("trainables.data")
 
@@ -64,10 +65,6 @@ _EXIF_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 # Dataset summaries already logged by this process: the spec's checks and the trial both read the
 # same file, and a first run should show its summary once (a repeat is logged at DEBUG).
 _LOGGED: set[tuple[Any, ...]] = set()
-
-
-class DatasetError(ValueError):
-    """A dataset problem the user must fix; the message names the file (and id)."""
 
 
 class Ann(NamedTuple):
@@ -477,8 +474,8 @@ def _check_usable(records: list[ImageRecord], path: Path, stats: Counter, task: 
         raise DatasetError(
             f"{path}: none of its {stats['annotations']} annotations has a segmentation mask, and "
             "semantic_segmentation trains on masks (a box alone only marks ignored pixels): every "
-            "pixel would be background or ignored. Give the annotations a 'segmentation' (polygons "
-            "or RLE), or use task detection"
+            "pixel would be background or ignored.",
+            "give the annotations a 'segmentation' (polygons or RLE), or use task detection.",
         )
 
 

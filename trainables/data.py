@@ -81,7 +81,8 @@ def _check_size(rec: ImageRecord, image: torch.Tensor) -> None:
     if (h, w) != (rec.height, rec.width):
         raise DatasetError(
             f"{rec.path}: decoded size {w}x{h} (after EXIF orientation) differs from the annotations' "
-            f"width x height {rec.width}x{rec.height} (image id {rec.id}); fix the JSON or the image"
+            f"width x height {rec.width}x{rec.height} (image id {rec.id}).",
+            "fix the JSON's width and height or the image.",
         )
 
 
@@ -96,7 +97,8 @@ def check_image_files(records: list[ImageRecord], threads: int = 8) -> None:
         if (w, h) != (rec.width, rec.height):
             raise DatasetError(
                 f"{rec.path}: its header says {w}x{h} (after EXIF orientation), but the annotations' "
-                f"width x height is {rec.width}x{rec.height} (image id {rec.id}); fix the JSON or the image"
+                f"width x height is {rec.width}x{rec.height} (image id {rec.id}).",
+                "fix the JSON's width and height or the image.",
             )
 
     with ThreadPoolExecutor(threads) as pool:

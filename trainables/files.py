@@ -59,3 +59,12 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class DatasetError(ValueError):
+    """A dataset problem the user must fix; the message names the file (and id); ``fix``: what to
+    do, where the generic advice (fix the dataset or point at another file) does not fit."""
+
+    def __init__(self, message: str, fix: str | None = None) -> None:
+        super().__init__(message)
+        self.fix = fix

@@ -411,7 +411,7 @@ def check_data(spec: Spec) -> None:
             index = coco.load_coco(split.annotations, split.images, task=spec.task)
         except coco.DatasetError as exc:
             raise SpecError(
-                f"data.{split_name}", str(exc), "fix the dataset or point at another file."
+                f"data.{split_name}", str(exc), exc.fix or "fix the dataset or point at another file."
             ) from None
         spec._images += [(split_name, rec) for rec in index.images]
         if names is None:

@@ -189,7 +189,9 @@ def _check_image_files(spec: Spec) -> None:
         try:
             check_image_files([rec for s, rec in spec._images if s == split])
         except DatasetError as exc:
-            raise SpecError(f"data.{split}", str(exc), "fix the dataset or point at another file.") from None
+            raise SpecError(
+                f"data.{split}", str(exc), exc.fix or "fix the dataset or point at another file."
+            ) from None
 
 
 def _check_kwargs(arch: str, kwargs: dict[str, Any]) -> None:
