@@ -186,11 +186,18 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
     except (select.SelectError, BundleError) as exc:
         raise _bad_input(exc) from None
+    study = meta.get("study", {})
+    if isinstance(study.get("improvement"), (int, float)) and study["improvement"] <= 0:  # exported all the
+        best, base = S.fmt(study.get("best_metric")), S.fmt(study.get("base_metric"))  # same: promote refuses
+        print(
+            f"note: trial {study.get('trial')}'s best {study.get('metric')} {best} does not beat the base "
+            f"model's epoch-0 {base}",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps(meta, default=str))
         return 0
     ts = meta["torchscript"]
-    study = meta.get("study", {})
     print(
         f"bundle {args.out}: {meta['arch']} ({meta['task']}, {meta['num_classes'] - 1} classes) from trial "
         f"{study.get('trial')} epoch {meta['checkpoint']['epoch']} ({study.get('metric')}="

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -202,8 +203,6 @@ def test_promote_registers_alias_and_lineage(study, capsys):
     assert sha256_file(same) == sha256_file(weights)
     # the cache is keyed by tracking store: a second store with the same model name and version
     # (here a copy of the first) gets its own download, never the first store's file
-    import shutil
-
     other_db = study["root"] / "other-store" / "mlflow.db"
     other_db.parent.mkdir(exist_ok=True)
     shutil.copy2(exp_dir.parent / mlflow_store.DB_FILE, other_db)
@@ -277,6 +276,11 @@ def test_promote_refuses_a_regression(study, tmp_path, capsys):
     assert "refusing to promote trial" in err and "epoch-0 map50 0.9000" in err and "--force" in err
     assert len(mlc.search_model_versions("name='tiny-det'")) == versions  # nothing registered
     assert main(["promote", str(exp_dir), "--model", "tiny-det", "--trial", "no-such-trial"]) == 2
+    # export makes its bundle (a way to inspect a model too), and says what promote would refuse
+    top = select.best(fake, 1)[0]["id"]
+    shutil.copytree(exp_dir / f"trial_{top}", fake / f"trial_{top}")
+    assert main(["export", str(fake), "--out", str(tmp_path / "worse-bundle"), "--no-torchscript"]) == 0
+    assert "does not beat the base model's epoch-0 0.9000" in capsys.readouterr().err
 
 
 def test_export_predict_matches_the_trials_evaluation(study, tmp_path, capsys):
@@ -397,7 +401,6 @@ def _tampered_bundles_are_refused(out: Path, image: Path, tmp_path: Path, capsys
     """A bundle is verified whole: every file model.yaml names has a matching sha256 entry, and
     weights_file is a plain name inside the bundle; otherwise predict exits 2 naming the file."""
     import hashlib
-    import shutil
 
     def copy(name: str) -> Path:
         dst = tmp_path / name
