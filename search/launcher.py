@@ -329,9 +329,11 @@ def _run_config(spec: Spec, exp_dir: Path, callbacks: list, deadline: float | No
         callbacks=callbacks,
         stop=BudgetStopper(deadline),
         verbose=0,
-        # num_to_keep=1 with a score: Ray keeps the best checkpoint and, always, the latest one
+        # every checkpoint (Ray deleted the previous latest before its new state was signed: a crash
+        # then left a resume naming a deleted folder): progress.superseded_checkpoints keeps a
+        # trial's best and latest once a snapshot naming them is current
         checkpoint_config=tune.CheckpointConfig(
-            num_to_keep=1,
+            num_to_keep=None,
             checkpoint_score_attribute=S.CHECKPOINT_RANK,  # the first of tied epochs (search.worker)
             checkpoint_score_order=spec.objective.mode,
         ),

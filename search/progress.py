@@ -7,6 +7,7 @@ Both are pickled by Ray (inside ``tuner.pkl``) when the Tuner is created; runtim
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,27 @@ def forget_restored_copies(exp_dir: Path) -> list[str]:
             path.unlink(missing_ok=True)
             gone.append(str(path))
     return gone
+
+
+def superseded_checkpoints(state: dict[str, Any], delete: bool = False) -> list[Path]:
+    """The checkpoint folders of each trial older than its latest one, other than its best: Ray
+    keeps every checkpoint (``num_to_keep=None``, launcher), as it would delete the one its newest
+    signed state still names for a resume before that state is signed. Run (``delete``) once a
+    snapshot holding ``state``'s latest checkpoints is current; a newer folder (an epoch being
+    handed over) is never touched."""
+    out = []
+    for t in state.get("trials", {}).values():
+        latest, best = t.get("latest_checkpoint"), t.get("checkpoint")
+        if not latest or not t.get("trial_dir") or t.get("checkpoints_removed"):
+            continue
+        keep = {Path(latest).parent.name, Path(best).parent.name if best else None}
+        newest = Path(latest).parent.name
+        for folder in Path(t["trial_dir"]).glob("checkpoint_*"):
+            if folder.name < newest and folder.name not in keep and folder.is_dir():
+                out.append(folder)
+                if delete:
+                    shutil.rmtree(folder, ignore_errors=True)
+    return out
 
 
 class StudyState(Callback):
@@ -97,10 +119,13 @@ class StudyState(Callback):
         ``again``: sign it although Ray saved nothing since (the study's own record changed)."""
         self.state["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.state["elapsed_s"] = round(self.elapsed(), 1)
+        made = None
         if snapshot and self.durable is not None:
-            self.durable.snapshot(self.state, again=again)
+            made = self.durable.snapshot(self.state, again=again)
             pause_point("study_write")  # test hook: signed, study.json not yet rewritten
         S.write_study(self.exp_dir, self.state)
+        if made is not None or (snapshot and self.durable is None):
+            superseded_checkpoints(self.state, delete=True)
 
     def entry(self, trial: Any) -> dict[str, Any]:
         trials = self.state["trials"]
