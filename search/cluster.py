@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -93,20 +94,46 @@ def connect(address: str | None) -> bool:
         check_reachable(address)
     if ray.is_initialized():  # e.g. a test's or a notebook's Ray: use it as it is
         return False
+    before = signal.getsignal(signal.SIGTERM)
     if address:
         try:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         except (ConnectionError, RuntimeError, TimeoutError) as exc:
             why = " ".join(str(exc).split())[:300]
             raise ClusterError(f"cannot join the Ray cluster at {address}: {why}") from None
+        _catch_sigterm(before)
         return True
-    with _sigterm_blocked():
-        ray.init(logging_level=logging.WARNING, include_dashboard=False)
-    _BLOCKED["node"] = getattr(ray._private.worker, "_global_node", None)
+    try:
+        with _sigterm_blocked():
+            ray.init(logging_level=logging.WARNING, include_dashboard=False)
+            _BLOCKED["node"] = getattr(ray._private.worker, "_global_node", None)
+            _catch_sigterm(before)
+    except KeyboardInterrupt:  # a SIGTERM held back while Ray started, delivered now: stop it again
+        shutdown()
+        raise
     return True
 
 
 _BLOCKED: dict[str, Any] = {}  # "node": the local Ray node whose processes block SIGTERM
+
+
+def as_ctrl_c(*_: Any) -> None:
+    """A SIGTERM handler (``kill``, ``timeout``, a pod's deletion): one Ctrl-C. Under Tune, its
+    SIGINT handler stops the study gracefully; else (or with SIGINT ignored, a background job of
+    a script) KeyboardInterrupt, which the CLI ends with exit 130."""
+    if callable(signal.getsignal(signal.SIGINT)):
+        signal.raise_signal(signal.SIGINT)
+    else:
+        raise KeyboardInterrupt
+
+
+def _catch_sigterm(before: Any) -> None:
+    """``ray.init`` made SIGTERM ``sys.exit(15)`` in the driver: from there to the study's run a
+    SIGTERM ended the launch with exit 15 and Ray's C++ dump. It is :func:`as_ctrl_c` until
+    :func:`shutdown` puts ``before`` back."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, as_ctrl_c)
+        _BLOCKED["sigterm"] = before
 
 
 def shutdown() -> None:
@@ -115,6 +142,8 @@ def shutdown() -> None:
     nothing: they are killed at once (their state is in memory; the study's is on disk)."""
     import ray
 
+    if "sigterm" in _BLOCKED:
+        signal.signal(signal.SIGTERM, _BLOCKED.pop("sigterm"))
     node = _BLOCKED.pop("node", None)
     kill = getattr(node, "kill_all_processes", None)
     if node is not None and kill is not None and node is getattr(ray._private.worker, "_global_node", None):

@@ -32,7 +32,7 @@ import yaml
 
 from search import durable, mlflow_store, tracking
 from search import study as S
-from search.cluster import check_connected, check_reachable, connect
+from search.cluster import as_ctrl_c, check_connected, check_reachable, connect
 from search.cluster import shutdown as cluster_shutdown
 from search.errors import SpecError, short
 from search.failures import disk_full
@@ -53,6 +53,7 @@ from search.study_folder import (
     start_over,
 )
 from search.worker import ERROR_MARK, TEST_FAIL_ENV, train_trial
+from trainables.testhooks import pause_point
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,7 @@ def launch(
         state.state["num_trials"] = num_samples(spec)
         state.save()
         print_header(spec, exp_dir, cluster, recipe_trials)
+        pause_point("launch_header")  # test hook: Ray started, the study's run not yet
         tuner = tune.Tuner(
             _trainable(spec, exp_dir),
             tune_config=tune.TuneConfig(
@@ -352,12 +354,6 @@ def _shutdown() -> None:
 def _sigterm_as_ctrl_c() -> Iterator[None]:
     """While Ray Tune runs, SIGTERM (``kill``, ``timeout``, a pod's deletion) is one Ctrl-C: Tune
     stops gracefully, state saved, exit 130 (Ray's own handler aborted the driver with a C++ dump)."""
-
-    def as_ctrl_c(*_: Any) -> None:
-        if callable(signal.getsignal(signal.SIGINT)):  # Tune's handler: stop gracefully
-            signal.raise_signal(signal.SIGINT)
-        else:  # SIGINT ignored (a background job of a script): a Ctrl-C, raised here
-            raise KeyboardInterrupt
 
     try:
         old = signal.signal(signal.SIGTERM, as_ctrl_c)

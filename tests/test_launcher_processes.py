@@ -181,6 +181,33 @@ def test_a_resumed_study_has_the_rest_of_its_time_budget(data_dir):
     assert not cut or "(time budget reached)" in done.stdout
 
 
+def test_sigterm_after_ray_started_and_before_the_run_is_a_ctrl_c(data_dir, tmp_path):
+    """ray.init makes SIGTERM ``sys.exit(15)``: from Ray's start to the study's run (the header,
+    the searcher, the Tuner) a SIGTERM to the launch's group ended it with exit 15 and Ray's C++
+    dump, not the documented 130 (a crash-fuzz audit). The study is launched again after."""
+    from trainables.testhooks import PAUSE_AT_ENV, PAUSE_DIR_ENV, PAUSED_FILE
+
+    search = {"algorithm": "random", "num_trials": 1}
+    cmd = [sys.executable, "-m", "search", "launch", str(write_spec(data_dir, "sigterm-early", {}, search))]
+    env = {**_env(), PAUSE_AT_ENV: "launch_header", PAUSE_DIR_ENV: str(tmp_path)}
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    proc = subprocess.Popen(cmd, cwd=data_dir, env=env, start_new_session=True, **pipes)
+    try:
+        deadline = time.time() + 180
+        while not (tmp_path / PAUSED_FILE).is_file() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert (tmp_path / PAUSED_FILE).is_file(), proc.communicate()[1][-3000:]
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "SIGTERM received" not in err, err[-3000:]
+    assert err.rstrip().endswith("interrupted"), err[-3000:]
+    again = subprocess.run(cmd, cwd=data_dir, env=_env(), timeout=300, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+
+
 def test_sigterm_is_a_ctrl_c_even_when_sigint_is_ignored():
     """A background job of a script runs with SIGINT ignored: SIGTERM must still stop the study
     (it raised a SIGINT nobody heard), and the handlers are put back after."""
