@@ -94,7 +94,32 @@ def print_header(
     )
     for i, (scaling, params) in enumerate(recipe_trials):
         print(f"  {S.recipe_plan_text(i, scaling, params)}", flush=True)
-    if recipe_trials and (unused := S.recipe_unused_text(spec.recipe_unused(), spec.recipe_overridden())):
+    if recipe_trials and (unused := recipe_unused_text(spec.recipe_unused(), spec.recipe_overridden())):
         print(f"  {unused}", flush=True)
     for note in spec_notes(spec):
         print(f"  note: {note}", flush=True)
+
+
+def recipe_unused_text(unused: dict[str, Any], overridden: dict[str, Any] | None = None) -> str | None:
+    """How the recipe trials differ from the recipe (:meth:`Spec.recipe_unused`, the parameters
+    the sampler picks; :meth:`Spec.recipe_overridden`, the spec's constants that replace the
+    recipe's values), in words; None when they do not."""
+    parts = []
+    if unused:
+        picks = [
+            f"{k} (the recipe's {S.fmt(v)} is not among your choices)"
+            if v is not None
+            else f"{k} (not in the recipe)"
+            for k, v in unused.items()
+        ]
+        parts.append(f"the sampler picks {', '.join(picks)}")
+    said = {
+        k: f"{k}={S.fmt(v['spec'])} (the recipe's {S.fmt(v['given'])})" for k, v in (overridden or {}).items()
+    }
+    for default, words in (
+        (False, "your fixed {} stay"),
+        (True, "the defaults {} of parameters not in your space stay"),
+    ):
+        if texts := [text for k, text in said.items() if bool(overridden[k].get("default")) is default]:
+            parts.append(words.format(", ".join(texts)))
+    return f"(in the recipe trials {'; '.join(parts)})" if parts else None

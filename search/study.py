@@ -411,25 +411,6 @@ def recipe_plan_text(i: int, scaling: str, params: dict[str, Any]) -> str:
     return f"trial {i + 1} is {what}, lr scaled to the batch by the {scaling} rule): {params_text(params)}"
 
 
-def recipe_unused_text(unused: dict[str, Any], overridden: dict[str, Any] | None = None) -> str | None:
-    """How the recipe trials differ from the recipe (:meth:`Spec.recipe_unused`, the parameters
-    the sampler picks; :meth:`Spec.recipe_overridden`, the spec's constants that replace the
-    recipe's values), in words; None when they do not."""
-    parts = []
-    if unused:
-        picks = [
-            f"{k} (the recipe's {fmt(v)} is not among your choices)"
-            if v is not None
-            else f"{k} (not in the recipe)"
-            for k, v in unused.items()
-        ]
-        parts.append(f"the sampler picks {', '.join(picks)}")
-    if overridden:
-        fixed = [f"{k}={fmt(v['spec'])} (the recipe's {fmt(v['given'])})" for k, v in overridden.items()]
-        parts.append(f"your fixed {', '.join(fixed)} stay")
-    return f"(in the recipe trials {'; '.join(parts)})" if parts else None
-
-
 def recipe_text(trial: dict[str, Any]) -> str | None:
     """What a recipe trial is, in words (``status``, ``best``); None for a searched trial."""
     if trial.get("reference"):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from search.launch_text import recipe_unused_text
 from search.space_parse import parse_space
 from search.spec import load_spec
 from trainables import families, recipes
@@ -182,11 +183,10 @@ def test_reference_trial_weighs_each_loss_term_as_the_architecture_does(sets, ex
 def test_the_recipe_values_the_sampler_picks_instead_are_said(sets, unused):
     """A recipe value that is not among the choices leaves the parameter to the sampler; the
     launch header and the dry run say so (the reference was labelled the recipe regardless)."""
-    from search import study as S
 
     spec = load_spec(ROOT / "spaces/det.yaml", sets)
     assert spec.recipe_unused() == unused
-    text = S.recipe_unused_text(unused)
+    text = recipe_unused_text(unused)
     assert (text is None) == (not unused) and all(f"{k} (the recipe's " in text for k in unused or {})
 
 
@@ -196,6 +196,12 @@ INST = {
     "warmup_epochs": {"spec": 0.3, "given": 0.1},
     "grad_clip": {"spec": 5.0, "given": 0.0},
     "schedule": {"spec": "cosine", "given": "step"},
+    "step_epochs": {"spec": 1, "given": 2, "default": True},  # not in inst.yaml's space: its default
+}
+SEG_WD = {"weight_decay": {"spec": 1e-4, "given": 1e-6, "default": True}}  # not in seg.yaml's space
+LEFT_OUT = {  # a space without them: every trial, the reference too, has the defaults (said)
+    "weight_decay": {"spec": 1e-4, "given": 4e-5, "default": True},
+    "warmup_epochs": {"spec": 0.0, "given": 0.1, "default": True},
 }
 
 
@@ -209,11 +215,22 @@ INST = {
             {},
             WARMUP,
         ),
-        ("seg", ["space.aug.scale={low: 0, high: 0.3}"], {"aug.scale": None}, {}),  # its random resize
+        ("seg", ["space.aug.scale={low: 0, high: 0.3}"], {"aug.scale": None}, SEG_WD),  # its random resize
+        (
+            "det",
+            ["space={lr: {low: 0.001, high: 0.2, log: true}, optimizer: {choices: [sgd, adamw]}}"],
+            {},
+            LEFT_OUT,
+        ),
         ("det", ["space.aug.scale={low: 0, high: 0.3}"], {}, WARMUP),  # the detection references: none
         ("det", ["space.momentum=0.8"], {}, {"momentum": {"spec": 0.8, "given": 0.9}, **WARMUP}),  # when sgd
         ("inst", [], {}, INST),
-        ("seg", ["space.momentum={low: 0.8, high: 0.99, when: {optimizer: adamw}}"], {}, {}),  # never active
+        (
+            "seg",
+            ["space.momentum={low: 0.8, high: 0.99, when: {optimizer: adamw}}"],
+            {},
+            SEG_WD,
+        ),  # never active
         (
             "det",
             ["space.trainable_k={low: 1, high: 3}", "space.activation_scope=backbone"],
@@ -241,7 +258,6 @@ INST = {
 def test_where_the_recipe_trials_differ_from_the_recipe_is_said(spec, sets, unused, overridden):
     """The reference trial ran with a sampled backbone_lr_mult and aug.hflip, and under a fixed
     AdamW, while the header showed only the recipe's values."""
-    from search import study as S
 
     spec = load_spec(ROOT / f"spaces/{spec}.yaml", sets)
     assert spec.recipe_unused() == unused
@@ -249,5 +265,5 @@ def test_where_the_recipe_trials_differ_from_the_recipe_is_said(spec, sets, unus
     ref, searched = spec.reference_params(), {d.name for d in spec.search_space.searched}
     for name, value in {"backbone_lr_mult": 1.0, "aug.hflip": 0.5}.items():
         assert ref.get(name) == (value if name in searched else None)
-    text = S.recipe_unused_text(spec.recipe_unused(), spec.recipe_overridden()) or ""
+    text = recipe_unused_text(spec.recipe_unused(), spec.recipe_overridden()) or ""
     assert all(k in text for k in [*unused, *overridden])

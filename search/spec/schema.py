@@ -324,12 +324,19 @@ class Spec(_Section):
 
     def recipe_overridden(self) -> dict[str, Any]:
         """The recipe's values that the spec's fixed constants replace in the recipe trials (e.g.
-        ``optimizer: sgd`` under a fixed ``optimizer: adamw``). Empty without recipe trials."""
+        ``optimizer: sgd`` under a fixed ``optimizer: adamw``), and those of parameters the space
+        leaves out, which keep their defaults there as in every trial (``"default": true``, e.g.
+        SSDlite's weight decay 4e-5 under the default 1e-4). Empty without recipe trials."""
         if not self.recipe_trials():
             return {}
-        return self._acting(
-            self.search_space.overridden(self._recipe_values(self.search.reference_scaling[0]))
-        )
+        values = self._recipe_values(self.search.reference_scaling[0])
+        defaults = trial_params.resolve({})
+        left_out = {
+            k: {"spec": defaults[k], "given": v, "default": True}
+            for k, v in values.items()
+            if k not in self.search_space.by_name and k in defaults and v != defaults[k]
+        }
+        return self._acting({**self.search_space.overridden(values), **left_out})
 
     def _acting(self, names: dict[str, Any]) -> dict[str, Any]:
         """``names`` without those that have no effect in the reference trial (``trainable_k``
