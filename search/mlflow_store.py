@@ -113,8 +113,8 @@ def make_sqlite_store(db: Path) -> None:
     place unless another process made the store first. Leftovers of killed makers on this host
     are removed."""
     folder, host = db.parent, socket.gethostname()
-    for left in folder.glob(f".{db.name}.{glob.escape(host)}.*{CREATING}") if folder.is_dir() else ():
-        pid = left.name.removesuffix(CREATING).rsplit(".", 2)[-2]
+    for left in folder.glob(f".{db.name}.{glob.escape(host)}.*{CREATING}*") if folder.is_dir() else ():
+        pid = left.name.split(CREATING)[0].rsplit(".", 2)[-2]  # SQLite's "-journal" beside it too
         if not (pid.isdigit() and pid_alive(int(pid))):
             left.unlink(missing_ok=True)
     if db.exists() or not folder.is_dir():
