@@ -193,14 +193,19 @@ class StudySearch(OptunaSearch):
         """A new Optuna trial with the same parameters for a restarted errored trial."""
         old = self._ot_trials[trial_id]
         params = dict(old.params)
+        kept = {
+            k: old.user_attrs[k] for k in ("recipe", "reference") if k in old.user_attrs
+        }  # still the recipe
         self._ot_study.enqueue_trial(params, user_attrs={"restarted_from": old.number}, skip_if_exists=False)
         new = self._ot_study.ask()
         if callable(self._space):
             self._space(new)  # registers the distributions; suggest_* returns the enqueued values
         if new_id is not None:  # the old id stays, told FAIL; the restart lives on under new_id
             trial_id = new_id
-        new.set_user_attr("ray_trial_id", trial_id)
-        new.set_user_attr("restarted_from", old.number)
+        for key, value in {"ray_trial_id": trial_id, "restarted_from": old.number, **kept}.items():
+            new.set_user_attr(key, value)
+        if kept.get("reference") and self.reference_id != trial_id:
+            self.reference_id = trial_id  # the reference trial is its rerun now
         self._ot_trials[trial_id] = new
         self._completed_trials.discard(trial_id)
         self._failed.discard(trial_id)

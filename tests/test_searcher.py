@@ -181,3 +181,20 @@ def test_qmc_never_restarts_its_sequence_when_the_first_finished_trial_lacks_a_c
         lrs.append(t.params["lr"])
         study.tell(t, 0.5)
     assert len({round(v, 12) for v in lrs}) == len(lrs), lrs
+
+
+def test_a_rerun_of_the_reference_trial_is_still_the_reference(tmp_path):
+    """``resume --restart-errored`` reran an errored reference trial under a new id as a plain
+    trial: no ``reference``/``recipe`` in Optuna or study.json, no reference line in the summary."""
+    journal = tmp_path / "optuna.journal"
+    s = study_search(journal, "ref", 3)
+    s.enqueue_recipes([("linear", {"lr": 0.02})])
+    config = s.suggest("r")
+    assert config["lr"] == 0.02 and s.reference_id == "r" and s.recipe_of("r") == "linear"
+    s.on_trial_result("r", {"epoch": 0, "map": 0.0})
+    s.on_trial_complete("r", error=True)
+    flat = {f"config/{k}": v for k, v in config.items()}
+    s.on_trial_result("r2", {"epoch": 0, "map": 0.0, **flat})  # Ray's rerun of r, a new id
+    assert s.reference_id == "r2" and s.recipe_of("r2") == "linear"
+    (rerun,) = [t for t in load_study(journal, "ref").trials if "restarted_from" in t.user_attrs]
+    assert rerun.user_attrs["reference"] is True and rerun.user_attrs["recipe"] == "linear"
