@@ -141,7 +141,7 @@ def predict_files(
     out_dir.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".predict-", dir=out_dir))
     try:
-        outputs = (stage, out_dir)
+        outputs = (stage, out_dir.resolve())  # absolute: predictions.json is read from anywhere
         results = [
             _predict_one(model, meta, p, stem, min_score, outputs)
             for p, stem in zip(images, stems, strict=True)

@@ -200,7 +200,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return EXIT_OK
     print(
-        f"ok: {args.spec} — {spec.task} with {spec.model.arch}, {spec.num_classes} classes "
+        f"ok: {args.spec} — {spec.task} with {spec.model.arch}, {spec.num_classes} "
+        f"class{'es' if spec.num_classes != 1 else ''} "
         f"({', '.join(spec.class_names)})"
     )
     if facts:

@@ -199,7 +199,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     ts = meta["torchscript"]
     print(
-        f"bundle {args.out}: {meta['arch']} ({meta['task']}, {meta['num_classes'] - 1} classes) from trial "
+        f"bundle {args.out}: {meta['arch']} ({meta['task']}, {meta['num_classes'] - 1} "
+        f"class{'es' if meta['num_classes'] != 2 else ''}) from trial "
         f"{study.get('trial')} epoch {meta['checkpoint']['epoch']} ({study.get('metric')}="
         f"{S.fmt(study.get('best_metric'))})"
     )

@@ -305,9 +305,10 @@ def test_predict_json_and_written_files(study, bundle):
     written = json.loads((dest / "predictions.json").read_text())
     assert len(written["images"]) == 2
     (dest / "mine.txt").write_text("kept")  # the user's file in an earlier predict's folder
-    proc = search("predict", str(out), images[0], "--out", str(dest), "--min-score", "0", cwd=study["root"])
+    proc = search("predict", str(out), images[0], "--out", "pred", "--min-score", "0", cwd=study["root"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = json.loads((dest / "predictions.json").read_text())
+    assert all(Path(e["annotated"]).is_absolute() for e in again["images"])  # were relative to the cwd
     listed = {Path(e["annotated"]).name for e in again["images"]}
     assert len(again["images"]) == 1 and {p.name for p in dest.glob("*.png")} == listed  # no stale image
     assert (dest / "mine.txt").read_text() == "kept"

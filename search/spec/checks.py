@@ -25,7 +25,7 @@ def _family(spec: Spec) -> families.Family:
         same = [a for f in rows if f.task == spec.task for a in f.archs]
         raise SpecError(
             "model.arch",
-            f"{spec.model.arch!r} is a {fam.task} model, but task is {spec.task!r}.",
+            f"{spec.model.arch!r} is a model for task {fam.task!r}, but task is {spec.task!r}.",
             f"use one of: {', '.join(same)}, or change task.",
         )
     return fam
