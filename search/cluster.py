@@ -149,10 +149,29 @@ def shutdown() -> None:
     if node is not None and kill is not None and node is getattr(ray._private.worker, "_global_node", None):
 
         def at_once(check_alive: bool = True, allow_graceful: bool = False, wait: bool = False) -> None:
-            kill(check_alive=check_alive, allow_graceful=False, wait=wait)
+            roots = {p.process.pid for procs in getattr(node, "all_processes", {}).values() for p in procs}
+            started_by_them = _descendants(roots)  # raylet's agents: they block SIGTERM too, and
+            kill(check_alive=check_alive, allow_graceful=False, wait=wait)  # outlived it 1-2 min
+            for pid in started_by_them:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
 
         node.kill_all_processes = at_once
     ray.shutdown()
+
+
+def _descendants(roots: set[int]) -> set[int]:
+    """The processes under ``roots`` (Linux ``/proc``; none elsewhere)."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            text = stat.read_text()
+            parent[int(stat.parent.name)] = int(text[text.rindex(")") + 2 :].split()[1])
+    found, frontier = set(), set(roots)
+    while frontier:
+        frontier = {pid for pid, ppid in parent.items() if ppid in frontier} - found
+        found |= frontier
+    return found
 
 
 @contextlib.contextmanager
