@@ -61,6 +61,44 @@ GRID = "space={lr: {choices: [0.01, 0.02]}, optimizer: {choices: [sgd, adamw]}}"
             ["search.num_trials 9: the grid has 4 point(s), so the study runs 4 trials."],
         ),
         (DET, ["search.algorithm=grid", GRID, "search.num_trials=4"], []),
+        (
+            DET,  # fewer trials than the grid's points: which run was said nowhere (an audit)
+            ["search.algorithm=grid", GRID, "search.num_trials=3"],
+            [
+                "search.num_trials 3: the grid has 4 points, so the study runs 3 of them, which the sampler "
+                "picks."
+            ],
+        ),
+        # settings whose controller the space never lets act (an audit: each validated without a word)
+        (
+            DET,
+            ["space.optimizer=adamw", "space.nesterov=true"],
+            ["space.nesterov has no effect: it acts under no optimizer the space allows (['adamw'])."],
+        ),
+        (
+            DET,
+            ["space.schedule=cosine", "space.step_epochs=2"],
+            ["space.step_epochs has no effect: it acts under no schedule the space allows (['cosine'])."],
+        ),
+        (
+            DET,
+            ["space.trainable_k={low: 1, high: 3}"],
+            [
+                "space.trainable_k has no effect: it acts under no trainable the space allows "
+                "(['all', 'heads'])."
+            ],
+        ),
+        (
+            DET,
+            ["space.trainable={choices: [heads, backbone_last_k]}", "space.trainable_k={low: 1, high: 3}"],
+            [],
+        ),
+        (
+            DET,  # its when picks the optimizer under which it does nothing
+            ["space.momentum={low: 0.8, high: 0.9, when: {optimizer: adamw}}"],
+            ["space.momentum has no effect: it acts under no optimizer the space allows (['adamw'])."],
+        ),
+        (DET, ["space.optimizer=adamw"], []),  # momentum's when (sgd) cannot hold: inactive, not noted here
     ],
 )
 def test_a_setting_without_effect_is_noted(spec, sets, said):

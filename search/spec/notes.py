@@ -72,6 +72,41 @@ def _study_notes(spec: Any) -> list[str]:
             f"search.num_trials {s.num_trials}: the grid has {points} point(s), so the study runs "
             f"{points} trials."
         )
+    elif s.algorithm == "grid" and points > s.num_trials:
+        out.append(
+            f"search.num_trials {s.num_trials}: the grid has {points} points, so the study runs "
+            f"{s.num_trials} of them, which the sampler picks."
+        )
+    return out + _without_effect(spec)
+
+
+def _without_effect(spec: Any) -> list[str]:
+    """Space parameters that act under none of the values their controller can take here (e.g.
+    ``nesterov`` beside a fixed AdamW, ``step_epochs`` under a cosine schedule, ``trainable_k``
+    when no ``trainable`` choice is ``backbone_last_k``; :func:`trainables.params.in_effect`)."""
+    from search.space import one_of
+    from trainables import params as P
+
+    space, out = spec.search_space, []
+    constants = space.constants()
+    for dim in space.dims:
+        ruler = P.controller(dim.name, spec.task)
+        other = space.by_name.get(ruler) if ruler else None
+        if ruler is None or (other is not None and other.kind not in ("fixed", "categorical")):
+            continue
+        if other is None or other.kind == "fixed":  # its default, or the value the spec fixes
+            values = [P.resolve({}).get(ruler) if other is None else other.value]
+        else:
+            values = list(other.choices)
+        values = [
+            v for v in values if ruler not in dim.when or one_of(v, dim.when[ruler])
+        ]  # (else: inactive)
+        own = dim.value if dim.kind == "fixed" else dim.choices[0] if dim.kind == "categorical" else dim.low
+        trials = [P.resolve({**constants, ruler: v, dim.name: own}) for v in values]
+        if values and not any(dim.name in P.in_effect(t, spec.task, spec.model.arch) for t in trials):
+            out.append(
+                f"space.{dim.name} has no effect: it acts under no {ruler} the space allows ({values})."
+            )
     return out
 
 
