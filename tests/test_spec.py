@@ -461,9 +461,17 @@ def test_quick_validation_does_not_import_torch():
 
 
 def test_error_object_names_source():
+    """A value given with --set is named by its key (an audit: the file alone was named, so the user
+    looked there for a value the command line had set); one from the file names the file."""
     with pytest.raises(SpecError) as info:
         load_spec(ROOT / "spaces" / "det.yaml", ["train.epochs=-3"])
-    assert "det.yaml" in str(info.value) and "train.epochs" in str(info.value)
+    assert str(info.value).startswith(f"{ROOT / 'spaces' / 'det.yaml'} (--set train.epochs): train.epochs: ")
+    with pytest.raises(SpecError) as info:
+        load_spec(ROOT / "spaces" / "det.yaml", ["train.epochs=2", "space.lr.low=-1"])
+    assert "(--set space.lr.low): space.lr.low: " in str(info.value)
+    with pytest.raises(SpecError) as info:
+        load_spec(ROOT / "spaces" / "det.yaml", ["train.epochs=2", "search.num_trials=0"])
+    assert "(--set search.num_trials): search.num_trials: " in str(info.value)
 
 
 # ---------------------------------------------------------------- deep checks (torch)

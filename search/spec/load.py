@@ -137,8 +137,10 @@ def load_spec(path: Path | str, overrides: list[str] | tuple[str, ...] = (), stu
         apply_override(raw, key, from_cwd(key, value))
     try:
         return build_spec(raw, path.resolve().parent, source=path, study=study)
-    except SpecError as err:
-        raise err.with_source(str(path)) from None
+    except SpecError as err:  # a value given with --set is named by its key (never its value: a secret?)
+        keys = [parse_override(text)[0] for text in overrides]
+        given = [key for key in keys if key == err.key or err.key.startswith((f"{key}.", f"{key}["))]
+        raise err.with_source(f"{path} (--set {given[-1]})" if given else str(path)) from None
 
 
 # The spec's path keys, one list for both rules: a relative path in the file resolves against the
