@@ -311,3 +311,17 @@ def test_an_error_line_has_one_fix_after_a_full_sentence():
     with pytest.raises(DatasetError) as err:
         check_image_files([Rec()])
     assert "fix" not in str(err.value).lower() and err.value.fix.startswith("fix the JSON's width")
+
+
+def test_error_object_names_source():
+    """A value given with --set is named by its key (an audit: the file alone was named, so the user
+    looked there for a value the command line had set); one from the file names the file."""
+    with pytest.raises(SpecError) as info:
+        load_spec(ROOT / "spaces" / "det.yaml", ["train.epochs=-3"])
+    assert str(info.value).startswith(f"{ROOT / 'spaces' / 'det.yaml'} (--set train.epochs): train.epochs: ")
+    with pytest.raises(SpecError) as info:
+        load_spec(ROOT / "spaces" / "det.yaml", ["train.epochs=2", "space.lr.low=-1"])
+    assert "(--set space.lr.low): space.lr.low: " in str(info.value)
+    with pytest.raises(SpecError) as info:
+        load_spec(ROOT / "spaces" / "det.yaml", ["train.epochs=2", "search.num_trials=0"])
+    assert "(--set search.num_trials): search.num_trials: " in str(info.value)
