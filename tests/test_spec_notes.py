@@ -99,6 +99,33 @@ GRID = "space={lr: {choices: [0.01, 0.02]}, optimizer: {choices: [sgd, adamw]}}"
             ["space.momentum has no effect: it acts under no optimizer the space allows (['adamw'])."],
         ),
         (DET, ["space.optimizer=adamw"], []),  # momentum's when (sgd) cannot hold: inactive, not noted here
+        # lr schedules no trial lives to see (the warmup is capped at the whole run)
+        (DET, ["space.warmup_epochs=2.9"], []),
+        (
+            DET,
+            ["space.warmup_epochs=3"],
+            [
+                "space.warmup_epochs 3 >= train.epochs 3: every trial warms up for all of its training (its "
+                "lr reaches the searched value only at the last step) and space.schedule never acts."
+            ],
+        ),
+        (
+            DET,
+            ["space.warmup_epochs={low: 0, high: 5}"],
+            [
+                "space.warmup_epochs reaches train.epochs 3: the trials that draw 3 or more warm up for all "
+                "of their training (their lr reaches the searched value only at the last step)."
+            ],
+        ),
+        (DET, ["space.schedule=step", "space.step_epochs=2"], []),  # 0.3 + 2 < 3: one drop
+        (
+            DET,
+            ["space.schedule={choices: [cosine, step]}", "space.step_epochs={low: 3, high: 4}"],
+            [
+                "space.step_epochs 3 after a warmup of 0.3 reaches train.epochs 3: the step schedule never "
+                "drops the lr (a constant lr after warmup)."
+            ],
+        ),
     ],
 )
 def test_a_setting_without_effect_is_noted(spec, sets, said):

@@ -18,6 +18,7 @@ def spec_notes(spec: Any, study: bool = True) -> list[str]:
     (after :func:`~search.spec.check_weights`); val images that are train images; and a class the
     training split never annotates."""
     out = _study_notes(spec) if study else []
+    out += _schedule_notes(spec)
     unfit, tensors = spec._unfit
     if unfit:
         out.append(
@@ -107,6 +108,41 @@ def _without_effect(spec: Any) -> list[str]:
             out.append(
                 f"space.{dim.name} has no effect: it acts under no {ruler} the space allows ({values})."
             )
+    return out
+
+
+def _schedule_notes(spec: Any) -> list[str]:
+    """Lr schedules that no trial lives to see: a warmup of ``train.epochs`` or more (the lr still
+    rising at the last step; :func:`trainables.optim.build_scheduler` caps it at the whole run), a
+    step schedule whose first drop comes after the last step."""
+    from trainables import params as P
+
+    epochs, by_name, out = spec.train.epochs, spec.search_space.by_name, []
+
+    def values(name: str) -> list[Any]:
+        dim = by_name.get(name)
+        if dim is None or dim.kind == "fixed":
+            return [P.PARAMS[name].default if dim is None else dim.value]
+        return list(dim.choices) if dim.kind == "categorical" else [dim.low, dim.high]
+
+    warm = min(float(v) for v in values("warmup_epochs"))
+    if warm >= epochs:
+        out.append(
+            f"space.warmup_epochs {warm:g} >= train.epochs {epochs}: every trial warms up for all of its "
+            "training (its lr reaches the searched value only at the last step) and space.schedule never "
+            "acts."
+        )
+    elif max(float(v) for v in values("warmup_epochs")) >= epochs:
+        out.append(
+            f"space.warmup_epochs reaches train.epochs {epochs}: the trials that draw {epochs} or more warm "
+            "up for all of their training (their lr reaches the searched value only at the last step)."
+        )
+    first = min(int(v) for v in values("step_epochs"))
+    if warm < epochs and "step" in values("schedule") and warm + first >= epochs:
+        out.append(
+            f"space.step_epochs {first} after a warmup of {warm:g} reaches train.epochs {epochs}: the "
+            "step schedule never drops the lr (a constant lr after warmup)."
+        )
     return out
 
 
