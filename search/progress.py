@@ -72,6 +72,27 @@ def superseded_checkpoints(state: dict[str, Any], delete: bool = False) -> list[
     return out
 
 
+def working_dir(trial: Any) -> Path | None:
+    """``trial``'s Ray working directory on this node (``/tmp/ray/session_*/artifacts/<time>/<study>/
+    working_dirs/<trial>``, outside the study folder), where its worker keeps its epoch checkpoints,
+    the copies it hands to Ray and a restored checkpoint. Ray never deletes it; the worker empties
+    it when the trial's function ends (search.worker), but a trial Ray stops waits in its report
+    until its process is killed, its clean-up never run. None without Ray's storage context."""
+    try:
+        return Path(trial.storage.trial_working_directory)
+    except Exception:  # noqa: BLE001 - a stand-in trial (tests of the callback alone)
+        return None
+
+
+def empty(folder: Path) -> None:
+    """Delete what ``folder`` holds, not the folder."""
+    for item in folder.glob("*"):
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item, ignore_errors=True)
+        else:
+            item.unlink(missing_ok=True)
+
+
 class StudyState(Callback):
     """Keeps ``<exp>/study.json`` (DESIGN.md shape) up to date on every trial event.
 
@@ -98,6 +119,7 @@ class StudyState(Callback):
         self.deadline: float | None = None
         self.durable: Any = None  # a search.durable.Durability while Ray runs (not pickled)
         self._dirty = False
+        self._work_roots: set[Path] = set()  # this run's trial working directories' folders (Ray's)
         self._t0 = time.time()
         self._elapsed0 = float(self.state.get("elapsed_s") or 0.0)
 
@@ -107,6 +129,7 @@ class StudyState(Callback):
         state["scheduler"] = None
         state["durable"] = None
         state["_dirty"] = False
+        state["_work_roots"] = set()
         return state
 
     # -- helpers
@@ -206,6 +229,8 @@ class StudyState(Callback):
             self.entry(each)  # first), not as they happen to start: two start in the same second
         t = self.entry(trial)
         t["state"] = S.RUNNING
+        if (work := working_dir(trial)) is not None:
+            self._work_roots.add(work.parent)
         if t.pop("failure", None) is not None and t.get("error"):  # a restarted trial: not failed now
             t["last_error"], t["error"] = t["error"], None
         self._changed()
@@ -275,6 +300,7 @@ class StudyState(Callback):
             t["optuna_state"] = self.searcher.outcome(trial.trial_id)
         self._renumbered(t)
         self._changed()
+        self._drop_work(trial)
         pause_point("trial_complete")  # test hook: Optuna was told, Ray has not saved the end yet
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -287,6 +313,15 @@ class StudyState(Callback):
         if self.searcher is not None:
             t["optuna_state"] = self.searcher.outcome(trial.trial_id)
         self._changed()
+        self._drop_work(trial)
+
+    def _drop_work(self, trial: Any) -> None:
+        """Empty the ended trial's working directory on this node (:func:`working_dir`): its
+        checkpoints are in the study folder; a stopped trial's worker, blocked in its report,
+        writes nothing. The folder stays: it is the current directory of the trial's process,
+        which Ray may reuse for another trial (whose start reads it)."""
+        if (work := working_dir(trial)) is not None:
+            empty(work)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if raised_itself(self.exp_dir, trial.trial_id):  # no retry: its restart fails at once
@@ -321,6 +356,9 @@ class StudyState(Callback):
                 t["disk_bytes"] = S.dir_size(Path(t["trial_dir"]))
         self._dirty = False
         self.save(snapshot=True)  # with Ray's last save, at the end of fit
+        for root in self._work_roots:  # what trials interrupted or retried left on this node
+            for work in root.glob("*"):
+                empty(work)
 
 
 class Progress(Callback):

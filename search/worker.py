@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import shutil
 import sys
@@ -128,7 +127,8 @@ def train_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
             return
         # Ray keeps the best-ranked checkpoint, the later of a tie: only a strictly better epoch
         # (the one best_epoch names) ranks by its value, the others rank below any
-        worst = -math.inf if cfg.mode == "max" else math.inf
+        # (finite: Ray's TensorBoard logger warned "NaN or Inf found in input tensor" at each such epoch)
+        worst = -sys.float_info.max if cfg.mode == "max" else sys.float_info.max
         out[S.CHECKPOINT_RANK] = out.get(cfg.metric, worst) if new_best else worst
         stage = work.parent / "persist" / f"epoch_{int(out.get('epoch', 0)):04d}"
         shutil.rmtree(stage, ignore_errors=True)
@@ -144,7 +144,9 @@ def train_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
             mark.parent.mkdir(parents=True, exist_ok=True)
             S.atomic_write_text(mark, "".join(traceback.format_exception(exc))[-20000:])
         raise
-    shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    finally:  # Ray never deletes a trial's working directory (a stopped one's: search.progress)
+        for leftover in (work, work.parent / "persist", work.parent / "resume"):
+            shutil.rmtree(leftover, ignore_errors=True)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     log.info("trial finished: %s", result.get("status"))
