@@ -363,7 +363,7 @@ class StudyState(Callback):
 
 class Progress(Callback):
     """One line per trial event, and the table (trial, state, epoch, metric, best so far, key
-    params) when a trial ends and at most every ``table_every`` seconds."""
+    params) every ``table_every`` seconds and when a trial ends (:meth:`_ended`)."""
 
     def __init__(
         self,
@@ -452,13 +452,21 @@ class Progress(Callback):
             self._line(t, t["state"].lower())
             if t.get("stopped"):
                 self._print(f"    {S.stop_text(t['stopped'], self.study.metric, self.study.mode)}")
-            self.table()
+            self._ended()
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         t = self.study.state["trials"].get(trial.trial_id)
         if t:
             self._line(t, "error")
             self._print(f"    error: {t.get('error')}")
+            self._ended()
+
+    def _ended(self) -> None:
+        """The table after a trial ended, unless one was printed in the last quarter of
+        ``table_every`` (36 short trials printed 37 tables) or this was the study's last trial (the
+        summary's table follows)."""
+        ended = sum(t["state"] in S.FINISHED_STATES for t in self.study.state["trials"].values())
+        if ended < self.num_trials and time.time() - self._last_table >= self.table_every / 4:
             self.table()
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
