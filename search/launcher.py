@@ -257,6 +257,7 @@ def resume(
     started = False
     try:
         install_state(exp_dir, trust_folder)  # before anything starts: a refusal leaves it all as it was
+        done = _nothing_left(S.read_study(exp_dir) or {}, restart_errored)
         previous = _previous_state(exp_dir, restart_errored)
         mlflow_store.warm_up(spec)
         address = address or spec.resources.address
@@ -291,6 +292,8 @@ def resume(
         state.state["resumed"] = int(state.state.get("resumed") or 0) + 1
         state.save()
         print_header(spec, exp_dir, cluster, resumed=True)
+        if done:
+            print(FINISHED_RESUMED, flush=True)
         return _fit(tuner, spec, exp_dir, state, searcher, keep_top)
     finally:
         if started:
@@ -302,6 +305,18 @@ HYPERBAND_RESUMED = (
     "resume: Ray's HyperBand keeps no bracket state across a restart (a restored bracket can wait "
     "for ever for trials that ended): the remaining trials run to their last epoch without its halving"
 )
+
+
+FINISHED_RESUMED = (
+    "  nothing left to run: the study had finished (this resume sends MLflow what it has not received "
+    "and applies --keep-top)"
+)
+
+
+def _nothing_left(study: dict[str, Any], restart_errored: bool) -> bool:
+    """A finished study (every trial ended, or its time budget) with no failed trial to rerun."""
+    errored = any(t.get("failure") == S.ERROR for t in study.get("trials", {}).values())
+    return study.get("status") == "finished" and not (restart_errored and errored)
 
 
 def _previous_state(exp_dir: Path, restart_errored: bool) -> dict[str, Any] | None:

@@ -305,15 +305,16 @@ def test_status_json(grid_study, data_dir, capsys):
     assert f"python -m search resume {exp_dir}" in capsys.readouterr().err
 
 
-def test_keep_top(grid_study, monkeypatch):
+def test_keep_top(grid_study, monkeypatch, capsys):
     """``resume --keep-top 1`` of a finished study: only the best trial keeps its checkpoints, and
     study.json (hence status, best, export) says so (it once kept the old paths: the study's state,
     saved after the removal, put them back)."""
-    from search.launcher import resume
+    from search.launcher import FINISHED_RESUMED, resume
 
     summary, exp_dir, _ = grid_study
     monkeypatch.setenv("SEARCH_NO_MLFLOW", "1")
     again = resume(exp_dir, keep_top=1)
+    assert FINISHED_RESUMED in capsys.readouterr().out  # it ran nothing and did not say so
     state = S.read_study(exp_dir)
     best_id = summary["best"]["id"]
     assert again["best"]["id"] == best_id and state["trials"][best_id]["checkpoint"]
@@ -331,6 +332,21 @@ def test_keep_top(grid_study, monkeypatch):
     resume(exp_dir)  # a later resume restores the signed state: the removal is in it (it listed them again)
     after = S.read_study(exp_dir)["trials"]
     assert all(after[t]["checkpoint"] is None and after[t]["checkpoints_removed"] for t in removed_ids(state))
+
+
+@pytest.mark.parametrize(
+    ("status", "failure", "restart_errored", "left"),
+    [("finished", None, False, True), ("finished", S.ERROR, True, False), ("finished", S.ERROR, False, True),
+     ("interrupted", None, False, False), ("finished", S.DIVERGED, True, True)],
+)  # fmt: skip
+def test_what_a_resume_has_left_to_run(status, failure, restart_errored, left):
+    from search.launcher import _nothing_left
+
+    study = {
+        "status": status,
+        "trials": {"a": {"state": S.FAILED if failure else S.COMPLETE, "failure": failure}},
+    }
+    assert _nothing_left(study, restart_errored) is left
 
 
 def ray_leftovers(name: str) -> list[Path]:
