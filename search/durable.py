@@ -105,10 +105,15 @@ def _sign(key: bytes, data: bytes) -> str:
 # ---------------------------------------------------------------- snapshots
 
 
-def ray_state_files(exp_dir: Path) -> list[Path]:
-    """Ray's state files at the top of ``exp_dir`` (see :data:`RAY_STATE`)."""
-    found = {p for pattern in RAY_STATE for p in Path(exp_dir).glob(pattern) if p.is_file()}
-    return sorted(found)
+def ray_state_files(exp_dir: Path, newest: bool = False) -> list[Path]:
+    """Ray's state files at the top of ``exp_dir`` (see :data:`RAY_STATE`); ``newest``: of each
+    timestamped kind only the one Ray restores from, the greatest name (each launch and resume
+    writes its own; the earlier ones, dead, were copied and hashed at every snapshot)."""
+    found = []
+    for pattern in RAY_STATE:
+        files = sorted(p for p in Path(exp_dir).glob(pattern) if p.is_file())
+        found += files[-1:] if newest and "*" in pattern else files
+    return sorted(set(found))
 
 
 class Durability:
@@ -136,7 +141,7 @@ class Durability:
         tmp = root / f".{gen}.tmp"
         tmp.mkdir(mode=0o700)
         files = {}
-        for src in ray_state_files(self.exp_dir):
+        for src in ray_state_files(self.exp_dir, newest=True):
             shutil.copyfile(src, tmp / src.name)
         if study is not None:
             S.write_study(tmp, study)

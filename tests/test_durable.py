@@ -69,6 +69,22 @@ def test_install_puts_back_what_was_signed(key, tmp_path):
     assert (exp / "study.json").read_text() == "{}"
 
 
+def test_a_snapshot_holds_the_newest_state_of_each_kind_and_its_install_drops_the_older(key, tmp_path):
+    """Each launch and resume writes its own experiment_state-<time>.json (and searcher state):
+    every snapshot copied, hashed and signed all of them, one more per resume (an audit)."""
+    exp = _study(tmp_path)
+    (exp / "experiment_state-2026-12-02_02.json").write_text('{"v": 2}')  # a resume's
+    _, snap = _snapshot(exp)
+    assert sorted(p.name for p in snap.iterdir() if p.name not in (durable.MANIFEST, durable.SIGNATURE)) == [
+        "experiment_state-2026-12-02_02.json",
+        "searcher-state-2026-12-02_01.pkl",
+        "tuner.pkl",
+    ]
+    durable.install_snapshot(exp)
+    assert not (exp / "experiment_state-2026-12-02_01.json").exists()
+    assert (exp / "experiment_state-2026-12-02_02.json").read_text() == '{"v": 2}'
+
+
 def test_a_new_generation_replaces_the_old(key, tmp_path):
     exp = _study(tmp_path)
     d, first = _snapshot(exp)
