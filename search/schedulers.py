@@ -62,6 +62,7 @@ def _stratified(spec: Any, extrapolate: bool = False) -> Any:
         epochs=epochs,
         rungs=rungs_for(epochs, s.grace_period, s.reduction_factor, _warmup(spec)),
         reduction_factor=s.reduction_factor,
+        collapse_from=max(int(s.grace_period), math.ceil(epochs / 2), 1),  # no stop before the grace
         reference=spec.reference_params(),
         extrapolate=extrapolate,
     )
@@ -117,6 +118,7 @@ def _none(spec: Any) -> Any:
 class SchedulerEntry:
     doc: str
     factory: Callable[[Any], Any]  # spec -> Ray scheduler
+    uses: tuple[str, ...] = ("grace_period", "reduction_factor")  # the search.* settings it reads
 
 
 AUTO = "curve"  # what ``auto`` means now: the scheduler measured best for fine-tuning
@@ -132,9 +134,9 @@ SCHEDULERS: dict[str, SchedulerEntry] = {
         _curve,
     ),
     "asha": SchedulerEntry("Ray's asynchronous successive halving over all trials", _asha),
-    "hyperband": SchedulerEntry("Ray's HyperBand brackets", _hyperband),
-    "median": SchedulerEntry("Ray's median stopping rule", _median),
-    "none": SchedulerEntry("no early stopping: every trial runs every epoch", _none),
+    "hyperband": SchedulerEntry("Ray's HyperBand brackets", _hyperband, uses=("reduction_factor",)),
+    "median": SchedulerEntry("Ray's median stopping rule", _median, uses=("grace_period",)),
+    "none": SchedulerEntry("no early stopping: every trial runs every epoch", _none, uses=()),
 }
 SCHEDULER_NAMES = tuple(SCHEDULERS)
 

@@ -99,6 +99,22 @@ GRID = "space={lr: {choices: [0.01, 0.02]}, optimizer: {choices: [sgd, adamw]}}"
             ["space.momentum has no effect: it acts under no optimizer the space allows (['adamw'])."],
         ),
         (DET, ["space.optimizer=adamw"], []),  # momentum's when (sgd) cannot hold: inactive, not noted here
+        # scheduler settings the scheduler does not read (given in the file or with --set)
+        (
+            DET,
+            ["search.scheduler=none"],
+            [
+                "search.grace_period has no effect: scheduler none does not read it.",
+                "search.reduction_factor has no effect: scheduler none does not read it.",
+            ],
+        ),
+        (
+            DET,
+            ["search.scheduler=median"],
+            ["search.reduction_factor has no effect: scheduler median does not read it."],
+        ),
+        (SEG, ["search.scheduler=none"], []),  # left at their defaults: nothing to say
+        (SEG, ["search.scheduler=asha", "search.grace_period=2"], []),
         # lr schedules no trial lives to see (the warmup is capped at the whole run)
         (DET, ["space.warmup_epochs=2.9"], []),
         (
