@@ -1,10 +1,19 @@
 """Ray's ASHA as the study runs it (:class:`search.stopping.RecordingASHA`): a trial's last epoch
-is never a stop (the rung cut and the reference's sparing: tests/test_schedulers.py)."""
+is never a stop (the rung cut and the reference's sparing: tests/test_schedulers.py); and no
+halving scheduler stops a trial before the grace period."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
+from search.schedulers import make_scheduler
+from search.spec import load_spec
 from search.stopping import RecordingASHA
 from tests.test_schedulers import GO, STOP, trial
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_recording_asha_never_stops_a_trial_at_its_last_epoch():
@@ -37,3 +46,13 @@ def test_a_resumed_trials_stop_records_the_cut_of_the_rung_that_judged_it():
     assert sched.on_trial_result(None, a, {"epoch": 3, "map50": 0.0}) == STOP
     record = sched.stop_record("a")
     assert record["epoch"] == 3 and record["value"] == 0.0 and record["cut"] == 0.00495
+
+
+@pytest.mark.parametrize(("epochs", "grace", "first"), [(8, 1, 4), (8, 7, 7), (3, 1, 2), (8, 4, 4)])
+def test_no_rule_stops_a_trial_before_the_grace_period(epochs, grace, first):
+    """The collapse rule acted from half the epochs whatever search.grace_period said (README: the
+    earliest epoch at which a trial can be stopped): at grace 7 of 8, a trial stopped at epoch 4."""
+    sets = [f"train.epochs={epochs}", f"search.grace_period={grace}"]
+    for name in ("stratified", "curve"):
+        scheduler = make_scheduler(load_spec(ROOT / "spaces/det.yaml", [*sets, f"search.scheduler={name}"]))
+        assert scheduler.collapse_from == first and all(r >= grace for r in scheduler.rungs)

@@ -16,15 +16,7 @@ from ray.tune.schedulers import TrialScheduler
 
 from search import study as S
 from search.errors import SpecError
-from search.schedulers import (
-    AUTO,
-    SCHEDULER_NAMES,
-    SCHEDULERS,
-    group_of,
-    make_scheduler,
-    rungs_for,
-    scheduler_label,
-)
+from search.schedulers import AUTO, SCHEDULER_NAMES, SCHEDULERS, group_of, rungs_for, scheduler_label
 from search.spec import load_spec
 from search.stopping import RecordingASHA, StratifiedHalving
 from tests.tinydata import make_tiny_coco, write_tiny_spec
@@ -115,16 +107,6 @@ def test_reference_trial_refused_without_a_recipe_or_with_grid(monkeypatch):
 )
 def test_rungs_after_warmup_from_the_schedule(epochs, grace, rf, warmup, rungs):
     assert rungs_for(epochs, grace, rf, warmup) == rungs
-
-
-@pytest.mark.parametrize(("epochs", "grace", "first"), [(8, 1, 4), (8, 7, 7), (3, 1, 2), (8, 4, 4)])
-def test_no_rule_stops_a_trial_before_the_grace_period(epochs, grace, first):
-    """The collapse rule acted from half the epochs whatever search.grace_period said (README: the
-    earliest epoch at which a trial can be stopped): at grace 7 of 8, a trial stopped at epoch 4."""
-    sets = [f"train.epochs={epochs}", f"search.grace_period={grace}"]
-    for name in ("stratified", "curve"):
-        scheduler = make_scheduler(load_spec(ROOT / "spaces/det.yaml", [*sets, f"search.scheduler={name}"]))
-        assert scheduler.collapse_from == first and all(r >= grace for r in scheduler.rungs)
 
 
 def test_group_of_uses_structural_choices_only():
