@@ -38,29 +38,71 @@ class ClusterError(Exception):
     a multi-node cluster). A user error: the CLI exits 2."""
 
 
+def given_address(address: str | None, spec_address: str | None) -> tuple[str | None, str]:
+    """The cluster a study joins and where it was named: ``--address``, else ``resources.address``,
+    else ``RAY_ADDRESS`` (which ``ray.init`` would join anyway: a stale one hung the launch while it
+    retried, SIGTERM blocked, as if it started its own Ray)."""
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    if address:
+        return address, "--address"
+    if spec_address:
+        return spec_address, "resources.address"
+    return (env, "RAY_ADDRESS") if env else (None, "--address")
+
+
 def check_reachable(address: str, timeout: float = 3.0, key: str = "--address") -> None:
-    if address in ("auto", "local"):
+    """The Ray head's GCS answers at ``address`` (HOST:PORT, or ``auto``: ``RAY_ADDRESS`` or the
+    last ``ray start`` here); else a :class:`ClusterError` within seconds."""
+    if address == "local":
         return
-    hostport = address.split("://", 1)[-1].rstrip("/")
+    if address == "auto":
+        found = os.environ.get("RAY_ADDRESS", "").strip() or _last_started()
+        if found == "auto":  # cannot tell: ray.init decides
+            return
+        if not found:
+            raise ClusterError(
+                f"{key} auto finds no Ray cluster on this machine (RAY_ADDRESS is not set and no 'ray "
+                "start' ran here). Start one with 'ray start --head', or give the head's HOST:PORT."
+            )
+        address, key = found, f"{key} auto ({found})"
+    scheme, sep, rest = address.partition("://")
+    hostport = rest if sep else address
     if "@" in hostport:  # user:password@ is never echoed
         address = address.replace(hostport.rpartition("@")[0], "***")
         hostport = hostport.rpartition("@")[2]
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
+    if sep and scheme.lower() in ("http", "https", "ray"):
+        what = "a Ray Client address" if scheme.lower() == "ray" else "an HTTP address (the dashboard's)"
+        raise ClusterError(
+            f"{key} {address!r} is {what}; a study's driver joins the head's GCS. Run it on a node of the "
+            "cluster with --address HOST:PORT (the port 'ray start --head' printed, default 6379) or auto."
+        )
+    host, _, port = hostport.rstrip("/").rpartition(":")
+    bare = host.strip("[]")
+    if not bare or not port.isdigit() or host != host.strip() or (":" in bare and not host.startswith("[")):
         raise ClusterError(f"{key} {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379, or auto).")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
+        with socket.create_connection((bare, int(port)), timeout=timeout) as sock:
             speaks_grpc = _speaks_http2(sock, timeout)
     except OSError as exc:
         raise ClusterError(
             f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}). Start it "
-            f"with 'ray start --head --port {port}' or fix --address/resources.address."
+            f"with 'ray start --head --port {port}' or fix {key.split(' ')[0]}."
         ) from None
     if not speaks_grpc:
         raise ClusterError(
             f"{key} {address!r} accepts connections but is not a Ray head node (its GCS speaks gRPC, this "
             f"port does not). Point it at the head's GCS port ('ray start --head' prints it; default 6379)."
         )
+
+
+def _last_started() -> str | None:
+    """The GCS address of the last ``ray start`` on this machine (what ``ray.init("auto")`` joins)."""
+    try:
+        from ray._private.utils import read_ray_address
+
+        return read_ray_address()
+    except Exception:  # noqa: BLE001 - Ray's private helper moved: let ray.init decide
+        return "auto"
 
 
 _HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"

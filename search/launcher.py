@@ -32,7 +32,7 @@ import yaml
 
 from search import durable, mlflow_store, tracking
 from search import study as S
-from search.cluster import as_ctrl_c, check_connected, check_reachable, connect
+from search.cluster import as_ctrl_c, check_connected, check_reachable, connect, given_address
 from search.cluster import shutdown as cluster_shutdown
 from search.errors import SpecError, short
 from search.failures import disk_full
@@ -66,9 +66,9 @@ def preflight(spec: Spec, address: str | None, weights: bool = True) -> None:
     answers (:class:`ClusterError`); the base weights load with ``weights_only`` and fit the model
     (:class:`SpecError`); the MLflow store answers (SpecError on ``tracking.uri``). The store check
     comes last because for SQLite it creates the folder of ``mlflow.db``."""
-    if address or spec.resources.address:
-        key = "--address" if address else "resources.address"
-        check_reachable(address or spec.resources.address, key=key)
+    address, key = given_address(address, spec.resources.address)
+    if address:
+        check_reachable(address, key=key)
     resolve_spec_weights(spec)
     if weights and (spec.model.weights or spec.model.weights_backbone):
         check_weights(spec)
@@ -165,7 +165,8 @@ def launch(
         refuse_existing(exp_dir, ours=True)  # again under the lock: another launch may have won the race
         start_over(exp_dir)  # a launch of it stopped before its first trial was saved
         mlflow_store.warm_up(spec)  # MLflow's import and store creation overlap ray.init
-        address = address or spec.resources.address
+        address, named_in = given_address(address, spec.resources.address)
+        shown = address if named_in != "resources.address" else None  # for the resume command
         started = connect(address)
         cluster = check_connected(spec.resources, address, started, exp_dir)
         write_spec(spec, exp_dir)
@@ -199,7 +200,7 @@ def launch(
             ),
             run_config=_run_config(spec, exp_dir, callbacks, deadline),
         )
-        return _fit(tuner, spec, exp_dir, state, searcher, keep_top)
+        return _fit(tuner, spec, exp_dir, state, searcher, keep_top, shown)
     finally:
         if started:
             _shutdown()
@@ -260,7 +261,8 @@ def resume(
         done = _nothing_left(S.read_study(exp_dir) or {}, restart_errored)
         previous = _previous_state(exp_dir, restart_errored)
         mlflow_store.warm_up(spec)
-        address = address or spec.resources.address
+        address, named_in = given_address(address, spec.resources.address)
+        shown = address if named_in != "resources.address" else None  # for the resume command
         started = connect(address)
         cluster = check_connected(spec.resources, address, started, exp_dir)
         budget = spec.search.time_budget
@@ -294,7 +296,7 @@ def resume(
         print_header(spec, exp_dir, cluster, resumed=True)
         if done:
             print(FINISHED_RESUMED, flush=True)
-        return _fit(tuner, spec, exp_dir, state, searcher, keep_top)
+        return _fit(tuner, spec, exp_dir, state, searcher, keep_top, shown)
     finally:
         if started:
             _shutdown()
@@ -381,8 +383,10 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
-def _fit(tuner, spec: Spec, exp_dir: Path, state, searcher, keep_top: int | None) -> dict[str, Any]:
-    again = resume_command(exp_dir, keep_top)
+def _fit(
+    tuner, spec: Spec, exp_dir: Path, state, searcher, keep_top: int | None, address: str | None
+) -> dict[str, Any]:
+    again = resume_command(exp_dir, keep_top, address)
     try:
         with durable.durable_controller(state.durable), _sigterm_as_ctrl_c():
             tuner.fit()

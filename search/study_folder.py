@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,13 @@ class ExperimentExists(Exception):
     """``launch`` into a folder that already holds a study (use ``resume`` or ``--name``)."""
 
 
-def resume_command(exp_dir: Path, keep_top: int | None = None) -> str:
+def resume_command(exp_dir: Path, keep_top: int | None = None, address: str | None = None) -> str:
+    """The exact command that continues the study: with the cluster it ran on (``--address`` or
+    ``RAY_ADDRESS``; without it a resume starts a Ray of its own, bypassing the cluster) and
+    ``--keep-top``, which an interrupted study has not applied yet."""
+    where = f" --address {shlex.quote(address)}" if address else ""
     keep = f" --keep-top {keep_top}" if keep_top is not None else ""
-    return f"python -m search resume {exp_dir}{keep}"
+    return f"python -m search resume {shlex.quote(str(exp_dir))}{where}{keep}"
 
 
 # What a launch writes in its experiment folder before its first trial is saved (and later).

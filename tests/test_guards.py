@@ -486,6 +486,7 @@ def test_an_unreachable_address_is_named_without_its_password():
     with socket.socket() as s:  # a free port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(ClusterError) as err:
-        check_reachable(f"ray://bob:hunter2@127.0.0.1:{port}", timeout=2)
-    assert "hunter2" not in str(err.value) and f"127.0.0.1:{port}" in str(err.value)
+    for address in (f"bob:hunter2@127.0.0.1:{port}", f"ray://bob:hunter2@127.0.0.1:{port}"):
+        with pytest.raises(ClusterError) as err:  # unreachable; a Ray Client address (refused)
+            check_reachable(address, timeout=2)
+        assert "hunter2" not in str(err.value) and f"127.0.0.1:{port}" in str(err.value)

@@ -1,0 +1,75 @@
+"""Which Ray cluster a study joins, and the one-line refusals of addresses that name none (an
+audit on a real cluster): a stale RAY_ADDRESS hung the launch for minutes, SIGTERM blocked, as if
+it started its own Ray; http:// and ray:// addresses ended with Ray's ValueError (exit 1); a
+malformed port read as a host; and the printed resume command left out the cluster, so running it
+started a Ray of its own."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from search import cluster
+from search.cluster import ClusterError, check_reachable, given_address
+from search.study_folder import resume_command
+from tests.cli_study import one_error_line, search
+from tests.tinydata import make_tiny_coco, write_tiny_spec
+
+
+@pytest.mark.parametrize(
+    ("address", "spec_address", "env", "expected"),
+    [
+        ("10.0.0.5:6379", "10.0.0.6:6379", "10.0.0.7:6379", ("10.0.0.5:6379", "--address")),
+        (None, "10.0.0.6:6379", "10.0.0.7:6379", ("10.0.0.6:6379", "resources.address")),
+        (None, None, "10.0.0.7:6379", ("10.0.0.7:6379", "RAY_ADDRESS")),
+        (None, None, "  ", (None, "--address")),
+        (None, None, None, (None, "--address")),
+    ],
+)
+def test_the_cluster_a_study_joins(address, spec_address, env, expected, monkeypatch):
+    if env is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", env)
+    assert given_address(address, spec_address) == expected
+
+
+@pytest.mark.parametrize(
+    ("address", "words"),
+    [
+        ("http://127.0.0.1:8265", ["is an HTTP address", "HOST:PORT"]),
+        ("ray://127.0.0.1:10001", ["is a Ray Client address", "a node of the cluster"]),
+        ("127.0.0.1:6390:1", ["is not HOST:PORT"]),  # was: "Name or service not known"
+        (" 127.0.0.1:6390", ["is not HOST:PORT"]),  # was: "cannot reach"
+        ("auto", ["auto finds no Ray cluster", "ray start --head"]),
+    ],
+)
+def test_addresses_that_name_no_cluster_are_refused_at_once(address, words, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(cluster, "_last_started", lambda: None)  # no 'ray start' on this machine
+    with pytest.raises(ClusterError) as err:
+        check_reachable(address)
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_the_resume_command_names_the_cluster():
+    exp = Path("/shared/runs/my study")
+    assert resume_command(exp) == "python -m search resume '/shared/runs/my study'"
+    assert resume_command(exp, 2, "10.0.0.5:6379") == (
+        "python -m search resume '/shared/runs/my study' --address 10.0.0.5:6379 --keep-top 2"
+    )
+
+
+def test_a_stale_ray_address_is_refused_before_anything_is_written(tmp_path):
+    make_tiny_coco(tmp_path / "data", n_images=2, size=64)
+    spec = write_tiny_spec(
+        tmp_path, "stale", space={"lr": 0.01}, search={"algorithm": "random", "num_trials": 1}, epochs=1
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    proc = search("launch", str(spec), cwd=tmp_path, timeout=120, RAY_ADDRESS=f"127.0.0.1:{port}")
+    one_error_line(proc, "cannot reach the Ray cluster", f"127.0.0.1:{port}", "fix RAY_ADDRESS")
+    assert not (tmp_path / "runs").exists()
