@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -372,3 +373,53 @@ def check_device(device: str) -> None:
             f"{device!r}, but torch sees {here} CUDA device(s) on this machine.",
             "use train.device auto (the GPU when there is one) or cpu.",
         )
+
+
+@contextlib.contextmanager
+def gcs_watch(
+    again: str, before_exit: Any = None, every: float = 5.0, misses: int = 3, gcs: str | None = None
+) -> Iterator[None]:
+    """While the study runs: Ray's GCS (the cluster's head, or the local Ray this launch started)
+    answers at its address. When it went down, Ray's core worker ended the driver 60 s later with
+    its own C++ text (exit 1, Ctrl-C ignored meanwhile) and no resume command. After ``misses``
+    checks ``every`` seconds apart without an answer, this says what happened and the command
+    that continues (``again``), runs ``before_exit`` (MLflow's queue to its pending file) and
+    exits 1: the trials keep their last checkpoints, the study its signed state."""
+    if gcs is None:
+        with contextlib.suppress(Exception):
+            import ray
+
+            gcs = ray._private.worker.global_worker.node.gcs_address
+    if not gcs or ":" not in gcs:
+        yield
+        return
+    host, _, port = gcs.rpartition(":")
+    stop = threading.Event()
+
+    def watch() -> None:
+        missed = 0
+        while not stop.wait(every):
+            try:
+                socket.create_connection((host.strip("[]"), int(port)), timeout=2.0).close()
+                missed = 0
+            except OSError:
+                missed += 1
+            if missed >= misses and not stop.is_set():
+                print(
+                    f"error: the Ray cluster's GCS at {gcs} stopped answering (its head node or Ray went "
+                    f"down), so the study stopped; its trials keep their last checkpoints. Once the "
+                    f"cluster is back, continue with: {again}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                with contextlib.suppress(Exception):
+                    if before_exit is not None:
+                        before_exit()
+                os._exit(1)
+
+    thread = threading.Thread(target=watch, name="gcs-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()

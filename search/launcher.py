@@ -32,7 +32,7 @@ import yaml
 
 from search import durable, mlflow_store, tracking
 from search import study as S
-from search.cluster import as_ctrl_c, check_connected, check_reachable, connect, given_address
+from search.cluster import as_ctrl_c, check_connected, check_reachable, connect, gcs_watch, given_address
 from search.cluster import shutdown as cluster_shutdown
 from search.errors import SpecError, short
 from search.failures import disk_full
@@ -383,12 +383,20 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+def _save_tracking(tuner) -> None:
+    """MLflow's records not written yet, to the pending file that ``resume`` replays."""
+    for callback in tuner._local_tuner.get_run_config().callbacks or []:
+        if getattr(callback, "queue", None) is not None:
+            callback.queue.close(5.0)
+
+
 def _fit(
     tuner, spec: Spec, exp_dir: Path, state, searcher, keep_top: int | None, address: str | None
 ) -> dict[str, Any]:
     again = resume_command(exp_dir, keep_top, address)
     try:
-        with durable.durable_controller(state.durable), _sigterm_as_ctrl_c():
+        lost = gcs_watch(again, before_exit=lambda: _save_tracking(tuner))
+        with durable.durable_controller(state.durable), _sigterm_as_ctrl_c(), lost:
             tuner.fit()
     except KeyboardInterrupt:  # a second Ctrl-C: Ray stops at once; the last checkpoints remain
         state.finish("interrupted")

@@ -73,3 +73,45 @@ def test_a_stale_ray_address_is_refused_before_anything_is_written(tmp_path):
     proc = search("launch", str(spec), cwd=tmp_path, timeout=120, RAY_ADDRESS=f"127.0.0.1:{port}")
     one_error_line(proc, "cannot reach the Ray cluster", f"127.0.0.1:{port}", "fix RAY_ADDRESS")
     assert not (tmp_path / "runs").exists()
+
+
+WATCHED = """
+import socket, sys, time
+from pathlib import Path
+from search.cluster import gcs_watch
+
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen()
+gcs, saved = f"127.0.0.1:{server.getsockname()[1]}", Path(sys.argv[1])
+with gcs_watch("RESUME", before_exit=lambda: saved.write_text("saved"), every=0.2, misses=2, gcs=gcs):
+    time.sleep(1.0)  # the GCS answers: nothing happens
+    print("alive", flush=True)
+    if sys.argv[2] == "lost":
+        server.close()  # the cluster goes down while the study runs
+        time.sleep(30)
+server.close()  # after the run: not watched any more
+time.sleep(1.0)
+print("ended", flush=True)
+"""
+
+
+@pytest.mark.parametrize("lost", [True, False])
+def test_a_cluster_lost_mid_study_ends_the_launch_with_its_resume_command(lost, tmp_path):
+    """An audit: the cluster's GCS going down (ray stop on the head) left the launch silent for 60
+    s, Ctrl-C ignored, until Ray's core worker ended it with its own C++ text and no resume command."""
+    import subprocess
+    import sys
+
+    from tests.cli_study import cli_env
+
+    saved = tmp_path / "saved"
+    args = [sys.executable, "-c", WATCHED, str(saved), "lost" if lost else "kept"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=60, env=cli_env())
+    assert "alive" in proc.stdout, proc.stderr[-2000:]
+    if lost:
+        assert proc.returncode == 1 and "ended" not in proc.stdout
+        assert "stopped answering" in proc.stderr and proc.stderr.strip().endswith("continue with: RESUME")
+        assert saved.read_text() == "saved"  # MLflow's queue went to its pending file first
+    else:
+        assert proc.returncode == 0 and "ended" in proc.stdout and not saved.exists(), proc.stderr[-2000:]
