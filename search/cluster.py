@@ -4,6 +4,7 @@ and the storage check (nodes on other hosts need a shared experiment folder)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -13,6 +14,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from search import gcs_probe
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,7 @@ def given_address(address: str | None, spec_address: str | None) -> tuple[str | 
         return address, "--address"
     if spec_address:
         return spec_address, "resources.address"
-    return (env, "RAY_ADDRESS") if env else (None, "--address")
+    return (env, "RAY_ADDRESS") if env and env != "local" else (None, "--address")
 
 
 def check_reachable(address: str, timeout: float = 3.0, key: str = "--address") -> None:
@@ -56,16 +59,11 @@ def check_reachable(address: str, timeout: float = 3.0, key: str = "--address") 
     last ``ray start`` here); else a :class:`ClusterError` within seconds."""
     if address == "local":
         return
-    if address == "auto":
+    if address == "auto":  # RAY_ADDRESS, else the last 'ray start' here, else ray.init looks further
         found = os.environ.get("RAY_ADDRESS", "").strip() or _last_started()
-        if found == "auto":  # cannot tell: ray.init decides
+        if not found or found in ("auto", "local"):
             return
-        if not found:
-            raise ClusterError(
-                f"{key} auto finds no Ray cluster on this machine (RAY_ADDRESS is not set and no 'ray "
-                "start' ran here). Start one with 'ray start --head', or give the head's HOST:PORT."
-            )
-        address, key = found, f"{key} auto ({found})"
+        address, key = found, f"{key} auto (RAY_ADDRESS or the last 'ray start')"
     scheme, sep, rest = address.partition("://")
     hostport = rest if sep else address
     if "@" in hostport:  # user:password@ is never echoed
@@ -83,16 +81,19 @@ def check_reachable(address: str, timeout: float = 3.0, key: str = "--address") 
         raise ClusterError(f"{key} {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379, or auto).")
     try:
         with socket.create_connection((bare, int(port)), timeout=timeout) as sock:
-            speaks_grpc = _speaks_http2(sock, timeout)
+            found = gcs_probe.probe(sock, f"{host}:{port}", timeout)
     except OSError as exc:
         raise ClusterError(
             f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}). Start it "
             f"with 'ray start --head --port {port}' or fix {key.split(' ')[0]}."
         ) from None
-    if not speaks_grpc:
+    if found in (gcs_probe.OTHER, gcs_probe.GRPC):
+        which = "its GCS speaks gRPC, this port does not"
+        if found == gcs_probe.GRPC:
+            which = "this port serves gRPC but not a GCS's calls: another Ray process's port?"
         raise ClusterError(
-            f"{key} {address!r} accepts connections but is not a Ray head node (its GCS speaks gRPC, this "
-            f"port does not). Point it at the head's GCS port ('ray start --head' prints it; default 6379)."
+            f"{key} {address!r} accepts connections but is not a Ray head node ({which}). Point it at "
+            "the head's GCS port ('ray start --head' prints it; default 6379)."
         )
 
 
@@ -104,27 +105,6 @@ def _last_started() -> str | None:
         return read_ray_address()
     except Exception:  # noqa: BLE001 - Ray's private helper moved: let ray.init decide
         return "auto"
-
-
-_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-
-
-def _speaks_http2(sock: socket.socket, timeout: float) -> bool:
-    """Whether the peer answers an HTTP/2 client preface with a SETTINGS frame, as every gRPC
-    server (Ray's GCS) does; a server of another protocol answers otherwise, closes, or stays
-    silent until ``timeout``."""
-    sock.settimeout(timeout)
-    try:
-        sock.sendall(_HTTP2_PREFACE)
-        head = b""
-        while len(head) < 9:
-            chunk = sock.recv(9 - len(head))
-            if not chunk:
-                return False
-            head += chunk
-    except OSError:
-        return False
-    return head[3] == 0x04  # frame type SETTINGS
 
 
 def connect(address: str | None) -> bool:
@@ -377,14 +357,23 @@ def check_device(device: str) -> None:
 
 @contextlib.contextmanager
 def gcs_watch(
-    again: str, before_exit: Any = None, every: float = 5.0, misses: int = 3, gcs: str | None = None
+    again: str, before_exit: Any = None, every: float = 5.0, misses: int | None = None, gcs: str | None = None
 ) -> Iterator[None]:
     """While the study runs: Ray's GCS (the cluster's head, or the local Ray this launch started)
     answers at its address. When it went down, Ray's core worker ended the driver 60 s later with
     its own C++ text (exit 1, Ctrl-C ignored meanwhile) and no resume command. After ``misses``
     checks ``every`` seconds apart without an answer, this says what happened and the command
     that continues (``again``), runs ``before_exit`` (MLflow's queue to its pending file) and
-    exits 1: the trials keep their last checkpoints, the study its signed state."""
+    exits 1: the trials keep their last checkpoints, the study its signed state. ``misses``: 15 s
+    worth, or, when ``RAY_gcs_rpc_server_reconnect_timeout_s`` raises Ray's own limit (GCS fault
+    tolerance: the study outlives a head restart), 10 s less than it. ``SEARCH_GCS_WATCH=0``: off."""
+    if os.environ.get("SEARCH_GCS_WATCH", "1") == "0":
+        yield
+        return
+    if misses is None:
+        limit = os.environ.get("RAY_gcs_rpc_server_reconnect_timeout_s", "")
+        wait = max(15.0, float(limit) - 10.0) if limit.strip().isdigit() else 15.0
+        misses = max(1, int(wait // every))
     if gcs is None:
         with contextlib.suppress(Exception):
             import ray
@@ -402,8 +391,11 @@ def gcs_watch(
             try:
                 socket.create_connection((host.strip("[]"), int(port)), timeout=2.0).close()
                 missed = 0
-            except OSError:
+            except (ConnectionRefusedError, TimeoutError):
                 missed += 1
+            except OSError as exc:  # a name lookup, no file handle left: not the GCS's answer
+                unreachable = exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ECONNRESET)
+                missed = missed + 1 if unreachable else missed
             if missed >= misses and not stop.is_set():
                 print(
                     f"error: the Ray cluster's GCS at {gcs} stopped answering (its head node or Ray went "

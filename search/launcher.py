@@ -295,7 +295,7 @@ def resume(
         state.save()
         print_header(spec, exp_dir, cluster, resumed=True)
         if done:
-            print(FINISHED_RESUMED, flush=True)
+            print(FINISHED_RESUMED.format("" if keep_top is None else " and applies --keep-top"), flush=True)
         return _fit(tuner, spec, exp_dir, state, searcher, keep_top, shown)
     finally:
         if started:
@@ -310,8 +310,7 @@ HYPERBAND_RESUMED = (
 
 
 FINISHED_RESUMED = (
-    "  nothing left to run: the study had finished (this resume sends MLflow what it has not received "
-    "and applies --keep-top)"
+    "  nothing left to run: the study had finished (this resume sends MLflow what it has not received{})"
 )
 
 

@@ -356,9 +356,9 @@ class StudyState(Callback):
                 t["disk_bytes"] = S.dir_size(Path(t["trial_dir"]))
         self._dirty = False
         self.save(snapshot=True)  # with Ray's last save, at the end of fit
-        for root in self._work_roots:  # what trials interrupted or retried left on this node
-            for work in root.glob("*"):
-                empty(work)
+        for root in self._work_roots if status == "finished" else ():  # what retried trials left here
+            for work in root.glob("*"):  # (interrupted: a second Ctrl-C leaves trials running until
+                empty(work)  # Ray shuts down, which a missing latest.pt would fail for good)
 
 
 class Progress(Callback):

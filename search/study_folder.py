@@ -111,7 +111,7 @@ def refuse_existing(exp_dir: Path, ours: bool = False) -> None:
     if never_started(exp_dir):
         return
     if (exp_dir / S.STUDY_FILE).exists() or (exp_dir / "tuner.pkl").exists():
-        then = f"Resume it with '{resume_command(exp_dir)}'"
+        then = f"Resume it with {resume_command(exp_dir)}"
         if not ours and guards.lock_held(exp_dir):  # its launch or resume runs now: a resume would be refused
             then = "A launch or resume of it is running now"
         raise ExperimentExists(

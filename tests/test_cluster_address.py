@@ -7,6 +7,7 @@ started a Ray of its own."""
 from __future__ import annotations
 
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from tests.tinydata import make_tiny_coco, write_tiny_spec
         (None, "10.0.0.6:6379", "10.0.0.7:6379", ("10.0.0.6:6379", "resources.address")),
         (None, None, "10.0.0.7:6379", ("10.0.0.7:6379", "RAY_ADDRESS")),
         (None, None, "  ", (None, "--address")),
+        (None, None, "local", (None, "--address")),  # Ray's word for a Ray of its own
         (None, None, None, (None, "--address")),
     ],
 )
@@ -43,7 +45,6 @@ def test_the_cluster_a_study_joins(address, spec_address, env, expected, monkeyp
         ("ray://127.0.0.1:10001", ["is a Ray Client address", "a node of the cluster"]),
         ("127.0.0.1:6390:1", ["is not HOST:PORT"]),  # was: "Name or service not known"
         (" 127.0.0.1:6390", ["is not HOST:PORT"]),  # was: "cannot reach"
-        ("auto", ["auto finds no Ray cluster", "ray start --head"]),
     ],
 )
 def test_addresses_that_name_no_cluster_are_refused_at_once(address, words, monkeypatch):
@@ -52,6 +53,23 @@ def test_addresses_that_name_no_cluster_are_refused_at_once(address, words, monk
     with pytest.raises(ClusterError) as err:
         check_reachable(address)
     assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_auto_checks_ray_address_and_never_echoes_its_password(monkeypatch):
+    monkeypatch.setattr(cluster, "_last_started", lambda: None)  # no 'ray start' on this machine
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    check_reachable("auto")  # nothing to check: ray.init looks further (Ray's processes on this machine)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    monkeypatch.setenv("RAY_ADDRESS", f"bob:hunter2@127.0.0.1:{port}")
+    with pytest.raises(ClusterError, match="cannot reach") as err:
+        check_reachable("auto")
+    assert "hunter2" not in str(err.value) and f"127.0.0.1:{port}" in str(err.value)
+    monkeypatch.setenv("RAY_ADDRESS", f"ray://bob:hunter2@127.0.0.1:{port}")
+    with pytest.raises(ClusterError, match="Ray Client") as err:
+        check_reachable("auto")
+    assert "hunter2" not in str(err.value), str(err.value)
 
 
 def test_the_resume_command_names_the_cluster():
@@ -115,3 +133,15 @@ def test_a_cluster_lost_mid_study_ends_the_launch_with_its_resume_command(lost, 
         assert saved.read_text() == "saved"  # MLflow's queue went to its pending file first
     else:
         assert proc.returncode == 0 and "ended" in proc.stdout and not saved.exists(), proc.stderr[-2000:]
+
+
+def test_only_a_gcs_passes_for_a_ray_head(ray_local):
+    """A raylet's gRPC port passed the check (any HTTP/2 server did); Ray then took ~24 s and 23
+    lines of C++ warnings to refuse it. The check now calls the GCS's own method."""
+    node = ray_local._private.worker._global_node
+    check_reachable(node.gcs_address)  # the GCS: no error
+    with cluster.gcs_watch("RESUME", every=60):  # the launcher's: it finds the GCS of the Ray it runs on
+        assert "gcs-watch" in [t.name for t in threading.enumerate()]
+    with pytest.raises(ClusterError, match="another Ray process's port") as err:
+        check_reachable(f"127.0.0.1:{node.node_manager_port}")
+    assert "is not a Ray head node" in str(err.value)

@@ -314,7 +314,7 @@ def test_keep_top(grid_study, monkeypatch, capsys):
     summary, exp_dir, _ = grid_study
     monkeypatch.setenv("SEARCH_NO_MLFLOW", "1")
     again = resume(exp_dir, keep_top=1)
-    assert FINISHED_RESUMED in capsys.readouterr().out  # it ran nothing and did not say so
+    assert FINISHED_RESUMED.format(" and applies --keep-top") in capsys.readouterr().out  # it said nothing
     state = S.read_study(exp_dir)
     best_id = summary["best"]["id"]
     assert again["best"]["id"] == best_id and state["trials"][best_id]["checkpoint"]
