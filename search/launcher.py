@@ -258,8 +258,9 @@ def resume(
     started = False
     try:
         install_state(exp_dir, trust_folder)  # before anything starts: a refusal leaves it all as it was
-        done = _nothing_left(S.read_study(exp_dir) or {}, restart_errored)
-        previous = _previous_state(exp_dir, restart_errored)
+        previous = S.read_study(exp_dir) or None
+        done = _nothing_left(previous or {}, restart_errored)
+        previous = _previous_state(exp_dir, previous, restart_errored)
         mlflow_store.warm_up(spec)
         address, named_in = given_address(address, spec.resources.address)
         shown = address if named_in != "resources.address" else None  # for the resume command
@@ -320,11 +321,10 @@ def _nothing_left(study: dict[str, Any], restart_errored: bool) -> bool:
     return study.get("status") == "finished" and not (restart_errored and errored)
 
 
-def _previous_state(exp_dir: Path, restart_errored: bool) -> dict[str, Any] | None:
+def _previous_state(exp_dir: Path, previous: dict | None, restart_errored: bool) -> dict[str, Any] | None:
     """study.json as the installed snapshot left it; with ``restart_errored``, errored trials move
     to ``restarted_errored`` (Ray reruns them as new trials: new ids, same config) and their error
-    marks go, so their retries are no longer blocked."""
-    previous = S.read_study(exp_dir) or None
+    marks go, so their retries are no longer blocked. ``previous``: study.json's content, read once."""
     if previous and restart_errored:
         errored = [k for k, t in previous["trials"].items() if t.get("failure") == S.ERROR]
         previous.setdefault("restarted_errored", []).extend(previous["trials"].pop(k) for k in errored)

@@ -119,7 +119,6 @@ class StudyState(Callback):
         self.deadline: float | None = None
         self.durable: Any = None  # a search.durable.Durability while Ray runs (not pickled)
         self._dirty = False
-        self._work_roots: set[Path] = set()  # this run's trial working directories' folders (Ray's)
         self._t0 = time.time()
         self._elapsed0 = float(self.state.get("elapsed_s") or 0.0)
 
@@ -129,7 +128,6 @@ class StudyState(Callback):
         state["scheduler"] = None
         state["durable"] = None
         state["_dirty"] = False
-        state["_work_roots"] = set()
         return state
 
     # -- helpers
@@ -229,8 +227,6 @@ class StudyState(Callback):
             self.entry(each)  # first), not as they happen to start: two start in the same second
         t = self.entry(trial)
         t["state"] = S.RUNNING
-        if (work := working_dir(trial)) is not None:
-            self._work_roots.add(work.parent)
         if t.pop("failure", None) is not None and t.get("error"):  # a restarted trial: not failed now
             t["last_error"], t["error"] = t["error"], None
         self._changed()
@@ -356,9 +352,6 @@ class StudyState(Callback):
                 t["disk_bytes"] = S.dir_size(Path(t["trial_dir"]))
         self._dirty = False
         self.save(snapshot=True)  # with Ray's last save, at the end of fit
-        for root in self._work_roots if status == "finished" else ():  # what retried trials left here
-            for work in root.glob("*"):  # (interrupted: a second Ctrl-C leaves trials running until
-                empty(work)  # Ray shuts down, which a missing latest.pt would fail for good)
 
 
 class Progress(Callback):

@@ -100,12 +100,8 @@ def _without_effect(spec: Any) -> list[str]:
         other = space.by_name.get(ruler) if ruler else None
         if ruler is None or (other is not None and other.kind not in ("fixed", "categorical")):
             continue
-        if other is None or other.kind == "fixed":  # its default, or the value the spec fixes
-            values = [P.resolve({}).get(ruler) if other is None else other.value]
-        else:
-            values = list(other.choices)
         values = [
-            v for v in values if ruler not in dim.when or one_of(v, dim.when[ruler])
+            v for v in _can_take(spec, ruler) if ruler not in dim.when or one_of(v, dim.when[ruler])
         ]  # (else: inactive)
         own = dim.value if dim.kind == "fixed" else dim.choices[0] if dim.kind == "categorical" else dim.low
         trials = [P.resolve({**constants, ruler: v, dim.name: own}) for v in values]
@@ -120,35 +116,37 @@ def _schedule_notes(spec: Any) -> list[str]:
     """Lr schedules that no trial lives to see: a warmup of ``train.epochs`` or more (the lr still
     rising at the last step; :func:`trainables.optim.build_scheduler` caps it at the whole run), a
     step schedule whose first drop comes after the last step."""
-    from trainables import params as P
-
-    epochs, by_name, out = spec.train.epochs, spec.search_space.by_name, []
-
-    def values(name: str) -> list[Any]:
-        dim = by_name.get(name)
-        if dim is None or dim.kind == "fixed":
-            return [P.PARAMS[name].default if dim is None else dim.value]
-        return list(dim.choices) if dim.kind == "categorical" else [dim.low, dim.high]
-
-    warm = min(float(v) for v in values("warmup_epochs"))
+    epochs, out = spec.train.epochs, []
+    warm = min(float(v) for v in _can_take(spec, "warmup_epochs"))
     if warm >= epochs:
         out.append(
             f"space.warmup_epochs {warm:g} >= train.epochs {epochs}: every trial warms up for all of its "
             "training (its lr reaches the searched value only at the last step) and space.schedule never "
             "acts."
         )
-    elif max(float(v) for v in values("warmup_epochs")) >= epochs:
+    elif max(float(v) for v in _can_take(spec, "warmup_epochs")) >= epochs:
         out.append(
             f"space.warmup_epochs reaches train.epochs {epochs}: the trials that draw {epochs} or more warm "
             "up for all of their training (their lr reaches the searched value only at the last step)."
         )
-    first = min(int(v) for v in values("step_epochs"))
-    if warm < epochs and "step" in values("schedule") and warm + first >= epochs:
+    first = min(int(v) for v in _can_take(spec, "step_epochs"))
+    if warm < epochs and "step" in _can_take(spec, "schedule") and warm + first >= epochs:
         out.append(
             f"space.step_epochs {first} after a warmup of {warm:g} reaches train.epochs {epochs}: the "
             "step schedule never drops the lr (a constant lr after warmup)."
         )
     return out
+
+
+def _can_take(spec: Any, name: str) -> list[Any]:
+    """The values trial parameter ``name`` can take in the spec's space: its default when the space
+    leaves it out, its fixed value, its choices, or a range's bounds."""
+    from trainables import params as P
+
+    dim = spec.search_space.by_name.get(name)
+    if dim is None or dim.kind == "fixed":
+        return [P.PARAMS[name].default if dim is None else dim.value]
+    return list(dim.choices) if dim.kind == "categorical" else [dim.low, dim.high]
 
 
 def weights_note(params: dict[str, Any]) -> str | None:
