@@ -78,8 +78,8 @@ def probe(sock: socket.socket, authority: str, timeout: float) -> str:
         while time.monotonic() < deadline:
             sock.settimeout(max(0.05, deadline - time.monotonic()))
             frame = _read_frame(sock)
-            if frame is None:
-                return GRPC
+            if frame is None:  # closed without an answer to the call: no verdict, let Ray decide
+                return UNSURE
             kind, flags, stream, payload = frame
             if kind == _DATA and stream == 1 and payload:
                 return GCS

@@ -112,9 +112,25 @@ def resolve_experiment(name: str | Path, output_dir: Path | None = None) -> Path
             )
     tried = ", ".join(str(c) for c in dict.fromkeys(candidates))
     raise ExperimentNotFound(
-        f"no experiment {str(name)!r} (looked in: {tried}). Pass the experiment folder "
-        "path, or --output-dir with the spec's output_dir."
+        f"no experiment {str(name)!r} (looked in: {tried}).{_studies_near(candidates)} Pass the "
+        "experiment folder path, or --output-dir with the spec's output_dir."
     )
+
+
+def _studies_near(candidates: list[Path]) -> str:
+    """The studies in the folders the lookup tried (a misspelt name's likely meaning first)."""
+    import difflib
+
+    for cand in candidates:
+        found = (
+            sorted(p.parent.name for p in cand.parent.glob(f"*/{STUDY_FILE}")) if cand.parent.is_dir() else []
+        )
+        where = "" if cand.parent == Path(".") else f" in {cand.parent}"
+        if close := difflib.get_close_matches(cand.name, found, n=1):
+            return f" Did you mean {close[0]!r}{where}?"
+        if found:
+            return f" Studies{where}: {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}."
+    return ""
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -145,3 +145,57 @@ def test_only_a_gcs_passes_for_a_ray_head(ray_local):
     with pytest.raises(ClusterError, match="another Ray process's port") as err:
         check_reachable(f"127.0.0.1:{node.node_manager_port}")
     assert "is not a Ray head node" in str(err.value)
+
+
+def _serve_once(answer) -> int:
+    """A one-connection server on a free port that reads the client's first bytes, then writes
+    ``answer`` (frames) and closes."""
+    from search import gcs_probe as gp
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def run():
+        conn, _ = server.accept()
+        with conn, server:
+            conn.recv(65536)
+            conn.sendall(answer(gp))
+
+    threading.Thread(target=run, daemon=True).start()
+    return server.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("answer", "verdict"),
+    [
+        (lambda gp: b"HTTP/1.1 400 Bad Request\r\n\r\n", "other"),
+        (lambda gp: gp._frame(gp._SETTINGS, 0, 0), "unsure"),  # closed after SETTINGS: was "grpc"
+        (lambda gp: gp._frame(gp._SETTINGS, 0, 0) + gp._frame(gp._DATA, 0, 1, b"\x00" * 7), "gcs"),
+        (
+            lambda gp: (
+                gp._frame(gp._SETTINGS, 0, 0)
+                + gp._frame(
+                    gp._HEADERS, gp._END_STREAM | gp._END_HEADERS, 1, gp._literal("grpc-status", "12")
+                )
+            ),
+            "grpc",
+        ),
+        (
+            lambda gp: (
+                gp._frame(gp._SETTINGS, 0, 0)
+                + gp._frame(
+                    gp._HEADERS, gp._END_STREAM | gp._END_HEADERS, 1, gp._literal("grpc-status", "16")
+                )
+            ),
+            "gcs",  # a GCS that wants Ray's auth token
+        ),
+        (lambda gp: gp._frame(gp._SETTINGS, 0, 0) + gp._frame(gp._GOAWAY, 0, 0, b"\x00" * 8), "unsure"),
+    ],
+)
+def test_what_the_probe_makes_of_each_answer(answer, verdict):
+    from search import gcs_probe
+
+    port = _serve_once(answer)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        assert gcs_probe.probe(sock, f"127.0.0.1:{port}", 3.0) == verdict

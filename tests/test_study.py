@@ -144,6 +144,22 @@ def test_output_dir_is_where_name_is_looked_up_and_nowhere_else(tmp_path, monkey
     assert S.resolve_experiment("k") == (tmp_path / "runs" / "k").resolve()
 
 
+def test_a_misspelt_study_name_is_told_the_studies_that_exist(tmp_path, monkeypatch):
+    """A mistyped name got only the folders tried; now the nearest study, or those there."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("det-study", "seg-x", "not-a-study"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+    for name in ("det-study", "seg-x"):
+        (tmp_path / "runs" / name / S.STUDY_FILE).write_text("{}")
+    with pytest.raises(S.ExperimentNotFound, match="Did you mean 'det-study' in runs[?]"):
+        S.resolve_experiment("det-stuyd")
+    with pytest.raises(S.ExperimentNotFound, match="Studies in runs: det-study, seg-x[.]"):
+        S.resolve_experiment("zzz")
+    with pytest.raises(S.ExperimentNotFound) as err:
+        S.resolve_experiment("zzz", tmp_path / "elsewhere")
+    assert "Studies" not in str(err.value) and "Did you mean" not in str(err.value)
+
+
 def test_an_interrupted_run_leaves_no_stand_in_base_and_resume_records_the_plain_one(tmp_path):
     """Interrupted before a trial that keeps the base model reported epoch 0: MLflow got the
     activation-swapped trial's epoch 0 as ``base_map`` and kept it after resume (status showed the
