@@ -43,6 +43,7 @@ from search.samplers import num_samples
 from search.schedulers import make_scheduler
 from search.searcher import make_searcher
 from search.spec import MAX_NAME, NAME, Spec, build_spec, check_weights
+from search.spec.schema import name_like
 from search.stopping import BudgetStopper, NoStopping
 from search.study_folder import (
     install_state,
@@ -220,7 +221,7 @@ def apply_name(spec: Spec, name: str | None) -> None:
             "--name",
             f"must be at most {MAX_NAME} letters, digits, '_', '-' or '.', starting with a letter or "
             f"digit, but got {short(name)}.",
-            "choose another experiment name.",
+            f"write e.g. --name {name_like(name)}.",
         )
     check_output(spec.output_dir / name, spec_inputs(spec), "--name", folder=True)
     spec.name = name
@@ -250,7 +251,11 @@ def resume(
             "launch the spec again (the same launch command): it starts this study over.",
         )
     if not (exp_dir / "tuner.pkl").is_file():
-        raise FileNotFoundError(f"{exp_dir} holds no Ray experiment state (tuner.pkl): nothing to resume.")
+        raise SpecError(
+            "resume",
+            f"{exp_dir} holds no Ray experiment state (tuner.pkl), so there is nothing to resume",
+            "resume the folder a 'launch' made (status and best read this one as it is), or launch the spec.",
+        )
     spec = read_spec(exp_dir)
     refuse_elsewhere(spec, exp_dir)
     preflight(spec, address, weights=False)

@@ -413,3 +413,26 @@ def test_trial_that_diverges_while_another_evaluates_waits_for_epoch_0(split, tm
     assert got["status"] == "diverged"
     assert [r["epoch"] for r in reports] == [0, 1] and reports[1]["diverged"] == 1
     assert reports[0]["map"] == 0.25 and reports[0]["base_metric"] == got["base_metric"]
+
+
+def test_a_lock_taken_over_meanwhile_stays_with_its_new_holder(tmp_path, monkeypatch):
+    """Two trials judged the same dead holder's lock stale; the second then deleted the lock the
+    first had just taken and claimed it too: both ran the base evaluation."""
+    folder = tmp_path / "be"
+    folder.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = folder / "k.lock"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "time": time.time()}))
+    first, second = BaseEvalCache(folder), BaseEvalCache(folder)
+    judged = BaseEvalCache._stale
+
+    def stale_then_taken(self, path):
+        verdict = judged(self, path)  # stale: the holder is dead
+        monkeypatch.setattr(BaseEvalCache, "_stale", judged)
+        assert first.claim("k") is True  # the other trial takes it over in between
+        return verdict
+
+    monkeypatch.setattr(BaseEvalCache, "_stale", stale_then_taken)
+    assert second.claim("k") is False
+    assert json.loads(lock.read_text())["pid"] == os.getpid() and sorted(os.listdir(folder)) == ["k.lock"]

@@ -178,6 +178,8 @@ def test_name_flag_onto_the_images_is_refused():
     assert err.value.key == "--name" and spec.name != "images"
     apply_name(spec, "other")
     assert spec.name == "other"
+    with pytest.raises(SpecError, match=r"Fix: write e.g. --name escape[.]$"):  # was: "choose another"
+        apply_name(spec, "../escape")
 
 
 def test_predict_min_score_outside_0_1_exits_2(tmp_path):

@@ -85,3 +85,18 @@ def test_a_stopped_launch_starts_over_and_resume_says_so(ray_local, tmp_path, mo
     assert "starting over" in capsys.readouterr().out
     assert summary["status"] == "finished" and summary["counts"] == {S.COMPLETE: 1}
     assert not never_started(exp_dir) and json.loads((exp_dir / S.STUDY_FILE).read_text())["trials"]
+
+
+def test_resume_of_a_folder_no_launch_made_is_bad_input(tmp_path, capsys):
+    """A folder with a study.json but no Ray state was exit 1, 'FileNotFoundError: ...' and the
+    hint to set SEARCH_DEBUG; it is the user's input: exit 2 with the fix."""
+    from search import cli
+
+    folder = tmp_path / "s1"
+    folder.mkdir()
+    (folder / S.STUDY_FILE).write_text(json.dumps({"name": "s1", "status": "running", "trials": {}}))
+    assert cli.main(["resume", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to resume" in err and "Fix: resume the folder a 'launch' made" in err, err
+    assert "FileNotFoundError" not in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in folder.iterdir()) == [S.STUDY_FILE]  # nothing created

@@ -235,6 +235,9 @@ INVALID = [
     ("epochs-zero", {"train.epochs": 0}, "train.epochs", "greater than or equal"),
     ("reduction-factor-inf", {"search.reduction_factor": float("inf")}, "search.reduction_factor", "finite"),
     ("epochs-text", {"train.epochs": "three"}, "train.epochs", "integer"),
+    ("epochs-boolean", {"train.epochs": True}, "train.epochs", "a number, but got true"),  # ran 1 epoch
+    ("gpu-boolean", {"resources.gpu": False}, "resources.gpu", "not read as 1 and 0"),  # was 0 GPUs
+    ("sqlite-no-file", {"tracking.uri": "sqlite:///"}, "tracking.uri", "must name a SQLite file"),  # said '.'
     ("batch-negative", {"train.batch_size": -1}, "train.batch_size", "greater than or equal"),
     ("bad-amp", {"train.amp": "fp8"}, "train.amp", "fp16"),
     ("bad-device", {"train.device": "tpu"}, "train.device", "cuda:N, but got 'tpu'. Fix: "),

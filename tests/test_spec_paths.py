@@ -132,3 +132,17 @@ def test_a_bad_path_says_what_it_is_and_the_fix(spec_file, override, key, words,
         load_spec(spec_file, [override.format(bccd=BCCD, ann=ann)])
     assert err.value.key == key and words in err.value.message and fix in err.value.fix, str(err.value)
     assert "<class" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        ("train.epochs=0", ["(--set train.epochs): train.epochs:", "Fix: raise"]),
+        ("space.lr.low=1", ["(--set space.lr.low): space.lr: low < high"]),  # a rule of the entry above
+        ("train.epochs=1e99", ["(--set train.epochs)", "Fix: use a whole number"]),  # no fix was given
+    ],
+)
+def test_an_override_is_credited_with_the_refusal_it_caused(override, words):
+    with pytest.raises(SpecError) as err:
+        load_spec(ROOT / "spaces" / "det.yaml", [override], study=False)
+    assert all(w in str(err.value) for w in words), str(err.value)

@@ -102,9 +102,9 @@ class BaseEvalCache:
             try:
                 fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                if not self._stale(lock):
+                seen = _read(lock)
+                if not self._stale(lock) or not _take_away(lock, seen):
                     return False
-                lock.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(holder, f)
@@ -170,6 +170,33 @@ class BaseEvalCache:
             lock = self._lock(key)
             if _holds(lock):
                 lock.unlink(missing_ok=True)
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _take_away(lock: Path, seen: bytes | None) -> bool:
+    """Remove a stale ``lock`` only while it still holds ``seen``: a trial that took it over
+    between the staleness check and here keeps it (both once ran the base evaluation)."""
+    grave = lock.with_name(f".{lock.name}.{os.getpid()}.{threading.get_ident()}.stale")
+    try:
+        os.rename(lock, grave)
+    except FileNotFoundError:
+        return True  # gone already: try to create it
+    try:
+        if _read(grave) == seen:
+            return True
+        try:
+            os.link(grave, lock)  # another trial's fresh lock: put it back, unless a newer one is there
+        except FileExistsError:
+            pass
+        return False
+    finally:
+        grave.unlink(missing_ok=True)
 
 
 def _holds(lock: Path) -> bool:

@@ -139,8 +139,16 @@ def load_spec(path: Path | str, overrides: list[str] | tuple[str, ...] = (), stu
         return build_spec(raw, path.resolve().parent, source=path, study=study)
     except SpecError as err:  # a value given with --set is named by its key (never its value: a secret?)
         keys = [parse_override(text)[0] for text in overrides]
-        given = [key for key in keys if key == err.key or err.key.startswith((f"{key}.", f"{key}["))]
+        given = [key for key in keys if _same_entry(key, err.key)]
         raise err.with_source(f"{path} (--set {given[-1]})" if given else str(path)) from None
+
+
+def _same_entry(given: str, key: str) -> bool:
+    """``--set given`` changed the entry the error names: that key, one below it (space.lr for
+    space.lr.low), or one above it (space.lr.low for a rule of space.lr)."""
+    return bool(key) and (
+        given == key or key.startswith((f"{given}.", f"{given}[")) or given.startswith((f"{key}.", f"{key}["))
+    )
 
 
 # The spec's path keys, one list for both rules: a relative path in the file resolves against the
@@ -239,6 +247,7 @@ _FIX = {
     "missing": "add it.",
     "int_parsing": "use a whole number.",
     "int_from_float": "use a whole number.",
+    "int_parsing_size": "use a whole number of a sensible size.",
     "float_parsing": "use a number.",
     "finite_number": "use a finite number.",
     "bool_parsing": "use true or false.",

@@ -11,10 +11,11 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from types import UnionType
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
 
 from search.space import SearchSpace
 from trainables import families
@@ -57,6 +58,13 @@ def file_store(uri: str) -> Path | None:
 
 
 MAX_NAME = 100
+
+
+def name_like(text: str) -> str:
+    """A study name that keeps what it can of ``text`` (a refused name's suggested fix)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-._")[:MAX_NAME] or "study-1"
+
+
 # a validator's ValueError says "<rule>, but got <value>{FIX}<fix>"; the loader splits the fix off
 FIX = " | fix: "
 MAX_GRID = 10_000
@@ -64,8 +72,25 @@ FILE_STORE_ENV = "MLFLOW_ALLOW_FILE_STORE"  # MLflow's opt-in to its file store
 SEED_LIMIT = 2**32  # numpy's and Optuna's seeds are 32-bit
 
 
+def _numeric(annotation: Any) -> bool:
+    """A number field (``int``, ``float``, or either or None), not one that takes a boolean too."""
+    args = set(get_args(annotation)) if get_origin(annotation) in (Union, UnionType) else {annotation}
+    return bool(args & {int, float}) and args <= {int, float, type(None)}
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        """pydantic reads true/false as 1/0 for a number: ``train.epochs: true`` ran one epoch."""
+        if isinstance(v, bool) and _numeric(cls.model_fields[info.field_name].annotation):
+            raise ValueError(
+                f"must be a number, but got {str(v).lower()}{FIX}write a number: true and false are not "
+                "read as 1 and 0."
+            )
+        return v
 
 
 class ModelSection(_Section):
@@ -224,6 +249,10 @@ class TrackingSection(_Section):
                 f"refuses every record now (maintenance mode){FIX}use sqlite:///<folder>/mlflow.db (or leave "
                 f"it unset for <output_dir>/mlflow.db), or set {FILE_STORE_ENV}=true to keep the file store."
             )
+        if v is not None and (db := sqlite_file(v)) is not None and (not db.name or v.endswith("/")):
+            raise ValueError(
+                f"must name a SQLite file, but got {v!r}{FIX}write e.g. sqlite:///runs/mlflow.db."
+            )
         return v
 
 
@@ -262,7 +291,7 @@ class Spec(_Section):
         if not NAME.fullmatch(v):
             raise ValueError(
                 f"must be letters, digits, '_', '-' or '.', starting with a letter or digit, but got {v!r}"
-                f"{FIX}write e.g. {re.sub(r'[^A-Za-z0-9_.-]+', '-', v).strip('-._') or 'study-1'!r}."
+                f"{FIX}write e.g. {name_like(v)!r}."
             )
         return v
 
