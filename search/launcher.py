@@ -40,7 +40,7 @@ from search.guards import StudyLock, check_output, lock_held, spec_inputs
 from search.launch_text import mlflow_hint, print_header, print_summary
 from search.registry import resolve_spec_weights
 from search.samplers import num_samples
-from search.schedulers import make_scheduler
+from search.schedulers import make_scheduler, resolved
 from search.searcher import make_searcher
 from search.spec import MAX_NAME, NAME, Spec, build_spec, check_weights
 from search.spec.schema import name_like
@@ -283,7 +283,7 @@ def resume(
         )
         local = tuner._local_tuner  # the restored TunerInternal: swap in this run's callbacks/stopper
         # HyperBand's brackets are not saved: restored, they can wait forever
-        if spec.search.scheduler == "hyperband":
+        if resolved(spec.search.scheduler) == "hyperband":
             local._tune_config.scheduler = NoStopping()
             print(HYPERBAND_RESUMED, flush=True)
         searcher = local._tune_config.search_alg

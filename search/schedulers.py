@@ -141,6 +141,11 @@ SCHEDULERS: dict[str, SchedulerEntry] = {
 SCHEDULER_NAMES = tuple(SCHEDULERS)
 
 
+def resolved(name: str) -> str:
+    """The scheduler a name runs: ``auto`` is :data:`AUTO`; every other name is itself."""
+    return AUTO if name == "auto" else name
+
+
 def scheduler_label(name: str) -> str:
     """``name`` as the launch header shows it: ``auto`` says what it stands for."""
     return f"{name} ({AUTO})" if name == "auto" else name

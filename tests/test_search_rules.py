@@ -130,6 +130,17 @@ def test_hyperband_counts_the_trials_a_grid_will_run():
     assert err.value.key == "search.max_concurrent" and "got 3 < 4" in err.value.message
 
 
+def test_hyperband_rules_follow_what_auto_stands_for(monkeypatch):
+    """The HyperBand rules compared the scheduler's name, so an ``auto`` meaning HyperBand would
+    have skipped them; they now ask what the name runs."""
+    from search import schedulers
+
+    monkeypatch.setattr(schedulers, "AUTO", "hyperband")
+    auto = [line.replace("=hyperband", "=auto") for line in GRID]
+    with pytest.raises(SpecError, match="got 3 < 4"):
+        load_spec(DET, [*auto, "search.max_concurrent=3"])
+
+
 def test_mode_min_is_refused_every_metric_is_better_higher():
     with pytest.raises(SpecError) as err:
         load_spec(DET, ["objective.mode=min"])

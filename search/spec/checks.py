@@ -280,10 +280,11 @@ def _check_grid(spec: Spec) -> None:
 def _check_hyperband(spec: Spec) -> None:
     """Ray's HyperBand halves a bracket only once all its trials exist: all must exist at once."""
     from search.samplers import num_samples
+    from search.schedulers import resolved
 
     s = spec.search
     trials = num_samples(spec)  # a grid runs no more trials than its points
-    if s.scheduler == "hyperband" and s.max_concurrent < trials:
+    if resolved(s.scheduler) == "hyperband" and s.max_concurrent < trials:
         raise SpecError(
             "search.max_concurrent",
             "scheduler 'hyperband' (Ray's synchronous HyperBand) halves a bracket only once all its "

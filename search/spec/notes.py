@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from search.samplers import MODEL_BASED, grid_size
-from search.schedulers import AUTO, SCHEDULERS
+from search.schedulers import SCHEDULERS, resolved
 
 
 def spec_notes(spec: Any, study: bool = True) -> list[str]:
@@ -79,7 +79,7 @@ def _study_notes(spec: Any) -> list[str]:
             f"search.num_trials {s.num_trials}: the grid has {points} points, so the study runs "
             f"{s.num_trials} of them, which the sampler picks."
         )
-    scheduler = SCHEDULERS[AUTO if s.scheduler == "auto" else s.scheduler]
+    scheduler = SCHEDULERS[resolved(s.scheduler)]
     for key in ("grace_period", "reduction_factor"):
         if key in s.model_fields_set and key not in scheduler.uses:
             out.append(f"search.{key} has no effect: scheduler {s.scheduler} does not read it.")
