@@ -427,10 +427,13 @@ def _fit(
     if keep_top is not None and interrupted:
         print(f"--keep-top {keep_top}: nothing removed (interrupted; resume with --keep-top)", flush=True)
     elif keep_top is not None:
-        removed = remove_outside_top(state.state, keep_top)
-        if removed:
+        removed, trimmed = remove_outside_top(state.state, keep_top), trim_kept(state.state)
+        if removed or trimmed:
             state.save(snapshot=True, again=True)  # signed as left: resume installs this record
-            print(f"--keep-top {keep_top}: removed the checkpoints of {len(removed)} trial(s)", flush=True)
+            also = f" and the latest (not best) checkpoints of {trimmed} kept trial(s)" if trimmed else ""
+            print(
+                f"--keep-top {keep_top}: removed the checkpoints of {len(removed)} trial(s){also}", flush=True
+            )
     summary = summarize(exp_dir)
     summary["mlflow"] = mlflow_hint(spec)
     summary["interrupted"] = interrupted
@@ -477,3 +480,21 @@ def remove_outside_top(state: dict[str, Any], k: int) -> list[str]:
             t["disk_bytes"] = S.dir_size(trial_dir)
             removed.append(t["id"])
     return removed
+
+
+def trim_kept(state: dict[str, Any]) -> int:
+    """Delete each ended trial's checkpoints but its best (an ended trial is never continued: its
+    latest, with the optimizer's state, only takes disk); returns how many trials had one."""
+    trimmed = 0
+    for t in state.get("trials", {}).values():
+        if t["state"] not in (S.COMPLETE, S.PRUNED) or not t.get("checkpoint") or not t.get("trial_dir"):
+            continue
+        best = Path(t["checkpoint"]).parent.name
+        others = [c for c in Path(t["trial_dir"]).glob("checkpoint_*") if c.name != best and c.is_dir()]
+        for folder in others:
+            shutil.rmtree(folder, ignore_errors=True)
+        t["latest_checkpoint"] = t["checkpoint"]
+        if others:
+            t["disk_bytes"] = S.dir_size(Path(t["trial_dir"]))
+            trimmed += 1
+    return trimmed

@@ -79,3 +79,35 @@ def test_superseded_checkpoints_spare_the_best_the_latest_and_newer_folders(tmp_
     assert sorted(p.name for p in trial_dir.iterdir()) == [f"checkpoint_{i:06d}" for i in (1, 3, 4)]
     state["trials"]["a"]["checkpoints_removed"] = True  # --keep-top's: left alone
     assert superseded_checkpoints(state) == []
+
+
+def test_keep_top_trims_an_ended_kept_trial_to_its_best(tmp_path):
+    """--keep-top left each kept trial its latest checkpoint too (74 MB with AdamW's state), which
+    nothing reads once the trial ended; a failed or paused trial's stays (a resume continues it)."""
+    from search.launcher import trim_kept
+
+    trials = {}
+    for tid, state in (
+        ("done", S.COMPLETE),
+        ("stopped", S.PRUNED),
+        ("failed", S.FAILED),
+        ("paused", S.PAUSED),
+    ):
+        trial_dir = tmp_path / f"trial_{tid}"
+        for i in (1, 3):
+            (trial_dir / f"checkpoint_{i:06d}").mkdir(parents=True)
+            (trial_dir / f"checkpoint_{i:06d}" / S.MODEL_FILE).write_bytes(b"x" * 100)
+        trials[tid] = {
+            "id": tid,
+            "state": state,
+            "trial_dir": str(trial_dir),
+            "checkpoint": str(trial_dir / "checkpoint_000001" / S.MODEL_FILE),
+            "latest_checkpoint": str(trial_dir / "checkpoint_000003" / S.MODEL_FILE),
+        }
+    assert trim_kept({"trials": trials}) == 2
+    for tid in trials:
+        left = sorted(p.name for p in (tmp_path / f"trial_{tid}").iterdir())
+        ended = tid in ("done", "stopped")
+        assert left == (["checkpoint_000001"] if ended else ["checkpoint_000001", "checkpoint_000003"]), tid
+        assert (trials[tid]["latest_checkpoint"] == trials[tid]["checkpoint"]) is ended
+    assert trim_kept({"trials": trials}) == 0  # nothing left to trim

@@ -319,6 +319,11 @@ def test_keep_top(grid_study, monkeypatch, capsys):
     best_id = summary["best"]["id"]
     assert again["best"]["id"] == best_id and state["trials"][best_id]["checkpoint"]
     assert Path(state["trials"][best_id]["checkpoint"]).exists()
+    kept = state["trials"][best_id]  # its latest (another epoch's, with the optimizer) is gone too
+    assert [p.name for p in Path(kept["trial_dir"]).glob("checkpoint_*")] == [
+        Path(kept["checkpoint"]).parent.name
+    ]
+    assert kept["latest_checkpoint"] == kept["checkpoint"]
     removed = 0
     for tid, t in state["trials"].items():
         if tid != best_id and t.get("trial_dir"):
