@@ -216,9 +216,11 @@ def _torchscript(model: Any, inputs: list[Any], task: str, eager_out: Any, path:
             "error": f"scripted outputs differ from the eager model by {diff:.3g}",
             "max_abs_diff": diff,
         }
+    buf = io.BytesIO()  # written by Python: torch's writer on a full disk aborted the process
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        scripted.save(str(path))
+        torch.jit.save(scripted, buf)
+    path.write_bytes(buf.getvalue())
     return {
         "ok": True,
         "file": TS_FILE,
@@ -311,15 +313,14 @@ def _rebuild_checked(cfg: Any, model: Any, meta: dict[str, Any]) -> tuple[Any, l
 
 def _write_weights(tmp: Path, rebuilt: Any, meta: dict[str, Any], key_env: str | None) -> None:
     """``weights.pt``, or with ``key_env`` ``weights.pt.enc`` (AES-256-GCM, see bundle_load)."""
-    import torch
+    from trainables.checkpoint import serialized
 
+    state = serialized(rebuilt.state_dict())  # in memory: see trainables.checkpoint.serialized
     if key_env is None:
-        torch.save(rebuilt.state_dict(), tmp / WEIGHTS_FILE)
+        (tmp / WEIGHTS_FILE).write_bytes(state)
         return
-    buf = io.BytesIO()
-    torch.save(rebuilt.state_dict(), buf)
     try:
-        data, meta["encryption"] = bundle_load.encrypt_weights(buf.getvalue(), key_env)
+        data, meta["encryption"] = bundle_load.encrypt_weights(state, key_env)
     except ValueError as exc:
         raise BundleError(str(exc)) from None
     meta["weights_file"] = WEIGHTS_FILE + ".enc"

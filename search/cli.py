@@ -20,6 +20,7 @@ from typing import Any
 from search import study as S
 from search.commands import Command, Parser, add_name_args, register
 from search.errors import BadInput, SpecError
+from search.failures import disk_full
 from search.schedulers import scheduler_label
 
 EXIT_OK, EXIT_RUNTIME, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -150,6 +151,15 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         if os.environ.get("SEARCH_DEBUG"):
             raise
+        if type(exc).__name__ == "DiskFull":  # the launcher's: what was kept and the resume command
+            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+            return EXIT_RUNTIME
+        if (full := disk_full(exc)) is not None:
+            print(
+                f"error: {full.strerror} ({full.filename or 'a file'}): free some space, then run it again.",
+                file=sys.stderr,
+            )
+            return EXIT_RUNTIME
         why = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
         print(f"error: {why} (set SEARCH_DEBUG=1 for the traceback)", file=sys.stderr)
         return EXIT_RUNTIME

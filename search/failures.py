@@ -53,14 +53,17 @@ def failure_reason(trial: Any) -> str | None:
     return error_line(error_text(trial))
 
 
-def disk_full(exc: BaseException | None) -> OSError | None:
-    """The ENOSPC/EDQUOT error behind ``exc`` (itself, or along its cause/context chain: Ray wraps
-    what a callback raised), if any. A full disk or quota is the machine's fault, never a trial's
-    or the study's: the driver stops resumably, a trial is retried from its last checkpoint."""
+def disk_full(
+    exc: BaseException | None, codes: tuple[int, ...] = (errno.ENOSPC, errno.EDQUOT)
+) -> OSError | None:
+    """The ENOSPC/EDQUOT error (or another of ``codes``) behind ``exc`` (itself, or along its
+    cause/context chain: Ray wraps what a callback raised), if any. A full disk or quota is the
+    machine's fault, never a trial's or the study's: the driver stops resumably, a trial is retried
+    from its last checkpoint."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(exc, OSError) and exc.errno in codes:
             return exc
         exc = exc.__cause__ or exc.__context__
     return None

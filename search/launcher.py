@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -407,16 +408,15 @@ def _fit(
         print(f"\nstopped immediately. Resume with:\n  {again}", file=sys.stderr, flush=True)
         raise
     except Exception as exc:
-        full = disk_full(exc)
-        if full is None:
+        if (full := disk_full(exc) or disk_full(exc, (errno.EROFS,))) is None:  # full, or read-only
             raise
-        try:
-            state.finish("interrupted")
-        except OSError:
-            pass  # still full: study.json keeps the last state it could write
+        for keep in (lambda: _save_tracking(tuner), lambda: state.finish("interrupted")):  # what still fits
+            with contextlib.suppress(Exception):
+                keep()
+        fix = "Make it writable again" if full.errno == errno.EROFS else "Free some space"
         raise DiskFull(
             f"{full.strerror or full} ({full.filename or exp_dir}): the study stopped; its saved state and "
-            f"checkpoints are kept. Free some space, then resume with: {again}"
+            f"checkpoints are kept. {fix}, then resume with: {again}"
         ) from None
     trials = state.state["trials"]
     unfinished = [t for t in trials.values() if t["state"] not in S.FINISHED_STATES]
@@ -483,8 +483,8 @@ def remove_outside_top(state: dict[str, Any], k: int) -> list[str]:
 
 
 def trim_kept(state: dict[str, Any]) -> int:
-    """Delete each ended trial's checkpoints but its best (an ended trial is never continued: its
-    latest, with the optimizer's state, only takes disk); returns how many trials had one."""
+    """Delete each ended trial's checkpoints but its best (an ended trial is never continued);
+    returns how many trials had one."""
     trimmed = 0
     for t in state.get("trials", {}).values():
         if t["state"] not in (S.COMPLETE, S.PRUNED) or not t.get("checkpoint") or not t.get("trial_dir"):

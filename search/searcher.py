@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,28 @@ def journal_storage(path: Path) -> optuna.storages.BaseStorage:
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
+    mend_journal(Path(path))
     return JournalStorage(JournalFileBackend(str(path)))
+
+
+def mend_journal(path: Path) -> None:
+    """Cut a torn last record (a full disk or a kill mid-write) off the journal. Optuna appends
+    the next record to it, which glues the two into one line it then cannot read: every later
+    resume failed."""
+    try:
+        with open(path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            f.seek(max(0, size - 1))
+            if f.read(1) == b"\n":
+                return
+            f.seek(0)
+            whole = f.read().rfind(b"\n") + 1
+            f.truncate(whole)
+    except OSError:  # none yet, or read-only: Optuna reads it as it is
+        return
+    log.warning("%s: its last record was cut off (%d bytes, not saved whole); removed it", path, size - whole)
 
 
 def load_study(journal: Path, name: str) -> optuna.Study:

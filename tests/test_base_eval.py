@@ -97,11 +97,15 @@ def test_lock_of_a_dead_process_or_too_old_is_taken_over(tmp_path):
         json.dumps({"host": "elsewhere", "pid": 1, "time": time.time() - base_eval.STALE_AFTER_S - 1})
     )
     (folder / "d.lock").write_text("not json")  # a torn write: judged by its age (new: kept)
+    (folder / "e.lock").write_text("")  # left empty by a holder that died writing it (a full disk)
+    torn = time.time() - base_eval.TORN_AFTER_S - 1
+    os.utime(folder / "e.lock", (torn, torn))  # was waited on for STALE_AFTER_S (2 minutes)
     cache = BaseEvalCache(folder)
     assert cache.claim("a") is True  # its process is gone
     assert cache.claim("b") is False  # another host's: cannot tell, and it is recent
     assert cache.claim("c") is True  # too old
     assert cache.claim("d") is False
+    assert cache.claim("e") is True
     old = time.time() - base_eval.STALE_AFTER_S - 1
     os.utime(folder / "d.lock", (old, old))
     assert cache.claim("d") is True

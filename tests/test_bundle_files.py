@@ -155,3 +155,44 @@ def test_predict_drops_the_background_label_as_evaluation_does(tmp_path):
     meta["preprocessing"] = {"image_size": 20, "resize": "long_side"}
     dets = bundle_load.predict(Heads(), meta, image, min_score=0.0)["detections"]
     assert [(d["label"], d["class"], d["category_id"]) for d in dets] == [(1, "red", 3), (2, "blue", 7)]
+
+
+def _at_most(size: int):
+    """A child process whose files may not grow past ``size`` bytes (as a full disk, EFBIG)."""
+    import resource
+    import signal
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past it fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
+
+    return limit
+
+
+def test_export_whose_files_the_disk_cannot_hold_fails_in_one_line(cli_study, cli_bundle, tmp_path):
+    """On a full disk torch's own writer aborted export (exit 134, a C++ stack) from its destructor
+    and left the staging folder; the bundle's files are now made in memory and written by Python."""
+    import subprocess
+    import sys
+
+    from tests.cli_study import cli_env
+
+    weights = (cli_bundle[0] / "weights.pt").stat().st_size  # fits; the TorchScript file does not
+    out = tmp_path / "outs"
+    out.mkdir()
+    args = [sys.executable, "-m", "search", "export", NAME, *cli_study["where"], "--out", str(out / "b")]
+    proc = subprocess.run(
+        args,
+        cwd=cli_study["root"],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_at_most(weights + 4096),
+    )
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "File too large" in lines[0] and "Traceback" not in proc.stderr, proc.stderr[
+        -3000:
+    ]
+    assert list(out.iterdir()) == []  # no bundle, no staging folder

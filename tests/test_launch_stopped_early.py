@@ -100,3 +100,25 @@ def test_resume_of_a_folder_no_launch_made_is_bad_input(tmp_path, capsys):
     assert "nothing to resume" in err and "Fix: resume the folder a 'launch' made" in err, err
     assert "FileNotFoundError" not in err and len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in folder.iterdir()) == [S.STUDY_FILE]  # nothing created
+
+
+def test_a_full_disk_is_one_line_naming_the_file(monkeypatch, capsys):
+    """A command that found the disk full said only 'OSError: [Errno 28] ...' with the SEARCH_DEBUG
+    hint; it names the file and what to do (a launch's own DiskFull line says more: kept)."""
+    import errno
+
+    from search import cli
+
+    def full(args):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", "/data/out/b/weights.pt")
+        except OSError as exc:
+            raise RuntimeError("torch wrapped it") from exc
+
+    monkeypatch.setitem(cli.COMMANDS, "status", cli.COMMANDS["status"]._replace(run=full))
+    monkeypatch.delenv("SEARCH_DEBUG", raising=False)
+    assert cli.main(["status", "x"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert (
+        err == "error: No space left on device (/data/out/b/weights.pt): free some space, then run it again."
+    )

@@ -198,3 +198,23 @@ def test_a_rerun_of_the_reference_trial_is_still_the_reference(tmp_path):
     assert s.reference_id == "r2" and s.recipe_of("r2") == "linear"
     (rerun,) = [t for t in load_study(journal, "ref").trials if "restarted_from" in t.user_attrs]
     assert rerun.user_attrs["reference"] is True and rerun.user_attrs["recipe"] == "linear"
+
+
+def test_a_journal_cut_off_mid_record_is_mended_before_it_is_written_again(tmp_path, caplog):
+    """A full disk cut the journal's last record; the next resume appended to it, gluing two records
+    into a line Optuna could not read, and every later resume failed."""
+    journal = tmp_path / "optuna.journal"
+    s = study_search(journal, "cut", 3)
+    s.suggest("a")
+    s.on_trial_complete("a", {"epoch": 3, "map": 0.4})
+    s.suggest("b")
+    whole = journal.read_bytes()
+    journal.write_bytes(whole[:-30])  # the last record, not saved whole
+    again = study_search(journal, "cut", 3)  # resume opens it again, then writes
+    again.suggest("c")
+    study = load_study(journal, "cut")  # a line Optuna cannot read raised here
+    assert [t.state for t in study.trials][:1] == [optuna.trial.TrialState.COMPLETE]
+    assert "was cut off" in caplog.text
+    assert journal.read_bytes().endswith(b"\n") and journal.read_bytes().startswith(
+        whole[: whole.rfind(b"\n", 0, len(whole) - 30) + 1]
+    )

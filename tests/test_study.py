@@ -300,3 +300,24 @@ def test_a_trial_ray_continues_under_its_own_id_after_restart_errored_keeps_its_
     assert (t["error"], t.get("failure"), t["optuna_number"]) == (None, None, 4)
     assert t["last_error"] == "RayActorError: dead"
     assert state.state["restarted_errored"] == []
+
+
+def test_a_write_the_disk_cannot_hold_leaves_the_file_and_no_temporary(tmp_path):
+    """A full disk left an empty .study.json.<pid>.tmp (and .mlflow_runs.json's) at every stop."""
+    import subprocess
+    import sys
+
+    target = tmp_path / S.STUDY_FILE
+    target.write_text("{}")
+    code = (
+        "import resource, signal, sys; from pathlib import Path; from search.study import atomic_write_text\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))\n"
+        "try:\n    atomic_write_text(Path(sys.argv[1]), 'x' * 5000)\n"
+        "except OSError as e:\n    print(e.errno)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(target)], capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.strip() == "27", done.stderr  # EFBIG, as ENOSPC would be
+    assert sorted(p.name for p in tmp_path.iterdir()) == [S.STUDY_FILE] and target.read_text() == "{}"

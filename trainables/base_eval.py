@@ -16,7 +16,8 @@ and evaluated first, so the result is normally there already, and epoch 0 is alw
 before any trained epoch (a scheduler may stop a trial at its first trained report). The
 holder's thread rewrites the lock's time every :data:`HEARTBEAT_S` while the claiming thread
 lives. A lock whose process is gone (same host) or whose time is older than
-:data:`STALE_AFTER_S` (a holder that died on another host, or a torn lock file by its mtime) is
+:data:`STALE_AFTER_S` (a holder that died on another host), or an empty or torn lock file older
+than :data:`TORN_AFTER_S` by its mtime (its holder died writing it, e.g. on a full disk), is
 taken over; this assumes the hosts' clocks agree to well within that. Assumes the folder is
 shared by the trials that should share results; on a node that cannot see it the trials just
 evaluate for themselves.
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 20.0  # how often a live holder rewrites its lock's time
 STALE_AFTER_S = 120.0  # a lock not rewritten for this long has lost its holder
+TORN_AFTER_S = 10.0  # an empty or cut lock this old: its holder died writing it (a full disk)
 
 
 def model_key(model: torch.nn.Module, cfg: TrialConfig, device: torch.device) -> str:
@@ -106,8 +108,12 @@ class BaseEvalCache:
                 if not self._stale(lock) or not _take_away(lock, seen):
                     return False
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(holder, f)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(holder, f)
+            except BaseException:  # e.g. a full disk: no empty lock that others wait on
+                lock.unlink(missing_ok=True)
+                raise
             self._start_heartbeat(key, holder)
             return True
         return False
@@ -143,7 +149,7 @@ class BaseEvalCache:
                 age = time.time() - lock.stat().st_mtime
             except OSError:
                 return True
-            return age > STALE_AFTER_S
+            return age > TORN_AFTER_S  # its holder writes it at once: one left unread is dead
         if age > STALE_AFTER_S:
             return True
         return holder.get("host") == socket.gethostname() and not pid_alive(int(holder.get("pid", -1)))

@@ -27,6 +27,7 @@ RNG states are stored as tensors and lists of ints so that ``weights_only`` load
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import random
@@ -101,6 +102,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def serialized(obj: Any) -> bytes:
+    """``torch.save``'s bytes, made in memory: torch's zip writer, writing to a file that the disk
+    cannot hold, failed as 'enforce fail at inline_container.cc ... unexpected pos' or aborted the
+    process from its destructor; a plain write says ENOSPC."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
 def atomic_write(path: Path, write: Any) -> None:
     """Write via ``write(file)`` to ``path.tmp`` in the same folder, fsync, then ``os.replace``."""
     tmp = path.with_name(path.name + ".tmp")
@@ -161,7 +171,7 @@ def save(
         "rng": rng_state() if rng else None,
         "extra": dict(extra or {}),
     }
-    atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: f.write(serialized(state)))
     return path
 
 
@@ -255,5 +265,5 @@ def save_weights(model: torch.nn.Module, path: Path, half: bool = False) -> Path
         for k, v in model.state_dict().items()
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(Path(path), lambda f: torch.save(state, f))
+    atomic_write(Path(path), lambda f: f.write(serialized(state)))
     return Path(path)

@@ -5,9 +5,9 @@
 ``folder/paused`` (``O_EXCL``: one pause per study, whichever process gets there first), writes
 the point's name and its pid into it, and sleeps until it is killed. With
 ``SEARCH_TEST_HOOK_ACTION=enospc`` it raises ``OSError(ENOSPC)`` there instead (once per study:
-a full disk). Without both variables :func:`pause_point` does nothing. The tests kill the study's
-processes once ``paused`` exists (``tests/faults/test_crash_points.py``); nothing in the product
-sets these variables.
+a full disk), with ``erofs`` ``OSError(EROFS)`` (the folder made read-only). Without both
+variables :func:`pause_point` does nothing. The tests kill the study's processes once ``paused``
+exists (``tests/faults/test_crash_points.py``); nothing in the product sets these variables.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 PAUSE_AT_ENV = "SEARCH_TEST_PAUSE_AT"
 PAUSE_DIR_ENV = "SEARCH_TEST_PAUSE_DIR"
-ACTION_ENV = "SEARCH_TEST_HOOK_ACTION"  # "pause" (the default) or "enospc"
+ACTION_ENV = "SEARCH_TEST_HOOK_ACTION"  # "pause" (the default), "enospc" or "erofs"
 PAUSED_FILE = "paused"
 
 _passes: Counter[str] = Counter()
@@ -45,5 +45,7 @@ def pause_point(name: str) -> None:
         f.write(f"{name} {os.getpid()}\n")
     if os.environ.get(ACTION_ENV) == "enospc":
         raise OSError(errno.ENOSPC, f"No space left on device (test hook at {name})")
+    if os.environ.get(ACTION_ENV) == "erofs":
+        raise OSError(errno.EROFS, f"Read-only file system (test hook at {name})")
     while True:
         time.sleep(3600)

@@ -84,21 +84,29 @@ def test_killed_at_point_then_resumed(point, world, tmp_path, record_property):
     record_property("crash_point", point)
 
 
-def _disk_full(world, name: str, point: str, hook) -> tuple[Proc, object, int]:
-    """A launch whose disk fills up (once) at ``point``, run to its end."""
-    run, logs = _launch(world, name, point, hook, action="enospc")
+def _disk_full(world, name: str, point: str, hook, action: str = "enospc") -> tuple[Proc, object, int]:
+    """A launch whose disk fills up (or turns read-only: ``erofs``) once at ``point``, run to its end."""
+    run, logs = _launch(world, name, point, hook, action=action)
     try:
         return run, logs, run.wait(400)
     finally:
         run.cleanup()
 
 
-def test_disk_full_in_the_driver_then_resumed(world, tmp_path, record_property):
-    name = "crash-disk-full-driver"
+@pytest.mark.parametrize(
+    ("action", "words"),
+    [("enospc", "error: No space left on device"), ("erofs", "error: Read-only file system")],
+)  # erofs: was the bare OSError, no resume command
+def test_disk_full_in_the_driver_then_resumed(action, words, world, tmp_path, record_property):
+    name = f"crash-disk-{action}-driver"
     exp_dir = world["root"] / "runs" / name
-    run, logs, rc = _disk_full(world, name, "snapshot@2", tmp_path / "hook")
+    run, logs, rc = _disk_full(world, name, "snapshot@2", tmp_path / "hook", action)
     assert rc == 1, run.stderr[-3000:]
-    assert "No space left on device" in run.stderr and f"python -m search resume {exp_dir}" in run.stderr
+    kept = "the study stopped; its saved state and checkpoints are kept."
+    assert words in run.stderr and kept in run.stderr, run.stderr[-3000:]
+    assert run.stderr.rstrip().endswith(f"then resume with: python -m search resume {exp_dir}"), run.stderr[
+        -3000:
+    ]
     assert study_json(exp_dir)["status"] == "interrupted"
     _resume_and_check(world, name, exp_dir, logs, tmp_path, record_property)
 
