@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         if os.environ.get("SEARCH_DEBUG"):
             raise
-        if type(exc).__name__ == "DiskFull":  # the launcher's: what was kept and the resume command
+        if type(exc).__name__ in ("DiskFull", "FolderGone"):  # the launcher's: what was kept, what next
             print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
             return EXIT_RUNTIME
         if (full := disk_full(exc)) is not None:

@@ -93,6 +93,11 @@ def empty(folder: Path) -> None:
             item.unlink(missing_ok=True)
 
 
+class FolderGone(RuntimeError):
+    """The experiment folder was deleted under a running study (its spec.yaml gone): the trials
+    would each fail on their storage and the study end 'finished', all failed."""
+
+
 class StudyState(Callback):
     """Keeps ``<exp>/study.json`` (DESIGN.md shape) up to date on every trial event.
 
@@ -118,6 +123,7 @@ class StudyState(Callback):
         self.scheduler: Any = None
         self.deadline: float | None = None
         self.durable: Any = None  # a search.durable.Durability while Ray runs (not pickled)
+        self.gone: FolderGone | None = None  # raised at a save: the folder was deleted under the study
         self._dirty = False
         self._t0 = time.time()
         self._elapsed0 = float(self.state.get("elapsed_s") or 0.0)
@@ -138,6 +144,12 @@ class StudyState(Callback):
         """Rewrite study.json; with ``snapshot``, first sign Ray's state saved in this loop step
         together with this content (search.durable), so study.json is never ahead of it;
         ``again``: sign it although Ray saved nothing since (the study's own record changed)."""
+        if self.durable is not None and not (self.exp_dir / S.SPEC_FILE).is_file():  # Ray runs it
+            self.gone = FolderGone(
+                f"the study folder {self.exp_dir} was removed while the study ran, so it stopped (what Ray "
+                "wrote there since is no study: delete it); launch the spec again to start over."
+            )
+            raise self.gone
         self.state["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.state["elapsed_s"] = round(self.elapsed(), 1)
         made = None

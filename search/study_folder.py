@@ -149,3 +149,46 @@ def install_state(exp_dir: Path, trust_folder: bool) -> None:
     if not trust_folder:
         for path in sorted({p for g in UNSIGNED_PICKLES for p in Path(exp_dir).glob(g)}):
             path.unlink(missing_ok=True)
+
+
+def remove_outside_top(state: dict[str, Any], k: int) -> list[str]:
+    """Delete the Ray checkpoints of every trial outside the top ``k`` (``k`` >= 1, by best metric)
+    and clear them from the study record ``state`` (``study.json``'s content, which the caller
+    saves); the trials' records stay. Returns the removed trial ids."""
+    if k < 1:
+        raise ValueError(f"k >= 1 must hold (the best trial's checkpoint is kept), but got {k}")
+    mode = state.get("mode", "max")
+    keep = {t["id"] for t in S.ranked(list(state.get("trials", {}).values()), mode)[:k]}
+    removed = []
+    for t in state.get("trials", {}).values():
+        if t["id"] in keep or not t.get("trial_dir"):
+            continue
+        trial_dir = Path(t["trial_dir"])
+        gone = False
+        for ckpt in trial_dir.glob("checkpoint_*"):
+            shutil.rmtree(ckpt, ignore_errors=True)
+            gone = True
+        if gone or t.get("checkpoint"):
+            t["checkpoint"] = t["latest_checkpoint"] = None
+            t["checkpoints_removed"] = True
+            t["disk_bytes"] = S.dir_size(trial_dir)
+            removed.append(t["id"])
+    return removed
+
+
+def trim_kept(state: dict[str, Any]) -> int:
+    """Delete each ended trial's checkpoints but its best (an ended trial is never continued);
+    returns how many trials had one."""
+    trimmed = 0
+    for t in state.get("trials", {}).values():
+        if t["state"] not in (S.COMPLETE, S.PRUNED) or not t.get("checkpoint") or not t.get("trial_dir"):
+            continue
+        best = Path(t["checkpoint"]).parent.name
+        others = [c for c in Path(t["trial_dir"]).glob("checkpoint_*") if c.name != best and c.is_dir()]
+        for folder in others:
+            shutil.rmtree(folder, ignore_errors=True)
+        t["latest_checkpoint"] = t["checkpoint"]
+        if others:
+            t["disk_bytes"] = S.dir_size(Path(t["trial_dir"]))
+            trimmed += 1
+    return trimmed

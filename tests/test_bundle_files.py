@@ -10,6 +10,7 @@ import hashlib
 import json
 import shutil
 
+import pytest
 import yaml
 from PIL import Image
 
@@ -169,6 +170,7 @@ def _at_most(size: int):
     return limit
 
 
+@pytest.mark.slow
 def test_export_whose_files_the_disk_cannot_hold_fails_in_one_line(cli_study, cli_bundle, tmp_path):
     """On a full disk torch's own writer aborted export (exit 134, a C++ stack) from its destructor
     and left the staging folder; the bundle's files are now made in memory and written by Python."""

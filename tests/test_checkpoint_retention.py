@@ -84,7 +84,7 @@ def test_superseded_checkpoints_spare_the_best_the_latest_and_newer_folders(tmp_
 def test_keep_top_trims_an_ended_kept_trial_to_its_best(tmp_path):
     """--keep-top left each kept trial its latest checkpoint too (74 MB with AdamW's state), which
     nothing reads once the trial ended; a failed or paused trial's stays (a resume continues it)."""
-    from search.launcher import trim_kept
+    from search.study_folder import trim_kept
 
     trials = {}
     for tid, state in (

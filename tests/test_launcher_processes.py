@@ -446,3 +446,42 @@ def test_trial_fits_table(cpu, gpu, nodes, fits):
     else:
         with pytest.raises(ClusterError, match="resources.gpu / resources.cpu"):
             check_trial_fits(cpu, gpu, True, nodes)
+
+
+@pytest.mark.slow
+def test_a_study_folder_deleted_under_the_launch_stops_it_in_one_line(data_dir):
+    """rm -rf of the study folder mid-launch: every later trial failed on Ray's storage, the study
+    ended 'finished, all failed' after 500 lines and 8 tracebacks, and its folder, made again by Ray,
+    passed for a study. The launch now stops at the next trial event and says what happened."""
+    import shutil
+
+    path = write_spec(
+        data_dir,
+        "removed",
+        {"lr": {"low": 1e-3, "high": 3e-2, "log": True}},
+        {"algorithm": "random", "scheduler": "none", "num_trials": 4, "max_concurrent": 1},
+        epochs=3,
+    )
+    exp_dir = data_dir / "runs" / "removed"
+    cmd = [sys.executable, "-m", "search", "launch", str(path)]
+    proc = subprocess.Popen(
+        cmd, cwd=data_dir, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            trials = (
+                (S.read_study(exp_dir) or {}).get("trials", {}) if (exp_dir / S.STUDY_FILE).is_file() else {}
+            )
+            if any((t.get("epochs") or 0) >= 1 for t in trials.values()):
+                break
+            time.sleep(0.5)
+        shutil.rmtree(exp_dir)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err[-3000:]
+    assert f"error: the study folder {exp_dir} was removed while the study ran" in err, err[-3000:]
+    assert err.rstrip().endswith("launch the spec again to start over."), err[-3000:]
+    assert "finished" not in out.splitlines()[-1], out[-2000:]
