@@ -159,6 +159,7 @@ def launch(
 
     apply_name(spec, name)
     exp_dir = spec.experiment_dir
+    check_output(exp_dir, spec_inputs(spec), "output_dir", folder=True)  # writable: named as the cause
     refuse_existing(exp_dir)
     preflight(spec, address, weights=True)  # bad input fails before Ray starts or anything is written
     lock = StudyLock(exp_dir).acquire()  # one writer per study folder (exit 2 names the holder)
@@ -225,7 +226,7 @@ def apply_name(spec: Spec, name: str | None) -> None:
             f"digit, but got {short(name)}.",
             f"write e.g. --name {name_like(name)}.",
         )
-    check_output(spec.output_dir / name, spec_inputs(spec), "--name", folder=True)
+    check_output(spec.output_dir / name, spec_inputs(spec), "--name", folder=True, writable=False)
     spec.name = name
 
 

@@ -7,6 +7,7 @@ in DESIGN.md; this module adds nothing that needs Ray, Optuna or torch.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -119,12 +120,8 @@ def resolve_experiment(name: str | Path, output_dir: Path | None = None) -> Path
 
 def _studies_near(candidates: list[Path]) -> str:
     """The studies in the folders the lookup tried (a misspelt name's likely meaning first)."""
-    import difflib
-
     for cand in candidates:
-        found = (
-            sorted(p.parent.name for p in cand.parent.glob(f"*/{STUDY_FILE}")) if cand.parent.is_dir() else []
-        )
+        found = sorted(p.parent.name for p in cand.parent.glob(f"*/{STUDY_FILE}"))
         where = "" if cand.parent == Path(".") else f" in {cand.parent}"
         if close := difflib.get_close_matches(cand.name, found, n=1):
             return f" Did you mean {close[0]!r}{where}?"
@@ -209,7 +206,7 @@ def _check_trials(trials: dict[str, Any], path: Path) -> None:
             for k, types in _TRIAL_FIELDS.items()
             if t.get(k) is not None and (isinstance(t[k], bool) or not isinstance(t[k], types))
         )
-        bad = "id" if t.setdefault("id", tid) != tid else next(wrong, None)
+        bad = "id" if t.setdefault("id", tid) != tid else "state" if "state" not in t else next(wrong, None)
         if bad is None and any(not isinstance(r, dict) for r in t.get("history") or []):
             bad = "history"
         if bad is not None:
@@ -394,8 +391,12 @@ def background_only(t: dict[str, Any]) -> bool:
 def status_object(exp_dir: Path) -> dict[str, Any]:
     """The ``status --json`` object: study.json's fields, trials as a list in the order
     the searcher proposed them (the reference trial first), the best."""
-    state = read_study(exp_dir)
-    if not state:
+    state, path = read_study(exp_dir), Path(exp_dir) / STUDY_FILE
+    if not state or not isinstance(state.get("metric"), str) or not isinstance(state.get("mode"), str):
+        if path.is_file():
+            raise StudyFileError(
+                f"{path} is not a valid study file (no 'metric' or 'mode' as the launcher writes)."
+            )
         raise ExperimentNotFound(f"{exp_dir} has no {STUDY_FILE} yet (the launch has not started a trial).")
     trials = sorted(state.get("trials", {}).values(), key=lambda t: (t.get("index", 0), t.get("id", "")))
     out = {k: v for k, v in state.items() if k != "trials"}
@@ -405,7 +406,7 @@ def status_object(exp_dir: Path) -> dict[str, Any]:
         {
             "id": t.get("id"),
             "state": t.get("state"),
-            "epochs": t.get("epochs", 0),
+            "epochs": t.get("epochs") or 0,
             "best_metric": t.get("best_metric"),
             "params": t.get("params", {}),
             "checkpoint": t.get("checkpoint"),

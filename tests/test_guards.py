@@ -271,26 +271,6 @@ def test_pixel_cap_below_pil_is_settable(tmp_path, monkeypatch):
     assert coco.load_coco(ann, images).num_classes >= 1
 
 
-_TRIAL = {"id": "t1", "state": "TERMINATED", "params": {"lr": 0.01}, "history": [{"epoch": 1}]}
-_EDITS = [{"id": "t2"}, {"params": "zzz"}, {"history": 5}, {"history": [3]}, {"index": "2"}, {"stopped": "x"}]
-MALFORMED_STUDY = ["{not json", '["a list"]', '{"trials": [1, 2]}', '{"trials": {"x": 1}}'] + [
-    # a hand-edited trial record (status and best failed with a TypeError, KeyError or AttributeError)
-    json.dumps({"trials": {"t1": {**_TRIAL, **edit}}})
-    for edit in _EDITS
-]
-
-
-@pytest.mark.parametrize("text", MALFORMED_STUDY)
-def test_status_and_best_on_a_malformed_study_file_exit_2(tmp_path, text):
-    exp = tmp_path / "broken"
-    exp.mkdir()
-    (exp / "study.json").write_text(text)
-    for command in ("status", "best"):
-        done = run(command, str(exp))
-        assert done.returncode == 2, (command, done.stderr)
-        assert str(exp / "study.json") in done.stderr and "not a valid study file" in done.stderr
-
-
 @pytest.mark.slow
 def test_no_secret_is_written_anywhere(tmp_path):
     """A real MLflow server; the credentials go where they are accepted (the environment: the URI

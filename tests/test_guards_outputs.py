@@ -3,6 +3,7 @@ written is refused before any work."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -182,6 +183,25 @@ def test_name_flag_onto_the_images_is_refused():
         apply_name(spec, "../escape")
 
 
+@pytest.mark.parametrize("name", [None, "ro1"])
+def test_an_unwritable_output_dir_is_named_as_the_cause(tmp_path, monkeypatch, name):
+    """--name's check found the folder above unwritable and blamed --name; without --name only the
+    SQLite store's folder was checked (a server's store: nothing until the study folder failed)."""
+    import os
+
+    from search.launcher import launch
+
+    out = tmp_path / "ro"
+    out.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != out and real(p, mode))  # root passes chmod
+    spec = load_spec(DET, [f"output_dir={out / 'runs'}", "tracking.uri=http://127.0.0.1:9"])
+    with pytest.raises(SpecError) as err:
+        launch(spec, name=name)
+    assert err.value.key == "output_dir" and "is not writable" in err.value.message, str(err.value)
+    assert list(out.iterdir()) == []
+
+
 def test_predict_min_score_outside_0_1_exits_2(tmp_path):
     done = run("predict", str(tmp_path), str(tmp_path / "x.png"), "--min-score", "1.5")
     assert done.returncode == 2 and "--min-score" in done.stderr
@@ -194,3 +214,45 @@ def test_a_spec_read_from_a_read_only_place_loads(tmp_path, monkeypatch):
     load_spec(DET, [f"output_dir={tmp_path / 'runs'}"])
     with pytest.raises(SpecError, match="is not writable"):
         guards.check_output(tmp_path / "w.pt", guards.protected([]), "--weights-out", folder=False)
+
+
+_TRIAL = {"id": "t1", "state": "TERMINATED", "params": {"lr": 0.01}, "history": [{"epoch": 1}]}
+_EDITS = [{"id": "t2"}, {"params": "zzz"}, {"history": 5}, {"history": [3]}, {"index": "2"}, {"stopped": "x"}]
+_NO_STATE = {k: v for k, v in _TRIAL.items() if k != "state"}  # status printed half its table, TypeError
+MALFORMED_STUDY = (
+    ["{not json", '["a list"]', '{"trials": [1, 2]}', '{"trials": {"x": 1}}']
+    + [
+        # a hand-edited trial record (status and best failed with a TypeError, KeyError or AttributeError)
+        json.dumps({"trials": {"t1": {**_TRIAL, **edit}}})
+        for edit in _EDITS
+    ]
+    + [json.dumps({"trials": {"t1": _NO_STATE}})]
+)
+
+
+@pytest.mark.parametrize("text", MALFORMED_STUDY)
+def test_status_and_best_on_a_malformed_study_file_exit_2(tmp_path, text):
+    exp = tmp_path / "broken"
+    exp.mkdir()
+    (exp / "study.json").write_text(text)
+    for command in ("status", "best"):
+        done = run(command, str(exp))
+        assert done.returncode == 2, (command, done.stderr)
+        assert str(exp / "study.json") in done.stderr and "not a valid study file" in done.stderr
+
+
+def test_status_of_a_study_file_without_its_objective_or_epochs(tmp_path):
+    """'{}' said the study had no study.json yet; no 'metric' was exit 1, KeyError; a null epoch
+    count a TypeError after half the table."""
+    exp = tmp_path / "hand"
+    exp.mkdir()
+    for text in ("{}", json.dumps({"mode": "max", "trials": {}})):
+        (exp / "study.json").write_text(text)
+        done = run("status", str(exp))
+        assert done.returncode == 2 and "not a valid study file (no 'metric' or 'mode'" in done.stderr, (
+            done.stderr
+        )
+    study = {"name": "hand", "metric": "map", "mode": "max", "trials": {"t1": {**_TRIAL, "epochs": None}}}
+    (exp / "study.json").write_text(json.dumps(study))
+    done = run("status", str(exp))
+    assert done.returncode == 0 and "t1" in done.stdout, done.stderr
