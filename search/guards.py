@@ -53,7 +53,7 @@ def check_uri_secrets(uri: str | None, key: str = "tracking.uri") -> None:
     )
     scheme = parts.scheme.lower()
     fix = _ENV_FIX["http" if scheme in ("http", "https") else scheme if scheme in _ENV_FIX else "db"]
-    safe = parts._replace(netloc=parts.hostname or "", query="").geturl()
+    safe = parts._replace(netloc=parts.netloc.rpartition("@")[2], query="").geturl()  # host:port kept
     raise SpecError(key, f"{safe!r} carries {what}: it would be written to disk and to MLflow.", f"{fix}.")
 
 

@@ -95,11 +95,14 @@ def artifact_location(uri: str, name: str) -> str | None:
 
 def client(uri: str) -> Any:
     """An ``MlflowClient`` on ``uri`` for tracking and the model registry (a SQLite store that does
-    not exist yet is made whole first: :func:`make_sqlite_store`)."""
+    not exist yet is made whole first: :func:`make_sqlite_store`; a server's calls are not retried
+    for minutes: :func:`limit_http_retries`)."""
     from mlflow import MlflowClient
 
     if (db := sqlite_file(uri)) is not None:
         make_sqlite_store(db)
+    if is_http(uri):
+        limit_http_retries()
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -225,33 +228,59 @@ def limit_http_retries() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 
-def _probe_http(uri: str, name: str, timeout: float) -> None:
+def _probe_http(uri: str, name: str, timeout: float, write: bool = True) -> None:
+    """One read of the experiment (the server answers, is MLflow, takes the credentials) and, when
+    the experiment exists already (perhaps another user's), one harmless write to it (``write``)."""
     from mlflow.utils.credentials import get_default_host_creds
     from mlflow.utils.rest_utils import http_request
 
-    resp = http_request(
-        get_default_host_creds(uri),
-        "/api/2.0/mlflow/experiments/get-by-name",
-        "GET",
-        max_retries=0,
-        timeout=max(1, int(timeout)),
-        params={"experiment_name": name},
-        raise_on_status=False,
-    )
+    creds, wait = get_default_host_creds(uri), max(1, int(timeout))
+
+    def call(endpoint: str, method: str, **kw: Any) -> Any:
+        path = f"/api/2.0/mlflow/{endpoint}"
+        return http_request(creds, path, method, max_retries=0, timeout=wait, raise_on_status=False, **kw)
+
+    resp = call("experiments/get-by-name", "GET", params={"experiment_name": name})
     if resp.status_code in (401, 403):
+        given = os.environ.get("MLFLOW_TRACKING_USERNAME") or os.environ.get("MLFLOW_TRACKING_TOKEN")
         raise SpecError(
             "tracking.uri",
             f"the MLflow server {redact(uri)} refused the credentials (HTTP {resp.status_code}).",
-            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, "
-            "or MLFLOW_TRACKING_TOKEN, in the environment.",
+            f"{'check' if given else 'set'} MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or "
+            "MLFLOW_TRACKING_TOKEN, in the environment.",
         )
-    if resp.status_code not in (200, 404):
+    found = _json(resp)
+    # a missing experiment is MLflow's 404 with its error code; another 404 (a path, a proxy) is not MLflow
+    if not (resp.status_code == 200 and "experiment" in found) and found.get("error_code") != MISSING:
         raise SpecError(
             "tracking.uri",
-            f"{redact(uri)} did not answer like an MLflow server (HTTP "
-            f"{resp.status_code} for experiments/get-by-name).",
-            "check the URL and that the server is an MLflow tracking server.",
+            f"{redact(uri)} did not answer like an MLflow server (HTTP {resp.status_code} for "
+            "experiments/get-by-name).",
+            "check the URL (and the path a proxy serves MLflow under) and that it is an MLflow server.",
         )
+    if write and resp.status_code == 200:
+        tag = {
+            "experiment_id": found["experiment"].get("experiment_id"),
+            "key": "search.checked",
+            "value": "1",
+        }
+        if call("experiments/set-experiment-tag", "POST", json=tag).status_code in (401, 403):
+            raise SpecError(
+                "tracking.experiment",
+                f"the MLflow server {redact(uri)} lets this user read the experiment {name!r}, not write it.",
+                "ask its owner for edit permission, or set tracking.experiment to an experiment of your own.",
+            )
+
+
+MISSING = "RESOURCE_DOES_NOT_EXIST"  # MLflow's error code for an experiment that does not exist
+
+
+def _json(resp: Any) -> dict[str, Any]:
+    try:
+        body = resp.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
 
 
 # Schemes MLflow's own tracking stores accept ("" is a plain path: a file store).
@@ -318,11 +347,19 @@ def check_tracking(spec: Any, timeout: float = CHECK_TIMEOUT_S) -> None:
                 "the default SQLite store).",
             )
         return  # other stores (file:, databases) are checked by the first write
+    check_server(uri, experiment_name(spec), timeout)
+
+
+def check_server(
+    uri: str, experiment: str, timeout: float = CHECK_TIMEOUT_S, fix: str | None = None, write: bool = True
+) -> None:
+    """An http(s) tracking server answers as MLflow within about ``timeout`` s and takes this
+    user's credentials (and writes: ``write``); a SpecError on ``tracking.uri`` with ``fix``."""
     box: dict[str, BaseException | None] = {}
 
     def probe() -> None:
         try:
-            _probe_http(uri, experiment_name(spec), timeout)
+            _probe_http(uri, experiment, timeout, write)
             box["error"] = None
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
             box["error"] = exc
@@ -341,7 +378,7 @@ def check_tracking(spec: Any, timeout: float = CHECK_TIMEOUT_S) -> None:
     raise SpecError(
         "tracking.uri",
         f"the MLflow server {redact(uri)} is {cause} ({short_reason(reason)}).",
-        "start the server, fix tracking.uri, or remove tracking.uri to record into the local SQLite store.",
+        fix or "start the server, fix tracking.uri, or remove tracking.uri to record into the local store.",
     )
 
 

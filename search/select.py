@@ -269,11 +269,15 @@ def check_registry_names(model: str, alias: str) -> None:
 def _registry_store(exp_dir: Path) -> tuple[str, Any]:
     """The study's store and its client; a SQLite store that is not there is refused (MLflow
     would create an empty one, without the study's runs)."""
-    uri, _ = write_queue.recorded_store(exp_dir)
+    uri, experiment = write_queue.recorded_store(exp_dir)
     if gone := mlflow_store.missing_sqlite(uri):
         raise SelectError(
             f"the study's MLflow store {gone} is not there (its runs are in it): move the study back "
             f"with its output folder, or copy {mlflow_store.DB_FILE} beside the study folder"
+        )
+    if mlflow_store.is_http(uri):  # down, or refusing: one line in seconds (MLflow retried for minutes)
+        mlflow_store.check_server(
+            uri, experiment, fix="start the server (or fix its credentials), then run it again."
         )
     return uri, mlflow_store.client(uri)
 

@@ -12,13 +12,14 @@ from search import local_server
 
 
 def start_server(
-    port: int, root: Path, *, env: dict[str, str] | None = None, timeout: float = 120.0
+    port: int, root: Path, *extra: str, env: dict[str, str] | None = None, timeout: float = 120.0
 ) -> subprocess.Popen:
-    """Start ``mlflow server`` over a SQLite file in ``root`` (its own process group) and wait
-    until ``/health`` answers; raise RuntimeError when it exits or stays silent ``timeout`` s."""
+    """Start ``mlflow server`` (with ``extra`` arguments) over a SQLite file in ``root`` (its own
+    process group) and wait until ``/health`` answers; raise RuntimeError when it exits or stays
+    silent ``timeout`` s."""
     root.mkdir(parents=True, exist_ok=True)
     cmd = local_server.server_command(
-        f"sqlite:///{root / 'server.db'}", port, "--artifacts-destination", str(root / "art")
+        f"sqlite:///{root / 'server.db'}", port, "--artifacts-destination", str(root / "art"), *extra
     )
     log = root / f"server-{port}-{time.time():.0f}.log"
     with open(log, "w") as log_file:

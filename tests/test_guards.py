@@ -62,6 +62,7 @@ def test_credentials_in_tracking_uri(uri, refused):
     assert err.value.key == "tracking.uri" and "hunter2" not in line
     assert ("MLFLOW_TRACKING_PASSWORD" in line) == uri.startswith("http")
     assert ("DATABRICKS_TOKEN" in line) == uri.startswith("databricks")
+    assert ":8443" in line or ":8443" not in uri  # the server named with its port (it was dropped)
 
 
 def test_launch_with_a_password_in_the_uri_exits_2_and_writes_nothing(tmp_path):

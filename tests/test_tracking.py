@@ -21,6 +21,7 @@ from ray.tune import Callback
 
 from search import local_server, mlflow_store, run_map, tracking, write_queue
 from search.errors import SpecError
+from search.select import _registry_store
 from search.spec import load_spec
 from tests.mlflow_server import start_server, stop_server
 from tests.tinydata import make_tiny_coco
@@ -430,6 +431,12 @@ def test_real_server_outage(ray_local, tmp_path):
         assert mlc.get_run(parent_id).info.status == "FINISHED"
         for kid in kids:
             assert [m.step for m in mlc.get_metric_history(kid.info.run_id, "map")] == [0, 1, 2, 3]
+        mlflow_store.check_tracking(spec)  # the experiment exists now: read, and written to (a tag)
+        assert mlc.get_experiment(exp_id).tags.get("search.checked") == "1"
+        proxy.down()  # promote with the server down retried get_run for minutes (MLflow's 7 retries)
+        with pytest.raises(SpecError, match="is unreachable .*Fix: start the server"):
+            _registry_store(exp_dir)
+        proxy.up()
 
         # the server stays away until the study ends: the study still finishes, the rest is kept
         spec2 = load_spec(write_spec(tmp_path / "two", name="remote2", tracking={"uri": uri}))

@@ -123,6 +123,24 @@ def test_check_tracking_unreachable_server_fails_fast(tmp_path):
     mlflow_store.check_tracking(spec)
 
 
+def test_a_web_server_that_is_not_mlflow_is_refused(tmp_path):
+    """Any 404 passed for MLflow's 'no such experiment' (a plain web server, a proxy without
+    MLflow's path): the whole study trained and every record was rejected."""
+    import http.server
+    import threading
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://127.0.0.1:{web.server_address[1]}/mlflow"
+        spec = load_spec(write_spec(tmp_path, tracking={"uri": uri}))
+        with pytest.raises(SpecError) as err:
+            mlflow_store.check_tracking(spec)
+    finally:
+        web.shutdown()
+    assert "did not answer like an MLflow server (HTTP 404" in err.value.line(), err.value.line()
+
+
 def test_write_queue_keeps_unwritten_records_when_store_is_down(tmp_path):
     runs = run_map.RunMap(tmp_path)
     uri = f"http://127.0.0.1:{local_server.free_port()}"
