@@ -223,9 +223,11 @@ def get_or_create_experiment(mlc: Any, name: str, uri: str) -> str:
 
 def limit_http_retries() -> None:
     """MLflow's own HTTP retries (7, up to minutes) would stall the writer thread: the queue
-    retries instead. Only defaults: values the user set are kept."""
+    retries instead. Only defaults: values the user set are kept. Nor does MLflow print (to stdout,
+    under the progress lines or a --json object) and look up each run's URL as it ends."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def _probe_http(uri: str, name: str, timeout: float, write: bool = True) -> None:

@@ -391,7 +391,7 @@ class Outage(Callback):
 
 
 @pytest.mark.slow  # a real server starts in 10-40 s on a 2-core box
-def test_real_server_outage(ray_local, tmp_path):
+def test_real_server_outage(ray_local, tmp_path, capfd):
     """A real ``mlflow server`` on loopback (behind a proxy that can cut it off): an unreachable
     server fails the check in seconds; one that drops out mid-study and comes back fails no trial
     and every record lands; one that stays away until the end leaves the rest in the pending file,
@@ -431,6 +431,7 @@ def test_real_server_outage(ray_local, tmp_path):
         assert mlc.get_run(parent_id).info.status == "FINISHED"
         for kid in kids:
             assert [m.step for m in mlc.get_metric_history(kid.info.run_id, "map")] == [0, 1, 2, 3]
+        assert "View run" not in capfd.readouterr().out  # MLflow printed each run's URL as it ended
         mlflow_store.check_tracking(spec)  # the experiment exists now: read, and written to (a tag)
         assert mlc.get_experiment(exp_id).tags.get("search.checked") == "1"
         proxy.down()  # promote with the server down retried get_run for minutes (MLflow's 7 retries)
