@@ -68,14 +68,17 @@ def preflight(spec: Spec, address: str | None, weights: bool = True) -> None:
     """Checks run before Ray starts or anything is written, cheapest first: the Ray address
     answers (:class:`ClusterError`); the base weights load with ``weights_only`` and fit the model
     (:class:`SpecError`); the MLflow store answers (SpecError on ``tracking.uri``). The store check
-    comes last because for SQLite it creates the folder of ``mlflow.db``."""
+    comes last because for SQLite it creates the folder of ``mlflow.db``. ``weights=False``: a
+    resume's (the weights were checked at its launch; its fix cannot be to drop tracking.uri)."""
     address, key = given_address(address, spec.resources.address)
     if address:
         check_reachable(address, key=key)
     resolve_spec_weights(spec)
     if weights and (spec.model.weights or spec.model.weights_backbone):
         check_weights(spec)
-    mlflow_store.check_tracking(spec)
+    mlflow_store.check_tracking(
+        spec, fix=None if weights else "start the server (or fix its credentials), then resume."
+    )
 
 
 def trial_dirname(trial: Any) -> str:

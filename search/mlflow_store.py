@@ -306,7 +306,7 @@ def _plugin_schemes() -> set[str]:
     return {ep.name for ep in eps.select(group="mlflow.tracking_store")}
 
 
-def check_tracking(spec: Any, timeout: float = CHECK_TIMEOUT_S) -> None:
+def check_tracking(spec: Any, timeout: float = CHECK_TIMEOUT_S, fix: str | None = None) -> None:
     """Fail fast (SpecError on ``tracking.uri``, within about ``timeout`` seconds) when the tracking
     store cannot be used: an http(s) server that does not answer, refuses the credentials or is
     not MLflow; a SQLite file whose folder cannot be created."""
@@ -349,7 +349,7 @@ def check_tracking(spec: Any, timeout: float = CHECK_TIMEOUT_S) -> None:
                 "the default SQLite store).",
             )
         return  # other stores (file:, databases) are checked by the first write
-    check_server(uri, experiment_name(spec), timeout)
+    check_server(uri, experiment_name(spec), timeout, fix)
 
 
 def check_server(

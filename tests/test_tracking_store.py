@@ -107,6 +107,10 @@ def test_check_tracking_unreachable_server_fails_fast(tmp_path):
     # refused at once: "unreachable", not the "no answer" of a probe that waited for its timeout
     assert err.value.key == "tracking.uri" and "unreachable" in line and "no answer" not in line
     assert "hunter2" not in line and "\n" not in line
+    from search.launcher import preflight
+
+    with pytest.raises(SpecError, match=r"Fix: start the server \(or fix its credentials\), then resume"):
+        preflight(spec, None, weights=False)  # a resume cannot drop tracking.uri, as launch's fix said
     # a server that accepts and stays silent: the probe's timeout ends it, after one attempt
     silent = SilentServer()
     try:
