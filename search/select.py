@@ -17,6 +17,7 @@ from typing import Any
 
 from search import facts, mlflow_store, run_map, write_queue
 from search import study as S
+from search.study_folder import resume_command
 
 DEFAULT_ALIAS = "champion"
 
@@ -317,6 +318,12 @@ def promote(
             "register it anyway."
         )
     run_id = trial.get("run_id")
+    if not run_id and (exp_dir / write_queue.PENDING_FILE).is_file():
+        raise SelectError(
+            f"trial {trial['id']} has no MLflow run yet: the study's records that MLflow did not receive "
+            f"wait in {exp_dir / write_queue.PENDING_FILE}. Send them with: {resume_command(exp_dir)}, "
+            "then promote again"
+        )
     if not run_id:
         raise SelectError(
             f"trial {trial['id']} has no MLflow run in {exp_dir / run_map.RUNS_FILE}: the study was "

@@ -49,3 +49,20 @@ def test_a_store_that_is_not_there_is_not_created(cli_study, tmp_path):
     )
     assert meta["study"]["trial"] and (tmp_path / "b" / "weights.pt").is_file()
     assert not gone.parent.exists() and not (tmp_path / "lone" / mlflow_store.DB_FILE).exists()
+
+
+def test_promote_of_a_study_whose_records_wait_says_how_to_send_them(cli_study, tmp_path):
+    """MLflow was down until the launch ended: promote said 'the study was not recorded in MLflow'
+    although its records waited in the pending file for a resume to send them."""
+    from search import write_queue
+
+    exp_dir = _runs_copy(cli_study, tmp_path / "runs")
+    recorded = json.loads((exp_dir / run_map.RUNS_FILE).read_text())
+    recorded["runs"] = {}  # nothing reached the store: every run is still to be made
+    (exp_dir / run_map.RUNS_FILE).write_text(json.dumps(recorded))
+    (exp_dir / write_queue.PENDING_FILE).write_text('{"op": "open_run", "key": "parent"}\n')
+    proc = search("promote", str(exp_dir), "--model", "waiting", "--force", cwd=tmp_path)
+    one_error_line(
+        proc, "has no MLflow run yet", str(exp_dir / write_queue.PENDING_FILE), "then promote again"
+    )
+    assert f"python -m search resume {exp_dir}" in proc.stderr
