@@ -206,7 +206,7 @@ def _check_trials(trials: dict[str, Any], path: Path) -> None:
             for k, types in _TRIAL_FIELDS.items()
             if t.get(k) is not None and (isinstance(t[k], bool) or not isinstance(t[k], types))
         )
-        bad = "id" if t.setdefault("id", tid) != tid else "state" if "state" not in t else next(wrong, None)
+        bad = "id" if t.setdefault("id", tid) != tid else next(wrong, None)
         if bad is None and any(not isinstance(r, dict) for r in t.get("history") or []):
             bad = "history"
         if bad is not None:
