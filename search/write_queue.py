@@ -35,6 +35,7 @@ from search.study import RAY_KEYS, atomic_write_text, number
 from trainables.testhooks import pause_point
 
 log = logging.getLogger(__name__)
+FLUSH_ENV = "SEARCH_MLFLOW_FLUSH_S"  # seconds to wait for the queue at the end of a study
 
 PENDING_FILE = "mlflow_pending.jsonl"
 # MLflow limits (mlflow.utils.validation): key length, param value length, batch sizes.
@@ -181,6 +182,11 @@ class WriteQueue:
     def close(self, timeout: float) -> list[dict[str, Any]]:
         """Flush for up to ``timeout`` s, stop the thread, save what is left (and what was
         rejected) to the pending file; returns the unwritten ops."""
+        if self.down_since is not None and self.pending():  # the wait would pass in silence
+            log.warning(
+                "MLflow store %s still unavailable: waiting up to %.0fs for it, then %d record(s) are kept "
+                "for the next resume (%s sets the wait)", redact(self.uri), timeout, self.pending(), FLUSH_ENV
+            )  # fmt: skip
         self.flush(timeout)
         with self.cond:
             self._stop = True

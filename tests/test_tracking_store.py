@@ -145,7 +145,7 @@ def test_a_web_server_that_is_not_mlflow_is_refused(tmp_path):
     assert "did not answer like an MLflow server (HTTP 404" in err.value.line(), err.value.line()
 
 
-def test_write_queue_keeps_unwritten_records_when_store_is_down(tmp_path):
+def test_write_queue_keeps_unwritten_records_when_store_is_down(tmp_path, caplog):
     runs = run_map.RunMap(tmp_path)
     uri = f"http://127.0.0.1:{local_server.free_port()}"
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -155,8 +155,15 @@ def test_write_queue_keeps_unwritten_records_when_store_is_down(tmp_path):
     queue.start()
     queue.put({"op": "open_run", "key": "parent", "name": "p", "tags": {}})
     queue.put({"op": "log", "key": "parent", "metrics": [["m", 1.0, 1, 0]], "params": {}, "tags": {}})
+    import time
+
+    deadline = time.time() + 30
+    while queue.down_since is None and time.time() < deadline:
+        time.sleep(0.05)
     left = queue.close(timeout=1.5)
     assert len(left) == 2 and queue.failures >= 1 and queue.written == 0
+    # the wait at the end is said, not passed in silence (a Ctrl-C with the server down: a silent minute)
+    assert "still unavailable: waiting up to 2s for it, then 2 record(s) are kept" in caplog.text
     lines = (tmp_path / write_queue.PENDING_FILE).read_text().splitlines()
     assert [json.loads(x)["op"] for x in lines] == ["open_run", "log"]
     again = write_queue.WriteQueue(uri, "e", runs, tmp_path / write_queue.PENDING_FILE)
