@@ -385,6 +385,13 @@ def check_server(
 
 
 def short_reason(text: str) -> str:
+    if "SSL" in text:  # the cause is at the end of MLflow's and urllib3's text, past what is kept
+        cause = re.search(r"\[SSL: ([A-Z_]+)\]|(certificate verify failed[^')]*)", text)
+        what = (cause.group(1) or cause.group(2)) if cause else "SSL error"
+        hint = {"WRONG_VERSION_NUMBER": " (https:// to a plain http server?)"}.get(what, "")
+        if "CERTIFICATE_VERIFY_FAILED" in what or "certificate verify failed" in what:
+            hint = " (MLFLOW_TRACKING_SERVER_CERT_PATH names the CA that signed the server's certificate)"
+        return f"TLS failed: {what}{hint}"
     for key in (
         "Connection refused",
         "Name or service not known",

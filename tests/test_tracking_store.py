@@ -140,9 +140,12 @@ def test_a_web_server_that_is_not_mlflow_is_refused(tmp_path):
         spec = load_spec(write_spec(tmp_path, tracking={"uri": uri}))
         with pytest.raises(SpecError) as err:
             mlflow_store.check_tracking(spec)
+        with pytest.raises(SpecError) as tls:  # the cause was cut off after "Max retri"
+            mlflow_store.check_server(uri.replace("http://", "https://"), "e")
     finally:
         web.shutdown()
     assert "did not answer like an MLflow server (HTTP 404" in err.value.line(), err.value.line()
+    assert "TLS failed: WRONG_VERSION_NUMBER (https:// to a plain http server?)" in tls.value.line()
 
 
 def test_write_queue_keeps_unwritten_records_when_store_is_down(tmp_path, caplog):
