@@ -313,14 +313,16 @@ def _rebuild_checked(cfg: Any, model: Any, meta: dict[str, Any]) -> tuple[Any, l
 
 def _write_weights(tmp: Path, rebuilt: Any, meta: dict[str, Any], key_env: str | None) -> None:
     """``weights.pt``, or with ``key_env`` ``weights.pt.enc`` (AES-256-GCM, see bundle_load)."""
-    from trainables.checkpoint import serialized
+    from trainables.checkpoint import save_state  # a full disk: its OSError, not torch's text
 
-    state = serialized(rebuilt.state_dict())  # in memory: see trainables.checkpoint.serialized
     if key_env is None:
-        (tmp / WEIGHTS_FILE).write_bytes(state)
+        with open(tmp / WEIGHTS_FILE, "wb") as f:
+            save_state(rebuilt.state_dict(), f)
         return
+    buf = io.BytesIO()
+    save_state(rebuilt.state_dict(), buf)
     try:
-        data, meta["encryption"] = bundle_load.encrypt_weights(state, key_env)
+        data, meta["encryption"] = bundle_load.encrypt_weights(buf.getvalue(), key_env)
     except ValueError as exc:
         raise BundleError(str(exc)) from None
     meta["weights_file"] = WEIGHTS_FILE + ".enc"

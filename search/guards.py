@@ -144,7 +144,7 @@ def _check_writable(out: Path, given: str, key: str, folder: bool, writable: boo
         raise SpecError(key, f"{given!r} is a file, and a folder is written there.", "pass a folder path.")
     if not folder and out.is_dir():
         raise SpecError(key, f"{given!r} is a folder, and a file is written there.", "pass a file path.")
-    above = out.parent
+    above = out if folder and out.is_dir() else out.parent  # an existing folder is written into itself
     while not above.exists() and above != above.parent:
         above = above.parent
     if not above.is_dir():

@@ -76,9 +76,7 @@ def preflight(spec: Spec, address: str | None, weights: bool = True) -> None:
     resolve_spec_weights(spec)
     if weights and (spec.model.weights or spec.model.weights_backbone):
         check_weights(spec)
-    mlflow_store.check_tracking(
-        spec, fix=None if weights else "start the server (or fix its credentials), then resume."
-    )
+    mlflow_store.check_tracking(spec, again=None if weights else "resume")
 
 
 def trial_dirname(trial: Any) -> str:
@@ -233,6 +231,26 @@ def apply_name(spec: Spec, name: str | None) -> None:
     spec.name = name
 
 
+def _resumable(exp_dir: Path) -> None:
+    """A SpecError when the folder holds nothing a resume can continue (yet)."""
+    if never_started(exp_dir) and not lock_held(exp_dir):
+        raise SpecError(
+            "resume",
+            f"{exp_dir}: its launch stopped before its first trial was saved, so there is nothing to resume.",
+            "launch the spec again (the same launch command): it starts this study over.",
+        )
+    if not (exp_dir / "tuner.pkl").is_file() and lock_held(exp_dir):
+        raise SpecError(
+            "resume", f"{exp_dir}: its launch is still starting (it holds the study)", RUNNING_FIX
+        )
+    if not (exp_dir / "tuner.pkl").is_file():
+        raise SpecError(
+            "resume",
+            f"{exp_dir} holds no Ray experiment state (tuner.pkl), so there is nothing to resume",
+            "resume the folder a 'launch' made (status and best read this one as it is), or launch the spec.",
+        )
+
+
 def resume(
     exp_dir: Path,
     *,
@@ -250,18 +268,7 @@ def resume(
     from ray import tune
 
     exp_dir = Path(exp_dir).resolve()
-    if never_started(exp_dir) and not lock_held(exp_dir):
-        raise SpecError(
-            "resume",
-            f"{exp_dir}: its launch stopped before its first trial was saved, so there is nothing to resume.",
-            "launch the spec again (the same launch command): it starts this study over.",
-        )
-    if not (exp_dir / "tuner.pkl").is_file():
-        raise SpecError(
-            "resume",
-            f"{exp_dir} holds no Ray experiment state (tuner.pkl), so there is nothing to resume",
-            "resume the folder a 'launch' made (status and best read this one as it is), or launch the spec.",
-        )
+    _resumable(exp_dir)
     spec = read_spec(exp_dir)
     refuse_elsewhere(spec, exp_dir)
     preflight(spec, address, weights=False)

@@ -95,14 +95,11 @@ def artifact_location(uri: str, name: str) -> str | None:
 
 def client(uri: str) -> Any:
     """An ``MlflowClient`` on ``uri`` for tracking and the model registry (a SQLite store that does
-    not exist yet is made whole first: :func:`make_sqlite_store`; a server's calls are not retried
-    for minutes: :func:`limit_http_retries`)."""
+    not exist yet is made whole first: :func:`make_sqlite_store`)."""
     from mlflow import MlflowClient
 
     if (db := sqlite_file(uri)) is not None:
         make_sqlite_store(db)
-    if is_http(uri):
-        limit_http_retries()
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -230,7 +227,7 @@ def limit_http_retries() -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
-def _probe_http(uri: str, name: str, timeout: float, write: bool = True) -> None:
+def _probe_http(uri: str, name: str, timeout: float, write: bool = True, again: str | None = None) -> None:
     """One read of the experiment (the server answers, is MLflow, takes the credentials) and, when
     the experiment exists already (perhaps another user's), one harmless write to it (``write``)."""
     from mlflow.utils.credentials import get_default_host_creds
@@ -249,7 +246,7 @@ def _probe_http(uri: str, name: str, timeout: float, write: bool = True) -> None
             "tracking.uri",
             f"the MLflow server {redact(uri)} refused the credentials (HTTP {resp.status_code}).",
             f"{'check' if given else 'set'} MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or "
-            "MLFLOW_TRACKING_TOKEN, in the environment.",
+            f"MLFLOW_TRACKING_TOKEN, in the environment{f', then {again}' if again else ''}.",
         )
     found = _json(resp)
     # a missing experiment is MLflow's 404 with its error code; another 404 (a path, a proxy) is not MLflow
@@ -258,7 +255,9 @@ def _probe_http(uri: str, name: str, timeout: float, write: bool = True) -> None
             "tracking.uri",
             f"{redact(uri)} did not answer like an MLflow server (HTTP {resp.status_code} for "
             "experiments/get-by-name).",
-            "check the URL (and the path a proxy serves MLflow under) and that it is an MLflow server.",
+            f"make the MLflow server the study used answer at this address, then {again}."
+            if again
+            else "check the URL (and the path a proxy serves MLflow under) and that it is an MLflow server.",
         )
     if write and resp.status_code == 200:
         tag = {
@@ -270,7 +269,9 @@ def _probe_http(uri: str, name: str, timeout: float, write: bool = True) -> None
             raise SpecError(
                 "tracking.experiment",
                 f"the MLflow server {redact(uri)} lets this user read the experiment {name!r}, not write it.",
-                "ask its owner for edit permission, or set tracking.experiment to an experiment of your own.",
+                f"ask its owner for edit permission, then {again}."
+                if again
+                else "ask its owner for edit permission, or set tracking.experiment to one of your own.",
             )
 
 
@@ -306,7 +307,7 @@ def _plugin_schemes() -> set[str]:
     return {ep.name for ep in eps.select(group="mlflow.tracking_store")}
 
 
-def check_tracking(spec: Any, timeout: float = CHECK_TIMEOUT_S, fix: str | None = None) -> None:
+def check_tracking(spec: Any, timeout: float = CHECK_TIMEOUT_S, again: str | None = None) -> None:
     """Fail fast (SpecError on ``tracking.uri``, within about ``timeout`` seconds) when the tracking
     store cannot be used: an http(s) server that does not answer, refuses the credentials or is
     not MLflow; a SQLite file whose folder cannot be created."""
@@ -349,26 +350,27 @@ def check_tracking(spec: Any, timeout: float = CHECK_TIMEOUT_S, fix: str | None 
                 "the default SQLite store).",
             )
         return  # other stores (file:, databases) are checked by the first write
-    check_server(uri, experiment_name(spec), timeout, fix)
+    check_server(uri, experiment_name(spec), timeout, again)
 
 
 def check_server(
-    uri: str, experiment: str, timeout: float = CHECK_TIMEOUT_S, fix: str | None = None, write: bool = True
+    uri: str, experiment: str, timeout: float = CHECK_TIMEOUT_S, again: str | None = None, write: bool = True
 ) -> None:
     """An http(s) tracking server answers as MLflow within about ``timeout`` s and takes this
-    user's credentials (and writes: ``write``); a SpecError on ``tracking.uri`` with ``fix``."""
+    user's credentials (and writes: ``write``); else a SpecError whose fix ends in ``again`` (a
+    command that cannot change the store, e.g. "resume") or, for a launch, names the spec's keys."""
     box: dict[str, BaseException | None] = {}
 
     def probe() -> None:
         try:
-            _probe_http(uri, experiment, timeout, write)
+            _probe_http(uri, experiment, timeout, write, again)
             box["error"] = None
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
             box["error"] = exc
 
     worker = threading.Thread(target=probe, daemon=True, name="mlflow-probe")
     worker.start()
-    worker.join(timeout + 1.0)
+    worker.join(timeout * (2 if write else 1) + 1.0)  # a read, and a write when the experiment exists
     err = box.get("error", TimeoutError(f"no answer within {timeout:.0f}s"))
     if err is None:
         return
@@ -380,7 +382,9 @@ def check_server(
     raise SpecError(
         "tracking.uri",
         f"the MLflow server {redact(uri)} is {cause} ({short_reason(reason)}).",
-        fix or "start the server, fix tracking.uri, or remove tracking.uri to record into the local store.",
+        f"start the server (or make it reachable), then {again}."
+        if again
+        else "start the server, fix tracking.uri, or remove tracking.uri to record into the local store.",
     )
 
 

@@ -293,6 +293,11 @@ class StudySearch(OptunaSearch):
         return rule if rule in VALUE_RULES else None
 
     def restore(self, checkpoint_path: str) -> None:
+        """Ray's restore on resume (the searcher itself comes unpickled from tuner.pkl, its journal
+        not opened again): the journal is mended before anything is appended to it."""
+        journal = getattr(getattr(self._storage, "_backend", None), "_file_path", None)
+        if journal:
+            mend_journal(Path(journal))
         keep = {k: getattr(self, k, None) for k in self._RUNTIME}
         super().restore(checkpoint_path)
         self.__dict__.update(keep)

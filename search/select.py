@@ -277,10 +277,22 @@ def _registry_store(exp_dir: Path) -> tuple[str, Any]:
             f"with its output folder, or copy {mlflow_store.DB_FILE} beside the study folder"
         )
     if mlflow_store.is_http(uri):  # down, or refusing: one line in seconds (MLflow retried for minutes)
-        mlflow_store.check_server(
-            uri, experiment, fix="start the server (or fix its credentials), then run it again."
-        )
+        mlflow_store.check_server(uri, experiment, again="run it again", write=False)
     return uri, mlflow_store.client(uri)
+
+
+def _no_run(exp_dir: Path, trial_id: str) -> str:
+    """Why a trial has no MLflow run to register from (a SelectError)."""
+    if (exp_dir / write_queue.PENDING_FILE).is_file():
+        raise SelectError(
+            f"trial {trial_id} has no MLflow run yet: the study's records that MLflow did not receive "
+            f"wait in {exp_dir / write_queue.PENDING_FILE}. Send them with: {resume_command(exp_dir)}, "
+            "then promote again"
+        )
+    raise SelectError(
+        f"trial {trial_id} has no MLflow run in {exp_dir / run_map.RUNS_FILE}: the study was "
+        "not recorded in MLflow, so there is no run to register from"
+    )
 
 
 def promote(
@@ -317,18 +329,7 @@ def promote(
             f"refusing to promote trial {trial['id']} as {model}@{alias}: {why}. Pass --force to "
             "register it anyway."
         )
-    run_id = trial.get("run_id")
-    if not run_id and (exp_dir / write_queue.PENDING_FILE).is_file():
-        raise SelectError(
-            f"trial {trial['id']} has no MLflow run yet: the study's records that MLflow did not receive "
-            f"wait in {exp_dir / write_queue.PENDING_FILE}. Send them with: {resume_command(exp_dir)}, "
-            "then promote again"
-        )
-    if not run_id:
-        raise SelectError(
-            f"trial {trial['id']} has no MLflow run in {exp_dir / run_map.RUNS_FILE}: the study was "
-            "not recorded in MLflow, so there is no run to register from"
-        )
+    run_id = trial.get("run_id") or _no_run(exp_dir, trial["id"])
     uri, mlc = _registry_store(exp_dir)
     tags = lineage(exp_dir, trial)
     if force and not beats:

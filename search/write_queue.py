@@ -185,7 +185,7 @@ class WriteQueue:
         if self.down_since is not None and self.pending():  # the wait would pass in silence
             log.warning(
                 "MLflow store %s still unavailable: waiting up to %.0fs for it, then %d record(s) are kept "
-                "for the next resume (%s sets the wait)", redact(self.uri), timeout, self.pending(), FLUSH_ENV
+                "for the next resume", redact(self.uri), timeout, self.pending()
             )  # fmt: skip
         self.flush(timeout)
         with self.cond:

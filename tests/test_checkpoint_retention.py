@@ -111,3 +111,26 @@ def test_keep_top_trims_an_ended_kept_trial_to_its_best(tmp_path):
         assert left == (["checkpoint_000001"] if ended else ["checkpoint_000001", "checkpoint_000003"]), tid
         assert (trials[tid]["latest_checkpoint"] == trials[tid]["checkpoint"]) is ended
     assert trim_kept({"trials": trials}) == 0  # nothing left to trim
+
+
+def test_a_checkpoint_the_disk_cannot_hold_raises_the_disk_error(tmp_path):
+    """torch's writer turned a full disk into 'RuntimeError: [enforce fail at inline_container.cc]
+    unexpected pos', which search.failures could not tell from a trial's own failure (no retry from
+    the last checkpoint); the OSError now comes through, and no temporary file stays."""
+    import subprocess
+    import sys
+
+    code = (
+        "import errno, resource, signal, sys, torch; from pathlib import Path\n"
+        "from trainables.checkpoint import save_weights\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))\n"
+        "try:\n    save_weights(torch.nn.Linear(500, 500), Path(sys.argv[1]))\n"
+        "except OSError as e:\n    print('OSError', e.errno == errno.EFBIG)\n"
+    )
+    target = tmp_path / "w.pt"
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(target)], capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout.strip() == "OSError True", done.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []

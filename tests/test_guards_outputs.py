@@ -200,6 +200,13 @@ def test_an_unwritable_output_dir_is_named_as_the_cause(tmp_path, monkeypatch, n
         launch(spec, name=name)
     assert err.value.key == "output_dir" and "is not writable" in err.value.message, str(err.value)
     assert list(out.iterdir()) == []
+    study = out / "runs" / (name or spec.name)  # already there and writable: only it is written into
+    study.mkdir(parents=True)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != out / "runs" and real_access(p, mode))
+    with pytest.raises(SpecError) as err:  # on past the check: the server at port 9 does not answer
+        launch(spec, name=name)
+    assert err.value.key == "tracking.uri", str(err.value)
 
 
 def test_predict_min_score_outside_0_1_exits_2(tmp_path):

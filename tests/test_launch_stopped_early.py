@@ -122,3 +122,22 @@ def test_a_full_disk_is_one_line_naming_the_file(monkeypatch, capsys):
     assert (
         err == "error: No space left on device (/data/out/b/weights.pt): free some space, then run it again."
     )
+
+
+def test_resume_while_its_launch_is_starting_says_so(tmp_path):
+    """A launch holding the study before Ray's first save: resume said to resume 'the folder a
+    launch made', as for a folder no launch made."""
+    from search.errors import SpecError
+    from search.guards import StudyLock
+    from search.launcher import resume
+
+    folder = tmp_path / "starting"
+    folder.mkdir()
+    (folder / S.STUDY_FILE).write_text(json.dumps({"name": "starting", "status": "running", "trials": {}}))
+    lock = StudyLock(folder).acquire()  # this process stands for the launch
+    try:
+        with pytest.raises(SpecError, match="its launch is still starting") as err:
+            resume(folder)
+        assert "wait for it to end" in str(err.value)
+    finally:
+        lock.release()

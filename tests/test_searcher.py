@@ -203,14 +203,19 @@ def test_a_rerun_of_the_reference_trial_is_still_the_reference(tmp_path):
 def test_a_journal_cut_off_mid_record_is_mended_before_it_is_written_again(tmp_path, caplog):
     """A full disk cut the journal's last record; the next resume appended to it, gluing two records
     into a line Optuna could not read, and every later resume failed."""
+    import pickle
+
     journal = tmp_path / "optuna.journal"
     s = study_search(journal, "cut", 3)
     s.suggest("a")
     s.on_trial_complete("a", {"epoch": 3, "map": 0.4})
+    ckpt = tmp_path / "searcher-state.pkl"
+    s.save(str(ckpt))  # Ray's save
     s.suggest("b")
     whole = journal.read_bytes()
     journal.write_bytes(whole[:-30])  # the last record, not saved whole
-    again = study_search(journal, "cut", 3)  # resume opens it again, then writes
+    again = pickle.loads(pickle.dumps(s))  # resume: the searcher comes from tuner.pkl, as Ray pickled it
+    again.restore(str(ckpt))
     again.suggest("c")
     study = load_study(journal, "cut")  # a line Optuna cannot read raised here
     assert [t.state for t in study.trials][:1] == [optuna.trial.TrialState.COMPLETE]

@@ -73,6 +73,9 @@ def test_basic_auth_credentials_and_write_permission(tmp_path, monkeypatch):
         assert check("bob", "bob-Pass-123456", "bobs") is None  # a new one: his to create
         err = check("bob", "bob-Pass-123456", "alices")  # READ only: was passed, then all refused
         assert err is not None and err.key == "tracking.experiment" and "not write it" in err.line()
+        assert "or set tracking.experiment to one of your own." in err.line()
+        with pytest.raises(SpecError, match=r"Fix: ask its owner for edit permission, then resume\.$"):
+            mlflow_store.check_server(uri, "alices", 15.0, again="resume")  # a resume cannot change it
         err = check("bob", "wrong", "bobs")
         assert err is not None and "refused the credentials (HTTP 401)" in err.line()
         assert "Fix: check MLFLOW_TRACKING_USERNAME" in err.line() and "wrong" not in err.line()

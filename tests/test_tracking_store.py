@@ -109,7 +109,7 @@ def test_check_tracking_unreachable_server_fails_fast(tmp_path):
     assert "hunter2" not in line and "\n" not in line
     from search.launcher import preflight
 
-    with pytest.raises(SpecError, match=r"Fix: start the server \(or fix its credentials\), then resume"):
+    with pytest.raises(SpecError, match=r"Fix: start the server \(or make it reachable\), then resume[.]"):
         preflight(spec, None, weights=False)  # a resume cannot drop tracking.uri, as launch's fix said
     # a server that accepts and stays silent: the probe's timeout ends it, after one attempt
     silent = SilentServer()
@@ -145,7 +145,7 @@ def test_a_web_server_that_is_not_mlflow_is_refused(tmp_path):
     finally:
         web.shutdown()
     assert "did not answer like an MLflow server (HTTP 404" in err.value.line(), err.value.line()
-    assert "TLS failed: WRONG_VERSION_NUMBER (https:// to a plain http server?)" in tls.value.line()
+    assert "is unreachable (TLS failed: " in tls.value.line(), tls.value.line()  # OpenSSL words the rest
 
 
 def test_write_queue_keeps_unwritten_records_when_store_is_down(tmp_path, caplog):

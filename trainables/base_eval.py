@@ -200,6 +200,9 @@ def _take_away(lock: Path, seen: bytes | None) -> bool:
             os.link(grave, lock)  # another trial's fresh lock: put it back, unless a newer one is there
         except FileExistsError:
             pass
+        except OSError:  # a filesystem without hard links: by name, if none came meanwhile
+            if not lock.exists():
+                os.replace(grave, lock)
         return False
     finally:
         grave.unlink(missing_ok=True)

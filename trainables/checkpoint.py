@@ -27,7 +27,6 @@ RNG states are stored as tensors and lists of ints so that ``weights_only`` load
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import random
@@ -102,13 +101,34 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def serialized(obj: Any) -> bytes:
-    """``torch.save``'s bytes, made in memory: torch's zip writer, writing to a file that the disk
-    cannot hold, failed as 'enforce fail at inline_container.cc ... unexpected pos' or aborted the
-    process from its destructor; a plain write says ENOSPC."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
+class _Writes:
+    """A file for ``torch.save`` that keeps the OSError its write raised: torch's zip writer turns
+    a full disk into 'enforce fail at inline_container.cc ... unexpected pos'."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> Any:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_state(obj: Any, f: Any) -> None:
+    """``torch.save(obj, f)``, streamed; a full disk raises its OSError (ENOSPC: search.failures
+    tells it from a trial's own failure) instead of torch's RuntimeError."""
+    out = _Writes(f)
+    try:
+        torch.save(obj, out)
+    except RuntimeError:
+        if out.error is not None:
+            raise out.error from None
+        raise
 
 
 def atomic_write(path: Path, write: Any) -> None:
@@ -171,7 +191,7 @@ def save(
         "rng": rng_state() if rng else None,
         "extra": dict(extra or {}),
     }
-    atomic_write(path, lambda f: f.write(serialized(state)))
+    atomic_write(path, lambda f: save_state(state, f))
     return path
 
 
@@ -265,5 +285,5 @@ def save_weights(model: torch.nn.Module, path: Path, half: bool = False) -> Path
         for k, v in model.state_dict().items()
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(Path(path), lambda f: f.write(serialized(state)))
+    atomic_write(Path(path), lambda f: save_state(state, f))
     return Path(path)
