@@ -293,14 +293,19 @@ class StudySearch(OptunaSearch):
         return rule if rule in VALUE_RULES else None
 
     def restore(self, checkpoint_path: str) -> None:
-        """Ray's restore on resume (the searcher itself comes unpickled from tuner.pkl, its journal
-        not opened again): the journal is mended before anything is appended to it."""
-        journal = getattr(getattr(self._storage, "_backend", None), "_file_path", None)
-        if journal:
-            mend_journal(Path(journal))
+        """Ray's restore on resume (the searcher comes unpickled, its journal not opened again):
+        the journal is mended before anything reads or appends to it, and the byte offsets of its
+        records that the pickled backend remembers are forgotten (read again from the file)."""
         keep = {k: getattr(self, k, None) for k in self._RUNTIME}
         super().restore(checkpoint_path)
         self.__dict__.update(keep)
+        for storage in {
+            id(s): s for s in (self._storage, getattr(self._ot_study, "_storage", None))
+        }.values():
+            backend = getattr(storage, "_backend", None)
+            if getattr(backend, "_file_path", None):
+                mend_journal(Path(backend._file_path))
+                backend._log_number_offset = {0: 0}  # as JournalFileBackend starts
         self._adopt_orphans()
 
     def _adopt_orphans(self) -> None:

@@ -209,9 +209,9 @@ def test_a_journal_cut_off_mid_record_is_mended_before_it_is_written_again(tmp_p
     s = study_search(journal, "cut", 3)
     s.suggest("a")
     s.on_trial_complete("a", {"epoch": 3, "map": 0.4})
-    ckpt = tmp_path / "searcher-state.pkl"
-    s.save(str(ckpt))  # Ray's save
     s.suggest("b")
+    ckpt = tmp_path / "searcher-state.pkl"
+    s.save(str(ckpt))  # Ray's save: its backend remembers where each record it read begins
     whole = journal.read_bytes()
     journal.write_bytes(whole[:-30])  # the last record, not saved whole
     again = pickle.loads(pickle.dumps(s))  # resume: the searcher comes from tuner.pkl, as Ray pickled it
