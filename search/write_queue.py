@@ -148,6 +148,7 @@ class WriteQueue:
         self.last_error: str | None = None
         self.down_since: float | None = None
         self._stop = False
+        self._closed = False
         self._busy = False
         self._client: Any = None
         self._experiment_id: str | None = None
@@ -181,7 +182,12 @@ class WriteQueue:
 
     def close(self, timeout: float) -> list[dict[str, Any]]:
         """Flush for up to ``timeout`` s, stop the thread, save what is left (and what was
-        rejected) to the pending file; returns the unwritten ops."""
+        rejected) to the pending file; returns the unwritten ops. Once: a second close (a stop
+        that saves MLflow's records after Ray's own clean-up closed the queue) finds nothing to
+        write and leaves the pending file as the first one wrote it."""
+        if self._closed:
+            return []
+        self._closed = True
         if self.down_since is not None and self.pending():  # the wait would pass in silence
             log.warning(
                 "MLflow store %s still unavailable: waiting up to %.0fs for it, then %d record(s) are kept "
