@@ -29,6 +29,7 @@ EXIT_OK, EXIT_RUNTIME, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 # Exceptions from search.launcher / search.study that are user errors (exit 2), matched by name so
 # that this module imports neither Ray nor the launcher for the other commands.
 _USER_ERRORS = {"ClusterError", "ExperimentExists", "ExperimentNotFound", "StudyFileError"}
+_RUNTIME_LINES = {"DiskFull", "FolderGone"}  # the launcher's runtime stops: what was kept, what next (exit 1)
 
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         if os.environ.get("SEARCH_DEBUG"):
             raise
-        if type(exc).__name__ in ("DiskFull", "FolderGone"):  # the launcher's: what was kept, what next
+        if type(exc).__name__ in _RUNTIME_LINES:
             print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
             return EXIT_RUNTIME
         if (full := disk_full(exc)) is not None:

@@ -233,22 +233,24 @@ def apply_name(spec: Spec, name: str | None) -> None:
 
 def _resumable(exp_dir: Path) -> None:
     """A SpecError when the folder holds nothing a resume can continue (yet)."""
-    if never_started(exp_dir) and not lock_held(exp_dir):
+    held = lock_held(exp_dir)
+    if never_started(exp_dir) and not held:
         raise SpecError(
             "resume",
             f"{exp_dir}: its launch stopped before its first trial was saved, so there is nothing to resume.",
             "launch the spec again (the same launch command): it starts this study over.",
         )
-    if not (exp_dir / "tuner.pkl").is_file() and lock_held(exp_dir):
+    if (exp_dir / "tuner.pkl").is_file():
+        return
+    if held:
         raise SpecError(
             "resume", f"{exp_dir}: its launch is still starting (it holds the study)", RUNNING_FIX
         )
-    if not (exp_dir / "tuner.pkl").is_file():
-        raise SpecError(
-            "resume",
-            f"{exp_dir} holds no Ray experiment state (tuner.pkl), so there is nothing to resume",
-            "resume the folder a 'launch' made (status and best read this one as it is), or launch the spec.",
-        )
+    raise SpecError(
+        "resume",
+        f"{exp_dir} holds no Ray experiment state (tuner.pkl), so there is nothing to resume",
+        "resume the folder a 'launch' made (status and best read this one as it is), or launch the spec.",
+    )
 
 
 def resume(
@@ -420,7 +422,7 @@ def _fit(
         print(f"\nstopped immediately. Resume with:\n  {again}", file=sys.stderr, flush=True)
         raise
     except Exception as exc:
-        if getattr(state, "gone", None) is not None:  # Ray wraps what the callback raised
+        if state.gone is not None:  # Ray wraps what the callback raised
             raise state.gone from None
         if (full := disk_full(exc) or disk_full(exc, (errno.EROFS,))) is None:  # full, or read-only
             raise

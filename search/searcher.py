@@ -49,7 +49,6 @@ def journal_storage(path: Path) -> optuna.storages.BaseStorage:
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    mend_journal(Path(path))
     return JournalStorage(JournalFileBackend(str(path)))
 
 
@@ -299,9 +298,7 @@ class StudySearch(OptunaSearch):
         keep = {k: getattr(self, k, None) for k in self._RUNTIME}
         super().restore(checkpoint_path)
         self.__dict__.update(keep)
-        for storage in {
-            id(s): s for s in (self._storage, getattr(self._ot_study, "_storage", None))
-        }.values():
+        for storage in (self._storage, getattr(self._ot_study, "_storage", None)):  # maybe one object
             backend = getattr(storage, "_backend", None)
             if getattr(backend, "_file_path", None):
                 mend_journal(Path(backend._file_path))

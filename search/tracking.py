@@ -46,7 +46,6 @@ from search.mlflow_store import (
 from search.run_map import RunMap
 from search.study import SPACE_FILE, SPEC_FILE
 from search.write_queue import (
-    FLUSH_ENV,
     MAX_TAG_VALUE,
     PENDING_FILE,
     WriteQueue,
@@ -62,6 +61,7 @@ except ImportError:  # pragma: no cover - ray is a dependency
 
 log = logging.getLogger(__name__)
 
+FLUSH_ENV = "SEARCH_MLFLOW_FLUSH_S"  # seconds to wait for the queue at the end of a study
 _ENDINGS = ["stopped_early", "stopped_at_epoch", "failure_reason", "interrupted", "diverged"]  # rerun: drop
 
 

@@ -35,7 +35,6 @@ from search.study import RAY_KEYS, atomic_write_text, number
 from trainables.testhooks import pause_point
 
 log = logging.getLogger(__name__)
-FLUSH_ENV = "SEARCH_MLFLOW_FLUSH_S"  # seconds to wait for the queue at the end of a study
 
 PENDING_FILE = "mlflow_pending.jsonl"
 # MLflow limits (mlflow.utils.validation): key length, param value length, batch sizes.
