@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from search import study as S
-from search.commands import Command, Parser, add_name_args, register
+from search.commands import Command, Parser, add_name_args, register, user_path
 from search.errors import BadInput, SpecError
 from search.failures import disk_full
 from search.schedulers import scheduler_label
@@ -33,7 +33,7 @@ _RUNTIME_LINES = {"DiskFull", "FolderGone"}  # the launcher's runtime stops: wha
 
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("spec", type=Path, help="the YAML spec file")
+    p.add_argument("spec", type=user_path, help="the YAML spec file")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -64,11 +64,11 @@ def _trial_args(p: argparse.ArgumentParser) -> None:
     _add_spec_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.add_argument(
-        "--out", type=Path, default=None, help="trial folder (default <output_dir>/<name>/local/<time>)"
+        "--out", type=user_path, default=None, help="trial folder (default <output_dir>/<name>/local/<time>)"
     )
     p.add_argument(
         "--weights-out",
-        type=Path,
+        type=user_path,
         default=None,
         metavar="FILE",
         help="also write the best epoch's full weights as a plain state_dict (a base for other specs)",

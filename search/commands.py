@@ -6,6 +6,7 @@ one way, cli → command modules → this module. :class:`Parser` is the CLI's a
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -21,10 +22,16 @@ class Command(NamedTuple):
     verbose_log: bool = False  # True: the command's own INFO lines are shown without -v
 
 
+def user_path(value: str) -> Path:
+    """A path argument, ``~`` expanded as in the spec: the shell leaves ``--out=~/x`` and a quoted
+    ``'~/x'`` as they are, which wrote to a folder named ``~`` under the current one."""
+    return Path(value).expanduser()
+
+
 def add_name_args(p: argparse.ArgumentParser) -> None:
     """NAME (a study name or its experiment folder) and --output-dir, for commands on a study."""
-    p.add_argument("name", help="experiment NAME or folder path")
-    p.add_argument("--output-dir", type=Path, default=None, help="where NAME lives (default ./runs)")
+    p.add_argument("name", type=os.path.expanduser, help="experiment NAME or folder path")
+    p.add_argument("--output-dir", type=user_path, default=None, help="where NAME lives (default ./runs)")
 
 
 def register(sub: argparse._SubParsersAction, table: dict[str, Command]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from search import study as S
-from search.commands import Command, add_name_args
+from search.commands import Command, add_name_args, user_path
 from search.errors import BadInput
 
 UI_START_TIMEOUT_S = 180.0
@@ -44,7 +45,7 @@ def _promote_args(p: argparse.ArgumentParser) -> None:
 
 def _export_args(p: argparse.ArgumentParser) -> None:
     add_name_args(p)
-    p.add_argument("--out", type=Path, required=True, help="bundle folder (must not exist or be empty)")
+    p.add_argument("--out", type=user_path, required=True, help="bundle folder (must not exist or be empty)")
     p.add_argument("--trial", default=None, metavar="ID", help="trial id (default: the best trial)")
     p.add_argument("--no-torchscript", action="store_true", help="skip the TorchScript export")
     p.add_argument(
@@ -57,10 +58,10 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("bundle", type=Path, help="bundle folder from 'search export'")
-    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("bundle", type=user_path, help="bundle folder from 'search export'")
+    p.add_argument("images", type=user_path, nargs="+", metavar="IMAGE", help="image files")
     p.add_argument(
-        "--out", type=Path, default=None, help="write predictions.json, annotated images and mask PNGs here"
+        "--out", type=user_path, default=None, help="write predictions.json, annotated images and masks here"
     )
     p.add_argument(
         "--min-score", type=float, default=0.3, help="drop detections below this score (default 0.3)"
@@ -77,9 +78,9 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 
 def _ui_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "name", nargs="?", default=None, help="experiment NAME or folder (default: ./runs's store)"
+        "name", nargs="?", type=os.path.expanduser, help="experiment NAME or folder (default: ./runs's store)"
     )
-    p.add_argument("--output-dir", type=Path, default=None, help="where NAME lives (default ./runs)")
+    p.add_argument("--output-dir", type=user_path, default=None, help="where NAME lives (default ./runs)")
     p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000; 0 = any free)")
 
 
@@ -208,7 +209,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"  torchscript: {'ok (matches the eager model)' if ts.get('ok') else ts.get('error')}")
     needs = "torch and torchvision" if key_env is None else f"torch, torchvision, cryptography and ${key_env}"
     print(
-        f"  load it: cd {args.out} && python -c "
+        f"  load it: cd {shlex.quote(str(args.out))} && python -c "
         f"\"from load import load_bundle; model, meta = load_bundle('.')\" (needs {needs})"
     )
     return 0
@@ -306,14 +307,14 @@ def _interrupt(signum: int, frame: Any) -> None:
 def ui_store(name: str | None, output_dir: Path | None) -> tuple[str, str | None, Path]:
     """(tracking URI, experiment name or None, folder for the UI's log) of a study or of
     ``<output_dir>/mlflow.db``."""
-    from search import mlflow_store, select, write_queue
+    from search import mlflow_store, select
 
     if name:
         try:
             exp_dir = select.find_experiment(name, output_dir)
+            uri, experiment = select.study_store(exp_dir)  # not an empty store made where it was
         except select.SelectError as exc:
             raise _bad_input(exc) from None
-        uri, experiment = write_queue.recorded_store(exp_dir)
         return uri, experiment, exp_dir.parent
     folder = Path(output_dir or "runs").resolve()
     if not (folder / mlflow_store.DB_FILE).is_file():
@@ -343,6 +344,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         )
     extra: list[str] = []
     if (db := mlflow_store.sqlite_file(uri)) is not None:
+        mlflow_store.mend_moved(db)  # a moved or copied store: its own artifacts, not the old folder's
         art = db.parent / mlflow_store.ARTIFACTS_DIR
         extra = ["--no-serve-artifacts", "--default-artifact-root", art.resolve().as_uri()]
     log_path = folder / "mlflow-ui.log"

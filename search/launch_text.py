@@ -3,6 +3,7 @@ and the end-of-study summary."""
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ def mlflow_hint(spec: Spec) -> str:
     uri = mlflow_store.tracking_uri(spec)
     if uri.split(":", 1)[0].lower() in ("http", "https"):
         return f"open {uri} (experiment {spec.tracking.experiment or spec.name})"
-    return f"python -m search ui {spec.experiment_dir}"
+    return f"python -m search ui {shlex.quote(str(spec.experiment_dir))}"
 
 
 def print_summary(summary: dict[str, Any], spec: Spec | None = None) -> None:
@@ -62,7 +63,7 @@ def print_summary(summary: dict[str, Any], spec: Spec | None = None) -> None:
         print(f"  checkpoint: {best.get('checkpoint')}")
     else:
         print("no trial produced a result.")
-    print(f"status: python -m search status {exp_dir}")
+    print(f"status: python -m search status {shlex.quote(str(exp_dir))}")
     print(f"MLflow: {summary['mlflow']}")
     if summary.get("interrupted"):
         again = summary.get("resume_command") or resume_command(Path(exp_dir))

@@ -7,12 +7,14 @@ variables; user:password parts of URIs are redacted (:func:`redact`) in every me
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib.metadata
 import logging
 import os
 import re
 import socket
+import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
@@ -100,7 +102,66 @@ def client(uri: str) -> Any:
 
     if (db := sqlite_file(uri)) is not None:
         make_sqlite_store(db)
+        mend_moved(db)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def mend_moved(db: Path) -> int:
+    """Point a moved or copied SQLite store's experiments at the ``mlartifacts`` folder beside it.
+
+    MLflow records absolute artifact locations: after ``mv``/``cp -a`` of an output folder its
+    store still named the old folder's artifacts, so a promote of the copy wrote its bundle into
+    the original's folder (or recreated a moved one's) and the UI listed no artifacts. Only this
+    tool's experiments are mended (located at ``<db folder>/mlartifacts/<name>``, as
+    :func:`artifact_location` makes them) and only when that folder came along; one seen through
+    another path to the same store is left alone. Returns the number of experiments mended."""
+    here = (db.parent / ARTIFACTS_DIR).resolve()
+    if not here.is_dir() or not db.is_file():
+        return 0
+    try:
+        mended = _mend_locations(db, here)
+    except sqlite3.Error as exc:  # a read-only or busy store: read as it is
+        log.warning("MLflow store %s: could not point it at %s: %s", db, here, exc)
+        return 0
+    if mended:
+        log.info("MLflow store %s: artifact locations of %d experiment(s) moved to %s", db, mended, here)
+    return mended
+
+
+def _mend_locations(db: Path, here: Path) -> int:
+    from urllib.parse import unquote
+
+    mended = 0
+    with contextlib.closing(sqlite3.connect(db, timeout=30)) as con, con:
+        tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "experiments" not in tables:
+            return 0
+        rows = con.execute("SELECT experiment_id, name, artifact_location FROM experiments").fetchall()
+        for eid, name, loc in rows:
+            if not (loc or "").startswith("file://") or not name:
+                continue
+            old = Path(unquote(urlsplit(loc).path))
+            root = Path(str(old)[: -len(name)]) if str(old).endswith(f"/{ARTIFACTS_DIR}/{name}") else None
+            if root is None or root == here or _same_file(root.parent / db.name, db):
+                continue
+            new = (here / name).as_uri()
+            con.execute("UPDATE experiments SET artifact_location=? WHERE experiment_id=?", (new, eid))
+            for table, column in (("runs", "artifact_uri"), ("logged_models", "artifact_location")):
+                if table in tables:
+                    con.execute(
+                        f"UPDATE {table} SET {column} = ? || substr({column}, ?) "  # noqa: S608 - fixed names
+                        f"WHERE experiment_id=? AND substr({column}, 1, ?) = ?",
+                        (new, len(loc) + 1, eid, len(loc), loc),
+                    )
+            mended += 1
+    return mended
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
 
 
 CREATING = ".creating"  # the suffix of a SQLite store still being made (make_sqlite_store)

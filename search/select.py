@@ -58,7 +58,7 @@ def load_study_spec(exp_dir: Path) -> Any:
                 default = json.dumps(field.get_default(call_default_factory=True), default=str)
                 if model[key] is None or json.dumps(model[key], default=str) == default:
                     del model[key]
-    return build_spec(raw, Path(exp_dir), source=path)
+    return build_spec(raw, Path(exp_dir), source=path, outputs=False)  # it may have moved away
 
 
 def base_metric(status: dict[str, Any]) -> float | None:
@@ -267,15 +267,26 @@ def check_registry_names(model: str, alias: str) -> None:
         )
 
 
-def _registry_store(exp_dir: Path) -> tuple[str, Any]:
-    """The study's store and its client; a SQLite store that is not there is refused (MLflow
-    would create an empty one, without the study's runs)."""
+def study_store(exp_dir: Path) -> tuple[str, str]:
+    """(tracking URI, experiment) of a study's records; a SQLite store that is not there is
+    refused (MLflow would create an empty one, without the study's runs)."""
     uri, experiment = write_queue.recorded_store(exp_dir)
     if gone := mlflow_store.missing_sqlite(uri):
-        raise SelectError(
-            f"the study's MLflow store {gone} is not there (its runs are in it): move the study back "
-            f"with its output folder, or copy {mlflow_store.DB_FILE} beside the study folder"
-        )
+        spec_uri = mlflow_store.study_tracking(exp_dir)[0]
+        if spec_uri == mlflow_store.default_uri(Path(exp_dir).resolve().parent):
+            fix = (
+                f"move the study back with its output folder, or copy {mlflow_store.DB_FILE} beside "
+                "the study folder"
+            )
+        else:  # the spec's tracking.uri names it: a store beside the study is not read
+            fix = f"put the store back at {gone} (the spec's tracking.uri)"
+        raise SelectError(f"the study's MLflow store {gone} is not there (its runs are in it): {fix}")
+    return uri, experiment
+
+
+def _registry_store(exp_dir: Path) -> tuple[str, Any]:
+    """The study's store (:func:`study_store`) and its client."""
+    uri, experiment = study_store(exp_dir)
     if mlflow_store.is_http(uri):  # down, or refusing: one line in seconds (MLflow retried for minutes)
         mlflow_store.check_server(uri, experiment, again="run it again", write=False)
     return uri, mlflow_store.client(uri)

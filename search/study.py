@@ -91,18 +91,18 @@ class StudyFileError(ExperimentNotFound, ValueError):
 
 
 def resolve_experiment(name: str | Path, output_dir: Path | None = None) -> Path:
-    """The experiment folder for ``name``: with ``output_dir``, ``<output_dir>/<name>`` (or ``name``
-    itself when it is a path: it has a ``/``) and nothing else; without, the folder ``name``, else
-    ``./runs/<name>``. A folder counts when it holds ``study.json`` or ``spec.yaml``."""
+    """The experiment folder (holding ``study.json`` or ``spec.yaml``) for ``name``: with
+    ``output_dir``, ``<output_dir>/<name>`` (or ``name`` itself when it is a path: it has a ``/``)
+    only; without, the folder ``name`` or ``./runs/<name>``, refused when both are studies."""
+    candidates = [Path(name), Path("runs") / str(name)]
     if output_dir is not None:
-        candidates = [Path(output_dir) / str(name)]
-        if os.sep in str(name) or Path(name).is_absolute():
-            candidates.insert(0, Path(name))
-    else:
-        candidates = [Path(name), Path("runs") / str(name)]
-    for cand in candidates:
-        if cand.is_dir() and ((cand / STUDY_FILE).is_file() or (cand / SPEC_FILE).is_file()):
-            return cand.resolve()
+        candidates = candidates[:1] if os.sep in str(name) or Path(name).is_absolute() else []
+        candidates.append(Path(output_dir) / str(name))
+    found = [c.resolve() for c in candidates if (c / STUDY_FILE).is_file() or (c / SPEC_FILE).is_file()]
+    if len(set(found)) > 1 and output_dir is None and os.sep not in str(name):  # neither is guessed
+        raise ExperimentNotFound(f"both {found[0]} and {found[1]} hold a study: pass the path of one.")
+    if found:
+        return found[0]
     for cand in candidates:
         if (cand / guards.LOCK_FILE).is_file():  # the lock alone: a launch starting, or killed then
             raise ExperimentNotFound(

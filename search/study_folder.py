@@ -126,8 +126,11 @@ def refuse_elsewhere(spec: Any, exp_dir: Path) -> None:
     ran, here = spec.experiment_dir.resolve(), Path(exp_dir).resolve()
     if ran == here:
         return
-    if (ran / S.STUDY_FILE).is_file():
+    uids = [run_map.read_runs(p).get("uid") for p in (ran, here)]
+    if (ran / S.STUDY_FILE).is_file() and (None in uids or uids[0] == uids[1]):
         what, fix = f"a copy of the study in {ran}", f"resume {ran} itself, or launch anew with --name"
+    elif (ran / S.STUDY_FILE).is_file():  # another study took the folder it ran in
+        what, fix = f"moved here from {ran}, where another study lies now", "launch it anew with --name"
     else:
         what, fix = f"moved here from {ran}", f"move it back to {ran} and resume it there"
     raise SpecError("resume", f"{here} is {what}; its records point there.", f"{fix}.")

@@ -28,6 +28,10 @@ def test_a_copied_output_folder_promotes_into_its_own_store(cli_study, tmp_path)
     assert int(version.version) == out["version"] == 1
     there = f"sqlite:///{(cli_study['runs'] / mlflow_store.DB_FILE).resolve()}"
     assert MlflowClient(there, registry_uri=there).search_registered_models("name='copied'") == []
+    # its bundle beside the copy's store, not in the original's folder (MLflow's absolute paths)
+    bundles = [p.relative_to(tmp_path) for p in tmp_path.glob("runs/mlartifacts/*/*/artifacts/bundle")]
+    assert len(bundles) == 1, bundles
+    assert not list(cli_study["runs"].glob("mlartifacts/*/*/artifacts/bundle"))
 
 
 def test_a_store_that_is_not_there_is_not_created(cli_study, tmp_path):
@@ -66,3 +70,46 @@ def test_promote_of_a_study_whose_records_wait_says_how_to_send_them(cli_study, 
         proc, "has no MLflow run yet", str(exp_dir / write_queue.PENDING_FILE), "then promote again"
     )
     assert f"python -m search resume {exp_dir}" in proc.stderr
+
+
+def test_ui_of_a_study_whose_store_is_not_there_creates_none(cli_study, tmp_path):
+    """The study folder came without its output folder's store: ui refused (exit 2) instead of
+    making an empty store, and the folder it ran in, where the store was."""
+    exp_dir = tmp_path / "lone" / NAME
+    shutil.copytree(cli_study["exp_dir"], exp_dir)
+    gone = tmp_path / "gone" / mlflow_store.DB_FILE
+    runs_file = exp_dir / run_map.RUNS_FILE
+    runs_file.write_text(
+        json.dumps({**json.loads(runs_file.read_text()), "tracking_uri": f"sqlite:///{gone}"})
+    )
+    proc = search("ui", str(exp_dir), "--port", "0", cwd=tmp_path, timeout=120)
+    one_error_line(proc, str(gone), "is not there")
+    assert not gone.parent.exists() and not (tmp_path / "lone" / mlflow_store.DB_FILE).exists()
+
+
+def test_home_in_command_line_paths_and_a_name_in_two_places(cli_study, tmp_path):
+    """``--output-dir=~/x`` and ``--out=~/x`` (which the shell leaves alone) are in the home folder,
+    as in the spec, not a folder named ``~`` here; a NAME that is both ``./NAME`` and
+    ``./runs/NAME`` is refused rather than one of them guessed."""
+    home, here = tmp_path / "home", tmp_path / "here"
+    _runs_copy(cli_study, home / "r")
+    here.mkdir()
+    obj = ok_json(search("status", NAME, "--output-dir=~/r", "--json", cwd=here, HOME=str(home)))
+    assert obj["name"] == NAME
+    meta = ok_json(
+        search(
+            "export",
+            NAME,
+            "--output-dir=~/r",
+            "--out=~/b",
+            "--no-torchscript",
+            "--json",
+            cwd=here,
+            HOME=str(home),
+        )
+    )
+    assert meta["study"]["trial"] and (home / "b" / "weights.pt").is_file() and not (here / "~").exists()
+    _runs_copy(cli_study, here / "runs")
+    shutil.copytree(cli_study["exp_dir"], here / NAME)
+    one_error_line(search("status", NAME, cwd=here), "both", str(here / NAME), "hold a study")
+    assert ok_json(search("status", f"./{NAME}", "--json", cwd=here))["name"] == NAME

@@ -221,6 +221,13 @@ def test_resume_runs_only_in_the_folder_the_study_ran_in(tmp_path):
     refuse_elsewhere(spec, ran)
     with pytest.raises(SpecError, match=f"is a copy of the study in {ran}"):
         refuse_elsewhere(spec, copy)
+    for d, uid in ((ran, "a1"), (copy, "a1")):  # the run map's uid names the study: the same
+        (d / "mlflow_runs.json").write_text(json.dumps({"uid": uid}))
+    with pytest.raises(SpecError, match=f"is a copy of the study in {ran}"):
+        refuse_elsewhere(spec, copy)
+    (ran / "mlflow_runs.json").write_text(json.dumps({"uid": "b2"}))  # another study took its place
+    with pytest.raises(SpecError, match=f"moved here from {ran}, where another study lies now; .* anew"):
+        refuse_elsewhere(spec, copy)
     (ran / "study.json").unlink()
     with pytest.raises(SpecError, match=f"moved here from {ran}; .* move it back"):
         refuse_elsewhere(spec, copy)

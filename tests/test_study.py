@@ -135,7 +135,9 @@ def test_output_dir_is_where_name_is_looked_up_and_nowhere_else(tmp_path, monkey
     for d in (tmp_path / "runs" / "k", tmp_path / "k", tmp_path / "other" / "k"):
         d.mkdir(parents=True)
         (d / S.STUDY_FILE).write_text("{}")
-    assert S.resolve_experiment("k") == (tmp_path / "k").resolve()
+    with pytest.raises(S.ExperimentNotFound, match="both .*k and .*runs/k hold a study"):
+        S.resolve_experiment("k")  # two studies: neither is guessed (./k was taken silently)
+    assert S.resolve_experiment("./k") == (tmp_path / "k").resolve()
     assert S.resolve_experiment("k", tmp_path / "other") == (tmp_path / "other" / "k").resolve()
     with pytest.raises(S.ExperimentNotFound, match="looked in: nowhere/k"):
         S.resolve_experiment("k", Path("nowhere"))

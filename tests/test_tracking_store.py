@@ -269,3 +269,32 @@ def test_a_store_being_made_when_its_process_is_killed_is_not_left_half_made(tmp
     mlc.log_metric(run.info.run_id, "map50", 0.5)
     assert mlc.get_run(run.info.run_id).data.metrics == {"map50": 0.5}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]  # the leftover is gone
+
+
+def test_a_moved_or_copied_store_keeps_its_artifacts_beside_it(tmp_path):
+    """MLflow records absolute artifact locations: a copied output folder's store named the
+    original's artifacts (a promote of the copy wrote its bundle there; with the original moved
+    away the UI listed none). Opening the copy's store points this tool's experiments at the
+    ``mlartifacts`` beside it; another tool's experiment and a store seen through a link are left."""
+    import shutil
+
+    ran = tmp_path / "ran"
+    ran.mkdir()
+    uri = f"sqlite:///{ran / mlflow_store.DB_FILE}"
+    mlc = mlflow_store.client(uri)
+    ours = mlc.create_experiment("st x", artifact_location=mlflow_store.artifact_location(uri, "st x"))
+    theirs = mlc.create_experiment("other", artifact_location=(tmp_path / "elsewhere").as_uri())
+    run = mlc.create_run(ours).info.run_id
+    (tmp_path / "f.txt").write_text("x")
+    mlc.log_artifact(run, str(tmp_path / "f.txt"), "bundle")
+    (ran / "linked").symlink_to(ran)  # the same store seen through another path: nothing to mend
+    assert mlflow_store.mend_moved(ran / "linked" / mlflow_store.DB_FILE) == 0
+    shutil.copytree(ran, tmp_path / "copy", symlinks=True)
+    shutil.move(ran, tmp_path / "gone")  # the original is not there to read from
+    here = f"sqlite:///{tmp_path / 'copy' / mlflow_store.DB_FILE}"
+    copied = mlflow_store.client(here)
+    assert copied.get_experiment(ours).artifact_location.startswith((tmp_path / "copy").as_uri())
+    assert copied.get_run(run).info.artifact_uri.startswith((tmp_path / "copy" / "mlartifacts").as_uri())
+    assert [f.path for f in copied.list_artifacts(run, "bundle")] == ["bundle/f.txt"]
+    assert copied.get_experiment(theirs).artifact_location == (tmp_path / "elsewhere").as_uri()
+    assert mlflow_store.mend_moved(tmp_path / "copy" / mlflow_store.DB_FILE) == 0  # once is enough

@@ -221,8 +221,12 @@ def _is_file(weights: str) -> bool:
     return not (text.lower() == "none" or ENUM_NAME.fullmatch(text) or "://" in text or ":/" in text)
 
 
-def build_spec(raw: dict[str, Any], base: Path, source: Path | None = None, study: bool = True) -> Spec:
-    """Validate a raw mapping; relative paths resolve against ``base``."""
+def build_spec(
+    raw: dict[str, Any], base: Path, source: Path | None = None, study: bool = True, outputs: bool = True
+) -> Spec:
+    """Validate a raw mapping; relative paths resolve against ``base``. ``outputs=False`` skips the
+    checks of the folders a launch writes (a study's saved spec read by export and promote, whose
+    folder may have moved away from its ``output_dir``)."""
     try:
         spec = Spec.model_validate(raw)
     except ValidationError as exc:
@@ -236,7 +240,8 @@ def build_spec(raw: dict[str, Any], base: Path, source: Path | None = None, stud
     spec._space = parse_space(spec.space, kind_of=_param_kind, conditions=False)  # check_spec: after values
     check_spec(spec, study)
     guards.check_uri_secrets(spec.tracking.uri)
-    guards.check_spec_outputs(spec)
+    if outputs:
+        guards.check_spec_outputs(spec)
     check_data(spec)
     return spec
 
