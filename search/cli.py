@@ -338,7 +338,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
         else:
             dry_run.print_plan(plan)
         return EXIT_OK if all(b["status"] == "ok" for b in plan["branches"]) else EXIT_RUNTIME
-    with _stdout_to_stderr(args.json):
+    from search.launch_text import tolerant_output
+
+    with tolerant_output(), _stdout_to_stderr(args.json):  # a reader gone: the study goes on
         summary = launcher.launch(spec, name=args.name, address=args.address, keep_top=args.keep_top)
     return _finish(summary, args.json)
 
@@ -361,7 +363,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
         from search.guards import check_folder_trust
 
         check_folder_trust(exp_dir)
-    with _stdout_to_stderr(args.json):
+    from search.launch_text import tolerant_output
+
+    with tolerant_output(), _stdout_to_stderr(args.json):
         summary = launcher.resume(
             exp_dir,
             restart_errored=args.restart_errored,

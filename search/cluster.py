@@ -117,7 +117,7 @@ def connect(address: str | None) -> bool:
         check_reachable(address)
     if ray.is_initialized():  # e.g. a test's or a notebook's Ray: use it as it is
         return False
-    before = signal.getsignal(signal.SIGTERM)
+    before = {sig: signal.getsignal(sig) for sig in stop_signals()}
     if address:
         try:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
@@ -140,8 +140,17 @@ def connect(address: str | None) -> bool:
 _BLOCKED: dict[str, Any] = {}  # "node": the local Ray node whose processes block SIGTERM
 
 
+def stop_signals() -> tuple[int, ...]:
+    """The signals that stop a study as Ctrl-C does: SIGTERM (``kill``, ``timeout``, a pod's
+    deletion) and SIGHUP (the ssh session or terminal closed, which killed the launch at once:
+    no state saved, no resume command), unless SIGHUP is ignored (``nohup``: the study goes on)."""
+    hup = getattr(signal, "SIGHUP", None)
+    ignored = hup is None or signal.getsignal(hup) == signal.SIG_IGN
+    return (signal.SIGTERM,) if ignored else (signal.SIGTERM, hup)
+
+
 def as_ctrl_c(*_: Any) -> None:
-    """A SIGTERM handler (``kill``, ``timeout``, a pod's deletion): one Ctrl-C. Under Tune, its
+    """A SIGTERM or SIGHUP handler (:func:`stop_signals`): one Ctrl-C. Under Tune, its
     SIGINT handler stops the study gracefully; else (or with SIGINT ignored, a background job of
     a script) KeyboardInterrupt, which the CLI ends with exit 130."""
     if callable(signal.getsignal(signal.SIGINT)):
@@ -150,12 +159,13 @@ def as_ctrl_c(*_: Any) -> None:
         raise KeyboardInterrupt
 
 
-def _catch_sigterm(before: Any) -> None:
+def _catch_sigterm(before: dict[int, Any]) -> None:
     """``ray.init`` made SIGTERM ``sys.exit(15)`` in the driver: from there to the study's run a
-    SIGTERM ended the launch with exit 15 and Ray's C++ dump. It is :func:`as_ctrl_c` until
-    :func:`shutdown` puts ``before`` back."""
+    SIGTERM ended the launch with exit 15 and Ray's C++ dump. It (and SIGHUP) is :func:`as_ctrl_c`
+    until :func:`shutdown` puts ``before`` back."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, as_ctrl_c)
+        for sig in before:
+            signal.signal(sig, as_ctrl_c)
         _BLOCKED["sigterm"] = before
 
 
@@ -165,8 +175,7 @@ def shutdown() -> None:
     nothing: they are killed at once (their state is in memory; the study's is on disk)."""
     import ray
 
-    if "sigterm" in _BLOCKED:
-        signal.signal(signal.SIGTERM, _BLOCKED.pop("sigterm"))
+    before = _BLOCKED.pop("sigterm", {})
     node = _BLOCKED.pop("node", None)
     kill = getattr(node, "kill_all_processes", None)
     if node is not None and kill is not None and node is getattr(ray._private.worker, "_global_node", None):
@@ -180,7 +189,13 @@ def shutdown() -> None:
                     os.kill(pid, signal.SIGKILL)
 
         node.kill_all_processes = at_once
-    ray.shutdown()
+    for sig in before:  # the study is over: a stop signal now killed the launch at its exit (143)
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        ray.shutdown()
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def _descendants(roots: set[int]) -> set[int]:
@@ -208,7 +223,7 @@ def _sigterm_blocked() -> Iterator[None]:
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, set(stop_signals()))
     try:
         yield
     finally:
@@ -223,6 +238,8 @@ def quiet() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if not sys.stderr.isatty():  # a log file or a pipe: no colour codes around Ray's prefixes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tune_log = logging.getLogger("ray.tune.tune")
     if not any(isinstance(f, _NoRayResumeHint) for f in tune_log.filters):

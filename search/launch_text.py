@@ -3,10 +3,15 @@ and the end-of-study summary."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
+import os
 import shlex
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from search import mlflow_store
 from search import study as S
@@ -124,3 +129,60 @@ def recipe_unused_text(unused: dict[str, Any], overridden: dict[str, Any] | None
         if texts := [text for k, text in said.items() if bool(overridden[k].get("default")) is default]:
             parts.append(words.format(", ".join(texts)))
     return f"(in the recipe trials {'; '.join(parts)})" if parts else None
+
+
+class _Tolerant(io.TextIOBase):
+    """A text stream that drops what it can no longer write: its reader left (``| head``, a
+    ``tee`` that died: EPIPE) or its terminal hung up (ssh closed: EIO). The study goes on; the
+    descriptor is pointed at /dev/null so that Ray's and logging's writes to it fail no more."""
+
+    def __init__(self, stream: TextIO):
+        super().__init__()
+        self._stream, self._gone = stream, False
+
+    def _drop(self, exc: OSError) -> None:
+        if exc.errno not in (errno.EPIPE, errno.EIO):
+            raise exc
+        self._gone = True
+        with contextlib.suppress(OSError, ValueError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._stream.fileno())
+            os.close(null)
+
+    def write(self, text: str) -> int:
+        if not self._gone:
+            try:
+                return self._stream.write(text)
+            except OSError as exc:
+                self._drop(exc)
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._gone:
+            try:
+                self._stream.flush()
+            except OSError as exc:
+                self._drop(exc)
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def isatty(self) -> bool:
+        return not self._gone and self._stream.isatty()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._stream, "encoding", "utf-8")
+
+
+@contextlib.contextmanager
+def tolerant_output() -> Iterator[None]:
+    """``launch``/``resume`` with stdout and stderr as :class:`_Tolerant` streams: a closed pipe
+    ended the study (``launch ... | head -3`` exited 0 before its first trial, the study left for
+    nothing) or crashed it mid-run (exit 1, a 1,400-character TuneError line)."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Tolerant(sys.stdout), _Tolerant(sys.stderr)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved

@@ -32,7 +32,15 @@ import yaml
 
 from search import durable, mlflow_store, tracking
 from search import study as S
-from search.cluster import as_ctrl_c, check_connected, check_reachable, connect, gcs_watch, given_address
+from search.cluster import (
+    as_ctrl_c,
+    check_connected,
+    check_reachable,
+    connect,
+    gcs_watch,
+    given_address,
+    stop_signals,
+)
 from search.cluster import shutdown as cluster_shutdown
 from search.errors import SpecError, short
 from search.failures import disk_full
@@ -76,7 +84,24 @@ def preflight(spec: Spec, address: str | None, weights: bool = True) -> None:
     resolve_spec_weights(spec)
     if weights and (spec.model.weights or spec.model.weights_backbone):
         check_weights(spec)
+    _check_signing_key()
     mlflow_store.check_tracking(spec, again=None if weights else "resume")
+
+
+def _check_signing_key() -> None:
+    """The key that signs Ray's state (``search.durable``) can be made and read: with HOME
+    unwritable the launch failed after Ray started ("FileNotFoundError: '/nonexistent'"),
+    leaving a study folder that ``status`` could not read."""
+    try:
+        durable.signing_key()
+    except durable.UntrustedState as exc:
+        raise SpecError("signing key", f"{exc}.", f"chmod 600 {durable.key_path()}.") from None
+    except OSError as exc:
+        raise SpecError(
+            "signing key",
+            f"cannot make {durable.key_path()} ({exc.strerror}): launch and resume sign Ray's state with it.",
+            "set SEARCH_STATE_KEY_FILE to a file in a folder you can write (or make HOME writable).",
+        ) from None
 
 
 def trial_dirname(trial: Any) -> str:
@@ -392,14 +417,15 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
     stops gracefully, state saved, exit 130 (Ray's own handler aborted the driver with a C++ dump)."""
 
     try:
-        old = signal.signal(signal.SIGTERM, as_ctrl_c)
+        old = {sig: signal.signal(sig, as_ctrl_c) for sig in stop_signals()}  # SIGHUP too, unless nohup
     except ValueError:  # not the main thread (a test's launch): leave signals alone
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def _save_tracking(tuner) -> None:

@@ -12,6 +12,7 @@ import json
 import posixpath
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -212,12 +213,26 @@ def export(
     """A deployment bundle of a trial's best-epoch checkpoint in ``out_dir`` (see
     :mod:`search.bundle`; weights encrypted under ``key_env``'s secret when given); returns
     model.yaml's content."""
+    exp_dir = Path(exp_dir)
+    spec = load_study_spec(exp_dir)
+    for _ in range(2):  # a running study's Ray replaces checkpoints: read study.json again
+        try:
+            return _export_once(exp_dir, spec, out_dir, trial_id, torchscript, key_env)
+        except (FileNotFoundError, SelectError) as exc:
+            running = S.read_study(exp_dir).get("status") == "running"
+            if not running or "checkpoint" not in str(getattr(exc, "filename", None) or exc):
+                raise
+            time.sleep(1.0)
+    return _export_once(exp_dir, spec, out_dir, trial_id, torchscript, key_env)
+
+
+def _export_once(
+    exp_dir: Path, spec: Any, out_dir: Path, trial_id: str | None, torchscript: bool, key_env: str | None
+) -> dict[str, Any]:
     from search.bundle import build_bundle
 
-    exp_dir = Path(exp_dir)
     trial = choose_trial(exp_dir, trial_id)
     ckpt = _checkpoint(trial)
-    spec = load_study_spec(exp_dir)
     cfg = spec.trial_config(out_dir=Path(tempfile.gettempdir()))
     info = {
         **provenance(exp_dir, trial, spec),

@@ -1,6 +1,6 @@
 """Ray's ASHA as the study runs it (:class:`search.stopping.RecordingASHA`): a trial's last epoch
-is never a stop (the rung cut and the reference's sparing: tests/test_schedulers.py); and no
-halving scheduler stops a trial before the grace period."""
+is never a stop (the rung cut and the reference's sparing: tests/test_schedulers.py); no halving
+scheduler stops a trial before the grace period; and the stratified ones judge by the objective's mode."""
 
 from __future__ import annotations
 
@@ -56,3 +56,21 @@ def test_no_rule_stops_a_trial_before_the_grace_period(epochs, grace, first):
     for name in ("stratified", "curve"):
         scheduler = make_scheduler(load_spec(ROOT / "spaces/det.yaml", [*sets, f"search.scheduler={name}"]))
         assert scheduler.collapse_from == first and all(r >= grace for r in scheduler.rungs)
+
+
+@pytest.mark.parametrize("name", ["auto", "stratified", "curve"])
+def test_the_stratified_schedulers_follow_the_objectives_mode(name):
+    """The scheduler's mode came from the objective; fixed to "max" a lower-is-better objective
+    would stop its best trials at the rungs (every metric today is better higher: the spec refuses
+    min, so the loaded spec's objective is edited)."""
+    spec = load_spec(ROOT / "spaces/det.yaml", [f"search.scheduler={name}"])
+    spec.objective.mode = "min"
+    sched = make_scheduler(spec)
+    rung, metric = sched.rungs[0], spec.objective.metric
+    trials = [trial(f"t{i}", lr=0.001 * (i + 1)) for i in range(4)]
+    decisions = [
+        sched.on_trial_result(None, t, {"epoch": rung, metric: v})
+        for t, v in zip(trials, (0.1, 0.2, 0.9, 0.05), strict=True)
+    ]
+    assert decisions == [GO, GO, STOP, GO]  # the high one stops, a lower one goes on
+    assert sched.stop_record("t2")["value"] == 0.9

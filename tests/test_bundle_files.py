@@ -129,32 +129,33 @@ def test_export_into_a_link_to_an_empty_folder(cli_study, tmp_path):
     assert (tmp_path / "link").is_symlink() and (tmp_path / "empty" / "weights.pt").is_file()
 
 
-def test_predict_drops_the_background_label_as_evaluation_does(tmp_path):
-    """A sigmoid head's background column (RetinaNet, FCOS) can score above the threshold:
-    evaluation drops label 0, and predict delivered it as class "__background__"."""
+def _detect(tmp_path, labels: list[int], scores: list[float], min_score: float) -> list[dict]:
+    """``bundle_load.predict`` of a model that finds one box per label with those scores."""
     import torch
 
     from search import bundle_load
 
-    class Heads(torch.nn.Module):
+    class Fixed(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.w = torch.nn.Parameter(torch.zeros(1))  # predict runs on the model's device
 
         def forward(self, images):
             box = torch.tensor([[1.0, 1.0, 8.0, 8.0]])
-            out = {
-                "boxes": box.repeat(3, 1),
-                "labels": torch.tensor([0, 1, 2]),
-                "scores": torch.tensor([0.9, 0.8, 0.7]),
-            }
-            return [out for _ in images]
+            out = {"boxes": box.repeat(len(labels), 1), "labels": torch.tensor(labels)}
+            return [{**out, "scores": torch.tensor(scores)} for _ in images]
 
     image = tmp_path / "a.png"
     Image.new("RGB", (20, 10), (10, 20, 30)).save(image)
     meta = {"task": "detection", "class_names": ["red", "blue"], "category_ids": [3, 7]}
     meta["preprocessing"] = {"image_size": 20, "resize": "long_side"}
-    dets = bundle_load.predict(Heads(), meta, image, min_score=0.0)["detections"]
+    return bundle_load.predict(Fixed(), meta, image, min_score=min_score)["detections"]
+
+
+def test_predict_drops_the_background_label_as_evaluation_does(tmp_path):
+    """A sigmoid head's background column (RetinaNet, FCOS) can score above the threshold:
+    evaluation drops label 0, and predict delivered it as class "__background__"."""
+    dets = _detect(tmp_path, [0, 1, 2], [0.9, 0.8, 0.7], min_score=0.0)
     assert [(d["label"], d["class"], d["category_id"]) for d in dets] == [(1, "red", 3), (2, "blue", 7)]
 
 
@@ -198,3 +199,34 @@ def test_export_whose_files_the_disk_cannot_hold_fails_in_one_line(cli_study, cl
         -3000:
     ]
     assert list(out.iterdir()) == []  # no bundle, no staging folder
+
+
+def test_a_torchscript_file_sha256sums_does_not_list_is_never_loaded(tmp_path):
+    """A TorchScript file runs code: only one SHA256SUMS lists (and that matches) is loaded. A
+    check of the listed files alone loaded one that an intruder had added beside them."""
+    import warnings
+
+    import torch
+
+    from search import bundle_load
+
+    (tmp_path / "model.yaml").write_text("format: search-bundle/1\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; export still writes it
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 1)), str(tmp_path / "model.torchscript.pt"))
+
+    def sums(*names):
+        lines = [f"{hashlib.sha256((tmp_path / n).read_bytes()).hexdigest()}  {n}\n" for n in names]
+        (tmp_path / "SHA256SUMS").write_text("".join(lines))
+
+    sums("model.yaml", "model.torchscript.pt")
+    assert bundle_load.load_torchscript(tmp_path)(torch.ones(1, 2)).shape == (1, 1)
+    sums("model.yaml")  # the rest of the bundle still matches its sums
+    with pytest.raises(ValueError, match="model.torchscript.pt has no sha256 in SHA256SUMS"):
+        bundle_load.load_torchscript(tmp_path)
+
+
+def test_predict_keeps_only_detections_at_or_above_min_score(tmp_path):
+    """predict's --min-score: a detection scored below it is left out, one at or above it stays."""
+    dets = _detect(tmp_path, [1, 2, 1, 2], [0.9, 0.2, 0.6, 0.5], min_score=0.5)
+    assert [d["score"] for d in dets] == pytest.approx([0.9, 0.6, 0.5])

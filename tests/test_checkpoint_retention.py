@@ -134,3 +134,23 @@ def test_a_checkpoint_the_disk_cannot_hold_raises_the_disk_error(tmp_path):
     )
     assert done.stdout.strip() == "OSError True", done.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_keep_top_keeps_the_best_of_a_lower_is_better_study(tmp_path):
+    """--keep-top ranked the trials as if higher were better whatever the study's mode: in a
+    "min" study it kept the worst trial's checkpoint and removed the best's."""
+    from search.study_folder import remove_outside_top
+
+    trials = {}
+    for n, value in enumerate((0.5, 0.1, 0.9)):
+        trial_dir = tmp_path / f"trial_{n}"
+        (trial_dir / "checkpoint_000001").mkdir(parents=True)
+        (trial_dir / "checkpoint_000001" / S.MODEL_FILE).write_bytes(b"x" * 10)
+        ckpt = str(trial_dir / "checkpoint_000001" / S.MODEL_FILE)
+        trials[f"t{n}"] = {"id": f"t{n}", "index": n, "state": S.COMPLETE, "best_metric": value}
+        trials[f"t{n}"].update(trial_dir=str(trial_dir), checkpoint=ckpt, latest_checkpoint=ckpt)
+    state = {"metric": "loss", "mode": "min", "trials": trials}
+    assert sorted(remove_outside_top(state, 1)) == ["t0", "t2"]
+    assert [n for n in range(3) if (tmp_path / f"trial_{n}" / "checkpoint_000001").is_dir()] == [1]
+    assert Path(trials["t1"]["checkpoint"]).is_file() and trials["t0"]["checkpoint"] is None
+    assert trials["t2"]["checkpoints_removed"] and not trials["t1"].get("checkpoints_removed")

@@ -48,6 +48,18 @@ def test_key_is_created_private_and_refused_when_others_can_read(key, tmp_path):
         durable.signing_key()
 
 
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o620, 0o644, 0o660])
+def test_a_key_its_group_or_others_can_reach_is_refused(key, mode):
+    """Only others' bits were checked once a mask of 0o007 slipped in: a group-readable key, that
+    every member of the group could sign with, was taken."""
+    durable.signing_key()
+    key.chmod(mode)
+    with pytest.raises(durable.UntrustedState, match=f"readable by others .*mode {mode:o}"):
+        durable.signing_key()
+    key.chmod(0o600)
+    assert len(durable.signing_key()) == 32
+
+
 def test_install_puts_back_what_was_signed(key, tmp_path):
     exp = _study(tmp_path)
     _, snap = _snapshot(exp)

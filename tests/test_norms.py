@@ -148,3 +148,24 @@ def test_a_batch_of_one_image_through_a_1x1_norm_trains():
         m(torch.rand(2, 3, 8, 8))  # two values per channel: batch statistics, as before
         assert not torch.equal(m[2].running_mean, torch.zeros(4))
     assert not m[2]._forward_hooks and not m[2]._forward_pre_hooks
+
+
+@pytest.mark.parametrize("mode", ["frozen", "affine", "train"])
+def test_conversion_keeps_each_norms_eps(mode):
+    """A converted layer took the new class's default eps (1e-5) instead of the layer's own: the
+    eval output of a BatchNorm built with eps 1e-3 (torchvision's MobileNetV3 and SSDlite) moved."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, eps=1e-3, momentum=0.01), FrozenBatchNorm2d(4, eps=1e-3)
+    )
+    with torch.no_grad():
+        for bn in (model[1], model[2]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(1e-3, 3e-3)  # as small as eps: a wrong eps shows in the output
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 3, 8, 8)
+    expected = model.eval()(x)
+    assert apply_norm(model, mode) >= 1
+    torch.testing.assert_close(model.eval()(x), expected)
+    assert [float(model[i].eps) for i in (1, 2)] == pytest.approx([1e-3, 1e-3])

@@ -179,6 +179,51 @@ def test_write_queue_keeps_unwritten_records_when_store_is_down(tmp_path, caplog
     assert again.load_pending() == 2
 
 
+def test_pending_records_go_first_in_their_order(tmp_path):
+    """A resume queues the records an earlier run left ahead of its own, in the order they were
+    made: reversed, a trial's status came before the run it ends was opened."""
+    ops = [
+        {"op": "open_run", "key": "t1", "name": "t1", "tags": {}},
+        {"op": "log", "key": "t1", "metrics": [["m", 1.0, 1, 1]]},
+        {"op": "status", "key": "t1", "status": "FINISHED", "error": "was down"},
+    ]
+    pending = tmp_path / write_queue.PENDING_FILE
+    pending.write_text("".join(json.dumps(op) + "\n" for op in ops))
+    queue = write_queue.WriteQueue("sqlite:///unused.db", "e", run_map.RunMap(tmp_path), pending)
+    queue.put({"op": "status", "key": "parent", "status": "RUNNING"})
+    assert queue.load_pending() == 3
+    assert [(op["op"], op["key"]) for op in queue.ops] == [
+        ("open_run", "t1"),
+        ("log", "t1"),
+        ("status", "t1"),
+        ("status", "parent"),
+    ]
+    assert "error" not in queue.ops[2]  # the reason it waited is not sent again
+
+
+def test_a_record_the_store_rejected_is_kept_in_the_pending_file(tmp_path, monkeypatch):
+    """A record MLflow refused (not a store that is down) is set aside, not retried; closing the
+    queue kept only the unwritten ones and lost it."""
+    written = []
+
+    def execute(op):
+        if op["key"] == "bad":
+            raise ValueError("INVALID_PARAMETER_VALUE: metric value is not a number")
+        written.append(op["key"])
+
+    pending = tmp_path / write_queue.PENDING_FILE
+    queue = write_queue.WriteQueue("sqlite:///unused.db", "e", run_map.RunMap(tmp_path), pending)
+    monkeypatch.setattr(queue, "_execute", execute)
+    queue.start()
+    for key in ("a", "bad", "b"):
+        queue.put({"op": "log", "key": key, "metrics": [["m", 1.0, 1, 1]]})
+    left = queue.close(timeout=10)
+    assert written == ["a", "b"] and queue.failures == 0
+    assert [op["key"] for op in left] == ["bad"] and "INVALID_PARAMETER_VALUE" in left[0]["error"]
+    saved = [json.loads(line) for line in pending.read_text().splitlines()]
+    assert [(op["op"], op["key"]) for op in saved] == [("log", "bad")]
+
+
 def test_lost_answer_to_create_run_makes_no_duplicate(tmp_path):
     """The store created the run but its answer was lost (connection cut): the retry, in this
     process or after a restart (pending file), finds that run instead of creating a second one."""
