@@ -167,12 +167,22 @@ class _Tolerant(io.TextIOBase):
     def fileno(self) -> int:
         return self._stream.fileno()
 
+    def writable(self) -> bool:
+        return True
+
+    def __getattr__(self, name: str) -> Any:  # buffer, errors, name, reconfigure, ...: the stream's
+        return getattr(self._stream, name)
+
     def isatty(self) -> bool:
         return not self._gone and self._stream.isatty()
 
     @property
     def encoding(self) -> str:  # type: ignore[override]
         return getattr(self._stream, "encoding", "utf-8")
+
+    @property
+    def errors(self) -> str | None:  # type: ignore[override]
+        return getattr(self._stream, "errors", None)
 
 
 @contextlib.contextmanager

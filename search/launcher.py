@@ -95,13 +95,13 @@ def _check_signing_key() -> None:
     try:
         durable.signing_key()
     except durable.UntrustedState as exc:
-        raise SpecError("signing key", f"{exc}.", f"chmod 600 {durable.key_path()}.") from None
+        text, fix = str(exc).split("; chmod")[0], f"chmod 600 {durable.key_path()}."
+        new = "remove it (a new key is made; studies it signed then resume with --trust-folder)."
+        raise SpecError(durable.KEY_ENV, f"{text}.", fix if "readable" in text else new) from None
     except OSError as exc:
-        raise SpecError(
-            "signing key",
-            f"cannot make {durable.key_path()} ({exc.strerror}): launch and resume sign Ray's state with it.",
-            "set SEARCH_STATE_KEY_FILE to a file in a folder you can write (or make HOME writable).",
-        ) from None
+        why = f"cannot make the signing key {durable.key_path()} ({exc.strerror}): launch signs Ray's state."
+        fix = f"set {durable.KEY_ENV} to a file in a folder you can write (or make HOME writable)."
+        raise SpecError(durable.KEY_ENV, why, fix) from None
 
 
 def trial_dirname(trial: Any) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from search.errors import SpecError
+from search.guards import LOCK_FILE, lock_held
 from search.spec.schema import SQLITE, sqlite_file
 from search.study import SPEC_FILE
 from trainables.files import pid_alive
@@ -114,9 +115,14 @@ def mend_moved(db: Path) -> int:
     the original's folder (or recreated a moved one's) and the UI listed no artifacts. Only this
     tool's experiments are mended (located at ``<db folder>/mlartifacts/<name>``, as
     :func:`artifact_location` makes them) and only when that folder came along; one seen through
-    another path to the same store is left alone. Returns the number of experiments mended."""
+    another path to the same store is left alone. Only a store with studies beside it (the
+    default store) is mended, and not while one of them runs: a launch may be writing to it
+    through another path (a bind mount, NFS mounted elsewhere), which a mend would turn from under
+    it. Returns the number of experiments mended."""
     here = (db.parent / ARTIFACTS_DIR).resolve()
-    if not here.is_dir() or not db.is_file():
+    if not here.is_dir() or not db.is_file() or not any(db.parent.glob(f"*/{SPEC_FILE}")):
+        return 0
+    if any(lock_held(lock.parent) for lock in db.parent.glob(f"*/{LOCK_FILE}")):
         return 0
     try:
         mended = _mend_locations(db, here)

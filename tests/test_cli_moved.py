@@ -87,6 +87,7 @@ def test_ui_of_a_study_whose_store_is_not_there_creates_none(cli_study, tmp_path
     assert not gone.parent.exists() and not (tmp_path / "lone" / mlflow_store.DB_FILE).exists()
 
 
+@pytest.mark.slow  # an export and four commands (the quick suite is near its 15 minutes)
 def test_home_in_command_line_paths_and_a_name_in_two_places(cli_study, tmp_path):
     """``--output-dir=~/x`` and ``--out=~/x`` (which the shell leaves alone) are in the home folder,
     as in the spec, not a folder named ``~`` here; a NAME that is both ``./NAME`` and

@@ -84,13 +84,18 @@ def test_a_signing_key_that_cannot_be_made_is_bad_input_before_ray(tmp_path, mon
 
     monkeypatch.setenv(durable.KEY_ENV, str(tmp_path / "file" / "sub" / "state.key"))
     (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(SpecError, match="signing key.*cannot make .*state.key.*SEARCH_STATE_KEY_FILE"):
+    made = "SEARCH_STATE_KEY_FILE: cannot make the signing key .*state.key.*Fix: set SEARCH_STATE_KEY_FILE"
+    with pytest.raises(SpecError, match=made):
         _check_signing_key()
     key = tmp_path / "shared.key"
     key.write_bytes(os.urandom(32))
     key.chmod(0o640)
     monkeypatch.setenv(durable.KEY_ENV, str(key))
-    with pytest.raises(SpecError, match="readable by others.*chmod 600"):
+    with pytest.raises(SpecError, match="readable by others or not yours [(]mode 640[)][.] Fix: chmod 600"):
+        _check_signing_key()
+    key.chmod(0o600)
+    key.write_bytes(b"short")
+    with pytest.raises(SpecError, match="too short.*Fix: remove it"):
         _check_signing_key()
 
 

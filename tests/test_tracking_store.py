@@ -320,11 +320,15 @@ def test_a_moved_or_copied_store_keeps_its_artifacts_beside_it(tmp_path):
     """MLflow records absolute artifact locations: a copied output folder's store named the
     original's artifacts (a promote of the copy wrote its bundle there; with the original moved
     away the UI listed none). Opening the copy's store points this tool's experiments at the
-    ``mlartifacts`` beside it; another tool's experiment and a store seen through a link are left."""
+    ``mlartifacts`` beside it; another tool's experiment, a store seen through a link to where it
+    was, and a store whose study runs now (maybe writing through another mount of it) are left."""
     import shutil
 
+    from search.guards import StudyLock
+
     ran = tmp_path / "ran"
-    ran.mkdir()
+    (ran / "s").mkdir(parents=True)
+    (ran / "s" / "spec.yaml").write_text("name: s\n")  # a study beside it: the default store
     uri = f"sqlite:///{ran / mlflow_store.DB_FILE}"
     mlc = mlflow_store.client(uri)
     ours = mlc.create_experiment("st x", artifact_location=mlflow_store.artifact_location(uri, "st x"))
@@ -332,10 +336,17 @@ def test_a_moved_or_copied_store_keeps_its_artifacts_beside_it(tmp_path):
     run = mlc.create_run(ours).info.run_id
     (tmp_path / "f.txt").write_text("x")
     mlc.log_artifact(run, str(tmp_path / "f.txt"), "bundle")
-    (ran / "linked").symlink_to(ran)  # the same store seen through another path: nothing to mend
-    assert mlflow_store.mend_moved(ran / "linked" / mlflow_store.DB_FILE) == 0
-    shutil.copytree(ran, tmp_path / "copy", symlinks=True)
-    shutil.move(ran, tmp_path / "gone")  # the original is not there to read from
+    shutil.move(ran, tmp_path / "real")
+    ran.symlink_to(tmp_path / "real")  # where it was is a link to it: the same store, not a copy
+    assert mlflow_store.mend_moved(tmp_path / "real" / mlflow_store.DB_FILE) == 0
+    ran.unlink()
+    shutil.copytree(tmp_path / "real", tmp_path / "copy")
+    shutil.move(tmp_path / "real", tmp_path / "gone")  # the original is not there to read from
+    lock = StudyLock(tmp_path / "copy" / "s").acquire()  # its study runs: not now
+    try:
+        assert mlflow_store.mend_moved(tmp_path / "copy" / mlflow_store.DB_FILE) == 0
+    finally:
+        lock.release()
     here = f"sqlite:///{tmp_path / 'copy' / mlflow_store.DB_FILE}"
     copied = mlflow_store.client(here)
     assert copied.get_experiment(ours).artifact_location.startswith((tmp_path / "copy").as_uri())
