@@ -61,6 +61,14 @@ class UntrustedState(ValueError):
     """The study folder's Ray state is not what this user's launcher saved (exit 2)."""
 
 
+class SigningKeyError(UntrustedState):
+    """The signing key cannot be used: ``why`` it cannot, and the ``fix``."""
+
+    def __init__(self, why: str, fix: str):
+        super().__init__(f"{why}; {fix}")
+        self.why, self.fix = why, fix
+
+
 # ---------------------------------------------------------------- the signing key
 
 
@@ -85,16 +93,22 @@ def signing_key(create: bool = True) -> bytes:
             with os.fdopen(fd, "wb") as f:
                 f.write(secrets.token_bytes(32))
     if not path.is_file():
-        raise UntrustedState(f"no signing key at {path}: this user never launched a study here")
+        raise SigningKeyError(
+            f"no signing key at {path}: this user never launched a study here",
+            "launch a study, or resume with --trust-folder if you trust whoever wrote it",
+        )
     st = path.stat()
     if st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise UntrustedState(
-            f"signing key {path} is readable by others or not yours (mode {st.st_mode & 0o777:o}); "
-            f"chmod 600 {path}"
+        raise SigningKeyError(
+            f"signing key {path} is readable by others or not yours (mode {st.st_mode & 0o777:o})",
+            f"chmod 600 {path}",
         )
     key = path.read_bytes()
     if len(key) < 32:
-        raise UntrustedState(f"signing key {path} is too short ({len(key)} bytes)")
+        raise SigningKeyError(
+            f"signing key {path} is too short ({len(key)} bytes)",
+            "remove it (a new key is made; studies it signed then resume with --trust-folder)",
+        )
     return key
 
 

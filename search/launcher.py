@@ -94,10 +94,8 @@ def _check_signing_key() -> None:
     leaving a study folder that ``status`` could not read."""
     try:
         durable.signing_key()
-    except durable.UntrustedState as exc:
-        text, fix = str(exc).split("; chmod")[0], f"chmod 600 {durable.key_path()}."
-        new = "remove it (a new key is made; studies it signed then resume with --trust-folder)."
-        raise SpecError(durable.KEY_ENV, f"{text}.", fix if "readable" in text else new) from None
+    except durable.SigningKeyError as exc:
+        raise SpecError(durable.KEY_ENV, f"{exc.why}.", f"{exc.fix}.") from None
     except OSError as exc:
         why = f"cannot make the signing key {durable.key_path()} ({exc.strerror}): launch signs Ray's state."
         fix = f"set {durable.KEY_ENV} to a file in a folder you can write (or make HOME writable)."

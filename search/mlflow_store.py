@@ -49,14 +49,18 @@ def default_uri(output_dir: Path) -> str:
     return f"{SQLITE}{default_db(output_dir)}"
 
 
-def store_moved_here(recorded_uri: str, spec_uri: str, exp_dir: Path) -> bool:
-    """Whether a study folder whose spec names no store (``spec_uri`` is the default) recorded the
-    default store of the folder it ran in, and now lies (moved or copied with its output folder)
-    beside a default store of its own, which is then its store: the default store moves with the
-    output folder."""
-    parent = Path(exp_dir).resolve().parent
-    ran, here = sqlite_file(recorded_uri), default_db(parent)
-    if ran is None or spec_uri != default_uri(parent):
+def uses_default_store(exp_dir: Path) -> bool:
+    """Whether a study folder's spec names no store: its records go to the default store beside
+    it (which moves with the output folder)."""
+    return study_tracking(exp_dir)[0] == default_uri(Path(exp_dir).resolve().parent)
+
+
+def store_moved_here(recorded_uri: str, exp_dir: Path) -> bool:
+    """Whether a study folder that uses the default store (:func:`uses_default_store`) recorded
+    the default store of the folder it ran in, and now lies (moved or copied with its output
+    folder) beside a default store of its own, which is then its store."""
+    ran, here = sqlite_file(recorded_uri), default_db(Path(exp_dir).resolve().parent)
+    if ran is None or not uses_default_store(exp_dir):
         return False
     return ran.name == DB_FILE and ran.resolve() != here and here.is_file()
 

@@ -27,6 +27,11 @@ class SelectError(ValueError):
     """A request the user must fix (unknown trial, no checkpoint, no tracked run): exit 2."""
 
 
+class CheckpointGone(SelectError):
+    """A trial's checkpoint is not on disk, or went while it was read (a running study's Ray
+    replaces them)."""
+
+
 class Refused(Exception):
     """Promotion refused: the trial does not beat the base model (exit 1 unless --force)."""
 
@@ -139,7 +144,7 @@ def _checkpoint(trial: dict[str, Any]) -> Path:
     ckpt = trial.get("checkpoint")
     if not ckpt or not Path(ckpt).exists():
         why = " (removed by --keep-top)" if trial.get("checkpoints_removed") else ""
-        raise SelectError(
+        raise CheckpointGone(
             f"trial {trial['id']} has no checkpoint on disk{why}: {ckpt or 'none recorded'}. Fix: name a "
             "trial that has one with --trial (`best` lists them: checkpoint not '-')."
         )
@@ -148,7 +153,7 @@ def _checkpoint(trial: dict[str, Any]) -> Path:
         for name in (S.MODEL_FILE, "best.pt", "checkpoints/best.pt", "latest.pt"):
             if (path / name).is_file():
                 return path / name
-        raise SelectError(f"trial {trial['id']}: no checkpoint file in {path}")
+        raise CheckpointGone(f"trial {trial['id']}: no checkpoint file in {path}")
     return path
 
 
@@ -218,9 +223,8 @@ def export(
     for _ in range(2):  # a running study's Ray replaces checkpoints: read study.json again
         try:
             return _export_once(exp_dir, spec, out_dir, trial_id, torchscript, key_env)
-        except (FileNotFoundError, SelectError) as exc:
-            running = S.read_study(exp_dir).get("status") == "running"
-            if not running or "checkpoint" not in str(getattr(exc, "filename", None) or exc):
+        except CheckpointGone:
+            if S.read_study(exp_dir).get("status") != "running":
                 raise
             time.sleep(1.0)
     return _export_once(exp_dir, spec, out_dir, trial_id, torchscript, key_env)
@@ -242,16 +246,24 @@ def _export_once(
         "best_epoch": trial.get("best_epoch"),
         "history": trial.get("history", []),
     }
-    return build_bundle(
-        cfg,
-        ckpt,
-        spec.class_names,
-        Path(out_dir),
-        study=info,
-        torchscript=torchscript,
-        key_env=key_env,
-        category_ids=spec.category_ids,
-    )
+    try:
+        return build_bundle(
+            cfg,
+            ckpt,
+            spec.class_names,
+            Path(out_dir),
+            study=info,
+            torchscript=torchscript,
+            key_env=key_env,
+            category_ids=spec.category_ids,
+        )
+    except FileNotFoundError as exc:
+        if exc.filename and Path(exc.filename).is_relative_to(ckpt.parent):
+            raise CheckpointGone(
+                f"trial {trial['id']}: its checkpoint {exc.filename} went while export read it. "
+                "Fix: run export again."
+            ) from None
+        raise
 
 
 # ---------------------------------------------------------------- promote
@@ -287,8 +299,7 @@ def study_store(exp_dir: Path) -> tuple[str, str]:
     refused (MLflow would create an empty one, without the study's runs)."""
     uri, experiment = write_queue.recorded_store(exp_dir)
     if gone := mlflow_store.missing_sqlite(uri):
-        spec_uri = mlflow_store.study_tracking(exp_dir)[0]
-        if spec_uri == mlflow_store.default_uri(Path(exp_dir).resolve().parent):
+        if mlflow_store.uses_default_store(exp_dir):
             fix = (
                 f"move the study back with its output folder, or copy {mlflow_store.DB_FILE} beside "
                 "the study folder"

@@ -127,12 +127,12 @@ def refuse_elsewhere(spec: Any, exp_dir: Path) -> None:
     if ran == here:
         return
     uids = [run_map.read_runs(p).get("uid") for p in (ran, here)]
-    if (ran / S.STUDY_FILE).is_file() and (None in uids or uids[0] == uids[1]):
-        what, fix = f"a copy of the study in {ran}", f"resume {ran} itself, or launch anew with --name"
-    elif (ran / S.STUDY_FILE).is_file():  # another study took the folder it ran in
-        what, fix = f"moved here from {ran}, where another study lies now", "launch it anew with --name"
-    else:
+    if not (ran / S.STUDY_FILE).is_file():
         what, fix = f"moved here from {ran}", f"move it back to {ran} and resume it there"
+    elif None in uids or uids[0] == uids[1]:
+        what, fix = f"a copy of the study in {ran}", f"resume {ran} itself, or launch anew with --name"
+    else:  # another study took the folder it ran in
+        what, fix = f"moved here from {ran}, where another study lies now", "launch it anew with --name"
     raise SpecError("resume", f"{here} is {what}; its records point there.", f"{fix}.")
 
 
@@ -141,6 +141,11 @@ def install_state(exp_dir: Path, trust_folder: bool) -> None:
     pickles no snapshot signs removed, unless ``trust_folder``."""
     try:
         durable.install_snapshot(exp_dir)
+    except durable.SigningKeyError as exc:
+        if not trust_folder:  # the key, not the folder, is at fault
+            why = f"{exc.why}: resume checks the study's signed state."
+            raise SpecError("resume", why, f"{exc.fix}.") from None
+        log.warning("resuming unsigned Ray state (--trust-folder): %s", exc.why)
     except durable.UntrustedState as exc:
         if not trust_folder:
             raise SpecError(

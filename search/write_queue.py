@@ -478,7 +478,7 @@ def recorded_store(exp_dir: Path) -> tuple[str, str]:
     uri, experiment = study_tracking(exp_dir)
     recorded = read_runs(exp_dir)
     then = recorded.get("tracking_uri")
-    if then and "***@" not in then and not store_moved_here(then, uri, exp_dir):
+    if then and "***@" not in then and not store_moved_here(then, exp_dir):
         uri = then
     return uri, recorded.get("experiment") or experiment
 

@@ -217,6 +217,23 @@ def test_resume_removes_the_pickles_no_snapshot_signs(key, tmp_path):
     assert not (trial / "error.pkl").exists() and (trial / "error.txt").exists()
 
 
+def test_resume_with_an_unusable_key_names_the_key_and_its_fix(key, tmp_path):
+    """A key others could read made resume say the folder was untrusted and offer only
+    --trust-folder; the fault is the key's, and chmod 600 is the fix."""
+    from search import study_folder
+    from search.errors import SpecError
+
+    exp = _study(tmp_path)
+    _snapshot(exp)
+    key.chmod(0o644)
+    with pytest.raises(SpecError, match=r"readable by others or not yours \(mode 644\).*Fix: chmod 600 "):
+        study_folder.install_state(exp, trust_folder=False)
+    study_folder.install_state(exp, trust_folder=True)  # trusted anyway: the state goes in
+    key.unlink()
+    with pytest.raises(SpecError, match="no signing key at .*Fix: launch a study, or resume with --trust"):
+        study_folder.install_state(exp, trust_folder=False)
+
+
 def test_resume_runs_only_in_the_folder_the_study_ran_in(tmp_path):
     """A copy's records point at the original (a resume of a copy wrote there, and --keep-top
     deleted the original's checkpoints); a moved folder's at where it was."""

@@ -109,25 +109,30 @@ def test_export_of_a_running_study_reads_its_checkpoint_again(cli_study, tmp_pat
     import json
     import shutil
 
-    from search import select
+    from search import bundle, select
 
     exp_dir = tmp_path / "runs" / "cmds"
     shutil.copytree(cli_study["exp_dir"], exp_dir)
     state = json.loads((exp_dir / S.STUDY_FILE).read_text())
     (exp_dir / S.STUDY_FILE).write_text(json.dumps({**state, "status": "running"}))
-    calls, once = [], select._export_once
+    calls, build = [], bundle.build_bundle
 
-    def replaced_once(*args, **kwargs):
+    def replaced_once(cfg, ckpt, *args, **kwargs):
         calls.append(1)
-        if len(calls) == 1:
-            raise FileNotFoundError(errno.ENOENT, "gone", str(exp_dir / "trial_x" / "checkpoint_000002"))
-        return once(*args, **kwargs)
+        if len(calls) == 1:  # Ray replaced it under the reader
+            raise FileNotFoundError(errno.ENOENT, "gone", str(ckpt))
+        return build(cfg, ckpt, *args, **kwargs)
 
-    monkeypatch.setattr(select, "_export_once", replaced_once)
+    monkeypatch.setattr(bundle, "build_bundle", replaced_once)
     meta = select.export(exp_dir, tmp_path / "b", torchscript=False)
     assert len(calls) == 2 and meta["study"]["trial"] and (tmp_path / "b" / "weights.pt").is_file()
     (exp_dir / S.STUDY_FILE).write_text(json.dumps(state))  # finished: the error is the answer
     calls.clear()
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(select.CheckpointGone, match="went while export read it. Fix: run export again"):
         select.export(exp_dir, tmp_path / "c", torchscript=False)
     assert len(calls) == 1
+    calls.append(1)  # a file that is not the checkpoint's is not retried, and not called one
+    (exp_dir / S.STUDY_FILE).write_text(json.dumps({**state, "status": "running"}))
+    monkeypatch.setattr(bundle, "build_bundle", lambda *a, **k: open(tmp_path / "no-such-image.png"))
+    with pytest.raises(FileNotFoundError, match="no-such-image"):
+        select.export(exp_dir, tmp_path / "d", torchscript=False)
