@@ -28,7 +28,7 @@ EXIT_OK, EXIT_RUNTIME, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 # Exceptions from search.launcher / search.study that are user errors (exit 2), matched by name so
 # that this module imports neither Ray nor the launcher for the other commands.
-_USER_ERRORS = {"ClusterError", "ExperimentExists", "ExperimentNotFound", "StudyFileError"}
+_USER_ERRORS = {"ClusterError", "ExperimentExists", "ExperimentNotFound"}  # and their subclasses
 _RUNTIME_LINES = {"DiskFull", "FolderGone"}  # the launcher's runtime stops: what was kept, what next (exit 1)
 
 
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except Exception as exc:  # a runtime failure: one line, the traceback only on request
-        if type(exc).__name__ in _USER_ERRORS:  # launcher/study errors the user fixes (exit 2)
+        if _USER_ERRORS & {c.__name__ for c in type(exc).__mro__}:  # errors the user fixes (exit 2)
             print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
             return EXIT_BAD_INPUT
         if os.environ.get("SEARCH_DEBUG"):
@@ -407,6 +407,16 @@ def _finish(summary: dict, as_json: bool) -> int:
     return EXIT_RUNTIME
 
 
+def _status_starting(folder: Path, as_json: bool) -> int:
+    """``status`` of a study whose launch holds its folder and has not begun its first trial."""
+    obj = {"name": folder.name, "status": "starting", "experiment_dir": str(folder.resolve()), "trials": []}
+    if as_json:
+        print(json.dumps({**obj, "base_metric": None, "best": None, "reference": None}))
+    else:
+        print(f"study {folder.name} (starting): no trials yet; its launch is starting Ray and the study")
+    return EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from search.study import (
         count_text,
@@ -418,8 +428,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     from search.study_folder import gone_text
 
-    exp_dir = resolve_experiment(args.name, args.output_dir)
-    obj = status_object(exp_dir)
+    try:
+        exp_dir = resolve_experiment(args.name, args.output_dir)
+        obj = status_object(exp_dir)
+    except S.StudyStarting as exc:  # a poll during the launch's first seconds is not an error
+        return _status_starting(exc.folder, args.json)
     if args.json:
         print(json.dumps(obj, default=str))
         return EXIT_OK
@@ -440,7 +453,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for t in obj["trials"]:
         params = S.params_text(t.get("params", {}))
         print(
-            f"{t['id']:<13} {t['state']:<10} {t.get('epochs', 0):>6} {S.fmt(t.get('best_metric')):>9} "
+            f"{t['id']:<13} {t['state'] or '-':<10} {t.get('epochs', 0):>6} {S.fmt(t.get('best_metric')):>9} "
             f"{human_bytes(t.get('disk_bytes')):>9}  {params}"
         )
         if t.get("checkpoint"):

@@ -107,6 +107,31 @@ def _last_started() -> str | None:
         return "auto"
 
 
+# What a local Ray's longest socket path adds to its temp folder (and the driver's pid): the OS
+# allows 107 bytes.
+_SOCKET_TAIL, SOCKET_MAX = "/ray/session_2026-12-07_08-19-08_833426_{pid}/sockets/plasma_store", 107
+
+
+def check_socket_room() -> None:
+    """A local Ray's socket paths fit under its temp folder (``RAY_TMPDIR``, else ``TMPDIR``,
+    else /tmp, as Ray picks it): a long one failed after the study folder was made, with Ray's
+    "AF_UNIX path length cannot exceed 107 bytes" and no fix. Raises :class:`ClusterError`."""
+    try:
+        from ray._common.utils import get_default_system_temp_dir
+
+        temp = get_default_system_temp_dir()
+    except Exception:  # noqa: BLE001 - Ray's private helper moved: Ray's own error then
+        return
+    room = SOCKET_MAX - len(_SOCKET_TAIL.format(pid=os.getpid()))
+    if len(os.fsencode(temp)) > room:
+        key = "RAY_TMPDIR" if "RAY_TMPDIR" in os.environ else "TMPDIR"
+        raise ClusterError(
+            f"{key}={temp} is too long for a local Ray: its socket paths under it would pass the "
+            f"{SOCKET_MAX} bytes the OS allows (the folder may be at most {room}). "
+            "Fix: set RAY_TMPDIR to a short folder, e.g. RAY_TMPDIR=/tmp."
+        )
+
+
 def connect(address: str | None) -> bool:
     """``ray.init``: join ``address`` (an existing cluster) or start a local one. Returns whether
     this call started Ray (the caller then shuts it down)."""

@@ -122,7 +122,7 @@ def cmd_best(args: argparse.Namespace) -> int:
     for i, t in enumerate(trials, 1):
         imp = t.get("improvement")
         print(
-            f"{i:>2} {t['id']:<13} {t.get('state', ''):<10} {S.fmt(t.get('best_metric')):>8} "
+            f"{i:>2} {t['id']:<13} {t.get('state') or '-':<10} {S.fmt(t.get('best_metric')):>8} "
             f"{S.fmt(t.get('epoch')):>5} {S.fmt(imp, sign=True):>8}  "
             f"{t.get('run_id') or '-'}"
         )
@@ -167,6 +167,15 @@ def cmd_promote(args: argparse.Namespace) -> int:
     if out["study_best"]:
         top = out["study_best"]
         print(f"  note: not the study's best trial ({top['trial']}: {out['metric']}={S.fmt(top['value'])})")
+    if out["pending_records"]:
+        from search.study_folder import resume_command
+        from search.write_queue import PENDING_FILE
+
+        print(
+            f"  note: {out['pending_records']} record(s) of this trial's run wait in "
+            f"{exp_dir / PENDING_FILE} (the store did not take them); send them with: "
+            f"{resume_command(exp_dir)}"
+        )
     print(f"  source {out['source']} on {out['tracking_uri']}")
     print(f"  fine-tune from it with  model.weights: {out['uri']}")
     return 0

@@ -11,8 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from search import study as S
-from search.launch_text import recipe_unused_text
+from search.launch_text import recipe_plan_text, recipe_unused_text
 from search.samplers import num_samples
 from search.schedulers import scheduler_label
 from search.spec import Spec
@@ -128,7 +127,7 @@ def print_plan(plan: dict[str, Any]) -> None:
     )
     print(f"search: {plan['algorithm']} + {scheduler_label(plan['scheduler'])}")
     for i, r in enumerate(plan["recipe_trials"]):
-        print(f"  {S.recipe_plan_text(i, r['scaling'], r['params'])}")
+        print(f"  {recipe_plan_text(i, r['scaling'], r['params'])}")
     if unused := recipe_unused_text(plan["recipe_unused"], plan["recipe_overridden"]):
         print(f"  {unused}")
     for note in plan["notes"]:

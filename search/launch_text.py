@@ -99,7 +99,7 @@ def print_header(
         flush=True,
     )
     for i, (scaling, params) in enumerate(recipe_trials):
-        print(f"  {S.recipe_plan_text(i, scaling, params)}", flush=True)
+        print(f"  {recipe_plan_text(i, scaling, params)}", flush=True)
     if recipe_trials and (unused := recipe_unused_text(spec.recipe_unused(), spec.recipe_overridden())):
         print(f"  {unused}", flush=True)
     for note in spec_notes(spec):
@@ -196,3 +196,9 @@ def tolerant_output() -> Iterator[None]:
         yield
     finally:
         sys.stdout, sys.stderr = saved
+
+
+def recipe_plan_text(i: int, scaling: str, params: dict[str, Any]) -> str:
+    """The i-th recipe trial (0: the reference) as the launch header and the dry run say it."""
+    what = "the reference (torchvision's recipe for this architecture" if i == 0 else "the recipe (again"
+    return f"trial {i + 1} is {what}, lr scaled to the batch by the {scaling} rule): {S.params_text(params)}"

@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from search import durable, mlflow_store, tracking
+from search import cluster, durable, mlflow_store, tracking
 from search import study as S
 from search.cluster import (
     as_ctrl_c,
@@ -73,14 +73,16 @@ RUNNING_FIX = "wait for it to end (status shows it), then resume if it was inter
 
 
 def preflight(spec: Spec, address: str | None, weights: bool = True) -> None:
-    """Checks run before Ray starts or anything is written, cheapest first: the Ray address
-    answers (:class:`ClusterError`); the base weights load with ``weights_only`` and fit the model
-    (:class:`SpecError`); the MLflow store answers (SpecError on ``tracking.uri``). The store check
-    comes last because for SQLite it creates the folder of ``mlflow.db``. ``weights=False``: a
-    resume's (the weights were checked at its launch; its fix cannot be to drop tracking.uri)."""
+    """Checks run before Ray starts or anything is written, cheapest first: the Ray address answers
+    (or a local Ray's sockets fit: :class:`ClusterError`); the base weights load with ``weights_only``
+    and fit the model (:class:`SpecError`); the MLflow store answers (SpecError on ``tracking.uri``),
+    last: for SQLite it creates the folder of ``mlflow.db``. ``weights=False``: a resume's (the
+    weights were checked at its launch; its fix cannot be to drop tracking.uri)."""
     address, key = given_address(address, spec.resources.address)
     if address:
         check_reachable(address, key=key)
+    else:
+        cluster.check_socket_room()
     resolve_spec_weights(spec)
     if weights and (spec.model.weights or spec.model.weights_backbone):
         check_weights(spec)

@@ -8,6 +8,7 @@ is the study's base metric: the unmodified base model's epoch-0 score
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
 import re
@@ -332,6 +333,20 @@ def _no_run(exp_dir: Path, trial_id: str) -> str:
     )
 
 
+def _pending_records(exp_dir: Path, key: str) -> int:
+    """How many of run ``key``'s records wait in the study's pending file (the store did not take
+    them): its MLflow run lacks them until a resume sends them."""
+    try:
+        lines = (Path(exp_dir) / write_queue.PENDING_FILE).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return 0
+    ops = []
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            ops.append(json.loads(line))
+    return sum(isinstance(op, dict) and op.get("key") == key for op in ops)
+
+
 def promote(
     exp_dir: Path,
     model: str,
@@ -404,6 +419,7 @@ def promote(
         "study_best": study_best,  # the study's best trial when it is not this one
         "tags": tags,
         "tracking_uri": mlflow_store.redact(uri),
+        "pending_records": _pending_records(exp_dir, trial["id"]),  # its run's records not in MLflow yet
     }
 
 

@@ -21,30 +21,13 @@ from trainables.files import better  # noqa: F401 (S.better: the one rule every 
 
 # Result keys Ray adds to every report: not part of a trial's history.
 RAY_KEYS = frozenset(
-    {
-        "training_iteration",
-        "time_total_s",
-        "episodes_total",
-        "timesteps_total",
-        "node_ip",
-        "hostname",
-        "pid",
-        "time_this_iter_s",
-        "timestamp",
-        "date",
-        "time_since_restore",
-        "timesteps_since_restore",
-        "iterations_since_restore",
-        "config",
-        "checkpoint_dir_name",
-        "done",
-        "trial_id",
-        "experiment_tag",
-        "should_checkpoint",
-        "experiment_id",
-        "node_id",
-        "checkpoint_rank",  # ours: what Ray keeps a trial's checkpoint by (search.worker)
-    }
+    (
+        "training_iteration time_total_s episodes_total timesteps_total node_ip hostname pid "
+        "time_this_iter_s timestamp date time_since_restore timesteps_since_restore "
+        "iterations_since_restore config checkpoint_dir_name done trial_id experiment_tag "
+        "should_checkpoint experiment_id node_id "
+        "checkpoint_rank"  # ours: what Ray keeps a trial's checkpoint by (search.worker)
+    ).split()
 )
 CHECKPOINT_RANK = "checkpoint_rank"
 
@@ -85,6 +68,16 @@ class ExperimentNotFound(Exception):
     """No experiment folder for a NAME (a user error: the CLI exits 2)."""
 
 
+class StudyStarting(ExperimentNotFound):
+    """A launch holds ``folder`` and has not yet written its study.json (``status`` says "starting")."""
+
+    def __init__(self, folder: Path):
+        super().__init__(
+            f"{folder} holds no study yet: its launch is starting (Ray and the cluster check); wait."
+        )
+        self.folder = Path(folder)
+
+
 class StudyFileError(ExperimentNotFound, ValueError):
     """A ``study.json`` that cannot be read (the CLI exits 2 naming the file). A ValueError, as the
     JSON error it replaces: readers that tolerate a bad file keep catching it."""
@@ -104,11 +97,11 @@ def resolve_experiment(name: str | Path, output_dir: Path | None = None) -> Path
     if found:
         return found[0]
     for cand in candidates:
-        if (cand / guards.LOCK_FILE).is_file():  # the lock alone: a launch starting, or killed then
+        if guards.lock_held(cand):  # the lock alone: a launch starting
+            raise StudyStarting(cand)
+        if (cand / guards.LOCK_FILE).is_file():  # or killed then
             raise ExperimentNotFound(
-                f"{cand} holds no study yet: its launch is starting (Ray and the cluster check); wait."
-                if guards.lock_held(cand)
-                else f"{cand} holds no study: its launch stopped before the study began (nothing to "
+                f"{cand} holds no study: its launch stopped before the study began (nothing to "
                 "resume or show). Launch the spec again."
             )
     tried = ", ".join(str(c) for c in dict.fromkeys(candidates))
@@ -397,7 +390,11 @@ def status_object(exp_dir: Path) -> dict[str, Any]:
             raise StudyFileError(
                 f"{path} is not a valid study file (no 'metric' or 'mode' as the launcher writes)."
             )
-        raise ExperimentNotFound(f"{exp_dir} has no {STUDY_FILE} yet (the launch has not started a trial).")
+        if guards.lock_held(exp_dir):
+            raise StudyStarting(exp_dir)
+        raise ExperimentNotFound(
+            f"{exp_dir} has no {STUDY_FILE} (its launch stopped before the study began)."
+        )
     trials = sorted(state.get("trials", {}).values(), key=lambda t: (t.get("index", 0), t.get("id", "")))
     out = {k: v for k, v in state.items() if k != "trials"}
     out["experiment_dir"] = str(Path(exp_dir).resolve())
@@ -423,12 +420,6 @@ def status_object(exp_dir: Path) -> dict[str, Any]:
     out["best"] = best_trial(out["trials"], state.get("mode", "max"))
     out["reference"] = reference_summary(out)
     return out
-
-
-def recipe_plan_text(i: int, scaling: str, params: dict[str, Any]) -> str:
-    """The i-th recipe trial (0: the reference) as the launch header and the dry run say it."""
-    what = "the reference (torchvision's recipe for this architecture" if i == 0 else "the recipe (again"
-    return f"trial {i + 1} is {what}, lr scaled to the batch by the {scaling} rule): {params_text(params)}"
 
 
 def recipe_text(trial: dict[str, Any]) -> str | None:

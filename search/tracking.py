@@ -432,7 +432,7 @@ class MlflowTracker(_Callback):
                 "by the next resume of this study (python -m search resume %s; also once it has finished)",
                 len(left),
                 redact(self.uri),
-                short_reason(self.queue.last_error or "rejected"),
+                short_reason(self.queue.left_reason()),
                 self.exp_dir / PENDING_FILE,
                 self.exp_dir,
             )

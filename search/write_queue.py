@@ -203,6 +203,11 @@ class WriteQueue:
         self.save_pending(left)
         return left
 
+    def left_reason(self) -> str:
+        """Why records are left: the store's last error, else a rejection's, else no answer in time."""
+        rejected = self.rejected[0]["error"] if self.rejected else "the store did not answer within the wait"
+        return self.last_error or rejected
+
     def save_pending(self, ops: list[dict[str, Any]]) -> None:
         if not ops:
             self.pending_path.unlink(missing_ok=True)

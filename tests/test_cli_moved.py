@@ -28,7 +28,12 @@ def test_a_copied_output_folder_promotes_into_its_own_store(cli_study, tmp_path)
         return {p: p.stat().st_mtime_ns for p in (root / "mlartifacts").rglob("*") if p.is_file()}
 
     originals, started = written(cli_study["runs"]), time.time_ns()  # earlier tests' promotes too
+    best = ok_json(search("best", str(exp_dir), "--json", cwd=tmp_path))[0]["id"]
+    waiting = [{"op": "log", "key": best, "metrics": [["m", 1.0, 9, 9]]}, {"op": "log", "key": "parent"}]
+    pending = exp_dir / "mlflow_pending.jsonl"  # its run lacks a record: promote says so
+    pending.write_text("".join(json.dumps(op) + "\n" for op in waiting) + "{cut\n")
     out = ok_json(search("promote", str(exp_dir), "--model", "copied", "--force", "--json", cwd=tmp_path))
+    assert out["trial"] == best and out["pending_records"] == 1
     here = f"sqlite:///{(tmp_path / 'runs' / mlflow_store.DB_FILE).resolve()}"
     version = MlflowClient(here, registry_uri=here).get_model_version_by_alias("copied", "champion")
     assert int(version.version) == out["version"] == 1

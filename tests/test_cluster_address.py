@@ -7,6 +7,8 @@ started a Ray of its own."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import pytest
 from search import cluster
 from search.cluster import ClusterError, check_reachable, given_address
 from search.study_folder import resume_command
-from tests.cli_study import one_error_line, search
+from tests.cli_study import cli_env, one_error_line, search
 from tests.tinydata import make_tiny_coco, write_tiny_spec
 
 
@@ -91,6 +93,25 @@ def test_a_stale_ray_address_is_refused_before_anything_is_written(tmp_path):
     proc = search("launch", str(spec), cwd=tmp_path, timeout=120, RAY_ADDRESS=f"127.0.0.1:{port}")
     one_error_line(proc, "cannot reach the Ray cluster", f"127.0.0.1:{port}", "fix RAY_ADDRESS")
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_temp_folder_too_long_for_rays_sockets_is_refused_before_anything_is_written(tmp_path):
+    """A long TMPDIR (a CI runner's, a job scheduler's) failed after the study folder was made,
+    with Ray's "AF_UNIX path length cannot exceed 107 bytes" and no fix."""
+    make_tiny_coco(tmp_path / "data", n_images=2, size=64)
+    spec = write_tiny_spec(
+        tmp_path, "longtmp", space={"lr": 0.01}, search={"algorithm": "random", "num_trials": 1}, epochs=1
+    )
+    long = tmp_path / ("t" * max(1, 80 - len(str(tmp_path))))
+    long.mkdir()
+    env = {k: v for k, v in cli_env().items() if k != "RAY_TMPDIR"} | {"TMPDIR": str(long)}
+    run = [sys.executable, "-m", "search", "launch", str(spec)]
+    proc = subprocess.run(run, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    one_error_line(proc, f"TMPDIR={long} is too long for a local Ray", "Fix: set RAY_TMPDIR to a short")
+    assert not (tmp_path / "runs").exists()
+    env["RAY_TMPDIR"] = str(long)  # Ray's own variable, named when it is the one set
+    proc = subprocess.run(run, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    one_error_line(proc, f"RAY_TMPDIR={long} is too long", "(the folder may be at most")
 
 
 WATCHED = """

@@ -129,8 +129,20 @@ def test_a_held_or_unbegun_folder_says_what_to_do(tmp_path, monkeypatch):
         with pytest.raises(guards.StudyLocked) as err:
             guards.StudyLock(exp, fix=RUNNING_FIX).acquire()  # another descriptor: refused as a process
         assert err.value.fix == RUNNING_FIX and "--name" not in str(err.value)
-        with pytest.raises(S.ExperimentNotFound, match="holds no study yet: its launch is starting"):
+        with pytest.raises(S.StudyStarting, match="holds no study yet: its launch is starting"):
             S.resolve_experiment(exp)  # the lock alone, held: a launch between lock and spec.yaml
+        # status polls it as starting, exit 0 (it was exit 2, "error: ... wait"); best still waits
+        shown = run("status", str(exp), "--json", cwd=tmp_path)
+        assert shown.returncode == 0 and json.loads(shown.stdout)["status"] == "starting", shown.stderr
+        assert json.loads(shown.stdout)["trials"] == [] and json.loads(shown.stdout)["name"] == "held"
+        shown = run("status", "held", cwd=tmp_path)
+        assert shown.returncode == 0 and "study held (starting): no trials yet" in shown.stdout
+        ranked = run("best", "held", cwd=tmp_path)
+        assert ranked.returncode == 2 and "its launch is starting" in ranked.stderr, ranked.stderr
+        (exp / S.SPEC_FILE).write_text("name: held\n")  # spec.yaml written, no study.json yet
+        with pytest.raises(S.StudyStarting):
+            S.status_object(exp)
+        (exp / S.SPEC_FILE).unlink()
         (exp / S.STUDY_FILE).write_text("{}")
         with pytest.raises(study_folder.ExperimentExists, match="A launch or resume of it is running now"):
             study_folder.refuse_existing(exp)
@@ -141,6 +153,10 @@ def test_a_held_or_unbegun_folder_says_what_to_do(tmp_path, monkeypatch):
     (exp / S.STUDY_FILE).unlink()
     with pytest.raises(S.ExperimentNotFound, match="holds no study: its launch stopped before"):
         S.resolve_experiment(exp)  # the lock alone, released: a launch killed before its spec.yaml
+    (exp / S.SPEC_FILE).write_text("name: held\n")
+    with pytest.raises(S.ExperimentNotFound, match="has no study.json .its launch stopped before") as err:
+        S.status_object(exp)  # killed before its first study.json: not starting
+    assert not isinstance(err.value, S.StudyStarting)
 
 
 # ---------------------------------------------------------------- input that would hurt

@@ -4,6 +4,7 @@ written is refused before any work."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -258,3 +259,14 @@ def test_status_of_a_study_file_without_its_objective_or_epochs(tmp_path):
     (exp / "study.json").write_text(json.dumps(study))
     done = run("status", str(exp))
     assert done.returncode == 0 and "t1" in done.stdout, done.stderr
+    study["trials"]["t1"]["state"] = None  # no state: a TypeError half-way through the table (exit 1)
+    (exp / "study.json").write_text(json.dumps(study))
+    done = run("status", str(exp))
+    assert done.returncode == 0 and re.search(r"^t1 +- +0 ", done.stdout, re.M), (done.stdout, done.stderr)
+    study["trials"]["t1"] |= {"best_metric": 0.5, "best_epoch": 1}
+    (exp / "study.json").write_text(json.dumps(study))
+    done = run("best", str(exp))
+    assert done.returncode == 0 and re.search(r"^ 1 t1 +- +0.5000 ", done.stdout, re.M), (
+        done.stdout,
+        done.stderr,
+    )

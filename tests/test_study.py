@@ -11,6 +11,7 @@ import pytest
 
 from search import select
 from search import study as S
+from search.launch_text import recipe_plan_text
 from search.progress import StudyState
 
 
@@ -101,7 +102,7 @@ def test_one_better_for_trials_and_the_study(a, b, mode, beats):
 
 def test_recipe_plan_lines_close_their_parentheses():
     for i, scaling in ((0, "linear"), (1, "sqrt")):
-        line = S.recipe_plan_text(i, scaling, {"lr": 0.0025, "optimizer": "sgd"})
+        line = recipe_plan_text(i, scaling, {"lr": 0.0025, "optimizer": "sgd"})
         assert line.count("(") == line.count(")") and line.endswith(": lr=0.002500 optimizer=sgd"), line
         assert f"trial {i + 1} is" in line and f"by the {scaling} rule" in line
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 
 import pytest
 
@@ -222,6 +223,24 @@ def test_a_record_the_store_rejected_is_kept_in_the_pending_file(tmp_path, monke
     assert [op["key"] for op in left] == ["bad"] and "INVALID_PARAMETER_VALUE" in left[0]["error"]
     saved = [json.loads(line) for line in pending.read_text().splitlines()]
     assert [(op["op"], op["key"]) for op in saved] == [("log", "bad")]
+    assert "INVALID_PARAMETER_VALUE" in queue.left_reason()  # the rejection is the reason given
+
+
+def test_records_left_by_a_store_that_never_answered_are_not_called_rejected(tmp_path, monkeypatch):
+    """A hung server (a request that never returns): the end-of-study warning said the records
+    were "rejected"; none was."""
+    release = threading.Event()
+    pending = tmp_path / write_queue.PENDING_FILE
+    queue = write_queue.WriteQueue("sqlite:///unused.db", "e", run_map.RunMap(tmp_path), pending)
+    monkeypatch.setattr(queue, "_execute", lambda op: release.wait(30))
+    queue.start()
+    queue.put({"op": "log", "key": "a", "metrics": [["m", 1.0, 1, 1]]})
+    queue.put({"op": "log", "key": "b", "metrics": [["m", 1.0, 1, 1]]})
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "0")  # the join gives up after 5 s
+    left = queue.close(timeout=0.2)
+    release.set()
+    assert [op["key"] for op in left] == ["a", "b"] and queue.rejected == []
+    assert queue.left_reason() == "the store did not answer within the wait"
 
 
 def test_lost_answer_to_create_run_makes_no_duplicate(tmp_path):
