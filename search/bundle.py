@@ -393,6 +393,9 @@ def build_bundle(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         _write_files(tmp, rebuilt, meta, study, ts if torchscript else None, key_env)
+        mask = os.umask(0o077)  # read back: mkdtemp's 0700 left a bundle only its maker could read
+        os.umask(mask)
+        tmp.chmod(0o777 & ~mask)
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)

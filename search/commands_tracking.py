@@ -8,12 +8,15 @@ promotion, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -352,11 +355,35 @@ def cmd_ui(args: argparse.Namespace) -> int:
             ValueError(f"port {port} on 127.0.0.1 is in use or invalid; pass another --port (0 = any).")
         )
     extra: list[str] = []
-    if (db := mlflow_store.sqlite_file(uri)) is not None:
+    with contextlib.ExitStack() as temporary:
+        if (db := mlflow_store.sqlite_file(uri)) is not None:
+            extra, uri = _ui_store_args(db, uri, temporary)
+        logs = folder  # or, in a read-only archive or another user's study, a temporary folder
+        if not os.access(folder, os.W_OK):
+            logs = Path(temporary.enter_context(tempfile.TemporaryDirectory(prefix="search-ui-")))
+        return _serve_ui(uri, port, extra, logs / "mlflow-ui.log", experiment)
+
+
+def _ui_store_args(db: Path, uri: str, temporary: contextlib.ExitStack) -> tuple[list[str], str]:
+    """The server's artifact arguments and the store it serves: ``db`` mended when it moved, or a
+    mended temporary copy when it is read-only (it named the artifacts of the folder it ran in)."""
+    from search import mlflow_store, store_files
+
+    art = db.parent / mlflow_store.ARTIFACTS_DIR
+    extra = ["--no-serve-artifacts", "--default-artifact-root", art.resolve().as_uri()]
+    if mlflow_store.store_writable(db):
         mlflow_store.mend_moved(db)  # a moved or copied store: its own artifacts, not the old folder's
-        art = db.parent / mlflow_store.ARTIFACTS_DIR
-        extra = ["--no-serve-artifacts", "--default-artifact-root", art.resolve().as_uri()]
-    log_path = folder / "mlflow-ui.log"
+        return extra, uri
+    copy = store_files.readable_copy(db)
+    temporary.callback(shutil.rmtree, copy.parent, ignore_errors=True)
+    print(f"{db} is read-only: the UI shows a copy (what you change there is not kept)", file=sys.stderr)
+    return extra, f"sqlite:///{copy}"
+
+
+def _serve_ui(uri: str, port: int, extra: list[str], log_path: Path, experiment: str | None) -> int:
+    """The MLflow server on ``uri`` until Ctrl-C or SIGTERM (``ui``)."""
+    from search import local_server, mlflow_store
+
     url = f"http://{local_server.HOST}:{port}"
     print(
         f"starting the MLflow UI on {mlflow_store.redact(uri)} (log: {log_path}) ...",

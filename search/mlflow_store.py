@@ -7,7 +7,6 @@ variables; user:password parts of URIs are redacted (:func:`redact`) in every me
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import importlib.metadata
 import logging
@@ -21,15 +20,14 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from search.errors import SpecError
-from search.guards import LOCK_FILE, lock_held
 from search.spec.schema import SQLITE, sqlite_file
+from search.store_files import ARTIFACTS_DIR, mend_moved, store_writable  # noqa: F401 (re-exported)
 from search.study import SPEC_FILE
 from trainables.files import pid_alive
 
 log = logging.getLogger(__name__)
 
 DB_FILE = "mlflow.db"
-ARTIFACTS_DIR = "mlartifacts"
 CHECK_TIMEOUT_S = 5.0
 DISABLE_ENV = "SEARCH_NO_MLFLOW"  # "1": make_callback returns None (no MLflow records)
 
@@ -109,69 +107,6 @@ def client(uri: str) -> Any:
         make_sqlite_store(db)
         mend_moved(db)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def mend_moved(db: Path) -> int:
-    """Point a moved or copied SQLite store's experiments at the ``mlartifacts`` folder beside it.
-
-    MLflow records absolute artifact locations: after ``mv``/``cp -a`` of an output folder its
-    store still named the old folder's artifacts, so a promote of the copy wrote its bundle into
-    the original's folder (or recreated a moved one's) and the UI listed no artifacts. Only this
-    tool's experiments are mended (located at ``<db folder>/mlartifacts/<name>``, as
-    :func:`artifact_location` makes them) and only when that folder came along; one seen through
-    another path to the same store is left alone. Only a store with studies beside it (the
-    default store) is mended, and not while one of them runs: a launch may be writing to it
-    through another path (a bind mount, NFS mounted elsewhere), which a mend would turn from under
-    it. Returns the number of experiments mended."""
-    here = (db.parent / ARTIFACTS_DIR).resolve()
-    if not here.is_dir() or not db.is_file() or not any(db.parent.glob(f"*/{SPEC_FILE}")):
-        return 0
-    if any(lock_held(lock.parent) for lock in db.parent.glob(f"*/{LOCK_FILE}")):
-        return 0
-    try:
-        mended = _mend_locations(db, here)
-    except sqlite3.Error as exc:  # a read-only or busy store: read as it is
-        log.warning("MLflow store %s: could not point it at %s: %s", db, here, exc)
-        return 0
-    if mended:
-        log.info("MLflow store %s: artifact locations of %d experiment(s) moved to %s", db, mended, here)
-    return mended
-
-
-def _mend_locations(db: Path, here: Path) -> int:
-    from urllib.parse import unquote
-
-    mended = 0
-    with contextlib.closing(sqlite3.connect(db, timeout=30)) as con, con:
-        tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if "experiments" not in tables:
-            return 0
-        rows = con.execute("SELECT experiment_id, name, artifact_location FROM experiments").fetchall()
-        for eid, name, loc in rows:
-            if not (loc or "").startswith("file://") or not name:
-                continue
-            old = Path(unquote(urlsplit(loc).path))
-            root = Path(str(old)[: -len(name)]) if str(old).endswith(f"/{ARTIFACTS_DIR}/{name}") else None
-            if root is None or root == here or _same_file(root.parent / db.name, db):
-                continue
-            new = (here / name).as_uri()
-            con.execute("UPDATE experiments SET artifact_location=? WHERE experiment_id=?", (new, eid))
-            for table, column in (("runs", "artifact_uri"), ("logged_models", "artifact_location")):
-                if table in tables:
-                    con.execute(
-                        f"UPDATE {table} SET {column} = ? || substr({column}, ?) "  # noqa: S608 - fixed names
-                        f"WHERE experiment_id=? AND substr({column}, 1, ?) = ?",
-                        (new, len(loc) + 1, eid, len(loc), loc),
-                    )
-            mended += 1
-    return mended
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.samefile(b)
-    except OSError:
-        return False
 
 
 CREATING = ".creating"  # the suffix of a SQLite store still being made (make_sqlite_store)
@@ -255,7 +190,6 @@ def remove_unused_store(db: Path) -> None:
     """Delete a SQLite store :func:`warm_up` created for a launch refused before it wrote anything
     (nothing is left of a refused launch), unless a run is in it by now (another launch's)."""
     import shutil
-    import sqlite3
 
     warmed(default_uri(db.parent))
     if not db.is_file():
@@ -404,12 +338,12 @@ def check_tracking(spec: Any, timeout: float = CHECK_TIMEOUT_S, again: str | Non
                 made.rmdir()
             except OSError:
                 break  # something appeared in it meanwhile: keep it and what holds it
+        fix = "fix output_dir or tracking.uri." if again is None else f"make it writable, then {again} again."
         if not writable:
-            raise SpecError(
-                "tracking.uri",
-                f"the folder of the SQLite store {folder} is not writable.",
-                "fix output_dir or tracking.uri.",
-            )
+            raise SpecError("tracking.uri", f"the folder of the SQLite store {folder} is not writable.", fix)
+        if db.exists() and not os.access(db, os.W_OK):  # its records waited, unwritten, for a resume
+            why = f"the SQLite store {db} is read-only (the study writes to it)."
+            raise SpecError("tracking.uri", why, fix)
         return
     if not is_http(uri):
         scheme = urlsplit(uri).scheme.split("+")[0].lower()

@@ -316,6 +316,12 @@ def _registry_store(exp_dir: Path) -> tuple[str, Any]:
     uri, experiment = study_store(exp_dir)
     if mlflow_store.is_http(uri):  # down, or refusing: one line in seconds (MLflow retried for minutes)
         mlflow_store.check_server(uri, experiment, again="run it again", write=False)
+    elif (db := mlflow_store.sqlite_file(uri)) is not None and not mlflow_store.store_writable(db):
+        raise SelectError(  # a read-only archive: the bundle went to the folder it ran in, then it failed
+            f"the study's MLflow store {db} is read-only (an archive, or another user's): promote "
+            "registers the model in it. Fix: make it writable, or promote from a copy of its output "
+            "folder that you can write (cp -a)"
+        )
     return uri, mlflow_store.client(uri)
 
 

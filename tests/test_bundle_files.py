@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import yaml
@@ -230,3 +232,14 @@ def test_predict_keeps_only_detections_at_or_above_min_score(tmp_path):
     """predict's --min-score: a detection scored below it is left out, one at or above it stays."""
     dets = _detect(tmp_path, [1, 2, 1, 2], [0.9, 0.2, 0.6, 0.5], min_score=0.5)
     assert [d["score"] for d in dets] == pytest.approx([0.9, 0.6, 0.5])
+
+
+def test_a_bundle_is_as_readable_as_the_users_other_files(cli_bundle):
+    """Export made the bundle folder 0700 (mkdtemp's): a colleague handed it could not read it."""
+    out, _ = cli_bundle
+    mask = os.umask(0o022)
+    os.umask(mask)  # the export inherited it
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
+    readable = 0o444 & ~mask
+    for path in out.rglob("*"):
+        assert stat.S_IMODE(path.stat().st_mode) & readable == readable, path
