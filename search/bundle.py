@@ -20,13 +20,14 @@ compared with the eager model the same way, and a failure is recorded in model.y
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
 import logging
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -361,6 +362,16 @@ def _write_files(
     (tmp / SUMS_FILE).write_text("\n".join(sums) + "\n")
 
 
+def _new_folder(parent: Path, prefix: str) -> Path:
+    """A new folder in ``parent`` with the umask's mode: mkdtemp's 0700 left a bundle that only
+    its maker could read."""
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        with contextlib.suppress(FileExistsError):
+            path.mkdir()
+            return path
+
+
 def build_bundle(
     cfg: Any,
     ckpt_path: Path,
@@ -390,12 +401,9 @@ def build_bundle(
         return _torchscript(rebuilt, inputs, cfg.task, eager, path)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = _new_folder(out_dir.parent, f".{out_dir.name}.")
     try:
         _write_files(tmp, rebuilt, meta, study, ts if torchscript else None, key_env)
-        mask = os.umask(0o077)  # read back: mkdtemp's 0700 left a bundle only its maker could read
-        os.umask(mask)
-        tmp.chmod(0o777 & ~mask)
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)
