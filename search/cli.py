@@ -409,9 +409,10 @@ def _finish(summary: dict, as_json: bool) -> int:
 
 def _status_starting(folder: Path, as_json: bool) -> int:
     """``status`` of a study whose launch holds its folder and has not begun its first trial."""
-    obj = {"name": folder.name, "status": "starting", "experiment_dir": str(folder.resolve()), "trials": []}
+    obj = dict.fromkeys(("metric", "mode", "base_metric", "best", "reference", "updated"))  # not known yet
+    obj |= {"name": folder.name, "status": "starting", "experiment_dir": str(folder.resolve()), "trials": []}
     if as_json:
-        print(json.dumps({**obj, "base_metric": None, "best": None, "reference": None}))
+        print(json.dumps(obj))
     else:
         print(f"study {folder.name} (starting): no trials yet; its launch is starting Ray and the study")
     return EXIT_OK

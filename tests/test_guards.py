@@ -135,6 +135,7 @@ def test_a_held_or_unbegun_folder_says_what_to_do(tmp_path, monkeypatch):
         shown = run("status", str(exp), "--json", cwd=tmp_path)
         assert shown.returncode == 0 and json.loads(shown.stdout)["status"] == "starting", shown.stderr
         assert json.loads(shown.stdout)["trials"] == [] and json.loads(shown.stdout)["name"] == "held"
+        assert json.loads(shown.stdout)["metric"] is None  # the keys of a study's object, not yet known
         shown = run("status", "held", cwd=tmp_path)
         assert shown.returncode == 0 and "study held (starting): no trials yet" in shown.stdout
         ranked = run("best", "held", cwd=tmp_path)
