@@ -107,9 +107,10 @@ def _last_started() -> str | None:
         return "auto"
 
 
-# What a local Ray's longest socket path adds to its temp folder (and the driver's pid): the OS
-# allows 107 bytes.
-_SOCKET_TAIL, SOCKET_MAX = "/ray/session_2026-12-07_08-19-08_833426_{pid}/sockets/plasma_store", 107
+# What a local Ray's longest socket path adds to its temp folder (and the driver's pid), and the
+# bytes the OS allows (Ray's validate_socket_filepath).
+_SOCKET_TAIL = "/ray/session_2026-12-07_08-19-08_833426_{pid}/sockets/plasma_store"
+SOCKET_MAX = 103 if sys.platform == "darwin" else 107
 
 
 def check_socket_room() -> None:

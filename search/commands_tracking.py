@@ -398,7 +398,10 @@ def _serve_ui(uri: str, port: int, extra: list[str], log_path: Path, experiment:
             start_new_session=True,
             env=local_server.server_env(),
         )
-    old = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server too
+    from search.cluster import stop_signals
+
+    # `kill` and a closed terminal (SIGHUP) stop the server too, and remove a temporary store
+    old = {sig: signal.signal(sig, _interrupt) for sig in stop_signals()}
     try:
         local_server.wait_healthy(proc, port, UI_START_TIMEOUT_S, log_path)
         page = url
@@ -417,7 +420,8 @@ def _serve_ui(uri: str, port: int, extra: list[str], log_path: Path, experiment:
         return 0
     finally:
         local_server.stop(proc, port)
-        signal.signal(signal.SIGTERM, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 COMMANDS: dict[str, Command] = {

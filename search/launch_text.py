@@ -41,7 +41,7 @@ def print_summary(summary: dict[str, Any], spec: Spec | None = None) -> None:
     for t in summary["trials"]:
         best = t.get("best_metric")
         print(
-            f"{t['id']:<13} {t['state']:<10} {t.get('epochs', 0):>6} "
+            f"{t['id']:<13} {t['state'] or '-':<10} {t.get('epochs', 0):>6} "
             f"{S.fmt(best):>9}  "
             f"{S.human_bytes(t.get('disk_bytes')):>9}  {t.get('checkpoint') or '-'}"
             + (f"  [{t['error']}]" if t.get("error") else "")

@@ -343,7 +343,7 @@ def check_tracking(spec: Any, timeout: float = CHECK_TIMEOUT_S, again: str | Non
             raise SpecError("tracking.uri", f"the folder of the SQLite store {folder} is not writable.", fix)
         if db.exists() and not os.access(db, os.W_OK):  # its records waited, unwritten, for a resume
             why = f"the SQLite store {db} is read-only (the study writes to it)."
-            raise SpecError("tracking.uri", why, fix)
+            raise SpecError("tracking.uri", why, f"make it writable, or {fix}" if again is None else fix)
         return
     if not is_http(uri):
         scheme = urlsplit(uri).scheme.split("+")[0].lower()

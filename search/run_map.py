@@ -1,4 +1,5 @@
-"""``<exp>/mlflow_runs.json``: which MLflow run records what (the parent, each trial).
+"""``<exp>/mlflow_runs.json``: which MLflow run records what (the parent, each trial); and
+:func:`read_pending`, the records of ``mlflow_pending.jsonl`` that the store did not take.
 
 The tracker (:mod:`search.tracking`) and its write queue (:mod:`search.write_queue`) keep it; the
 read-only commands (``best``, ``promote``, ``ui``) read it with :func:`read_runs`.
@@ -6,6 +7,7 @@ read-only commands (``best``, ``promote``, ``ui``) read it with :func:`read_runs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -78,3 +80,16 @@ def read_runs(exp_dir: Path) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+
+
+def read_pending(path: Path) -> list[dict[str, Any]]:
+    """The ops a pending file holds, in order (a line cut by a crash is skipped)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    ops = []
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            ops.append(json.loads(line))
+    return [op for op in ops if isinstance(op, dict)]

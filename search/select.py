@@ -8,7 +8,6 @@ is the study's base metric: the unmodified base model's epoch-0 score
 
 from __future__ import annotations
 
-import contextlib
 import json
 import posixpath
 import re
@@ -342,15 +341,8 @@ def _no_run(exp_dir: Path, trial_id: str) -> str:
 def _pending_records(exp_dir: Path, key: str) -> int:
     """How many of run ``key``'s records wait in the study's pending file (the store did not take
     them): its MLflow run lacks them until a resume sends them."""
-    try:
-        lines = (Path(exp_dir) / write_queue.PENDING_FILE).read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return 0
-    ops = []
-    for line in lines:
-        with contextlib.suppress(ValueError):
-            ops.append(json.loads(line))
-    return sum(isinstance(op, dict) and op.get("key") == key for op in ops)
+    waiting = run_map.read_pending(Path(exp_dir) / write_queue.PENDING_FILE)
+    return sum(op.get("key") == key for op in waiting)
 
 
 def promote(

@@ -32,11 +32,10 @@ def readable_copy(db: Path) -> Path:
     and MLflow's server reads its absolute artifact locations, which named the folder it ran in."""
     copy = Path(tempfile.mkdtemp(prefix="search-store-")) / db.name
     try:
-        with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as src:
-            with contextlib.closing(sqlite3.connect(copy)) as dst:
-                src.backup(dst)  # one consistent snapshot, whatever SQLite's journal mode
-    except sqlite3.Error:
-        shutil.copyfile(db, copy)
+        _copy_store(db, copy)
+    except BaseException:  # a full disk, an unreadable store: no copy left behind
+        shutil.rmtree(copy.parent, ignore_errors=True)
+        raise
     here = _artifacts_to_mend(db)
     if here is not None:
         try:
@@ -44,6 +43,15 @@ def readable_copy(db: Path) -> Path:
         except sqlite3.Error as exc:
             log.warning("MLflow store copy %s: could not point it at %s: %s", copy, here, exc)
     return copy
+
+
+def _copy_store(db: Path, copy: Path) -> None:
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as src:
+            with contextlib.closing(sqlite3.connect(copy)) as dst:
+                src.backup(dst)  # one consistent snapshot, whatever SQLite's journal mode
+    except sqlite3.Error:
+        shutil.copyfile(db, copy)
 
 
 def mend_moved(db: Path) -> int:

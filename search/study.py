@@ -385,6 +385,8 @@ def status_object(exp_dir: Path) -> dict[str, Any]:
     """The ``status --json`` object: study.json's fields, trials as a list in the order
     the searcher proposed them (the reference trial first), the best."""
     state, path = read_study(exp_dir), Path(exp_dir) / STUDY_FILE
+    if not state and path.is_file():  # written (whole: os.replace) since it was read: read it
+        state = read_study(exp_dir)
     if not state or not isinstance(state.get("metric"), str) or not isinstance(state.get("mode"), str):
         if path.is_file():
             raise StudyFileError(

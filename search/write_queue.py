@@ -30,7 +30,7 @@ from search.mlflow_store import (
     study_tracking,
     warmed,
 )
-from search.run_map import RunMap, read_runs
+from search.run_map import RunMap, read_pending, read_runs
 from search.study import RAY_KEYS, atomic_write_text, number
 from trainables.testhooks import pause_point
 
@@ -204,9 +204,11 @@ class WriteQueue:
         return left
 
     def left_reason(self) -> str:
-        """Why records are left: the store's last error, else a rejection's, else no answer in time."""
-        rejected = self.rejected[0]["error"] if self.rejected else "the store did not answer within the wait"
-        return self.last_error or rejected
+        """Why records are left: the store's error while it is down, else a rejection's, else no
+        answer in time (an error from an outage that ended is not the reason)."""
+        if self.last_error and self.down_since is not None:
+            return self.last_error
+        return self.rejected[0]["error"] if self.rejected else "the store did not answer within the wait"
 
     def save_pending(self, ops: list[dict[str, Any]]) -> None:
         if not ops:
@@ -217,16 +219,9 @@ class WriteQueue:
 
     def load_pending(self) -> int:
         """Queue the ops saved by an earlier run (first, in their order); returns how many."""
-        if not self.pending_path.is_file():
-            return 0
-        ops = []
-        for line in self.pending_path.read_text(encoding="utf-8").splitlines():
-            try:
-                op = json.loads(line)
-            except ValueError:
-                continue
+        ops = read_pending(self.pending_path)
+        for op in ops:
             op.pop("error", None)
-            ops.append(op)
         with self.cond:
             self.ops.extendleft(reversed(ops))
             self.cond.notify_all()

@@ -385,7 +385,9 @@ def _ps(*args: str) -> str:
 
 
 @pytest.mark.slow  # an MLflow server starts in 10-40 s on a busy 2-core box
-def test_ui_serves_the_study_and_stops_on_sigterm(study):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])  # kill; a closed terminal
+def test_ui_serves_the_study_and_stops_on_sigterm(study, stop):
+    """SIGHUP (its terminal closed) killed ui and left its server running."""
     port = local_server.free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "search", "ui", NAME, *study["where"], "--port", str(port)],
@@ -395,6 +397,7 @@ def test_ui_serves_the_study_and_stops_on_sigterm(study):
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),  # as at a terminal, not nohup's
     )
     try:
         url = proc.stdout.readline().strip()  # printed once /health answered 200
@@ -404,7 +407,7 @@ def test_ui_serves_the_study_and_stops_on_sigterm(study):
         server = _ps("--ppid", str(proc.pid), "-o", "pid=").split()[0]  # `mlflow server`, a session leader
         session = _ps("-s", server, "-o", "args=")
         assert "uvicorn" in session and "huey" not in session  # no job runner for a UI
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(stop)
         assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:

@@ -228,7 +228,7 @@ def test_resume_with_an_unusable_key_names_the_key_and_its_fix(key, tmp_path):
     key.chmod(0o644)
     with pytest.raises(SpecError, match=r"readable by others or not yours \(mode 644\).*Fix: chmod 600 "):
         study_folder.install_state(exp, trust_folder=False)
-    study_folder.install_state(exp, trust_folder=True)  # trusted anyway: the state goes in
+    study_folder.install_state(exp, trust_folder=True)  # --trust-folder: a warning, not a refusal
     key.unlink()
     with pytest.raises(SpecError, match="no signing key at .*Fix: launch a study, or resume with --trust"):
         study_folder.install_state(exp, trust_folder=False)

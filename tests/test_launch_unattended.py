@@ -131,8 +131,14 @@ def test_export_of_a_running_study_reads_its_checkpoint_again(cli_study, tmp_pat
     with pytest.raises(select.CheckpointGone, match="went while export read it. Fix: run export again"):
         select.export(exp_dir, tmp_path / "c", torchscript=False)
     assert len(calls) == 1
-    calls.append(1)  # a file that is not the checkpoint's is not retried, and not called one
+    calls.clear()  # a file that is not the checkpoint's is not retried, and not called one
+
+    def other_file(*args, **kwargs):
+        calls.append(1)
+        return open(tmp_path / "no-such-image.png")
+
     (exp_dir / S.STUDY_FILE).write_text(json.dumps({**state, "status": "running"}))
-    monkeypatch.setattr(bundle, "build_bundle", lambda *a, **k: open(tmp_path / "no-such-image.png"))
+    monkeypatch.setattr(bundle, "build_bundle", other_file)
     with pytest.raises(FileNotFoundError, match="no-such-image"):
         select.export(exp_dir, tmp_path / "d", torchscript=False)
+    assert len(calls) == 1

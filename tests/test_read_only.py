@@ -78,7 +78,10 @@ def test_a_read_only_store_is_read_as_it_is_and_served_from_a_mended_copy(archiv
     assert not copy.parent.exists() and _files(archive) == before
 
 
-@pytest.mark.parametrize(("again", "fix"), [(None, "Fix: fix output_dir"), ("resume", "then resume again")])
+@pytest.mark.parametrize(
+    ("again", "fix"),
+    [(None, "fix output_dir or tracking.uri"), ("resume", "Fix: make it writable, then resume again")],
+)
 def test_a_launch_or_resume_on_a_read_only_store_is_refused_before_ray(archive, again, fix, monkeypatch):
     """A resume with a read-only mlflow.db in a writable folder started Ray, retried for 70 s,
     printed 794 lines and ended exit 0 with every record left in the pending file."""
@@ -90,3 +93,21 @@ def test_a_launch_or_resume_on_a_read_only_store_is_refused_before_ray(archive, 
     _deny_writes(monkeypatch, lambda path: path.name == mlflow_store.DB_FILE)  # the file alone
     with pytest.raises(SpecError, match=f"mlflow.db is read-only [(]the study writes to it[)].*{fix}"):
         mlflow_store.check_tracking(spec, again=again)
+
+
+def test_a_store_copy_that_fails_leaves_nothing(archive, tmp_path, monkeypatch):
+    """A copy cut short (a full temporary disk) left its folder in the temporary folder."""
+    import errno
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+
+    def full(db, copy):
+        copy.write_bytes(b"part")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_files, "_copy_store", full)
+    with pytest.raises(OSError, match="No space"):
+        store_files.readable_copy(archive / mlflow_store.DB_FILE)
+    assert list((tmp_path / "tmp").iterdir()) == []

@@ -226,6 +226,31 @@ def test_a_record_the_store_rejected_is_kept_in_the_pending_file(tmp_path, monke
     assert "INVALID_PARAMETER_VALUE" in queue.left_reason()  # the rejection is the reason given
 
 
+def test_the_reason_records_are_left_is_not_an_outage_that_ended(tmp_path, monkeypatch):
+    """A store down for a moment, then a record it rejected: the end-of-study warning gave the
+    outage's 'Connection refused' as the reason."""
+    tries = []
+
+    def execute(op):
+        tries.append(op["key"])
+        if tries == ["a"]:
+            raise ConnectionError("Connection refused")
+        if op["key"] == "bad":
+            raise ValueError("INVALID_PARAMETER_VALUE: metric value is not a number")
+
+    pending = tmp_path / write_queue.PENDING_FILE
+    queue = write_queue.WriteQueue(
+        "sqlite:///unused.db", "e", run_map.RunMap(tmp_path), pending, backoff=0.05
+    )
+    monkeypatch.setattr(queue, "_execute", execute)
+    queue.start()
+    for key in ("a", "bad"):
+        queue.put({"op": "log", "key": key, "metrics": [["m", 1.0, 1, 1]]})
+    left = queue.close(timeout=10)
+    assert tries == ["a", "a", "bad"] and [op["key"] for op in left] == ["bad"]
+    assert queue.last_error == "Connection refused" and "INVALID_PARAMETER_VALUE" in queue.left_reason()
+
+
 def test_records_left_by_a_store_that_never_answered_are_not_called_rejected(tmp_path, monkeypatch):
     """A hung server (a request that never returns): the end-of-study warning said the records
     were "rejected"; none was."""
