@@ -132,13 +132,24 @@ def _activation_kwargs(module: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------- checks
 
 
-def sample_inputs(cfg: Any, n: int = CHECK_IMAGES) -> list[Any]:
-    """The first ``n`` validation images, preprocessed by the bundle's own ``preprocess``."""
+def sample_inputs(cfg: Any, n: int = CHECK_IMAGES) -> tuple[list[Any], str]:
+    """The images the bundle's checks run, preprocessed by its own ``preprocess``, and what they
+    are: the first ``n`` validation images, or, when the study's data is not here (a study copied
+    without it), ``n`` seeded noise images at the image size, square and 4:3."""
+    import torch
+
     from trainables import coco
 
-    index = coco.load_coco(cfg.val.annotations, cfg.val.images, task=cfg.task)
     meta = {"preprocessing": preprocessing(cfg)}
-    return [bundle_load.preprocess(bundle_load.read_image(rec.path), meta) for rec in index.images[:n]]
+    try:
+        index = coco.load_coco(cfg.val.annotations, cfg.val.images, task=cfg.task)
+        images = [bundle_load.read_image(rec.path) for rec in index.images[:n]]
+        what = f"the first {len(images)} validation images"
+    except (coco.DatasetError, OSError):
+        gen, size = torch.Generator().manual_seed(0), int(cfg.image_size)
+        images = [torch.rand(3, size * (3 + i % 2) // 4, size, generator=gen) for i in range(1, n + 1)]
+        what = f"{n} noise images (the study's validation images are not here)"
+    return [bundle_load.preprocess(image, meta) for image in images], what
 
 
 def preprocessing(cfg: Any) -> dict[str, Any]:
@@ -300,7 +311,7 @@ def _rebuild_checked(cfg: Any, model: Any, meta: dict[str, Any]) -> tuple[Any, l
     rebuilt = bundle_load.build(meta)
     rebuilt.load_state_dict(model.state_dict(), strict=True)
     rebuilt.eval()
-    inputs = sample_inputs(cfg)
+    inputs, what = sample_inputs(cfg)
     eager = _forward(model, inputs, cfg.task)
     diff = max_difference(eager, _forward(rebuilt, inputs, cfg.task), cfg.task)
     if diff > MATCH_ATOL:
@@ -308,7 +319,7 @@ def _rebuild_checked(cfg: Any, model: Any, meta: dict[str, Any]) -> tuple[Any, l
             f"the bundle's loader does not reproduce the trial model (outputs differ by {diff:.3g}); "
             f"unrecorded changes: {meta.get('warnings') or 'none'}"
         )
-    meta["rebuild_check"] = {"max_abs_diff": diff, "checked_images": len(inputs)}
+    meta["rebuild_check"] = {"max_abs_diff": diff, "checked_images": len(inputs), "images": what}
     return rebuilt, inputs, eager
 
 

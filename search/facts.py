@@ -1,6 +1,7 @@
 """Facts recorded on a study's MLflow runs: on the parent, the git commit, package versions, the
 base weights' sha256 and the dataset's fingerprint; on a trial's child run, its study.json record's
-reference mark, recipe, state and stop record (:func:`trial_tags`)."""
+reference mark, recipe, state and stop record (:func:`trial_tags`). And the study folder's
+``facts.json`` (:func:`write_facts`): what ``export`` needs of the data, kept with the study."""
 
 from __future__ import annotations
 
@@ -46,6 +47,40 @@ def _weights_sha256(spec: Any, weights: Any) -> str:
     return f"enum:{weights}"
 
 
+FACTS_FILE = "facts.json"
+
+
+def write_facts(spec: Any, exp_dir: Path) -> None:
+    """``facts.json``: the classes the study's models learn (names and COCO ids, in label order),
+    the base weights' sha256 and the dataset's fingerprint, as at launch. ``export`` and ``promote``
+    read them there: a study copied without its data exported nothing ("annotation file ... does
+    not exist"), and annotations edited since the launch named its classes wrongly."""
+    record = {
+        "class_names": spec.class_names,
+        "category_ids": spec.category_ids,
+        "base_weights_sha256": base_weights_sha256(spec),
+        "dataset_fingerprint": dataset_fingerprint(spec),
+    }
+    S.atomic_write_text(Path(exp_dir) / FACTS_FILE, json.dumps(record, indent=1))
+
+
+def read_facts(exp_dir: Path) -> dict[str, Any] | None:
+    """``facts.json`` of a study folder; None when it has none (made before it was written) or
+    one that is not as :func:`write_facts` writes it."""
+    try:
+        record = json.loads((Path(exp_dir) / FACTS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    names, ids = record.get("class_names"), record.get("category_ids")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        return None
+    if not isinstance(ids, list) or (ids and len(ids) != len(names)) or not all(type(i) is int for i in ids):
+        return None
+    return record
+
+
 def dataset_fingerprint(spec: Any) -> str:
     """sha256 over both splits: the annotation files' bytes and (file name, byte size) of every
     image they list. Changes when annotations or images are added, removed or replaced."""
@@ -63,6 +98,9 @@ def dataset_fingerprint(spec: Any) -> str:
             size = p.stat().st_size if p.is_file() else -1
             h.update(f"{rec.get('file_name')}:{size}\n".encode())
     return h.hexdigest()
+
+
+FACT_TAGS = {"base_weights_sha256": base_weights_sha256, "dataset_fingerprint": dataset_fingerprint}
 
 
 def git_commit() -> str:
@@ -99,15 +137,13 @@ def package_versions() -> dict[str, str]:
 def parent_record(spec: Any, exp_dir: Path) -> tuple[dict[str, str], dict[str, Any]]:
     """The tags (facts: commit, versions, seeds, base sha256, data fingerprint) and the params
     (the study's settings) of a study's MLflow parent run."""
-    versions = package_versions()
-    commit = git_commit()
+    versions, commit, recorded = package_versions(), git_commit(), read_facts(exp_dir) or {}
     tags = {
         "git_commit": commit,
         "mlflow.source.git.commit": commit.removesuffix("+dirty"),
         "seed": str(spec.train.seed),
         "search_seed": str(spec.search.seed),
-        "base_weights_sha256": base_weights_sha256(spec),
-        "dataset_fingerprint": dataset_fingerprint(spec),
+        **{k: recorded.get(k) or fact(spec) for k, fact in FACT_TAGS.items()},  # hashed once
         "search.experiment_dir": str(Path(exp_dir).resolve()),
         **{f"version.{k}": v for k, v in versions.items()},
     }
@@ -141,5 +177,6 @@ def trial_tags(t: dict[str, Any]) -> dict[str, str]:
     if t.get("state") in S.STATES:
         tags["search.state"] = t["state"]
     for k, v in (t.get("stopped") or {}).items():
-        tags[f"search.stopped.{k}"] = text_value(v)
+        if v is not None:  # a time-budget stop has no cut: no 'null' string
+            tags[f"search.stopped.{k}"] = text_value(v)
     return tags

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import json
 import logging
 import os
 import signal
@@ -27,8 +26,6 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from search import cluster, durable, mlflow_store, tracking
 from search import study as S
@@ -54,6 +51,7 @@ from search.spec import MAX_NAME, NAME, Spec, build_spec, check_weights
 from search.spec.schema import name_like
 from search.stopping import BudgetStopper, NoStopping
 from search.study_folder import (
+    check_classes,
     install_state,
     never_started,
     refuse_elsewhere,
@@ -62,6 +60,7 @@ from search.study_folder import (
     resume_command,
     start_over,
     trim_kept,
+    write_spec,
 )
 from search.worker import ERROR_MARK, TEST_FAIL_ENV, train_trial
 from trainables.testhooks import pause_point
@@ -110,15 +109,6 @@ def trial_dirname(trial: Any) -> str:
 
 
 # ---------------------------------------------------------------- experiment folder
-
-
-def write_spec(spec: Spec, exp_dir: Path) -> None:
-    # Only what differs from the defaults: the reloaded spec then sees the keys the user set
-    # (model_fields_set), as the original did.
-    raw = spec.model_dump(mode="json", exclude_defaults=True)
-    S.atomic_write_text(exp_dir / S.SPEC_FILE, yaml.safe_dump(raw, sort_keys=False))
-    space = json.dumps(spec.search_space.describe(), indent=1, default=str)
-    S.atomic_write_text(exp_dir / S.SPACE_FILE, space)
 
 
 def read_spec(exp_dir: Path) -> Spec:
@@ -299,6 +289,7 @@ def resume(
     spec = read_spec(exp_dir)
     refuse_elsewhere(spec, exp_dir)
     preflight(spec, address, weights=False)
+    check_classes(spec, exp_dir)
     lock = StudyLock(exp_dir, fix=RUNNING_FIX).acquire()
     started = False
     try:

@@ -378,7 +378,8 @@ class Progress(Callback):
         table_every: float = 60.0,
         stream: TextIO | None = None,
     ):
-        self.study, self.num_trials, self.key_params = study, num_trials, key_params[:6]
+        shown = sorted(key_params, key=lambda n: (n != "lr", n not in S.STRUCTURAL, key_params.index(n)))
+        self.study, self.num_trials, self.key_params = study, num_trials, shown[:6]  # lr, structure first
         self.table_every = table_every
         self._last_table = time.time()
         self._stream = stream

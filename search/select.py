@@ -64,7 +64,8 @@ def load_study_spec(exp_dir: Path) -> Any:
                 default = json.dumps(field.get_default(call_default_factory=True), default=str)
                 if model[key] is None or json.dumps(model[key], default=str) == default:
                     del model[key]
-    return build_spec(raw, Path(exp_dir), source=path, outputs=False)  # it may have moved away
+    recorded = facts.read_facts(exp_dir)  # the classes it learnt: its data need not be here
+    return build_spec(raw, Path(exp_dir), source=path, outputs=False, classes=recorded)  # it may have moved
 
 
 def base_metric(status: dict[str, Any]) -> float | None:
@@ -73,11 +74,7 @@ def base_metric(status: dict[str, Any]) -> float | None:
     return S.study_base_metric(status)
 
 
-def improvement(value: float | None, base: float | None, mode: str) -> float | None:
-    """How much ``value`` beats ``base`` (positive = better, whatever the mode)."""
-    if value is None or base is None:
-        return None
-    return value - base if mode == "max" else base - value
+improvement = S.gain  # how much a value beats a base (positive = better, whatever the mode)
 
 
 def ranked_trials(exp_dir: Path, status: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -190,6 +187,8 @@ def provenance(exp_dir: Path, trial: dict[str, Any], spec: Any = None) -> dict[s
             }
         except Exception:  # noqa: BLE001 - fall back to the spec below
             known = {}
+    recorded = facts.read_facts(exp_dir) or {}  # as at launch, beside the study
+    known = {**{k: recorded[k] for k in facts.FACT_TAGS if isinstance(recorded.get(k), str)}, **known}
     if "base_weights_sha256" not in known or "dataset_fingerprint" not in known:
         spec = spec or load_study_spec(exp_dir)
         known.setdefault("base_weights_sha256", facts.base_weights_sha256(spec))

@@ -47,6 +47,7 @@ STATES = (COMPLETE, PRUNED, FAILED, RUNNING, PENDING)
 PAUSED = PENDING
 DIVERGED, ERROR = "diverged", "error"  # the "failure" of a FAILED trial
 FINISHED_STATES = (COMPLETE, PRUNED, FAILED)
+ENDED_RUNS = (COMPLETE, PRUNED)  # the trials whose MLflow runs end FINISHED
 # study.json files written before this vocabulary: state -> (state, failure)
 _LEGACY = {
     "TERMINATED": (COMPLETE, None),
@@ -343,16 +344,20 @@ def reference_summary(state: dict[str, Any]) -> dict[str, Any] | None:
     value, top = number(ref.get("best_metric")), number((best or {}).get("best_metric"))
     if ref.get("state") == FAILED:  # diverged or errored: its values compare with nothing
         value = None
-    delta = None
-    if value is not None and top is not None:
-        delta = top - value if mode == "max" else value - top
     return {
         "id": ref.get("id"),
         "state": ref.get("state"),
         "best_metric": value,
         "best_epoch": ref.get("best_epoch"),
-        "best_vs_reference": delta,
+        "best_vs_reference": gain(top, value, mode),
     }
+
+
+def gain(value: float | None, base: float | None, mode: str) -> float | None:
+    """How much ``value`` beats ``base`` (positive = better, whatever the mode); None without both."""
+    if value is None or base is None:
+        return None
+    return value - base if mode == "max" else base - value
 
 
 def reference_text(ref: dict[str, Any] | None, metric: str) -> str | None:

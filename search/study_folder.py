@@ -5,13 +5,16 @@
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import shlex
 import shutil
 from pathlib import Path
 from typing import Any
 
-from search import durable, guards, mlflow_store, run_map, write_queue
+import yaml
+
+from search import durable, facts, guards, mlflow_store, run_map, write_queue
 from search import study as S
 from search.errors import SpecError
 
@@ -200,3 +203,29 @@ def trim_kept(state: dict[str, Any]) -> int:
             t["disk_bytes"] = S.dir_size(Path(t["trial_dir"]))
             trimmed += 1
     return trimmed
+
+
+def write_spec(spec: Any, exp_dir: Path) -> None:
+    """``spec.yaml``, ``space.json`` and ``facts.json`` (:func:`search.facts.write_facts`) of a new
+    study. Only what differs from the defaults: the reloaded spec then sees the keys the user set
+    (model_fields_set), as the original did."""
+    raw = spec.model_dump(mode="json", exclude_defaults=True)
+    S.atomic_write_text(exp_dir / S.SPEC_FILE, yaml.safe_dump(raw, sort_keys=False))
+    space = json.dumps(spec.search_space.describe(), indent=1, default=str)
+    S.atomic_write_text(exp_dir / S.SPACE_FILE, space)
+    facts.write_facts(spec, exp_dir)
+
+
+def check_classes(spec: Any, exp_dir: Path) -> None:
+    """A resume trains the classes its study began with (its checkpoints' heads have as many);
+    a study from before ``facts.json`` gets one."""
+    recorded = facts.read_facts(exp_dir)
+    if recorded is None:
+        facts.write_facts(spec, exp_dir)
+    elif recorded["class_names"] != spec.class_names:
+        raise SpecError(
+            "data",
+            f"the dataset's classes {spec.class_names} are not the {recorded['class_names']} that the "
+            "study's trials learn.",
+            "put back the annotation files the study was launched with, or launch a new study.",
+        )

@@ -453,16 +453,14 @@ class MlflowTracker(_Callback):
             if trial.trial_id in unfinished:  # resume continues it
                 state = S.PENDING
             states[state] = states.get(state, 0) + 1
-        best_id = (S.best_trial(list(known.values()), self.mode) or {}).get("id") or study.get("best_trial")
-        best, base = study.get("best"), study.get("base")
-        improvement = None
-        if best is not None and base is not None:
-            improvement = best - base if self.mode == "max" else base - best
-        ref = S.reference_summary(written)
+        # the best ended trial, as best_<metric> (an interrupted one's id went with another's value)
+        ended = [t for k, t in known.items() if t.get("state") in S.ENDED_RUNS and k not in unfinished]
+        best_id = (S.best_trial(ended, self.mode) or {}).get("id") or study.get("best_trial")
+        best, base, ref = study.get("best"), study.get("base"), S.reference_summary(written) or {}
         return {
-            "reference_trial": ref["id"] if ref else None,
-            f"reference_{self.metric}": ref["best_metric"] if ref else None,
-            "best_vs_reference": ref["best_vs_reference"] if ref else None,
+            "reference_trial": ref.get("id"),
+            f"reference_{self.metric}": ref.get("best_metric"),
+            "best_vs_reference": S.gain(best, ref.get("best_metric"), self.mode),
             "status": "interrupted" if unfinished else "finished",
             "metric": self.metric,
             "mode": self.mode,
@@ -470,7 +468,7 @@ class MlflowTracker(_Callback):
             "best_run_id": self.runs.run_id(best_id or ""),
             f"best_{self.metric}": best,
             f"base_{self.metric}": base,
-            "improvement": improvement,
+            "improvement": S.gain(best, base, self.mode),
             "trials_finished": study.get("finished"),
             "trials": states,
         }

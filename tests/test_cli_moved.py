@@ -125,3 +125,26 @@ def test_home_in_command_line_paths_and_a_name_in_two_places(cli_study, tmp_path
     shutil.copytree(cli_study["exp_dir"], here / NAME)
     one_error_line(search("status", NAME, cwd=here), "both", str(here / NAME), "hold a study")
     assert ok_json(search("status", f"./{NAME}", "--json", cwd=here))["name"] == NAME
+
+
+@pytest.mark.slow  # an export (the quick suite is near its 15 minutes)
+def test_a_study_copied_without_its_data_exports_the_classes_it_learnt(cli_study, tmp_path):
+    """export read the class names from the annotation files: a study copied to a machine without
+    its data exported nothing ('annotation file ... does not exist'), and annotations edited since
+    the launch would have named its classes wrongly. facts.json, written at launch, has them."""
+    import yaml
+
+    from search import facts
+
+    exp_dir = tmp_path / "deploy" / NAME
+    shutil.copytree(cli_study["exp_dir"], exp_dir)
+    recorded = facts.read_facts(exp_dir)
+    assert recorded is not None and recorded["class_names"] and len(recorded["dataset_fingerprint"]) == 64
+    spec = yaml.safe_load((exp_dir / "spec.yaml").read_text())
+    for split in ("train", "val"):  # as on a machine where the data was never copied
+        spec["data"][split] = {"annotations": str(tmp_path / "no" / "a.json"), "images": str(tmp_path / "no")}
+    (exp_dir / "spec.yaml").write_text(yaml.safe_dump(spec))
+    meta = ok_json(search("export", str(exp_dir), "--out", str(tmp_path / "b"), "--json", cwd=tmp_path))
+    assert meta["class_names"] == recorded["class_names"] and meta["category_ids"] == recorded["category_ids"]
+    assert meta["rebuild_check"]["images"].startswith("2 noise images") and meta["torchscript"]["ok"]
+    assert meta["study"]["dataset_fingerprint"] == recorded["dataset_fingerprint"]

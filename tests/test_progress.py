@@ -39,3 +39,12 @@ def test_a_table_after_a_trial_ends_at_most_every_quarter_period_and_not_before_
     progress._last_table -= 60
     assert end(2) == 0  # the last trial: the summary's table follows
     assert out.getvalue().count("trial 3/3 t2 complete") == 1  # its line is still said
+
+
+def test_the_progress_lines_show_the_learning_rate_and_the_structural_choices_first(tmp_path):
+    """They showed the first 6 names of the space: in a long one, ``trainable`` (a structural
+    choice, the group a trial is judged in) never appeared."""
+    study = StudyState(tmp_path, "p", "map50", "max", epochs=1)
+    names = "optimizer momentum weight_decay warmup_epochs beta1 lr grad_clip trainable".split()
+    progress = Progress(study, num_trials=3, key_params=names, stream=io.StringIO())
+    assert progress.key_params == "lr optimizer trainable momentum weight_decay warmup_epochs".split()

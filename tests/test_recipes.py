@@ -88,6 +88,28 @@ def test_recipe_trials_one_per_scaling_rule(sets, expected):
     assert spec.reference_params() == (got[0][1] if got else None)
 
 
+def test_a_scaled_lr_matches_the_choice_that_writes_it_in_decimal():
+    """SSDlite's 0.15 x 4/192 came out as 0.0031249999999999997: a choice of 0.003125 did not match
+    it, and with nothing else of the recipe searched no reference trial ran, without a word."""
+    from search.spec.notes import spec_notes
+
+    lr = recipes.recipe_params(recipes.recipe_for("ssdlite"), 4, 8)["lr"]
+    assert lr == 0.003125
+    sets = ["train.batch_size=4", "space={lr: {choices: [0.003125, 0.0125]}}"]
+    spec = load_spec(ROOT / "spaces/det.yaml", sets)
+    assert spec.recipe_trials() == [("linear", {"lr": 0.003125})]
+    assert not any("no reference trial runs" in note for note in spec_notes(spec))
+    spec = load_spec(
+        ROOT / "spaces/det.yaml", ["train.batch_size=4", "space={lr: {choices: [0.003, 0.0125]}}"]
+    )
+    assert spec.recipe_trials() == [] and spec.reference_params() is None
+    said = [note for note in spec_notes(spec) if note.startswith("search.reference_trial:")]
+    assert said == [
+        "search.reference_trial: no reference trial runs: the recipe sets none of the searched "
+        "parameters (its lr 0.003125: not among your choices)."
+    ]
+
+
 SPACE = {
     "optimizer": {"choices": ["sgd", "adamw"]},
     "lr": {"low": 1e-4, "high": 1e-3, "log": True},

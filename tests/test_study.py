@@ -215,6 +215,44 @@ def test_an_interrupted_run_leaves_no_stand_in_base_and_resume_records_the_plain
     assert mlc.get_run(parent.info.run_id).data.tags["summary.status"] == "interrupted"
 
 
+def test_an_interrupted_parents_summary_names_the_trial_its_best_value_is(tmp_path):
+    """Interrupted while a better trial ran: the parent's summary.best_trial and best_vs_reference
+    were that trial's, its best_map and improvement the finished reference's."""
+    from search import mlflow_store, run_map, tracking
+    from search.spec import load_spec
+    from tests.test_tracking import write_spec
+
+    spec = load_spec(write_spec(tmp_path, name="partial"))
+    exp_dir = Path(spec.output_dir) / spec.name
+    exp_dir.mkdir(parents=True)
+    ref = SimpleNamespace(trial_id="r", config={"lr": 0.01}, path="", status="TERMINATED")
+    fast = SimpleNamespace(trial_id="f", config={"lr": 0.02}, path="", status="RUNNING")
+    history = {
+        "r": [{"epoch": 0, "map": 0.002}, {"epoch": 1, "map": 0.009}],
+        "f": [{"epoch": 1, "map": 0.031}],
+    }
+    records = {
+        "r": {"id": "r", "index": 0, "state": S.COMPLETE, "reference": True, "best_metric": 0.009},
+        "f": {"id": "f", "index": 1, "state": S.RUNNING, "best_metric": 0.031},
+    }
+    for tid, record in records.items():
+        record |= {"params": {}, "history": history[tid], "best_epoch": 1}
+    S.write_study(exp_dir, {"metric": "map", "mode": "max", "status": "interrupted", "trials": records})
+    cb = tracking.make_callback(spec, exp_dir, resume=False)
+    cb.setup()
+    for trial in (ref, fast):
+        for row in history[trial.trial_id]:
+            cb.on_trial_result(0, [ref, fast], trial, row)
+    cb.on_trial_complete(0, [ref, fast], ref)
+    cb.on_experiment_end([ref, fast])
+    mlc = mlflow_store.client(mlflow_store.tracking_uri(spec))
+    runs = json.loads((exp_dir / run_map.RUNS_FILE).read_text())["runs"]
+    tags = mlc.get_run(runs["parent"]).data.tags
+    assert tags["summary.best_trial"] == "r"
+    assert float(tags["summary.best_map"]) == pytest.approx(0.009)
+    assert float(tags["summary.best_vs_reference"]) == 0.0 and tags["summary.status"] == "interrupted"
+
+
 def test_a_failed_reference_is_said_and_compared_with_nothing():
     """A diverged reference trial was still "the reference" at its last value, and the best trial
     was said to be above it (summary, status, best, MLflow's best_vs_reference)."""
@@ -324,3 +362,47 @@ def test_a_write_the_disk_cannot_hold_leaves_the_file_and_no_temporary(tmp_path)
     )
     assert done.stdout.strip() == "27", done.stderr  # EFBIG, as ENOSPC would be
     assert sorted(p.name for p in tmp_path.iterdir()) == [S.STUDY_FILE] and target.read_text() == "{}"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "not json",
+        "[1]",
+        json.dumps({"class_names": [], "category_ids": []}),
+        json.dumps({"class_names": ["a", 2], "category_ids": []}),
+        json.dumps({"class_names": ["a", "b"], "category_ids": [1]}),
+        json.dumps({"class_names": ["a"], "category_ids": [True]}),
+        json.dumps({"class_names": ["a"]}),
+    ],
+)
+def test_a_facts_file_not_as_written_is_not_read(tmp_path, text):
+    from search import facts
+
+    (tmp_path / facts.FACTS_FILE).write_text(text)
+    assert facts.read_facts(tmp_path) is None
+
+
+def test_a_resume_trains_the_classes_its_study_began_with(tmp_path):
+    """A resume on annotations whose categories changed since the launch trained heads whose
+    labels no longer meant what the study's checkpoints learnt."""
+    from search import facts
+    from search.errors import SpecError
+    from search.spec import load_spec
+    from search.study_folder import check_classes
+    from tests.tinydata import make_tiny_coco, write_tiny_spec
+
+    make_tiny_coco(tmp_path / "data", n_images=2, size=64)
+    spec = load_spec(write_tiny_spec(tmp_path, "cls", space={"lr": 0.01}, search={"num_trials": 1}, epochs=1))
+    exp_dir = tmp_path / "exp"
+    exp_dir.mkdir()
+    check_classes(spec, exp_dir)  # a study from before facts.json: it gets one
+    assert facts.read_facts(exp_dir)["class_names"] == spec.class_names == ["red", "blue"]
+    check_classes(spec, exp_dir)
+    (exp_dir / facts.FACTS_FILE).write_text(
+        json.dumps({"class_names": ["red", "green"], "category_ids": [3, 7]})
+    )
+    with pytest.raises(
+        SpecError, match=r"data: the dataset's classes \['red', 'blue'\] are not the \['red', 'green'\]"
+    ):
+        check_classes(spec, exp_dir)

@@ -58,7 +58,7 @@ def test_flatten_params_and_metric_filter():
                 "search.state": "PRUNED",
                 "search.stopped.epoch": "2",
                 "search.stopped.value": "0.25",
-                "search.stopped.cut": "null",
+                # no cut (a time-budget stop): no tag, not the string 'null'
                 "search.stopped.rule": "halving",
             },
         ),

@@ -149,7 +149,8 @@ def recipe_params(
     (the space's parameters, ``loss.weight.<term>``) at 1.0, the architecture's own weighting."""
     out = {name: 1.0 for name in names if name.startswith(LOSS_WEIGHT_PREFIX)}
     out.update({**recipe.hand, **recipe.params})
-    out["lr"] = float(recipe.params["lr"]) * LR_SCALINGS[scaling](batch_size / recipe.batch)
+    lr = float(recipe.params["lr"]) * LR_SCALINGS[scaling](batch_size / recipe.batch)
+    out["lr"] = float(f"{lr:.12g}")  # 0.025 * 2/16 is 0.0031249999999999997: no choice 0.003125 matched it
     if out.get("schedule") == "step" and recipe.step_at is not None:
         out["step_epochs"] = max(1, round(recipe.step_at * epochs))
     return out

@@ -361,10 +361,10 @@ def _check_reference(spec: Spec) -> None:
         )
 
 
-def _check_files(spec: Spec) -> None:
-    """The data paths and a weights file exist and are of the right kind (a file given as the image
-    folder said "does not exist" though it exists)."""
-    for split_name in ("train", "val"):
+def _check_files(spec: Spec, data: bool = True) -> None:
+    """The data paths (``data``) and a weights file exist and are of the right kind (a file given
+    as the image folder said "does not exist" though it exists)."""
+    for split_name in ("train", "val") if data else ():
         split = getattr(spec.data, split_name)
         if not split.images.is_dir():
             raise SpecError(
@@ -433,9 +433,10 @@ def check_data(spec: Spec) -> None:
     spec._num_classes = len(spec._class_names)
 
 
-def check_spec(spec: Spec, study: bool = True) -> None:
+def check_spec(spec: Spec, study: bool = True, data: bool = True) -> None:
     """Every check across sections that needs neither torch nor the data's contents (``study``:
-    also the study's own: scheduling, grid, reference trial, the trials' GPUs under Ray)."""
+    also the study's own: scheduling, grid, reference trial, the trials' GPUs under Ray;
+    ``data``: that the data's files are there)."""
     _check_model(spec)
     _check_objective(spec)
     _check_space(spec)
@@ -443,4 +444,4 @@ def check_spec(spec: Spec, study: bool = True) -> None:
     _check_search(spec, study)
     if study:
         _check_trial_device(spec)
-    _check_files(spec)
+    _check_files(spec, data)

@@ -222,11 +222,17 @@ def _is_file(weights: str) -> bool:
 
 
 def build_spec(
-    raw: dict[str, Any], base: Path, source: Path | None = None, study: bool = True, outputs: bool = True
+    raw: dict[str, Any],
+    base: Path,
+    source: Path | None = None,
+    study: bool = True,
+    outputs: bool = True,
+    classes: dict[str, Any] | None = None,
 ) -> Spec:
     """Validate a raw mapping; relative paths resolve against ``base``. ``outputs=False`` skips the
     checks of the folders a launch writes (a study's saved spec read by export and promote, whose
-    folder may have moved away from its ``output_dir``)."""
+    folder may have moved away from its ``output_dir``); ``classes`` (a study's ``facts.json``:
+    ``class_names``, ``category_ids``) stand for the data, which is then not read (nor needed)."""
     try:
         spec = Spec.model_validate(raw)
     except ValidationError as exc:
@@ -238,11 +244,15 @@ def build_spec(
     _resolve_paths(spec, base)
     spec._source = source
     spec._space = parse_space(spec.space, kind_of=_param_kind, conditions=False)  # check_spec: after values
-    check_spec(spec, study)
+    check_spec(spec, study, data=classes is None)
     guards.check_uri_secrets(spec.tracking.uri)
     if outputs:
         guards.check_spec_outputs(spec)
-    check_data(spec)
+    if classes is None:
+        check_data(spec)
+    else:
+        spec._class_names, spec._category_ids = list(classes["class_names"]), list(classes["category_ids"])
+        spec._num_classes = len(spec._class_names)
     return spec
 
 

@@ -45,6 +45,15 @@ def spec_notes(spec: Any, study: bool = True) -> list[str]:
 def _study_notes(spec: Any) -> list[str]:
     s = spec.search
     out = []
+    if spec._recipe() is not None and not spec.recipe_trials():  # asked for, and silently none
+        unused = spec.search_space.unprojected(spec._recipe_values(s.reference_scaling[0]))
+        given = ", ".join(
+            f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in unused.items() if v is not None
+        )
+        out.append(
+            "search.reference_trial: no reference trial runs: the recipe sets none of the searched "
+            f"parameters{f' (its {given}: not among your choices)' if given else ''}."
+        )
     if s.reference_scaling != ["linear"] and not spec.recipe_trials():
         why = "the recipe sets none of the searched parameters"
         if s.reference_trial is False:
