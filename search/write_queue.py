@@ -192,6 +192,10 @@ class WriteQueue:
                 "MLflow store %s still unavailable: waiting up to %.0fs for it, then %d record(s) are kept "
                 "for the next resume", redact(self.uri), timeout, self.pending()
             )  # fmt: skip
+        with self.cond:
+            waiting = list(self.ops) + self.rejected
+        if waiting:  # kept before the wait: a SIGKILL in it (a pod's grace period ending) loses none
+            self.save_pending(waiting)
         self.flush(timeout)
         with self.cond:
             self._stop = True

@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import threading
+import time
 
 import pytest
 
@@ -262,7 +263,15 @@ def test_records_left_by_a_store_that_never_answered_are_not_called_rejected(tmp
     queue.put({"op": "log", "key": "a", "metrics": [["m", 1.0, 1, 1]]})
     queue.put({"op": "log", "key": "b", "metrics": [["m", 1.0, 1, 1]]})
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "0")  # the join gives up after 5 s
-    left = queue.close(timeout=0.2)
+    closing = threading.Thread(target=queue.close, kwargs={"timeout": 0.2})
+    closing.start()  # a SIGKILL in its wait (Kubernetes' grace period ends) lost every record
+    for _ in range(100):  # while it waits (its flush 0.2 s, then the join's 5 s)
+        if pending.is_file():
+            break
+        time.sleep(0.02)
+    assert [op["key"] for op in write_queue.read_pending(pending)] == ["a", "b"] and closing.is_alive()
+    closing.join()
+    left = queue.close(timeout=0.2) or write_queue.read_pending(pending)  # closed once: the file says
     release.set()
     assert [op["key"] for op in left] == ["a", "b"] and queue.rejected == []
     assert queue.left_reason() == "the store did not answer within the wait"
