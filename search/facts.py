@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import logging
 import platform
 import subprocess
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 from search import study as S
 from search.write_queue import text_value
 from trainables.files import sha256_file
+
+log = logging.getLogger(__name__)
 
 
 def base_weights_sha256(spec: Any) -> str:
@@ -67,16 +70,25 @@ def write_facts(spec: Any, exp_dir: Path) -> None:
 def read_facts(exp_dir: Path) -> dict[str, Any] | None:
     """``facts.json`` of a study folder; None when it has none (made before it was written) or
     one that is not as :func:`write_facts` writes it."""
+    path = Path(exp_dir) / FACTS_FILE
     try:
-        record = json.loads((Path(exp_dir) / FACTS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError):
+        record = None
     if not isinstance(record, dict):
+        log.warning("%s is not as launch writes it: the study's data is read instead", path)
         return None
     names, ids = record.get("class_names"), record.get("category_ids")
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        return None
-    if not isinstance(ids, list) or (ids and len(ids) != len(names)) or not all(type(i) is int for i in ids):
+    fine = isinstance(names, list) and names and all(isinstance(n, str) for n in names)
+    if (
+        not fine
+        or not isinstance(ids, list)
+        or len(ids) != len(names)
+        or not all(type(i) is int for i in ids)
+    ):
+        log.warning("%s is not as launch writes it: the study's data is read instead", path)
         return None
     return record
 
@@ -134,16 +146,18 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def parent_record(spec: Any, exp_dir: Path) -> tuple[dict[str, str], dict[str, Any]]:
+def parent_record(spec: Any, exp_dir: Path, recorded: bool = False) -> tuple[dict[str, str], dict[str, Any]]:
     """The tags (facts: commit, versions, seeds, base sha256, data fingerprint) and the params
-    (the study's settings) of a study's MLflow parent run."""
-    versions, commit, recorded = package_versions(), git_commit(), read_facts(exp_dir) or {}
+    (the study's settings) of a study's MLflow parent run (``recorded``: the base sha256 and data
+    fingerprint that ``facts.json`` holds, at launch: hashed once)."""
+    versions, commit = package_versions(), git_commit()
+    recorded_facts = (read_facts(exp_dir) or {}) if recorded else {}
     tags = {
         "git_commit": commit,
         "mlflow.source.git.commit": commit.removesuffix("+dirty"),
         "seed": str(spec.train.seed),
         "search_seed": str(spec.search.seed),
-        **{k: recorded.get(k) or fact(spec) for k, fact in FACT_TAGS.items()},  # hashed once
+        **{k: recorded_facts.get(k) or fact(spec) for k, fact in FACT_TAGS.items()},
         "search.experiment_dir": str(Path(exp_dir).resolve()),
         **{f"version.{k}": v for k, v in versions.items()},
     }

@@ -65,7 +65,29 @@ def load_study_spec(exp_dir: Path) -> Any:
                 if model[key] is None or json.dumps(model[key], default=str) == default:
                     del model[key]
     recorded = facts.read_facts(exp_dir)  # the classes it learnt: its data need not be here
-    return build_spec(raw, Path(exp_dir), source=path, outputs=False, classes=recorded)  # it may have moved
+    spec = build_spec(raw, Path(exp_dir), source=path, outputs=False, classes=recorded)  # it may have moved
+    if recorded is not None:
+        _same_classes(spec, exp_dir)
+    return spec
+
+
+def _same_classes(spec: Any, exp_dir: Path) -> None:
+    """The study's annotation files, where they are here, name the classes its facts.json does
+    (annotations edited since the launch, or a facts.json not this study's, mislabelled a bundle)."""
+    from trainables import coco
+
+    ann = Path(spec.data.train.annotations)
+    try:
+        cats = coco.categories(ann)
+    except coco.DatasetError:  # not here (a study copied without its data), or unreadable
+        return
+    names, ids = [cats[c] for c in sorted(cats)], sorted(cats)
+    if (names, ids) != (spec.class_names, spec.category_ids):
+        raise SelectError(
+            f"{ann} names the classes {names} (ids {ids}), but the study's models learnt {spec.class_names} "
+            f"(ids {spec.category_ids}, {Path(exp_dir) / facts.FACTS_FILE}). Fix: put back the annotation "
+            "files the study was launched with (a bundle would label its classes wrongly)"
+        )
 
 
 def base_metric(status: dict[str, Any]) -> float | None:

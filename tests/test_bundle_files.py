@@ -243,3 +243,29 @@ def test_a_bundle_is_as_readable_as_the_users_other_files(cli_bundle):
     readable = 0o444 & ~mask
     for path in out.rglob("*"):
         assert stat.S_IMODE(path.stat().st_mode) & readable == readable, path
+
+
+def test_the_bundle_checks_run_on_noise_only_where_the_data_is_not_there(tmp_path):
+    """Any error reading the validation images fell back to noise images: a broken image that is
+    there passed as 'the study's validation images are not here'."""
+    from search.bundle import sample_inputs
+    from search.spec import load_spec
+    from tests.tinydata import make_tiny_coco, write_tiny_spec
+
+    images, _ = make_tiny_coco(tmp_path / "data", n_images=2, size=64)
+    spec = load_spec(
+        write_tiny_spec(tmp_path, "noise", space={"lr": 0.01}, search={"num_trials": 1}, epochs=1)
+    )
+    cfg = spec.trial_config(out_dir=tmp_path / "t")
+    inputs, what = sample_inputs(cfg)
+    assert len(inputs) == 2 and what == "the first 2 validation images"
+    first = sorted(images.glob("*.png"))[0]
+    first.write_bytes(b"not an image")
+    with pytest.raises(OSError):
+        sample_inputs(cfg)
+    shutil.rmtree(tmp_path / "data")  # a study copied without its data
+    inputs, what = sample_inputs(cfg)
+    assert what.startswith("2 noise images") and [tuple(x.shape) for x in inputs] == [
+        (3, 96, 96),
+        (3, 72, 96),
+    ]

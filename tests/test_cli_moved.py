@@ -148,3 +148,19 @@ def test_a_study_copied_without_its_data_exports_the_classes_it_learnt(cli_study
     assert meta["class_names"] == recorded["class_names"] and meta["category_ids"] == recorded["category_ids"]
     assert meta["rebuild_check"]["images"].startswith("2 noise images") and meta["torchscript"]["ok"]
     assert meta["study"]["dataset_fingerprint"] == recorded["dataset_fingerprint"]
+
+
+def test_a_facts_file_that_names_other_classes_than_the_data_is_refused(cli_study, tmp_path):
+    """facts.json won over the annotation files without a look: one naming the classes in another
+    order (not this study's, or annotations edited since the launch) exported swapped labels."""
+    from search import facts, select
+
+    exp_dir = _runs_copy(cli_study, tmp_path / "runs")
+    recorded = facts.read_facts(exp_dir)
+    assert select.load_study_spec(exp_dir).class_names == recorded["class_names"]
+    swapped = {k: v[::-1] if k in ("class_names", "category_ids") else v for k, v in recorded.items()}
+    (exp_dir / facts.FACTS_FILE).write_text(json.dumps(swapped))
+    with pytest.raises(
+        select.SelectError, match=r"names the classes .* but the study's models learnt .*Fix: put"
+    ):
+        select.load_study_spec(exp_dir)

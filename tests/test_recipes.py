@@ -103,11 +103,16 @@ def test_a_scaled_lr_matches_the_choice_that_writes_it_in_decimal():
         ROOT / "spaces/det.yaml", ["train.batch_size=4", "space={lr: {choices: [0.003, 0.0125]}}"]
     )
     assert spec.recipe_trials() == [] and spec.reference_params() is None
-    said = [note for note in spec_notes(spec) if note.startswith("search.reference_trial:")]
+    said = [note for note in spec_notes(spec) if note.startswith("search.reference")]
     assert said == [
         "search.reference_trial: no reference trial runs: the recipe sets none of the searched "
         "parameters (its lr 0.003125: not among your choices)."
     ]
+    both = "search.reference_scaling=[linear,sqrt]"
+    twice = load_spec(ROOT / "spaces/det.yaml", [*sets[:1], "space={lr: {choices: [0.003, 0.0125]}}", both])
+    assert [n for n in spec_notes(twice) if n.startswith("search.reference")] == said  # said once
+    nothing = load_spec(ROOT / "spaces/det.yaml", ["space={lr: 0.003}"])  # nothing searched, nothing missed
+    assert not any(n.startswith("search.reference_trial") for n in spec_notes(nothing))
 
 
 SPACE = {

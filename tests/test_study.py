@@ -374,6 +374,7 @@ def test_a_write_the_disk_cannot_hold_leaves_the_file_and_no_temporary(tmp_path)
         json.dumps({"class_names": ["a", "b"], "category_ids": [1]}),
         json.dumps({"class_names": ["a"], "category_ids": [True]}),
         json.dumps({"class_names": ["a"]}),
+        json.dumps({"class_names": ["a"], "category_ids": []}),  # export refused it: 0 ids for 1 class
     ],
 )
 def test_a_facts_file_not_as_written_is_not_read(tmp_path, text):
@@ -406,3 +407,9 @@ def test_a_resume_trains_the_classes_its_study_began_with(tmp_path):
         SpecError, match=r"data: the dataset's classes \['red', 'blue'\] are not the \['red', 'green'\]"
     ):
         check_classes(spec, exp_dir)
+    # the parent run's tags: launch's from facts.json (hashed once), a resume's from the data now
+    (exp_dir / facts.FACTS_FILE).write_text(
+        json.dumps({"class_names": ["red", "blue"], "category_ids": [3, 7], "dataset_fingerprint": "then"})
+    )
+    assert facts.parent_record(spec, exp_dir, recorded=True)[0]["dataset_fingerprint"] == "then"
+    assert facts.parent_record(spec, exp_dir)[0]["dataset_fingerprint"] == facts.dataset_fingerprint(spec)

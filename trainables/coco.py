@@ -5,8 +5,7 @@ category ids mapped to contiguous labels ``1..K`` (background is 0, order = sort
 one :class:`ImageRecord` per image with boxes already clipped, and a ``pycocotools.COCO`` object
 holding the same sanitised ground truth for evaluation.
 
-Sanitisation (every count is in ``CocoIndex.stats`` and logged once at INFO on
-``trainables.data``):
+Sanitisation (every count is in ``CocoIndex.stats``, logged once at INFO on ``trainables.data``):
 
 - images without annotations are kept as negatives (``negatives``);
 - crowd annotations stay in the record with ``iscrowd=True`` and in the COCO ground truth (COCOeval
@@ -258,6 +257,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def categories(annotations: Path) -> dict[int, str]:
+    """A COCO file's category names by id (label i is the i-th smallest id), checked as by load_coco."""
+    return _categories(_read_json(Path(annotations)), Path(annotations))
 
 
 def _categories(data: dict[str, Any], path: Path) -> dict[int, str]:

@@ -45,7 +45,8 @@ def spec_notes(spec: Any, study: bool = True) -> list[str]:
 def _study_notes(spec: Any) -> list[str]:
     s = spec.search
     out = []
-    if spec._recipe() is not None and not spec.recipe_trials():  # asked for, and silently none
+    searched = bool(spec.search_space.searched)
+    if searched and spec._recipe() is not None and not spec.recipe_trials():  # asked for, silently none
         unused = spec.search_space.unprojected(spec._recipe_values(s.reference_scaling[0]))
         given = ", ".join(
             f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in unused.items() if v is not None
@@ -54,8 +55,8 @@ def _study_notes(spec: Any) -> list[str]:
             "search.reference_trial: no reference trial runs: the recipe sets none of the searched "
             f"parameters{f' (its {given}: not among your choices)' if given else ''}."
         )
-    if s.reference_scaling != ["linear"] and not spec.recipe_trials():
-        why = "the recipe sets none of the searched parameters"
+    if s.reference_scaling != ["linear"] and not spec.recipe_trials() and not (searched and spec._recipe()):
+        why = "the recipe sets none of the searched parameters"  # no parameter is searched
         if s.reference_trial is False:
             why = "search.reference_trial is false"
         elif s.algorithm == "grid":
