@@ -76,6 +76,7 @@ def trial_model(cfg: Any, ckpt_path: Path, num_classes: int) -> tuple[Any, dict[
                     "file to rebuild the frozen part"
                 )
         model, info = models.build_model(cfg, params, num_classes)
+        _check_shapes(model, state, num_classes)
         result = model.load_state_dict(state, strict=False)
         if result.unexpected_keys:
             raise BundleError(f"checkpoint keys not in the model: {result.unexpected_keys[:5]}")
@@ -87,9 +88,23 @@ def trial_model(cfg: Any, ckpt_path: Path, num_classes: int) -> tuple[Any, dict[
         plain = dataclasses.replace(cfg, weights=None, weights_backbone=None, model_kwargs=kwargs)
         model, info = models.build_model(plain, params, num_classes)
         weights.frozen_bn_like_file(model, state)  # full states saved from FrozenBatchNorm2d layers
+        _check_shapes(model, state, num_classes)
         model.load_state_dict(state, strict=True)
     model.eval()
     return model, ckpt, info
+
+
+def _check_shapes(model: Any, state: dict[str, Any], num_classes: int) -> None:
+    """The checkpoint's tensors fit the model built for the study's classes (a class list that is
+    not the one the model learnt failed in torch's "size mismatch" text)."""
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise BundleError(
+            f"the checkpoint's {wrong[0]} (and {len(wrong) - 1} more) do not fit a model of "
+            f"{num_classes - 1} classes: the class list (facts.json, or the annotation files) is not "
+            "the one its model learnt"
+        )
 
 
 def describe_structure(model: Any, arch: str, num_classes: int, kwargs: dict[str, Any]) -> dict[str, Any]:

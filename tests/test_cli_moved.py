@@ -153,7 +153,10 @@ def test_a_study_copied_without_its_data_exports_the_classes_it_learnt(cli_study
 def test_a_facts_file_that_names_other_classes_than_the_data_is_refused(cli_study, tmp_path):
     """facts.json won over the annotation files without a look: one naming the classes in another
     order (not this study's, or annotations edited since the launch) exported swapped labels."""
+    import yaml
+
     from search import facts, select
+    from search.bundle import BundleError
 
     exp_dir = _runs_copy(cli_study, tmp_path / "runs")
     recorded = facts.read_facts(exp_dir)
@@ -164,3 +167,14 @@ def test_a_facts_file_that_names_other_classes_than_the_data_is_refused(cli_stud
         select.SelectError, match=r"names the classes .* but the study's models learnt .*Fix: put"
     ):
         select.load_study_spec(exp_dir)
+    (exp_dir / facts.FACTS_FILE).write_text(  # one class too many, and the data not here
+        json.dumps({**recorded, "class_names": ["a", "b", "c"], "category_ids": [1, 2, 3]})
+    )
+    spec = yaml.safe_load((exp_dir / "spec.yaml").read_text())
+    spec["data"]["train"] = spec["data"]["val"] = {
+        "annotations": str(tmp_path / "a.json"),
+        "images": str(tmp_path),
+    }
+    (exp_dir / "spec.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(BundleError, match="do not fit a model of 3 classes: the class list"):
+        select.export(exp_dir, tmp_path / "b", torchscript=False)  # was torch's 'size mismatch' (exit 1)
