@@ -146,12 +146,11 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def parent_record(spec: Any, exp_dir: Path, recorded: bool = False) -> tuple[dict[str, str], dict[str, Any]]:
-    """The tags (facts: commit, versions, seeds, base sha256, data fingerprint) and the params
-    (the study's settings) of a study's MLflow parent run (``recorded``: the base sha256 and data
-    fingerprint that ``facts.json`` holds, at launch: hashed once)."""
-    versions, commit = package_versions(), git_commit()
-    recorded_facts = (read_facts(exp_dir) or {}) if recorded else {}
+def parent_record(spec: Any, exp_dir: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    """The tags (facts: commit, versions, seeds, base sha256, data fingerprint: ``facts.json``'s,
+    hashed once at launch) and the params (the study's settings) of a study's MLflow parent run
+    (a resume's reopened parent keeps its launch's tags)."""
+    versions, commit, recorded_facts = package_versions(), git_commit(), read_facts(exp_dir) or {}
     tags = {
         "git_commit": commit,
         "mlflow.source.git.commit": commit.removesuffix("+dirty"),

@@ -292,7 +292,7 @@ def resume(
     lock = StudyLock(exp_dir, fix=RUNNING_FIX).acquire()
     started = False
     try:
-        check_classes(spec, exp_dir)  # under the lock: it may write facts.json
+        check_classes(spec, exp_dir)
         install_state(exp_dir, trust_folder)  # before anything starts: a refusal leaves it all as it was
         previous = S.read_study(exp_dir) or None
         done = _nothing_left(previous or {}, restart_errored)

@@ -18,6 +18,7 @@ from typing import Any
 
 from search import facts, mlflow_store, run_map, write_queue
 from search import study as S
+from search.errors import SpecError
 from search.study_folder import resume_command
 
 DEFAULT_ALIAS = "champion"
@@ -65,7 +66,17 @@ def load_study_spec(exp_dir: Path) -> Any:
                 if model[key] is None or json.dumps(model[key], default=str) == default:
                     del model[key]
     recorded = facts.read_facts(exp_dir)  # the classes it learnt: its data need not be here
-    spec = build_spec(raw, Path(exp_dir), source=path, outputs=False, classes=recorded)  # it may have moved
+    try:
+        spec = build_spec(
+            raw, Path(exp_dir), source=path, outputs=False, classes=recorded
+        )  # it may have moved
+    except SpecError as exc:
+        if recorded is not None or not str(exc.key or "").startswith("data."):
+            raise
+        raise SelectError(  # a spec it cannot change: its saved one
+            f"{exc.message} {exp_dir} was launched before facts.json kept its classes, so they are read "
+            "from its annotation files. Fix: put the study's data back at the paths its spec.yaml names"
+        ) from None
     if recorded is not None:
         _same_classes(spec, exp_dir)
     return spec

@@ -217,15 +217,14 @@ def write_spec(spec: Any, exp_dir: Path) -> None:
 
 
 def check_classes(spec: Any, exp_dir: Path) -> None:
-    """A resume trains the classes its study began with (its checkpoints' heads have as many);
-    a study from before ``facts.json`` gets one."""
+    """A resume trains the classes its study began with (its checkpoints' heads have as many).
+    A study from before ``facts.json`` gets none: its data may have changed since its launch."""
     recorded = facts.read_facts(exp_dir)
-    if recorded is None:
-        facts.write_facts(spec, exp_dir)
-    elif recorded["class_names"] != spec.class_names:
+    now = {"class_names": spec.class_names, "category_ids": spec.category_ids}
+    if recorded is not None and {k: recorded[k] for k in now} != now:
         raise SpecError(
             "data",
-            f"the dataset's classes {spec.class_names} are not the {recorded['class_names']} that the "
-            "study's trials learn.",
+            f"the dataset's classes {spec.class_names} (ids {spec.category_ids}) are not the "
+            f"{recorded['class_names']} (ids {recorded['category_ids']}) that the study's trials learn.",
             "put back the annotation files the study was launched with, or launch a new study.",
         )

@@ -480,7 +480,7 @@ def make_callback(spec: Any, exp_dir: Path, resume: bool, expected: int = 0) -> 
     if os.environ.get(DISABLE_ENV) == "1":
         return None
     check_tracking(spec)
-    tags, params = parent_record(spec, exp_dir, recorded=not resume)  # a resume's data as it is now
+    tags, params = parent_record(spec, exp_dir)
     return MlflowTracker(
         exp_dir=Path(exp_dir).resolve(),
         uri=tracking_uri(spec),

@@ -178,3 +178,21 @@ def test_a_facts_file_that_names_other_classes_than_the_data_is_refused(cli_stud
     (exp_dir / "spec.yaml").write_text(yaml.safe_dump(spec))
     with pytest.raises(BundleError, match="do not fit a model of 3 classes: the class list"):
         select.export(exp_dir, tmp_path / "b", torchscript=False)  # was torch's 'size mismatch' (exit 1)
+
+
+def test_a_study_from_before_facts_json_without_its_data_says_to_put_it_back(cli_study, tmp_path):
+    """An older study's export without its data said 'point it at the folder ...', a fix of a spec
+    that export never reads: the study folder's saved one names the data."""
+    import yaml
+
+    from search import facts, select
+
+    exp_dir = _runs_copy(cli_study, tmp_path / "runs")
+    (exp_dir / facts.FACTS_FILE).unlink()
+    spec = yaml.safe_load((exp_dir / "spec.yaml").read_text())
+    spec["data"]["train"]["images"] = str(tmp_path / "gone")
+    (exp_dir / "spec.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(
+        select.SelectError, match="does not exist.* was launched before facts.json .*Fix: put"
+    ):
+        select.load_study_spec(exp_dir)

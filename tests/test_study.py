@@ -4,6 +4,7 @@ score, whichever trial reports first; status, best and promote read the same fun
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -397,19 +398,17 @@ def test_a_resume_trains_the_classes_its_study_began_with(tmp_path):
     spec = load_spec(write_tiny_spec(tmp_path, "cls", space={"lr": 0.01}, search={"num_trials": 1}, epochs=1))
     exp_dir = tmp_path / "exp"
     exp_dir.mkdir()
-    check_classes(spec, exp_dir)  # a study from before facts.json: it gets one
-    assert facts.read_facts(exp_dir)["class_names"] == spec.class_names == ["red", "blue"]
+    check_classes(spec, exp_dir)  # a study from before facts.json: none is made from today's data
+    assert facts.read_facts(exp_dir) is None and spec.class_names == ["red", "blue"]
+    facts.write_facts(spec, exp_dir)
     check_classes(spec, exp_dir)
-    (exp_dir / facts.FACTS_FILE).write_text(
-        json.dumps({"class_names": ["red", "green"], "category_ids": [3, 7]})
-    )
-    with pytest.raises(
-        SpecError, match=r"data: the dataset's classes \['red', 'blue'\] are not the \['red', 'green'\]"
-    ):
-        check_classes(spec, exp_dir)
-    # the parent run's tags: launch's from facts.json (hashed once), a resume's from the data now
+    for names, ids in ((["red", "green"], [3, 7]), (["red", "blue"], [3, 8])):  # a name, or an id
+        (exp_dir / facts.FACTS_FILE).write_text(json.dumps({"class_names": names, "category_ids": ids}))
+        said = f"data: the dataset's classes ['red', 'blue'] (ids [3, 7]) are not the {names} (ids {ids})"
+        with pytest.raises(SpecError, match=re.escape(said)):
+            check_classes(spec, exp_dir)
+    # the parent run's tags: facts.json's (hashed once at launch)
     (exp_dir / facts.FACTS_FILE).write_text(
         json.dumps({"class_names": ["red", "blue"], "category_ids": [3, 7], "dataset_fingerprint": "then"})
     )
-    assert facts.parent_record(spec, exp_dir, recorded=True)[0]["dataset_fingerprint"] == "then"
-    assert facts.parent_record(spec, exp_dir)[0]["dataset_fingerprint"] == facts.dataset_fingerprint(spec)
+    assert facts.parent_record(spec, exp_dir)[0]["dataset_fingerprint"] == "then"
