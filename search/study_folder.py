@@ -41,7 +41,7 @@ def resume_command(exp_dir: Path, keep_top: int | None = None, address: str | No
 # What a launch writes in its experiment folder before its first trial is saved (and later).
 LAUNCH_FILES = (
     *(S.SPEC_FILE, S.STUDY_FILE, S.SPACE_FILE, f"{S.JOURNAL_FILE}*", S.BASE_EVAL_DIR, "trial_*"),
-    *(run_map.RUNS_FILE, write_queue.PENDING_FILE, durable.STATE_DIR, guards.LOCK_FILE),
+    *(run_map.RUNS_FILE, write_queue.PENDING_FILE, durable.STATE_DIR, guards.LOCK_FILE, facts.FACTS_FILE),
     *(*durable.RAY_STATE, "basic-variant-state-*.json", ".validate_storage_marker"),
 )
 
