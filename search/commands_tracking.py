@@ -191,11 +191,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     key_env = _encryption_key_env(args)
     try:
         exp_dir = select.find_experiment(args.name, args.output_dir)
-        guards.check_output(
-            args.out, guards.spec_inputs(select.load_study_spec(exp_dir)), "--out", folder=True
-        )
+        spec = select.load_study_spec(exp_dir)  # once: it reads the annotation files' classes
+        guards.check_output(args.out, guards.spec_inputs(spec), "--out", folder=True)
         meta = select.export(
-            exp_dir, args.out, args.trial, torchscript=not args.no_torchscript, key_env=key_env
+            exp_dir, args.out, args.trial, torchscript=not args.no_torchscript, key_env=key_env, spec=spec
         )
     except (select.SelectError, BundleError) as exc:
         raise _bad_input(exc) from None

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from search.errors import SpecError
 from search.spec.schema import SQLITE, sqlite_file
-from search.store_files import ARTIFACTS_DIR, mend_moved, store_writable  # noqa: F401 (re-exported)
+from search.store_files import ARTIFACTS_DIR, mend_moved, store_writable  # noqa: F401 (mend_moved: re-exported)
 from search.study import SPEC_FILE
 from trainables.files import pid_alive
 
@@ -341,7 +341,7 @@ def check_tracking(spec: Any, timeout: float = CHECK_TIMEOUT_S, again: str | Non
         fix = "fix output_dir or tracking.uri." if again is None else f"make it writable, then {again} again."
         if not writable:
             raise SpecError("tracking.uri", f"the folder of the SQLite store {folder} is not writable.", fix)
-        if db.exists() and not os.access(db, os.W_OK):  # its records waited, unwritten, for a resume
+        if db.is_file() and not store_writable(db):  # its records waited, unwritten, for a resume
             why = f"the SQLite store {db} is read-only (the study writes to it)."
             raise SpecError("tracking.uri", why, f"make it writable, or {fix}" if again is None else fix)
         return

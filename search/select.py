@@ -107,9 +107,6 @@ def base_metric(status: dict[str, Any]) -> float | None:
     return S.study_base_metric(status)
 
 
-improvement = S.gain  # how much a value beats a base (positive = better, whatever the mode)
-
-
 def ranked_trials(exp_dir: Path, status: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Trials ranked by best-epoch objective (best first; diverged/errored and unscored left out),
     each a ``status --json`` trial object plus ``epoch`` (= best_epoch), ``run_id`` (None when
@@ -128,9 +125,9 @@ def ranked_trials(exp_dir: Path, status: dict[str, Any] | None = None) -> list[d
         row["epoch"] = t.get("best_epoch")
         row["run_id"] = runs.get(t["id"])
         row["study_base_metric"] = base
-        row["improvement"] = improvement(S.number(t.get("best_metric")), base, mode)
+        row["improvement"] = S.gain(S.number(t.get("best_metric")), base, mode)
         row["reference_metric"] = ref.get("best_metric")
-        row["vs_reference"] = improvement(S.number(t.get("best_metric")), ref.get("best_metric"), mode)
+        row["vs_reference"] = S.gain(S.number(t.get("best_metric")), ref.get("best_metric"), mode)
         out.append(row)
     return out
 
@@ -246,12 +243,13 @@ def export(
     trial_id: str | None = None,
     torchscript: bool = True,
     key_env: str | None = None,
+    spec: Any = None,
 ) -> dict[str, Any]:
     """A deployment bundle of a trial's best-epoch checkpoint in ``out_dir`` (see
     :mod:`search.bundle`; weights encrypted under ``key_env``'s secret when given); returns
-    model.yaml's content."""
+    model.yaml's content. ``spec``: the study's :func:`load_study_spec`, when the caller has it."""
     exp_dir = Path(exp_dir)
-    spec = load_study_spec(exp_dir)
+    spec = spec or load_study_spec(exp_dir)
     for _ in range(2):  # a running study's Ray replaces checkpoints: read study.json again
         try:
             return _export_once(exp_dir, spec, out_dir, trial_id, torchscript, key_env)
