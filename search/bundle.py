@@ -67,6 +67,7 @@ def trial_model(cfg: Any, ckpt_path: Path, num_classes: int) -> tuple[Any, dict[
     state = ckpt["model"]
     if ckpt.get("trainable_only") and (cfg.weights or cfg.weights_backbone):
         recorded = ckpt.get("base_sha256")
+        _check_base_files(cfg, ckpt_path, recorded)
         if cfg.weights and Path(cfg.weights).is_file() and recorded:
             actual = sha256_file(cfg.weights)
             if actual != recorded:
@@ -92,6 +93,22 @@ def trial_model(cfg: Any, ckpt_path: Path, num_classes: int) -> tuple[Any, dict[
         model.load_state_dict(state, strict=True)
     model.eval()
     return model, ckpt, info
+
+
+def _check_base_files(cfg: Any, ckpt_path: Path, recorded: str | None) -> None:
+    """A checkpoint of the trained tensors alone takes its frozen part from the base weights file
+    (a study's saved spec is not refused for a missing one: a full checkpoint needs none)."""
+    from search.spec.schema import is_registry_uri
+    from trainables.weights import is_enum_name
+
+    for key, value in (("weights", cfg.weights), ("weights_backbone", cfg.weights_backbone)):
+        named = value and not is_enum_name(str(value)) and not is_registry_uri(str(value))
+        if named and not Path(value).is_file():
+            sha = f" (sha256 {recorded[:12]}...)" if recorded and key == "weights" else ""
+            raise BundleError(
+                f"the checkpoint {ckpt_path} holds only the trained tensors; the rest comes from the base "
+                f"weights file {value}{sha} (model.{key}), which is not there. Fix: put that file back"
+            )
 
 
 def _check_shapes(model: Any, state: dict[str, Any], num_classes: int) -> None:

@@ -203,6 +203,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         out = {
             "spec": json.loads(spec.model_dump_json()),
             "space": space.describe(),
+            "never_active": space.never_active(),  # searched, but their when cannot hold
             "num_classes": spec.num_classes,
             "class_names": spec.class_names,
             "notes": spec_notes(spec),
@@ -210,11 +211,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         }
         print(json.dumps(out, indent=2))
         return EXIT_OK
-    print(
-        f"ok: {args.spec} — {spec.task} with {spec.model.arch}, {spec.num_classes} "
-        f"class{'es' if spec.num_classes != 1 else ''} "
-        f"({', '.join(spec.class_names)})"
-    )
+    names = f"{spec.num_classes} class{'es' if spec.num_classes != 1 else ''} ({', '.join(spec.class_names)})"
+    print(f"ok: {args.spec} — {spec.task} with {spec.model.arch}, {names}")
     if facts:
         print(f"  model: {facts['parameters']:,} parameters in {facts['parameter_tensors']} tensors")
     idle = space.never_active()

@@ -90,15 +90,22 @@ def preflight(spec: Spec, address: str | None, weights: bool = True) -> None:
 
 
 def _check_signing_key() -> None:
-    """The key that signs Ray's state (``search.durable``) can be made and read: with HOME
-    unwritable the launch failed after Ray started ("FileNotFoundError: '/nonexistent'"),
-    leaving a study folder that ``status`` could not read."""
+    """The key that signs Ray's state (``search.durable``) can be read, or made where it is
+    missing: with HOME unwritable the launch failed after Ray started ("FileNotFoundError:
+    '/nonexistent'"), leaving a study folder that ``status`` could not read. A missing key is made
+    by the first state saved, not here: a command refused by a later check makes nothing."""
+    path = durable.key_path()
     try:
-        durable.signing_key()
+        if path.exists():
+            durable.signing_key(create=False)
+            return
+        folder = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+        if not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
+            raise PermissionError(errno.EACCES, f"{folder} is not a folder this user can write")
     except durable.SigningKeyError as exc:
         raise SpecError(durable.KEY_ENV, f"{exc.why}.", f"{exc.fix}.") from None
     except OSError as exc:
-        why = f"cannot make the signing key {durable.key_path()} ({exc.strerror}): launch signs Ray's state."
+        why = f"cannot make the signing key {path} ({exc.strerror}): launch signs Ray's state."
         fix = f"set {durable.KEY_ENV} to a file in a folder you can write (or make HOME writable)."
         raise SpecError(durable.KEY_ENV, why, fix) from None
 

@@ -196,3 +196,42 @@ def test_a_study_from_before_facts_json_without_its_data_says_to_put_it_back(cli
         select.SelectError, match="does not exist.* was launched before facts.json .*Fix: put"
     ):
         select.load_study_spec(exp_dir)
+
+
+def _without_base_file(cli_study, tmp_path):
+    """A copy of the study whose spec names a base weights file this machine does not have."""
+    import yaml
+
+    exp_dir = _runs_copy(cli_study, tmp_path / "runs")
+    spec = yaml.safe_load((exp_dir / "spec.yaml").read_text())
+    spec["model"]["weights"] = str(tmp_path / "gone" / "base.pt")
+    (exp_dir / "spec.yaml").write_text(yaml.safe_dump(spec))
+    return exp_dir
+
+
+@pytest.mark.slow  # an export (the quick suite is near its 15 minutes)
+def test_a_full_checkpoint_exports_without_the_base_weights_file(cli_study, tmp_path):
+    """export refused a study whose base weights file is not on this machine ('weights file ...
+    does not exist'), though a checkpoint of every tensor needs none of it."""
+    from search import select
+
+    exp_dir = _without_base_file(cli_study, tmp_path)
+    meta = select.export(exp_dir, tmp_path / "b", torchscript=False)
+    assert (tmp_path / "b" / meta["weights_file"]).is_file() and meta["class_names"]
+
+
+def test_a_checkpoint_of_the_trained_tensors_alone_asks_for_the_base_weights_file(cli_study, tmp_path):
+    """Without the base file, a checkpoint that holds only the trained tensors cannot be rebuilt:
+    one line names the file to put back (nothing is written)."""
+    import torch
+
+    from search import select
+    from search.bundle import BundleError
+
+    exp_dir = _without_base_file(cli_study, tmp_path)
+    for path in exp_dir.glob("trial_*/checkpoint_*/model.pt"):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        torch.save({**ckpt, "trainable_only": True}, path)
+    with pytest.raises(BundleError, match=r"only the trained tensors.*gone/base.pt .*Fix: put that file"):
+        select.export(exp_dir, tmp_path / "b", torchscript=False)
+    assert not (tmp_path / "b").exists()

@@ -103,6 +103,22 @@ def test_a_signing_key_that_cannot_be_made_is_bad_input_before_ray(tmp_path, mon
         _check_signing_key()
 
 
+def test_the_signing_key_check_makes_no_key(tmp_path, monkeypatch):
+    """The preflight made the key: a resume refused by a later check (a read-only store) left
+    another user a new key in their HOME. The first state saved makes it now."""
+    from search.launcher import _check_signing_key
+
+    key = tmp_path / "config" / "search" / "state.key"
+    monkeypatch.setenv(durable.KEY_ENV, str(key))
+    _check_signing_key()
+    assert not (tmp_path / "config").exists()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if p == tmp_path else real(p, mode, **kw))
+    with pytest.raises(SpecError, match=f"cannot make the signing key .*{tmp_path} is not a folder this"):
+        _check_signing_key()
+    assert durable.signing_key() and key.is_file()  # made on first use
+
+
 def test_export_of_a_running_study_reads_its_checkpoint_again(cli_study, tmp_path, monkeypatch):
     """Ray replaces a running trial's checkpoint between study.json naming it and export loading
     it: export failed 3 times in 4 during a launch ('FileNotFoundError: .../checkpoint_000002')."""

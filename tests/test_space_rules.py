@@ -325,3 +325,20 @@ def test_error_object_names_source():
     with pytest.raises(SpecError) as info:
         load_spec(ROOT / "spaces" / "det.yaml", ["train.epochs=2", "search.num_trials=0"])
     assert "(--set search.num_trials): search.num_trials: " in str(info.value)
+
+
+def test_validate_json_lists_the_never_active_parameters(tmp_path):
+    """validate --json listed a searched parameter whose when cannot hold among the others; only
+    its text said so."""
+    import json
+    import subprocess
+    import sys
+
+    step = "space.step_epochs={low: 1, high: 3, when: {schedule: step}}"
+    args = ["validate", str(ROOT / "spaces/det.yaml"), "--quick", "--json", "--set", "space.schedule=cosine"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "search", *args, "--set", step], capture_output=True, text=True, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["never_active"] == ["step_epochs"] and "step_epochs" in out["space"]

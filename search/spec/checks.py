@@ -361,9 +361,9 @@ def _check_reference(spec: Spec) -> None:
         )
 
 
-def _check_files(spec: Spec, data: bool = True) -> None:
-    """The data paths (``data``) and a weights file exist and are of the right kind (a file given
-    as the image folder said "does not exist" though it exists)."""
+def _check_files(spec: Spec, data: bool = True, weights: bool = True) -> None:
+    """The data paths (``data``) and a weights file (``weights``) exist and are of the right kind (a
+    file given as the image folder said "does not exist" though it exists)."""
     for split_name in ("train", "val") if data else ():
         split = getattr(spec.data, split_name)
         if not split.images.is_dir():
@@ -379,7 +379,7 @@ def _check_files(spec: Spec, data: bool = True) -> None:
                 f"{_kind_text(split.annotations, 'a COCO JSON file')}",
                 "point it at a COCO JSON file.",
             )
-    for attr in ("weights", "weights_backbone"):
+    for attr in ("weights", "weights_backbone") if weights else ():
         value = getattr(spec.model, attr)
         resolved_later = is_registry_uri(value)  # by the preflight (search.registry)
         if value and not resolved_later and not ENUM_NAME.fullmatch(value) and not Path(value).is_file():
@@ -433,10 +433,10 @@ def check_data(spec: Spec) -> None:
     spec._num_classes = len(spec._class_names)
 
 
-def check_spec(spec: Spec, study: bool = True, data: bool = True) -> None:
+def check_spec(spec: Spec, study: bool = True, data: bool = True, weights: bool = True) -> None:
     """Every check across sections that needs neither torch nor the data's contents (``study``:
     also the study's own: scheduling, grid, reference trial, the trials' GPUs under Ray;
-    ``data``: that the data's files are there)."""
+    ``data``: that the data's files are there; ``weights``: that a base weights file is)."""
     _check_model(spec)
     _check_objective(spec)
     _check_space(spec)
@@ -444,4 +444,4 @@ def check_spec(spec: Spec, study: bool = True, data: bool = True) -> None:
     _check_search(spec, study)
     if study:
         _check_trial_device(spec)
-    _check_files(spec, data)
+    _check_files(spec, data, weights)

@@ -231,8 +231,10 @@ def build_spec(
 ) -> Spec:
     """Validate a raw mapping; relative paths resolve against ``base``. ``outputs=False`` skips the
     checks of the folders a launch writes (a study's saved spec read by export and promote, whose
-    folder may have moved away from its ``output_dir``); ``classes`` (a study's ``facts.json``:
-    ``class_names``, ``category_ids``) stand for the data, which is then not read (nor needed)."""
+    folder may have moved away from its ``output_dir``) and of the base weights file (a checkpoint
+    holding every tensor needs none; the bundle asks for it where a checkpoint does); ``classes``
+    (a study's ``facts.json``: ``class_names``, ``category_ids``) stand for the data, which is
+    then not read (nor needed)."""
     try:
         spec = Spec.model_validate(raw)
     except ValidationError as exc:
@@ -244,7 +246,7 @@ def build_spec(
     _resolve_paths(spec, base)
     spec._source = source
     spec._space = parse_space(spec.space, kind_of=_param_kind, conditions=False)  # check_spec: after values
-    check_spec(spec, study, data=classes is None)
+    check_spec(spec, study, data=classes is None, weights=outputs)
     guards.check_uri_secrets(spec.tracking.uri)
     if outputs:
         guards.check_spec_outputs(spec)
