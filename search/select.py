@@ -8,6 +8,7 @@ is the study's base metric: the unmodified base model's epoch-0 score
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
 import re
@@ -201,7 +202,9 @@ def lineage(exp_dir: Path, trial: dict[str, Any], spec: Any = None) -> dict[str,
 def provenance(exp_dir: Path, trial: dict[str, Any], spec: Any = None) -> dict[str, str]:
     """Where a trial's model comes from: study, folder, trial, run, metric and mode, base weights
     sha256, dataset fingerprint (and git commit). The sha and fingerprint come from the study's
-    parent run (as recorded at launch) or, without one, from the spec."""
+    parent run (as recorded at launch) or, without one, from the spec; the commit from the trial's
+    run where it has one (a trial a resume started ran that resume's code; ``resumed_git_commit``:
+    the code a resume went on with it)."""
     status = S.read_study(exp_dir)
     runs = run_map.read_runs(exp_dir)
     known: dict[str, str] = {}
@@ -211,10 +214,14 @@ def provenance(exp_dir: Path, trial: dict[str, Any], spec: Any = None) -> dict[s
             uri, _ = write_queue.recorded_store(exp_dir)
             if mlflow_store.missing_sqlite(uri):  # reading it would create an empty store
                 raise FileNotFoundError(uri)
-            tags = mlflow_store.client(uri).get_run(parent).data.tags
+            mlc = mlflow_store.client(uri)
+            tags = mlc.get_run(parent).data.tags
             known = {
                 k: tags[k] for k in ("base_weights_sha256", "dataset_fingerprint", "git_commit") if k in tags
             }
+            with contextlib.suppress(Exception):  # the code that trained it: a resume's trials ran another
+                own = mlc.get_run(trial["run_id"]).data.tags if trial.get("run_id") else {}
+                known |= {k: own[k] for k in ("git_commit", "resumed_git_commit") if k in own}
         except Exception:  # noqa: BLE001 - fall back to the spec below
             known = {}
     recorded = facts.read_facts(exp_dir) or {}  # as at launch, beside the study

@@ -175,6 +175,7 @@ class MlflowTracker(_Callback):
             "search.trial_id": tid,
             "search.trial_dir": str(getattr(trial, "path", "")),
             "search.state": S.RUNNING,
+            "git_commit": self.parent_tags.get("git_commit", "unknown"),  # a resume's trials: its own
         }
         searcher = getattr(self.study_state, "searcher", None)
         lost = None if reopened else getattr(searcher, "replaces", lambda _: None)(tid)
@@ -187,7 +188,10 @@ class MlflowTracker(_Callback):
         if not reopened:
             self._log(tid, params=flatten_params(dict(trial.config or {})))
         else:
-            self._log(tid, tags={"resumed": "true"})
+            self._log(tid, tags={"resumed": "true", **self._resumed_with()})
+
+    def _resumed_with(self) -> dict[str, str]:
+        return {"resumed_git_commit": self.parent_tags.get("git_commit", "unknown")}
 
     def _close_trial(self, trial: Any, status: str, tags: dict[str, str]) -> None:
         tid = trial.trial_id
@@ -241,8 +245,8 @@ class MlflowTracker(_Callback):
             tags={**self.parent_tags, "search.study": self.name},
             reopen_clear=["interrupted"],
         )
-        if resumed:
-            self._log("parent", tags={"resumed": "true"})
+        if resumed:  # its tags stay the launch's; the code that goes on with it is said beside them
+            self._log("parent", tags={"resumed": "true", **self._resumed_with()})
         else:
             self._log("parent", params=self.parent_params)
             for fname in (SPEC_FILE, SPACE_FILE):

@@ -252,11 +252,16 @@ def test_parent_and_nested_children(toy_study):
 
 
 @pytest.mark.slow  # the quick suite proves resume through the launcher (tests/test_select.py)
-def test_resume_continues_the_same_runs(ray_local, tmp_path):
+def test_resume_continues_the_same_runs(ray_local, tmp_path, monkeypatch):
+    """...and says which code went on with them: a parent's and a promoted trial's git_commit named
+    the launch's code only, also for the trials an upgraded resume ran from scratch."""
+    from search import facts, select
+
     spec = load_spec(write_spec(tmp_path, name="resumable"))
     exp_dir = Path(spec.output_dir) / spec.name
     exp_dir.mkdir(parents=True)
     configs = [{"kind": "ok", "sleep": 0.4}] * 4
+    monkeypatch.setattr(facts, "git_commit", lambda: "launched")
     cb = tracking.make_callback(spec, exp_dir, resume=False)
     run_toy(spec, exp_dir, configs, [cb, Interrupt(2)], stop=None)
     mlc = mlflow_store.client(mlflow_store.tracking_uri(spec))
@@ -268,6 +273,7 @@ def test_resume_continues_the_same_runs(ray_local, tmp_path):
     assert before and not [r for r in before if r.info.status == "RUNNING"]
     assert [r for r in before if r.info.status == "KILLED"], "the interruption left no unfinished trial"
 
+    monkeypatch.setattr(facts, "git_commit", lambda: "resumed")
     cb2 = tracking.make_callback(spec, exp_dir, resume=True)
     run_toy(spec, exp_dir, configs, [cb2], restore=True)
     after_map = json.loads((exp_dir / run_map.RUNS_FILE).read_text())["runs"]
@@ -283,6 +289,17 @@ def test_resume_continues_the_same_runs(ray_local, tmp_path):
         assert steps == [0, 1, 2, 3]
         assert "interrupted" not in kid.data.tags
     assert mlc.get_run(first["parent"]).data.tags["summary.status"] == "finished"
+    tags = mlc.get_run(first["parent"]).data.tags
+    assert (tags["git_commit"], tags["resumed_git_commit"]) == ("launched", "resumed")
+    went_on = 0
+    for kid in kids:  # each run's git_commit is its creator's (a resume's new trials: the resume's)
+        trial = {"id": kid.data.tags["search.trial_id"], "run_id": kid.info.run_id}
+        lineage = {k: v for k, v in select.provenance(exp_dir, trial, spec).items() if "git" in k}
+        went_on += kid.data.tags.get("resumed") == "true"
+        assert lineage == {"git_commit": "launched"} | (
+            {"resumed_git_commit": "resumed"} if kid.data.tags.get("resumed") else {}
+        ), trial
+    assert went_on
 
 
 class TcpProxy:
