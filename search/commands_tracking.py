@@ -342,11 +342,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from search import local_server, mlflow_store
 
     uri, experiment, folder = ui_store(args.name, args.output_dir)
-    if mlflow_store.is_http(uri):
+    if mlflow_store.is_http(uri):  # the page on stdout, as for a local UI
         print(
-            f"this study records to the MLflow server {mlflow_store.redact(uri)}: "
-            "open it there (no local UI needed)"
+            f"this study records to the MLflow server {mlflow_store.redact(uri)}: open it there",
+            file=sys.stderr,
         )
+        print(mlflow_store.experiment_page(uri, experiment or ""), flush=True)
         return 0
     port = args.port or local_server.free_port()
     if not (0 < port < 65536) or not local_server.port_free(port):

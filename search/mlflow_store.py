@@ -283,6 +283,29 @@ def _probe_http(uri: str, name: str, timeout: float, write: bool = True, again: 
 MISSING = "RESOURCE_DOES_NOT_EXIST"  # MLflow's error code for an experiment that does not exist
 
 
+def experiment_page(uri: str, name: str, timeout: float = 5.0) -> str:
+    """The web page of experiment ``name``'s runs on the MLflow server ``uri`` (credentials from
+    the environment, never in the text); the server's root where it does not answer in time."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    root = redact(uri).rstrip("/")
+    try:
+        resp = http_request(
+            get_default_host_creds(uri),
+            "/api/2.0/mlflow/experiments/get-by-name",
+            "GET",
+            params={"experiment_name": name},
+            max_retries=0,
+            timeout=max(1, int(timeout)),
+            raise_on_status=False,
+        )
+        exp_id = _json(resp).get("experiment", {}).get("experiment_id") if resp.status_code == 200 else None
+    except Exception:  # noqa: BLE001 - the root still leads there
+        exp_id = None
+    return f"{root}/#/experiments/{exp_id}/runs" if exp_id else root
+
+
 def _json(resp: Any) -> dict[str, Any]:
     try:
         body = resp.json()

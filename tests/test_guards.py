@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -325,9 +326,19 @@ def test_no_secret_is_written_anywhere(tmp_path):
             env=env,
         )
         assert done.returncode == 0, done.stderr[-3000:]
+        ui = subprocess.run(  # a server's study: the page of its runs there (it printed the root)
+            [sys.executable, "-m", "search", "ui", "secret", "--output-dir", "runs"],
+            cwd=tmp_path,
+            capture_output=True,
+            timeout=120,
+            env=env,
+        )
+        assert ui.returncode == 0, ui.stderr[-2000:]
+        page = ui.stdout.decode().strip()
+        assert re.fullmatch(rf"http://127\.0\.0\.1:{port}/#/experiments/[0-9]+/runs", page), page
     finally:
         stop_server(server)
-    written = [done.stdout, done.stderr]
+    written = [done.stdout, done.stderr, ui.stdout, ui.stderr]
     for root in (tmp_path / "runs", tmp_path / "srv"):
         written += [p.read_bytes() for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
     assert len(written) > 20  # the study, its checkpoints, the server's store and artifacts

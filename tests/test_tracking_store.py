@@ -123,6 +123,11 @@ def test_check_tracking_unreachable_server_fails_fast(tmp_path):
         silent.close()
     assert err.value.key == "tracking.uri" and "is no answer" in err.value.line(), err.value.line()
     assert len(silent.accepted) == 1  # no retries: max_retries=0 on the probe
+    # ui's page of a server's study: the root where the server is down or silent (user kept out)
+    assert (
+        mlflow_store.experiment_page(f"http://hunter2@127.0.0.1:{port}/", "s", 1.0)
+        == f"http://***@127.0.0.1:{port}"
+    )
     # the default store: a SQLite file beside the experiments
     spec = load_spec(write_spec(tmp_path / "b"))
     assert mlflow_store.tracking_uri(spec) == f"sqlite:///{(tmp_path / 'b' / 'runs' / 'mlflow.db').resolve()}"
