@@ -247,11 +247,16 @@ def _probe_http(uri: str, name: str, timeout: float, write: bool = True, again: 
     resp = call("experiments/get-by-name", "GET", params={"experiment_name": name})
     if resp.status_code in (401, 403):
         given = os.environ.get("MLFLOW_TRACKING_USERNAME") or os.environ.get("MLFLOW_TRACKING_TOKEN")
+        user = None if given else urlsplit(uri).username  # MLflow does not read the URI's user
+        then = f", then {again}" if again else ""
         raise SpecError(
             "tracking.uri",
-            f"the MLflow server {redact(uri)} refused the credentials (HTTP {resp.status_code}).",
-            f"{'check' if given else 'set'} MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or "
-            f"MLFLOW_TRACKING_TOKEN, in the environment{f', then {again}' if again else ''}.",
+            f"the MLflow server {redact(uri)} refused the credentials (HTTP {resp.status_code})"
+            + (": MLflow takes the user name from the environment, not from the URI." if user else "."),
+            f"set MLFLOW_TRACKING_USERNAME={user} (and MLFLOW_TRACKING_PASSWORD) in the environment{then}."
+            if user
+            else f"{'check' if given else 'set'} MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or "
+            f"MLFLOW_TRACKING_TOKEN, in the environment{then}.",
         )
     found = _json(resp)
     # a missing experiment is MLflow's 404 with its error code; another 404 (a path, a proxy) is not MLflow

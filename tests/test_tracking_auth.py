@@ -81,5 +81,15 @@ def test_basic_auth_credentials_and_write_permission(tmp_path, monkeypatch):
         assert "Fix: check MLFLOW_TRACKING_USERNAME" in err.line() and "wrong" not in err.line()
         err = check(None, None, "bobs")
         assert err is not None and "Fix: set MLFLOW_TRACKING_USERNAME" in err.line()
+        # a user in the URI (allowed: no secret) and the password from the environment: MLflow
+        # sends no user then; the fix named neither the cause nor the user
+        with_user = uri.replace("http://", "http://alice@")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "alice-Pass-123456")
+        with pytest.raises(
+            SpecError, match=r"not from the URI\. Fix: set MLFLOW_TRACKING_USERNAME=alice \(and"
+        ):
+            mlflow_store.check_server(with_user, "alices", 15.0)
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+        mlflow_store.check_server(with_user, "alices", 15.0)  # read and written as alice
     finally:
         stop_server(server)
