@@ -473,8 +473,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"best: {best['id']} {metric}={S.fmt(best['best_metric'])} at epoch {best.get('best_epoch')}, "
             f"checkpoint {best.get('checkpoint')}"
         )
-    else:
-        print("best: none yet")
+    else:  # a study that ended without one has none to come (a resume with --restart-errored may)
+        print(
+            "best: none yet" if obj.get("status") != "finished" else "best: none (no trial produced a result)"
+        )
     ref = reference_text(obj.get("reference"), metric)
     if ref:
         print(ref)

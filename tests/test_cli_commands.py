@@ -457,3 +457,20 @@ def test_a_study_without_any_result_ends_with_one_error_line(capsys):
     assert err == ["error: no trial produced a result (2 trials: 2 failed)"], err
     assert _finish({"best": {"id": "a"}, "counts": {"COMPLETE": 1}}, as_json=False) == 0
     assert not capsys.readouterr().err
+
+
+def test_status_of_a_study_that_ended_without_a_result_expects_none(tmp_path, capsys):
+    """'best: none yet' under a finished study whose every trial failed: none is coming."""
+    from search.cli import main
+
+    folder = tmp_path / "runs" / "s"
+    folder.mkdir(parents=True)
+    (folder / S.SPEC_FILE).write_text("name: s\n")
+    state = S.new_study("s", "map50", "max") | {"trials": {"t1": {"id": "t1", "state": S.FAILED}}}
+    for status, said in (
+        ("running", "best: none yet"),
+        ("finished", "best: none (no trial produced a result)"),
+    ):
+        S.write_study(folder, state | {"status": status})
+        assert main(["status", str(folder)]) == 0
+        assert said in capsys.readouterr().out.splitlines()
