@@ -359,6 +359,25 @@ def check_trial_fits(
     return f"warning: {what} yet (nodes: {have}); trials wait until the cluster adds such a node."
 
 
+def check_local_room(resources: Any) -> None:
+    """Before this process starts a local Ray: a trial no node of it could hold is refused with
+    nothing started (the check on the connected cluster refused it after Ray had started and the
+    study's store had been touched). The node's resources are Ray's own resolution (the CPUs of
+    this container, the visible GPUs); where Ray's helper for it is not there, the check after
+    ``ray.init`` still refuses."""
+    import ray
+
+    if ray.is_initialized():  # a test's or a notebook's Ray: checked as the connected cluster
+        return
+    try:
+        from ray._private.resource_and_label_spec import ResourceAndLabelSpec
+
+        node = ResourceAndLabelSpec().resolve(is_head=True, node_ip_address="127.0.0.1").to_resource_dict()
+    except Exception:  # noqa: BLE001 - a private helper of Ray's; the later check stands
+        return
+    check_trial_fits(resources.cpu, resources.gpu, local=True, nodes=[{"Alive": True, "Resources": node}])
+
+
 def fit_or_warn(resources: Any, local: bool) -> None:
     """:func:`check_trial_fits` of the spec's ``resources`` on the connected cluster, its warning
     printed to stderr."""

@@ -82,6 +82,7 @@ def preflight(spec: Spec, address: str | None, weights: bool = True) -> None:
         check_reachable(address, key=key)
     else:
         cluster.check_socket_room()
+        cluster.check_local_room(spec.resources)
     resolve_spec_weights(spec)
     if weights and (spec.model.weights or spec.model.weights_backbone):
         check_weights(spec)

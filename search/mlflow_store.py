@@ -150,19 +150,19 @@ _WARMING: dict[str, threading.Thread] = {}  # uri -> thread creating the local s
 
 
 def warm_up(spec: Any) -> None:
-    """Start importing MLflow and creating the study's experiment in a local store (SQLite or a
-    folder) in a background thread, so that this work overlaps ``ray.init`` instead of the trials'
-    start. Call it only after validation. A failure here is ignored: the writer meets it again
-    and reports it. No-op for an HTTP server (its retries must not outlive the process) or with
-    ``SEARCH_NO_MLFLOW=1``."""
+    """Start importing MLflow and making a local store (SQLite or a folder: its tables) in a
+    background thread, so that this work overlaps ``ray.init`` instead of the trials' start. The
+    study's experiment is left to the writer, after the cluster's checks: a launch they refuse
+    leaves a shared store as it was. Call it only after validation. A failure here is ignored:
+    the writer meets it again and reports it. No-op for an HTTP server (its retries must not
+    outlive the process) or with ``SEARCH_NO_MLFLOW=1``."""
     uri = tracking_uri(spec)
     if os.environ.get(DISABLE_ENV) == "1" or is_http(uri) or uri in _WARMING:
         return
-    name = experiment_name(spec)
 
     def run() -> None:
         try:
-            get_or_create_experiment(client(uri), name, uri)
+            client(uri).search_experiments(max_results=1)
         except Exception as exc:  # noqa: BLE001 - the writer retries and reports
             log.debug("MLflow warm-up failed: %s", exc)
 

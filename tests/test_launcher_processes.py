@@ -448,6 +448,40 @@ def test_trial_fits_table(cpu, gpu, nodes, fits):
             check_trial_fits(cpu, gpu, True, nodes)
 
 
+def test_a_trial_this_machine_cannot_hold_is_refused_before_ray_starts(data_dir, tmp_path):
+    """resources.cpu above this machine's: exit 2 came after ray.init, which had made a Ray
+    session, the signing key, and the study's experiment in the store another study shares."""
+    import hashlib
+
+    from search import mlflow_store
+
+    path = write_spec(data_dir, "toolarge", {"lr": 0.01}, {"algorithm": "random", "num_trials": 1}, epochs=1)
+    shared = mlflow_store.client(mlflow_store.default_uri(data_dir / "runs"))  # another study's store
+    shared.search_experiments(max_results=1)
+    db = data_dir / "runs" / mlflow_store.DB_FILE
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    import shutil
+    import tempfile
+
+    ray_tmp, key = Path(tempfile.mkdtemp(prefix="r", dir="/tmp")), tmp_path / "key" / "state.key"  # short
+    env = _env(RAY_TMPDIR=str(ray_tmp), **{durable.KEY_ENV: str(key)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "search", "launch", str(path), "--set", "resources.cpu=1000"],
+        cwd=data_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "a trial asks for 1000 CPU" in lines[0], proc.stderr[-2000:]
+    made = list(ray_tmp.iterdir())
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert not made and not key.exists() and not (data_dir / "runs" / "toolarge").exists(), made
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+
+
 @pytest.mark.slow
 def test_a_study_folder_deleted_under_the_launch_stops_it_in_one_line(data_dir):
     """rm -rf of the study folder mid-launch: every later trial failed on Ray's storage, the study
