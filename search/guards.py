@@ -5,6 +5,7 @@ any work is done; nothing here imports Ray, MLflow or torch.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -275,6 +276,7 @@ class StudyLock:
     def __init__(self, exp_dir: Path, fix: str = "wait for it to end, or launch with --name NEW_NAME."):
         self.path, self.fix = Path(exp_dir) / LOCK_FILE, fix
         self._fd: int | None = None
+        self._previous = b""
         self.created: list[Path] = []  # what acquire() created: the lock file, then new folders
 
     def acquire(self) -> StudyLock:
@@ -302,16 +304,24 @@ class StudyLock:
                 f"({holder or 'unknown holder'}).",
                 self.fix,
             ) from None
+        self._previous = os.pread(fd, 200, 0)  # a killed holder's name: status reads it
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
         self._fd = fd
         return self
 
-    def release(self, cleanup: bool = False) -> None:
+    def release(self, cleanup: bool = False, restore: bool = False) -> None:
         """Drop the lock; with ``cleanup`` (nothing was written), also remove what acquire()
-        created: the lock file and the folders that did not exist, when they are empty."""
+        created: the lock file and the folders that did not exist, when they are empty; with
+        ``restore`` (a command refused before it took the study over), put back the holder the
+        file named: a killed launch's pid, which ``status`` reads (a refused resume's own pid
+        made it look alive or named a process long gone)."""
         if self._fd is None:
             return
+        if restore:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+                os.pwrite(self._fd, self._previous, 0)
         if cleanup:
             for path in self.created:
                 try:

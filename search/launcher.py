@@ -47,13 +47,15 @@ from search.registry import resolve_spec_weights
 from search.samplers import num_samples
 from search.schedulers import make_scheduler, resolved
 from search.searcher import make_searcher
-from search.spec import MAX_NAME, NAME, Spec, build_spec, check_weights
+from search.spec import MAX_NAME, NAME, Spec, check_weights
 from search.spec.schema import name_like
 from search.stopping import BudgetStopper, NoStopping
 from search.study_folder import (
     check_classes,
+    check_store_there,
     install_state,
     never_started,
+    read_spec,
     refuse_elsewhere,
     refuse_existing,
     remove_outside_top,
@@ -117,13 +119,6 @@ def trial_dirname(trial: Any) -> str:
 
 
 # ---------------------------------------------------------------- experiment folder
-
-
-def read_spec(exp_dir: Path) -> Spec:
-    """The spec saved in an experiment folder (paths in it are absolute)."""
-    from search.spec import read_yaml
-
-    return build_spec(read_yaml(exp_dir / S.SPEC_FILE), exp_dir, source=exp_dir / S.SPEC_FILE)
 
 
 def _tracking_callbacks(spec: Spec, exp_dir: Path, resume: bool) -> list:
@@ -296,9 +291,10 @@ def resume(
     _resumable(exp_dir)
     spec = read_spec(exp_dir)
     refuse_elsewhere(spec, exp_dir)
+    check_store_there(spec, exp_dir)
     preflight(spec, address, weights=False)
     lock = StudyLock(exp_dir, fix=RUNNING_FIX).acquire()
-    started = False
+    started = took_over = False
     try:
         check_classes(spec, exp_dir)
         install_state(exp_dir, trust_folder)  # before anything starts: a refusal leaves it all as it was
@@ -338,6 +334,7 @@ def resume(
         run_config.stop = BudgetStopper(deadline)
         state.state["resumed"] = int(state.state.get("resumed") or 0) + 1
         state.save()
+        took_over = True
         print_header(spec, exp_dir, cluster, resumed=True)
         if done:
             print(FINISHED_RESUMED.format("" if keep_top is None else " and applies --keep-top"), flush=True)
@@ -345,7 +342,7 @@ def resume(
     finally:
         if started:
             _shutdown()
-        lock.release()
+        lock.release(restore=not took_over)  # a refused resume leaves the lock file as it was
 
 
 HYPERBAND_RESUMED = (

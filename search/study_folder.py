@@ -7,6 +7,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import os
 import shlex
 import shutil
 from pathlib import Path
@@ -227,4 +228,35 @@ def check_classes(spec: Any, exp_dir: Path) -> None:
             f"the dataset's classes {spec.class_names} (ids {spec.category_ids}) are not the "
             f"{recorded['class_names']} (ids {recorded['category_ids']}) that the study's trials learn.",
             "put back the annotation files the study was launched with, or launch a new study.",
+        )
+
+
+def read_spec(exp_dir: Path) -> Any:
+    """The spec saved in an experiment folder (paths in it are absolute). Its data or weights not
+    where it names them: the fix is to put them back (a resume reads no spec the user can edit)."""
+    from search.spec import build_spec, read_yaml
+
+    try:
+        return build_spec(read_yaml(exp_dir / S.SPEC_FILE), exp_dir, source=exp_dir / S.SPEC_FILE)
+    except SpecError as exc:
+        if not str(exc.key).startswith(("data.", "model.weights")) or "exist" not in exc.message:
+            raise
+        fix = f"put it back there: {exp_dir / S.SPEC_FILE} names what the study was launched with"
+        raise SpecError(exc.key, exc.message, fix) from None
+
+
+def check_store_there(spec: Any, exp_dir: Path) -> None:
+    """The SQLite store a study's runs were recorded in is still there: a resume without it made
+    an empty one and went on in it, its earlier runs out of sight (``promote`` and ``ui`` refuse a
+    store that is not there too)."""
+    if os.environ.get(mlflow_store.DISABLE_ENV) == "1":
+        return
+    gone = mlflow_store.missing_sqlite(mlflow_store.tracking_uri(spec))
+    runs = run_map.read_runs(exp_dir).get("runs") or {}
+    if gone is not None and runs.get("parent"):
+        raise SpecError(
+            "tracking.uri",
+            f"the MLflow store {gone}, which holds this study's {len(runs)} run(s), is not there.",
+            f"put it back there, then resume again (or resume with {mlflow_store.DISABLE_ENV}=1 to go on "
+            "without MLflow).",
         )

@@ -235,3 +235,41 @@ def test_a_checkpoint_of_the_trained_tensors_alone_asks_for_the_base_weights_fil
     with pytest.raises(BundleError, match=r"only the trained tensors.*gone/base.pt .*Fix: put that file"):
         select.export(exp_dir, tmp_path / "b", torchscript=False)
     assert not (tmp_path / "b").exists()
+
+
+def test_a_resume_whose_data_is_gone_says_to_put_it_back(cli_study, tmp_path):
+    """resume of a study whose data moved said 'point it at the folder ...': a fix of a spec that
+    resume does not read (it reads the study's saved one)."""
+    import yaml
+
+    from search.errors import SpecError
+    from search.study_folder import read_spec
+
+    exp_dir = _runs_copy(cli_study, tmp_path / "runs")
+    spec = yaml.safe_load((exp_dir / "spec.yaml").read_text())
+    spec["data"]["train"]["images"] = str(tmp_path / "gone")
+    (exp_dir / "spec.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(SpecError, match=r"gone. does not exist\. Fix: put it back there: .*spec\.yaml names"):
+        read_spec(exp_dir)
+
+
+def test_a_resume_whose_store_is_gone_is_refused(cli_study, tmp_path, monkeypatch):
+    """resume without the study's mlflow.db made an empty store and went on in it (exit 0), its
+    earlier runs out of sight: 'MLflow run ... of parent is gone; starting a new one'."""
+    import yaml
+
+    from search import mlflow_store
+    from search.errors import SpecError
+    from search.study_folder import check_store_there, read_spec
+
+    exp_dir = _runs_copy(cli_study, tmp_path / "runs")
+    spec = yaml.safe_load((exp_dir / "spec.yaml").read_text())
+    spec["output_dir"] = str(tmp_path / "runs")  # as if it ran here
+    (exp_dir / "spec.yaml").write_text(yaml.safe_dump(spec))
+    check_store_there(read_spec(exp_dir), exp_dir)  # there: nothing to say
+    (tmp_path / "runs" / mlflow_store.DB_FILE).unlink()
+    with pytest.raises(SpecError, match=r"db, which holds this study's 3 run.s., is not there. Fix: put"):
+        check_store_there(read_spec(exp_dir), exp_dir)
+    assert not (tmp_path / "runs" / mlflow_store.DB_FILE).exists()
+    monkeypatch.setenv(mlflow_store.DISABLE_ENV, "1")
+    check_store_there(read_spec(exp_dir), exp_dir)  # going on without MLflow, as the fix says

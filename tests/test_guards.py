@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -99,9 +100,14 @@ def test_study_lock_names_the_holder_and_goes_with_the_process(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+    killed = f"host {socket.gethostname()} pid {holder.pid}\n"
+    assert (tmp_path / guards.LOCK_FILE).read_text() == killed and guards.lock_holder_alive(tmp_path) is False
     lock = guards.StudyLock(tmp_path).acquire()  # the holder died: the lock went with it
     assert f"pid {os.getpid()}" in (tmp_path / guards.LOCK_FILE).read_text()
-    lock.release()
+    lock.release(restore=True)  # a resume refused before it took over: the killed holder is named again
+    assert (tmp_path / guards.LOCK_FILE).read_text() == killed and guards.lock_holder_alive(tmp_path) is False
+    guards.StudyLock(tmp_path).acquire().release()
+    assert f"pid {os.getpid()}" in (tmp_path / guards.LOCK_FILE).read_text()
 
 
 def test_second_launch_of_a_study_exits_2_naming_the_holder(tmp_path):
