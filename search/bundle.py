@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import io
 import json
 import logging
@@ -433,7 +434,7 @@ def build_bundle(
     if out_dir.is_symlink():  # a link to a folder: the bundle goes there (replacing the link's
         out_dir = out_dir.resolve()  # target, not the link, by the rename below)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise BundleError(f"--out {out_dir} exists and is not empty: choose a new folder")
+        raise BundleError(f"--out {out_dir} exists and is not empty. Fix: choose a new folder")
     model, ckpt, info = trial_model(cfg, Path(ckpt_path), len(class_names) + 1)
     if category_ids is not None and len(category_ids) != len(class_names):
         raise BundleError(f"{len(category_ids)} category ids for {len(class_names)} classes")
@@ -447,9 +448,15 @@ def build_bundle(
     tmp = _new_folder(out_dir.parent, f".{out_dir.name}.")
     try:
         _write_files(tmp, rebuilt, meta, study, ts if torchscript else None, key_env)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
+        try:
+            if out_dir.exists():
+                out_dir.rmdir()
+            os.replace(tmp, out_dir)
+        except OSError as exc:  # another export filled it meanwhile
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            why = f"--out {out_dir} was filled by another process meanwhile. Fix: choose a new folder"
+            raise BundleError(why) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta

@@ -145,13 +145,13 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from search import select
+    from search import promote, select
     from search.bundle import BundleError
 
     try:
         exp_dir = select.find_experiment(args.name, args.output_dir)
-        out = select.promote(exp_dir, args.model, alias=args.alias, trial_id=args.trial, force=args.force)
-    except select.Refused as exc:
+        out = promote.promote(exp_dir, args.model, alias=args.alias, trial_id=args.trial, force=args.force)
+    except promote.Refused as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 1
     except (select.SelectError, BundleError) as exc:
@@ -169,7 +169,12 @@ def cmd_promote(args: argparse.Namespace) -> int:
         print(f"  {out['model']}@{out['alias']} pointed at version {out['previous_version']} before")
     if out["study_best"]:
         top = out["study_best"]
-        print(f"  note: not the study's best trial ({top['trial']}: {out['metric']}={S.fmt(top['value'])})")
+        best_now = f"{top['trial']}: {out['metric']}={S.fmt(top['value'])}"
+        print(
+            f"  note: not the study's best trial ({best_now})"
+            if args.trial
+            else f"  note: the study ran on while promote read it: its best is now {best_now}"
+        )
     if out["pending_records"]:
         from search.study_folder import resume_command
         from search.write_queue import PENDING_FILE

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import posixpath
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -20,9 +18,6 @@ from typing import Any
 from search import facts, mlflow_store, run_map, write_queue
 from search import study as S
 from search.errors import SpecError
-from search.study_folder import resume_command
-
-DEFAULT_ALIAS = "champion"
 
 
 class SelectError(ValueError):
@@ -32,10 +27,6 @@ class SelectError(ValueError):
 class CheckpointGone(SelectError):
     """A trial's checkpoint is not on disk, or went while it was read (a running study's Ray
     replaces them)."""
-
-
-class Refused(Exception):
-    """Promotion refused: the trial does not beat the base model (exit 1 unless --force)."""
 
 
 # ---------------------------------------------------------------- reading a study
@@ -138,12 +129,6 @@ def best(exp_dir: Path, top: int | None = None) -> list[dict[str, Any]]:
     return trials if top is None else trials[: max(0, top)]
 
 
-NO_BASE = (  # why promote has no base metric to compare with
-    "the study has no epoch-0 base metric to compare with (train.eval_base was false, or no trial "
-    "that keeps the base model's activations has reported its epoch 0 yet)"
-)
-
-
 def choose_trial(exp_dir: Path, trial_id: str | None = None) -> dict[str, Any]:
     """The best trial, or trial ``trial_id`` (a full id or a unique suffix such as ``00003``)."""
     status = S.status_object(exp_dir)
@@ -158,7 +143,10 @@ def choose_trial(exp_dir: Path, trial_id: str | None = None) -> dict[str, Any]:
     if len(matches) > 1:
         raise SelectError(f"trial {trial_id!r} is ambiguous: {', '.join(matches)}")
     if not matches:
-        raise SelectError(f"no trial {trial_id!r} in {exp_dir}; trials: {', '.join(every) or 'none'}")
+        raise SelectError(
+            f"--trial: no trial {trial_id!r} in {exp_dir}; trials: {', '.join(every) or 'none'}. Fix: "
+            "name one of them (or a unique end of its id)"
+        )
     chosen = next((t for t in trials if t["id"] == matches[0]), None)
     if chosen is None:
         raise SelectError(
@@ -255,21 +243,33 @@ def export(
     """A deployment bundle of a trial's best-epoch checkpoint in ``out_dir`` (see
     :mod:`search.bundle`; weights encrypted under ``key_env``'s secret when given); returns
     model.yaml's content. ``spec``: the study's :func:`load_study_spec`, when the caller has it."""
-    exp_dir = Path(exp_dir)
+    return export_trial(Path(exp_dir), out_dir, trial_id, torchscript, key_env, spec)[0]
+
+
+def export_trial(
+    exp_dir: Path,
+    out_dir: Path,
+    trial_id: str | None,
+    torchscript: bool,
+    key_env: str | None,
+    spec: Any = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model.yaml's content, the trial as read when its checkpoint was: what the bundle holds)."""
     spec = spec or load_study_spec(exp_dir)
-    for _ in range(2):  # a running study's Ray replaces checkpoints: read study.json again
+    tries = 0
+    while True:  # Ray replaces a running study's checkpoints, --keep-top removes them at its end
         try:
             return _export_once(exp_dir, spec, out_dir, trial_id, torchscript, key_env)
-        except CheckpointGone:
-            if S.read_study(exp_dir).get("status") != "running":
+        except CheckpointGone:  # read study.json again: once after the study ended too
+            tries += 1
+            if tries == 3 or (tries == 2 and S.read_study(exp_dir).get("status") != "running"):
                 raise
             time.sleep(1.0)
-    return _export_once(exp_dir, spec, out_dir, trial_id, torchscript, key_env)
 
 
 def _export_once(
     exp_dir: Path, spec: Any, out_dir: Path, trial_id: str | None, torchscript: bool, key_env: str | None
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], dict[str, Any]]:
     from search.bundle import build_bundle
 
     trial = choose_trial(exp_dir, trial_id)
@@ -284,7 +284,7 @@ def _export_once(
         "history": trial.get("history", []),
     }
     try:
-        return build_bundle(
+        meta = build_bundle(
             cfg,
             ckpt,
             spec.class_names,
@@ -297,38 +297,14 @@ def _export_once(
     except FileNotFoundError as exc:
         if exc.filename and Path(exc.filename).is_relative_to(ckpt.parent):
             raise CheckpointGone(
-                f"trial {trial['id']}: its checkpoint {exc.filename} went while export read it. "
-                "Fix: run export again."
+                f"trial {trial['id']}: its checkpoint {exc.filename} went while it was read. Fix: run "
+                "the command again."
             ) from None
         raise
+    return meta, trial
 
 
-# ---------------------------------------------------------------- promote
-
-
-def check_registry_names(model: str, alias: str) -> None:
-    """MLflow's rules for a registered model's name and alias (and ``@``, which ``models:/NAME@ALIAS``
-    would misread), checked before anything is registered: a refused alias once left a version
-    behind. Raises :class:`SelectError`."""
-    if not model.strip() or any(c in model for c in "/:@"):
-        raise SelectError(
-            f"--model: {model!r} is not a registered model name: it must not be empty or contain "
-            "'/', ':' or '@'. Fix: a name such as seg-nuclei."
-        )
-    norm = posixpath.normpath(model)
-    if norm != model or norm == "." or norm.startswith(".."):
-        raise SelectError(
-            f"--model: {model!r} must be a plain name, not a path. Fix: a name such as seg-nuclei."
-        )
-    if not re.fullmatch(r"[\w\-]{1,255}", alias):
-        raise SelectError(
-            f"--alias: {alias!r} must be 1-255 letters, digits, '_' or '-'. Fix: an alias such as champion."
-        )
-    if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
-        raise SelectError(
-            f"--alias: {alias!r} is reserved by MLflow ('latest' and v<number> name versions). "
-            f"Fix: another alias, such as {DEFAULT_ALIAS}."
-        )
+# ---------------------------------------------------------------- the study's store
 
 
 def study_store(exp_dir: Path) -> tuple[str, str]:
@@ -345,134 +321,3 @@ def study_store(exp_dir: Path) -> tuple[str, str]:
             fix = f"put the store back at {gone} (the spec's tracking.uri)"
         raise SelectError(f"the study's MLflow store {gone} is not there (its runs are in it): {fix}")
     return uri, experiment
-
-
-def _registry_store(exp_dir: Path) -> tuple[str, Any]:
-    """The study's store (:func:`study_store`) and its client."""
-    uri, experiment = study_store(exp_dir)
-    if mlflow_store.is_http(uri):  # down, or refusing: one line in seconds (MLflow retried for minutes)
-        mlflow_store.check_server(uri, experiment, again="run it again", write=False)
-    elif (db := mlflow_store.sqlite_file(uri)) is not None and not mlflow_store.store_writable(db):
-        raise SelectError(  # a read-only archive: the bundle went to the folder it ran in, then it failed
-            f"the study's MLflow store {db} is read-only (an archive, or another user's): promote "
-            "registers the model in it. Fix: make it writable, or promote from a copy of its output "
-            "folder that you can write (cp -a)"
-        )
-    return uri, mlflow_store.client(uri)
-
-
-def _no_run(exp_dir: Path, trial_id: str) -> str:
-    """Why a trial has no MLflow run to register from (a SelectError)."""
-    if (exp_dir / write_queue.PENDING_FILE).is_file():
-        raise SelectError(
-            f"trial {trial_id} has no MLflow run yet: the study's records that MLflow did not receive "
-            f"wait in {exp_dir / write_queue.PENDING_FILE}. Send them with: {resume_command(exp_dir)}, "
-            "then promote again"
-        )
-    raise SelectError(
-        f"trial {trial_id} has no MLflow run in {exp_dir / run_map.RUNS_FILE}: the study was "
-        "not recorded in MLflow, so there is no run to register from"
-    )
-
-
-def _pending_records(exp_dir: Path, key: str) -> int:
-    """How many of run ``key``'s records wait in the study's pending file (the store did not take
-    them): its MLflow run lacks them until a resume sends them."""
-    waiting = run_map.read_pending(Path(exp_dir) / write_queue.PENDING_FILE)
-    return sum(op.get("key") == key for op in waiting)
-
-
-def promote(
-    exp_dir: Path,
-    model: str,
-    alias: str = DEFAULT_ALIAS,
-    trial_id: str | None = None,
-    force: bool = False,
-    torchscript: bool = True,
-) -> dict[str, Any]:
-    """Register a trial's bundle (full weights, model.yaml, loader) as a new version of ``model``
-    in the study's MLflow Model Registry, point ``alias`` at it and tag it with its lineage.
-
-    Raises :class:`Refused` when the trial does not beat the base model's epoch-0 metric (unless
-    ``force``), :class:`SelectError` for an unknown trial or an untracked study.
-    """
-    check_registry_names(model, alias)
-    exp_dir = Path(exp_dir)
-    trial = choose_trial(exp_dir, trial_id)
-    status = S.read_study(exp_dir)
-    metric, mode = status.get("metric", "?"), status.get("mode", "max")
-    value, base = S.number(trial.get("best_metric")), trial.get("study_base_metric")
-    beats = value is not None and base is not None and S.better(value, base, mode)
-    if not beats and not force:
-        why = (
-            NO_BASE
-            if base is None
-            else (
-                f"its best {metric} {S.fmt(value)} (epoch {trial.get('best_epoch')}) does not beat the base "
-                f"model's epoch-0 {metric} {S.fmt(base)}"
-            )
-        )
-        raise Refused(
-            f"refusing to promote trial {trial['id']} as {model}@{alias}: {why}. Pass --force to "
-            "register it anyway."
-        )
-    run_id = trial.get("run_id") or _no_run(exp_dir, trial["id"])
-    uri, mlc = _registry_store(exp_dir)
-    tags = lineage(exp_dir, trial)
-    if force and not beats:
-        tags["forced"] = "true"
-    with tempfile.TemporaryDirectory(prefix="promote-") as tmp:
-        meta = export(exp_dir, Path(tmp) / "bundle", trial["id"], torchscript=torchscript)
-        mlc.log_artifacts(run_id, str(Path(tmp) / "bundle"), "bundle")
-    _registered(mlc, model, meta["arch"])
-    description = (
-        f"study {tags['study']} trial {trial['id']}: {metric}={value} at epoch {trial.get('best_epoch')} "
-        f"(base {base}, improvement {trial.get('improvement')})"
-    )
-    version = mlc.create_model_version(
-        model, source=f"runs:/{run_id}/bundle", run_id=run_id, tags=tags, description=description
-    )
-    previous = _alias_version(mlc, model, alias)
-    mlc.set_registered_model_alias(model, alias, version.version)
-    top = (best(exp_dir, 1) or [trial])[0]  # --trial may name another: said, not refused
-    study_best = None if top["id"] == trial["id"] else {"trial": top["id"], "value": top.get("best_metric")}
-    mlc.set_tag(run_id, "registered_model", f"{model}/{version.version}")
-    return {
-        "model": model,
-        "version": int(version.version),
-        "alias": alias,
-        "uri": f"models:/{model}@{alias}",
-        "source": version.source,
-        "trial": trial["id"],
-        "run_id": run_id,
-        "metric": metric,
-        "value": value,
-        "base_metric": base,
-        "improvement": trial.get("improvement"),
-        "forced": bool(force and not beats),
-        "previous_version": previous,  # the alias's version before (None: a new alias)
-        "study_best": study_best,  # the study's best trial when it is not this one
-        "tags": tags,
-        "tracking_uri": mlflow_store.redact(uri),
-        "pending_records": _pending_records(exp_dir, trial["id"]),  # its run's records not in MLflow yet
-    }
-
-
-def _registered(mlc: Any, model: str, arch: str) -> None:
-    """The registered model ``model``, made when it does not exist."""
-    try:
-        mlc.get_registered_model(model)
-    except Exception as exc:  # noqa: BLE001 - RESOURCE_DOES_NOT_EXIST: create it
-        if getattr(exc, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        mlc.create_registered_model(model, description=f"fine-tuned {arch} from search studies")
-
-
-def _alias_version(mlc: Any, model: str, alias: str) -> int | None:
-    """The version ``model@alias`` names now, None when the alias is new."""
-    try:
-        return int(mlc.get_model_version_by_alias(model, alias).version)
-    except Exception as exc:  # noqa: BLE001 - RESOURCE_DOES_NOT_EXIST / INVALID_PARAMETER_VALUE: none
-        if getattr(exc, "error_code", None) not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise
-        return None

@@ -421,7 +421,7 @@ def status_object(exp_dir: Path) -> dict[str, Any]:
     ]
     if out.get("status") == "running" and guards.lock_holder_alive(exp_dir) is False:
         out["status"], out["process_gone"] = "interrupted", True  # killed: study.json had no say
-    elif out.get("status") == "interrupted" and guards.held_elsewhere(exp_dir):
+    elif out.get("status") in ("interrupted", "finished") and guards.held_elsewhere(exp_dir):
         out["status"] = "running"  # a resume holds the study and has not yet started Ray's run
     out["base_metric"] = study_base_metric(state)
     out["best"] = best_trial(out["trials"], state.get("mode", "max"))

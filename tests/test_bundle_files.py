@@ -269,3 +269,22 @@ def test_the_bundle_checks_run_on_noise_only_where_the_data_is_not_there(tmp_pat
         (3, 96, 96),
         (3, 72, 96),
     ]
+
+
+def test_two_exports_into_one_out_the_second_says_so(cli_study, tmp_path, monkeypatch):
+    """Two exports into the same --out at once: the one that finished second failed with
+    'OSError: [Errno 39] Directory not empty' (exit 1) after all its work."""
+    from search import bundle, select
+    from search.bundle import BundleError
+
+    out, write = tmp_path / "b", bundle._write_files
+
+    def beaten(tmp, *args, **kwargs):  # the other export's bundle lands meanwhile
+        write(tmp, *args, **kwargs)
+        out.mkdir(exist_ok=True)
+        (out / "model.yaml").write_text("the other export's\n")
+
+    monkeypatch.setattr(bundle, "_write_files", beaten)
+    with pytest.raises(BundleError, match=r"was filled by another process meanwhile\. Fix: choose a new"):
+        select.export(cli_study["exp_dir"], out, torchscript=False)
+    assert [p.name for p in out.iterdir()] == ["model.yaml"] and not list(tmp_path.glob(".b.*"))

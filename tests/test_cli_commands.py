@@ -138,6 +138,8 @@ def test_status_of_a_study_whose_process_is_gone(study, tmp_path):
     try:  # running for another process; the holder's own summary (launcher.summarize) as written
         assert ok_json(search("status", NAME, *where, "--json", cwd=tmp_path))["status"] == "running"
         assert S.status_object(exp_dir)["status"] == "interrupted"
+        S.write_study(exp_dir, S.read_study(exp_dir) | {"status": "finished"})  # a finished one's resume
+        assert ok_json(search("status", NAME, *where, "--json", cwd=tmp_path))["status"] == "running"
     finally:
         lock.release()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from search import select
+from search import promote, select
 from search import study as S
 from search.spec import load_spec
 from search.spec.load import parse_override
@@ -34,11 +34,11 @@ def test_promote_refuses_a_trial_that_only_ties_the_base_model(tmp_path, mode):
     the one the study started from. A trial that does beat it gets past the check (here to the
     missing MLflow run: this study was never tracked)."""
     tie = _study(tmp_path / "tie", mode, best=0.5, base=0.5)
-    with pytest.raises(select.Refused, match="does not beat the base model's epoch-0 map50 0.5000"):
-        select.promote(tie, "tiny-det")
+    with pytest.raises(promote.Refused, match="does not beat the base model's epoch-0 map50 0.5000"):
+        promote.promote(tie, "tiny-det")
     better = _study(tmp_path / "better", mode, best=0.6 if mode == "max" else 0.4, base=0.5)
     with pytest.raises(select.SelectError, match="has no MLflow run"):
-        select.promote(better, "tiny-det")
+        promote.promote(better, "tiny-det")
 
 
 def test_set_splits_at_the_first_equals_sign(tmp_path):

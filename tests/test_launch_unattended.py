@@ -142,11 +142,17 @@ def test_export_of_a_running_study_reads_its_checkpoint_again(cli_study, tmp_pat
     monkeypatch.setattr(bundle, "build_bundle", replaced_once)
     meta = select.export(exp_dir, tmp_path / "b", torchscript=False)
     assert len(calls) == 2 and meta["study"]["trial"] and (tmp_path / "b" / "weights.pt").is_file()
-    (exp_dir / S.STUDY_FILE).write_text(json.dumps(state))  # finished: the error is the answer
-    calls.clear()
-    with pytest.raises(select.CheckpointGone, match="went while export read it. Fix: run export again"):
+    (exp_dir / S.STUDY_FILE).write_text(json.dumps(state))  # finished: read once more, then the error
+    calls.clear()  # (--keep-top removes checkpoints after the study is marked finished)
+
+    def gone_each_time(cfg, ckpt, *args, **kwargs):
+        calls.append(1)
+        raise FileNotFoundError(errno.ENOENT, "gone", str(ckpt))
+
+    monkeypatch.setattr(bundle, "build_bundle", gone_each_time)
+    with pytest.raises(select.CheckpointGone, match="went while it was read. Fix: run the command again"):
         select.export(exp_dir, tmp_path / "c", torchscript=False)
-    assert len(calls) == 1
+    assert len(calls) == 2
     calls.clear()  # a file that is not the checkpoint's is not retried, and not called one
 
     def other_file(*args, **kwargs):

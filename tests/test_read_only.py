@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 from mlflow import MlflowClient
 
-from search import mlflow_store, select, store_files
+from search import mlflow_store, promote, select, store_files
 from search.errors import SpecError
 from tests.cli_study import NAME
 
@@ -52,7 +52,7 @@ def test_promote_of_a_read_only_store_is_refused_before_anything_is_written(arch
     then MLflow failed with 'attempt to write a readonly database' and three tracebacks."""
     before, original = _files(archive), _files(cli_study["runs"])
     with pytest.raises(select.SelectError, match=r"mlflow.db is read-only .*Fix: make it writable, or"):
-        select.promote(archive / NAME, "archived", force=True)
+        promote.promote(archive / NAME, "archived", force=True)
     assert _files(archive) == before and _files(cli_study["runs"]) == original
 
 

@@ -20,7 +20,7 @@ import torch
 import yaml
 from ray.tune import Callback
 
-from search import facts, mlflow_store, registry, run_map, select
+from search import mlflow_store, registry, run_map, select
 from search import study as S
 from search.cli import main
 from tests.tinydata import edited_study_copy, make_tiny_coco, write_tiny_spec
@@ -254,6 +254,44 @@ def test_promote_says_when_the_alias_moves_to_another_than_the_best(study, capsy
     assert f"note: not the study's best trial ({ranked[0]['id']}: map50=" in out
 
 
+def test_promote_again_keeps_what_an_earlier_version_serves(study, capsys, monkeypatch):
+    """A second promote of a trial (after a resume had trained it on) wrote its bundle over the
+    first's, so version 1 served other weights than its tags said; and a promote of a running
+    study tagged the epoch it read first, not the one it exported."""
+    from search import promote
+
+    exp_dir, mlc, top = study["exp_dir"], study["mlc"], select.best(study["exp_dir"], 1)[0]
+    where = ["promote", str(exp_dir), "--model", "tiny-again", "--force", "--json"]
+    assert main(where) == 0
+    first = json.loads(capsys.readouterr().out)
+    before = {a.path: a.file_size for a in mlc.list_artifacts(top["run_id"], first["source"].split("/")[-1])}
+    assert before
+    exported = promote.export_trial
+
+    def trained_on(*args, **kwargs):  # the trial reached a new best while promote read it
+        meta, trial = exported(*args, **kwargs)
+        return meta, {**trial, "best_metric": trial["best_metric"] + 0.25, "best_epoch": 7}
+
+    monkeypatch.setattr(promote, "export_trial", trained_on)
+    assert main(where) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert first["trial"] == second["trial"] == top["id"] and first["source"] != second["source"]
+    paths = [out["source"].removeprefix(f"runs:/{top['run_id']}/") for out in (first, second)]
+    assert all(p == "bundle" or p.startswith("bundle-") for p in paths), paths
+    assert {a.path: a.file_size for a in mlc.list_artifacts(top["run_id"], paths[0])} == before
+    version = mlc.get_model_version("tiny-again", str(second["version"]))
+    assert version.tags["best_epoch"] == "7" and "at epoch 7" in version.description
+    assert second["value"] == pytest.approx(top["best_metric"] + 0.25)
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    def made_meanwhile(name):  # two promotes of a new model: the other created it after this one looked
+        raise MlflowException(f"{name} not found", error_code=RESOURCE_DOES_NOT_EXIST)
+
+    monkeypatch.setattr(mlc, "get_registered_model", made_meanwhile)
+    promote._registered(mlc, "tiny-again", "ssdlite")  # was exit 1: "Registered Model ... already exists"
+
+
 def test_promote_refuses_a_regression(study, tmp_path, capsys):
     exp_dir, mlc = study["exp_dir"], study["mlc"]
     # the real study: a trial is refused exactly when it does not beat the base model
@@ -434,67 +472,3 @@ def _tampered_bundles_are_refused(out: Path, image: Path, tmp_path: Path, capsys
         assert main(["predict", str(folder), str(image)]) == 2, folder
         err = capsys.readouterr().err
         assert words in err, (folder, err)
-
-
-def test_lineage_without_an_mlflow_parent_comes_from_the_spec(tmp_path):
-    """A study run with SEARCH_NO_MLFLOW=1 has no parent run: the lineage facts come from the
-    spec (this raised AttributeError: a local dict shadowed the facts module), and a composed
-    model over a pretrained backbone file records that file's sha256, not 'none'."""
-    from search.launcher import write_spec
-    from search.select import lineage
-    from search.spec import load_spec
-    from trainables.files import sha256_file
-
-    exp = tmp_path / "s"
-    exp.mkdir()
-    root = Path(__file__).resolve().parents[1]
-    spec = load_spec(root / "spaces/det.yaml")
-    write_spec(spec, exp)
-    (exp / "study.json").write_text(json.dumps({"metric": "map50", "trials": {}}))
-    tags = lineage(exp, {"id": "t1", "best_metric": 0.5, "best_epoch": 2})
-    assert tags["base_weights_sha256"] == sha256_file(root / "spaces/base/det-base.pt")
-    assert len(tags["dataset_fingerprint"]) == 64 and tags["trial"] == "t1"
-    backbone = tmp_path / "backbone.pth"
-    backbone.write_bytes(b"weights")
-    spec.model.weights, spec.model.weights_backbone = None, str(backbone)
-    assert facts.base_weights_sha256(spec) == f"backbone:{sha256_file(backbone)}"
-
-
-def test_a_trial_suffix_shared_by_two_scored_trials_is_ambiguous(tmp_path):
-    ids = ["t_00001", "t_00011", "t_00002"]
-    trials = {
-        i: {
-            "id": i,
-            "index": n,
-            "params": {},
-            "state": S.COMPLETE,
-            "best_metric": 0.1 * (n + 1),
-            "best_epoch": 1,
-        }
-        for n, i in enumerate(ids)
-    }
-    S.write_study(tmp_path, {"metric": "map", "mode": "max", "status": "finished", "trials": trials})
-    with pytest.raises(select.SelectError, match="'1' is ambiguous: t_00001, t_00011"):
-        select.choose_trial(tmp_path, "1")  # both have a best metric: not "has no best metric"
-    assert select.choose_trial(tmp_path, "00011")["id"] == "t_00011"
-    with pytest.raises(select.SelectError, match="no trial '3'"):
-        select.choose_trial(tmp_path, "3")
-    # a suffix that also names an errored trial is ambiguous too (the scored one was taken)
-    trials["t_00001"].update(state=S.FAILED)
-    S.write_study(tmp_path, {"metric": "map", "mode": "max", "status": "finished", "trials": trials})
-    with pytest.raises(select.SelectError, match="'1' is ambiguous: t_00001, t_00011"):
-        select.choose_trial(tmp_path, "1")
-    with pytest.raises(select.SelectError, match="'t_00001' has no best metric"):
-        select.choose_trial(tmp_path, "00001")
-
-
-def test_a_tie_for_best_goes_to_the_first_proposed_trial_everywhere(tmp_path):
-    """ranked/best_trial broke ties by the order trials were listed (the tracker's: finish order;
-    --keep-top's: study.json's), so the summary or --keep-top could pick another trial than status."""
-    trials = [
-        {"id": i, "index": n, "state": S.COMPLETE, "best_metric": 0.6 if n else 0.5}
-        for n, i in enumerate(["a", "b", "c"])
-    ]
-    shuffled = [trials[2], trials[0], trials[1]]
-    assert [t["id"] for t in S.ranked(shuffled, "max")] == ["b", "c", "a"]
-    assert S.best_trial(shuffled, "max")["id"] == "b"

@@ -21,7 +21,7 @@ from ray.tune import Callback
 
 from search import local_server, mlflow_store, run_map, tracking, write_queue
 from search.errors import SpecError
-from search.select import _registry_store
+from search.promote import _registry_store
 from search.spec import load_spec
 from tests.mlflow_server import start_server, stop_server
 from tests.tinydata import make_tiny_coco
@@ -481,21 +481,3 @@ def test_real_server_outage(ray_local, tmp_path, capfd):
     finally:
         proxy.down()
         stop_server(server)
-
-
-def test_warm_up_creates_the_local_store_in_the_background(tmp_path, monkeypatch):
-    monkeypatch.delenv(mlflow_store.DISABLE_ENV, raising=False)
-    spec = load_spec(write_spec(tmp_path))
-    uri = mlflow_store.tracking_uri(spec)
-    assert uri.startswith("sqlite:///") and not (tmp_path / "runs" / "mlflow.db").exists()
-    mlflow_store.warm_up(spec)
-    mlflow_store.warm_up(spec)  # once per store
-    mlflow_store.warmed(uri)  # what the writer does before its first write
-    assert uri not in mlflow_store._WARMING
-    assert (tmp_path / "runs" / "mlflow.db").is_file()  # made whole, its tables there
-    # the experiment is the writer's to make: a launch refused after the warm-up made one
-    assert mlflow_store.client(uri).get_experiment_by_name(mlflow_store.experiment_name(spec)) is None
-    other = load_spec(write_spec(tmp_path, name="other"))
-    monkeypatch.setenv(mlflow_store.DISABLE_ENV, "1")
-    mlflow_store.warm_up(other)  # tracking off: nothing started
-    assert mlflow_store.tracking_uri(other) not in mlflow_store._WARMING

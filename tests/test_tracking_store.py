@@ -412,3 +412,21 @@ def test_a_moved_or_copied_store_keeps_its_artifacts_beside_it(tmp_path):
     assert [f.path for f in copied.list_artifacts(run, "bundle")] == ["bundle/f.txt"]
     assert copied.get_experiment(theirs).artifact_location == (tmp_path / "elsewhere").as_uri()
     assert mlflow_store.mend_moved(tmp_path / "copy" / mlflow_store.DB_FILE) == 0  # once is enough
+
+
+def test_warm_up_creates_the_local_store_in_the_background(tmp_path, monkeypatch):
+    monkeypatch.delenv(mlflow_store.DISABLE_ENV, raising=False)
+    spec = load_spec(write_spec(tmp_path))
+    uri = mlflow_store.tracking_uri(spec)
+    assert uri.startswith("sqlite:///") and not (tmp_path / "runs" / "mlflow.db").exists()
+    mlflow_store.warm_up(spec)
+    mlflow_store.warm_up(spec)  # once per store
+    mlflow_store.warmed(uri)  # what the writer does before its first write
+    assert uri not in mlflow_store._WARMING
+    assert (tmp_path / "runs" / "mlflow.db").is_file()  # made whole, its tables there
+    # the experiment is the writer's to make: a launch refused after the warm-up made one
+    assert mlflow_store.client(uri).get_experiment_by_name(mlflow_store.experiment_name(spec)) is None
+    other = load_spec(write_spec(tmp_path, name="other"))
+    monkeypatch.setenv(mlflow_store.DISABLE_ENV, "1")
+    mlflow_store.warm_up(other)  # tracking off: nothing started
+    assert mlflow_store.tracking_uri(other) not in mlflow_store._WARMING
