@@ -322,15 +322,10 @@ def _print_trial(result: dict, metric: str) -> None:
 def cmd_launch(args: argparse.Namespace) -> int:
     _check_keep_top(args)
     spec = load(args)
-    from search import dry_run, launcher, study_folder
-    from search.cluster import check_device
+    from search import dry_run, launcher
 
     if args.dry_run:
-        launcher.apply_name(spec, args.name)
-        study_folder.refuse_existing(spec.experiment_dir)  # the plan of a launch that would be refused
-        check_device(spec.train.device)  # the dry run's, here (the spec checked the trials')
-        _check_base_weights(spec, args.spec)  # as launch's preflight (each branch said WeightsError)
-        plan = dry_run.dry_run(spec)
+        plan = dry_run.launch_plan(spec, args.name, args.address, args.spec)
         if args.json:
             print(json.dumps(plan, default=str))
         else:

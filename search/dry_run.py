@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from search.errors import SpecError
 from search.launch_text import recipe_plan_text, recipe_unused_text
 from search.samplers import num_samples
 from search.schedulers import scheduler_label
@@ -52,6 +53,23 @@ def _step_branch(spec: Spec, values: dict[str, Any], out_dir: Path, threads: int
         "eval_s_per_image": eval_s,
         "seconds": round(total, 2),
     }
+
+
+def launch_plan(spec: Spec, name: str | None, address: str | None, source: Any) -> dict[str, Any]:
+    """``launch --dry-run``: refused where the launch would be (a study already there, a device not
+    here, launch's own preflight: the address, a trial this machine cannot hold, the base weights,
+    the tracking store; it accepted all but the weights), then :func:`dry_run`."""
+    from search import launcher, study_folder
+    from search.cluster import check_device
+
+    launcher.apply_name(spec, name)
+    study_folder.refuse_existing(spec.experiment_dir)
+    check_device(spec.train.device)  # the dry run's own (the spec checked the trials')
+    try:
+        launcher.preflight(spec, address)
+    except SpecError as err:
+        raise err.with_source(str(source)) from None
+    return dry_run(spec)
 
 
 def dry_run(spec: Spec) -> dict[str, Any]:

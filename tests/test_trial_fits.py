@@ -59,9 +59,11 @@ def test_trial_fits_table(cpu, gpu, nodes, fits):
             check_trial_fits(cpu, gpu, True, nodes)
 
 
-def test_a_trial_this_machine_cannot_hold_is_refused_before_ray_starts(data_dir, tmp_path):
+@pytest.mark.parametrize("dry", [[], ["--dry-run"]], ids=["launch", "dry-run"])
+def test_a_trial_this_machine_cannot_hold_is_refused_before_ray_starts(data_dir, tmp_path, dry):
     """resources.cpu above this machine's: exit 2 came after ray.init, which had made a Ray
-    session, the signing key, and the study's experiment in the store another study shares."""
+    session, the signing key, and the study's experiment in the store another study shares (and
+    the dry run printed its plan, exit 0)."""
     import hashlib
 
     from search import mlflow_store
@@ -77,7 +79,7 @@ def test_a_trial_this_machine_cannot_hold_is_refused_before_ray_starts(data_dir,
     ray_tmp, key = Path(tempfile.mkdtemp(prefix="r", dir="/tmp")), tmp_path / "key" / "state.key"  # short
     env = _env(RAY_TMPDIR=str(ray_tmp), **{durable.KEY_ENV: str(key)})
     proc = subprocess.run(
-        [sys.executable, "-m", "search", "launch", str(path), "--set", "resources.cpu=1000"],
+        [sys.executable, "-m", "search", "launch", str(path), *dry, "--set", "resources.cpu=1000"],
         cwd=data_dir,
         env=env,
         capture_output=True,
