@@ -110,8 +110,9 @@ def gone_text(exp_dir: Path) -> str:
 
 def refuse_existing(exp_dir: Path, ours: bool = False) -> None:
     """:class:`ExperimentExists` when ``exp_dir`` already holds a study (launch never overwrites;
-    ``ours``: this process holds the folder's lock, so the one that wrote it has ended). A study
-    that :func:`never_started` is not refused: the launch starts it over."""
+    ``ours``: this process holds the folder's lock, so the one that wrote it has ended) or files a
+    launch does not write (it wrote its study in among them). A study that :func:`never_started`
+    is not refused: the launch starts it over."""
     if never_started(exp_dir):
         return
     if (exp_dir / S.STUDY_FILE).exists() or (exp_dir / "tuner.pkl").exists():
@@ -120,6 +121,12 @@ def refuse_existing(exp_dir: Path, ours: bool = False) -> None:
             then = "A launch or resume of it is running now"
         raise ExperimentExists(
             f"experiment folder {exp_dir} already holds a study. {then}, or launch with --name NEW_NAME."
+        )
+    names = sorted(p.name for p in exp_dir.iterdir()) if exp_dir.is_dir() else []
+    if others := [n for n in names if not any(fnmatch.fnmatchcase(n, pat) for pat in LAUNCH_FILES)]:
+        raise ExperimentExists(  # a study written in among them: --keep-top, a resume, the UI
+            f"experiment folder {exp_dir} holds files a launch does not write ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}). Move them away, or launch with --name NEW_NAME."
         )
 
 

@@ -141,3 +141,19 @@ def test_resume_while_its_launch_is_starting_says_so(tmp_path):
         assert "wait for it to end" in str(err.value)
     finally:
         lock.release()
+
+
+def test_a_folder_holding_other_files_is_refused_not_written_into(tmp_path):
+    """A launch into an existing folder of the user's files wrote its study in among them (exit 0)."""
+    from search.study_folder import ExperimentExists, refuse_existing
+
+    folder = tmp_path / "runs" / "s"
+    refuse_existing(folder)  # not there: fine
+    folder.mkdir(parents=True)
+    refuse_existing(folder)  # empty: fine
+    (folder / ".search.lock").write_text("")  # a launch's own file: fine
+    refuse_existing(folder)
+    for name in ("mine.txt", "notes", "a.csv", "b.csv"):
+        (folder / name).write_text("x")
+    with pytest.raises(ExperimentExists, match=r"holds files a launch does not write \(a\.csv, b\.csv, mine"):
+        refuse_existing(folder)
