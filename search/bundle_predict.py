@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -88,15 +89,17 @@ def _check_device(device: str) -> None:
     try:
         kind = torch.device(device).type
     except (RuntimeError, ValueError):
-        raise BundleError(f"--device: {device!r} is not a torch device; use cpu, cuda, cuda:N, mps") from None
+        raise BundleError(
+            f"--device: {device!r} is not a torch device. Fix: use cpu, cuda, cuda:N or mps"
+        ) from None
     here = torch.cuda.device_count() if kind == "cuda" and torch.cuda.is_available() else 0
     if kind == "cuda" and (torch.device(device).index or 0) >= here:
         raise BundleError(
-            f"--device: {device!r} but torch sees {here} CUDA device(s) here; use --device cpu"
+            f"--device: {device!r} but torch sees {here} CUDA device(s) here. Fix: use --device cpu"
             + (" or cuda:0" if here else "")
         )
     if kind == "mps" and not torch.backends.mps.is_available():
-        raise BundleError(f"--device: {device!r} but torch sees no MPS device here; use --device cpu")
+        raise BundleError(f"--device: {device!r} but torch sees no MPS device here. Fix: use --device cpu")
 
 
 def predict_files(
@@ -112,15 +115,17 @@ def predict_files(
     (``<stem>.mask<k>.png`` per instance, 0/255; ``<stem>.mask.png`` class map for semantic)."""
     bundle_dir = Path(bundle_dir)
     if not (bundle_dir / META_FILE).is_file():
-        raise BundleError(f"{bundle_dir} is not a bundle (no {META_FILE}); make one with 'search export'")
+        raise BundleError(
+            f"BUNDLE: {bundle_dir} is not a bundle (no {META_FILE}). Fix: pass what 'search export' wrote"
+        )
     folders = [str(p) for p in images if Path(p).is_dir()]
     if folders:
         raise BundleError(
-            f"{', '.join(folders[:5])}: a folder, not an image file; pass the image files (DIR/*.png)"
+            f"IMAGE: {', '.join(folders[:5])}: a folder, not an image file. Fix: pass its files (DIR/*.png)"
         )
     missing = [str(p) for p in images if not Path(p).is_file()]
     if missing:
-        raise BundleError(f"image file(s) not found: {', '.join(missing[:5])}")
+        raise BundleError(f"IMAGE: file(s) not found: {', '.join(missing[:5])}. Fix: check the paths")
     _check_images(images)
     _check_device(device)
     replaced = _check_out(out_dir)
@@ -128,6 +133,9 @@ def predict_files(
         model, meta = load_bundle(bundle_dir, device=device, key_env=key_env)
     except ValueError as exc:
         raise BundleError(str(exc)) from None
+    if key_env and not meta.get("encryption"):  # said: a bundle thought encrypted is not
+        note = f"note: --key-env {key_env}: {bundle_dir} is not encrypted (the key is not used)"
+        print(note, file=sys.stderr)
     stems = _stems(images)
     if out_dir is None:
         results = [

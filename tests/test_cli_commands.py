@@ -271,7 +271,10 @@ def test_export_encrypted_bundle_needs_its_key(study, bundle):
     assert all(secret.encode() not in p.read_bytes() for p in out.iterdir())
     image = str(study["images"][0])
     predict = ("predict", str(out), image, "--min-score", "0", "--json")
-    plain = ok_json(search("predict", str(plain_out), image, "--min-score", "0", "--json", cwd=root))
+    keyed = ("--key-env", "X", "--json")
+    plain_run = search("predict", str(plain_out), image, "--min-score", "0", *keyed, cwd=root)
+    plain = ok_json(plain_run)  # a key for a plain bundle: said (it was taken without a word)
+    assert f"note: --key-env X: {plain_out} is not encrypted (the key is not used)" in plain_run.stderr
     decrypted = ok_json(search(*predict, cwd=root, BUNDLE_KEY=secret))
     assert decrypted["images"][0]["detections"] == plain["images"][0]["detections"]
     assert ok_json(search(*predict, "--key-env", "OTHER", cwd=root, OTHER=secret))["images"]
@@ -329,8 +332,11 @@ def test_predict_min_score_out_of_range_is_bad_input(study, bundle):
         ("device", ["--device", "'tpu'", "cpu"]),
         ("cuda-index", ["--device", "'cuda:99'", "CUDA device(s) here", "cpu"]),
         ("out-holds-other-files", ["--out", "not an earlier predict's"]),
-        ("folder", ["a folder, not an image file"]),
+        ("folder", ["IMAGE", "a folder, not an image file", "Fix:"]),
+        ("missing", ["IMAGE", "not found", "gone.png", "Fix: check the paths"]),
+        ("device", ["--device", "'tpu'", "Fix: use cpu"]),
     ],
+    ids=["not-an-image", "device", "cuda-index", "out-holds-other-files", "folder", "missing", "device-fix"],
 )
 def test_predict_bad_image_or_device_is_bad_input(study, bundle, tmp_path, case, words):
     """A file that is no image, a device torch does not know (they were exit 1 with PIL's and
@@ -344,6 +350,7 @@ def test_predict_bad_image_or_device_is_bad_input(study, bundle, tmp_path, case,
         "cuda-index": [str(study["images"][0]), "--device", "cuda:99"],
         "out-holds-other-files": [str(study["images"][0])],
         "folder": [str(study["images"][0].parent)],
+        "missing": [str(tmp_path / "gone.png")],
     }[case]
     dest = tmp_path if case == "out-holds-other-files" else tmp_path / "pred"  # tmp_path has notes.txt
     proc = search("predict", str(out), *args, "--out", str(dest), cwd=study["root"])
