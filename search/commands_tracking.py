@@ -355,12 +355,17 @@ def cmd_ui(args: argparse.Namespace) -> int:
         print(mlflow_store.experiment_page(uri, experiment or ""), flush=True)
         return 0
     port = args.port or local_server.free_port()
-    if not (0 < port < 65536) or not local_server.port_free(port):
+    claim = local_server.claim_port(port) if 0 < port < 65536 else None  # against another `ui` starting
+    if claim is not None and not local_server.port_free(port):
+        os.close(claim)
+        claim = None
+    if claim is None:
         raise _bad_input(
             ValueError(f"port {port} on 127.0.0.1 is in use or invalid; pass another --port (0 = any).")
         )
     extra: list[str] = []
     with contextlib.ExitStack() as temporary:
+        temporary.callback(os.close, claim)
         if (db := mlflow_store.sqlite_file(uri)) is not None:
             extra, uri = _ui_store_args(db, uri, temporary)
         logs = folder  # or, in a read-only archive or another user's study, a temporary folder

@@ -66,6 +66,22 @@ def port_free(port: int) -> bool:
     return True
 
 
+def claim_port(port: int) -> int | None:
+    """An open descriptor holding the lock of ``port`` for this process's life (close it to let
+    go), or None when another ``search ui`` holds it: two started on one free port at once each
+    found it free, and the one whose server lost the port printed the other's URL as its own."""
+    import fcntl
+    import tempfile
+
+    fd = os.open(Path(tempfile.gettempdir()) / f"search-ui-{HOST}-{port}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def wait_healthy(proc: subprocess.Popen, port: int, timeout: float, log: Path | None = None) -> None:
     """Return once ``/health`` answers 200; RuntimeError when ``proc`` exits first (with the last
     lines of ``log``) or after ``timeout`` s."""

@@ -368,6 +368,14 @@ def test_ui_port_in_use_is_bad_input(study):
         port = busy.getsockname()[1]
         proc = search("ui", NAME, *study["where"], "--port", str(port), cwd=study["root"])
     one_error_line(proc, f"port {port}", "in use")
+    port = local_server.free_port()  # free, but another `search ui` is starting its server on it
+    claim = local_server.claim_port(port)
+    try:
+        assert claim is not None and local_server.claim_port(port) is None  # the lock is per process
+        proc = search("ui", NAME, *study["where"], "--port", str(port), cwd=study["root"])
+    finally:
+        os.close(claim)
+    one_error_line(proc, f"port {port}", "in use")
 
 
 def test_ui_port_left_in_time_wait_is_free():
