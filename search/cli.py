@@ -20,7 +20,7 @@ from typing import Any
 from search import study as S
 from search.commands import Command, Parser, add_name_args, register, user_path
 from search.errors import BadInput, SpecError
-from search.failures import disk_full
+from search.failures import disk_full, exception_line
 from search.schedulers import scheduler_label
 
 EXIT_OK, EXIT_RUNTIME, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)  # a busy store's tracebacks
     level = logging.INFO if getattr(args, "verbose_log", True) or args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     try:
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return EXIT_RUNTIME
-        why = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        why = exception_line(exc)  # a database's error without its SQL, and never pages long
         print(f"error: {why} (set SEARCH_DEBUG=1 for the traceback)", file=sys.stderr)
         return EXIT_RUNTIME
 

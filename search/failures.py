@@ -67,3 +67,15 @@ def disk_full(
             return exc
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+_DB_ERROR = re.compile(r"\((sqlite3\.\w+|psycopg2?\.[\w.]+|pymysql\.[\w.]+)\) ([^\[]+?)\s*(?:\[SQL:|$)")
+
+
+def exception_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception in one line of at most ``limit`` characters: a database error as its driver's
+    words (SQLAlchemy's text goes on with the whole statement and its parameters)."""
+    text = " ".join(str(exc).split())
+    if found := _DB_ERROR.search(text):
+        text = f"{found.group(1)}: {found.group(2)}"
+    return f"{type(exc).__name__}: {text if len(text) <= limit else text[: limit - 3] + '...'}"

@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from search.errors import SpecError
+from search.failures import exception_line
 from search.spec.schema import SQLITE, sqlite_file
 from search.store_files import ARTIFACTS_DIR, mend_moved, store_writable  # noqa: F401 (mend_moved: re-exported)
 from search.study import SPEC_FILE
@@ -439,6 +440,8 @@ def short_reason(text: str) -> str:
     ):
         if key.lower() in text.lower():
             return key
+    if "(sqlite3." in text or "[SQL:" in text:  # the driver's words, not the statement (cut before them)
+        return exception_line(Exception(text)).removeprefix("Exception: ")
     return text[:160]
 
 

@@ -430,3 +430,20 @@ def test_warm_up_creates_the_local_store_in_the_background(tmp_path, monkeypatch
     monkeypatch.setenv(mlflow_store.DISABLE_ENV, "1")
     mlflow_store.warm_up(other)  # tracking off: nothing started
     assert mlflow_store.tracking_uri(other) not in mlflow_store._WARMING
+
+
+def test_a_database_error_is_said_in_its_drivers_words():
+    """A busy SQLite store: the writer's warning was cut to '...(sqlite3.OperationalError) d)' and
+    a command's error line held the whole SELECT with its parameters."""
+    from search.failures import exception_line
+
+    locked = (
+        "(sqlite3.OperationalError) database is locked [SQL: SELECT experiments.experiment_id FROM "
+        "experiments WHERE experiments.name = ?] [parameters: ('a',)] (Background on this error at: "
+        "https://sqlalche.me/e/20/e3q8)"
+    )
+    assert mlflow_store.short_reason(locked) == "sqlite3.OperationalError: database is locked"
+    said = "RuntimeError: sqlite3.OperationalError: database is locked"
+    assert exception_line(RuntimeError(locked)) == said
+    long = exception_line(ValueError("x " * 400))
+    assert long.startswith("ValueError: x x") and long.endswith("...") and len(long) == 312
