@@ -108,7 +108,7 @@ def _check_signing_key() -> None:
     except durable.SigningKeyError as exc:
         raise SpecError(durable.KEY_ENV, f"{exc.why}.", f"{exc.fix}.") from None
     except OSError as exc:
-        why = f"cannot make the signing key {path} ({exc.strerror}): launch signs Ray's state."
+        why = f"cannot make the signing key {path} ({exc.strerror}): launch and resume sign Ray's state."
         fix = f"set {durable.KEY_ENV} to a file in a folder you can write (or make HOME writable)."
         raise SpecError(durable.KEY_ENV, why, fix) from None
 

@@ -75,9 +75,15 @@ def _no_run(exp_dir: Path, trial_id: str) -> str:
             f"wait in {exp_dir / write_queue.PENDING_FILE}. Send them with: {resume_command(exp_dir)}, "
             "then promote again"
         )
+    runs = exp_dir / run_map.RUNS_FILE
+    if runs.is_file():  # there, but not read: not a study that was never recorded
+        raise SelectError(
+            f"trial {trial_id} has no MLflow run in {runs}: the file cannot be read or names none "
+            "(edited or cut?). Fix: put back the study's own copy of it"
+        )
     raise SelectError(
-        f"trial {trial_id} has no MLflow run in {exp_dir / run_map.RUNS_FILE}: the study was "
-        "not recorded in MLflow, so there is no run to register from"
+        f"trial {trial_id} has no MLflow run: {runs} is not there, so the study was not recorded "
+        "in MLflow (SEARCH_NO_MLFLOW=1) and there is no run to register from"
     )
 
 

@@ -37,7 +37,10 @@ def test_promote_refuses_a_trial_that_only_ties_the_base_model(tmp_path, mode):
     with pytest.raises(promote.Refused, match="does not beat the base model's epoch-0 map50 0.5000"):
         promote.promote(tie, "tiny-det")
     better = _study(tmp_path / "better", mode, best=0.6 if mode == "max" else 0.4, base=0.5)
-    with pytest.raises(select.SelectError, match="has no MLflow run"):
+    with pytest.raises(select.SelectError, match="has no MLflow run: .* is not there, so the study was not"):
+        promote.promote(better, "tiny-det")
+    (better / "mlflow_runs.json").write_text('{"runs": {"par')  # cut: not 'never recorded'
+    with pytest.raises(select.SelectError, match="cannot be read or names none .*Fix: put back"):
         promote.promote(better, "tiny-det")
 
 
