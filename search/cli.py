@@ -234,6 +234,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_trial(args: argparse.Namespace) -> int:
     from search import guards
     from search.cluster import check_device
+    from search.study_folder import TRIAL_RUNS
     from trainables import params as trial_params
     from trainables.trial import run_trial
 
@@ -260,7 +261,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
     for note in spec_notes(spec, study=False):  # the base weights' and the data's (one trial: no study)
         print(f"note: {note}", file=sys.stderr)
     chosen = spec.search_space.defaults()
-    out = args.out or spec.experiment_dir / "local" / time.strftime("%Y%m%d-%H%M%S")
+    out = args.out or spec.experiment_dir / TRIAL_RUNS / time.strftime("%Y%m%d-%H%M%S")
     cfg = spec.trial_config(out_dir=out.resolve(), threads=max(1, int(spec.resources.cpu)))
     _progress = _printer(args.json)
     result = run_trial(cfg, trial_params.resolve(chosen), report=_progress)

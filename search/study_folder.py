@@ -47,6 +47,9 @@ LAUNCH_FILES = (
 )
 
 
+TRIAL_RUNS = "local"  # `search trial`'s outputs by default: <experiment folder>/local/<time>
+
+
 def never_started(exp_dir: Path) -> bool:
     """A launch that stopped (Ctrl-C, SIGTERM, SIGKILL) before Ray's state was first saved and
     signed, which happens when its first trial is added: no signed snapshot, no trial in
@@ -123,7 +126,8 @@ def refuse_existing(exp_dir: Path, ours: bool = False) -> None:
             f"experiment folder {exp_dir} already holds a study. {then}, or launch with --name NEW_NAME."
         )
     names = sorted(p.name for p in exp_dir.iterdir()) if exp_dir.is_dir() else []
-    if others := [n for n in names if not any(fnmatch.fnmatchcase(n, pat) for pat in LAUNCH_FILES)]:
+    ours = (*LAUNCH_FILES, TRIAL_RUNS)  # and `trial`'s runs, which a launch leaves alone
+    if others := [n for n in names if not any(fnmatch.fnmatchcase(n, pat) for pat in ours)]:
         raise ExperimentExists(  # a study written in among them: --keep-top, a resume, the UI
             f"experiment folder {exp_dir} holds files a launch does not write ({', '.join(others[:3])}"
             f"{', ...' if len(others) > 3 else ''}). Move them away, or launch with --name NEW_NAME."

@@ -152,6 +152,7 @@ def test_a_folder_holding_other_files_is_refused_not_written_into(tmp_path):
     folder.mkdir(parents=True)
     refuse_existing(folder)  # empty: fine
     (folder / ".search.lock").write_text("")  # a launch's own file: fine
+    (folder / "local" / "20261207-120000").mkdir(parents=True)  # `search trial`'s run by default: fine
     refuse_existing(folder)
     for name in ("mine.txt", "notes", "a.csv", "b.csv"):
         (folder / name).write_text("x")
