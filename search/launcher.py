@@ -96,7 +96,8 @@ def _check_signing_key() -> None:
     """The key that signs Ray's state (``search.durable``) can be read, or made where it is
     missing: with HOME unwritable the launch failed after Ray started ("FileNotFoundError:
     '/nonexistent'"), leaving a study folder that ``status`` could not read. A missing key is made
-    by the first state saved, not here: a command refused by a later check makes nothing."""
+    when the study's state keeping starts (``durable.Durability``), after every check: a
+    command refused by a later check makes nothing."""
     path = durable.key_path()
     try:
         if path.exists():

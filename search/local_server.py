@@ -73,7 +73,11 @@ def claim_port(port: int) -> int | None:
     import fcntl
     import tempfile
 
-    fd = os.open(Path(tempfile.gettempdir()) / f"search-ui-{HOST}-{port}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    path = Path(tempfile.gettempdir()) / f"search-ui-{os.getuid()}-{port}.lock"  # this user's own
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:  # not a file this user can open: go on without the lock, as before it had one
+        return os.open(os.devnull, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -76,10 +76,15 @@ def _no_run(exp_dir: Path, trial_id: str) -> str:
             "then promote again"
         )
     runs = exp_dir / run_map.RUNS_FILE
-    if runs.is_file():  # there, but not read: not a study that was never recorded
+    if runs.is_file() and not run_map.read_runs(exp_dir):  # there, but not read: not "never recorded"
         raise SelectError(
-            f"trial {trial_id} has no MLflow run in {runs}: the file cannot be read or names none "
-            "(edited or cut?). Fix: put back the study's own copy of it"
+            f"trial {trial_id} has no MLflow run: {runs} cannot be read (edited or cut?). Fix: put back "
+            "the study's own copy of it"
+        )
+    if runs.is_file():  # e.g. a resume with SEARCH_NO_MLFLOW=1 ran it
+        raise SelectError(
+            f"trial {trial_id} has no MLflow run in {runs}: it ran without MLflow ({mlflow_store.DISABLE_ENV}"
+            "=1), so there is no run to register from. Fix: promote a trial that has one (`best` lists them)"
         )
     raise SelectError(
         f"trial {trial_id} has no MLflow run: {runs} is not there, so the study was not recorded "

@@ -48,12 +48,20 @@ LAUNCH_FILES = (
 
 
 TRIAL_RUNS = "local"  # `search trial`'s outputs by default: <experiment folder>/local/<time>
+LEFT_BY_A_KILL = ".*.tmp"  # a file being replaced (study.atomic_write_text) when a SIGKILL came
+
+
+def _launch_file(name: str) -> bool:
+    """A name a launch writes in its folder, a leftover of one killed, or ``trial``'s own runs
+    (kept: :func:`start_over` leaves them)."""
+    return any(fnmatch.fnmatchcase(name, p) for p in (*LAUNCH_FILES, TRIAL_RUNS, LEFT_BY_A_KILL))
 
 
 def never_started(exp_dir: Path) -> bool:
     """A launch that stopped (Ctrl-C, SIGTERM, SIGKILL) before Ray's state was first saved and
     signed, which happens when its first trial is added: no signed snapshot, no trial in
-    study.json, no checkpoint, and nothing in the folder a launch does not write. Nothing in it
+    study.json, no checkpoint, and nothing in the folder a launch does not write (``trial``'s
+    runs aside: :func:`start_over` keeps them). Nothing in it
     can be resumed; ``launch`` starts it over (:func:`start_over`)."""
     exp_dir = Path(exp_dir)
     if (
@@ -62,8 +70,7 @@ def never_started(exp_dir: Path) -> bool:
         or any(exp_dir.glob("trial_*/checkpoint_*"))
     ):
         return False
-    names = [p.name for p in exp_dir.iterdir()]
-    if any(not any(fnmatch.fnmatchcase(n, pattern) for pattern in LAUNCH_FILES) for n in names):
+    if not all(_launch_file(p.name) for p in exp_dir.iterdir()):
         return False
     try:
         if durable.current_snapshot(exp_dir) is not None:
@@ -80,7 +87,7 @@ def start_over(exp_dir: Path) -> bool:
         return False
     _end_left_runs(exp_dir)
     for path in Path(exp_dir).iterdir():
-        if path.name != guards.LOCK_FILE:
+        if path.name not in (guards.LOCK_FILE, TRIAL_RUNS):  # `trial`'s runs are the user's
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     print(
         f"{exp_dir}: its launch stopped before its first trial was saved (nothing to resume): starting over"
@@ -126,8 +133,7 @@ def refuse_existing(exp_dir: Path, ours: bool = False) -> None:
             f"experiment folder {exp_dir} already holds a study. {then}, or launch with --name NEW_NAME."
         )
     names = sorted(p.name for p in exp_dir.iterdir()) if exp_dir.is_dir() else []
-    ours = (*LAUNCH_FILES, TRIAL_RUNS)  # and `trial`'s runs, which a launch leaves alone
-    if others := [n for n in names if not any(fnmatch.fnmatchcase(n, pat) for pat in ours)]:
+    if others := [n for n in names if not _launch_file(n)]:
         raise ExperimentExists(  # a study written in among them: --keep-top, a resume, the UI
             f"experiment folder {exp_dir} holds files a launch does not write ({', '.join(others[:3])}"
             f"{', ...' if len(others) > 3 else ''}). Move them away, or launch with --name NEW_NAME."

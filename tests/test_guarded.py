@@ -40,7 +40,10 @@ def test_promote_refuses_a_trial_that_only_ties_the_base_model(tmp_path, mode):
     with pytest.raises(select.SelectError, match="has no MLflow run: .* is not there, so the study was not"):
         promote.promote(better, "tiny-det")
     (better / "mlflow_runs.json").write_text('{"runs": {"par')  # cut: not 'never recorded'
-    with pytest.raises(select.SelectError, match="cannot be read or names none .*Fix: put back"):
+    with pytest.raises(select.SelectError, match="cannot be read .*Fix: put back"):
+        promote.promote(better, "tiny-det")
+    (better / "mlflow_runs.json").write_text('{"runs": {"parent": "p1"}}')  # a resume without MLflow ran it
+    with pytest.raises(select.SelectError, match="it ran without MLflow .*Fix: promote a trial that has one"):
         promote.promote(better, "tiny-det")
 
 

@@ -43,15 +43,24 @@ def _stopped_launch(folder: Path) -> Path:
         (lambda f: (f / "trial_t" / "checkpoint_000000").mkdir(parents=True), False),
         (lambda f: (f / "notes.txt").write_text("mine"), False),  # not a file a launch writes
         (lambda f: (f / S.SPEC_FILE).unlink(), False),
+        (lambda f: (f / "local" / "20261207-120000").mkdir(parents=True), True),  # `trial`'s own run
+        (lambda f: (f / f".{S.STUDY_FILE}.123.tmp").write_text("{"), True),  # a write the kill cut
     ],
-    ids=["stopped", "half-snapshot", "snapshot", "a-trial", "a-checkpoint", "user-file", "no-spec"],
+    ids=["stopped", "half-snapshot", "snapshot", "a-trial", "a-checkpoint", "user-file", "no-spec"]
+    + ["trial-runs", "cut-write"],
 )
 def test_never_started(tmp_path, change, expected):
+    from search.study_folder import start_over
+
     folder = _stopped_launch(tmp_path / "s")
     change(folder)
     assert never_started(folder) is expected
     words = "launch it again" if expected else "resume it"
     assert words in gone_text(folder)
+    if expected:  # started over: what the launch wrote goes, `trial`'s runs stay
+        assert start_over(folder)
+        assert {p.name for p in folder.iterdir()} <= {"local"}
+        assert (folder / "local").is_dir() is (folder / "local" / "20261207-120000").is_dir()
 
 
 def test_a_stopped_launch_starts_over_and_resume_says_so(ray_local, tmp_path, monkeypatch, capsys):

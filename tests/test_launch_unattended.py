@@ -105,7 +105,7 @@ def test_a_signing_key_that_cannot_be_made_is_bad_input_before_ray(tmp_path, mon
 
 def test_the_signing_key_check_makes_no_key(tmp_path, monkeypatch):
     """The preflight made the key: a resume refused by a later check (a read-only store) left
-    another user a new key in their HOME. The first state saved makes it now."""
+    another user a new key in their HOME. The study's state keeping makes it now, after the checks."""
     from search.launcher import _check_signing_key
 
     key = tmp_path / "config" / "search" / "state.key"

@@ -254,7 +254,8 @@ def test_parent_and_nested_children(toy_study):
 @pytest.mark.slow  # the quick suite proves resume through the launcher (tests/test_select.py)
 def test_resume_continues_the_same_runs(ray_local, tmp_path, monkeypatch):
     """...and says which code went on with them: a parent's and a promoted trial's git_commit named
-    the launch's code only, also for the trials an upgraded resume ran from scratch."""
+    the launch's code only. (Every trial here starts before the interrupt, so each run's own
+    git_commit is the launch's; a trial a resume starts is opened by the same code path.)"""
     from search import facts, select
 
     spec = load_spec(write_spec(tmp_path, name="resumable"))
