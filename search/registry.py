@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,13 @@ def resolve_model_uri(uri: str, tracking: str, cache_dir: Path | None = None) ->
         raise
     except Exception as exc:  # noqa: BLE001 - one line for the spec error
         _remove_new(tmp, root)  # a refused lookup leaves no folder behind
-        reason = " ".join(str(exc).split())[:300]
+        reason = " ".join(str(exc).split())
+        if re.search(r"Response body: '?\s*<", reason):  # a web page: not MLflow's JSON
+            reason = (
+                reason.split(" Response body:")[0]
+                + " (the answer is a web page, not MLflow's: is it an MLflow server?)"
+            )
+        reason = reason[:300]
         raise RegistryError(f"cannot resolve {uri} on {redact(tracking)}: {reason}") from None
     rel = (dest / ".source").read_text().strip() if (dest / ".source").is_file() else "."
     got = dest / rel

@@ -149,8 +149,13 @@ def test_a_web_server_that_is_not_mlflow_is_refused(tmp_path):
             mlflow_store.check_tracking(spec)
         with pytest.raises(SpecError) as tls:  # the cause was cut off after "Max retri"
             mlflow_store.check_server(uri.replace("http://", "https://"), "e")
+        from search import registry
+
+        with pytest.raises(registry.RegistryError) as page:  # models:/ weights there: its HTML was the line
+            registry.resolve_model_uri("models:/m@champion", uri, cache_dir=tmp_path / "cache")
     finally:
         web.shutdown()
+    assert "(the answer is a web page, not MLflow's" in str(page.value) and "<" not in str(page.value)
     assert "did not answer like an MLflow server (HTTP 404" in err.value.line(), err.value.line()
     assert "is unreachable (TLS failed: " in tls.value.line(), tls.value.line()  # OpenSSL words the rest
 
